@@ -1,0 +1,50 @@
+"""Where a model comes from: a local directory, or an object-store prefix ("store://<prefix>")
+mirrored once into the local cache. Loaders then call from_pretrained on a local directory, so the
+same code loads the tiny demo models and the real FLUX.1 / Florence-2 weights."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+from fluxlora.common.errors import NotFound
+from fluxlora.common.storage import ArtifactStore, validate_prefix
+
+STORE_SCHEME = "store://"
+_COMPLETE = ".fluxlora-complete.json"
+
+
+def is_store_ref(ref: str) -> bool:
+    return ref.startswith(STORE_SCHEME)
+
+
+def check_model_ref(ref: str, store: ArtifactStore, what: str) -> None:
+    """Cheap existence check for submit-time validation (no download)."""
+    if not ref:
+        raise NotFound(f"no {what} given and the server has no default: pass a directory or store://<prefix>")
+    if is_store_ref(ref):
+        prefix = validate_prefix(ref[len(STORE_SCHEME):])
+        if next(iter(store.list(prefix)), None) is None:
+            raise NotFound(f"{what} {ref!r}: the store has no objects under {prefix!r}; upload the model there first")
+    elif not Path(ref).expanduser().is_dir():
+        raise NotFound(
+            f"{what} {ref!r} not found: pass a local directory in diffusers/transformers layout or store://<prefix>"
+        )
+
+
+def resolve_model(ref: str, store: ArtifactStore, cache_dir: Path, what: str = "model") -> Path:
+    """A local directory holding the model, downloading a store prefix into the cache when needed."""
+    check_model_ref(ref, store, what)
+    if not is_store_ref(ref):
+        return Path(ref).expanduser()
+    prefix = validate_prefix(ref[len(STORE_SCHEME):])
+    listing = [(o.key, o.size) for o in store.list(prefix)]
+    target = Path(cache_dir) / "models" / re.sub(r"[^A-Za-z0-9._-]+", "_", prefix.strip("/"))
+    marker = target / _COMPLETE
+    if marker.exists() and json.loads(marker.read_text()) == [list(x) for x in listing]:
+        return target
+    store.download_prefix(prefix, target)
+    # Written last: a cache directory without it is an interrupted download and is fetched again.
+    marker.write_text(json.dumps(listing))
+    return target

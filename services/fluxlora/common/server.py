@@ -1,0 +1,116 @@
+"""Server bootstrap shared by the four services: the job runtime, gRPC health checking, server
+reflection, graceful shutdown on SIGTERM/SIGINT, config from environment and flags, logging."""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import signal
+import threading
+from collections.abc import Callable
+from concurrent import futures
+from dataclasses import dataclass
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from fluxlora.common.config import SERVICES, Settings
+from fluxlora.common.storage import ArtifactStore, open_store
+from fluxlora.jobs.runtime import Handler, JobRuntime
+from fluxlora.jobs.servicer import JobServicer
+from fluxlora_api.v1 import jobs_pb2, jobs_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+JOB_SERVICE_NAME = jobs_pb2.DESCRIPTOR.services_by_name["JobService"].full_name
+
+
+@dataclass(frozen=True)
+class ServiceDefinition:
+    """What a service package contributes; the bootstrap does the rest."""
+
+    name: str  # "preprocessing"
+    job_prefix: str  # job ids look like "<prefix>-1a2b3c..."
+    grpc_name: str  # "fluxlora.v1.PreprocessingService"
+    handler: Handler  # runs one job
+    add_servicer: Callable[[grpc.Server, JobRuntime], None]
+
+
+def load_definition(name: str) -> ServiceDefinition:
+    if name not in SERVICES:
+        raise ValueError(f"unknown service {name!r}; choose one of {', '.join(SERVICES)}")
+    # Imported lazily so the preprocessing server never imports torch.
+    return importlib.import_module(f"fluxlora.{name}.service").SERVICE
+
+
+class RunningServer:
+    def __init__(self, definition: ServiceDefinition, settings: Settings, store: ArtifactStore | None = None,
+                 port: int | None = None):
+        self.definition = definition
+        self.settings = settings
+        self.store = store or open_store(settings)
+        self.runtime = JobRuntime(
+            definition.name,
+            definition.job_prefix,
+            self.store,
+            definition.handler,
+            settings=settings,
+            workers=settings.workers,
+            max_queued=settings.max_queued_jobs,
+        )
+        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=32, thread_name_prefix=definition.name))
+        definition.add_servicer(self.server, self.runtime)
+        jobs_pb2_grpc.add_JobServiceServicer_to_server(JobServicer(self.runtime), self.server)
+        self.health = health.HealthServicer(experimental_non_blocking=True)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        names = (definition.grpc_name, JOB_SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME)
+        reflection.enable_server_reflection(names, self.server)
+        bind_port = settings.port_for(definition.name) if port is None else port
+        self.port = self.server.add_insecure_port(f"{settings.host}:{bind_port}")
+        if self.port == 0:
+            raise OSError(f"could not bind {settings.host}:{bind_port} for the {definition.name} service")
+        self.address = f"{settings.host}:{self.port}"
+
+    def start(self) -> RunningServer:
+        self.runtime.start()
+        self.server.start()
+        for name in ("", self.definition.grpc_name, JOB_SERVICE_NAME):
+            self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        log.info("%s serving on %s (store %s)", self.definition.name, self.address, self.store.uri)
+        return self
+
+    def stop(self, grace: float = 5.0) -> None:
+        """Stops taking new RPCs, tells health checkers, and interrupts running jobs (they stay
+        queued in the store and run again on the next start)."""
+        self.health.enter_graceful_shutdown()
+        stopped = self.server.stop(grace)
+        self.runtime.shutdown()
+        stopped.wait(grace)
+        log.info("%s stopped", self.definition.name)
+
+    def __enter__(self) -> RunningServer:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop(grace=1.0)
+
+
+def start_server(name: str, settings: Settings, store: ArtifactStore | None = None,
+                 port: int | None = None) -> RunningServer:
+    return RunningServer(load_definition(name), settings, store, port).start()
+
+
+def serve(name: str, settings: Settings) -> None:
+    """Runs one service until SIGTERM or SIGINT."""
+    running = start_server(name, settings)
+    done = threading.Event()
+
+    def on_signal(signum, frame) -> None:
+        log.info("%s received %s; shutting down gracefully", name, signal.Signals(signum).name)
+        done.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    done.wait()
+    running.stop()

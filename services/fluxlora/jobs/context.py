@@ -1,0 +1,67 @@
+"""What a running job's handler sees: its spec, the store, a scratch directory, and calls to report
+progress, metrics, artifacts, warnings and to notice cancellation."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from fluxlora.common.storage import ArtifactStore, ObjectInfo
+from fluxlora_api.v1 import jobs_pb2
+
+if TYPE_CHECKING:
+    from fluxlora.jobs.runtime import JobRuntime
+
+
+class JobInterrupted(Exception):
+    """Raised inside a handler when the job was cancelled or the server is shutting down."""
+
+
+class JobContext:
+    def __init__(self, runtime: JobRuntime, job_id: str, spec: Any, scratch: Path):
+        self._runtime = runtime
+        self.job_id = job_id
+        self.spec = spec
+        self.scratch = scratch
+        self.store: ArtifactStore = runtime.store
+        self.settings = runtime.settings
+        self._stage = ""
+        self._stage_started = time.monotonic()
+
+    def progress(self, stage: str, done: int, total: int = 0, unit: str = "") -> None:
+        now = time.monotonic()
+        if stage != self._stage:
+            self._stage, self._stage_started = stage, now
+        elapsed = now - self._stage_started
+        rate = done / elapsed if elapsed > 0 and done else 0.0
+        eta = (total - done) / rate if rate and total else 0.0
+        progress = jobs_pb2.Progress(stage=stage, done=done, total=total, unit=unit, rate=rate, eta_seconds=eta)
+        self._runtime.update(self.job_id, lambda job: job.progress.CopyFrom(progress), persist="throttle")
+
+    def metrics(self, **values: float) -> None:
+        self._runtime.update(self.job_id, lambda job: job.metrics.update(values), persist="throttle")
+
+    def add_artifact(self, info: ObjectInfo, kind: str, step: int = 0) -> jobs_pb2.ArtifactRef:
+        ref = jobs_pb2.ArtifactRef(key=info.key, kind=kind, size_bytes=info.size, sha256=info.sha256, step=step)
+        self._runtime.update(self.job_id, lambda job: job.artifacts.append(ref), message=f"wrote {info.key}")
+        return ref
+
+    def upload(self, path: Path, key: str, kind: str, step: int = 0) -> jobs_pb2.ArtifactRef:
+        from fluxlora.common.storage import _content_type
+
+        return self.add_artifact(self.store.put_file(key, path, _content_type(Path(path))), kind, step)
+
+    def log(self, message: str) -> None:
+        self._runtime.update(self.job_id, lambda job: None, message=message, persist=False)
+
+    def warn(self, message: str) -> None:
+        self._runtime.update(self.job_id, lambda job: job.warnings.append(message), message=f"warning: {message}")
+
+    @property
+    def should_stop(self) -> bool:
+        return self._runtime.should_stop(self.job_id)
+
+    def check_cancelled(self) -> None:
+        if self.should_stop:
+            raise JobInterrupted(self.job_id)

@@ -1,0 +1,39 @@
+"""fluxlora.v1.JobService over a JobRuntime; every server hosts one for its own jobs."""
+
+from __future__ import annotations
+
+import grpc
+
+from fluxlora.common.errors import InvalidArgument
+from fluxlora.common.grpc_status import grpc_errors
+from fluxlora.jobs.runtime import JobRuntime
+from fluxlora_api.v1 import jobs_pb2, jobs_pb2_grpc
+
+
+def _job_id(request) -> str:
+    if not request.job_id.strip():
+        raise InvalidArgument("job_id is empty")
+    return request.job_id.strip()
+
+
+class JobServicer(jobs_pb2_grpc.JobServiceServicer):
+    def __init__(self, runtime: JobRuntime):
+        self.runtime = runtime
+
+    @grpc_errors
+    def GetJob(self, request, context):
+        return self.runtime.get(_job_id(request))
+
+    @grpc_errors
+    def ListJobs(self, request, context):
+        if request.page_size < 0:
+            raise InvalidArgument("page_size must be >= 0")
+        return jobs_pb2.ListJobsResponse(jobs=self.runtime.list(list(request.states), request.page_size))
+
+    @grpc_errors
+    def CancelJob(self, request, context):
+        return self.runtime.cancel(_job_id(request))
+
+    @grpc_errors
+    def WatchJob(self, request, context: grpc.ServicerContext):
+        yield from self.runtime.watch(_job_id(request), is_active=context.is_active)
