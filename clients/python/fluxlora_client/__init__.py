@@ -1,0 +1,15 @@
+"""fluxlora Python SDK."""
+
+from fluxlora_client.client import FluxloraClient
+from fluxlora_client.errors import FluxloraClientError, JobCancelled, JobFailed
+from fluxlora_client.pipeline import PipelineOptions, PipelineOutputs, run_pipeline
+
+__all__ = [
+    "FluxloraClient",
+    "FluxloraClientError",
+    "JobCancelled",
+    "JobFailed",
+    "PipelineOptions",
+    "PipelineOutputs",
+    "run_pipeline",
+]

@@ -1,0 +1,274 @@
+"""The fluxlora command line, built on the SDK.
+
+    fluxlora demo                      # the whole pipeline on generated photos and tiny models
+    fluxlora up                        # start the four services on localhost
+    fluxlora pipeline photos/ --trigger ohwx --base-model /models/flux1-dev --caption-model /models/florence2
+    fluxlora preprocess | caption | train | evaluate   # one stage at a time
+    fluxlora jobs list training
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from google.protobuf import json_format
+from rich.console import Console
+from rich.table import Table
+
+from fluxlora_client.errors import FluxloraClientError
+
+app = typer.Typer(help="Turn a folder of photos into a tested FLUX.1 LoRA.", no_args_is_help=True,
+                  pretty_exceptions_enable=False)
+jobs_app = typer.Typer(help="List, inspect, watch and cancel jobs.", no_args_is_help=True)
+models_app = typer.Typer(help="Model helpers.", no_args_is_help=True)
+app.add_typer(jobs_app, name="jobs")
+app.add_typer(models_app, name="models")
+console = Console()
+
+Store = Annotated[str | None, typer.Option(help="Artifact store: a directory or s3://bucket (default FLUXLORA_STORE).")]
+
+
+def _client(store: str | None = None):
+    from fluxlora.common.config import Settings
+    from fluxlora_client.client import FluxloraClient
+
+    settings = Settings(store=store) if store else Settings()
+    return FluxloraClient.from_env(settings)
+
+
+def _run_job(client, label: str, job):
+    from fluxlora_client.progress import JobProgress
+
+    with JobProgress() as progress:
+        final = client.wait(job, on_event=lambda e: progress.on_event(label, e))
+    return client.result(final)
+
+
+def _print_result(result) -> None:
+    console.print_json(json_format.MessageToJson(result))
+
+
+@app.command()
+def serve(
+    service: Annotated[str, typer.Argument(help="preprocessing, captioning, training or evaluation")],
+    host: Annotated[str | None, typer.Option(help="Bind address (FLUXLORA_HOST).")] = None,
+    port: Annotated[int | None, typer.Option(help="Port (FLUXLORA_PORT; default per service).")] = None,
+    store: Store = None,
+) -> None:
+    """Run one service until SIGTERM/SIGINT."""
+    from fluxlora.common.config import Settings
+    from fluxlora.common.logs import configure_logging
+    from fluxlora.common.server import serve as serve_forever
+
+    overrides = {k: v for k, v in {"host": host, "port": port, "store": store}.items() if v is not None}
+    settings = Settings(**overrides)
+    configure_logging(settings.log_level, settings.log_format, service)
+    serve_forever(service, settings)
+
+
+@app.command()
+def up(store: Store = None, host: str = "127.0.0.1") -> None:
+    """Start all four services on localhost (default ports) until Ctrl-C."""
+    import time
+
+    from fluxlora.common.config import DEFAULT_PORTS, Settings
+    from fluxlora_client.local import LocalServices
+
+    settings = Settings(store=store) if store else Settings()
+    with LocalServices(settings.store, host=host, ports=dict(DEFAULT_PORTS)) as services:
+        for name, address in services.addresses.items():
+            console.print(f"{name:14} {address}")
+        console.print(f"store          {settings.store}\nCtrl-C stops them.")
+        try:
+            while all(p.poll() is None for p in services.processes.values()):
+                time.sleep(1)
+        except KeyboardInterrupt:
+            pass
+
+
+@app.command()
+def preprocess(
+    photos: Annotated[Path, typer.Argument(exists=True, file_okay=False, help="Folder of photos.")],
+    base_size: int = 1024,
+    crop_mode: str = "bucket",
+    lora_type: str = "concrete",
+    store: Store = None,
+) -> None:
+    """Upload a folder of photos and preprocess it into a dataset."""
+    client = _client(store)
+    source = client.upload_photos(photos)
+    result = _run_job(client, "preprocess", client.preprocess(source, base_size, crop_mode, lora_type))
+    _print_result(result)
+
+
+@app.command()
+def caption(
+    dataset_id: str,
+    trigger: Annotated[str, typer.Option(help="The unique trigger word.")],
+    model: Annotated[str, typer.Option(help="Captioning model directory or store://prefix.")] = "",
+    remove: Annotated[list[str] | None, typer.Option(help="Phrase to remove from captions (repeatable).")] = None,
+    task: str = "<CAPTION>",
+    store: Store = None,
+) -> None:
+    """Auto-caption a dataset and bind it to a trigger word."""
+    client = _client(store)
+    job = client.caption(dataset_id, trigger, model=model, remove_phrases=remove or [], task=task)
+    _print_result(_run_job(client, "caption", job))
+
+
+@app.command()
+def train(
+    dataset_id: str,
+    base_model: Annotated[str, typer.Option(help="Diffusers-layout FLUX.1 directory or store://prefix.")] = "",
+    resolution: int = 512,
+    max_steps: int = 3000,
+    checkpoint_every: int = 750,
+    sample_every: int = 750,
+    learning_rate: float = 1e-4,
+    rank: int = 16,
+    store: Store = None,
+) -> None:
+    """Train a LoRA on a captioned dataset."""
+    client = _client(store)
+    job = client.train(dataset_id, base_model=base_model, resolution=resolution, max_steps=max_steps,
+                       checkpoint_every=checkpoint_every, sample_every=sample_every,
+                       learning_rate=learning_rate, rank=rank)
+    _print_result(_run_job(client, "train", job))
+
+
+@app.command()
+def evaluate(
+    run_id: str,
+    strengths: Annotated[str, typer.Option(help="Comma-separated LoRA strengths.")] = "0,0.2,0.4,0.6,0.8,1.0",
+    prompt: str = "",
+    seed: int = 42,
+    steps: int = 20,
+    store: Store = None,
+) -> None:
+    """Render an XY grid: checkpoints x LoRA strengths."""
+    client = _client(store)
+    values = [float(s) for s in strengths.split(",") if s.strip()]
+    job = client.evaluate(run_id, strengths=values, prompt=prompt, seed=seed, steps=steps)
+    _print_result(_run_job(client, "evaluate", job))
+
+
+@app.command()
+def pipeline(
+    photos: Annotated[Path, typer.Argument(exists=True, file_okay=False)],
+    trigger: Annotated[str, typer.Option(help="The unique trigger word.")],
+    base_model: str = "",
+    caption_model: str = "",
+    base_size: int = 1024,
+    resolution: int = 512,
+    max_steps: int = 3000,
+    checkpoint_every: int = 750,
+    out: Annotated[Path, typer.Option(help="Where to download the outputs.")] = Path("fluxlora-output"),
+    store: Store = None,
+) -> None:
+    """Run preprocess -> caption -> train -> evaluate on a folder of photos."""
+    from fluxlora_client.pipeline import PipelineOptions, run_pipeline
+    from fluxlora_client.progress import JobProgress
+
+    client = _client(store)
+    options = PipelineOptions(
+        trigger_word=trigger, base_model=base_model, caption_model=caption_model, base_size=base_size,
+        train={"resolution": resolution, "max_steps": max_steps, "checkpoint_every": checkpoint_every,
+               "sample_every": checkpoint_every},
+    )
+    with JobProgress() as progress:
+        outputs = run_pipeline(client, photos, options, download_to=out, on_event=progress.on_event)
+    print_outputs(outputs)
+
+
+def print_outputs(outputs) -> None:
+    table = Table(title="fluxlora outputs")
+    table.add_column("what")
+    table.add_column("where")
+    local = outputs.local
+    train = outputs.results["train"]
+    rows = [
+        ("dataset id", outputs.dataset_id),
+        ("processed images + captions", str(local.get("dataset", "")) + "/images"),
+        ("manifest", str(local.get("dataset", "")) + "/manifest.json"),
+        ("run id", outputs.run_id),
+        ("LoRA checkpoints", ", ".join(f"step {c.step}" for c in train.checkpoints)),
+        ("checkpoint files", str(local.get("run", "")) + "/checkpoints"),
+        ("loss plot", str(local.get("run", "")) + "/loss.png"),
+        ("validation samples", str(local.get("run", "")) + "/samples"),
+        ("XY grid", str(local.get("grid", "")) + "/grid.png"),
+        ("final loss / s per step", f"{train.final_loss:.4f} / {train.seconds_per_step:.3f}"),
+    ]
+    for what, where in rows:
+        table.add_row(what, where)
+    console.print(table)
+
+
+@app.command()
+def demo(
+    workdir: Annotated[Path, typer.Option(help="Where photos, models, store and outputs go.")] = Path("demo-output"),
+    max_steps: int = 200,
+) -> None:
+    """The whole pipeline end to end on generated photos, tiny random models and local services."""
+    from fluxlora_client.demo import run_demo
+
+    outputs = run_demo(workdir, max_steps=max_steps, console=console)
+    print_outputs(outputs)
+
+
+@jobs_app.command("list")
+def jobs_list(service: str, store: Store = None) -> None:
+    """List a service's jobs, newest first."""
+    from fluxlora_api.v1 import jobs_pb2
+
+    table = Table("job", "state", "stage", "progress", "created")
+    for job in _client(store).list_jobs(service):
+        table.add_row(
+            job.job_id, jobs_pb2.JobState.Name(job.state).removeprefix("JOB_STATE_"), job.progress.stage,
+            f"{job.progress.done}/{job.progress.total}", job.created_at.ToJsonString(),
+        )
+    console.print(table)
+
+
+@jobs_app.command("show")
+def jobs_show(job_id: str, store: Store = None) -> None:
+    """Print one job as JSON."""
+    console.print_json(json_format.MessageToJson(_client(store).get_job(job_id)))
+
+
+@jobs_app.command("watch")
+def jobs_watch(job_id: str, store: Store = None) -> None:
+    """Follow a job until it finishes."""
+    client = _client(store)
+    _print_result(_run_job(client, job_id.split("-")[0], client.get_job(job_id)))
+
+
+@jobs_app.command("cancel")
+def jobs_cancel(job_id: str, store: Store = None) -> None:
+    """Ask a job to stop."""
+    job = _client(store).cancel(job_id)
+    console.print(json.dumps({"job_id": job.job_id, "cancel_requested": job.cancel_requested}))
+
+
+@models_app.command("write-tiny")
+def write_tiny(out: Path, seed: int = 0) -> None:
+    """Write a tiny random FLUX pipeline and Florence-2 captioner (for demos and tests)."""
+    from fluxlora.models.tiny_captioner import write_tiny_florence2
+    from fluxlora.models.tiny_flux import write_tiny_flux
+
+    console.print(f"flux      {write_tiny_flux(out / 'tiny-flux', seed=seed)}")
+    console.print(f"florence2 {write_tiny_florence2(out / 'tiny-florence2', seed=seed)}")
+
+
+def main() -> None:
+    try:
+        app()
+    except FluxloraClientError as err:
+        console.print(f"[red]error[/red] {err.code}: {err.message}")
+        raise SystemExit(1) from None
+
+
+if __name__ == "__main__":
+    main()
