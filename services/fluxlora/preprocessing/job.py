@@ -8,7 +8,7 @@ from fluxlora.common import keys
 from fluxlora.common.errors import FailedPrecondition
 from fluxlora.jobs.context import JobContext
 from fluxlora.preprocessing.manifest import PreprocessOptions
-from fluxlora.preprocessing.pipeline import dataset_fingerprint, preprocess_files
+from fluxlora.preprocessing.pipeline import preprocess_files
 from fluxlora_api.v1 import preprocessing_pb2 as pb
 
 CROP_MODES = {pb.CROP_MODE_UNSPECIFIED: "bucket", pb.CROP_MODE_BUCKET: "bucket", pb.CROP_MODE_SQUARE: "square"}
@@ -33,12 +33,12 @@ def run_preprocess(ctx: JobContext, spec: pb.PreprocessSpec) -> pb.PreprocessRes
         files.append((relative, ctx.store.get_file(obj.key, ctx.scratch / "raw" / relative)))
         ctx.progress("downloading originals", i, len(sources), "file")
 
-    dataset_id = dataset_fingerprint(files, options)
     out_dir = ctx.scratch / "images"
     manifest = preprocess_files(
         files, out_dir, options,
         progress=lambda done, total: ctx.progress("processing images", done, total, "image"),
     )
+    dataset_id = manifest.dataset_fingerprint
     if manifest.image_count == 0:
         reasons = "; ".join(f"{r.source_key}: {r.reason}" for r in manifest.rejected[:5])
         raise FailedPrecondition(

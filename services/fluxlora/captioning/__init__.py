@@ -1,0 +1,1 @@
+"""Captioning: auto-captioners, caption cleaning and kohya-style caption sidecars."""

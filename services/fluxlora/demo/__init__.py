@@ -1,0 +1,1 @@
+"""Self-contained demo material: synthetic photos drawn locally, nothing downloaded."""

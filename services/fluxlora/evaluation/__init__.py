@@ -1,0 +1,1 @@
+"""Checkpoint x strength evaluation: sampling, scoring and the labelled XY grid."""

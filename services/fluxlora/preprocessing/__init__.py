@@ -1,0 +1,1 @@
+"""Dataset preparation: validate, decode, de-duplicate and crop photos to training buckets."""
