@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import uuid
-
 import pytest
+from support import make_s3_store
 
-from fluxlora.common.storage import LocalStore, S3Store
+from fluxlora.common.storage import LocalStore
 
 
 @pytest.fixture(scope="session")
@@ -19,10 +18,6 @@ def moto_endpoint():
     host, port = server.get_host_and_port()
     yield f"{host}:{port}"
     server.stop()
-
-
-def make_s3_store(endpoint: str) -> S3Store:
-    return S3Store.connect(endpoint, f"fluxlora-{uuid.uuid4().hex[:8]}", "test", "test", secure=False)
 
 
 @pytest.fixture(params=["local", "s3"])

@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import pytest
-
-from fluxlora.common.config import SERVICES, Settings
-from fluxlora.common.server import start_server
-from fluxlora_client import FluxloraClient
+from support import services_and_client
 
 
 @pytest.fixture(scope="session")
@@ -27,17 +24,8 @@ def photos(tmp_path_factory):
     return folder
 
 
-def start_all(store, tmp_path):
-    settings = Settings(store=str(tmp_path / "unused"), cache_dir=tmp_path / "cache")
-    return [start_server(name, settings, store=store, port=0) for name in SERVICES]
-
-
 @pytest.fixture
 def running(store, tmp_path):
     """The four services and an SDK client, sharing `store` (parametrised: local and S3)."""
-    servers = start_all(store, tmp_path)
-    client = FluxloraClient(store, **{s.definition.name: s.address for s in servers})
-    yield client
-    client.close()
-    for server in servers:
-        server.stop(grace=1.0)
+    with services_and_client(store, tmp_path) as client:
+        yield client

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import os
 import signal
 import threading
 from collections.abc import Callable
@@ -22,6 +23,11 @@ from fluxlora.jobs.servicer import JobServicer
 from fluxlora_api.v1 import jobs_pb2, jobs_pb2_grpc
 
 log = logging.getLogger(__name__)
+
+# Models come from local directories or the store, never from a hub at run time; and progress bars
+# from transformers' loaders would interleave with the structured logs.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 JOB_SERVICE_NAME = jobs_pb2.DESCRIPTOR.services_by_name["JobService"].full_name
 

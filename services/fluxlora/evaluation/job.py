@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 from google.protobuf import json_format
 
 from fluxlora.common import keys
@@ -55,8 +57,7 @@ def run_grid(ctx: JobContext, spec: pb.GridSpec) -> pb.GridResult:
         "grid_id": grid_id,
         "spec": json_format.MessageToDict(spec),
         "cells": [json_format.MessageToDict(c) for c in result.cells],
-        "layout": {"width": grid.width, "height": grid.height, "rows": layout.rows, "cols": layout.cols,
-                   "cell_width": layout.cell_width, "cell_height": layout.cell_height},
+        "layout": {**dataclasses.asdict(layout), "width": grid.width, "height": grid.height},
     })
     ctx.add_artifact(ctx.store.stat(result.report_key), "report")
     return result

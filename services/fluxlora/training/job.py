@@ -22,7 +22,7 @@ _NOT_CONFIG = {"dataset_id", "base_model"}
 
 def config_from_spec(spec: pb.TrainSpec) -> TrainConfig:
     """The trainer config: fields set in the spec, defaults for the rest (alpha defaults to rank)."""
-    values = {f.name: (list(v) if f.label == f.LABEL_REPEATED else v)
+    values = {f.name: (list(v) if f.is_repeated else v)
               for f, v in spec.ListFields() if f.name not in _NOT_CONFIG}
     values.setdefault("alpha", float(values.get("rank", TrainConfig.model_fields["rank"].default)))
     try:

@@ -1,0 +1,1 @@
+"""LoRA training: the torch loop (trainer/) and the service around it."""

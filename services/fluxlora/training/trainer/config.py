@@ -1,0 +1,95 @@
+"""Everything a training run can be told, validated before any model is loaded."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+LR_SCHEDULERS = ("constant", "constant_with_warmup", "cosine", "linear")
+TimestepSampling = Literal["uniform", "sigmoid", "shift", "flux_shift"]
+Precision = Literal["auto", "bf16", "fp16", "fp32"]
+
+# Image sides must survive the VAE (8x on FLUX.1) and 2x2 packing: 16 divides both.
+SIDE_MULTIPLE = 16
+
+
+class TrainConfig(BaseModel):
+    """A LoRA training run. Unknown fields are rejected so that a typo is an error, not a default.
+
+    resolution: the long side images are trained at; a positive multiple of 16 (FLUX latents are
+        1/8 of the image and packed 2x2). 512/768/1024 are usual; tests use 64.
+    timestep_sampling: how the noise level sigma in [0, 1] is drawn each step.
+        "uniform": U(0, 1). "sigmoid": sigmoid(N(0, sigmoid_scale)), concentrating on mid
+        noise levels (kohya/SimpleTuner default for FLUX). "shift": sigmoid, then shifted toward
+        noise by timestep_shift like the scheduler's static shift. "flux_shift": the
+        resolution-dependent shift FLUX uses at inference (from the scheduler's config).
+    guidance: the distilled guidance value fed to transformers with guidance_embeds
+        (FLUX.1-dev); ignored by ones without.
+    checkpoint_every / sample_every: in optimizer steps; 0 means only at the final step, which
+        always gets a checkpoint (and samples, when sample_prompts are given).
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    resolution: int = Field(512, gt=0)
+    max_steps: int = Field(3000, ge=1)
+    learning_rate: float = Field(1e-4, gt=0, le=1.0)
+    lr_scheduler: str = "constant"
+    lr_warmup_steps: int = Field(0, ge=0)
+    rank: int = Field(16, ge=1, le=1024)
+    alpha: float = Field(16.0, gt=0)
+    target_modules: list[str] = Field(
+        default_factory=lambda: ["to_k", "to_q", "to_v", "to_out.0"], min_length=1
+    )
+    batch_size: int = Field(1, ge=1)
+    gradient_accumulation: int = Field(1, ge=1)
+    seed: int = Field(42, ge=0)
+    checkpoint_every: int = Field(750, ge=0)
+    sample_every: int = Field(750, ge=0)
+    sample_prompts: list[str] = Field(default_factory=list)
+    sample_steps: int = Field(20, ge=1)
+    guidance: float = Field(3.5, ge=0)
+    caption_dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    precision: Precision = "auto"
+    gradient_checkpointing: bool = True
+    timestep_sampling: TimestepSampling = "sigmoid"
+    sigmoid_scale: float = Field(1.0, gt=0)
+    timestep_shift: float = Field(3.0, gt=0)
+    max_sequence_length: int = Field(512, ge=1, le=512)
+    weight_decay: float = Field(1e-4, ge=0)
+    max_grad_norm: float = Field(1.0, ge=0)  # 0 turns clipping off
+
+    @field_validator("resolution")
+    @classmethod
+    def _resolution_fits_latents(cls, value: int) -> int:
+        if value % SIDE_MULTIPLE:
+            raise ValueError(
+                f"resolution must be a multiple of {SIDE_MULTIPLE} (FLUX latents are 1/8 of the "
+                f"image and packed in 2x2 patches), got {value}; 512, 768 or 1024 are usual"
+            )
+        return value
+
+    @field_validator("lr_scheduler")
+    @classmethod
+    def _known_scheduler(cls, value: str) -> str:
+        if value not in LR_SCHEDULERS:
+            raise ValueError(
+                f"lr_scheduler must be one of {', '.join(LR_SCHEDULERS)}, got {value!r}"
+            )
+        return value
+
+    @field_validator("target_modules")
+    @classmethod
+    def _named_modules(cls, value: list[str]) -> list[str]:
+        if any(not name.strip() for name in value):
+            raise ValueError("target_modules must not contain empty names")
+        return value
+
+    @model_validator(mode="after")
+    def _warmup_within_run(self) -> TrainConfig:
+        if self.lr_warmup_steps > self.max_steps:
+            raise ValueError(
+                f"lr_warmup_steps ({self.lr_warmup_steps}) exceeds max_steps ({self.max_steps})"
+            )
+        return self

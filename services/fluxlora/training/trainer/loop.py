@@ -1,0 +1,372 @@
+"""The LoRA training loop: FLUX transformer + peft LoRA, rectified-flow (flow-matching) loss.
+
+Follows diffusers' examples/dreambooth/train_dreambooth_lora_flux.py: noisy = (1-s) x0 + s noise,
+the transformer predicts the velocity noise - x0 on packed 2x2 latent tokens, only the LoRA
+parameters train (in fp32, over frozen bf16/fp32 base weights).
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from diffusers import FluxPipeline
+from diffusers.optimization import get_scheduler
+from diffusers.training_utils import cast_training_params
+from peft import LoraConfig
+
+from fluxlora.models.latents import image_ids, pack
+from fluxlora.models.loading import load_flux_pipeline, pick_device_dtype
+from fluxlora.training.trainer.callbacks import TrainCallbacks
+from fluxlora.training.trainer.checkpoint import (
+    ADAPTER_NAME,
+    LORA_WEIGHTS_NAME,
+    checkpoint_dir,
+    load_lora_into,
+    load_training_state,
+    save_checkpoint,
+)
+from fluxlora.training.trainer.config import TrainConfig
+from fluxlora.training.trainer.data import (
+    BucketBatcher,
+    CachedDataset,
+    cache_dataset,
+    find_pairs,
+)
+from fluxlora.training.trainer.plots import write_loss_csv, write_loss_plot
+from fluxlora.training.trainer.sampling import render_samples
+from fluxlora.training.trainer.timesteps import sample_sigmas
+
+log = logging.getLogger(__name__)
+
+# Fields that fix the shape or meaning of the saved LoRA: a resume must not change them.
+_LORA_FIELDS = ("rank", "alpha", "target_modules")
+
+
+@dataclass
+class TrainOutcome:
+    steps_done: int
+    checkpoints: list[tuple[int, Path]]  # (step, checkpoint directory), in step order
+    final_loss: float
+    losses: list[float]  # one per step, from step 1 (a resumed run includes the earlier ones)
+    seconds_per_step: float  # mean optimizer-step time of this call, without sampling/saving
+    stopped: bool  # should_stop() ended the run before max_steps
+    samples: list[tuple[int, list[Path]]] = field(default_factory=list)
+    loss_csv: Path | None = None
+    loss_png: Path | None = None
+
+    @property
+    def final_checkpoint(self) -> Path:
+        """The LoRA weights file of the last checkpoint."""
+        return self.checkpoints[-1][1] / LORA_WEIGHTS_NAME
+
+
+@dataclass
+class _Run:
+    """What the step functions share; built once by train_lora."""
+
+    cfg: TrainConfig
+    pipe: FluxPipeline
+    data: CachedDataset
+    batcher: BucketBatcher
+    optimizer: torch.optim.Optimizer
+    lr_scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler
+    generator: torch.Generator  # every random draw of the loop, so runs repeat exactly
+    device: torch.device
+    dtype: torch.dtype
+    params: list[torch.nn.Parameter]
+    history: list[tuple[int, float, float]] = field(default_factory=list)
+
+    @property
+    def transformer(self):
+        return self.pipe.transformer
+
+
+def train_lora(
+    cfg: TrainConfig,
+    model_dir: Path,
+    dataset_dir: Path,
+    out_dir: Path,
+    callbacks: TrainCallbacks | None = None,
+    *,
+    resume_from: Path | None = None,
+    device: torch.device | str | None = None,
+) -> TrainOutcome:
+    """Train a LoRA on the images + captions in dataset_dir; write everything under out_dir.
+
+    out_dir/checkpoints/step-NNNNNN/{pytorch_lora_weights.safetensors, training_state.pt} at
+    every checkpoint_every steps and at the last step; out_dir/samples/step-NNNNNN-<i>.png;
+    out_dir/loss.csv and loss.png. resume_from: a checkpoint directory of an earlier run with the
+    same config; training continues after its step, and repeats what the uninterrupted run would
+    have done. device: where to train (default: CUDA when present, else the CPU); the base
+    weights' dtype follows cfg.precision.
+    """
+    callbacks = callbacks or TrainCallbacks()
+    find_pairs(dataset_dir)  # an unusable dataset should fail before minutes of model loading
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    run = _prepare(cfg, Path(model_dir), Path(dataset_dir), device)
+    try:
+        start_step = _resume(run, Path(resume_from)) if resume_from is not None else 0
+        return _loop(run, out_dir, callbacks, start_step)
+    finally:
+        # Also on errors: a traceback keeps frames alive, and with them the GPU memory.
+        _release(run)
+
+
+def _loop(run: _Run, out_dir: Path, callbacks: TrainCallbacks, start_step: int) -> TrainOutcome:
+    cfg = run.cfg
+    checkpoints: list[tuple[int, Path]] = []
+    samples: list[tuple[int, list[Path]]] = []
+    step_seconds: list[float] = []
+    step, stopped = start_step, False
+    while step < cfg.max_steps:
+        if callbacks.should_stop():
+            stopped = True
+            break
+        started = time.perf_counter()
+        loss, lr = _train_step(run)
+        step += 1
+        step_seconds.append(time.perf_counter() - started)
+        callbacks.on_step(step, cfg.max_steps, loss, lr)
+
+        final = step == cfg.max_steps
+        if final or _due(step, cfg.checkpoint_every):
+            checkpoints.append((step, _checkpoint(run, out_dir, step)))
+            callbacks.on_checkpoint(step, checkpoints[-1][1])
+        if cfg.sample_prompts and (final or _due(step, cfg.sample_every)):
+            paths = _samples(run, out_dir, step)
+            samples.append((step, paths))
+            callbacks.on_sample(step, paths)
+
+    if stopped and step > start_step and (not checkpoints or checkpoints[-1][0] != step):
+        # A cancelled run keeps what it learned: usable as a LoRA and resumable.
+        checkpoints.append((step, _checkpoint(run, out_dir, step)))
+        callbacks.on_checkpoint(step, checkpoints[-1][1])
+
+    losses = [h[1] for h in run.history]
+    return TrainOutcome(
+        steps_done=step,
+        checkpoints=checkpoints,
+        final_loss=losses[-1] if losses else float("nan"),
+        losses=losses,
+        seconds_per_step=sum(step_seconds) / len(step_seconds) if step_seconds else float("nan"),
+        stopped=stopped,
+        samples=samples,
+        loss_csv=_existing(out_dir / "loss.csv"),
+        loss_png=_existing(out_dir / "loss.png"),
+    )
+
+
+def _existing(path: Path) -> Path | None:
+    return path if path.is_file() else None
+
+
+def _due(step: int, every: int) -> bool:
+    return every > 0 and step % every == 0
+
+
+def _prepare(
+    cfg: TrainConfig, model_dir: Path, dataset_dir: Path, device: torch.device | str | None
+) -> _Run:
+    device, dtype = pick_device_dtype(cfg.precision, device)
+    # Loaded on the CPU: encoders and VAE visit the device one at a time, then the transformer
+    # moves there alone. FLUX.1-dev as a whole would not fit a 24 GB GPU.
+    pipe = load_flux_pipeline(model_dir, torch.device("cpu"), dtype)
+    data = cache_dataset(
+        pipe,
+        dataset_dir,
+        cfg.resolution,
+        device,
+        max_sequence_length=cfg.max_sequence_length,
+        extra_prompts=cfg.sample_prompts,
+    )
+    transformer = pipe.transformer.to(device)
+    params = _add_lora(transformer, cfg)
+    if cfg.gradient_checkpointing:
+        transformer.enable_gradient_checkpointing()
+    transformer.train()
+
+    optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    lr_scheduler = get_scheduler(
+        cfg.lr_scheduler,
+        optimizer=optimizer,
+        num_warmup_steps=cfg.lr_warmup_steps,
+        num_training_steps=cfg.max_steps,
+    )
+    # fp16 gradients underflow without loss scaling; bf16 and fp32 need none.
+    scaler = torch.amp.GradScaler(
+        device.type, enabled=dtype == torch.float16 and device.type == "cuda"
+    )
+    batcher = BucketBatcher(
+        [tuple(s.latents.shape) for s in data.samples], cfg.batch_size, cfg.seed
+    )
+    return _Run(
+        cfg=cfg,
+        pipe=pipe,
+        data=data,
+        batcher=batcher,
+        optimizer=optimizer,
+        lr_scheduler=lr_scheduler,
+        scaler=scaler,
+        generator=torch.Generator("cpu").manual_seed(cfg.seed),
+        device=device,
+        dtype=dtype,
+        params=params,
+    )
+
+
+def _add_lora(transformer, cfg: TrainConfig) -> list[torch.nn.Parameter]:
+    lora = LoraConfig(
+        r=cfg.rank,
+        lora_alpha=cfg.alpha,
+        target_modules=list(cfg.target_modules),
+        init_lora_weights="gaussian",
+    )
+    # peft draws the initial LoRA weights from the global RNG: seed it, privately.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        transformer.add_adapter(lora, adapter_name=ADAPTER_NAME)
+    # Base weights may be bf16; the trained parameters and their optimizer state stay fp32.
+    cast_training_params(transformer, dtype=torch.float32)
+    params = [p for p in transformer.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError(f"target_modules {cfg.target_modules} matched no layer of the transformer")
+    return params
+
+
+def _train_step(run: _Run) -> tuple[float, float]:
+    """One optimizer step over gradient_accumulation micro-batches: (mean loss, lr used)."""
+    cfg = run.cfg
+    total = 0.0
+    for _ in range(cfg.gradient_accumulation):
+        loss = _micro_batch_loss(run, run.batcher.next())
+        run.scaler.scale(loss / cfg.gradient_accumulation).backward()
+        total += loss.item()
+    if cfg.max_grad_norm > 0:
+        run.scaler.unscale_(run.optimizer)
+        torch.nn.utils.clip_grad_norm_(run.params, cfg.max_grad_norm)
+    lr = run.lr_scheduler.get_last_lr()[0]
+    run.scaler.step(run.optimizer)
+    run.scaler.update()
+    run.lr_scheduler.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    mean = total / cfg.gradient_accumulation
+    run.history.append((len(run.history) + 1, mean, lr))
+    return mean, lr
+
+
+def _micro_batch_loss(run: _Run, indices: list[int]) -> torch.Tensor:
+    cfg, device, dtype, g = run.cfg, run.device, run.dtype, run.generator
+    samples = [run.data.samples[i] for i in indices]
+    latents = torch.stack([s.latents for s in samples]).to(device, torch.float32)
+    batch, _, height, width = latents.shape
+
+    drop = torch.rand(batch, generator=g) < cfg.caption_dropout
+    texts = [run.data.empty_text if d else s.text for s, d in zip(samples, drop.tolist())]
+    prompt_embeds = torch.stack([t.prompt_embeds for t in texts]).to(device, dtype)
+    pooled = torch.stack([t.pooled for t in texts]).to(device, dtype)
+
+    noise = torch.randn(latents.shape, generator=g).to(device)
+    sigmas = sample_sigmas(
+        cfg.timestep_sampling,
+        batch,
+        g,
+        sigmoid_scale=cfg.sigmoid_scale,
+        shift=cfg.timestep_shift,
+        image_seq_len=(height // 2) * (width // 2),
+        scheduler_config=run.pipe.scheduler.config,
+    ).to(device)
+    s = sigmas.view(batch, 1, 1, 1)
+    noisy = (1 - s) * latents + s * noise
+
+    guidance = None
+    if run.transformer.config.guidance_embeds:
+        guidance = torch.full((batch,), cfg.guidance, device=device, dtype=torch.float32)
+    prediction = run.transformer(
+        hidden_states=pack(noisy).to(dtype),
+        timestep=sigmas,  # the transformer wants t/1000, i.e. sigma itself
+        guidance=guidance,
+        pooled_projections=pooled,
+        encoder_hidden_states=prompt_embeds,
+        txt_ids=run.data.text_ids.to(device, dtype),
+        img_ids=image_ids(height, width, device, dtype),
+        return_dict=False,
+    )[0]
+    # MSE ignores token order, so the target is packed rather than the prediction unpacked.
+    target = pack(noise - latents)
+    return torch.nn.functional.mse_loss(prediction.float(), target)
+
+
+def _training_state(run: _Run, step: int) -> dict:
+    return {
+        "step": step,
+        "config": run.cfg.model_dump(),
+        "optimizer": run.optimizer.state_dict(),
+        "lr_scheduler": run.lr_scheduler.state_dict(),
+        "scaler": run.scaler.state_dict(),
+        "generator": run.generator.get_state(),
+        "batcher": run.batcher.state_dict(),
+        "history": list(run.history),
+    }
+
+
+def _checkpoint(run: _Run, out_dir: Path, step: int) -> Path:
+    directory = save_checkpoint(
+        run.transformer, checkpoint_dir(out_dir, step), _training_state(run, step)
+    )
+    write_loss_csv(run.history, out_dir / "loss.csv")
+    write_loss_plot(run.history, out_dir / "loss.png")
+    log.info("step %d: checkpoint %s", step, directory)
+    return directory
+
+
+def _samples(run: _Run, out_dir: Path, step: int) -> list[Path]:
+    cfg = run.cfg
+    return render_samples(
+        run.pipe,
+        [run.data.prompts[p] for p in cfg.sample_prompts],
+        out_dir / "samples",
+        step,
+        resolution=cfg.resolution,
+        num_steps=cfg.sample_steps,
+        guidance=cfg.guidance,
+        seed=cfg.seed,
+        device=run.device,
+    )
+
+
+def _resume(run: _Run, directory: Path) -> int:
+    state = load_training_state(directory)
+    changed = [f for f in _LORA_FIELDS if state["config"].get(f) != run.cfg.model_dump()[f]]
+    if changed:
+        raise ValueError(
+            f"cannot resume from {directory}: {', '.join(changed)} differ from the checkpoint's run"
+        )
+    if state["step"] >= run.cfg.max_steps:
+        raise ValueError(
+            f"cannot resume from {directory}: it is at step {state['step']}, "
+            f"max_steps is {run.cfg.max_steps}"
+        )
+    load_lora_into(run.transformer, directory / LORA_WEIGHTS_NAME)
+    run.optimizer.load_state_dict(state["optimizer"])
+    run.lr_scheduler.load_state_dict(state["lr_scheduler"])
+    run.scaler.load_state_dict(state["scaler"])
+    run.generator.set_state(state["generator"])
+    run.batcher.load_state_dict(state["batcher"])
+    run.history[:] = [tuple(h) for h in state["history"]]
+    log.info("resumed from %s at step %d", directory, state["step"])
+    return state["step"]
+
+
+def _release(run: _Run) -> None:
+    """Drop the references that pin the transformer and optimizer state on the device."""
+    run.pipe = run.optimizer = run.params = None
+    gc.collect()
+    if run.device.type == "cuda":
+        torch.cuda.empty_cache()

@@ -1,0 +1,45 @@
+"""Fixtures shared by unit tests: a tiny FLUX.1 on disk and tiny captioned datasets."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from fluxlora.models.tiny_flux import write_tiny_flux
+from PIL import Image, ImageDraw
+
+
+@pytest.fixture(scope="session")
+def tiny_flux_dir(tmp_path_factory) -> Path:
+    """A diffusers-layout tiny FLUX.1 (no guidance embedding, like FLUX.1-schnell), seed 0."""
+    return write_tiny_flux(tmp_path_factory.mktemp("tiny-flux"), seed=0)
+
+
+def _shape_image(size: tuple[int, int], color: str, shape: str = "ellipse") -> Image.Image:
+    image = Image.new("RGB", size, "white")
+    w, h = size
+    box = (w // 5, h // 5, w - w // 5, h - h // 5)
+    getattr(ImageDraw.Draw(image), shape)(box, fill=color)
+    return image
+
+
+@pytest.fixture(scope="session")
+def shape_image() -> Callable[..., Image.Image]:
+    """shape_image((w, h), color, "ellipse" | "rectangle"): a flat coloured shape on white,
+    simple enough to overfit in a few hundred steps."""
+    return _shape_image
+
+
+@pytest.fixture(scope="session")
+def make_dataset(tmp_path_factory) -> Callable[..., Path]:
+    """make_dataset({"stem": (image, caption), ...}) -> a directory of <stem>.png + <stem>.txt."""
+
+    def make(items: dict[str, tuple[Image.Image, str]]) -> Path:
+        directory = tmp_path_factory.mktemp("dataset")
+        for stem, (image, caption) in items.items():
+            image.save(directory / f"{stem}.png")
+            (directory / f"{stem}.txt").write_text(caption)
+        return directory
+
+    return make
