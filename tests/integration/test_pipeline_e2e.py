@@ -12,6 +12,7 @@ from PIL import Image
 
 from fluxlora.captioning.cleaning import count_trigger
 from fluxlora.common.storage import LocalStore
+from fluxlora.training.trainer.config import ATTENTION_AND_MLP_TARGETS
 from fluxlora.evaluation.render import latent_distances_to_image
 from fluxlora_client import PipelineOptions, run_pipeline
 from fluxlora_api.v1 import jobs_pb2
@@ -43,7 +44,7 @@ def run_and_record(running, photos, tiny_models, tmp_path):
         base_size=64,
         remove_phrases=["bottle"],
         train={"resolution": 64, "max_steps": STEPS, "checkpoint_every": EVERY, "sample_every": EVERY,
-               "learning_rate": 1e-3, "rank": 8, "sample_steps": 2},
+               "learning_rate": 1e-3, "rank": 8, "sample_steps": 2, "target_modules": ATTENTION_AND_MLP_TARGETS},
         grid={"steps": 4},
     )
     result = run_pipeline(running, photos, options, download_to=tmp_path / "out",
@@ -101,7 +102,7 @@ def test_the_lora_moves_generations_toward_the_training_image(outputs, tiny_mode
     caption = (result.local["dataset"] / "images" / f"{stem}.txt").read_text().strip()
     lora = result.local["run"] / final.lora_key.split(f"runs/{result.run_id}/", 1)[1]
     at_zero, at_one = latent_distances_to_image(tiny_models["flux"], lora, image, caption, (0.0, 1.0), steps=8)
-    assert at_one < 0.7 * at_zero, (at_zero, at_one)
+    assert at_one < 0.6 * at_zero, (at_zero, at_one)
 
 
 def test_the_grid_is_checkpoints_by_strengths_and_its_size_is_cells_plus_labels(outputs):

@@ -18,6 +18,7 @@ from fluxlora.training.trainer import (
     latest_checkpoint,
     train_lora,
 )
+from fluxlora.training.trainer.config import ATTENTION_AND_MLP_TARGETS
 from fluxlora.training.trainer.data import BucketBatcher, cache_dataset, training_size
 from fluxlora.training.trainer.timesteps import sample_sigmas
 from PIL import Image
@@ -27,20 +28,7 @@ from safetensors.torch import load_file
 
 CAPTION = "a photo of a red circle"
 # Attention and MLP layers: enough capacity for the tiny model to memorise one image quickly.
-WIDE_TARGETS = [
-    "to_q",
-    "to_k",
-    "to_v",
-    "to_out.0",
-    "add_q_proj",
-    "add_k_proj",
-    "add_v_proj",
-    "to_add_out",
-    "ff.net.0.proj",
-    "ff.net.2",
-    "proj_mlp",
-    "proj_out",
-]
+WIDE_TARGETS = ATTENTION_AND_MLP_TARGETS
 
 
 def quick(**overrides) -> TrainConfig:

@@ -263,6 +263,9 @@ def write_tiny(out: Path, seed: int = 0) -> None:
 
 
 def main() -> None:
+    from fluxlora.common.offline import configure_hf_offline
+
+    configure_hf_offline()
     try:
         app()
     except FluxloraClientError as err:

@@ -12,6 +12,7 @@ from pathlib import Path
 from rich.console import Console
 
 from fluxlora.common.storage import LocalStore
+from fluxlora.training.trainer.config import ATTENTION_AND_MLP_TARGETS
 from fluxlora_client.client import FluxloraClient
 from fluxlora_client.local import LocalServices
 from fluxlora_client.pipeline import PipelineOptions, PipelineOutputs, run_pipeline
@@ -30,6 +31,7 @@ def demo_options(models: Path, max_steps: int) -> PipelineOptions:
         caption_model=str(models / "tiny-florence2"),
         base_size=DEMO_SIZE,
         remove_phrases=["bottle"],
+        caption={"max_new_tokens": 16},
         train={
             "resolution": DEMO_SIZE,
             "max_steps": max_steps,
@@ -38,6 +40,7 @@ def demo_options(models: Path, max_steps: int) -> PipelineOptions:
             "learning_rate": 1e-3,
             "rank": 8,
             "sample_steps": 4,
+            "target_modules": ATTENTION_AND_MLP_TARGETS,
         },
         grid={"steps": 4},
     )

@@ -21,6 +21,7 @@ class PipelineOptions:
     crop_mode: str = "bucket"
     lora_type: str = "concrete"
     remove_phrases: list[str] = field(default_factory=list)
+    caption: dict[str, Any] = field(default_factory=dict)  # CaptionSpec fields: task, max_new_tokens, ...
     train: dict[str, Any] = field(default_factory=dict)  # TrainSpec fields
     grid: dict[str, Any] = field(default_factory=dict)  # GridSpec fields
 
@@ -57,7 +58,7 @@ def run_pipeline(
         source, base_size=options.base_size, crop_mode=options.crop_mode, lora_type=options.lora_type))
     stage("caption", client.caption(
         dataset.dataset_id, options.trigger_word, model=options.caption_model,
-        remove_phrases=options.remove_phrases))
+        remove_phrases=options.remove_phrases, **options.caption))
     run = stage("train", client.train(dataset.dataset_id, base_model=options.base_model, **options.train))
     grid = stage("evaluate", client.evaluate(run.run_id, **options.grid))
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import importlib
 import logging
-import os
 import signal
 import threading
 from collections.abc import Callable
@@ -17,6 +16,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from fluxlora.common.config import SERVICES, Settings
+from fluxlora.common.offline import configure_hf_offline
 from fluxlora.common.storage import ArtifactStore, open_store
 from fluxlora.jobs.runtime import Handler, JobRuntime
 from fluxlora.jobs.servicer import JobServicer
@@ -24,10 +24,7 @@ from fluxlora_api.v1 import jobs_pb2, jobs_pb2_grpc
 
 log = logging.getLogger(__name__)
 
-# Models come from local directories or the store, never from a hub at run time; and progress bars
-# from transformers' loaders would interleave with the structured logs.
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+configure_hf_offline()
 
 JOB_SERVICE_NAME = jobs_pb2.DESCRIPTOR.services_by_name["JobService"].full_name
 
