@@ -74,8 +74,12 @@ class RunningServer:
         if self.port == 0:
             raise OSError(f"could not bind {settings.host}:{bind_port} for the {definition.name} service")
         self.address = f"{settings.host}:{self.port}"
+        self.started = False
 
     def start(self) -> RunningServer:
+        if self.started:
+            return self
+        self.started = True
         self.runtime.start()
         self.server.start()
         for name in ("", self.definition.grpc_name, JOB_SERVICE_NAME):

@@ -10,8 +10,10 @@ from google.protobuf import json_format
 from fluxlora.common import keys
 from fluxlora.common.errors import InvalidArgument
 from fluxlora.common.models import resolve_model
+from fluxlora.common.runs import list_checkpoints
 from fluxlora.jobs.context import JobContext, JobInterrupted
 from fluxlora.training.trainer.callbacks import TrainCallbacks
+from fluxlora.training.trainer.checkpoint import TRAINING_STATE_NAME, checkpoint_dir, load_training_state
 from fluxlora.training.trainer.config import TrainConfig
 from fluxlora.training.trainer.loop import train_lora
 from fluxlora_api.v1 import training_pb2 as pb
@@ -59,8 +61,8 @@ def run_training(ctx: JobContext, spec: pb.TrainSpec) -> pb.TrainResult:
     model_dir = resolve_model(spec.base_model, ctx.store, ctx.settings.cache_dir, "base model")
     out_dir = ctx.scratch / "run"
 
-    checkpoints: list[pb.Checkpoint] = []
-    sample_keys: list[str] = []
+    checkpoints, resume_from = _stored_checkpoints(ctx, run_id, out_dir, cfg.max_steps)
+    sample_keys = [o.key for o in ctx.store.list(prefix + "samples/")]
     last_loss = {"loss": 0.0}
 
     def on_step(step: int, total: int, loss: float, lr: float) -> None:
@@ -89,10 +91,13 @@ def run_training(ctx: JobContext, spec: pb.TrainSpec) -> pb.TrainResult:
             ctx.upload(path, key, "sample", step)
             sample_keys.append(key)
 
+    if resume_from is not None:
+        ctx.log(f"resuming run {run_id} from its checkpoint at step {checkpoints[-1].step}")
     outcome = train_lora(
         cfg, model_dir, ctx.scratch / "dataset", out_dir,
         TrainCallbacks(on_step=on_step, on_checkpoint=on_checkpoint, on_sample=on_sample,
                        should_stop=lambda: ctx.should_stop),
+        resume_from=resume_from,
     )
     upload_loss(outcome.steps_done)
     if outcome.stopped:
@@ -118,3 +123,22 @@ def run_training(ctx: JobContext, spec: pb.TrainSpec) -> pb.TrainResult:
     })
     ctx.add_artifact(ctx.store.stat(prefix + "report.json"), "report")
     return result
+
+
+def _stored_checkpoints(ctx: JobContext, run_id: str, out_dir: Path,
+                        max_steps: int) -> tuple[list[pb.Checkpoint], Path | None]:
+    """Checkpoints an earlier attempt of this run already stored, and the local copy of the
+    latest resumable one: a run interrupted by a restart continues instead of starting over.
+    (A final checkpoint is not resumable; resuming from the one before reproduces it exactly.)"""
+    stored = list_checkpoints(ctx.store, run_id)
+    resumable = [s for s in stored if s < max_steps
+                 and ctx.store.exists(keys.checkpoint_prefix(run_id, s) + TRAINING_STATE_NAME)]
+    if not resumable:
+        return [], None
+    step = max(resumable)
+    local = checkpoint_dir(out_dir, step)
+    ctx.store.download_prefix(keys.checkpoint_prefix(run_id, step), local)
+    history = {s: loss for s, loss, _lr in load_training_state(local)["history"]}
+    checkpoints = [pb.Checkpoint(step=s, lora_key=key, loss=history.get(s, 0.0))
+                   for s, key in stored.items() if s <= step]
+    return checkpoints, local
