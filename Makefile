@@ -19,7 +19,7 @@ env: $(BIN)/fluxlora
 demo: env
 	$(BIN)/fluxlora demo --workdir demo-output
 
-test: env check-protos
+test: env check-protos lint
 	$(BIN)/pytest -q
 
 protos: env

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import pytest
-from support import make_s3_store
 
 from fluxlora.common.storage import LocalStore
+from support import make_s3_store
 
 
 @pytest.fixture(scope="session")

@@ -12,10 +12,10 @@ from PIL import Image
 
 from fluxlora.captioning.cleaning import count_trigger
 from fluxlora.common.storage import LocalStore
-from fluxlora.training.trainer.config import ATTENTION_AND_MLP_TARGETS
 from fluxlora.evaluation.render import latent_distances_to_image
-from fluxlora_client import PipelineOptions, run_pipeline
+from fluxlora.training.trainer.config import ATTENTION_AND_MLP_TARGETS
 from fluxlora_api.v1 import jobs_pb2
+from fluxlora_client import PipelineOptions, run_pipeline
 from support import make_s3_store, services_and_client
 
 TRIGGER = "fluxone"

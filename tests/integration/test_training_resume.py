@@ -7,12 +7,11 @@ import csv
 import io
 import time
 
-from support import services_and_client
-
 from fluxlora.common.config import Settings
 from fluxlora.common.server import start_server
 from fluxlora.common.storage import LocalStore
 from fluxlora_api.v1 import jobs_pb2
+from support import services_and_client
 
 MAX_STEPS = 60
 EVERY = 10

@@ -6,8 +6,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from fluxlora.models.tiny_flux import write_tiny_flux
 from PIL import Image, ImageDraw
+
+from fluxlora.models.tiny_flux import write_tiny_flux
 
 
 @pytest.fixture(scope="session")

@@ -1,6 +1,7 @@
 import itertools
 
 import pytest
+
 from fluxlora.preprocessing.buckets import bucket_label, target_size, validate_base_size
 
 

@@ -7,6 +7,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
+from transformers import AutoProcessor, Florence2ForConditionalGeneration
+
 from fluxlora.captioning.captioners import (
     Captioner,
     known_captioners,
@@ -22,8 +25,6 @@ from fluxlora.captioning.dataset import (
     write_sidecars,
 )
 from fluxlora.models.tiny_captioner import IMAGE_SEQ_LENGTH, write_tiny_florence2
-from PIL import Image
-from transformers import AutoProcessor, Florence2ForConditionalGeneration
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from fluxlora.captioning.cleaning import (
     apply_trigger,
     clean_caption,

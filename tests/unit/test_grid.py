@@ -1,5 +1,7 @@
 import numpy as np
 import pytest
+from PIL import Image
+
 from fluxlora.evaluation.grid import (
     BACKGROUND,
     HIGHLIGHT,
@@ -8,7 +10,6 @@ from fluxlora.evaluation.grid import (
     format_step,
     format_strength,
 )
-from PIL import Image
 
 STRENGTHS = [0.0, 0.2, 0.4, 0.6, 0.8, 1.0]
 STEPS = [250, 500, 750]

@@ -6,13 +6,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image, ImageCms, ImageDraw
+from pydantic import ValidationError
+
 from fluxlora.preprocessing.buckets import target_size
 from fluxlora.preprocessing.images import ImageRejected, fit_to, load_image
 from fluxlora.preprocessing.manifest import Manifest, PreprocessOptions
 from fluxlora.preprocessing.naming import safe_stem, unique_stems
 from fluxlora.preprocessing.pipeline import dataset_fingerprint, preprocess_files
-from PIL import Image, ImageCms, ImageDraw
-from pydantic import ValidationError
 
 OPTIONS = PreprocessOptions(base_size=256)
 

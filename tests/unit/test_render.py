@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+
 from fluxlora.evaluation.render import render_cells, render_grid_cells
 from fluxlora.models.loading import load_flux_pipeline
 from fluxlora.training.trainer import LORA_WEIGHTS_NAME, TrainConfig, train_lora
@@ -97,8 +98,8 @@ def test_a_failing_lora_leaves_no_adapter_behind(pipe, loras, tmp_path):
 def test_same_call_gives_the_same_pixels(pipe, loras):
     first = render_cells(pipe, loras, [0.0, 1.0], **GRID)
     second = render_cells(pipe, loras, [0.0, 1.0], **GRID)
-    for row_a, row_b in zip(first, second):
-        for a, b in zip(row_a, row_b):
+    for row_a, row_b in zip(first, second, strict=True):
+        for a, b in zip(row_a, row_b, strict=True):
             assert np.array_equal(np.asarray(a), np.asarray(b))
 
 

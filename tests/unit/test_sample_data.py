@@ -1,10 +1,11 @@
 import numpy as np
 import pytest
+from PIL import Image
+
 from fluxlora.common.fonts import label_font, label_font_path
 from fluxlora.demo.sample_data import LABEL, write_sample_photos
 from fluxlora.preprocessing.manifest import PreprocessOptions
 from fluxlora.preprocessing.pipeline import preprocess_files
-from PIL import Image
 
 
 def _open(path):

@@ -7,10 +7,11 @@ import json
 import pytest
 import torch
 from diffusers import FluxPipeline
+from safetensors.torch import load_file
+
 from fluxlora.models.loading import load_flux_pipeline, pick_device_dtype
 from fluxlora.models.tiny_flux import write_tiny_flux
 from fluxlora.models.tiny_tokenizers import build_clip_tokenizer, build_t5_tokenizer
-from safetensors.torch import load_file
 
 COMPONENTS = {
     "scheduler": "FlowMatchEulerDiscreteScheduler",

@@ -8,6 +8,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
+from pydantic import ValidationError
+from safetensors import safe_open
+from safetensors.torch import load_file
+
 from fluxlora.evaluation.render import latent_distances_to_image
 from fluxlora.models.loading import load_flux_pipeline
 from fluxlora.models.tiny_flux import write_tiny_flux
@@ -21,10 +26,6 @@ from fluxlora.training.trainer import (
 from fluxlora.training.trainer.config import ATTENTION_AND_MLP_TARGETS
 from fluxlora.training.trainer.data import BucketBatcher, cache_dataset, training_size
 from fluxlora.training.trainer.timesteps import sample_sigmas
-from PIL import Image
-from pydantic import ValidationError
-from safetensors import safe_open
-from safetensors.torch import load_file
 
 CAPTION = "a photo of a red circle"
 # Attention and MLP layers: enough capacity for the tiny model to memorise one image quickly.

@@ -20,6 +20,7 @@ def require_captions(store: ArtifactStore, dataset_id: str) -> dict:
     require_dataset(store, dataset_id)
     if not store.exists(keys.dataset_captions(dataset_id)):
         raise FailedPrecondition(
-            f"dataset {dataset_id!r} has no captions ({keys.dataset_captions(dataset_id)} is missing): run caption first"
+            f"dataset {dataset_id!r} has no captions ({keys.dataset_captions(dataset_id)} is missing): "
+            "run caption first"
         )
     return store.get_json(keys.dataset_captions(dataset_id))

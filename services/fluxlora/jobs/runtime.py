@@ -17,6 +17,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -106,7 +107,8 @@ class JobRuntime:
             queued = sum(1 for j in self._jobs.values() if j.state == S.JOB_STATE_QUEUED)
             if queued >= self._max_queued:
                 raise ResourceExhausted(
-                    f"{self.service} queue is full ({queued} jobs waiting); retry later or raise FLUXLORA_MAX_QUEUED_JOBS"
+                    f"{self.service} queue is full ({queued} jobs waiting); "
+                    "retry later or raise FLUXLORA_MAX_QUEUED_JOBS"
                 )
             job = jobs_pb2.Job(
                 job_id=f"{self.prefix}-{uuid.uuid4().hex[:12]}",
@@ -165,13 +167,16 @@ class JobRuntime:
             return
         while is_active() and not self._stopping.is_set():
             with self._cond:
-                self._cond.wait_for(lambda: self._sequence[job_id] > last or self._stopping.is_set(), timeout=1.0)
+                self._cond.wait_for(partial(self._changed_since, job_id, last), timeout=1.0)
                 events = [e for e in self._events[job_id] if e.sequence > last]
             for event in events:
                 last = event.sequence
                 yield event
                 if event.job.state in TERMINAL:
                     return
+
+    def _changed_since(self, job_id: str, sequence: int) -> bool:
+        return self._sequence[job_id] > sequence or self._stopping.is_set()
 
     def should_stop(self, job_id: str) -> bool:
         return self._stopping.is_set() or self._jobs[job_id].cancel_requested
@@ -183,7 +188,8 @@ class JobRuntime:
             job = self._jobs[job_id]
             mutate(job)
             now = time.monotonic()
-            if persist is True or (persist == "throttle" and now - self._persisted_at.get(job_id, 0) > PERSIST_INTERVAL_S):
+            due = now - self._persisted_at.get(job_id, 0) > PERSIST_INTERVAL_S
+            if persist is True or (persist == "throttle" and due):
                 self._records.save(job)
                 self._persisted_at[job_id] = now
             self._emit(job, message)

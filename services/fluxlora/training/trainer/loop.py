@@ -268,7 +268,7 @@ def _micro_batch_loss(run: _Run, indices: list[int]) -> torch.Tensor:
     batch, _, height, width = latents.shape
 
     drop = torch.rand(batch, generator=g) < cfg.caption_dropout
-    texts = [run.data.empty_text if d else s.text for s, d in zip(samples, drop.tolist())]
+    texts = [run.data.empty_text if d else s.text for s, d in zip(samples, drop.tolist(), strict=True)]
     prompt_embeds = torch.stack([t.prompt_embeds for t in texts]).to(device, dtype)
     pooled = torch.stack([t.pooled for t in texts]).to(device, dtype)
 
