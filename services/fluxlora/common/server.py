@@ -10,6 +10,7 @@ import threading
 from collections.abc import Callable
 from concurrent import futures
 from dataclasses import dataclass
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -38,6 +39,19 @@ class ServiceDefinition:
     grpc_name: str  # "fluxlora.v1.PreprocessingService"
     handler: Handler  # runs one job
     add_servicer: Callable[[grpc.Server, JobRuntime], None]
+
+
+def define(name: str, job_prefix: str, pb2: Any, pb2_grpc: Any, grpc_service: str,
+           servicer: Callable[[JobRuntime], Any], handler: Handler) -> ServiceDefinition:
+    """A ServiceDefinition from a service's generated modules, servicer class and job handler."""
+    add = getattr(pb2_grpc, f"add_{grpc_service}Servicer_to_server")
+    return ServiceDefinition(
+        name=name,
+        job_prefix=job_prefix,
+        grpc_name=pb2.DESCRIPTOR.services_by_name[grpc_service].full_name,
+        handler=handler,
+        add_servicer=lambda server, runtime: add(servicer(runtime), server),
+    )
 
 
 def load_definition(name: str) -> ServiceDefinition:
