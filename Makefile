@@ -1,5 +1,6 @@
 # The two commands a new user needs:
-#   make demo   - the whole pipeline end to end on generated photos and tiny models (no servers needed)
+#   make demo   - the whole pipeline end to end on generated photos and tiny models; it starts the four
+#                 services itself, on localhost (nothing external needed)
 #   make test   - the test suite (what CI runs)
 PYTHON ?= python3.11
 VENV   ?= .venv

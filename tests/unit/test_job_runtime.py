@@ -184,3 +184,17 @@ def test_list_is_newest_first_and_filters_by_state(local_store):
     assert [j.job_id for j in runtime.list()] == ids[::-1]
     assert runtime.list([S.JOB_STATE_FAILED]) == []
     runtime.shutdown()
+
+
+def test_finished_jobs_keep_only_their_last_event(local_store, monkeypatch):
+    import fluxlora.jobs.runtime as runtime_module
+
+    monkeypatch.setattr(runtime_module, "FINISHED_EVENTS_KEPT_S", -1.0)
+    runtime = make_runtime(local_store)
+    first = runtime.submit(SPEC)
+    wait_terminal(runtime, first.job_id)
+    runtime.submit(SPEC)  # a new submission trims what finished jobs hold
+    events = list(runtime.watch(first.job_id))
+    assert len(runtime._events[first.job_id]) == 1
+    assert events[-1].job.state == S.JOB_STATE_SUCCEEDED
+    runtime.shutdown()

@@ -62,7 +62,7 @@ def run_caption(ctx: JobContext, spec: pb.CaptionSpec) -> pb.CaptionResult:
     for path in sorted(out_dir.glob("*.txt")):
         ctx.store.put_file(images_prefix + path.name, path, "text/plain; charset=utf-8")
     # Written last: training accepts a dataset only once captions.json exists.
-    ctx.store.put_json(keys.dataset_captions(spec.dataset_id), {
+    info = ctx.store.put_json(keys.dataset_captions(spec.dataset_id), {
         "trigger_word": spec.trigger_word,
         "captioner": spec.captioner,
         "model": spec.model,
@@ -70,7 +70,7 @@ def run_caption(ctx: JobContext, spec: pb.CaptionSpec) -> pb.CaptionResult:
         "remove_phrases": list(spec.remove_phrases),
         "captions": captions,
     })
-    ctx.add_artifact(ctx.store.stat(keys.dataset_captions(spec.dataset_id)), "captions")
+    ctx.add_artifact(info, "captions")
     return pb.CaptionResult(
         dataset_id=spec.dataset_id,
         caption_count=len(captions),

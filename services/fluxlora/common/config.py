@@ -30,7 +30,7 @@ class Settings(BaseSettings):
     s3_region: str = Field("us-east-1", description="S3 region.")
     cache_dir: Path = Field(
         Path.home() / ".cache" / "fluxlora",
-        description="Local cache for models fetched from the store and job scratch space.",
+        description="Local mirror of models fetched from the store (store://<prefix>).",
     )
     host: str = Field("127.0.0.1", description="Address the server binds to.")
     port: int = Field(0, description="Port; 0 means the service's default port.")

@@ -263,6 +263,8 @@ class S3Store(ArtifactStore):
         return ObjectInfo(key, obj.size, meta.get("x-amz-meta-sha256", ""))
 
     def list(self, prefix: str) -> Iterator[ObjectInfo]:
+        if prefix:
+            validate_key(prefix.rstrip("/") or "x")
         with _s3_errors(prefix):
             objects = list(self.client.list_objects(self.bucket, prefix=prefix, recursive=True))
         for obj in sorted(objects, key=lambda o: o.object_name):

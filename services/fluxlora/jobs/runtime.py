@@ -35,6 +35,7 @@ S = jobs_pb2.JobState
 TERMINAL = frozenset({S.JOB_STATE_SUCCEEDED, S.JOB_STATE_FAILED, S.JOB_STATE_CANCELLED})
 PERSIST_INTERVAL_S = 2.0
 EVENTS_KEPT = 256
+FINISHED_EVENTS_KEPT_S = 60.0
 
 Handler = Callable[[JobContext, Any], Message]
 
@@ -121,6 +122,7 @@ class JobRuntime:
             self._records.save(job)
             self._remember(job)
             self._emit(job, "queued")
+            self._forget_old_events()
         self._queue.put(job.job_id)
         return self.get(job.job_id)
 
@@ -201,6 +203,17 @@ class JobRuntime:
             self._by_request[job.request_id] = job.job_id
         self._events.setdefault(job.job_id, collections.deque(maxlen=EVENTS_KEPT))
         self._sequence.setdefault(job.job_id, 0)
+
+    def _forget_old_events(self) -> None:
+        """Finished jobs keep only their last event: a late watcher gets the final state anyway,
+        and a long-running server's memory stays bounded."""
+        horizon = time.time() - FINISHED_EVENTS_KEPT_S
+        for job_id, events in self._events.items():
+            job = self._jobs[job_id]
+            if len(events) > 1 and job.state in TERMINAL and job.finished_at.seconds < horizon:
+                last = events[-1]
+                events.clear()
+                events.append(last)
 
     def _emit(self, job: jobs_pb2.Job, message: str) -> None:
         self._sequence[job.job_id] += 1
