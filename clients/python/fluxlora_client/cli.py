@@ -4,6 +4,7 @@
     fluxlora up                        # start the four services on localhost
     fluxlora pipeline photos/ --trigger ohwx --base-model /models/flux1-dev --caption-model /models/florence2
     fluxlora preprocess | caption | train | evaluate   # one stage at a time
+    fluxlora generate "ohwx, a bottle on a beach" --lora trn-0123456789ab:1500@0.8
     fluxlora jobs list training
 """
 
@@ -139,20 +140,76 @@ def train(
     _print_result(_run_job(client, "train", job))
 
 
+def _numbers(text: str, kind=float) -> list:
+    return [kind(v) for v in text.split(",") if v.strip()]
+
+
 @app.command()
 def evaluate(
     run_id: str,
     strengths: Annotated[str, typer.Option(help="Comma-separated LoRA strengths.")] = "0,0.2,0.4,0.6,0.8,1.0",
-    prompt: str = "",
-    seed: int = 42,
+    checkpoints: Annotated[str, typer.Option(help="Comma-separated checkpoint steps (default: all).")] = "",
+    prompt: Annotated[list[str] | None, typer.Option(help="Prompt; repeat for one grid per prompt.")] = None,
+    seed: Annotated[str, typer.Option(help="Seed; comma-separated for one grid per seed.")] = "42",
+    width: Annotated[int, typer.Option(help="Cell width (default: the run's resolution).")] = 0,
+    height: Annotated[int, typer.Option(help="Cell height (default: the run's resolution).")] = 0,
     steps: int = 20,
+    rows_per_page: Annotated[int, typer.Option(help="Checkpoint rows per grid image (0: server default).")] = 0,
+    image_text_model: Annotated[str, typer.Option(help="CLIP-like model dir for fidelity scores; 'none' skips.")] = "",
+    skip_convergence: Annotated[bool, typer.Option(help="Skip the held-out loss per checkpoint.")] = False,
+    out: Annotated[Path | None, typer.Option(help="Download the grid images, cells and report here.")] = None,
     store: Store = None,
 ) -> None:
-    """Render an XY grid: checkpoints x LoRA strengths."""
+    """Render an XY grid (checkpoints x LoRA strengths), score it and recommend a checkpoint and strength."""
     client = _client(store)
-    values = [float(s) for s in strengths.split(",") if s.strip()]
-    job = client.evaluate(run_id, strengths=values, prompt=prompt, seed=seed, steps=steps)
-    _print_result(_run_job(client, "evaluate", job))
+    job = client.evaluate(
+        run_id, strengths=_numbers(strengths), checkpoint_steps=_numbers(checkpoints, int), prompts=prompt or [],
+        seeds=_numbers(seed, int), width=width, height=height, steps=steps, rows_per_page=rows_per_page,
+        image_text_model=image_text_model, skip_convergence=skip_convergence,
+    )
+    result = _run_job(client, "evaluate", job)
+    _print_result(result)
+    pick = result.recommendation
+    console.print(f"recommended: step {pick.step} at strength {pick.strength:g} ({pick.basis}): {pick.reason}")
+    if out is not None:
+        client.download(f"grids/{result.grid_id}/", out)
+
+
+def _lora(text: str) -> dict:
+    """"trn-abc", "trn-abc:1500", "trn-abc:1500@0.8" or "runs/.../file.safetensors@0.8"."""
+    ref, _, strength = text.partition("@")
+    lora: dict = {"strength": float(strength)} if strength else {}
+    if "/" in ref or ref.endswith(".safetensors"):
+        return {**lora, "key": ref}
+    run_id, _, step = ref.partition(":")
+    return {**lora, "run_id": run_id, **({"step": int(step)} if step else {})}
+
+
+@app.command()
+def generate(
+    prompt: Annotated[list[str], typer.Argument(help="One or more prompts.")],
+    lora: Annotated[list[str] | None, typer.Option(
+        help="RUN_ID[:STEP][@STRENGTH] or STORE_KEY[@STRENGTH]; repeatable (applied together).")] = None,
+    seed: int = 42,
+    images: Annotated[int, typer.Option(help="Images per prompt (seeds seed, seed+1, ...).")] = 1,
+    width: int = 0,
+    height: int = 0,
+    steps: int = 20,
+    guidance: Annotated[float | None, typer.Option(help="Guidance (default 3.5).")] = None,
+    base_model: str = "",
+    out: Annotated[Path | None, typer.Option(help="Download the images here.")] = None,
+    store: Store = None,
+) -> None:
+    """Generate images with the base model and LoRAs at chosen strengths."""
+    client = _client(store)
+    options = {"guidance": guidance} if guidance is not None else {}
+    job = client.generate(prompt, loras=[_lora(v) for v in lora or []], seed=seed, images_per_prompt=images,
+                          width=width, height=height, steps=steps, base_model=base_model, **options)
+    result = _run_job(client, "generate", job)
+    _print_result(result)
+    if out is not None:
+        for image in result.images:
+            client.download(image.image_key, out)
 
 
 @app.command()
@@ -263,13 +320,18 @@ def write_tiny(out: Path, seed: int = 0) -> None:
 
 
 def main() -> None:
+    from rich.markup import escape
+
+    from fluxlora.common.errors import FluxloraError
     from fluxlora.common.offline import configure_hf_offline
 
     configure_hf_offline()
     try:
         app()
-    except FluxloraClientError as err:
-        console.print(f"[red]error[/red] {err.code}: {err.message}")
+    except (FluxloraClientError, FluxloraError) as err:
+        # FluxloraError: the store itself (misconfigured, unreachable) fails before any RPC.
+        # Messages name user files, which may hold "[...]": never read them as rich markup.
+        console.print(f"[red]error[/red] {err.code}: {escape(err.message)}")
         raise SystemExit(1) from None
 
 

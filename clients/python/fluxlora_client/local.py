@@ -7,6 +7,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import grpc
@@ -21,7 +22,9 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
-def wait_healthy(address: str, timeout: float = 120.0) -> None:
+def wait_healthy(address: str, timeout: float = 120.0, alive: Callable[[], bool] = lambda: True) -> None:
+    """Waits until the server at `address` reports SERVING; gives up early when `alive` says the
+    process behind it has exited."""
     deadline = time.monotonic() + timeout
     with grpc.insecure_channel(address) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
@@ -32,6 +35,8 @@ def wait_healthy(address: str, timeout: float = 120.0) -> None:
                     return
             except grpc.RpcError:
                 pass
+            if not alive():
+                raise RuntimeError(f"the server for {address} exited before it became healthy")
             if time.monotonic() > deadline:
                 raise TimeoutError(f"no healthy server at {address} after {timeout:.0f}s")
             time.sleep(0.3)
@@ -67,9 +72,14 @@ class LocalServices:
             )
         try:
             for name, address in self.addresses.items():
-                if self.processes[name].poll() is not None:
-                    raise RuntimeError(f"the {name} server exited at start (code {self.processes[name].returncode})")
-                wait_healthy(address, timeout)
+                process = self.processes[name]
+                try:
+                    wait_healthy(address, timeout, alive=lambda p=process: p.poll() is None)
+                except RuntimeError:
+                    log_hint = f"; see {self.log_dir / (name + '.log')}" if self.log_dir else ""
+                    raise RuntimeError(
+                        f"the {name} server exited at start (code {process.returncode}){log_hint}"
+                    ) from None
         except BaseException:
             self.stop()
             raise
