@@ -130,3 +130,28 @@ def test_different_prefixes_get_different_cache_directories(stored_model, tmp_pa
     other = resolve_model("store://models/other", stored_model, cache)
     assert tiny != other
     assert mirrored_files(other) == {"model_index.json": b"{}"}
+
+
+def test_a_reupload_of_the_same_size_is_fetched_again(store, tmp_path):
+    from fluxlora.common.models import resolve_model
+
+    store.put_bytes("models/same/weights.bin", b"AAAA")
+    first = resolve_model("store://models/same/", store, tmp_path / "cache")
+    assert (first / "weights.bin").read_bytes() == b"AAAA"
+    import time
+
+    time.sleep(0.01)  # a new local mtime / S3 ETag
+    store.put_bytes("models/same/weights.bin", b"BBBB")
+    second = resolve_model("store://models/same/", store, tmp_path / "cache")
+    assert (second / "weights.bin").read_bytes() == b"BBBB"
+
+
+def test_files_deleted_from_the_store_leave_the_cache(store, tmp_path):
+    from fluxlora.common.models import resolve_model
+
+    store.put_bytes("models/m/a.bin", b"a")
+    store.put_bytes("models/m/old.bin", b"old")
+    resolve_model("store://models/m/", store, tmp_path / "cache")
+    store.delete("models/m/old.bin")
+    local = resolve_model("store://models/m/", store, tmp_path / "cache")
+    assert sorted(p.name for p in local.iterdir() if not p.name.startswith(".")) == ["a.bin"]

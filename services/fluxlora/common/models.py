@@ -5,7 +5,10 @@ same code loads the tiny demo models and the real FLUX.1 / Florence-2 weights.""
 from __future__ import annotations
 
 import json
+import os
 import re
+import shutil
+import threading
 from pathlib import Path
 
 from fluxlora.common.errors import NotFound
@@ -39,12 +42,21 @@ def resolve_model(ref: str, store: ArtifactStore, cache_dir: Path, what: str = "
     if not is_store_ref(ref):
         return Path(ref).expanduser()
     prefix = validate_prefix(ref[len(STORE_SCHEME):])
-    listing = [(o.key, o.size) for o in store.list(prefix)]
+    listing = [(o.key, o.size, o.version) for o in store.list(prefix)]
     target = Path(cache_dir) / "models" / re.sub(r"[^A-Za-z0-9._-]+", "_", prefix.strip("/"))
     marker = target / _COMPLETE
     if marker.exists() and json.loads(marker.read_text()) == [list(x) for x in listing]:
         return target
-    store.download_prefix(prefix, target)
+    # Mirror into a private directory and swap it in: files deleted from the store disappear from
+    # the cache too, and two processes fetching at once never read a half-written model.
+    staging = target.with_name(f"{target.name}.partial-{os.getpid()}-{threading.get_ident()}")
+    shutil.rmtree(staging, ignore_errors=True)
+    store.download_prefix(prefix, staging)
     # Written last: a cache directory without it is an interrupted download and is fetched again.
-    marker.write_text(json.dumps(listing))
+    (staging / _COMPLETE).write_text(json.dumps(listing))
+    shutil.rmtree(target, ignore_errors=True)
+    try:
+        staging.rename(target)
+    except OSError:  # another process swapped in its copy first; it holds the same listing
+        shutil.rmtree(staging, ignore_errors=True)
     return target

@@ -31,6 +31,9 @@ class ObjectInfo:
     key: str
     size: int
     sha256: str = ""
+    # Changes whenever the object is rewritten (S3 ETag; local mtime), so caches can tell a
+    # re-upload of the same size apart.
+    version: str = ""
 
 
 def validate_key(key: str) -> str:
@@ -207,7 +210,8 @@ class LocalStore(ArtifactStore):
             if path.is_file() and not path.name.startswith(".part-"):
                 key = path.relative_to(self.root).as_posix()
                 if key.startswith(prefix):
-                    yield ObjectInfo(key, path.stat().st_size)
+                    stat = path.stat()
+                    yield ObjectInfo(key, stat.st_size, version=str(stat.st_mtime_ns))
 
     def delete(self, key: str) -> None:
         self._path(key).unlink(missing_ok=True)
@@ -268,7 +272,7 @@ class S3Store(ArtifactStore):
         with _s3_errors(prefix):
             objects = list(self.client.list_objects(self.bucket, prefix=prefix, recursive=True))
         for obj in sorted(objects, key=lambda o: o.object_name):
-            yield ObjectInfo(obj.object_name, obj.size or 0)
+            yield ObjectInfo(obj.object_name, obj.size or 0, version=(obj.etag or "").strip('"'))
 
     def delete(self, key: str) -> None:
         validate_key(key)
