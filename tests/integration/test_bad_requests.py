@@ -8,6 +8,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
+from fluxlora_api.v1 import jobs_pb2
 from fluxlora_client import FluxloraClientError
 
 
@@ -122,3 +123,15 @@ def test_every_server_has_health_checking_and_reflection(running):
             names = {s.name for r in responses for s in r.list_services_response.service}
             assert "fluxlora.v1.JobService" in names
             assert any(n.startswith("fluxlora.v1.") and n != "fluxlora.v1.JobService" for n in names), service
+
+
+def test_a_base_model_under_the_home_directory_is_accepted(stored, tiny_models, tmp_path, monkeypatch):
+    client, dataset_id = stored
+    client.wait(client.caption(dataset_id, "fluxone", model=str(tiny_models["florence2"])))
+    home = tmp_path / "home"
+    (home / "models").mkdir(parents=True)
+    (home / "models" / "tiny-flux").symlink_to(tiny_models["flux"])
+    monkeypatch.setenv("HOME", str(home))
+    job = client.train(dataset_id, base_model="~/models/tiny-flux", resolution=64, max_steps=1)
+    assert client.spec(job).base_model == str(home / "models" / "tiny-flux")
+    assert client.wait(job).state == jobs_pb2.JOB_STATE_SUCCEEDED

@@ -43,6 +43,8 @@ class TrainSpec(_message.Message):
     LR_SCHEDULER_FIELD_NUMBER: _builtins.int
     TIMESTEP_SAMPLING_FIELD_NUMBER: _builtins.int
     SAMPLE_STEPS_FIELD_NUMBER: _builtins.int
+    BASE_QUANTIZATION_FIELD_NUMBER: _builtins.int
+    BLOCKS_TO_SWAP_FIELD_NUMBER: _builtins.int
     dataset_id: _builtins.str
     """The captioned dataset to train on."""
     base_model: _builtins.str
@@ -79,6 +81,16 @@ class TrainSpec(_message.Message):
     """Timestep sampling: "sigmoid" (default), "uniform", "shift"."""
     sample_steps: _builtins.int
     """Denoising steps for validation samples; default 20."""
+    base_quantization: _builtins.str
+    """Frozen base weights of the transformer blocks in 8 bits: "none" (default), "fp8" or "int8".
+    The memory planner estimates it; this trainer cannot run it yet (FAILED_PRECONDITION).
+    """
+    blocks_to_swap: _builtins.int
+    """Transformer blocks kept in CPU memory and brought to the GPU one at a time, counted as kohya
+    sd-scripts counts them (N // 2 double and 2 * (N - N // 2) single blocks; at most 35 on
+    FLUX.1); default 0. The memory planner estimates it; this trainer cannot run it yet
+    (FAILED_PRECONDITION).
+    """
     @_builtins.property
     def sample_prompts(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Prompts for validation samples; default: the trigger word alone."""
@@ -109,10 +121,12 @@ class TrainSpec(_message.Message):
         lr_scheduler: _builtins.str = ...,
         timestep_sampling: _builtins.str = ...,
         sample_steps: _builtins.int = ...,
+        base_quantization: _builtins.str = ...,
+        blocks_to_swap: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_gradient_checkpointing", b"_gradient_checkpointing", "_guidance", b"_guidance", "_seed", b"_seed", "gradient_checkpointing", b"gradient_checkpointing", "guidance", b"guidance", "seed", b"seed"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_gradient_checkpointing", b"_gradient_checkpointing", "_guidance", b"_guidance", "_seed", b"_seed", "alpha", b"alpha", "base_model", b"base_model", "batch_size", b"batch_size", "checkpoint_every", b"checkpoint_every", "dataset_id", b"dataset_id", "gradient_checkpointing", b"gradient_checkpointing", "guidance", b"guidance", "learning_rate", b"learning_rate", "lr_scheduler", b"lr_scheduler", "max_steps", b"max_steps", "precision", b"precision", "rank", b"rank", "resolution", b"resolution", "sample_every", b"sample_every", "sample_prompts", b"sample_prompts", "sample_steps", b"sample_steps", "seed", b"seed", "target_modules", b"target_modules", "timestep_sampling", b"timestep_sampling"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_gradient_checkpointing", b"_gradient_checkpointing", "_guidance", b"_guidance", "_seed", b"_seed", "alpha", b"alpha", "base_model", b"base_model", "base_quantization", b"base_quantization", "batch_size", b"batch_size", "blocks_to_swap", b"blocks_to_swap", "checkpoint_every", b"checkpoint_every", "dataset_id", b"dataset_id", "gradient_checkpointing", b"gradient_checkpointing", "guidance", b"guidance", "learning_rate", b"learning_rate", "lr_scheduler", b"lr_scheduler", "max_steps", b"max_steps", "precision", b"precision", "rank", b"rank", "resolution", b"resolution", "sample_every", b"sample_every", "sample_prompts", b"sample_prompts", "sample_steps", b"sample_steps", "seed", b"seed", "target_modules", b"target_modules", "timestep_sampling", b"timestep_sampling"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__gradient_checkpointing: _TypeAlias = _typing.Literal["gradient_checkpointing"]  # noqa: Y015
     _WhichOneofArgType__gradient_checkpointing: _TypeAlias = _typing.Literal["_gradient_checkpointing", b"_gradient_checkpointing"]  # noqa: Y015
@@ -138,22 +152,28 @@ class Checkpoint(_message.Message):
     STEP_FIELD_NUMBER: _builtins.int
     LORA_KEY_FIELD_NUMBER: _builtins.int
     LOSS_FIELD_NUMBER: _builtins.int
+    KOHYA_LORA_KEY_FIELD_NUMBER: _builtins.int
     step: _builtins.int
     """Training step it was saved at."""
     lora_key: _builtins.str
     """Key of the LoRA weights (diffusers/peft format safetensors)."""
     loss: _builtins.float
     """Training loss at that step."""
+    kohya_lora_key: _builtins.str
+    """Key of the same LoRA in kohya sd-scripts' key format (lora_unet_double_blocks_0_img_attn_qkv...),
+    which ComfyUI loads: runs/<run_id>/checkpoints/step-NNNNNN/<run_id>-step-NNNNNN.safetensors.
+    """
     def __init__(
         self,
         *,
         step: _builtins.int = ...,
         lora_key: _builtins.str = ...,
         loss: _builtins.float = ...,
+        kohya_lora_key: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["lora_key", b"lora_key", "loss", b"loss", "step", b"step"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["kohya_lora_key", b"kohya_lora_key", "lora_key", b"lora_key", "loss", b"loss", "step", b"step"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -172,6 +192,8 @@ class TrainResult(_message.Message):
     SECONDS_PER_STEP_FIELD_NUMBER: _builtins.int
     STEPS_DONE_FIELD_NUMBER: _builtins.int
     TRIGGER_WORD_FIELD_NUMBER: _builtins.int
+    ESTIMATED_PEAK_GIB_FIELD_NUMBER: _builtins.int
+    PEAK_MEMORY_GIB_FIELD_NUMBER: _builtins.int
     run_id: _builtins.str
     """Id of the run; its artifacts live under runs/<run_id>/."""
     loss_csv_key: _builtins.str
@@ -186,6 +208,10 @@ class TrainResult(_message.Message):
     """Steps actually run (less than max_steps when cancelled)."""
     trigger_word: _builtins.str
     """The trigger word of the dataset's captions (used by evaluation defaults)."""
+    estimated_peak_gib: _builtins.float
+    """The memory planner's estimate of the run's peak GPU memory, CUDA overhead included (GiB)."""
+    peak_memory_gib: _builtins.float
+    """Peak GPU memory the run's tensors held, measured (GiB); 0 when it trained on a CPU."""
     @_builtins.property
     def checkpoints(self) -> _containers.RepeatedCompositeFieldContainer[Global___Checkpoint]:
         """Every checkpoint, in step order."""
@@ -206,10 +232,12 @@ class TrainResult(_message.Message):
         seconds_per_step: _builtins.float = ...,
         steps_done: _builtins.int = ...,
         trigger_word: _builtins.str = ...,
+        estimated_peak_gib: _builtins.float = ...,
+        peak_memory_gib: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["checkpoints", b"checkpoints", "final_loss", b"final_loss", "loss_csv_key", b"loss_csv_key", "loss_plot_key", b"loss_plot_key", "run_id", b"run_id", "sample_keys", b"sample_keys", "seconds_per_step", b"seconds_per_step", "steps_done", b"steps_done", "trigger_word", b"trigger_word"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["checkpoints", b"checkpoints", "estimated_peak_gib", b"estimated_peak_gib", "final_loss", b"final_loss", "loss_csv_key", b"loss_csv_key", "loss_plot_key", b"loss_plot_key", "peak_memory_gib", b"peak_memory_gib", "run_id", b"run_id", "sample_keys", b"sample_keys", "seconds_per_step", b"seconds_per_step", "steps_done", b"steps_done", "trigger_word", b"trigger_word"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -47,6 +47,8 @@ class TrainingServiceServicer:
 
     def SubmitTraining(self, request, context):
         """Validates the request (dataset captioned, base model present) and queues a training run.
+        A run whose estimated peak GPU memory exceeds the server's target GPU (FLUXLORA_GPU_MEMORY_GIB)
+        is refused with RESOURCE_EXHAUSTED, the estimate and the options that would fit in the message.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

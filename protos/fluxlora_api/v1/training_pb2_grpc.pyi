@@ -33,13 +33,19 @@ class TrainingServiceStub:
     @_typing.overload
     def __new__(cls, channel: _aio.Channel) -> TrainingServiceAsyncStub: ...
     SubmitTraining: _grpc.UnaryUnaryMultiCallable[_training_pb2.SubmitTrainingRequest, _jobs_pb2.Job]
-    """Validates the request (dataset captioned, base model present) and queues a training run."""
+    """Validates the request (dataset captioned, base model present) and queues a training run.
+    A run whose estimated peak GPU memory exceeds the server's target GPU (FLUXLORA_GPU_MEMORY_GIB)
+    is refused with RESOURCE_EXHAUSTED, the estimate and the options that would fit in the message.
+    """
 
 @_typing.type_check_only
 class TrainingServiceAsyncStub(TrainingServiceStub):
     def __init__(self, channel: _aio.Channel) -> None: ...
     SubmitTraining: _aio.UnaryUnaryMultiCallable[_training_pb2.SubmitTrainingRequest, _jobs_pb2.Job]  # type: ignore[assignment]
-    """Validates the request (dataset captioned, base model present) and queues a training run."""
+    """Validates the request (dataset captioned, base model present) and queues a training run.
+    A run whose estimated peak GPU memory exceeds the server's target GPU (FLUXLORA_GPU_MEMORY_GIB)
+    is refused with RESOURCE_EXHAUSTED, the estimate and the options that would fit in the message.
+    """
 
 class TrainingServiceServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -48,6 +54,9 @@ class TrainingServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _training_pb2.SubmitTrainingRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_jobs_pb2.Job, _abc.Awaitable[_jobs_pb2.Job]]:
-        """Validates the request (dataset captioned, base model present) and queues a training run."""
+        """Validates the request (dataset captioned, base model present) and queues a training run.
+        A run whose estimated peak GPU memory exceeds the server's target GPU (FLUXLORA_GPU_MEMORY_GIB)
+        is refused with RESOURCE_EXHAUSTED, the estimate and the options that would fit in the message.
+        """
 
 def add_TrainingServiceServicer_to_server(servicer: TrainingServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -3,6 +3,9 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
+import logging
 from pathlib import Path
 
 from google.protobuf import json_format
@@ -12,11 +15,21 @@ from fluxlora.common.errors import InvalidArgument
 from fluxlora.common.models import resolve_model
 from fluxlora.common.runs import list_checkpoints
 from fluxlora.jobs.context import JobContext, JobInterrupted
+from fluxlora.training.gpu_budget import plan_run
+from fluxlora.training.memory import MemoryPlan
 from fluxlora.training.trainer.callbacks import TrainCallbacks
-from fluxlora.training.trainer.checkpoint import TRAINING_STATE_NAME, checkpoint_dir, load_training_state
+from fluxlora.training.trainer.checkpoint import (
+    LORA_WEIGHTS_NAME,
+    TRAINING_STATE_NAME,
+    checkpoint_dir,
+    kohya_weights_name,
+    load_training_state,
+)
 from fluxlora.training.trainer.config import TrainConfig
 from fluxlora.training.trainer.loop import train_lora
 from fluxlora_api.v1 import training_pb2 as pb
+
+log = logging.getLogger(__name__)
 
 # TrainSpec fields that are not part of the trainer's config.
 _NOT_CONFIG = {"dataset_id", "base_model"}
@@ -41,7 +54,8 @@ def run_training(ctx: JobContext, spec: pb.TrainSpec) -> pb.TrainResult:
     cfg = config_from_spec(spec)
     run_id = ctx.job_id
     prefix = keys.run_prefix(run_id)
-    captions = ctx.store.get_json(keys.dataset_captions(spec.dataset_id))
+    captions_bytes = ctx.store.get_bytes(keys.dataset_captions(spec.dataset_id))
+    captions = json.loads(captions_bytes)
     ctx.store.put_json(keys.run_info(run_id), {
         "run_id": run_id,
         "dataset_id": spec.dataset_id,
@@ -50,6 +64,16 @@ def run_training(ctx: JobContext, spec: pb.TrainSpec) -> pb.TrainResult:
         "config": cfg.model_dump(),
     })
     ctx.store.put_json(prefix + "spec.json", json_format.MessageToDict(spec))
+    plan = _memory_plan(ctx, spec, cfg)
+    lora_metadata = {
+        "fluxlora.run_id": run_id,
+        "fluxlora.base_model": spec.base_model,
+        "fluxlora.dataset_id": spec.dataset_id,
+        "fluxlora.trigger_word": captions["trigger_word"],
+        "fluxlora.caption_set_sha256": hashlib.sha256(captions_bytes).hexdigest(),
+        "fluxlora.spec": json_format.MessageToJson(spec, indent=None, sort_keys=True),
+        "fluxlora.train_config": json.dumps(cfg.model_dump(), sort_keys=True),  # with the defaults
+    }
 
     images_prefix = keys.dataset_images(spec.dataset_id)
     objects = list(ctx.store.list(images_prefix))
@@ -72,11 +96,17 @@ def run_training(ctx: JobContext, spec: pb.TrainSpec) -> pb.TrainResult:
 
     def on_checkpoint(step: int, checkpoint_dir: Path) -> None:
         ckpt_prefix = keys.checkpoint_prefix(run_id, step)
-        for path in sorted(p for p in checkpoint_dir.rglob("*") if p.is_file()):
-            kind = "lora" if path.name == "pytorch_lora_weights.safetensors" else "checkpoint-state"
+        kohya_name = kohya_weights_name(run_id, step)
+        kinds = {LORA_WEIGHTS_NAME: "lora", kohya_name: "lora-kohya"}
+        # The resume state goes last: a stored training_state.pt means a complete checkpoint.
+        files = sorted((p for p in checkpoint_dir.rglob("*") if p.is_file()),
+                       key=lambda p: (p.name == TRAINING_STATE_NAME, p.name))
+        for path in files:
+            kind = kinds.get(path.name, "checkpoint-state")
             ctx.upload(path, ckpt_prefix + path.relative_to(checkpoint_dir).as_posix(), kind, step)
         checkpoints.append(pb.Checkpoint(
-            step=step, lora_key=ckpt_prefix + "pytorch_lora_weights.safetensors", loss=last_loss["loss"]
+            step=step, lora_key=ckpt_prefix + LORA_WEIGHTS_NAME, loss=last_loss["loss"],
+            kohya_lora_key=ckpt_prefix + kohya_name,
         ))
         upload_loss(step)
 
@@ -98,6 +128,8 @@ def run_training(ctx: JobContext, spec: pb.TrainSpec) -> pb.TrainResult:
         TrainCallbacks(on_step=on_step, on_checkpoint=on_checkpoint, on_sample=on_sample,
                        should_stop=lambda: ctx.should_stop),
         resume_from=resume_from,
+        export_name=run_id,
+        lora_metadata=lora_metadata,
     )
     upload_loss(outcome.steps_done)
     if outcome.stopped:
@@ -112,7 +144,11 @@ def run_training(ctx: JobContext, spec: pb.TrainSpec) -> pb.TrainResult:
         seconds_per_step=outcome.seconds_per_step,
         steps_done=outcome.steps_done,
         trigger_word=captions["trigger_word"],
+        estimated_peak_gib=plan.estimate.total_gib if plan else 0.0,
+        peak_memory_gib=outcome.peak_memory_bytes / 2**30,
     )
+    if outcome.peak_memory_bytes:
+        ctx.metrics(peak_memory_gib=result.peak_memory_gib)
     ctx.store.put_json(prefix + "report.json", {
         "run_id": run_id,
         "steps_done": outcome.steps_done,
@@ -120,9 +156,25 @@ def run_training(ctx: JobContext, spec: pb.TrainSpec) -> pb.TrainResult:
         "seconds_per_step": outcome.seconds_per_step,
         "checkpoints": [json_format.MessageToDict(c) for c in checkpoints],
         "config": cfg.model_dump(),
+        "memory": {
+            "plan": plan.as_dict() if plan else None,
+            "peak_memory_gib": result.peak_memory_gib or None,  # measured on CUDA only
+        },
     })
     ctx.add_artifact(ctx.store.stat(prefix + "report.json"), "report")
     return result
+
+
+def _memory_plan(ctx: JobContext, spec: pb.TrainSpec, cfg: TrainConfig) -> MemoryPlan | None:
+    """The planner's estimate (cached since submit) for the report and the job's metrics."""
+    try:
+        plan = plan_run(spec.base_model, ctx.store, cfg, ctx.settings)
+    except Exception:  # noqa: BLE001 - a missing estimate must not stop a run the submit accepted
+        log.warning("no memory estimate for run %s", ctx.job_id, exc_info=True)
+        return None
+    if plan is not None:
+        ctx.metrics(estimated_peak_gib=plan.estimate.total_gib, gpu_target_gib=plan.target_gib)
+    return plan
 
 
 def _stored_checkpoints(ctx: JobContext, run_id: str, out_dir: Path,
@@ -139,6 +191,10 @@ def _stored_checkpoints(ctx: JobContext, run_id: str, out_dir: Path,
     local = checkpoint_dir(out_dir, step)
     ctx.store.download_prefix(keys.checkpoint_prefix(run_id, step), local)
     history = {s: loss for s, loss, _lr in load_training_state(local)["history"]}
-    checkpoints = [pb.Checkpoint(step=s, lora_key=key, loss=history.get(s, 0.0))
-                   for s, key in stored.items() if s <= step]
+    checkpoints = []
+    for s, key in stored.items():
+        if s <= step:
+            kohya_key = keys.checkpoint_prefix(run_id, s) + kohya_weights_name(run_id, s)
+            checkpoints.append(pb.Checkpoint(step=s, lora_key=key, loss=history.get(s, 0.0),
+                                             kohya_lora_key=kohya_key if ctx.store.exists(kohya_key) else ""))
     return checkpoints, local

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -11,7 +12,10 @@ from diffusers import FluxPipeline
 from diffusers.models import FluxTransformer2DModel
 from peft import set_peft_model_state_dict
 from peft.utils import get_peft_model_state_dict
-from safetensors.torch import load_file
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from fluxlora.training.trainer.kohya import kohya_state_dict
 
 LORA_WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
 TRAINING_STATE_NAME = "training_state.pt"
@@ -23,25 +27,71 @@ def checkpoint_dir(out_dir: Path, step: int) -> Path:
     return Path(out_dir) / "checkpoints" / f"step-{step:06d}"
 
 
-def save_lora(transformer: FluxTransformer2DModel, directory: Path) -> Path:
+def kohya_weights_name(export_name: str, step: int) -> str:
+    """The kohya-format file of a checkpoint, named for a ComfyUI loras/ folder, where files of
+    several runs and steps sit side by side: `<export_name>-step-000750.safetensors`."""
+    return f"{export_name}-step-{step:06d}.safetensors"
+
+
+def save_lora(
+    transformer: FluxTransformer2DModel,
+    directory: Path,
+    metadata: Mapping[str, str] | None = None,
+    kohya_name: str | None = None,
+) -> Path:
     """Write the transformer's LoRA as `pytorch_lora_weights.safetensors` (diffusers keys,
-    "transformer." prefix). The adapter config travels in the file's metadata, so a loader
-    learns alpha as well as rank and applies the trained scale."""
+    "transformer." prefix) and, when kohya_name is given, in kohya's key format as well.
+
+    The adapter config travels in the diffusers file's metadata, so a loader learns alpha as well
+    as rank and applies the trained scale; `metadata` (base model, trigger word, spec...) goes
+    into both files.
+    """
     directory.mkdir(parents=True, exist_ok=True)
+    lora = get_peft_model_state_dict(transformer, adapter_name=ADAPTER_NAME)
+    config = transformer.peft_config[ADAPTER_NAME]
     FluxPipeline.save_lora_weights(
         directory,
-        transformer_lora_layers=get_peft_model_state_dict(transformer, adapter_name=ADAPTER_NAME),
-        transformer_lora_adapter_metadata=transformer.peft_config[ADAPTER_NAME].to_dict(),
+        transformer_lora_layers=lora,
+        transformer_lora_adapter_metadata=config.to_dict(),
         safe_serialization=True,
     )
-    return directory / LORA_WEIGHTS_NAME
+    path = directory / LORA_WEIGHTS_NAME
+    if metadata:
+        _add_metadata(path, metadata)
+    if kohya_name:
+        kohya = kohya_state_dict(lora, config.lora_alpha, transformer.config)
+        save_file(kohya, directory / kohya_name, metadata={**_kohya_metadata(config), **(metadata or {})})
+    return path
+
+
+def _add_metadata(path: Path, metadata: Mapping[str, str]) -> None:
+    with safe_open(path, "pt") as handle:
+        existing = handle.metadata() or {}
+    tensors = load_file(path)
+    partial = path.with_name(path.name + ".partial")  # never truncate a file whose tensors are mapped
+    save_file(tensors, partial, metadata={**existing, **metadata})
+    partial.replace(path)
+
+
+def _kohya_metadata(config) -> dict[str, str]:
+    """The sd-scripts fields that tools read to recognise a FLUX.1 LoRA and its rank/alpha."""
+    return {
+        "ss_network_module": "networks.lora_flux",
+        "ss_network_dim": str(config.r),
+        "ss_network_alpha": str(config.lora_alpha),
+        "ss_base_model_version": "flux1",
+    }
 
 
 def save_checkpoint(
-    transformer: FluxTransformer2DModel, directory: Path, training_state: dict[str, Any]
+    transformer: FluxTransformer2DModel,
+    directory: Path,
+    training_state: dict[str, Any],
+    metadata: Mapping[str, str] | None = None,
+    kohya_name: str | None = None,
 ) -> Path:
-    """LoRA weights plus optimizer/scheduler/RNG state; returns the checkpoint directory."""
-    save_lora(transformer, directory)
+    """LoRA weights (both formats) plus optimizer/scheduler/RNG state; returns the directory."""
+    save_lora(transformer, directory, metadata, kohya_name)
     torch.save(training_state, directory / TRAINING_STATE_NAME)
     return directory
 

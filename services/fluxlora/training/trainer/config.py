@@ -9,6 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "cosine", "linear")
 TimestepSampling = Literal["uniform", "sigmoid", "shift", "flux_shift"]
 Precision = Literal["auto", "bf16", "fp16", "fp32"]
+BaseQuantization = Literal["none", "fp8", "int8"]
 
 DEFAULT_TARGETS = ["to_k", "to_q", "to_v", "to_out.0"]
 # Every linear layer of the double- and single-stream blocks (attention and MLP), as kohya's
@@ -43,6 +44,11 @@ class TrainConfig(BaseModel):
         (FLUX.1-dev); ignored by ones without.
     checkpoint_every / sample_every: in optimizer steps; 0 means only at the final step, which
         always gets a checkpoint (and samples, when sample_prompts are given).
+    base_quantization: store the frozen base weights of the transformer blocks in 8 bits
+        ("fp8" or "int8") instead of `precision`, about halving their memory.
+    blocks_to_swap: keep this many transformer blocks in CPU memory and bring each to the GPU
+        only while it runs, counted as kohya sd-scripts counts them for FLUX.1 (N // 2 double
+        blocks and 2 * (N - N // 2) single blocks; at most 35 on FLUX.1).
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -68,6 +74,8 @@ class TrainConfig(BaseModel):
     caption_dropout: float = Field(0.0, ge=0.0, lt=1.0)
     precision: Precision = "auto"
     gradient_checkpointing: bool = True
+    base_quantization: BaseQuantization = "none"
+    blocks_to_swap: int = Field(0, ge=0)
     timestep_sampling: TimestepSampling = "sigmoid"
     sigmoid_scale: float = Field(1.0, gt=0)
     timestep_shift: float = Field(3.0, gt=0)
@@ -108,3 +116,17 @@ class TrainConfig(BaseModel):
                 f"lr_warmup_steps ({self.lr_warmup_steps}) exceeds max_steps ({self.max_steps})"
             )
         return self
+
+
+def not_yet_runnable(cfg: TrainConfig) -> list[str]:
+    """Options this trainer accepts (the memory planner estimates them) but cannot run yet, each
+    with the reason; empty when the run can start."""
+    missing = []
+    if cfg.base_quantization != "none":
+        missing.append(
+            f"base_quantization={cfg.base_quantization} (needs torchao or optimum-quanto on the training "
+            "server, and the quantised loading is not implemented yet)"
+        )
+    if cfg.blocks_to_swap:
+        missing.append(f"blocks_to_swap={cfg.blocks_to_swap} (block swapping is not implemented yet)")
+    return missing

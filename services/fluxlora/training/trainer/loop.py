@@ -10,35 +10,35 @@ from __future__ import annotations
 import gc
 import logging
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from diffusers import FluxPipeline
 from diffusers.optimization import get_scheduler
-from diffusers.training_utils import cast_training_params
-from peft import LoraConfig
 
-from fluxlora.models.latents import image_ids, pack
 from fluxlora.models.loading import load_flux_pipeline, pick_device_dtype
 from fluxlora.training.trainer.callbacks import TrainCallbacks
 from fluxlora.training.trainer.checkpoint import (
-    ADAPTER_NAME,
     LORA_WEIGHTS_NAME,
     checkpoint_dir,
+    kohya_weights_name,
     load_lora_into,
     load_training_state,
     save_checkpoint,
 )
-from fluxlora.training.trainer.config import TrainConfig
+from fluxlora.training.trainer.config import TrainConfig, not_yet_runnable
 from fluxlora.training.trainer.data import (
     BucketBatcher,
     CachedDataset,
     cache_dataset,
     find_pairs,
 )
+from fluxlora.training.trainer.lora import prepare_transformer
 from fluxlora.training.trainer.plots import write_loss_csv, write_loss_plot
 from fluxlora.training.trainer.sampling import render_samples
+from fluxlora.training.trainer.step import apply_gradients, flow_matching_loss, make_optimizer
 from fluxlora.training.trainer.timesteps import sample_sigmas
 
 log = logging.getLogger(__name__)
@@ -58,6 +58,7 @@ class TrainOutcome:
     samples: list[tuple[int, list[Path]]] = field(default_factory=list)
     loss_csv: Path | None = None
     loss_png: Path | None = None
+    peak_memory_bytes: int = 0  # most CUDA memory the tensors held (max_memory_allocated); 0 off CUDA
 
     @property
     def final_checkpoint(self) -> Path:
@@ -80,6 +81,8 @@ class _Run:
     device: torch.device
     dtype: torch.dtype
     params: list[torch.nn.Parameter]
+    export_name: str = "lora"
+    lora_metadata: dict[str, str] = field(default_factory=dict)
     history: list[tuple[int, float, float]] = field(default_factory=list)
 
     @property
@@ -96,21 +99,28 @@ def train_lora(
     *,
     resume_from: Path | None = None,
     device: torch.device | str | None = None,
+    export_name: str = "lora",
+    lora_metadata: Mapping[str, str] | None = None,
 ) -> TrainOutcome:
     """Train a LoRA on the images + captions in dataset_dir; write everything under out_dir.
 
-    out_dir/checkpoints/step-NNNNNN/{pytorch_lora_weights.safetensors, training_state.pt} at
-    every checkpoint_every steps and at the last step; out_dir/samples/step-NNNNNN-<i>.png;
-    out_dir/loss.csv and loss.png. resume_from: a checkpoint directory of an earlier run with the
-    same config; training continues after its step, and repeats what the uninterrupted run would
-    have done. device: where to train (default: CUDA when present, else the CPU); the base
-    weights' dtype follows cfg.precision.
+    out_dir/checkpoints/step-NNNNNN/{pytorch_lora_weights.safetensors,
+    <export_name>-step-NNNNNN.safetensors (kohya/ComfyUI keys), training_state.pt} at every
+    checkpoint_every steps and at the last step, lora_metadata in both weight files' metadata;
+    out_dir/samples/step-NNNNNN-<i>.png; out_dir/loss.csv and loss.png. resume_from: a
+    checkpoint directory of an earlier run with the same config; training continues after its
+    step, and repeats what the uninterrupted run would have done. device: where to train
+    (default: CUDA when present, else the CPU); the base weights' dtype follows cfg.precision.
     """
     callbacks = callbacks or TrainCallbacks()
+    missing = not_yet_runnable(cfg)
+    if missing:
+        raise ValueError(f"this trainer cannot run {'; '.join(missing)}")
     find_pairs(dataset_dir)  # an unusable dataset should fail before minutes of model loading
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     run = _prepare(cfg, Path(model_dir), Path(dataset_dir), device)
+    run.export_name, run.lora_metadata = export_name, dict(lora_metadata or {})
     try:
         start_step = _resume(run, Path(resume_from)) if resume_from is not None else 0
         return _loop(run, out_dir, callbacks, start_step)
@@ -125,6 +135,8 @@ def _loop(run: _Run, out_dir: Path, callbacks: TrainCallbacks, start_step: int) 
     samples: list[tuple[int, list[Path]]] = []
     step_seconds: list[float] = []
     step, stopped = start_step, False
+    if run.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(run.device)
     while step < cfg.max_steps:
         if callbacks.should_stop():
             stopped = True
@@ -160,6 +172,7 @@ def _loop(run: _Run, out_dir: Path, callbacks: TrainCallbacks, start_step: int) 
         samples=samples,
         loss_csv=_existing(out_dir / "loss.csv"),
         loss_png=_existing(out_dir / "loss.png"),
+        peak_memory_bytes=torch.cuda.max_memory_allocated(run.device) if run.device.type == "cuda" else 0,
     )
 
 
@@ -187,12 +200,8 @@ def _prepare(
         extra_prompts=cfg.sample_prompts,
     )
     transformer = pipe.transformer.to(device)
-    params = _add_lora(transformer, cfg)
-    if cfg.gradient_checkpointing:
-        transformer.enable_gradient_checkpointing()
-    transformer.train()
-
-    optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    params = prepare_transformer(transformer, cfg)
+    optimizer = make_optimizer(params, cfg)
     lr_scheduler = get_scheduler(
         cfg.lr_scheduler,
         optimizer=optimizer,
@@ -221,25 +230,6 @@ def _prepare(
     )
 
 
-def _add_lora(transformer, cfg: TrainConfig) -> list[torch.nn.Parameter]:
-    lora = LoraConfig(
-        r=cfg.rank,
-        lora_alpha=cfg.alpha,
-        target_modules=list(cfg.target_modules),
-        init_lora_weights="gaussian",
-    )
-    # peft draws the initial LoRA weights from the global RNG: seed it, privately.
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(cfg.seed)
-        transformer.add_adapter(lora, adapter_name=ADAPTER_NAME)
-    # Base weights may be bf16; the trained parameters and their optimizer state stay fp32.
-    cast_training_params(transformer, dtype=torch.float32)
-    params = [p for p in transformer.parameters() if p.requires_grad]
-    if not params:
-        raise ValueError(f"target_modules {cfg.target_modules} matched no layer of the transformer")
-    return params
-
-
 def _train_step(run: _Run) -> tuple[float, float]:
     """One optimizer step over gradient_accumulation micro-batches: (mean loss, lr used)."""
     cfg = run.cfg
@@ -248,14 +238,9 @@ def _train_step(run: _Run) -> tuple[float, float]:
         loss = _micro_batch_loss(run, run.batcher.next())
         run.scaler.scale(loss / cfg.gradient_accumulation).backward()
         total += loss.item()
-    if cfg.max_grad_norm > 0:
-        run.scaler.unscale_(run.optimizer)
-        torch.nn.utils.clip_grad_norm_(run.params, cfg.max_grad_norm)
     lr = run.lr_scheduler.get_last_lr()[0]
-    run.scaler.step(run.optimizer)
-    run.scaler.update()
+    apply_gradients(run.params, run.optimizer, run.scaler, cfg.max_grad_norm)
     run.lr_scheduler.step()
-    run.optimizer.zero_grad(set_to_none=True)
     mean = total / cfg.gradient_accumulation
     run.history.append((len(run.history) + 1, mean, lr))
     return mean, lr
@@ -282,25 +267,10 @@ def _micro_batch_loss(run: _Run, indices: list[int]) -> torch.Tensor:
         image_seq_len=(height // 2) * (width // 2),
         scheduler_config=run.pipe.scheduler.config,
     ).to(device)
-    s = sigmas.view(batch, 1, 1, 1)
-    noisy = (1 - s) * latents + s * noise
-
-    guidance = None
-    if run.transformer.config.guidance_embeds:
-        guidance = torch.full((batch,), cfg.guidance, device=device, dtype=torch.float32)
-    prediction = run.transformer(
-        hidden_states=pack(noisy).to(dtype),
-        timestep=sigmas,  # the transformer wants t/1000, i.e. sigma itself
-        guidance=guidance,
-        pooled_projections=pooled,
-        encoder_hidden_states=prompt_embeds,
-        txt_ids=run.data.text_ids.to(device, dtype),
-        img_ids=image_ids(height, width, device, dtype),
-        return_dict=False,
-    )[0]
-    # MSE ignores token order, so the target is packed rather than the prediction unpacked.
-    target = pack(noise - latents)
-    return torch.nn.functional.mse_loss(prediction.float(), target)
+    return flow_matching_loss(
+        run.transformer, latents, noise, sigmas, prompt_embeds, pooled,
+        run.data.text_ids.to(device, dtype), cfg.guidance, dtype,
+    )
 
 
 def _training_state(run: _Run, step: int) -> dict:
@@ -318,7 +288,11 @@ def _training_state(run: _Run, step: int) -> dict:
 
 def _checkpoint(run: _Run, out_dir: Path, step: int) -> Path:
     directory = save_checkpoint(
-        run.transformer, checkpoint_dir(out_dir, step), _training_state(run, step)
+        run.transformer,
+        checkpoint_dir(out_dir, step),
+        _training_state(run, step),
+        metadata={**run.lora_metadata, "fluxlora.step": str(step)},
+        kohya_name=kohya_weights_name(run.export_name, step),
     )
     write_loss_csv(run.history, out_dir / "loss.csv")
     write_loss_plot(run.history, out_dir / "loss.png")

@@ -1,0 +1,78 @@
+"""What the memory planner needs to know about a base model: its transformer's config and the
+VAE's downscale factor. Read from config.json files only, so no weights are ever loaded."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from fluxlora.common.errors import FailedPrecondition
+from fluxlora.common.models import STORE_SCHEME, is_store_ref
+from fluxlora.common.storage import ArtifactStore, validate_prefix
+
+# black-forest-labs/FLUX.1-dev transformer/config.json (public), so the full-size architecture
+# can be planned and benchmarked without the 23 GB download.
+FLUX1_DEV_TRANSFORMER: dict[str, Any] = {
+    "_class_name": "FluxTransformer2DModel",
+    "attention_head_dim": 128,
+    "axes_dims_rope": [16, 56, 56],
+    "guidance_embeds": True,
+    "in_channels": 64,
+    "joint_attention_dim": 4096,
+    "num_attention_heads": 24,
+    "num_layers": 19,
+    "num_single_layers": 38,
+    "patch_size": 1,
+    "pooled_projection_dim": 768,
+}
+FLUX1_VAE_SCALE_FACTOR = 8  # FLUX.1's VAE has four blocks: 2 ** (4 - 1)
+
+_CONFIG_KEYS = ("transformer/config.json", "vae/config.json")
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    transformer: dict[str, Any]  # FluxTransformer2DModel config
+    vae_scale_factor: int = FLUX1_VAE_SCALE_FACTOR
+
+    @property
+    def latent_channels(self) -> int:
+        return self.transformer["in_channels"] // 4  # the pipeline packs 2x2 latent patches
+
+    def cache_key(self) -> dict[str, Any]:
+        return {
+            "transformer": {k: v for k, v in sorted(self.transformer.items()) if not k.startswith("_")},
+            "vae_scale_factor": self.vae_scale_factor,
+        }
+
+
+FLUX1_DEV = ModelShape(FLUX1_DEV_TRANSFORMER)
+
+
+def shape_from_configs(transformer: dict[str, Any], vae: dict[str, Any] | None) -> ModelShape:
+    scale = FLUX1_VAE_SCALE_FACTOR
+    if vae and vae.get("block_out_channels"):
+        scale = 2 ** (len(vae["block_out_channels"]) - 1)
+    return ModelShape(dict(transformer), scale)
+
+
+def read_model_shape(ref: str, store: ArtifactStore | None = None) -> ModelShape:
+    """The shape of a diffusers-layout FLUX.1 base model: a local directory or store://<prefix>."""
+    configs: list[dict[str, Any] | None] = []
+    for name in _CONFIG_KEYS:
+        if is_store_ref(ref):
+            if store is None:
+                raise ValueError(f"{ref!r} is a store reference but no store was given")
+            key = validate_prefix(ref[len(STORE_SCHEME):]).rstrip("/") + "/" + name
+            configs.append(store.get_json(key) if store.exists(key) else None)
+        else:
+            path = Path(ref).expanduser() / name
+            configs.append(json.loads(path.read_text()) if path.is_file() else None)
+    transformer, vae = configs
+    if transformer is None:
+        raise FailedPrecondition(
+            f"base model {ref!r} has no {_CONFIG_KEYS[0]}: a diffusers-layout FLUX.1 model is needed"
+        )
+    return shape_from_configs(transformer, vae)

@@ -1,0 +1,177 @@
+"""One training step of the real architecture on fake tensors: the bytes it would hold at its peak.
+
+The transformer is built on the meta device (no weights), given the run's LoRA by the trainer's
+own prepare_transformer, its parameters turned into FakeTensors, and the trainer's own
+flow_matching_loss / backward / apply_gradients run under FakeTensorMode while LiveBytes counts
+the storages alive. Takes ~5 s for the full FLUX.1 on one CPU core and ~0.5 GB of RAM.
+
+Fakes live on the CPU device: faking "cuda" tensors without CUDA kills the process in autograd.
+CPU SDPA picks the flash kernel for unmasked bf16 attention, which, like CUDA's flash and
+memory-efficient kernels, never stores the L x L score matrix, so attention costs the same.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import types
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from diffusers import FluxTransformer2DModel
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+from fluxlora.training.memory.architecture import ModelShape
+from fluxlora.training.memory.live_bytes import CUDA_BLOCK_BYTES, LiveBytes
+from fluxlora.training.trainer.config import TrainConfig
+from fluxlora.training.trainer.lora import prepare_transformer
+from fluxlora.training.trainer.step import HALF_PRECISION, apply_gradients, flow_matching_loss, make_optimizer
+
+log = logging.getLogger(__name__)
+
+QUANTIZED_DTYPES = {"fp8": torch.float8_e4m3fn, "int8": torch.int8}
+_BLOCK_LISTS = ("transformer_blocks", "single_transformer_blocks")
+
+
+@dataclass(frozen=True)
+class StepMemory:
+    """Bytes of one steady-state training step (optimizer state already present)."""
+
+    peak_bytes: int  # everything alive at the step's peak, weights included
+    weight_bytes: int  # all parameters and buffers (base, quantised or not, and LoRA)
+    double_block_bytes: int  # frozen weights of one double-stream block
+    single_block_bytes: int  # frozen weights of one single-stream block
+    seconds: float  # time the fake step took
+
+
+def measure_step(shape: ModelShape, cfg: TrainConfig, dtype: torch.dtype,
+                 round_to: int = CUDA_BLOCK_BYTES) -> StepMemory:
+    """Peak live bytes of one training step of `cfg` (square images at cfg.resolution, the
+    largest bucket) on the architecture `shape`, base weights in `dtype`."""
+    started = time.perf_counter()
+    transformer = _meta_transformer(shape, dtype)
+    prepare_transformer(transformer, cfg)
+    if dtype in HALF_PRECISION:
+        _layer_norms_in_fp32(transformer)
+    quantized = _quantizable_linears(transformer) if cfg.base_quantization != "none" else []
+
+    fake_mode = FakeTensorMode()
+    tracker = LiveBytes(round_to)
+    _to_fake(transformer, fake_mode, {id(m) for m in quantized}, QUANTIZED_DTYPES.get(cfg.base_quantization))
+    params = [p for p in transformer.parameters() if p.requires_grad]  # the fake ones
+    with fake_mode, tracker:
+        for module in quantized:
+            _dequantize_on_use(module, cfg.base_quantization, dtype)
+        for tensor in (*transformer.parameters(), *transformer.buffers()):
+            tracker.track(tensor)
+        weight_bytes = tracker.live
+        blocks = {name: _frozen_bytes(getattr(transformer, name)[0], tracker) if len(getattr(transformer, name))
+                  else 0 for name in _BLOCK_LISTS}
+
+        optimizer = make_optimizer(params, cfg, foreach=True)  # CUDA's default implementation
+        scaler = torch.amp.GradScaler("cpu", enabled=False)
+        _create_optimizer_state(params, optimizer)
+        tracker.reset_peak()
+
+        loss = flow_matching_loss(transformer, *step_inputs(shape, cfg, dtype), cfg.guidance, dtype)
+        loss.backward()
+        apply_gradients(params, optimizer, scaler, cfg.max_grad_norm)
+        peak = tracker.peak
+    seconds = time.perf_counter() - started
+    log.debug("fake step of %s at %d: peak %.2f GiB in %.1f s", cfg.base_quantization, cfg.resolution,
+              peak / 2**30, seconds)
+    return StepMemory(peak, weight_bytes, blocks["transformer_blocks"], blocks["single_transformer_blocks"], seconds)
+
+
+def _meta_transformer(shape: ModelShape, dtype: torch.dtype) -> FluxTransformer2DModel:
+    with torch.device("meta"):
+        transformer = FluxTransformer2DModel.from_config(shape.transformer)
+    for param in transformer.parameters():
+        param.data = param.data.to(dtype)
+    transformer.requires_grad_(False)  # frozen, as load_flux_pipeline leaves the base model
+    return transformer
+
+
+def _layer_norms_in_fp32(transformer: torch.nn.Module) -> None:
+    """CUDA autocast runs layer_norm in fp32 (and so keeps fp32 copies for the backward pass);
+    CPU autocast, which the fake step runs under, leaves it in bf16. Do as CUDA does."""
+
+    def forward(self, x):
+        if torch.is_autocast_enabled(x.device.type) and x.dtype != torch.float32:
+            x = x.float()
+        return F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
+
+    for module in transformer.modules():
+        if isinstance(module, torch.nn.LayerNorm):
+            module.forward = types.MethodType(forward, module)
+
+
+def _quantizable_linears(transformer: torch.nn.Module) -> list[torch.nn.Linear]:
+    """The frozen linear layers of the transformer blocks (~99% of FLUX.1's weights), which an
+    8-bit base stores in one byte per weight; embedders, norms and LoRA layers stay as they are."""
+    return [
+        module for name, module in transformer.named_modules()
+        if isinstance(module, torch.nn.Linear) and name.startswith(_BLOCK_LISTS)
+        and ".lora_" not in name and not module.weight.requires_grad
+    ]
+
+
+def _to_fake(transformer: torch.nn.Module, fake_mode: FakeTensorMode, quantized: set[int],
+             quantized_dtype: torch.dtype | None) -> None:
+    converter = fake_mode.fake_tensor_converter
+    cpu = torch.device("cpu")
+    for module in transformer.modules():
+        for name, param in list(module._parameters.items()):
+            if param is None:
+                continue
+            meta = param.data
+            if id(module) in quantized and name == "weight":
+                meta = torch.empty(meta.shape, dtype=quantized_dtype, device="meta")
+            fake = converter.from_meta_and_device(fake_mode, meta, cpu)
+            module._parameters[name] = torch.nn.Parameter(fake, requires_grad=param.requires_grad)
+        for name, buffer in list(module._buffers.items()):
+            if buffer is not None:
+                module._buffers[name] = converter.from_meta_and_device(fake_mode, buffer, cpu)
+
+
+def _dequantize_on_use(module: torch.nn.Linear, kind: str, dtype: torch.dtype) -> None:
+    """Give an 8-bit linear the forward of weight-only quantisation: upcast the weight for each
+    use. The upcast copy is what the backward pass keeps, so without gradient checkpointing an
+    8-bit base saves little, as in practice."""
+    if kind == "int8":  # per-output-channel scales
+        module.register_buffer("weight_scale", torch.ones(module.out_features, 1, dtype=dtype))
+
+    def forward(self, x):
+        weight = self.weight.to(dtype)
+        if kind == "int8":
+            weight = weight * self.weight_scale
+        return F.linear(x, weight, self.bias)
+
+    module.forward = types.MethodType(forward, module)
+
+
+def _frozen_bytes(module: torch.nn.Module, tracker: LiveBytes) -> int:
+    tensors = [p for p in module.parameters() if not p.requires_grad] + list(module.buffers())
+    return sum(tracker.track(t) for t in tensors)
+
+
+def _create_optimizer_state(params: list[torch.nn.Parameter], optimizer: torch.optim.Optimizer) -> None:
+    """Measure a steady-state step: from step 2 on, AdamW's moments live through the whole step."""
+    for param in params:
+        param.grad = torch.zeros_like(param)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def step_inputs(shape: ModelShape, cfg: TrainConfig, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+    config = shape.transformer
+    side = cfg.resolution // shape.vae_scale_factor
+    batch, seq = cfg.batch_size, cfg.max_sequence_length
+    latents = torch.randn(batch, shape.latent_channels, side, side)
+    noise = torch.randn(batch, shape.latent_channels, side, side)
+    sigmas = torch.rand(batch)
+    prompt_embeds = torch.randn(batch, seq, config["joint_attention_dim"], dtype=dtype)
+    pooled = torch.randn(batch, config["pooled_projection_dim"], dtype=dtype)
+    text_ids = torch.zeros(seq, 3, dtype=dtype)
+    return latents, noise, sigmas, prompt_embeds, pooled, text_ids

@@ -1,0 +1,51 @@
+"""The trainable part of a run: peft LoRA layers on the frozen transformer."""
+
+from __future__ import annotations
+
+import torch
+from diffusers.training_utils import cast_training_params
+from peft import LoraConfig
+from peft.utils.error import NoMatchingPeftModuleError
+
+from fluxlora.training.trainer.checkpoint import ADAPTER_NAME
+from fluxlora.training.trainer.config import TrainConfig
+
+
+def add_lora(transformer, cfg: TrainConfig) -> list[torch.nn.Parameter]:
+    """Add the run's LoRA adapter to the layers whose names end with one of cfg.target_modules
+    (peft's matching); returns the trainable parameters (fp32)."""
+    lora = LoraConfig(
+        r=cfg.rank,
+        lora_alpha=cfg.alpha,
+        target_modules=list(cfg.target_modules),
+        init_lora_weights="gaussian",
+    )
+    # peft draws the initial LoRA weights from the global RNG: seed it, privately.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        try:
+            transformer.add_adapter(lora, adapter_name=ADAPTER_NAME)
+        except NoMatchingPeftModuleError as exc:
+            raise ValueError(_no_match(cfg)) from exc
+    # Base weights may be bf16; the trained parameters and their optimizer state stay fp32.
+    cast_training_params(transformer, dtype=torch.float32)
+    params = [p for p in transformer.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError(_no_match(cfg))
+    return params
+
+
+def _no_match(cfg: TrainConfig) -> str:
+    return (f"target_modules {cfg.target_modules} matched no layer of the transformer "
+            "(names such as to_q, to_k, to_v, to_out.0, proj_mlp, ff.net.2)")
+
+
+def prepare_transformer(transformer, cfg: TrainConfig) -> list[torch.nn.Parameter]:
+    """LoRA, gradient checkpointing as configured, train mode; returns the trainable parameters.
+
+    The memory planner prepares its meta-device transformer with this same function."""
+    params = add_lora(transformer, cfg)
+    if cfg.gradient_checkpointing:
+        transformer.enable_gradient_checkpointing()
+    transformer.train()
+    return params

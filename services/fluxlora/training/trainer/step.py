@@ -1,0 +1,87 @@
+"""One training step's tensor work, shared by the training loop and the memory planner.
+
+The planner runs these very functions on fake tensors, so its estimate is of the code that
+trains, not of a model of it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from fluxlora.models.latents import image_ids, pack
+from fluxlora.training.trainer.config import TrainConfig
+
+HALF_PRECISION = (torch.bfloat16, torch.float16)
+
+
+def autocast(device: torch.device, dtype: torch.dtype):
+    """Mixed precision for half-precision base weights, as diffusers' training scripts run under
+    accelerate: matmuls (LoRA ones included) in bf16/fp16 while the LoRA parameters, their
+    gradients and optimizer state stay fp32. Without it peft casts every LoRA layer's input to
+    fp32 and keeps that copy for the backward pass: twice the activation memory of a bf16 copy."""
+    if dtype not in HALF_PRECISION:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def flow_matching_loss(
+    transformer,
+    latents: torch.Tensor,
+    noise: torch.Tensor,
+    sigmas: torch.Tensor,
+    prompt_embeds: torch.Tensor,
+    pooled: torch.Tensor,
+    text_ids: torch.Tensor,
+    guidance: float,
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    """Rectified-flow loss of one micro-batch: noisy = (1 - s) x0 + s noise, the transformer
+    predicts the velocity noise - x0 on packed 2x2 latent tokens.
+
+    latents, noise: (B, C, h, w) float32 on the device; sigmas: (B,); prompt_embeds (B, seq, dim),
+    pooled (B, dim) and text_ids (seq, 3) in `dtype` on the device.
+    """
+    batch, _, height, width = latents.shape
+    device = latents.device
+    s = sigmas.view(batch, 1, 1, 1)
+    noisy = (1 - s) * latents + s * noise
+    guidance_input = None
+    if transformer.config.guidance_embeds:
+        guidance_input = torch.full((batch,), guidance, device=device, dtype=torch.float32)
+    with autocast(device, dtype):
+        prediction = transformer(
+            hidden_states=pack(noisy).to(dtype),
+            timestep=sigmas,  # the transformer wants t/1000, i.e. sigma itself
+            guidance=guidance_input,
+            pooled_projections=pooled,
+            encoder_hidden_states=prompt_embeds,
+            txt_ids=text_ids,
+            img_ids=image_ids(height, width, device, dtype),
+            return_dict=False,
+        )[0]
+    # MSE ignores token order, so the target is packed rather than the prediction unpacked.
+    return torch.nn.functional.mse_loss(prediction.float(), pack(noise - latents))
+
+
+def apply_gradients(
+    params: list[torch.nn.Parameter],
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler,
+    max_grad_norm: float,
+) -> None:
+    """Clip (when max_grad_norm > 0), step the optimizer through the loss scaler, clear grads."""
+    if max_grad_norm > 0:
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def make_optimizer(
+    params: list[torch.nn.Parameter], cfg: TrainConfig, foreach: bool | None = None
+) -> torch.optim.Optimizer:
+    """AdamW over the LoRA parameters. foreach=None lets torch choose (multi-tensor on CUDA)."""
+    return torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay, foreach=foreach)

@@ -1,0 +1,111 @@
+"""Through the SDK: a run is checked against the target GPU before it is queued, refused with the
+options that would fit when it is too big, and the estimate travels with the run's results; every
+checkpoint carries its LoRA in kohya's format too."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+from safetensors import safe_open
+
+from fluxlora.training.memory.architecture import FLUX1_DEV_TRANSFORMER
+from fluxlora_client import FluxloraClientError, cli
+
+
+@pytest.fixture(autouse=True)
+def gpu_24gib(monkeypatch):
+    """Servers started by the test read FLUXLORA_GPU_MEMORY_GIB: an RTX 4090's 24 GB."""
+    monkeypatch.setenv("FLUXLORA_GPU_MEMORY_GIB", "24")
+
+
+@pytest.fixture
+def captioned(running, photos, tiny_models):
+    client = running
+    dataset = client.result(client.wait(client.preprocess(client.upload_photos(photos), base_size=64)))
+    client.wait(client.caption(dataset.dataset_id, "fluxone", model=str(tiny_models["florence2"])))
+    return client, dataset.dataset_id
+
+
+@pytest.fixture
+def flux1_dev_config(tmp_path):
+    """FLUX.1-dev's layout with its config files and no weights: all the planner reads."""
+    model = tmp_path / "FLUX.1-dev"
+    (model / "transformer").mkdir(parents=True)
+    (model / "vae").mkdir()
+    (model / "model_index.json").write_text(json.dumps({"_class_name": "FluxPipeline"}))
+    (model / "transformer" / "config.json").write_text(json.dumps(FLUX1_DEV_TRANSFORMER))
+    (model / "vae" / "config.json").write_text(json.dumps({"block_out_channels": [128, 256, 512, 512]}))
+    return model
+
+
+def snapshot(store):
+    return {(o.key, o.size) for o in store.list("")}
+
+
+@pytest.mark.parametrize("store", ["local"], indirect=True)
+@pytest.mark.slow
+def test_full_size_flux_at_1024_without_checkpointing_is_refused_with_options_that_fit(
+    captioned, flux1_dev_config, monkeypatch, capsys
+):
+    """Three fake steps of the 12B-parameter model (~5 s each): the run, then with checkpointing,
+    then with checkpointing and an 8-bit base."""
+    client, dataset_id = captioned
+    before = snapshot(client.store)
+    with pytest.raises(FluxloraClientError) as err:
+        client.train(dataset_id, base_model=str(flux1_dev_config), resolution=1024, gradient_checkpointing=False)
+    assert err.value.code == "RESOURCE_EXHAUSTED"
+    message = err.value.message
+    assert "more than the target GPU's 24.0 GiB" in message and "FLUXLORA_GPU_MEMORY_GIB" in message
+    assert "gradient_checkpointing=true, base_quantization=fp8" in message
+    assert client.list_jobs("training") == [] and snapshot(client.store) == before
+
+    # the same from the command line, answered from the planner's cache
+    monkeypatch.setenv("FLUXLORA_STORE", str(client.store.root))
+    monkeypatch.setenv("FLUXLORA_TRAINING_ADDR", client.addresses["training"])
+    monkeypatch.setattr(sys, "argv", ["fluxlora", "train", dataset_id, "--base-model", str(flux1_dev_config),
+                                      "--resolution", "1024", "--no-gradient-checkpointing"])
+    with pytest.raises(SystemExit) as exit_:
+        cli.main()
+    output = capsys.readouterr()
+    assert exit_.value.code == 1
+    assert "RESOURCE_EXHAUSTED" in output.out + output.err and "base_quantization=fp8" in output.out + output.err
+
+
+@pytest.mark.parametrize("store", ["local"], indirect=True)
+@pytest.mark.parametrize("option, value", [("base_quantization", "fp8"), ("blocks_to_swap", 18)])
+def test_memory_options_this_trainer_cannot_run_yet_are_failed_precondition(captioned, tiny_models, option, value):
+    client, dataset_id = captioned
+    with pytest.raises(FluxloraClientError) as err:
+        client.train(dataset_id, base_model=str(tiny_models["flux"]), resolution=64, **{option: value})
+    assert err.value.code == "FAILED_PRECONDITION" and option in err.value.message
+    assert client.list_jobs("training") == []
+
+
+def test_a_run_reports_its_estimate_and_stores_kohya_loras_with_metadata(captioned, tiny_models, tmp_path):
+    client, dataset_id = captioned
+    job = client.wait(client.train(dataset_id, base_model=str(tiny_models["flux"]), resolution=64, max_steps=2,
+                                   checkpoint_every=1, sample_every=0))
+    result = client.result(job)
+    # the tiny model's step is a few MiB; the rest is the planner's fixed CUDA overhead
+    assert 1.5 < result.estimated_peak_gib < 1.6
+    assert job.metrics["estimated_peak_gib"] == pytest.approx(result.estimated_peak_gib)
+    assert job.metrics["gpu_target_gib"] == 24
+    report = client.store.get_json(f"runs/{result.run_id}/report.json")
+    assert report["memory"]["plan"]["fits"] and report["memory"]["plan"]["target_gib"] == 24
+
+    assert [c.step for c in result.checkpoints] == [1, 2]
+    kohya_artifacts = {a.key for a in job.artifacts if a.kind == "lora-kohya"}
+    for checkpoint in result.checkpoints:
+        assert checkpoint.kohya_lora_key.endswith(f"/{result.run_id}-step-{checkpoint.step:06d}.safetensors")
+        assert checkpoint.kohya_lora_key in kohya_artifacts
+        [local] = client.download(checkpoint.kohya_lora_key, tmp_path / str(checkpoint.step))
+        with safe_open(local, "pt") as handle:
+            metadata = handle.metadata()
+            assert all(k.startswith("lora_unet_") for k in handle.keys())
+        assert metadata["fluxlora.trigger_word"] == "fluxone"
+        assert metadata["fluxlora.dataset_id"] == dataset_id
+        assert metadata["fluxlora.base_model"] == str(tiny_models["flux"])
+        assert json.loads(metadata["fluxlora.spec"])["maxSteps"] == 2
+        assert len(metadata["fluxlora.caption_set_sha256"]) == 64
