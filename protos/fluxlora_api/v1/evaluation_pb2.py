@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from fluxlora_api.v1 import jobs_pb2 as fluxlora__api_dot_v1_dot_jobs__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n fluxlora_api/v1/evaluation.proto\x12\x0b\x66luxlora.v1\x1a\x1a\x66luxlora_api/v1/jobs.proto\"\xd9\x01\n\x08GridSpec\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x18\n\x10\x63heckpoint_steps\x18\x02 \x03(\x03\x12\x11\n\tstrengths\x18\x03 \x03(\x01\x12\x0e\n\x06prompt\x18\x04 \x01(\t\x12\x11\n\x04seed\x18\x05 \x01(\x03H\x00\x88\x01\x01\x12\r\n\x05width\x18\x06 \x01(\x05\x12\x0e\n\x06height\x18\x07 \x01(\x05\x12\r\n\x05steps\x18\x08 \x01(\x05\x12\x15\n\x08guidance\x18\t \x01(\x01H\x01\x88\x01\x01\x12\x12\n\nbase_model\x18\n \x01(\tB\x07\n\x05_seedB\x0b\n\t_guidance\"W\n\x08GridCell\x12\x0b\n\x03row\x18\x01 \x01(\x05\x12\x0b\n\x03\x63ol\x18\x02 \x01(\x05\x12\x0c\n\x04step\x18\x03 \x01(\x03\x12\x10\n\x08strength\x18\x04 \x01(\x01\x12\x11\n\timage_key\x18\x05 \x01(\t\"\x85\x01\n\nGridResult\x12\x0f\n\x07grid_id\x18\x01 \x01(\t\x12\x10\n\x08grid_key\x18\x02 \x01(\t\x12$\n\x05\x63\x65lls\x18\x03 \x03(\x0b\x32\x15.fluxlora.v1.GridCell\x12\x0c\n\x04rows\x18\x04 \x01(\x05\x12\x0c\n\x04\x63ols\x18\x05 \x01(\x05\x12\x12\n\nreport_key\x18\x06 \x01(\t\"L\n\x11SubmitGridRequest\x12#\n\x04spec\x18\x01 \x01(\x0b\x32\x15.fluxlora.v1.GridSpec\x12\x12\n\nrequest_id\x18\x02 \x01(\t2S\n\x11\x45valuationService\x12>\n\nSubmitGrid\x12\x1e.fluxlora.v1.SubmitGridRequest\x1a\x10.fluxlora.v1.Jobb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n fluxlora_api/v1/evaluation.proto\x12\x0b\x66luxlora.v1\x1a\x1a\x66luxlora_api/v1/jobs.proto\"\xc4\x02\n\x08GridSpec\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x18\n\x10\x63heckpoint_steps\x18\x02 \x03(\x03\x12\x11\n\tstrengths\x18\x03 \x03(\x01\x12\x0e\n\x06prompt\x18\x04 \x01(\t\x12\x11\n\x04seed\x18\x05 \x01(\x03H\x00\x88\x01\x01\x12\r\n\x05width\x18\x06 \x01(\x05\x12\x0e\n\x06height\x18\x07 \x01(\x05\x12\r\n\x05steps\x18\x08 \x01(\x05\x12\x15\n\x08guidance\x18\t \x01(\x01H\x01\x88\x01\x01\x12\x12\n\nbase_model\x18\n \x01(\t\x12\x0f\n\x07prompts\x18\x0b \x03(\t\x12\r\n\x05seeds\x18\x0c \x03(\x03\x12\x15\n\rrows_per_page\x18\r \x01(\x05\x12\x18\n\x10image_text_model\x18\x0e \x01(\t\x12\x18\n\x10skip_convergence\x18\x0f \x01(\x08\x42\x07\n\x05_seedB\x0b\n\t_guidance\"x\n\nCellScores\x12\x15\n\x08\x66idelity\x18\x01 \x01(\x01H\x00\x88\x01\x01\x12\x18\n\x0b\x66lexibility\x18\x02 \x01(\x01H\x01\x88\x01\x01\x12\x12\n\x05score\x18\x03 \x01(\x01H\x02\x88\x01\x01\x42\x0b\n\t_fidelityB\x0e\n\x0c_flexibilityB\x08\n\x06_score\"\x8f\x01\n\x08GridCell\x12\x0b\n\x03row\x18\x01 \x01(\x05\x12\x0b\n\x03\x63ol\x18\x02 \x01(\x05\x12\x0c\n\x04step\x18\x03 \x01(\x03\x12\x10\n\x08strength\x18\x04 \x01(\x01\x12\x11\n\timage_key\x18\x05 \x01(\t\x12\r\n\x05panel\x18\x06 \x01(\x05\x12\'\n\x06scores\x18\x07 \x01(\x0b\x32\x17.fluxlora.v1.CellScores\"K\n\tGridPanel\x12\r\n\x05index\x18\x01 \x01(\x05\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\x0c\n\x04seed\x18\x03 \x01(\x03\x12\x11\n\tpage_keys\x18\x04 \x03(\t\"\xab\x01\n\x0f\x43heckpointScore\x12\x0c\n\x04step\x18\x01 \x01(\x03\x12\x10\n\x08lora_key\x18\x02 \x01(\t\x12\x19\n\x0cheldout_loss\x18\x03 \x01(\x01H\x00\x88\x01\x01\x12\x15\n\x08\x66idelity\x18\x04 \x01(\x01H\x01\x88\x01\x01\x12\x18\n\x0b\x66lexibility\x18\x05 \x01(\x01H\x02\x88\x01\x01\x42\x0f\n\r_heldout_lossB\x0b\n\t_fidelityB\x0e\n\x0c_flexibility\"\x99\x01\n\x0eRecommendation\x12\x0c\n\x04step\x18\x01 \x01(\x03\x12\x10\n\x08strength\x18\x02 \x01(\x01\x12\x0b\n\x03row\x18\x03 \x01(\x05\x12\x0b\n\x03\x63ol\x18\x04 \x01(\x05\x12\r\n\x05\x62\x61sis\x18\x05 \x01(\t\x12\x1b\n\x0e\x63onverged_step\x18\x06 \x01(\x03H\x00\x88\x01\x01\x12\x0e\n\x06reason\x18\x07 \x01(\tB\x11\n\x0f_converged_step\"\xcb\x02\n\nGridResult\x12\x0f\n\x07grid_id\x18\x01 \x01(\t\x12\x10\n\x08grid_key\x18\x02 \x01(\t\x12$\n\x05\x63\x65lls\x18\x03 \x03(\x0b\x32\x15.fluxlora.v1.GridCell\x12\x0c\n\x04rows\x18\x04 \x01(\x05\x12\x0c\n\x04\x63ols\x18\x05 \x01(\x05\x12\x12\n\nreport_key\x18\x06 \x01(\t\x12&\n\x06panels\x18\x07 \x03(\x0b\x32\x16.fluxlora.v1.GridPanel\x12\x31\n\x0b\x63heckpoints\x18\x08 \x03(\x0b\x32\x1c.fluxlora.v1.CheckpointScore\x12\x33\n\x0erecommendation\x18\t \x01(\x0b\x32\x1b.fluxlora.v1.Recommendation\x12\x1e\n\x11\x62\x61se_heldout_loss\x18\n \x01(\x01H\x00\x88\x01\x01\x42\x14\n\x12_base_heldout_loss\"L\n\x11SubmitGridRequest\x12#\n\x04spec\x18\x01 \x01(\x0b\x32\x15.fluxlora.v1.GridSpec\x12\x12\n\nrequest_id\x18\x02 \x01(\t\"[\n\nLoraWeight\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x0e\n\x06run_id\x18\x02 \x01(\t\x12\x0c\n\x04step\x18\x03 \x01(\x03\x12\x15\n\x08strength\x18\x04 \x01(\x01H\x00\x88\x01\x01\x42\x0b\n\t_strength\"\xe4\x01\n\x0cGenerateSpec\x12\x0f\n\x07prompts\x18\x01 \x03(\t\x12\x11\n\x04seed\x18\x02 \x01(\x03H\x00\x88\x01\x01\x12\x19\n\x11images_per_prompt\x18\x03 \x01(\x05\x12\r\n\x05width\x18\x04 \x01(\x05\x12\x0e\n\x06height\x18\x05 \x01(\x05\x12\r\n\x05steps\x18\x06 \x01(\x05\x12\x15\n\x08guidance\x18\x07 \x01(\x01H\x01\x88\x01\x01\x12\x12\n\nbase_model\x18\x08 \x01(\t\x12&\n\x05loras\x18\t \x03(\x0b\x32\x17.fluxlora.v1.LoraWeightB\x07\n\x05_seedB\x0b\n\t_guidance\"W\n\x0eGeneratedImage\x12\x14\n\x0cprompt_index\x18\x01 \x01(\x05\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\x0c\n\x04seed\x18\x03 \x01(\x03\x12\x11\n\timage_key\x18\x04 \x01(\t\"|\n\x0eGenerateResult\x12\x15\n\rgeneration_id\x18\x01 \x01(\t\x12+\n\x06images\x18\x02 \x03(\x0b\x32\x1b.fluxlora.v1.GeneratedImage\x12&\n\x05loras\x18\x03 \x03(\x0b\x32\x17.fluxlora.v1.LoraWeight\"T\n\x15SubmitGenerateRequest\x12\'\n\x04spec\x18\x01 \x01(\x0b\x32\x19.fluxlora.v1.GenerateSpec\x12\x12\n\nrequest_id\x18\x02 \x01(\t2\x9b\x01\n\x11\x45valuationService\x12>\n\nSubmitGrid\x12\x1e.fluxlora.v1.SubmitGridRequest\x1a\x10.fluxlora.v1.Job\x12\x46\n\x0eSubmitGenerate\x12\".fluxlora.v1.SubmitGenerateRequest\x1a\x10.fluxlora.v1.Jobb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,13 +33,31 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'fluxlora_api.v1.evaluation_
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_GRIDSPEC']._serialized_start=78
-  _globals['_GRIDSPEC']._serialized_end=295
-  _globals['_GRIDCELL']._serialized_start=297
-  _globals['_GRIDCELL']._serialized_end=384
-  _globals['_GRIDRESULT']._serialized_start=387
-  _globals['_GRIDRESULT']._serialized_end=520
-  _globals['_SUBMITGRIDREQUEST']._serialized_start=522
-  _globals['_SUBMITGRIDREQUEST']._serialized_end=598
-  _globals['_EVALUATIONSERVICE']._serialized_start=600
-  _globals['_EVALUATIONSERVICE']._serialized_end=683
+  _globals['_GRIDSPEC']._serialized_end=402
+  _globals['_CELLSCORES']._serialized_start=404
+  _globals['_CELLSCORES']._serialized_end=524
+  _globals['_GRIDCELL']._serialized_start=527
+  _globals['_GRIDCELL']._serialized_end=670
+  _globals['_GRIDPANEL']._serialized_start=672
+  _globals['_GRIDPANEL']._serialized_end=747
+  _globals['_CHECKPOINTSCORE']._serialized_start=750
+  _globals['_CHECKPOINTSCORE']._serialized_end=921
+  _globals['_RECOMMENDATION']._serialized_start=924
+  _globals['_RECOMMENDATION']._serialized_end=1077
+  _globals['_GRIDRESULT']._serialized_start=1080
+  _globals['_GRIDRESULT']._serialized_end=1411
+  _globals['_SUBMITGRIDREQUEST']._serialized_start=1413
+  _globals['_SUBMITGRIDREQUEST']._serialized_end=1489
+  _globals['_LORAWEIGHT']._serialized_start=1491
+  _globals['_LORAWEIGHT']._serialized_end=1582
+  _globals['_GENERATESPEC']._serialized_start=1585
+  _globals['_GENERATESPEC']._serialized_end=1813
+  _globals['_GENERATEDIMAGE']._serialized_start=1815
+  _globals['_GENERATEDIMAGE']._serialized_end=1902
+  _globals['_GENERATERESULT']._serialized_start=1904
+  _globals['_GENERATERESULT']._serialized_end=2028
+  _globals['_SUBMITGENERATEREQUEST']._serialized_start=2030
+  _globals['_SUBMITGENERATEREQUEST']._serialized_end=2114
+  _globals['_EVALUATIONSERVICE']._serialized_start=2117
+  _globals['_EVALUATIONSERVICE']._serialized_end=2272
 # @@protoc_insertion_point(module_scope)

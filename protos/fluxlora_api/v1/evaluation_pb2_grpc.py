@@ -40,13 +40,27 @@ class EvaluationServiceStub:
                 request_serializer=fluxlora__api_dot_v1_dot_evaluation__pb2.SubmitGridRequest.SerializeToString,
                 response_deserializer=fluxlora__api_dot_v1_dot_jobs__pb2.Job.FromString,
                 _registered_method=True)
+        self.SubmitGenerate = channel.unary_unary(
+                '/fluxlora.v1.EvaluationService/SubmitGenerate',
+                request_serializer=fluxlora__api_dot_v1_dot_evaluation__pb2.SubmitGenerateRequest.SerializeToString,
+                response_deserializer=fluxlora__api_dot_v1_dot_jobs__pb2.Job.FromString,
+                _registered_method=True)
 
 
 class EvaluationServiceServicer:
     """Missing associated documentation comment in .proto file."""
 
     def SubmitGrid(self, request, context):
-        """Validates the request (run and checkpoints exist, strengths in [-2, 2]) and queues a grid job.
+        """Validates the request (run and checkpoints exist, strengths in [-2, 2], prompt not blank,
+        grid within the server's cell limit) and queues a grid job whose result is a GridResult.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SubmitGenerate(self, request, context):
+        """Validates the request (LoRAs exist, strengths in [-2, 2], prompts not blank, within the cell
+        limit) and queues a generate job whose result is a GenerateResult.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -58,6 +72,11 @@ def add_EvaluationServiceServicer_to_server(servicer, server):
             'SubmitGrid': grpc.unary_unary_rpc_method_handler(
                     servicer.SubmitGrid,
                     request_deserializer=fluxlora__api_dot_v1_dot_evaluation__pb2.SubmitGridRequest.FromString,
+                    response_serializer=fluxlora__api_dot_v1_dot_jobs__pb2.Job.SerializeToString,
+            ),
+            'SubmitGenerate': grpc.unary_unary_rpc_method_handler(
+                    servicer.SubmitGenerate,
+                    request_deserializer=fluxlora__api_dot_v1_dot_evaluation__pb2.SubmitGenerateRequest.FromString,
                     response_serializer=fluxlora__api_dot_v1_dot_jobs__pb2.Job.SerializeToString,
             ),
     }
@@ -87,6 +106,33 @@ class EvaluationService:
             target,
             '/fluxlora.v1.EvaluationService/SubmitGrid',
             fluxlora__api_dot_v1_dot_evaluation__pb2.SubmitGridRequest.SerializeToString,
+            fluxlora__api_dot_v1_dot_jobs__pb2.Job.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SubmitGenerate(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fluxlora.v1.EvaluationService/SubmitGenerate',
+            fluxlora__api_dot_v1_dot_evaluation__pb2.SubmitGenerateRequest.SerializeToString,
             fluxlora__api_dot_v1_dot_jobs__pb2.Job.FromString,
             options,
             channel_credentials,

@@ -107,6 +107,13 @@ def format_step(step: int) -> str:
     return f"step {step}"
 
 
+def page_rows(rows: int, rows_per_page: int) -> list[range]:
+    """Row ranges of the pages of a grid with `rows` rows: 10 rows at 4 per page -> 0-3, 4-7, 8-9."""
+    if rows < 1 or rows_per_page < 1:
+        raise ValueError(f"need rows >= 1 and rows_per_page >= 1, got {rows} and {rows_per_page}")
+    return [range(start, min(start + rows_per_page, rows)) for start in range(0, rows, rows_per_page)]
+
+
 def compose_grid(
     cells: list[list[Image.Image]],
     row_labels: list[str],

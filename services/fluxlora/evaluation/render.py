@@ -8,6 +8,7 @@ is active and how strongly.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +56,14 @@ def render_grid_cells(
     )
 
 
+@dataclass(frozen=True)
+class Panel:
+    """One grid of the third axis: every cell of it uses this prompt and seed."""
+
+    prompt: str
+    seed: int
+
+
 def render_cells(
     pipe: FluxPipeline,
     loras: list[tuple[str, Path]],
@@ -68,17 +77,39 @@ def render_cells(
     progress: Progress | None = None,
     output_type: str = "pil",
 ) -> list[list[Any]]:
-    """render_grid_cells on an already loaded pipeline, which is left holding no LoRA.
+    """render_grid_cells on an already loaded pipeline, which is left holding no LoRA."""
+    (cells,) = render_panels(
+        pipe, loras, strengths, [Panel(prompt, seed)], width, height, steps, guidance, progress, output_type
+    )
+    return cells
 
-    The prompt is encoded once, before any LoRA is loaded, so LoRA weights for the text
+
+def render_panels(
+    pipe: FluxPipeline,
+    loras: list[tuple[str, Path]],
+    strengths: list[float],
+    panels: list[Panel],
+    width: int,
+    height: int,
+    steps: int,
+    guidance: float | None,
+    progress: Progress | None = None,
+    output_type: str = "pil",
+    on_lora: Callable[[int], None] | None = None,
+) -> list[list[list[Any]]]:
+    """cells[panel][row][col] for several prompt/seed panels, each LoRA loaded once for all of them.
+
+    Each distinct prompt is encoded once, before any LoRA is loaded, so LoRA weights for the text
     encoders (which this project's LoRAs do not have) would not apply. Strength 0.0 means the
-    base model: it is rendered once, without any adapter, and shared by every row.
+    base model: it is rendered once per panel, without any adapter, and shared by every row.
+    on_lora(row) runs while row's LoRA is loaded at weight 1.0 (the held-out loss uses it).
+    The pipeline is left holding no LoRA, also when rendering fails.
     """
     if output_type not in OUTPUT_TYPES:
         raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
     if pipe.get_list_adapters():
         raise ValueError("the pipeline already holds LoRA adapters; render on a clean pipeline")
-    total = len(loras) * len(strengths)
+    total = len(panels) * len(loras) * len(strengths)
     done = 0
 
     def tick(cells: int) -> None:
@@ -87,44 +118,36 @@ def render_cells(
         if progress is not None:
             progress(done, total)
 
-    with torch.no_grad():
-        prompt_embeds, pooled, _ = pipe.encode_prompt(
-            prompt=prompt, prompt_2=None, device=pipe._execution_device
-        )
+    embeddings = {prompt: encode(pipe, prompt) for prompt in dict.fromkeys(p.prompt for p in panels)}
 
-    def render() -> Any:
-        result = pipe(
-            prompt_embeds=prompt_embeds,
-            pooled_prompt_embeds=pooled,
-            width=width,
-            height=height,
-            num_inference_steps=steps,
-            guidance_scale=DEFAULT_GUIDANCE if guidance is None else guidance,
-            generator=torch.Generator("cpu").manual_seed(seed),
-            output_type=output_type,
-        )
-        return result.images if output_type == "latent" else result.images[0]
+    def render(panel: Panel) -> Any:
+        return render_image(pipe, embeddings[panel.prompt], panel.seed, width, height, steps, guidance, output_type)
 
-    cells: list[list[Any]] = [[None] * len(strengths) for _ in loras]
+    cells: list[list[list[Any]]] = [[[None] * len(strengths) for _ in loras] for _ in panels]
     zero_columns = [c for c, s in enumerate(strengths) if s == 0.0]
     if zero_columns and loras:
-        base = render()
-        for row in cells:
-            for c in zero_columns:
-                row[c] = _copy(base)
-        tick(len(loras) * len(zero_columns))
+        for p, panel in enumerate(panels):
+            base = render(panel)
+            for row in cells[p]:
+                for c in zero_columns:
+                    row[c] = _copy(base)
+            tick(len(loras) * len(zero_columns))
 
     try:
         for r, (_label, lora) in enumerate(loras):
             name = f"grid_row_{r}"
             pipe.load_lora_weights(str(lora), adapter_name=name)
             try:
-                for c, strength in enumerate(strengths):
-                    if c in zero_columns:
-                        continue
-                    pipe.set_adapters([name], adapter_weights=[strength])
-                    cells[r][c] = render()
-                    tick(1)
+                if on_lora is not None:
+                    pipe.set_adapters([name], adapter_weights=[1.0])
+                    on_lora(r)
+                for p, panel in enumerate(panels):
+                    for c, strength in enumerate(strengths):
+                        if c in zero_columns:
+                            continue
+                        pipe.set_adapters([name], adapter_weights=[strength])
+                        cells[p][r][c] = render(panel)
+                        tick(1)
             finally:
                 pipe.delete_adapters(name)
     finally:
@@ -132,6 +155,79 @@ def render_cells(
         # original layers so the next job starts from the plain base model.
         pipe.unload_lora_weights()
     return cells
+
+
+def generate_images(
+    pipe: FluxPipeline,
+    loras: list[tuple[Path, float]],
+    prompts: list[str],
+    seeds: list[int],
+    width: int,
+    height: int,
+    steps: int,
+    guidance: float | None,
+    progress: Progress | None = None,
+) -> list[list[Image.Image]]:
+    """images[prompt][seed] with every LoRA applied at its strength; the pipeline is left holding
+    no LoRA. Prompts are encoded with the LoRAs loaded, so text-encoder LoRA weights apply."""
+    if pipe.get_list_adapters():
+        raise ValueError("the pipeline already holds LoRA adapters; generate on a clean pipeline")
+    total, done = len(prompts) * len(seeds), 0
+    images: list[list[Image.Image]] = []
+    try:
+        names = []
+        for i, (lora, _strength) in enumerate(loras):
+            names.append(f"generate_{i}")
+            pipe.load_lora_weights(str(lora), adapter_name=names[-1])
+        if names:
+            pipe.set_adapters(names, adapter_weights=[strength for _lora, strength in loras])
+        for prompt in prompts:
+            embedding = encode(pipe, prompt)
+            row = []
+            for seed in seeds:
+                row.append(render_image(pipe, embedding, seed, width, height, steps, guidance, "pil"))
+                done += 1
+                if progress is not None:
+                    progress(done, total)
+            images.append(row)
+    finally:
+        if pipe.get_list_adapters():
+            pipe.delete_adapters(list(dict.fromkeys(n for ns in pipe.get_list_adapters().values() for n in ns)))
+        pipe.unload_lora_weights()
+    return images
+
+
+def encode(pipe: FluxPipeline, prompt: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(prompt_embeds, pooled_prompt_embeds) for one prompt."""
+    with torch.no_grad():
+        prompt_embeds, pooled, _ = pipe.encode_prompt(
+            prompt=prompt, prompt_2=None, device=pipe._execution_device
+        )
+    return prompt_embeds, pooled
+
+
+def render_image(
+    pipe: FluxPipeline,
+    embedding: tuple[torch.Tensor, torch.Tensor],
+    seed: int,
+    width: int,
+    height: int,
+    steps: int,
+    guidance: float | None,
+    output_type: str,
+) -> Any:
+    # A CPU generator: the same seed gives the same noise on every device.
+    result = pipe(
+        prompt_embeds=embedding[0],
+        pooled_prompt_embeds=embedding[1],
+        width=width,
+        height=height,
+        num_inference_steps=steps,
+        guidance_scale=DEFAULT_GUIDANCE if guidance is None else guidance,
+        generator=torch.Generator("cpu").manual_seed(seed),
+        output_type=output_type,
+    )
+    return result.images if output_type == "latent" else result.images[0]
 
 
 def _copy(cell: Any) -> Any:

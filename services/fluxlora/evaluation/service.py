@@ -1,10 +1,10 @@
 from fluxlora.common.server import define
-from fluxlora.evaluation.job import run_grid
+from fluxlora.evaluation.job import run_evaluation
 from fluxlora.evaluation.servicer import EvaluationServicer
 from fluxlora_api.v1 import evaluation_pb2, evaluation_pb2_grpc
 
 SERVICE = define(
     "evaluation", "evl",
     evaluation_pb2, evaluation_pb2_grpc, "EvaluationService",
-    EvaluationServicer, run_grid,
+    EvaluationServicer, run_evaluation,
 )

@@ -1,0 +1,154 @@
+"""Submit-time checks and defaults for grid and generate requests.
+
+Everything a job would fail on later is checked here, against the store, so a bad request gets
+a status at once (INVALID_ARGUMENT, NOT_FOUND, FAILED_PRECONDITION) and the stored spec is complete:
+a job never has to guess a default again.
+"""
+
+from __future__ import annotations
+
+from fluxlora.common.config import Settings
+from fluxlora.common.errors import InvalidArgument, NotFound
+from fluxlora.common.models import check_model_ref
+from fluxlora.common.runs import list_checkpoints, require_run, select_checkpoints
+from fluxlora.common.storage import ArtifactStore
+from fluxlora_api.v1 import evaluation_pb2 as pb
+
+DEFAULT_STRENGTHS = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
+MAX_STRENGTH = 2.0
+DEFAULT_SEED = 42
+DEFAULT_STEPS = 20
+DEFAULT_GUIDANCE = 3.5
+DEFAULT_SIZE = 1024
+MAX_SIDE = 4096
+MAX_STEPS = 500
+NO_MODEL = "none"
+
+
+def grid_spec(request: pb.GridSpec, store: ArtifactStore, settings: Settings) -> pb.GridSpec:
+    """The request with every default filled in, or an error naming the field and the fix."""
+    spec = pb.GridSpec()
+    spec.CopyFrom(request)
+    run = require_run(store, spec.run_id)
+    checkpoints = select_checkpoints(store, spec.run_id, list(spec.checkpoint_steps))
+    if not spec.checkpoint_steps:
+        spec.checkpoint_steps.extend(checkpoints)
+    if not spec.strengths:
+        spec.strengths.extend(DEFAULT_STRENGTHS)
+    _check_strengths("spec.strengths", list(spec.strengths))
+    config = run.get("config", {})
+
+    if spec.prompt and spec.prompts:
+        raise InvalidArgument("set spec.prompt or spec.prompts (one grid per prompt), not both")
+    if spec.prompt and not spec.prompt.strip():
+        raise InvalidArgument("spec.prompt is blank; leave it empty to use the run's sample prompt")
+    _check_prompts("spec.prompts", list(spec.prompts))
+    if not spec.prompts:
+        spec.prompts.append(spec.prompt or (config.get("sample_prompts") or [run["trigger_word"]])[0])
+    spec.prompt = spec.prompts[0]
+    if spec.HasField("seed") and spec.seeds:
+        raise InvalidArgument("set spec.seed or spec.seeds (one grid per seed), not both")
+    if not spec.seeds:
+        spec.seeds.append(spec.seed if spec.HasField("seed") else DEFAULT_SEED)
+    spec.seed = spec.seeds[0]
+
+    _size_and_steps(spec, config.get("resolution", DEFAULT_SIZE))
+    if not spec.HasField("guidance"):
+        spec.guidance = config.get("guidance", DEFAULT_GUIDANCE)
+    if spec.rows_per_page < 0:
+        raise InvalidArgument("spec.rows_per_page must be >= 0 (0 means the server's page size)")
+
+    panels = len(spec.prompts) * len(spec.seeds)
+    cells = panels * len(spec.checkpoint_steps) * len(spec.strengths)
+    if cells > settings.grid_max_cells:
+        raise InvalidArgument(
+            f"the grid has {len(spec.checkpoint_steps)} checkpoints x {len(spec.strengths)} strengths"
+            + (f" x {panels} grids (prompts x seeds)" if panels > 1 else "")
+            + f" = {cells} cells, over this server's limit of {settings.grid_max_cells}: pick fewer "
+            "checkpoint_steps, strengths, prompts or seeds (or raise FLUXLORA_GRID_MAX_CELLS)"
+        )
+
+    spec.base_model = spec.base_model or run.get("base_model", "") or settings.base_model
+    check_model_ref(spec.base_model, store, "base model")
+    if spec.image_text_model != NO_MODEL:
+        spec.image_text_model = spec.image_text_model or settings.image_text_model
+        if spec.image_text_model:
+            check_model_ref(spec.image_text_model, store, "image-text model")
+    return spec
+
+
+def generate_spec(request: pb.GenerateSpec, store: ArtifactStore, settings: Settings) -> pb.GenerateSpec:
+    """The request with every default filled in and each LoRA resolved to a key in the store."""
+    spec = pb.GenerateSpec()
+    spec.CopyFrom(request)
+    if not spec.prompts:
+        raise InvalidArgument("spec.prompts is empty: pass at least one prompt")
+    _check_prompts("spec.prompts", list(spec.prompts))
+    if spec.images_per_prompt < 0:
+        raise InvalidArgument("spec.images_per_prompt must be >= 1 (0 means 1)")
+    spec.images_per_prompt = spec.images_per_prompt or 1
+    images = len(spec.prompts) * spec.images_per_prompt
+    if images > settings.grid_max_cells:
+        raise InvalidArgument(
+            f"{len(spec.prompts)} prompts x {spec.images_per_prompt} images = {images} images, over this "
+            f"server's limit of {settings.grid_max_cells}: split the request (or raise FLUXLORA_GRID_MAX_CELLS)"
+        )
+    if not spec.HasField("seed"):
+        spec.seed = DEFAULT_SEED
+
+    first_run = None
+    for i, lora in enumerate(spec.loras):
+        run = _resolve_lora(f"spec.loras[{i}]", lora, store)
+        first_run = first_run or run
+    config = (first_run or {}).get("config", {})
+    _size_and_steps(spec, config.get("resolution", DEFAULT_SIZE))
+    if not spec.HasField("guidance"):
+        spec.guidance = config.get("guidance", DEFAULT_GUIDANCE)
+    spec.base_model = spec.base_model or (first_run or {}).get("base_model", "") or settings.base_model
+    check_model_ref(spec.base_model, store, "base model")
+    return spec
+
+
+def _resolve_lora(field: str, lora: pb.LoraWeight, store: ArtifactStore) -> dict | None:
+    """Fills lora.key (and the step of a run's latest checkpoint) and its strength; returns the run."""
+    if not lora.HasField("strength"):
+        lora.strength = 1.0
+    _check_strengths(f"{field}.strength", [lora.strength])
+    if bool(lora.key) == bool(lora.run_id):
+        raise InvalidArgument(f"{field}: set key (a LoRA file in the store) or run_id (+ step), exactly one")
+    if lora.key:
+        if not store.exists(lora.key):
+            raise NotFound(f"{field}.key {lora.key!r}: no such object in the store; upload the LoRA file first")
+        return None
+    run = require_run(store, lora.run_id)
+    available = list_checkpoints(store, lora.run_id)
+    step = lora.step or (max(available) if available else 0)
+    lora.key = select_checkpoints(store, lora.run_id, [step])[step]
+    lora.step = step
+    return run
+
+
+def _check_strengths(field: str, values: list[float]) -> None:
+    bad = [s for s in values if not -MAX_STRENGTH <= s <= MAX_STRENGTH]
+    if bad:
+        raise InvalidArgument(f"{field} must lie in [-{MAX_STRENGTH}, {MAX_STRENGTH}]; got {bad}")
+
+
+def _check_prompts(field: str, prompts: list[str]) -> None:
+    blank = [i for i, p in enumerate(prompts) if not p.strip()]
+    if blank:
+        raise InvalidArgument(f"{field}[{blank[0]}] is empty or blank: every prompt needs some text")
+
+
+def _size_and_steps(spec: pb.GridSpec | pb.GenerateSpec, default_size: int) -> None:
+    if spec.width < 0 or spec.height < 0 or spec.steps < 0:
+        raise InvalidArgument("spec.width, spec.height and spec.steps must be >= 0 (0 means the default)")
+    spec.width = spec.width or default_size
+    spec.height = spec.height or default_size
+    if spec.width % 16 or spec.height % 16:
+        raise InvalidArgument(f"spec.width and spec.height must be multiples of 16, got {spec.width}x{spec.height}")
+    if max(spec.width, spec.height) > MAX_SIDE:
+        raise InvalidArgument(f"spec.width and spec.height must be at most {MAX_SIDE}, got {spec.width}x{spec.height}")
+    spec.steps = spec.steps or DEFAULT_STEPS
+    if spec.steps > MAX_STEPS:
+        raise InvalidArgument(f"spec.steps must be at most {MAX_STEPS}, got {spec.steps}")
