@@ -5,11 +5,14 @@ from __future__ import annotations
 import pytest
 
 from fluxlora.captioning.cleaning import (
+    apply_tags,
     apply_trigger,
     clean_caption,
+    clean_captions,
     count_trigger,
     normalize,
     remove_phrases,
+    remove_phrases_counted,
     validate_trigger,
 )
 
@@ -145,3 +148,78 @@ def test_clean_caption_removes_then_normalises_then_adds_the_trigger(
     result = clean_caption(caption, "ohwx", remove, position)
     assert result == expected
     assert count_trigger(result, "ohwx") == 1
+
+
+@pytest.mark.parametrize(
+    ("caption", "position", "expected"),
+    [
+        # sentences become one tag each, the trigger its own tag first, no trailing full stop
+        ("A bottle on a table.", "start", "ohwx, A bottle on a table"),
+        ("red bottle, table, wooden floor", "start", "ohwx, red bottle, table, wooden floor"),
+        # duplicates go (ignoring case, first spelling kept), as do empty tags
+        ("bottle, Bottle, , table,, bottle", "start", "ohwx, bottle, table"),
+        # semicolons and line breaks separate tags too
+        ("bottle; table\nfloor", "start", "ohwx, bottle, table, floor"),
+        # a trigger anywhere leaves its tag; the trigger appears once, first
+        ("bottle, ohwx, table, OHWX", "start", "ohwx, bottle, table"),
+        ("photo of ohwx, table", "start", "ohwx, photo of, table"),
+        # at the end, or kept where it first was
+        ("bottle, table", "end", "bottle, table, ohwx"),
+        ("bottle, ohwx, table, ohwx", "keep", "bottle, ohwx, table"),
+        ("bottle, table", "keep", "ohwx, bottle, table"),
+        # nothing left but the trigger
+        ("", "start", "ohwx"),
+        ("ohwx, ohwx", "start", "ohwx"),
+    ],
+)
+def test_tag_style_is_comma_separated_deduplicated_with_the_trigger_once(
+    caption: str, position: str, expected: str
+) -> None:
+    result = apply_tags(caption, "ohwx", position)
+    assert result == expected
+    assert count_trigger(result, "ohwx") == 1
+
+
+def test_clean_caption_in_tag_style_removes_phrases_per_tag() -> None:
+    result = clean_caption("A woman, red dress, woman smiling, Red Dress", "ohwx", ["woman"], style="tags")
+    assert result == "ohwx, red dress, smiling"
+
+
+def test_unknown_style_is_rejected() -> None:
+    with pytest.raises(ValueError, match="natural, tags"):
+        clean_caption("a dog", "ohwx", style="prose")
+
+
+@pytest.mark.parametrize(
+    ("caption", "phrases", "expected_text", "expected_matched"),
+    [
+        ("a woman with a dog", ["woman", "cat"], "with a dog", ["woman"]),
+        # the longer phrase takes its words first, so "car" has nothing left to remove
+        ("a red car", ["car", "red car"], "", ["red car"]),
+        ("two cars and a car", ["car"], "two and", ["car"]),
+        # phrases are reported as the user gave them (stripped)
+        ("a woman", ["  Woman "], "", ["Woman"]),
+        ("a dog", [], "a dog", []),
+    ],
+)
+def test_remove_phrases_reports_which_phrases_matched(
+    caption: str, phrases: list[str], expected_text: str, expected_matched: list[str]
+) -> None:
+    assert remove_phrases_counted(caption, phrases) == (expected_text, expected_matched)
+
+
+def test_clean_captions_counts_how_many_captions_each_phrase_changed() -> None:
+    raw = {
+        "a": "a woman with a bottle",
+        "b": "a bottle on a table, bottles behind",
+        "c": "a dog",
+    }
+    cleaned = clean_captions(raw, "ohwx", ["bottle", "woman", "zebra"])
+    # a phrase counts once per caption it changed, however often it occurs there; unused phrases show 0
+    assert cleaned.phrase_counts == {"bottle": 2, "woman": 1, "zebra": 0}
+    assert cleaned.captions == {
+        "a": "ohwx, with",
+        "b": "ohwx, on a table, behind",
+        "c": "ohwx, a dog",
+    }
+    assert list(cleaned.captions) == ["a", "b", "c"]

@@ -22,22 +22,55 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 from fluxlora_api.v1 import jobs_pb2 as fluxlora__api_dot_v1_dot_jobs__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n fluxlora_api/v1/captioning.proto\x12\x0b\x66luxlora.v1\x1a\x1a\x66luxlora_api/v1/jobs.proto\"\xc5\x01\n\x0b\x43\x61ptionSpec\x12\x12\n\ndataset_id\x18\x01 \x01(\t\x12\x14\n\x0ctrigger_word\x18\x02 \x01(\t\x12\x11\n\tcaptioner\x18\x03 \x01(\t\x12\r\n\x05model\x18\x04 \x01(\t\x12\x0c\n\x04task\x18\x05 \x01(\t\x12\x12\n\nbatch_size\x18\x06 \x01(\x05\x12\x16\n\x0eremove_phrases\x18\x07 \x03(\t\x12\x18\n\x10trigger_position\x18\x08 \x01(\t\x12\x16\n\x0emax_new_tokens\x18\t \x01(\x05\"P\n\rCaptionResult\x12\x12\n\ndataset_id\x18\x01 \x01(\t\x12\x15\n\rcaption_count\x18\x02 \x01(\x05\x12\x14\n\x0c\x63\x61ptions_key\x18\x03 \x01(\t\"R\n\x14SubmitCaptionRequest\x12&\n\x04spec\x18\x01 \x01(\x0b\x32\x18.fluxlora.v1.CaptionSpec\x12\x12\n\nrequest_id\x18\x02 \x01(\t2Y\n\x11\x43\x61ptioningService\x12\x44\n\rSubmitCaption\x12!.fluxlora.v1.SubmitCaptionRequest\x1a\x10.fluxlora.v1.Jobb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n fluxlora_api/v1/captioning.proto\x12\x0b\x66luxlora.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1a\x66luxlora_api/v1/jobs.proto\"\x81\x02\n\x0b\x43\x61ptionSpec\x12\x12\n\ndataset_id\x18\x01 \x01(\t\x12\x14\n\x0ctrigger_word\x18\x02 \x01(\t\x12\x11\n\tcaptioner\x18\x03 \x01(\t\x12\r\n\x05model\x18\x04 \x01(\t\x12\x0c\n\x04task\x18\x05 \x01(\t\x12\x12\n\nbatch_size\x18\x06 \x01(\x05\x12\x16\n\x0eremove_phrases\x18\x07 \x03(\t\x12\x18\n\x10trigger_position\x18\x08 \x01(\t\x12\x16\n\x0emax_new_tokens\x18\t \x01(\x05\x12\r\n\x05style\x18\n \x01(\t\x12\x17\n\x0f\x63\x61ptions_source\x18\x0b \x01(\t\x12\x12\n\nbase_model\x18\x0c \x01(\t\"\xa8\x02\n\rCaptionResult\x12\x12\n\ndataset_id\x18\x01 \x01(\t\x12\x15\n\rcaption_count\x18\x02 \x01(\x05\x12\x14\n\x0c\x63\x61ptions_key\x18\x03 \x01(\t\x12\x0f\n\x07version\x18\x04 \x01(\x05\x12R\n\x15removed_phrase_counts\x18\x05 \x03(\x0b\x32\x33.fluxlora.v1.CaptionResult.RemovedPhraseCountsEntry\x12\x19\n\x11over_length_count\x18\x06 \x01(\x05\x12\x1a\n\x12\x65xact_token_counts\x18\x07 \x01(\x08\x1a:\n\x18RemovedPhraseCountsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x05:\x02\x38\x01\"R\n\x14SubmitCaptionRequest\x12&\n\x04spec\x18\x01 \x01(\x0b\x32\x18.fluxlora.v1.CaptionSpec\x12\x12\n\nrequest_id\x18\x02 \x01(\t\"\x87\x02\n\x12\x43\x61ptionVersionInfo\x12\x0f\n\x07version\x18\x01 \x01(\x05\x12\x0e\n\x06parent\x18\x02 \x01(\x05\x12\x0c\n\x04kind\x18\x03 \x01(\t\x12\x0e\n\x06\x61uthor\x18\x04 \x01(\t\x12\x0f\n\x07\x63omment\x18\x05 \x01(\t\x12.\n\ncreated_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x10\n\x08\x61pproved\x18\x07 \x01(\x08\x12\x14\n\x0ctrigger_word\x18\x08 \x01(\t\x12\x15\n\rcaption_count\x18\t \x01(\x05\x12\x15\n\rchanged_stems\x18\n \x03(\t\x12\x0e\n\x06sha256\x18\x0b \x01(\t\x12\x0b\n\x03key\x18\x0c \x01(\t\"j\n\x0c\x43\x61ptionEntry\x12\x0c\n\x04stem\x18\x01 \x01(\t\x12\x0f\n\x07\x63\x61ption\x18\x02 \x01(\t\x12\x11\n\timage_key\x18\x03 \x01(\t\x12\x11\n\timage_url\x18\x04 \x01(\t\x12\x15\n\rtrigger_count\x18\x05 \x01(\x05\"P\n\x13ListCaptionsRequest\x12\x12\n\ndataset_id\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x05\x12\x14\n\x0cinclude_urls\x18\x03 \x01(\x08\"\xa4\x01\n\x14ListCaptionsResponse\x12\x30\n\x07version\x18\x01 \x01(\x0b\x32\x1f.fluxlora.v1.CaptionVersionInfo\x12*\n\x07\x65ntries\x18\x02 \x03(\x0b\x32\x19.fluxlora.v1.CaptionEntry\x12\x14\n\x0chead_version\x18\x03 \x01(\x05\x12\x18\n\x10\x61pproved_version\x18\x04 \x01(\x05\"\xd3\x01\n\x13\x45\x64itCaptionsRequest\x12\x12\n\ndataset_id\x18\x01 \x01(\t\x12@\n\x08\x63\x61ptions\x18\x02 \x03(\x0b\x32..fluxlora.v1.EditCaptionsRequest.CaptionsEntry\x12\x14\n\x0c\x62\x61se_version\x18\x03 \x01(\x05\x12\x0e\n\x06\x61uthor\x18\x04 \x01(\t\x12\x0f\n\x07\x63omment\x18\x05 \x01(\t\x1a/\n\rCaptionsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"{\n\rCaptionChange\x12\x30\n\x07version\x18\x01 \x01(\x0b\x32\x1f.fluxlora.v1.CaptionVersionInfo\x12\x0f\n\x07\x63reated\x18\x02 \x01(\x08\x12\x15\n\rchanged_stems\x18\x03 \x03(\t\x12\x10\n\x08warnings\x18\x04 \x03(\t\"\xde\x01\n\x18ReplaceInCaptionsRequest\x12\x12\n\ndataset_id\x18\x01 \x01(\t\x12\x0c\n\x04\x66ind\x18\x02 \x01(\t\x12\x0f\n\x07replace\x18\x03 \x01(\t\x12\r\n\x05regex\x18\x04 \x01(\x08\x12\x11\n\tsubstring\x18\x05 \x01(\x08\x12\x16\n\x0e\x63\x61se_sensitive\x18\x06 \x01(\x08\x12\r\n\x05stems\x18\x07 \x03(\t\x12\x14\n\x0c\x62\x61se_version\x18\x08 \x01(\x05\x12\x0e\n\x06\x61uthor\x18\t \x01(\t\x12\x0f\n\x07\x63omment\x18\n \x01(\t\x12\x0f\n\x07\x64ry_run\x18\x0b \x01(\x08\"t\n\x16\x41pproveCaptionsRequest\x12\x12\n\ndataset_id\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x05\x12\x0e\n\x06\x61uthor\x18\x03 \x01(\t\x12\x0f\n\x07\x63omment\x18\x04 \x01(\t\x12\x14\n\x0c\x66ix_triggers\x18\x05 \x01(\x08\".\n\x18GetCaptionHistoryRequest\x12\x12\n\ndataset_id\x18\x01 \x01(\t\"s\n\x0e\x43\x61ptionHistory\x12\x31\n\x08versions\x18\x01 \x03(\x0b\x32\x1f.fluxlora.v1.CaptionVersionInfo\x12\x14\n\x0chead_version\x18\x02 \x01(\x05\x12\x18\n\x10\x61pproved_version\x18\x03 \x01(\x05\"M\n\x15\x45xportCaptionsRequest\x12\x12\n\ndataset_id\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x05\x12\x0f\n\x07repeats\x18\x03 \x01(\x05\"\x84\x01\n\x16\x45xportCaptionsResponse\x12\x0f\n\x07zip_key\x18\x01 \x01(\t\x12\x0f\n\x07zip_url\x18\x02 \x01(\t\x12\x13\n\x0bimage_count\x18\x03 \x01(\x05\x12\x0f\n\x07version\x18\x04 \x01(\x05\x12\x12\n\nsize_bytes\x18\x05 \x01(\x03\x12\x0e\n\x06sha256\x18\x06 \x01(\t2\xdc\x04\n\x11\x43\x61ptioningService\x12\x44\n\rSubmitCaption\x12!.fluxlora.v1.SubmitCaptionRequest\x1a\x10.fluxlora.v1.Job\x12S\n\x0cListCaptions\x12 .fluxlora.v1.ListCaptionsRequest\x1a!.fluxlora.v1.ListCaptionsResponse\x12L\n\x0c\x45\x64itCaptions\x12 .fluxlora.v1.EditCaptionsRequest\x1a\x1a.fluxlora.v1.CaptionChange\x12V\n\x11ReplaceInCaptions\x12%.fluxlora.v1.ReplaceInCaptionsRequest\x1a\x1a.fluxlora.v1.CaptionChange\x12R\n\x0f\x41pproveCaptions\x12#.fluxlora.v1.ApproveCaptionsRequest\x1a\x1a.fluxlora.v1.CaptionChange\x12W\n\x11GetCaptionHistory\x12%.fluxlora.v1.GetCaptionHistoryRequest\x1a\x1b.fluxlora.v1.CaptionHistory\x12Y\n\x0e\x45xportCaptions\x12\".fluxlora.v1.ExportCaptionsRequest\x1a#.fluxlora.v1.ExportCaptionsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'fluxlora_api.v1.captioning_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_CAPTIONSPEC']._serialized_start=78
-  _globals['_CAPTIONSPEC']._serialized_end=275
-  _globals['_CAPTIONRESULT']._serialized_start=277
-  _globals['_CAPTIONRESULT']._serialized_end=357
-  _globals['_SUBMITCAPTIONREQUEST']._serialized_start=359
-  _globals['_SUBMITCAPTIONREQUEST']._serialized_end=441
-  _globals['_CAPTIONINGSERVICE']._serialized_start=443
-  _globals['_CAPTIONINGSERVICE']._serialized_end=532
+  _globals['_CAPTIONRESULT_REMOVEDPHRASECOUNTSENTRY']._loaded_options = None
+  _globals['_CAPTIONRESULT_REMOVEDPHRASECOUNTSENTRY']._serialized_options = b'8\001'
+  _globals['_EDITCAPTIONSREQUEST_CAPTIONSENTRY']._loaded_options = None
+  _globals['_EDITCAPTIONSREQUEST_CAPTIONSENTRY']._serialized_options = b'8\001'
+  _globals['_CAPTIONSPEC']._serialized_start=111
+  _globals['_CAPTIONSPEC']._serialized_end=368
+  _globals['_CAPTIONRESULT']._serialized_start=371
+  _globals['_CAPTIONRESULT']._serialized_end=667
+  _globals['_CAPTIONRESULT_REMOVEDPHRASECOUNTSENTRY']._serialized_start=609
+  _globals['_CAPTIONRESULT_REMOVEDPHRASECOUNTSENTRY']._serialized_end=667
+  _globals['_SUBMITCAPTIONREQUEST']._serialized_start=669
+  _globals['_SUBMITCAPTIONREQUEST']._serialized_end=751
+  _globals['_CAPTIONVERSIONINFO']._serialized_start=754
+  _globals['_CAPTIONVERSIONINFO']._serialized_end=1017
+  _globals['_CAPTIONENTRY']._serialized_start=1019
+  _globals['_CAPTIONENTRY']._serialized_end=1125
+  _globals['_LISTCAPTIONSREQUEST']._serialized_start=1127
+  _globals['_LISTCAPTIONSREQUEST']._serialized_end=1207
+  _globals['_LISTCAPTIONSRESPONSE']._serialized_start=1210
+  _globals['_LISTCAPTIONSRESPONSE']._serialized_end=1374
+  _globals['_EDITCAPTIONSREQUEST']._serialized_start=1377
+  _globals['_EDITCAPTIONSREQUEST']._serialized_end=1588
+  _globals['_EDITCAPTIONSREQUEST_CAPTIONSENTRY']._serialized_start=1541
+  _globals['_EDITCAPTIONSREQUEST_CAPTIONSENTRY']._serialized_end=1588
+  _globals['_CAPTIONCHANGE']._serialized_start=1590
+  _globals['_CAPTIONCHANGE']._serialized_end=1713
+  _globals['_REPLACEINCAPTIONSREQUEST']._serialized_start=1716
+  _globals['_REPLACEINCAPTIONSREQUEST']._serialized_end=1938
+  _globals['_APPROVECAPTIONSREQUEST']._serialized_start=1940
+  _globals['_APPROVECAPTIONSREQUEST']._serialized_end=2056
+  _globals['_GETCAPTIONHISTORYREQUEST']._serialized_start=2058
+  _globals['_GETCAPTIONHISTORYREQUEST']._serialized_end=2104
+  _globals['_CAPTIONHISTORY']._serialized_start=2106
+  _globals['_CAPTIONHISTORY']._serialized_end=2221
+  _globals['_EXPORTCAPTIONSREQUEST']._serialized_start=2223
+  _globals['_EXPORTCAPTIONSREQUEST']._serialized_end=2300
+  _globals['_EXPORTCAPTIONSRESPONSE']._serialized_start=2303
+  _globals['_EXPORTCAPTIONSRESPONSE']._serialized_end=2435
+  _globals['_CAPTIONINGSERVICE']._serialized_start=2438
+  _globals['_CAPTIONINGSERVICE']._serialized_end=3042
 # @@protoc_insertion_point(module_scope)

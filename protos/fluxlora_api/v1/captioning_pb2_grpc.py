@@ -40,6 +40,36 @@ class CaptioningServiceStub:
                 request_serializer=fluxlora__api_dot_v1_dot_captioning__pb2.SubmitCaptionRequest.SerializeToString,
                 response_deserializer=fluxlora__api_dot_v1_dot_jobs__pb2.Job.FromString,
                 _registered_method=True)
+        self.ListCaptions = channel.unary_unary(
+                '/fluxlora.v1.CaptioningService/ListCaptions',
+                request_serializer=fluxlora__api_dot_v1_dot_captioning__pb2.ListCaptionsRequest.SerializeToString,
+                response_deserializer=fluxlora__api_dot_v1_dot_captioning__pb2.ListCaptionsResponse.FromString,
+                _registered_method=True)
+        self.EditCaptions = channel.unary_unary(
+                '/fluxlora.v1.CaptioningService/EditCaptions',
+                request_serializer=fluxlora__api_dot_v1_dot_captioning__pb2.EditCaptionsRequest.SerializeToString,
+                response_deserializer=fluxlora__api_dot_v1_dot_captioning__pb2.CaptionChange.FromString,
+                _registered_method=True)
+        self.ReplaceInCaptions = channel.unary_unary(
+                '/fluxlora.v1.CaptioningService/ReplaceInCaptions',
+                request_serializer=fluxlora__api_dot_v1_dot_captioning__pb2.ReplaceInCaptionsRequest.SerializeToString,
+                response_deserializer=fluxlora__api_dot_v1_dot_captioning__pb2.CaptionChange.FromString,
+                _registered_method=True)
+        self.ApproveCaptions = channel.unary_unary(
+                '/fluxlora.v1.CaptioningService/ApproveCaptions',
+                request_serializer=fluxlora__api_dot_v1_dot_captioning__pb2.ApproveCaptionsRequest.SerializeToString,
+                response_deserializer=fluxlora__api_dot_v1_dot_captioning__pb2.CaptionChange.FromString,
+                _registered_method=True)
+        self.GetCaptionHistory = channel.unary_unary(
+                '/fluxlora.v1.CaptioningService/GetCaptionHistory',
+                request_serializer=fluxlora__api_dot_v1_dot_captioning__pb2.GetCaptionHistoryRequest.SerializeToString,
+                response_deserializer=fluxlora__api_dot_v1_dot_captioning__pb2.CaptionHistory.FromString,
+                _registered_method=True)
+        self.ExportCaptions = channel.unary_unary(
+                '/fluxlora.v1.CaptioningService/ExportCaptions',
+                request_serializer=fluxlora__api_dot_v1_dot_captioning__pb2.ExportCaptionsRequest.SerializeToString,
+                response_deserializer=fluxlora__api_dot_v1_dot_captioning__pb2.ExportCaptionsResponse.FromString,
+                _registered_method=True)
 
 
 class CaptioningServiceServicer:
@@ -52,6 +82,49 @@ class CaptioningServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListCaptions(self, request, context):
+        """One version's captions with their images.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def EditCaptions(self, request, context):
+        """Changes some captions; stores a new version (the earlier ones stay).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ReplaceInCaptions(self, request, context):
+        """Bulk find/replace across the captions; stores a new version when something changed.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ApproveCaptions(self, request, context):
+        """Checks every caption holds the trigger word once and every image has a caption, stores an
+        approved version and publishes it as the <stem>.txt sidecars and captions.json training reads.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetCaptionHistory(self, request, context):
+        """Every version of the dataset's captions, oldest first.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ExportCaptions(self, request, context):
+        """A kohya-style zip (image + same-stem .txt) of a version, in the store.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CaptioningServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -59,6 +132,36 @@ def add_CaptioningServiceServicer_to_server(servicer, server):
                     servicer.SubmitCaption,
                     request_deserializer=fluxlora__api_dot_v1_dot_captioning__pb2.SubmitCaptionRequest.FromString,
                     response_serializer=fluxlora__api_dot_v1_dot_jobs__pb2.Job.SerializeToString,
+            ),
+            'ListCaptions': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListCaptions,
+                    request_deserializer=fluxlora__api_dot_v1_dot_captioning__pb2.ListCaptionsRequest.FromString,
+                    response_serializer=fluxlora__api_dot_v1_dot_captioning__pb2.ListCaptionsResponse.SerializeToString,
+            ),
+            'EditCaptions': grpc.unary_unary_rpc_method_handler(
+                    servicer.EditCaptions,
+                    request_deserializer=fluxlora__api_dot_v1_dot_captioning__pb2.EditCaptionsRequest.FromString,
+                    response_serializer=fluxlora__api_dot_v1_dot_captioning__pb2.CaptionChange.SerializeToString,
+            ),
+            'ReplaceInCaptions': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReplaceInCaptions,
+                    request_deserializer=fluxlora__api_dot_v1_dot_captioning__pb2.ReplaceInCaptionsRequest.FromString,
+                    response_serializer=fluxlora__api_dot_v1_dot_captioning__pb2.CaptionChange.SerializeToString,
+            ),
+            'ApproveCaptions': grpc.unary_unary_rpc_method_handler(
+                    servicer.ApproveCaptions,
+                    request_deserializer=fluxlora__api_dot_v1_dot_captioning__pb2.ApproveCaptionsRequest.FromString,
+                    response_serializer=fluxlora__api_dot_v1_dot_captioning__pb2.CaptionChange.SerializeToString,
+            ),
+            'GetCaptionHistory': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetCaptionHistory,
+                    request_deserializer=fluxlora__api_dot_v1_dot_captioning__pb2.GetCaptionHistoryRequest.FromString,
+                    response_serializer=fluxlora__api_dot_v1_dot_captioning__pb2.CaptionHistory.SerializeToString,
+            ),
+            'ExportCaptions': grpc.unary_unary_rpc_method_handler(
+                    servicer.ExportCaptions,
+                    request_deserializer=fluxlora__api_dot_v1_dot_captioning__pb2.ExportCaptionsRequest.FromString,
+                    response_serializer=fluxlora__api_dot_v1_dot_captioning__pb2.ExportCaptionsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -88,6 +191,168 @@ class CaptioningService:
             '/fluxlora.v1.CaptioningService/SubmitCaption',
             fluxlora__api_dot_v1_dot_captioning__pb2.SubmitCaptionRequest.SerializeToString,
             fluxlora__api_dot_v1_dot_jobs__pb2.Job.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListCaptions(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fluxlora.v1.CaptioningService/ListCaptions',
+            fluxlora__api_dot_v1_dot_captioning__pb2.ListCaptionsRequest.SerializeToString,
+            fluxlora__api_dot_v1_dot_captioning__pb2.ListCaptionsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def EditCaptions(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fluxlora.v1.CaptioningService/EditCaptions',
+            fluxlora__api_dot_v1_dot_captioning__pb2.EditCaptionsRequest.SerializeToString,
+            fluxlora__api_dot_v1_dot_captioning__pb2.CaptionChange.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReplaceInCaptions(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fluxlora.v1.CaptioningService/ReplaceInCaptions',
+            fluxlora__api_dot_v1_dot_captioning__pb2.ReplaceInCaptionsRequest.SerializeToString,
+            fluxlora__api_dot_v1_dot_captioning__pb2.CaptionChange.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ApproveCaptions(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fluxlora.v1.CaptioningService/ApproveCaptions',
+            fluxlora__api_dot_v1_dot_captioning__pb2.ApproveCaptionsRequest.SerializeToString,
+            fluxlora__api_dot_v1_dot_captioning__pb2.CaptionChange.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetCaptionHistory(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fluxlora.v1.CaptioningService/GetCaptionHistory',
+            fluxlora__api_dot_v1_dot_captioning__pb2.GetCaptionHistoryRequest.SerializeToString,
+            fluxlora__api_dot_v1_dot_captioning__pb2.CaptionHistory.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ExportCaptions(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fluxlora.v1.CaptioningService/ExportCaptions',
+            fluxlora__api_dot_v1_dot_captioning__pb2.ExportCaptionsRequest.SerializeToString,
+            fluxlora__api_dot_v1_dot_captioning__pb2.ExportCaptionsResponse.FromString,
             options,
             channel_credentials,
             insecure,

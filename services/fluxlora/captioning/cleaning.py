@@ -8,9 +8,13 @@ not the class word, absorbs what the subject looks like.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 
 POSITIONS = ("start", "end", "keep")
+# "natural": sentences as the captioner writes them. "tags": comma-separated tags (booru style),
+# deduplicated, which some trainers and base models prefer.
+STYLES = ("natural", "tags")
 
 _TRIGGER_CHARS = re.compile(r"[\w-]+")
 # A trigger is a token: "-" counts as part of a word so that "ohwx" is not found in "ohwx-style".
@@ -77,10 +81,7 @@ def apply_trigger(caption: str, trigger: str, position: str = "start") -> str:
     trigger first when the caption has none.
     """
     trigger = validate_trigger(trigger)
-    if position not in POSITIONS:
-        raise ValueError(
-            f"unknown trigger position {position!r}; use one of {', '.join(POSITIONS)}"
-        )
+    check_position(position)
     pattern = _trigger_pattern(trigger, possessive=True)
     text = caption or ""
     if position == "keep":
@@ -105,13 +106,22 @@ def remove_phrases(caption: str, phrases: Iterable[str]) -> str:
     article ("a woman" goes with "woman"). Longer phrases go first, so "red car" is removed whole
     before "car" is looked for.
     """
-    wanted = sorted(
-        {" ".join(p.split()) for p in phrases if p and p.strip()}, key=len, reverse=True
-    )
+    return remove_phrases_counted(caption, phrases)[0]
+
+
+def remove_phrases_counted(caption: str, phrases: Iterable[str]) -> tuple[str, list[str]]:
+    """remove_phrases, and which of the phrases (as given, stripped) removed something."""
+    wanted: dict[str, str] = {}
+    for phrase in phrases:
+        if phrase and phrase.strip():
+            wanted.setdefault(" ".join(phrase.split()), phrase.strip())
     text = caption or ""
-    for phrase in wanted:
-        text = _phrase_pattern(phrase).sub(" ", text)
-    return normalize(text)
+    matched = []
+    for phrase in sorted(wanted, key=len, reverse=True):
+        text, count = _phrase_pattern(phrase).subn(" ", text)
+        if count:
+            matched.append(wanted[phrase])
+    return normalize(text), matched
 
 
 def normalize(caption: str) -> str:
@@ -140,14 +150,59 @@ def clean_caption(
     trigger: str,
     remove: Iterable[str] = (),
     position: str = "start",
+    style: str = "natural",
 ) -> str:
-    """remove_phrases, then normalize, then apply_trigger: the caption as it is trained on."""
+    """remove_phrases, then normalize, then apply_trigger (or apply_tags): the caption as it is trained on."""
     trigger = validate_trigger(trigger)
+    check_position(position)
+    check_style(style)
+    text = normalize(remove_phrases(caption, remove))
+    if style == "tags":
+        return apply_tags(text, trigger, position)
+    return apply_trigger(text, trigger, position)
+
+
+def apply_tags(caption: str, trigger: str, position: str = "start") -> str:
+    """The caption as comma-separated tags with the trigger exactly once.
+
+    Tags are split on commas, semicolons and line breaks, tidied (no trailing full stop), and
+    deduplicated ignoring case, the first spelling kept. The trigger becomes a tag of its own: the
+    first ("start", the default) or last ("end"); "keep" leaves it where its first occurrence was.
+    """
+    trigger = validate_trigger(trigger)
+    check_position(position)
+    pattern = _trigger_pattern(trigger, possessive=True)
+    tags: list[str] = []
+    seen: set[str] = set()
+    keep_at = None
+    for raw in re.split(r"[,;\n]", caption or ""):
+        if keep_at is None and pattern.search(raw):
+            keep_at = len(tags)
+        tag = normalize(pattern.sub(" ", raw)).rstrip(".!?…").strip()
+        if tag and tag.lower() not in seen:
+            seen.add(tag.lower())
+            tags.append(tag)
+    if position == "end":
+        tags.append(trigger)
+    elif position == "keep" and keep_at is not None:
+        tags.insert(keep_at, trigger)
+    else:
+        tags.insert(0, trigger)
+    return ", ".join(tags)
+
+
+def check_position(position: str) -> str:
     if position not in POSITIONS:
         raise ValueError(
             f"unknown trigger position {position!r}; use one of {', '.join(POSITIONS)}"
         )
-    return apply_trigger(normalize(remove_phrases(caption, remove)), trigger, position)
+    return position
+
+
+def check_style(style: str) -> str:
+    if style not in STYLES:
+        raise ValueError(f"unknown caption style {style!r}; use one of {', '.join(STYLES)}")
+    return style
 
 
 def count_trigger(caption: str, trigger: str) -> int:
@@ -179,3 +234,36 @@ def _soften_start(text: str) -> str:
     if first[:1].isupper() and first[1:] == first[1:].lower() and first.lower() in _SOFT_STARTS:
         return first.lower() + text[len(first) :]
     return text
+
+
+@dataclass(frozen=True)
+class CleanedCaptions:
+    captions: dict[str, str]
+    # phrase -> how many captions it changed; every phrase asked for is present, 0 included, so a
+    # phrase the captioner never wrote (a typo, the wrong word) stands out.
+    phrase_counts: dict[str, int]
+
+
+def clean_captions(
+    raw: Mapping[str, str],
+    trigger: str,
+    remove: Iterable[str] = (),
+    position: str = "start",
+    style: str = "natural",
+) -> CleanedCaptions:
+    """clean_caption for every caption of a set, counting what each remove phrase changed."""
+    trigger = validate_trigger(trigger)
+    check_position(position)
+    check_style(style)
+    phrases = list(dict.fromkeys(p.strip() for p in remove if p and p.strip()))
+    counts = dict.fromkeys(phrases, 0)
+    captions = {}
+    for stem, text in raw.items():
+        removed, matched = remove_phrases_counted(text, phrases)
+        for phrase in matched:
+            counts[phrase] += 1
+        removed = normalize(removed)
+        captions[stem] = apply_tags(removed, trigger, position) if style == "tags" else apply_trigger(
+            removed, trigger, position
+        )
+    return CleanedCaptions(captions, counts)

@@ -7,8 +7,8 @@ from pathlib import Path
 
 from PIL import Image, ImageOps
 
-from fluxlora.captioning.captioners.base import Captioner
-from fluxlora.captioning.cleaning import POSITIONS, clean_caption, validate_trigger
+from fluxlora.captioning.captioners.base import Captioner, PathCaptioner
+from fluxlora.captioning.cleaning import check_position, check_style, clean_captions, validate_trigger
 
 CAPTION_SUFFIX = ".txt"
 
@@ -22,26 +22,42 @@ def caption_images(
     batch_size: int = 8,
     progress: Callable[[int, int], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
+    style: str = "natural",
 ) -> dict[str, str]:
     """Caption images and clean the captions: {stem: caption}, in the order of image_paths.
 
-    Images are opened batch_size at a time, so memory stays flat however many there are.
+    See generate_captions for batching, progress and stopping, and cleaning.clean_captions for the
+    cleaning.
+    """
+    # Settings are checked before the (slow) captioner runs, so a bad request fails at once.
+    trigger = validate_trigger(trigger)
+    check_position(position)
+    check_style(style)
+    raw = generate_captions(image_paths, captioner, batch_size, progress, should_stop)
+    return clean_captions(raw, trigger, remove_phrases, position, style).captions
+
+
+def generate_captions(
+    image_paths: Sequence[Path],
+    captioner: Captioner,
+    batch_size: int = 8,
+    progress: Callable[[int, int], None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
+) -> dict[str, str]:
+    """The captioner's raw captions: {stem: caption}, in the order of image_paths.
+
+    Images are opened batch_size at a time, so memory stays flat however many there are; a
+    captioner that reads files itself (a PathCaptioner, such as "import") gets the paths instead.
     progress(done, total) is called after each batch (and once with 0 before the first).
     should_stop() is checked before each batch; when it is true the captions made so far are
     returned (fewer than the images), and the caller, which knows whether it is cancelling or
     shutting down, decides what that means.
     """
-    # Settings are checked before the (slow) captioner runs, so a bad request fails at once.
-    trigger = validate_trigger(trigger)
-    if position not in POSITIONS:
-        raise ValueError(
-            f"unknown trigger position {position!r}; use one of {', '.join(POSITIONS)}"
-        )
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
-    remove = [p for p in remove_phrases if p and p.strip()]
     paths = [Path(p) for p in image_paths]
     _check_unique_stems(paths)
+    by_path = isinstance(captioner, PathCaptioner)
 
     total = len(paths)
     captions: dict[str, str] = {}
@@ -51,13 +67,13 @@ def caption_images(
         if should_stop is not None and should_stop():
             break
         batch = paths[start : start + batch_size]
-        raw = captioner.caption([_open_rgb(p) for p in batch])
+        raw = captioner.caption_paths(batch) if by_path else captioner.caption([_open_rgb(p) for p in batch])
         if len(raw) != len(batch):
             raise RuntimeError(
                 f"captioner {captioner.name!r} returned {len(raw)} captions for {len(batch)} images"
             )
         for path, text in zip(batch, raw, strict=True):
-            captions[path.stem] = clean_caption(text, trigger, remove, position)
+            captions[path.stem] = text
         if progress is not None:
             progress(len(captions), total)
     return captions

@@ -1,5 +1,6 @@
 """Runs one captioning job: dataset images from the store -> captioner -> cleaned captions
-(kohya-style <stem>.txt beside each image, plus captions.json) back in the store."""
+(kohya-style <stem>.txt beside each image, plus captions.json) back in the store, and a new draft
+caption version (versions.py) for people to review and approve."""
 
 from __future__ import annotations
 
@@ -7,19 +8,27 @@ import threading
 from pathlib import Path
 
 from fluxlora.captioning.captioners.base import Captioner, load_captioner
-from fluxlora.captioning.dataset import caption_images, write_sidecars
+from fluxlora.captioning.captioners.imported import CAPTION_SUFFIXES
+from fluxlora.captioning.cleaning import clean_captions
+from fluxlora.captioning.dataset import generate_captions, write_sidecars
+from fluxlora.captioning.model_tokenizers import counters_for
+from fluxlora.captioning.review import open_versions
+from fluxlora.captioning.text_encoders import length_warnings, over_length, trigger_warnings
 from fluxlora.common import keys
+from fluxlora.common.errors import InvalidArgument
 from fluxlora.common.models import resolve_model
 from fluxlora.jobs.context import JobContext, JobInterrupted
 from fluxlora_api.v1 import captioning_pb2 as pb
 
 _loaded: dict[tuple, Captioner] = {}
 _load_lock = threading.Lock()
+_loads = 0
 
 
 def cached_captioner(kind: str, model_dir: Path, task: str, batch_size: int, max_new_tokens: int,
                      device: str) -> Captioner:
     """Loads a captioner once per process: later jobs with the same model reuse it."""
+    global _loads
     key = (kind, str(model_dir), task, batch_size, max_new_tokens, device)
     with _load_lock:
         if key not in _loaded:
@@ -27,7 +36,13 @@ def cached_captioner(kind: str, model_dir: Path, task: str, batch_size: int, max
             _loaded[key] = load_captioner(
                 kind, model_dir, task=task, batch_size=batch_size, max_new_tokens=max_new_tokens, device=device
             )
+            _loads += 1
         return _loaded[key]
+
+
+def captioner_loads() -> int:
+    """How many times this process has loaded a captioning model (bench/caption.py checks it stays 1)."""
+    return _loads
 
 
 def run_caption(ctx: JobContext, spec: pb.CaptionSpec) -> pb.CaptionResult:
@@ -40,39 +55,106 @@ def run_caption(ctx: JobContext, spec: pb.CaptionSpec) -> pb.CaptionResult:
         ctx.progress("downloading images", i, len(image_keys), "image")
 
     ctx.progress("loading captioner", 0)
-    model_dir = resolve_model(spec.model, ctx.store, ctx.settings.cache_dir, "captioning model")
-    captioner = cached_captioner(
-        spec.captioner, model_dir, spec.task, spec.batch_size, spec.max_new_tokens, ctx.settings.device
-    )
-    captions = caption_images(
+    if spec.captioner == "import":
+        captioner = _import_captioner(ctx, spec)
+    else:
+        model_dir = resolve_model(spec.model, ctx.store, ctx.settings.cache_dir, "captioning model")
+        captioner = cached_captioner(
+            spec.captioner, model_dir, spec.task, spec.batch_size, spec.max_new_tokens, ctx.settings.device
+        )
+    raw = generate_captions(
         local,
         captioner,
-        spec.trigger_word,
-        remove_phrases=list(spec.remove_phrases),
-        position=spec.trigger_position,
         batch_size=spec.batch_size,
         progress=lambda done, total: ctx.progress("captioning", done, total, "image"),
         should_stop=lambda: ctx.should_stop,
     )
     if ctx.should_stop:
         raise JobInterrupted(ctx.job_id)
+    if spec.captioner == "import":
+        for entry in captioner.unmatched():
+            ctx.warn(f"imported caption {entry} matches no image of the dataset and was not used")
+
+    style = spec.style or "natural"
+    cleaned = clean_captions(raw, spec.trigger_word, list(spec.remove_phrases), spec.trigger_position, style)
+    captions = cleaned.captions
+    for phrase, count in cleaned.phrase_counts.items():
+        ctx.log(f"remove phrase {phrase!r} changed {count} of {len(captions)} captions")
+        if count == 0:
+            ctx.warn(f"remove phrase {phrase!r} is in none of the captions: check its spelling")
+
+    ctx.progress("checking captions", 0)
+    counters, notes = counters_for(spec.base_model, ctx.store, ctx.settings.cache_dir)
+    for note in notes:
+        ctx.log(note)
+    for warning in trigger_warnings(spec.trigger_word, counters):
+        ctx.warn(warning)
+    for warning in length_warnings(captions, counters):
+        ctx.warn(warning)
 
     out_dir = ctx.scratch / "captions"
     write_sidecars(captions, out_dir)
     for path in sorted(out_dir.glob("*.txt")):
         ctx.store.put_file(images_prefix + path.name, path, "text/plain; charset=utf-8")
-    # Written last: training accepts a dataset only once captions.json exists.
-    info = ctx.store.put_json(keys.dataset_captions(spec.dataset_id), {
-        "trigger_word": spec.trigger_word,
+    settings = {
         "captioner": spec.captioner,
         "model": spec.model,
         "task": spec.task,
         "remove_phrases": list(spec.remove_phrases),
+        "trigger_position": spec.trigger_position,
+        "style": style,
+        "captions_source": spec.captions_source,
+        "job_id": ctx.job_id,
+    }
+    versions = open_versions(ctx.store, spec.dataset_id)
+    with versions.locked():
+        head = versions.head()
+        version = versions.append(
+            parent=head.version if head else 0, kind="import" if spec.captioner == "import" else "auto",
+            trigger_word=spec.trigger_word, captions=captions, author=ctx.job_id,
+            comment=f"{spec.captioner} captions", source=settings,
+        )
+    # Written last: training accepts a dataset only once captions.json exists. The captions are a
+    # draft until a person approves a version (ApproveCaptions), which rewrites both.
+    info = ctx.store.put_json(keys.dataset_captions(spec.dataset_id), {
+        "trigger_word": spec.trigger_word,
+        **settings,
         "captions": captions,
+        "caption_version": version.version,
+        "approved_version": None,
+        "sha256": version.sha256,
     })
     ctx.add_artifact(info, "captions")
     return pb.CaptionResult(
         dataset_id=spec.dataset_id,
         caption_count=len(captions),
         captions_key=keys.dataset_captions(spec.dataset_id),
+        version=version.version,
+        removed_phrase_counts=cleaned.phrase_counts,
+        over_length_count=len(over_length(captions, counters)),
+        exact_token_counts=all(c.exact for c in counters),
     )
+
+
+def _import_captioner(ctx: JobContext, spec: pb.CaptionSpec):
+    """The import captioner over caption files from captions_source, or from the dataset's uploads."""
+    prefix = keys.dataset_prefix(spec.dataset_id)
+    source = spec.captions_source or f"{prefix}raw/"
+    if source.endswith("/"):
+        objects = [o.key for o in ctx.store.list(source) if o.key.lower().endswith(CAPTION_SUFFIXES)]
+    else:
+        objects = [source]
+    if not objects:
+        raise InvalidArgument(
+            f"no caption files ({', '.join(CAPTION_SUFFIXES)}) under {source!r}: upload them with the photos "
+            "or pass spec.captions_source"
+        )
+    base = source if source.endswith("/") else source.rsplit("/", 1)[0] + "/"
+    root = ctx.scratch / "import"
+    for key in objects:
+        ctx.store.get_file(key, root / key[len(base):])
+    manifest = ctx.store.get_json(keys.dataset_manifest(spec.dataset_id))
+    aliases: dict[str, list[str]] = {}
+    for image in manifest.get("images", []):
+        aliases.setdefault(image["stem"], []).append(image["source_key"])
+    return load_captioner("import", root, aliases=aliases)

@@ -1,11 +1,17 @@
-"""gRPC edge of the captioning service: validate, fill defaults, queue."""
+"""gRPC edge of the captioning service: validate, fill defaults, queue; caption review calls are
+answered at once from the store (review.py)."""
 
 from __future__ import annotations
 
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from fluxlora.captioning import review
 from fluxlora.captioning.captioners.base import known_captioners
-from fluxlora.captioning.cleaning import validate_trigger
+from fluxlora.captioning.cleaning import POSITIONS, STYLES, validate_trigger
+from fluxlora.captioning.model_tokenizers import counters_for
+from fluxlora.captioning.versions import CaptionVersion, version_key
 from fluxlora.common.datasets import require_dataset
-from fluxlora.common.errors import InvalidArgument
+from fluxlora.common.errors import InvalidArgument, NotFound
 from fluxlora.common.grpc_status import grpc_errors
 from fluxlora.common.models import check_model_ref
 from fluxlora.jobs.runtime import JobRuntime
@@ -13,18 +19,21 @@ from fluxlora_api.v1 import captioning_pb2 as pb
 from fluxlora_api.v1 import captioning_pb2_grpc
 
 TASKS = ("<CAPTION>", "<DETAILED_CAPTION>", "<MORE_DETAILED_CAPTION>")
-POSITIONS = ("start", "end", "keep")
 
 
 class CaptioningServicer(captioning_pb2_grpc.CaptioningServiceServicer):
     def __init__(self, runtime: JobRuntime):
         self.runtime = runtime
 
+    @property
+    def store(self):
+        return self.runtime.store
+
     @grpc_errors
     def SubmitCaption(self, request, context):
         spec = pb.CaptionSpec()
         spec.CopyFrom(request.spec)
-        require_dataset(self.runtime.store, spec.dataset_id)
+        require_dataset(self.store, spec.dataset_id)
         try:
             spec.trigger_word = validate_trigger(spec.trigger_word)
         except ValueError as exc:
@@ -35,13 +44,115 @@ class CaptioningServicer(captioning_pb2_grpc.CaptioningServiceServicer):
         spec.task = spec.task or "<CAPTION>"
         if spec.task not in TASKS:
             raise InvalidArgument(f"unknown task {spec.task!r}; choose one of {TASKS}")
+        if spec.captioner != "florence2" and spec.task != "<CAPTION>":
+            raise InvalidArgument(
+                f"task {spec.task!r} is a Florence-2 prompt; the {spec.captioner} captioner takes none"
+            )
         spec.trigger_position = spec.trigger_position or "start"
         if spec.trigger_position not in POSITIONS:
             raise InvalidArgument(f"trigger_position must be one of {POSITIONS}, not {spec.trigger_position!r}")
+        spec.style = spec.style or "natural"
+        if spec.style not in STYLES:
+            raise InvalidArgument(f"spec.style must be one of {STYLES}, not {spec.style!r}")
         if spec.batch_size < 0 or spec.max_new_tokens < 0:
             raise InvalidArgument("batch_size and max_new_tokens must be >= 0")
         spec.batch_size = spec.batch_size or 8
         spec.max_new_tokens = spec.max_new_tokens or 64
-        spec.model = spec.model or self.runtime.settings.caption_model
-        check_model_ref(spec.model, self.runtime.store, "captioning model")
+        if spec.captioner == "import":
+            self._check_captions_source(spec.captions_source)
+        else:
+            if spec.captions_source:
+                raise InvalidArgument("spec.captions_source is only used by the 'import' captioner")
+            spec.model = spec.model or self.runtime.settings.caption_model
+            check_model_ref(spec.model, self.store, "captioning model")
+        spec.base_model = spec.base_model or self.runtime.settings.base_model
+        if spec.base_model:
+            check_model_ref(spec.base_model, self.store, "base model (for its tokenizers)")
         return self.runtime.submit(spec, request.request_id)
+
+    def _check_captions_source(self, source: str) -> None:
+        if not source:
+            return
+        if source.endswith("/"):
+            if next(iter(self.store.list(source)), None) is None:
+                raise NotFound(f"spec.captions_source {source!r}: the store has no objects under that prefix")
+        elif not self.store.exists(source):
+            raise NotFound(f"spec.captions_source {source!r} not found in the store: upload the caption file first")
+
+    @grpc_errors
+    def ListCaptions(self, request, context):
+        listing = review.list_captions(self.store, _dataset(request), request.version, request.include_urls)
+        return pb.ListCaptionsResponse(
+            version=_info(listing.version, request.dataset_id),
+            entries=[pb.CaptionEntry(**entry) for entry in listing.entries],
+            head_version=listing.head_version,
+            approved_version=listing.approved_version,
+        )
+
+    @grpc_errors
+    def EditCaptions(self, request, context):
+        change = review.edit_captions(
+            self.store, _dataset(request), dict(request.captions), base_version=request.base_version,
+            author=request.author, comment=request.comment, counters=self._counters(),
+        )
+        return _change(change, request.dataset_id)
+
+    @grpc_errors
+    def ReplaceInCaptions(self, request, context):
+        change = review.replace_in_captions(
+            self.store, _dataset(request), request.find, request.replace, regex=request.regex,
+            substring=request.substring, case_sensitive=request.case_sensitive, stems=list(request.stems),
+            base_version=request.base_version, author=request.author, comment=request.comment,
+            dry_run=request.dry_run, counters=self._counters(),
+        )
+        return _change(change, request.dataset_id)
+
+    @grpc_errors
+    def ApproveCaptions(self, request, context):
+        change = review.approve(
+            self.store, _dataset(request), request.version, author=request.author, comment=request.comment,
+            fix_triggers=request.fix_triggers, counters=self._counters(),
+        )
+        return _change(change, request.dataset_id)
+
+    @grpc_errors
+    def GetCaptionHistory(self, request, context):
+        versions, head, approved = review.history(self.store, _dataset(request))
+        return pb.CaptionHistory(
+            versions=[_info(v, request.dataset_id) for v in versions], head_version=head, approved_version=approved
+        )
+
+    @grpc_errors
+    def ExportCaptions(self, request, context):
+        version, info = review.export_zip(self.store, _dataset(request), request.version, request.repeats)
+        return pb.ExportCaptionsResponse(
+            zip_key=info.key, zip_url=self.store.presigned_url(info.key), image_count=len(version.captions),
+            version=version.version, size_bytes=info.size, sha256=info.sha256,
+        )
+
+    def _counters(self):
+        return counters_for(self.runtime.settings.base_model, self.store, self.runtime.settings.cache_dir)[0]
+
+
+def _dataset(request) -> str:
+    if not request.dataset_id.strip():
+        raise InvalidArgument("dataset_id is empty: pass the id of a captioned dataset")
+    return request.dataset_id
+
+
+def _info(version: CaptionVersion, dataset_id: str) -> pb.CaptionVersionInfo:
+    created = Timestamp()
+    created.FromJsonString(version.created_at)
+    return pb.CaptionVersionInfo(
+        version=version.version, parent=version.parent, kind=version.kind, author=version.author,
+        comment=version.comment, created_at=created, approved=version.approved, trigger_word=version.trigger_word,
+        caption_count=len(version.captions), changed_stems=version.changed_stems, sha256=version.sha256,
+        key=version_key(dataset_id, version.version),
+    )
+
+
+def _change(change: review.Change, dataset_id: str) -> pb.CaptionChange:
+    return pb.CaptionChange(
+        version=_info(change.version, dataset_id), created=change.created, changed_stems=change.changed_stems,
+        warnings=change.warnings,
+    )

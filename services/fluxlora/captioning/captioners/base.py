@@ -26,11 +26,25 @@ class Captioner(Protocol):
     def caption(self, images: Sequence[Image.Image]) -> list[str]: ...
 
 
+@runtime_checkable
+class PathCaptioner(Protocol):
+    """A captioner that reads the image files itself (by name, say) instead of their pixels.
+
+    generate_captions gives such a captioner the paths; `caption` may then refuse to work.
+    """
+
+    name: str
+
+    def caption_paths(self, paths: Sequence[Path]) -> list[str]: ...
+
+
 # Called as factory(model_dir, task=..., batch_size=..., max_new_tokens=..., device=..., **options).
 CaptionerFactory = Callable[..., Captioner]
 
 _BUILTIN: dict[str, str] = {
     "florence2": "fluxlora.captioning.captioners.florence2:Florence2Captioner",
+    "blip": "fluxlora.captioning.captioners.blip:BlipCaptioner",
+    "import": "fluxlora.captioning.captioners.imported:ImportCaptioner",
 }
 _registered: dict[str, CaptionerFactory] = {}
 

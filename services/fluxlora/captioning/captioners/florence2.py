@@ -18,6 +18,7 @@ from transformers import AutoProcessor, Florence2ForConditionalGeneration
 
 from fluxlora.captioning.captioners.base import require_model_files
 from fluxlora.captioning.captioners.devices import pick_device, pick_dtype
+from fluxlora.captioning.captioners.images import to_rgb
 
 CAPTION_TASKS = ("<CAPTION>", "<DETAILED_CAPTION>", "<MORE_DETAILED_CAPTION>")
 
@@ -107,7 +108,7 @@ class Florence2Captioner:
 
     @torch.inference_mode()
     def _caption_batch(self, images: list[Image.Image]) -> list[str]:
-        rgb = [_to_rgb(image) for image in images]
+        rgb = [to_rgb(image) for image in images]
         inputs = self.processor(text=[self.task] * len(rgb), images=rgb, return_tensors="pt")
         inputs = inputs.to(self.device)
         inputs["pixel_values"] = inputs["pixel_values"].to(self.dtype)
@@ -132,17 +133,6 @@ class Florence2Captioner:
         for token in self._special_tokens:
             answer = answer.replace(token, " ")
         return " ".join(answer.split())
-
-
-def _to_rgb(image: Image.Image) -> Image.Image:
-    """RGB, with transparency flattened onto white rather than the black a bare convert gives."""
-    if image.mode == "RGB":
-        return image
-    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
-        rgba = image.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(background, rgba).convert("RGB")
-    return image.convert("RGB")
 
 
 def _reject_remote_code_checkpoint(model_dir: Path) -> None:

@@ -1,0 +1,97 @@
+"""`fluxlora caption ...` against real servers on a local store: auto-caption (the old invocation
+still works), then list, edit, replace, review page, approve, history and export."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+from typer.testing import CliRunner
+
+from fluxlora.common.storage import LocalStore
+from fluxlora_client import cli
+from support import services_and_client
+
+
+@pytest.fixture
+def env(monkeypatch, tmp_path):
+    store = LocalStore(tmp_path / "store")
+    with services_and_client(store, tmp_path) as client:
+        monkeypatch.setenv("FLUXLORA_STORE", str(store.root))
+        monkeypatch.setenv("COLUMNS", "200")  # rich tables wide enough to read in assertions
+        for service, address in client.addresses.items():
+            monkeypatch.setenv(f"FLUXLORA_{service.upper()}_ADDR", address)
+        yield client
+
+
+def fluxlora(*args: str):
+    result = CliRunner().invoke(cli.app, list(args))
+    assert result.exception is None or isinstance(result.exception, SystemExit), result.exception
+    return result
+
+
+def run_main(monkeypatch, capsys, *args: str) -> tuple[int, str]:
+    """`fluxlora ...` as the installed entry point runs it (cli.main): exit code and all output."""
+    monkeypatch.setattr(sys, "argv", ["fluxlora", *args])
+    with pytest.raises(SystemExit) as exit_:
+        cli.main()
+    captured = capsys.readouterr()
+    return exit_.value.code, captured.out + captured.err
+
+
+def test_caption_then_review_approve_and_export_from_the_command_line(env, photos, tiny_models, tmp_path,
+                                                                      monkeypatch, capsys):
+    client = env
+    dataset_id = client.result(client.wait(client.preprocess(client.upload_photos(photos), base_size=64))).dataset_id
+
+    # the one-stage invocation of before: `fluxlora caption DATASET --trigger WORD`
+    done = fluxlora("caption", dataset_id, "--trigger", "fluxone", "--model", str(tiny_models["florence2"]),
+                    "--remove", "zebra")
+    assert done.exit_code == 0, done.output
+    assert "'zebra' is in none of the captions" in done.output
+    stems = [e.stem for e in client.captions.list(dataset_id).entries]
+
+    listed = fluxlora("caption", "list", dataset_id)
+    assert listed.exit_code == 0, listed.output
+    assert all(stem in listed.output for stem in stems) and "version 1 (auto)" in listed.output
+
+    edited = fluxlora("caption", "edit", dataset_id, stems[0], "fluxone, a green bottle", "--comment", "colour")
+    assert edited.exit_code == 0, edited.output
+    assert "1 caption(s) changed -> version 2" in edited.output
+
+    dry = fluxlora("caption", "replace", dataset_id, "green", "blue", "--dry-run")
+    assert "replace (dry run): nothing changed" in dry.output and stems[0] in dry.output
+    replaced = fluxlora("caption", "replace", dataset_id, "green", "blue")
+    assert "1 caption(s) changed -> version 3" in replaced.output
+
+    page = tmp_path / "review.html"
+    reviewed = fluxlora("caption", "review", dataset_id, "--out", str(page), "--image-size", "32")
+    assert reviewed.exit_code == 0 and page.exists() and "import-review" in reviewed.output
+    edits = tmp_path / "edits.json"
+    edits.write_text(json.dumps({"format": "fluxlora-caption-edits/1", "dataset_id": dataset_id, "base_version": 3,
+                                 "captions": {stems[1]: "a bottle without the trigger"}}))
+    imported = fluxlora("caption", "import-review", dataset_id, str(edits))
+    assert "version 4" in imported.output and "0 times" in imported.output
+
+    code, output = run_main(monkeypatch, capsys, "caption", "approve", dataset_id)
+    assert code != 0 and "FAILED_PRECONDITION" in output and f"{stems[1]} (0 times)" in output
+    approved = fluxlora("caption", "approve", dataset_id, "--fix-triggers")
+    assert approved.exit_code == 0, approved.output
+    assert "-> version 5 (approved)" in approved.output
+
+    history = fluxlora("caption", "history", dataset_id)
+    for kind in ("auto", "edit", "replace", "approve"):
+        assert kind in history.output
+    assert "approved 5" in history.output
+
+    out = tmp_path / "kohya"
+    exported = fluxlora("caption", "export", dataset_id, "--out", str(out))
+    assert exported.exit_code == 0, exported.output
+    assert (out / f"{stems[0]}.txt").read_text() == "fluxone, a blue bottle\n"
+    assert (out / f"{stems[1]}.txt").read_text() == "fluxone, a bottle without the trigger\n"
+
+
+def test_caption_errors_exit_non_zero_with_the_status(env, monkeypatch, capsys):
+    code, output = run_main(monkeypatch, capsys, "caption", "list", "ds-missing")
+    assert code != 0 and "NOT_FOUND" in output and "ds-missing" in output and "Traceback" not in output
