@@ -1,0 +1,58 @@
+"""`python -m fluxlora.common.healthcheck`: exits 0 when the server in this container answers
+SERVING on the standard gRPC health protocol, 1 otherwise. The images' Docker HEALTHCHECK runs it
+(Kubernetes probes the same protocol natively with `grpc: {port: N}`).
+
+Without --address it asks 127.0.0.1 at FLUXLORA_PORT, or, when that is unset, at each service's
+default port: an image does not know which of its services a container was started as.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+DEFAULT_PORTS = (50051, 50052, 50053, 50054)  # fluxlora.common.config.DEFAULT_PORTS, without pydantic's import time
+
+
+def serving(address: str, service: str = "", timeout: float = 3.0) -> tuple[bool, str]:
+    with grpc.insecure_channel(address) as channel:
+        try:
+            status = health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(service=service), timeout=timeout).status
+        except grpc.RpcError as err:
+            return False, f"{address}: {err.code().name} {err.details() or ''}".strip()
+    name = health_pb2.HealthCheckResponse.ServingStatus.Name(status)
+    return status == health_pb2.HealthCheckResponse.SERVING, f"{address}: {name}"
+
+
+def addresses(explicit: str | None) -> list[str]:
+    if explicit:
+        return [explicit]
+    port = os.environ.get("FLUXLORA_PORT", "0")
+    ports = [int(port)] if port not in ("", "0") else DEFAULT_PORTS
+    return [f"127.0.0.1:{p}" for p in ports]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--address", help="host:port of the server (default: this container's, see above)")
+    parser.add_argument("--service", default="", help="health service name; empty: the whole server")
+    parser.add_argument("--timeout", type=float, default=3.0, help="seconds per check")
+    args = parser.parse_args(argv)
+    answers = []
+    for address in addresses(args.address):
+        ok, answer = serving(address, args.service, args.timeout)
+        if ok:
+            print(answer)
+            return 0
+        answers.append(answer)
+    print("not serving: " + "; ".join(answers), file=sys.stderr)
+    return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

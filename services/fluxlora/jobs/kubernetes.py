@@ -1,0 +1,409 @@
+"""Jobs as Kubernetes Jobs (FLUXLORA_RUNNER=kubernetes): the server keeps its queue, records and
+watchers; each job's work runs in a pod of a batch/v1 Job running `fluxlora worker <service> <id>`
+(fluxlora.jobs.worker), on a GPU node picked by the same node selector as the GPU Deployments.
+
+- One Kubernetes Job per fluxlora job, named after the job id: a second create is a conflict (the
+  running Job is adopted), never a duplicate run.
+- A Job waiting for a GPU (its pod Pending, Unschedulable) is not a failure: the job shows the
+  scheduler's reason as its progress stage and waits. Jobs queue for GPUs in the cluster.
+- Cancel deletes the Job (propagation Background: its pod gets SIGTERM and goes).
+- A server shutdown leaves Jobs running; the next start re-queues the unfinished records and adopts
+  their Jobs by name (recover() lists them by label to clean up cancelled leftovers).
+- Success or failure comes from the Job's conditions; the result or error from the worker's report
+  in the store. The server needs RBAC for jobs (create/get/list/watch/delete) and pods (get/list).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from google.protobuf.message import Message
+
+from fluxlora.common.errors import FailedPrecondition, FluxloraError, Unavailable
+from fluxlora.jobs.context import JobInterrupted
+from fluxlora.jobs.worker import EXIT_PERMANENT, load_report, unpack_any
+from fluxlora_api.v1 import jobs_pb2
+
+if TYPE_CHECKING:
+    from fluxlora.jobs.runtime import JobRuntime
+
+log = logging.getLogger(__name__)
+
+S = jobs_pb2.JobState
+LABEL_SERVICE = "fluxlora/service"
+LABEL_JOB_ID = "fluxlora/job-id"
+WORKER_CONTAINER = "worker"
+SA_NAMESPACE_FILE = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
+REQUEST_TIMEOUT_S = 30
+STOP_CHECK_S = 0.2
+UNREACHABLE = object()  # what _call answers when the API could not be asked this time
+
+
+class RemoteJobFailed(FluxloraError):
+    def __init__(self, code: str, message: str):
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass(frozen=True)
+class JobStatus:
+    phase: str  # "active" (pending or running), "succeeded" or "failed"
+    reason: str = ""
+    message: str = ""
+
+
+def job_manifest(job_id: str, service: str, settings: Any) -> dict:
+    """The batch/v1 Job for one fluxlora job (a plain manifest: tests validate it against the
+    Kubernetes schemas)."""
+    labels = {
+        "app.kubernetes.io/name": "fluxlora",
+        "app.kubernetes.io/component": f"{service}-worker",
+        "app.kubernetes.io/managed-by": "fluxlora",
+        LABEL_SERVICE: service,
+        LABEL_JOB_ID: job_id,
+    }
+    env_from = []
+    for ref in settings.k8s_env_from:
+        kind, _, name = ref.partition("/")
+        if kind not in ("configmap", "secret") or not name:
+            raise FailedPrecondition(
+                f"FLUXLORA_K8S_ENV_FROM entry {ref!r}: use configmap/<name> or secret/<name>"
+            )
+        env_from.append({"configMapRef" if kind == "configmap" else "secretRef": {"name": name}})
+    cache = ({"persistentVolumeClaim": {"claimName": settings.k8s_cache_claim}} if settings.k8s_cache_claim
+             else {"emptyDir": {}})
+    pod = {
+        "restartPolicy": "Never",
+        "automountServiceAccountToken": False,  # the worker talks to the store, never to the API
+        "terminationGracePeriodSeconds": 120,  # time to stop at a step boundary after SIGTERM
+        "securityContext": {
+            "runAsNonRoot": True, "runAsUser": 10001, "runAsGroup": 10001, "fsGroup": 10001,
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
+        "containers": [{
+            "name": WORKER_CONTAINER,
+            "image": settings.k8s_image,
+            "command": ["fluxlora", "worker", service, job_id],
+            "envFrom": env_from,
+            # The server's own device setting: cuda on GPU nodes, cpu where the overlay has no GPUs.
+            "env": [{"name": "FLUXLORA_CACHE_DIR", "value": "/cache"}, {"name": "HOME", "value": "/tmp"},
+                    {"name": "FLUXLORA_DEVICE", "value": settings.device}],
+            "resources": settings.k8s_resources,
+            "securityContext": {
+                "allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True,
+                "capabilities": {"drop": ["ALL"]},
+            },
+            "volumeMounts": [{"name": "cache", "mountPath": "/cache"}, {"name": "tmp", "mountPath": "/tmp"}],
+        }],
+        "volumes": [{"name": "cache", **cache}, {"name": "tmp", "emptyDir": {}}],
+    }
+    if settings.k8s_service_account:
+        pod["serviceAccountName"] = settings.k8s_service_account
+    if settings.k8s_node_selector:
+        pod["nodeSelector"] = dict(settings.k8s_node_selector)
+    if settings.k8s_tolerations:
+        pod["tolerations"] = list(settings.k8s_tolerations)
+    spec: dict[str, Any] = {
+        "backoffLimit": settings.k8s_backoff_limit,
+        "ttlSecondsAfterFinished": settings.k8s_ttl_after_finished_s,
+        "podFailurePolicy": {"rules": [
+            # A bad request fails the same way on every retry.
+            {"action": "FailJob",
+             "onExitCodes": {"containerName": WORKER_CONTAINER, "operator": "In", "values": [EXIT_PERMANENT]}},
+            # A drained or preempted node is not the job's fault: retry without using up backoffLimit.
+            {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
+        ]},
+        "template": {"metadata": {"labels": labels}, "spec": pod},
+    }
+    if settings.k8s_active_deadline_s:
+        spec["activeDeadlineSeconds"] = settings.k8s_active_deadline_s
+    return {"apiVersion": "batch/v1", "kind": "Job",
+            "metadata": {"name": job_id, "labels": labels}, "spec": spec}
+
+
+class JobLauncher:
+    """The Kubernetes API calls, through the kubernetes client: create, status, delete, list."""
+
+    def __init__(self, api_client: Any, namespace: str, service: str, settings: Any):
+        from kubernetes import client
+
+        self.batch = client.BatchV1Api(api_client)
+        self.core = client.CoreV1Api(api_client)
+        self.namespace = namespace
+        self.service = service
+        self.settings = settings
+
+    def create(self, job_id: str) -> bool:
+        """Creates the Job; False when one of that name exists already (it is then adopted)."""
+        from kubernetes.client import V1Job
+        from kubernetes.client.exceptions import ApiException
+
+        body = V1Job.from_dict(job_manifest(job_id, self.service, self.settings))
+        try:
+            self.batch.create_namespaced_job(self.namespace, body, _request_timeout=REQUEST_TIMEOUT_S)
+        except ApiException as exc:
+            if exc.status == 409:
+                return False
+            if exc.status in (400, 403, 422):
+                raise FailedPrecondition(
+                    f"Kubernetes refused Job {self.namespace}/{job_id} ({exc.status} {exc.reason}): "
+                    f"{_api_message(exc)}; check the FLUXLORA_K8S_* settings and the server's Role"
+                ) from exc
+            raise
+        return True
+
+    def status(self, job_id: str) -> JobStatus | None:
+        """The Job's phase from its conditions; None when there is no such Job."""
+        from kubernetes.client.exceptions import ApiException
+
+        try:
+            job = self.batch.read_namespaced_job(job_id, self.namespace, _request_timeout=REQUEST_TIMEOUT_S)
+        except ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise
+        return _status_of(job)
+
+    def waiting_reason(self, job_id: str) -> str:
+        """Why the Job's pod is not running yet ("" when it is, or has no pod yet)."""
+        pods = self.core.list_namespaced_pod(self.namespace, label_selector=f"{LABEL_JOB_ID}={job_id}",
+                                             _request_timeout=REQUEST_TIMEOUT_S).items
+        for pod in pods:
+            if not pod.status or pod.status.phase != "Pending":
+                continue
+            for condition in pod.status.conditions or []:
+                if condition.type == "PodScheduled" and condition.status == "False":
+                    return f"waiting for a node: {condition.message or condition.reason or 'unschedulable'}"
+            for container in pod.status.container_statuses or []:
+                waiting = container.state.waiting if container.state else None
+                if waiting:
+                    return f"pod starting: {waiting.reason or ''} {waiting.message or ''}".strip()
+            return "pod pending"
+        return ""
+
+    def delete(self, job_id: str) -> bool:
+        from kubernetes.client.exceptions import ApiException
+
+        try:
+            self.batch.delete_namespaced_job(job_id, self.namespace, propagation_policy="Background",
+                                             _request_timeout=REQUEST_TIMEOUT_S)
+        except ApiException as exc:
+            if exc.status == 404:
+                return False
+            raise
+        return True
+
+    def list_jobs(self) -> dict[str, JobStatus]:
+        """This service's Jobs in the namespace (found by label), by fluxlora job id."""
+        selector = f"app.kubernetes.io/managed-by=fluxlora,{LABEL_SERVICE}={self.service}"
+        jobs = self.batch.list_namespaced_job(self.namespace, label_selector=selector,
+                                              _request_timeout=REQUEST_TIMEOUT_S).items
+        return {(job.metadata.labels or {}).get(LABEL_JOB_ID, job.metadata.name): _status_of(job) for job in jobs}
+
+
+class KubernetesRunner:
+    def __init__(self, settings: Any, service: str, api_client: Any, namespace: str):
+        if not settings.k8s_image:
+            image = own_image(api_client, namespace, settings.k8s_pod_name, service) if settings.k8s_pod_name else ""
+            if not image:
+                raise FailedPrecondition(
+                    "FLUXLORA_RUNNER=kubernetes needs the worker's image: set FLUXLORA_K8S_IMAGE, or "
+                    "FLUXLORA_K8S_POD_NAME (downward API metadata.name) to use this pod's own image"
+                )
+            settings = settings.model_copy(update={"k8s_image": image})
+        self.settings = settings
+        self.service = service
+        self.namespace = namespace
+        self.launcher = JobLauncher(api_client, namespace, service, settings)
+        self.poll_s = settings.k8s_poll_s
+
+    @classmethod
+    def from_settings(cls, settings: Any, service: str) -> KubernetesRunner:
+        from kubernetes import client, config
+
+        try:
+            config.load_incluster_config()
+        except config.ConfigException:
+            try:
+                # KUBECONFIG read now: the client reads it once, when it is first imported.
+                config.load_kube_config(config_file=os.environ.get("KUBECONFIG"))
+            except (config.ConfigException, OSError) as exc:
+                raise FailedPrecondition(
+                    "FLUXLORA_RUNNER=kubernetes but no cluster credentials: run the server in a pod with "
+                    f"its ServiceAccount, or point KUBECONFIG at a kubeconfig ({exc})"
+                ) from exc
+        namespace = settings.k8s_namespace or (
+            SA_NAMESPACE_FILE.read_text().strip() if SA_NAMESPACE_FILE.exists() else "default")
+        return cls(settings, service, client.ApiClient(), namespace)
+
+    # --- the Runner protocol ------------------------------------------------------------------
+    def run(self, runtime: JobRuntime, job_id: str, spec: Any, scratch: Path) -> Message:
+        store = runtime.store
+
+        def keep_trying() -> bool:
+            return not runtime.stopping
+
+        status = self._call(self.launcher.status, job_id, retry_while=keep_trying)
+        if status is UNREACHABLE:
+            raise JobInterrupted(job_id)
+        if status is None:
+            earlier = load_report(store, self.service, job_id)
+            if earlier is not None and earlier.state in (S.JOB_STATE_SUCCEEDED, S.JOB_STATE_FAILED):
+                # Finished (and its Job cleaned up) while this server was down: never run it twice.
+                return _outcome(earlier, job_id, JobStatus("succeeded"))
+            created = self._call(self.launcher.create, job_id, retry_while=keep_trying)
+            if created is UNREACHABLE:
+                raise JobInterrupted(job_id)
+            if created:
+                runtime.update(job_id, lambda job: None, message=f"created Kubernetes Job {self.namespace}/{job_id}")
+        else:
+            runtime.update(job_id, lambda job: None, message=f"adopted Kubernetes Job {self.namespace}/{job_id}")
+        seen = jobs_pb2.Job()
+        while True:
+            if runtime.get(job_id).cancel_requested:
+                # Should this fail (server stopping, API down), recover() deletes it on the next start.
+                self._call(self.launcher.delete, job_id, retry_while=keep_trying)
+                raise JobInterrupted(job_id)
+            if runtime.stopping:
+                raise JobInterrupted(job_id)  # the Job keeps running; the next start adopts it
+            status = self._call(self.launcher.status, job_id)
+            try:
+                report = load_report(store, self.service, job_id)
+            except Unavailable as exc:  # the store restarting must not fail a run that is fine
+                log.warning("could not read the worker report of %s: %s", job_id, exc)
+                self._wait(runtime, job_id)
+                continue
+            if report is not None and report != seen:
+                _mirror(runtime, job_id, report, seen)
+                seen = report
+            if status is UNREACHABLE:
+                self._wait(runtime, job_id)
+                continue
+            if status is not None and status.phase != "active":
+                return _outcome(report, job_id, status)
+            if status is None and report is None:
+                raise RemoteJobFailed(
+                    "ABORTED", f"Kubernetes Job {self.namespace}/{job_id} was deleted outside fluxlora before it ran")
+            if status is None:
+                if report.state in (S.JOB_STATE_SUCCEEDED, S.JOB_STATE_FAILED):
+                    return _outcome(report, job_id, JobStatus("succeeded"))
+                raise RemoteJobFailed(
+                    "ABORTED", f"Kubernetes Job {self.namespace}/{job_id} was deleted outside fluxlora while running")
+            if not seen.progress.stage:
+                reason = self._call(self.launcher.waiting_reason, job_id)
+                if isinstance(reason, str) and reason and reason != runtime.get(job_id).progress.stage:
+                    runtime.update(job_id, lambda job, r=reason: setattr(job.progress, "stage", r), message=reason)
+            self._wait(runtime, job_id)
+
+    def recover(self, runtime: JobRuntime) -> None:
+        """After a restart: Jobs of unfinished records are adopted when their turn comes (by name);
+        Jobs whose record was cancelled meanwhile are deleted; unknown ones are left and logged."""
+        try:
+            jobs = self.launcher.list_jobs()
+        except Exception as exc:  # noqa: BLE001 - the API being down must not stop the server starting
+            log.warning("could not list Kubernetes Jobs in %s to recover them: %s", self.namespace, exc)
+            return
+        for job_id, status in sorted(jobs.items()):
+            try:
+                record = runtime.get(job_id)
+            except FluxloraError:
+                log.warning("Kubernetes Job %s/%s has no %s record in the store; leaving it alone",
+                            self.namespace, job_id, self.service)
+                continue
+            if record.state == S.JOB_STATE_CANCELLED and status.phase == "active":
+                log.info("deleting Kubernetes Job %s/%s: its job was cancelled", self.namespace, job_id)
+                self.launcher.delete(job_id)
+            elif record.state not in (S.JOB_STATE_SUCCEEDED, S.JOB_STATE_FAILED, S.JOB_STATE_CANCELLED):
+                log.info("re-adopting Kubernetes Job %s/%s (%s)", self.namespace, job_id, status.phase)
+
+    # --- internals ----------------------------------------------------------------------------
+    def _call(self, fn, *args, retry_while=lambda: False):
+        """One API call; a transient failure (API server restarting, network) is logged and retried,
+        or, where the loop can go on without the answer, answered with UNREACHABLE."""
+        from kubernetes.client.exceptions import ApiException
+        from urllib3.exceptions import HTTPError
+
+        while True:
+            try:
+                return fn(*args)
+            except (ApiException, HTTPError, OSError) as exc:
+                log.warning("Kubernetes API call %s%s failed: %s", fn.__name__, args, exc)
+                if not retry_while():
+                    return UNREACHABLE
+                time.sleep(self.poll_s)
+
+    def _wait(self, runtime: JobRuntime, job_id: str) -> None:
+        deadline = time.monotonic() + self.poll_s
+        while time.monotonic() < deadline:
+            if runtime.stopping or runtime.get(job_id).cancel_requested:
+                return
+            time.sleep(min(STOP_CHECK_S, self.poll_s))
+
+
+def own_image(api_client: Any, namespace: str, pod_name: str, service: str) -> str:
+    """The image of this server's container (named after the service, else the first one)."""
+    from kubernetes import client
+    from kubernetes.client.exceptions import ApiException
+
+    try:
+        pod = client.CoreV1Api(api_client).read_namespaced_pod(pod_name, namespace, _request_timeout=REQUEST_TIMEOUT_S)
+    except ApiException as exc:
+        raise FailedPrecondition(
+            f"could not read this server's pod {namespace}/{pod_name} to take the worker image from it "
+            f"({exc.status} {exc.reason}); grant `get pods` or set FLUXLORA_K8S_IMAGE"
+        ) from exc
+    containers = pod.spec.containers
+    return next((c.image for c in containers if c.name == service), containers[0].image)
+
+
+def _status_of(job: Any) -> JobStatus:
+    for condition in (job.status.conditions if job.status else None) or []:
+        if condition.status == "True" and condition.type in ("Complete", "Failed"):
+            phase = "succeeded" if condition.type == "Complete" else "failed"
+            return JobStatus(phase, condition.reason or "", condition.message or "")
+    return JobStatus("active")
+
+
+def _mirror(runtime: JobRuntime, job_id: str, report: jobs_pb2.Job, seen: jobs_pb2.Job) -> None:
+    """Copies what the worker reported into the server's record (and so to watchers)."""
+    new_keys = [a.key for a in report.artifacts if a.key not in {s.key for s in seen.artifacts}]
+
+    def mutate(job: jobs_pb2.Job) -> None:
+        if report.progress.stage:
+            job.progress.CopyFrom(report.progress)
+        job.metrics.clear()
+        job.metrics.update(report.metrics)
+        del job.artifacts[:]
+        job.artifacts.extend(report.artifacts)
+        del job.warnings[:]
+        job.warnings.extend(report.warnings)
+
+    runtime.update(job_id, mutate, message="wrote " + ", ".join(new_keys) if new_keys else "",
+                   persist=True if new_keys else "throttle")
+
+
+def _outcome(report: jobs_pb2.Job | None, job_id: str, status: JobStatus) -> Message:
+    if report is not None and report.state == S.JOB_STATE_SUCCEEDED and report.HasField("result"):
+        return unpack_any(report.result)
+    if report is not None and report.state == S.JOB_STATE_FAILED and report.error.code:
+        raise RemoteJobFailed(report.error.code, report.error.message)
+    if status.phase == "failed":
+        code = "DEADLINE_EXCEEDED" if status.reason == "DeadlineExceeded" else "INTERNAL"
+        raise RemoteJobFailed(code, f"Kubernetes Job {job_id} failed ({status.reason or 'no reason given'}"
+                                    f"{': ' + status.message if status.message else ''}); "
+                                    f"`kubectl logs job/{job_id}` shows the worker's log")
+    raise RemoteJobFailed("INTERNAL", f"Kubernetes Job {job_id} completed but its worker stored no result")
+
+
+def _api_message(exc: Any) -> str:
+    import json
+
+    try:
+        return json.loads(exc.body).get("message", "") or str(exc.reason)
+    except (TypeError, ValueError, AttributeError):
+        return str(exc.reason)

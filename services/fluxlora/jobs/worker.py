@@ -1,0 +1,153 @@
+"""`fluxlora worker <service> <job_id>`: runs one stored job in this process, with the handler the
+server would run, against the same store. A Kubernetes Job's pod runs this (fluxlora.jobs.kubernetes).
+
+The server's job record (jobs/<service>/<job_id>.json) stays the server's alone: the worker reads
+the spec from it and writes what happens to its own report, jobs/workers/<service>/<job_id>.json
+(a Job message too), which the server mirrors into its record. One writer per object, so neither
+overwrites the other.
+
+Exit codes tell Kubernetes whether a retry can help (the Job's podFailurePolicy reads them).
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import signal
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from google.protobuf import descriptor_pool, json_format, message_factory
+from google.protobuf.message import Message
+
+from fluxlora.common.errors import NotFound, status_of
+from fluxlora.common.storage import ArtifactStore
+from fluxlora.jobs.context import JobContext, JobInterrupted
+from fluxlora.jobs.records import JobRecords
+from fluxlora_api.v1 import jobs_pb2
+
+log = logging.getLogger(__name__)
+
+S = jobs_pb2.JobState
+EXIT_SUCCEEDED = 0
+EXIT_FAILED = 1  # may succeed on a retry (store unreachable, a crash): counts against backoffLimit
+EXIT_PERMANENT = 3  # the same request fails again however often it runs: podFailurePolicy FailJob
+EXIT_INTERRUPTED = 75  # SIGTERM (cancel, drain, preemption): a retry resumes from the last checkpoint
+PERMANENT_CODES = frozenset({"INVALID_ARGUMENT", "NOT_FOUND", "FAILED_PRECONDITION", "RESOURCE_EXHAUSTED"})
+PERSIST_INTERVAL_S = 2.0
+
+
+def report_key(service: str, job_id: str) -> str:
+    return f"jobs/workers/{service}/{job_id}.json"
+
+
+def load_report(store: ArtifactStore, service: str, job_id: str) -> jobs_pb2.Job | None:
+    try:
+        return json_format.Parse(store.get_bytes(report_key(service, job_id)), jobs_pb2.Job())
+    except NotFound:
+        return None
+
+
+def unpack_any(any_msg: Any) -> Message:
+    descriptor = descriptor_pool.Default().FindMessageTypeByName(any_msg.TypeName())
+    message = message_factory.GetMessageClass(descriptor)()
+    any_msg.Unpack(message)
+    return message
+
+
+class WorkerReport:
+    """The one-job runtime a worker's JobContext reports to: everything lands in the report."""
+
+    def __init__(self, store: ArtifactStore, settings: Any, service: str, job_id: str,
+                 stop: threading.Event | None = None):
+        self.store = store
+        self.settings = settings
+        self.key = report_key(service, job_id)
+        self.job = jobs_pb2.Job(job_id=job_id, service=service, state=S.JOB_STATE_RUNNING)
+        self.job.started_at.GetCurrentTime()
+        self.stop = stop or threading.Event()
+        self._lock = threading.Lock()
+        self._saved_at = 0.0
+
+    def update(self, job_id: str, mutate: Callable[[jobs_pb2.Job], Any], message: str = "",
+               persist: bool | str = True) -> None:
+        with self._lock:
+            mutate(self.job)
+            if message:
+                log.info("%s: %s", job_id, message)
+            if persist is True or (persist == "throttle" and time.monotonic() - self._saved_at > PERSIST_INTERVAL_S):
+                self._save()
+
+    def should_stop(self, job_id: str) -> bool:
+        return self.stop.is_set()
+
+    def finish(self, state: int, error: tuple[str, str] | None = None, result: Message | None = None) -> None:
+        def mutate(job: jobs_pb2.Job) -> None:
+            job.state = state
+            job.finished_at.GetCurrentTime()
+            if error:
+                job.error.code, job.error.message = error
+            if result is not None:
+                job.result.Pack(result)
+
+        self.update(self.job.job_id, mutate)
+
+    def _save(self) -> None:
+        self.store.put_bytes(self.key, json_format.MessageToJson(self.job).encode(), "application/json")
+        self._saved_at = time.monotonic()
+
+
+def run_worker(service: str, job_id: str, settings: Any, store: ArtifactStore | None = None,
+               stop: threading.Event | None = None, handler: Callable[[JobContext, Any], Message] | None = None) -> int:
+    """Runs the stored job `job_id` of `service` once, with the service's own handler unless one
+    is given; returns the process exit code."""
+    from fluxlora.common.server import load_definition
+    from fluxlora.common.storage import open_store
+
+    handler = handler or load_definition(service).handler
+    store = store or open_store(settings)
+    try:
+        record = json_format.Parse(store.get_bytes(JobRecords(store, service).key(job_id)), jobs_pb2.Job())
+    except NotFound:
+        log.error("no %s job %s in %s: the server's record is missing", service, job_id, store.uri)
+        return EXIT_PERMANENT
+    stop = stop or _stop_on_sigterm()
+    report = WorkerReport(store, settings, service, job_id, stop)
+    earlier = load_report(store, service, job_id)
+    if earlier is not None:  # a retry: what the earlier attempt stored is still in the store
+        report.job.artifacts.extend(earlier.artifacts)
+        report.job.warnings.extend(earlier.warnings)
+    report.update(job_id, lambda job: None, message="worker started")
+    scratch = Path(tempfile.mkdtemp(prefix=f"{job_id}-"))
+    try:
+        spec = unpack_any(record.spec)
+        result = handler(JobContext(report, job_id, spec, scratch), spec)
+    except JobInterrupted:
+        report.update(job_id, lambda job: None, message="interrupted; a retry resumes from the last checkpoint")
+        return EXIT_INTERRUPTED
+    except BaseException as exc:  # noqa: BLE001 - every failure must end up in the report
+        code, message = status_of(exc)
+        if code == "INTERNAL":
+            log.exception("job %s failed", job_id)
+        report.finish(S.JOB_STATE_FAILED, error=(code, message))
+        return EXIT_PERMANENT if code in PERMANENT_CODES else EXIT_FAILED
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    report.finish(S.JOB_STATE_SUCCEEDED, result=result)
+    return EXIT_SUCCEEDED
+
+
+def _stop_on_sigterm() -> threading.Event:
+    stop = threading.Event()
+    if threading.current_thread() is threading.main_thread():
+        def on_signal(signum, frame) -> None:
+            log.info("worker received %s; stopping at the next safe point", signal.Signals(signum).name)
+            stop.set()
+
+        signal.signal(signal.SIGTERM, on_signal)
+        signal.signal(signal.SIGINT, on_signal)
+    return stop
