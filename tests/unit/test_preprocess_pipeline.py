@@ -257,11 +257,11 @@ def test_dataset_size_warnings(corpus, tmp_path):
     assert empty.image_count == 0 and empty.warnings[0].startswith("No usable images")
 
 
-def test_enough_images_means_no_size_warning(tmp_path):
+def test_enough_varied_sharp_images_means_no_warning(tmp_path):
     files = []
     for i in range(16):
         path = tmp_path / f"{i}.png"
-        Image.new("RGB", (64, 64), (i * 15, 255 - i * 15, 100)).save(path)
+        _scene((128, 96), 100 + i).save(path)
         files.append((f"set/{i:02d}.png", path))
     manifest = preprocess_files(files, tmp_path / "out", PreprocessOptions(base_size=64))
     assert manifest.image_count == 16

@@ -46,7 +46,7 @@ class PreprocessingServiceServicer:
     """Missing associated documentation comment in .proto file."""
 
     def SubmitPreprocess(self, request, context):
-        """Validates the request (the source prefix must hold files) and queues a preprocessing job.
+        """Validates the request (the source prefix must hold images or zips) and queues a preprocessing job.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

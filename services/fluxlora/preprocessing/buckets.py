@@ -9,8 +9,10 @@ from __future__ import annotations
 from typing import Literal
 
 BUCKET_STEP = 64
-Mode = Literal["bucket", "square"]
-MODES: tuple[str, ...] = ("bucket", "square")
+Mode = Literal["bucket", "square", "subject", "pad"]
+MODES: tuple[str, ...] = ("bucket", "square", "subject", "pad")
+# Modes whose output is base x base whatever the photo's aspect (they differ in what they keep).
+SQUARE_MODES: frozenset[str] = frozenset({"square", "subject", "pad"})
 
 
 def validate_base_size(base_size: int) -> int:
@@ -29,15 +31,16 @@ def validate_base_size(base_size: int) -> int:
 def target_size(width: int, height: int, base_size: int, mode: Mode) -> tuple[int, int]:
     """The (width, height) an image of this size is trained at.
 
-    "square": base x base. "bucket": the long side becomes base_size and the short side the
-    multiple of 64 nearest to the aspect-preserving length (at least 64). Tying the long side to
+    "square", "subject" and "pad": base x base (framing.py decides what fills it). "bucket": the
+    long side becomes base_size and the short side the multiple of 64 nearest to the
+    aspect-preserving length (at least 64). Tying the long side to
     base means no bucket holds more than base^2 pixels, so the memory budget measured at the
     square size holds for every bucket.
     """
     validate_base_size(base_size)
     if width <= 0 or height <= 0:
         raise ValueError(f"image size must be positive, got {width}x{height}")
-    if mode == "square":
+    if mode in SQUARE_MODES:
         return base_size, base_size
     if mode != "bucket":
         raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")

@@ -17,6 +17,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageCms, ImageOps, UnidentifiedImageError
 
+from fluxlora.preprocessing.framing import frame
+
 log = logging.getLogger(__name__)
 
 FORMATS: tuple[str, ...] = ("JPEG", "PNG", "WEBP", "TIFF", "BMP")
@@ -132,30 +134,17 @@ def fit_to(
     Returns the result and the crop box (left, top, right, bottom) in the input's pixels; the
     box is whole pixels so that the manifest can say exactly what was kept.
     """
-    target_w, target_h = size
-    if target_w <= 0 or target_h <= 0:
-        raise ValueError(f"target size must be positive, got {target_w}x{target_h}")
-    width, height = image.size
-    # Compare aspects by cross-multiplying: exact in integers.
-    if width * target_h > height * target_w:
-        crop_w, crop_h = max(1, round(height * target_w / target_h)), height
-    else:
-        crop_w, crop_h = width, max(1, round(width * target_h / target_w))
-    left, top = (width - crop_w) // 2, (height - crop_h) // 2
-    box = (left, top, left + crop_w, top + crop_h)
-    # reducing_gap lets Pillow box-reduce a 24 MP photo first: several times faster, and the
-    # final Lanczos pass still sees 3x the target resolution, so the result is indistinguishable.
-    resized = image.resize(size, Image.Resampling.LANCZOS, box=box, reducing_gap=3.0)
-    return resized, box
+    fitted, framing = frame(image, size, "square")
+    return fitted, framing.crop_box
 
 
 def _upright(image: Image.Image, notes: list[str]) -> Image.Image:
+    # In place: the loaded pixels are ours, and a copy of a 24 MP photo costs as much as a resize.
     try:
-        upright = ImageOps.exif_transpose(image)
+        ImageOps.exif_transpose(image, in_place=True)
     except Exception as exc:  # noqa: BLE001 - a broken EXIF block should not cost the photo
         notes.append(f"EXIF orientation unreadable, used as stored ({_describe(exc)})")
-        return image.copy()
-    return upright if upright is not None else image.copy()
+    return image
 
 
 def _to_rgb(image: Image.Image, background: tuple[int, int, int], notes: list[str]) -> Image.Image:

@@ -1,56 +1,113 @@
-"""Runs one preprocessing job: originals from the store -> pipeline -> dataset in the store."""
+"""Runs one preprocessing job: originals from the store -> pipeline -> dataset in the store.
+
+Stored under datasets/<id>/: raw/ (every uploaded object, byte for byte, zips included),
+images/<stem>.png, report.json, contact_sheet.png and, last, manifest.json (the "complete"
+marker no later stage runs without).
+"""
 
 from __future__ import annotations
 
+import os
+import re
 from pathlib import Path
 
+from google.protobuf import json_format
+
 from fluxlora.common import keys
-from fluxlora.common.errors import FailedPrecondition
+from fluxlora.common.errors import FailedPrecondition, InvalidArgument
 from fluxlora.jobs.context import JobContext
-from fluxlora.preprocessing.manifest import PreprocessOptions
+from fluxlora.preprocessing.archives import ArchiveRejected, expand_archive, is_archive
+from fluxlora.preprocessing.manifest import DEFAULT_BLUR_THRESHOLD, PreprocessOptions, RejectedFile
 from fluxlora.preprocessing.pipeline import preprocess_files
+from fluxlora.preprocessing.report import build_report, truncated_for_proto
 from fluxlora_api.v1 import preprocessing_pb2 as pb
 
-CROP_MODES = {pb.CROP_MODE_UNSPECIFIED: "bucket", pb.CROP_MODE_BUCKET: "bucket", pb.CROP_MODE_SQUARE: "square"}
+CROP_MODES = {
+    pb.CROP_MODE_UNSPECIFIED: "bucket",
+    pb.CROP_MODE_BUCKET: "bucket",
+    pb.CROP_MODE_SQUARE: "square",
+    pb.CROP_MODE_SUBJECT: "subject",
+    pb.CROP_MODE_PAD: "pad",
+}
 LORA_TYPES = {pb.LORA_TYPE_UNSPECIFIED: "concrete", pb.LORA_TYPE_CONCRETE: "concrete", pb.LORA_TYPE_STYLE: "style"}
+_HEX_COLOUR = re.compile(r"^#?([0-9a-fA-F]{6})$")
 
 
 def options_from_spec(spec: pb.PreprocessSpec) -> PreprocessOptions:
+    """The pipeline's options for a spec; InvalidArgument naming the field when one is wrong."""
+    if spec.crop_mode not in CROP_MODES:
+        raise InvalidArgument(f"spec.crop_mode {spec.crop_mode} is not a CropMode; use {', '.join(pb.CropMode.keys())}")
+    if spec.lora_type not in LORA_TYPES:
+        raise InvalidArgument(f"spec.lora_type {spec.lora_type} is not a LoraType; use {', '.join(pb.LoraType.keys())}")
+    if spec.min_side < 0:
+        raise InvalidArgument(f"spec.min_side must be 0 (the default) or positive, got {spec.min_side}")
+    blur = spec.blur_threshold if spec.HasField("blur_threshold") else DEFAULT_BLUR_THRESHOLD
+    if not blur >= 0:  # also catches NaN
+        raise InvalidArgument(f"spec.blur_threshold must be 0 (off) or positive, got {blur}")
     return PreprocessOptions(
         base_size=spec.base_size or 1024,
         mode=CROP_MODES[spec.crop_mode],
         lora_type=LORA_TYPES[spec.lora_type],
+        background=_colour(spec.background),
+        min_side=spec.min_side or None,
+        # float32 on the wire: round so 20.1 stays 20.1 in the manifest and the dataset id.
+        blur_threshold=round(float(blur), 4),
     )
+
+
+def pool_size(configured: int = 0) -> int:
+    """Worker processes for one job: FLUXLORA_PREPROCESS_WORKERS when set (> 0), else the cores this
+    process may use (its CPU affinity, capped by a cgroup CPU quota: a pod limited to 2 CPUs on a
+    64-core node gets 2)."""
+    if configured > 0:
+        return configured
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    quota = _cgroup_cpu_quota()
+    return max(1, min(cores, quota) if quota else cores)
+
+
+def _cgroup_cpu_quota(path: Path = Path("/sys/fs/cgroup/cpu.max")) -> int | None:
+    """CPUs allowed by a cgroup v2 quota ("200000 100000" -> 2), rounded up; None without one."""
+    try:
+        quota, period = path.read_text().split()[:2]
+        return max(1, -(-int(quota) // int(period)))
+    except (OSError, ValueError):  # no cgroup v2, or "max" (no quota)
+        return None
 
 
 def run_preprocess(ctx: JobContext, spec: pb.PreprocessSpec) -> pb.PreprocessResult:
     options = options_from_spec(spec)
     sources = list(ctx.store.list(spec.source_prefix))
-    files: list[tuple[str, Path]] = []
+    originals: list[tuple[str, Path]] = []
     for i, obj in enumerate(sources, 1):
         ctx.check_cancelled()
         relative = obj.key[len(spec.source_prefix):]
-        files.append((relative, ctx.store.get_file(obj.key, ctx.scratch / "raw" / relative)))
+        originals.append((relative, ctx.store.get_file(obj.key, ctx.scratch / "raw" / relative)))
         ctx.progress("downloading originals", i, len(sources), "file")
 
+    files, refused = _unpack_archives(ctx, originals)
     out_dir = ctx.scratch / "images"
+    sheet_path = ctx.scratch / "contact_sheet.png"
     manifest = preprocess_files(
         files, out_dir, options,
-        progress=lambda done, total: ctx.progress("processing images", done, total, "image"),
+        progress=lambda done, total: _progress(ctx, done, total),
+        workers=pool_size(getattr(ctx.settings, "preprocess_workers", 0)),
+        contact_sheet=sheet_path,
+        rejected_upstream=refused,
     )
     dataset_id = manifest.dataset_fingerprint
     if manifest.image_count == 0:
         reasons = "; ".join(f"{r.source_key}: {r.reason}" for r in manifest.rejected[:5])
         raise FailedPrecondition(
-            f"none of the {len(files)} files under {spec.source_prefix!r} is a usable image ({reasons}); "
+            f"none of the {manifest.file_count} files under {spec.source_prefix!r} is a usable image ({reasons}); "
             "upload JPEG, PNG, WebP, TIFF or BMP photos"
         )
 
     prefix = keys.dataset_prefix(dataset_id)
-    for i, (relative, local) in enumerate(files, 1):
+    for i, (relative, local) in enumerate(originals, 1):
         ctx.check_cancelled()
         ctx.store.put_file(f"{prefix}raw/{relative}", local)
-        ctx.progress("storing originals", i, len(files), "file")
+        ctx.progress("storing originals", i, len(originals), "file")
     images = sorted(out_dir.iterdir())
     for i, path in enumerate(images, 1):
         ctx.check_cancelled()
@@ -58,6 +115,12 @@ def run_preprocess(ctx: JobContext, spec: pb.PreprocessSpec) -> pb.PreprocessRes
         ctx.progress("storing images", i, len(images), "image")
     for warning in manifest.warnings:
         ctx.warn(warning)
+
+    report = build_report(manifest)
+    report_path = ctx.scratch / "report.json"
+    report_path.write_text(report.model_dump_json(indent=2))
+    ctx.upload(report_path, report_key(dataset_id), "dataset-report")
+    ctx.upload(sheet_path, contact_sheet_key(dataset_id), "contact-sheet")
     # The manifest goes last: a dataset without one is incomplete and no later stage accepts it.
     manifest_path = ctx.scratch / "manifest.json"
     manifest_path.write_text(manifest.model_dump_json(indent=2))
@@ -66,6 +129,54 @@ def run_preprocess(ctx: JobContext, spec: pb.PreprocessSpec) -> pb.PreprocessRes
         dataset_id=dataset_id,
         image_count=manifest.image_count,
         rejected_count=manifest.rejected_count,
+        duplicate_count=manifest.duplicate_count,
         manifest_key=keys.dataset_manifest(dataset_id),
         warnings=manifest.warnings,
+        report=json_format.ParseDict(truncated_for_proto(report).model_dump(mode="json"), pb.DatasetReport()),
+        report_key=report_key(dataset_id),
+        contact_sheet_key=contact_sheet_key(dataset_id),
     )
+
+
+def _progress(ctx: JobContext, done: int, total: int) -> None:
+    ctx.check_cancelled()  # raising here stops the worker pool (pipeline.preprocess_files)
+    ctx.progress("processing images", done, total, "image")
+
+
+def report_key(dataset_id: str) -> str:
+    return f"{keys.dataset_prefix(dataset_id)}report.json"
+
+
+def contact_sheet_key(dataset_id: str) -> str:
+    return f"{keys.dataset_prefix(dataset_id)}contact_sheet.png"
+
+
+def _unpack_archives(
+    ctx: JobContext, originals: list[tuple[str, Path]]
+) -> tuple[list[tuple[str, Path]], list[RejectedFile]]:
+    """Zips become their members; a refused zip, or a member that is not a photo, a rejection."""
+    files: list[tuple[str, Path]] = []
+    refused: list[RejectedFile] = []
+    archives = [(key, path) for key, path in originals if is_archive(key)]
+    for i, (key, path) in enumerate(archives, 1):
+        ctx.check_cancelled()
+        try:
+            expanded = expand_archive(path, ctx.scratch / "unpacked" / str(i), key)
+        except ArchiveRejected as exc:
+            refused.append(RejectedFile(source_key=key, reason=f"archive refused: {exc.reason}"))
+            continue
+        files.extend(expanded.files)
+        refused.extend(RejectedFile(source_key=k, reason=reason) for k, reason in expanded.rejected)
+        ctx.progress("unpacking archives", i, len(archives), "archive")
+    files.extend((key, path) for key, path in originals if not is_archive(key))
+    return files, refused
+
+
+def _colour(text: str) -> tuple[int, int, int]:
+    if not text.strip():
+        return (255, 255, 255)
+    match = _HEX_COLOUR.match(text.strip())
+    if match is None:
+        raise InvalidArgument(f"spec.background {text!r} is not a colour; use '#rrggbb', e.g. '#ffffff' for white")
+    value = match.group(1)
+    return int(value[0:2], 16), int(value[2:4], 16), int(value[4:6], 16)

@@ -9,8 +9,18 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from fluxlora.preprocessing.buckets import validate_base_size
 
 Channel = Annotated[int, Field(ge=0, le=255)]
+Box = tuple[int, int, int, int]
+Flag = Literal["upscaled", "blurry", "near_duplicate", "extreme_aspect"]
 
-MANIFEST_VERSION = 1
+MANIFEST_VERSION = 2
+
+# Mean of the top quarter of tile Laplacian variances on the training image (see quality.py).
+# Sharp photos at 512-1024 px score 50 to several thousand; a 1-2 px defocus drops them below 10.
+DEFAULT_BLUR_THRESHOLD = 20.0
+# Hamming distance out of 64 bits on both the DCT and the gradient hash (and close mean colours,
+# quality.near_duplicate_clusters): re-encodes, resizes and light edits of one shot land at 0-3,
+# different shots of one product on one backdrop at 4-12.
+DEFAULT_NEAR_DUPLICATE_DISTANCE = 5
 
 
 def default_min_side(base_size: int) -> int:
@@ -26,12 +36,16 @@ class PreprocessOptions(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     base_size: int = 1024
-    mode: Literal["bucket", "square"] = "bucket"
+    mode: Literal["bucket", "square", "subject", "pad"] = "bucket"
     lora_type: Literal["concrete", "style"] = "concrete"
     background: tuple[Channel, Channel, Channel] = (255, 255, 255)
     # None means default_min_side(base_size); resolved on construction so manifests (and the
     # dataset fingerprint) always carry the floor that was actually applied.
     min_side: int | None = Field(default=None, ge=1)
+    blur_threshold: float = Field(default=DEFAULT_BLUR_THRESHOLD, ge=0)
+    """Images whose blur score is below this are flagged "blurry"; 0 turns the check off."""
+    near_duplicate_distance: int = Field(default=DEFAULT_NEAR_DUPLICATE_DISTANCE, ge=-1, le=32)
+    """Largest perceptual-hash distance that counts as a near duplicate; -1 turns the check off."""
 
     @field_validator("base_size")
     @classmethod
@@ -56,13 +70,30 @@ class ImageEntry(BaseModel):
     source_mode: str
     original_size: tuple[int, int]
     """Width x height after EXIF orientation: the frame crop_box refers to."""
-    crop_box: tuple[int, int, int, int]
+    crop_box: Box
+    """The part of the original that was kept (the whole frame in "pad" mode)."""
     size: tuple[int, int]
     bucket: str
     sha256: str
     """Of the source file's bytes."""
     pixel_sha256: str
-    """Of the decoded RGB pixels: equal for the same photo saved in two lossless ways."""
+    """Of the training PNG written, which identifies its pixels (fixed encoder settings): equal
+    for one photo saved in two lossless ways. Also the stored image's checksum."""
+    phash: str = ""
+    """64-bit DCT perceptual hash (imagehash.phash) of the training image, hex."""
+    dhash: str = ""
+    """64-bit gradient hash (imagehash.dhash) of the training image, hex."""
+    colour: str = ""
+    """Mean RGB of each quarter of the training image, hex (near duplicates share it closely)."""
+    blur_score: float = 0.0
+    """Detail at training size: mean of the top quarter of tile Laplacian variances; low is blurry."""
+    pad_box: Box | None = None
+    """"pad" mode: where the photo sits inside the output; the rest is filled with pad_color."""
+    pad_color: tuple[int, int, int] | None = None
+    near_duplicate_group: int | None = None
+    """Index into Manifest.near_duplicate_groups when this image has near duplicates."""
+    flags: list[Flag] = []
+    """Machine-readable summary of the warnings: what the report and the contact sheet mark."""
     warnings: list[str] = []
 
 
@@ -80,15 +111,28 @@ class DuplicateFile(BaseModel):
     match: Literal["file bytes", "pixels"]
 
 
+class NearDuplicateGroup(BaseModel):
+    """Kept images that look alike; all of them are trained, the report asks the user to choose."""
+
+    stems: list[str]
+    source_keys: list[str]
+    max_distance: int
+    """Largest perceptual-hash distance between two linked members."""
+
+
 class Manifest(BaseModel):
     manifest_version: int = MANIFEST_VERSION
     dataset_fingerprint: str
     options: PreprocessOptions
+    file_count: int = 0
+    """Inputs considered (members of an archive count one by one; a refused archive counts once)."""
     image_count: int
     rejected_count: int
     duplicate_count: int
+    flagged_count: int = 0
     buckets: dict[str, int]
     warnings: list[str]
     images: list[ImageEntry]
     rejected: list[RejectedFile]
     duplicates: list[DuplicateFile]
+    near_duplicate_groups: list[NearDuplicateGroup] = []

@@ -8,11 +8,13 @@ from fluxlora.common.errors import InvalidArgument, NotFound
 from fluxlora.common.grpc_status import grpc_errors
 from fluxlora.common.storage import validate_prefix
 from fluxlora.jobs.runtime import JobRuntime
+from fluxlora.preprocessing.archives import ARCHIVE_SUFFIXES
 from fluxlora.preprocessing.job import options_from_spec
 from fluxlora_api.v1 import preprocessing_pb2 as pb
 from fluxlora_api.v1 import preprocessing_pb2_grpc
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".tif", ".tiff", ".bmp"}
+ACCEPTED_SUFFIXES = IMAGE_SUFFIXES | ARCHIVE_SUFFIXES
 
 
 class PreprocessingServicer(preprocessing_pb2_grpc.PreprocessingServiceServicer):
@@ -27,13 +29,13 @@ class PreprocessingServicer(preprocessing_pb2_grpc.PreprocessingServiceServicer)
             raise InvalidArgument("spec.source_prefix is empty: upload photos first (client.upload_photos)")
         spec.source_prefix = validate_prefix(spec.source_prefix)
         spec.base_size = spec.base_size or 1024
-        options_from_spec(spec)  # validates base_size with a clear message
+        options_from_spec(spec)  # validates every option with a message naming the field
         names = [o.key for o in self.runtime.store.list(spec.source_prefix)]
         if not names:
             raise NotFound(f"no files under {spec.source_prefix!r}: upload photos there first")
-        if not any(PurePosixPath(n).suffix.lower() in IMAGE_SUFFIXES for n in names):
+        if not any(PurePosixPath(n).suffix.lower() in ACCEPTED_SUFFIXES for n in names):
             raise InvalidArgument(
-                f"{spec.source_prefix!r} holds {len(names)} files but no images "
-                f"(expected {', '.join(sorted(IMAGE_SUFFIXES))}); e.g. {names[0]!r}"
+                f"{spec.source_prefix!r} holds {len(names)} files but no images or zips "
+                f"(expected {', '.join(sorted(ACCEPTED_SUFFIXES))}); e.g. {names[0]!r}"
             )
         return self.runtime.submit(spec, request.request_id)
