@@ -4,8 +4,10 @@
     fluxlora up                        # start the four services on localhost
     fluxlora pipeline photos/ --trigger ohwx --base-model /models/flux1-dev --caption-model /models/florence2
     fluxlora preprocess | caption | train | evaluate   # one stage at a time
+    fluxlora caption list | edit | replace | review | approve | export DATASET   # caption review
     fluxlora generate "ohwx, a bottle on a beach" --lora trn-0123456789ab:1500@0.8
     fluxlora jobs list training
+    fluxlora serve training ; fluxlora worker training trn-0123456789ab   # in containers and Kubernetes Jobs
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from google.protobuf import json_format
 from rich.console import Console
 from rich.table import Table
 
+from fluxlora_client.caption_cli import caption_app
 from fluxlora_client.errors import FluxloraClientError
 
 app = typer.Typer(help="Turn a folder of photos into a tested FLUX.1 LoRA.", no_args_is_help=True,
@@ -27,6 +30,7 @@ jobs_app = typer.Typer(help="List, inspect, watch and cancel jobs.", no_args_is_
 models_app = typer.Typer(help="Model helpers.", no_args_is_help=True)
 app.add_typer(jobs_app, name="jobs")
 app.add_typer(models_app, name="models")
+app.add_typer(caption_app, name="caption")
 console = Console()
 
 Store = Annotated[str | None, typer.Option(help="Artifact store: a directory or s3://bucket (default FLUXLORA_STORE).")]
@@ -71,6 +75,26 @@ def serve(
 
 
 @app.command()
+def worker(
+    service: Annotated[str, typer.Argument(help="The service whose job handler runs the job.")],
+    job_id: Annotated[str, typer.Argument(help="The stored job to run, e.g. trn-0123456789ab.")],
+    store: Store = None,
+) -> None:
+    """Run one stored job in this process, then exit (what a Kubernetes Job's pod runs).
+    Exit codes: 0 succeeded, 1 failed (a retry may help), 3 bad request, 75 interrupted."""
+    from fluxlora.common.config import SERVICES, Settings
+    from fluxlora.common.logs import configure_logging
+    from fluxlora.jobs.worker import EXIT_PERMANENT, run_worker
+
+    if service not in SERVICES:
+        console.print(f"[red]error[/red] unknown service {service!r}; choose one of {', '.join(SERVICES)}")
+        raise typer.Exit(EXIT_PERMANENT)
+    settings = Settings(store=store) if store else Settings()
+    configure_logging(settings.log_level, settings.log_format, f"{service}-worker")
+    raise typer.Exit(run_worker(service, job_id, settings))
+
+
+@app.command()
 def up(store: Store = None, host: str = "127.0.0.1") -> None:
     """Start all four services on localhost (default ports) until Ctrl-C."""
     import time
@@ -92,32 +116,64 @@ def up(store: Store = None, host: str = "127.0.0.1") -> None:
 
 @app.command()
 def preprocess(
-    photos: Annotated[Path, typer.Argument(exists=True, file_okay=False, help="Folder of photos.")],
+    photos: Annotated[Path, typer.Argument(exists=True, help="Folder of photos, or a .zip of them.")],
     base_size: int = 1024,
-    crop_mode: str = "bucket",
-    lora_type: str = "concrete",
+    crop_mode: Annotated[str, typer.Option(help="bucket, square, subject (square on the subject) or pad.")] = "bucket",
+    lora_type: Annotated[str, typer.Option(help="concrete (~30 images) or style (50+).")] = "concrete",
+    background: Annotated[str, typer.Option(help="#rrggbb behind transparent pixels (default white).")] = "",
+    min_side: Annotated[int, typer.Option(help="Shortest side accepted in px (0: base/4, at least 64).")] = 0,
+    blur_threshold: Annotated[float | None, typer.Option(help="Flag images whose blur score is under this.")] = None,
     store: Store = None,
 ) -> None:
-    """Upload a folder of photos and preprocess it into a dataset."""
+    """Upload photos and preprocess them into a dataset; the report goes to stderr, the result to stdout."""
     client = _client(store)
     source = client.upload_photos(photos)
-    result = _run_job(client, "preprocess", client.preprocess(source, base_size, crop_mode, lora_type))
+    job = client.preprocess(source, base_size, crop_mode, lora_type, background=background, min_side=min_side,
+                            blur_threshold=blur_threshold)
+    result = _run_job(client, "preprocess", job)
+    print_dataset_report(result, Console(stderr=True))
     _print_result(result)
 
 
-@app.command()
-def caption(
-    dataset_id: str,
-    trigger: Annotated[str, typer.Option(help="The unique trigger word.")],
-    model: Annotated[str, typer.Option(help="Captioning model directory or store://prefix.")] = "",
-    remove: Annotated[list[str] | None, typer.Option(help="Phrase to remove from captions (repeatable).")] = None,
-    task: str = "<CAPTION>",
-    store: Store = None,
-) -> None:
-    """Auto-caption a dataset and bind it to a trigger word."""
-    client = _client(store)
-    job = client.caption(dataset_id, trigger, model=model, remove_phrases=remove or [], task=task)
-    _print_result(_run_job(client, "caption", job))
+def print_dataset_report(result, out: Console) -> None:
+    """A PreprocessResult's report as tables: counts, buckets, warnings, and every file with a problem."""
+    report = result.report
+    counts = Table(title=f"dataset {result.dataset_id}: {report.lora_type} LoRA, {report.crop_mode} "
+                         f"{report.base_size} px (about {report.recommended_images} images recommended)")
+    for column in ("files", "images", "rejected", "exact duplicates", "near duplicates", "flagged", "blurry",
+                   "upscaled"):
+        counts.add_column(column, justify="right")
+    counts.add_row(*(str(v) for v in (report.file_count, report.image_count, report.rejected_count,
+                                       report.duplicate_count, report.near_duplicate_count, report.flagged_count,
+                                       report.blurry_count, report.upscaled_count)))
+    out.print(counts)
+    if report.buckets:
+        buckets = Table("bucket", "images", "", title="buckets")
+        most = max(report.buckets.values())
+        for bucket, n in sorted(report.buckets.items(), key=lambda kv: (-kv[1], kv[0])):
+            buckets.add_row(bucket, str(n), "#" * max(1, round(30 * n / most)))
+        out.print(buckets)
+    sections = [
+        ("rejected", ("file", "reason"), [(r.source_key, r.reason) for r in report.rejected]),
+        ("exact duplicates (not trained)", ("kept", "copies"),
+         [(f"{g.kept_source_key} ({g.stem})", ", ".join(g.duplicate_source_keys)) for g in report.duplicate_groups]),
+        ("near duplicates (all trained: keep the best of each group)", ("group", "images", "distance"),
+         [(str(i), ", ".join(g.stems), str(g.max_distance)) for i, g in enumerate(report.near_duplicate_groups)]),
+        ("flagged", ("image", "flags", "blur score", "first warning"),
+         [(f.stem, ", ".join(f.flags), f"{f.blur_score:.1f}", f.warnings[0] if f.warnings else "")
+          for f in report.flagged]),
+    ]
+    for title, columns, rows in sections:
+        if rows:
+            table = Table(*columns, title=title, title_style="bold", show_lines=False)
+            for row in rows:
+                table.add_row(*row)
+            out.print(table)
+    for warning in report.warnings:
+        out.print(f"[yellow]warning[/yellow] {warning}")
+    if report.truncated:
+        out.print(f"(lists cut to 500 entries; {result.report_key} has them all)")
+    out.print(f"report {result.report_key}\ncontact sheet {result.contact_sheet_key}")
 
 
 @app.command()
@@ -130,13 +186,17 @@ def train(
     sample_every: int = 750,
     learning_rate: float = 1e-4,
     rank: int = 16,
+    gradient_checkpointing: Annotated[bool, typer.Option(help="Recompute activations to save memory.")] = True,
+    precision: Annotated[str, typer.Option(help="auto, bf16, fp16 or fp32.")] = "auto",
     store: Store = None,
 ) -> None:
-    """Train a LoRA on a captioned dataset."""
+    """Train a LoRA on a captioned dataset. A run that would not fit the server's GPU is refused
+    at once, with the options that would fit."""
     client = _client(store)
     job = client.train(dataset_id, base_model=base_model, resolution=resolution, max_steps=max_steps,
                        checkpoint_every=checkpoint_every, sample_every=sample_every,
-                       learning_rate=learning_rate, rank=rank)
+                       learning_rate=learning_rate, rank=rank, gradient_checkpointing=gradient_checkpointing,
+                       precision=precision)
     _print_result(_run_job(client, "train", job))
 
 
@@ -311,12 +371,15 @@ def jobs_cancel(job_id: str, store: Store = None) -> None:
 
 @models_app.command("write-tiny")
 def write_tiny(out: Path, seed: int = 0) -> None:
-    """Write a tiny random FLUX pipeline and Florence-2 captioner (for demos and tests)."""
+    """Write a tiny random FLUX pipeline and Florence-2 and BLIP captioners (for demos and tests)."""
     from fluxlora.models.tiny_captioner import write_tiny_florence2
     from fluxlora.models.tiny_flux import write_tiny_flux
 
     console.print(f"flux      {write_tiny_flux(out / 'tiny-flux', seed=seed)}")
     console.print(f"florence2 {write_tiny_florence2(out / 'tiny-florence2', seed=seed)}")
+    from fluxlora.models.tiny_blip import write_tiny_blip
+
+    console.print(f"blip      {write_tiny_blip(out / 'tiny-blip', seed=seed)}")
 
 
 def main() -> None:

@@ -9,12 +9,13 @@ callbacks, and upload/download helpers that talk to the artifact store directly.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 from google.protobuf.message import Message
@@ -35,6 +36,9 @@ from fluxlora_api.v1 import (
 )
 from fluxlora_client.errors import FluxloraClientError, JobCancelled, JobFailed
 
+if TYPE_CHECKING:
+    from fluxlora_client.captions import CaptionReview
+
 S = jobs_pb2.JobState
 TERMINAL = (S.JOB_STATE_SUCCEEDED, S.JOB_STATE_FAILED, S.JOB_STATE_CANCELLED)
 PREFIX_TO_SERVICE = {"pre": "preprocessing", "cap": "captioning", "trn": "training", "evl": "evaluation"}
@@ -44,7 +48,9 @@ RESULT_TYPES = {
     "training": training_pb2.TrainResult,
     "evaluation": evaluation_pb2.GridResult,
 }
-CROP_MODES = {"bucket": preprocessing_pb2.CROP_MODE_BUCKET, "square": preprocessing_pb2.CROP_MODE_SQUARE}
+RESULT_BY_NAME = {t.DESCRIPTOR.full_name: t for t in [*RESULT_TYPES.values(), evaluation_pb2.GenerateResult]}
+CROP_MODES = {"bucket": preprocessing_pb2.CROP_MODE_BUCKET, "square": preprocessing_pb2.CROP_MODE_SQUARE,
+              "subject": preprocessing_pb2.CROP_MODE_SUBJECT, "pad": preprocessing_pb2.CROP_MODE_PAD}
 LORA_TYPES = {"concrete": preprocessing_pb2.LORA_TYPE_CONCRETE, "style": preprocessing_pb2.LORA_TYPE_STYLE}
 
 # Retry UNAVAILABLE (a service restarting) on idempotent calls; submits carry a request_id.
@@ -118,9 +124,17 @@ class FluxloraClient:
     # --- uploads and downloads -------------------------------------------------------------
     def upload_photos(self, folder: str | Path) -> str:
         """Uploads every file of a folder (recursively) under uploads/<content hash>/ and returns
-        that prefix. The same photos give the same prefix, so an upload is never stored twice."""
+        that prefix. The same photos give the same prefix, so an upload is never stored twice.
+
+        `folder` may also be a .zip of photos: it is uploaded as one object under the prefix and
+        the preprocessing service unpacks it (and refuses it if an entry points outside it)."""
         folder = Path(folder)
-        files = sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith("."))
+        if folder.is_file() and folder.suffix.lower() == ".zip":
+            files, folder = [folder], folder.parent
+        elif folder.is_file():
+            raise FluxloraClientError("INVALID_ARGUMENT", f"{folder} is a file: pass a folder of photos or a .zip")
+        else:
+            files = sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith("."))
         if not files:
             raise FluxloraClientError("INVALID_ARGUMENT", f"{folder} holds no files")
         digest = hashlib.sha256()
@@ -145,11 +159,16 @@ class FluxloraClient:
 
     # --- submitting ------------------------------------------------------------------------
     def preprocess(self, source_prefix: str, base_size: int = 1024, crop_mode: str = "bucket",
-                   lora_type: str = "concrete", request_id: str | None = None) -> jobs_pb2.Job:
+                   lora_type: str = "concrete", request_id: str | None = None, *, background: str = "",
+                   min_side: int = 0, blur_threshold: float | None = None) -> jobs_pb2.Job:
+        """crop_mode: bucket, square, subject (square on the salient region) or pad (whole photo,
+        padded square). background: "#rrggbb" behind transparency. min_side: 0 for the default
+        floor. blur_threshold: None for the default, 0 to turn the blur check off."""
         spec = preprocessing_pb2.PreprocessSpec(
             source_prefix=source_prefix, base_size=base_size,
             crop_mode=_choice(CROP_MODES, crop_mode, "crop_mode"),
             lora_type=_choice(LORA_TYPES, lora_type, "lora_type"),
+            background=background, min_side=min_side, blur_threshold=blur_threshold,
         )
         request = preprocessing_pb2.SubmitPreprocessRequest(spec=spec, request_id=request_id or _new_id())
         return self._call(self._preprocessing.SubmitPreprocess, request)
@@ -157,11 +176,17 @@ class FluxloraClient:
     def caption(self, dataset_id: str, trigger_word: str, model: str = "", captioner: str = "florence2",
                 task: str = "<CAPTION>", remove_phrases: list[str] | tuple[str, ...] = (),
                 batch_size: int = 0, trigger_position: str = "start", max_new_tokens: int = 0,
-                request_id: str | None = None) -> jobs_pb2.Job:
+                request_id: str | None = None, *, style: str = "natural", captions_source: str = "",
+                base_model: str = "") -> jobs_pb2.Job:
+        """Auto-caption a dataset (a draft caption version; review and approve it with `captions`).
+
+        captioner "import" takes existing captions instead: .txt/.csv/.jsonl uploaded with the photos,
+        or the object key / prefix captions_source. style: "natural" or "tags". base_model: a FLUX
+        model whose tokenizers count caption tokens (default: the service's)."""
         spec = captioning_pb2.CaptionSpec(
             dataset_id=dataset_id, trigger_word=trigger_word, captioner=captioner, model=model, task=task,
             batch_size=batch_size, remove_phrases=list(remove_phrases), trigger_position=trigger_position,
-            max_new_tokens=max_new_tokens,
+            max_new_tokens=max_new_tokens, style=style, captions_source=captions_source, base_model=base_model,
         )
         request = captioning_pb2.SubmitCaptionRequest(spec=spec, request_id=request_id or _new_id())
         return self._call(self._captioning.SubmitCaption, request)
@@ -169,17 +194,42 @@ class FluxloraClient:
     def train(self, dataset_id: str, base_model: str = "", request_id: str | None = None,
               **options: Any) -> jobs_pb2.Job:
         """Options are TrainSpec fields: resolution, max_steps, learning_rate, rank, alpha,
-        batch_size, seed, checkpoint_every, sample_every, sample_prompts, guidance, ..."""
+        batch_size, seed, checkpoint_every, sample_every, sample_prompts, guidance, precision,
+        gradient_checkpointing, ... A run too big for the server's GPU raises FluxloraClientError
+        RESOURCE_EXHAUSTED naming the options that would fit."""
         spec = training_pb2.TrainSpec(dataset_id=dataset_id, base_model=base_model, **options)
         request = training_pb2.SubmitTrainingRequest(spec=spec, request_id=request_id or _new_id())
         return self._call(self._training.SubmitTraining, request)
 
     def evaluate(self, run_id: str, strengths: list[float] | None = None, request_id: str | None = None,
                  **options: Any) -> jobs_pb2.Job:
-        """Options are GridSpec fields: checkpoint_steps, prompt, seed, width, height, steps, ..."""
+        """Options are GridSpec fields: checkpoint_steps, prompt, seed, width, height, steps, guidance,
+        prompts / seeds (one grid per prompt and seed), rows_per_page, image_text_model ("none" to
+        skip fidelity scores), skip_convergence. The result's `recommendation` is the pick."""
         spec = evaluation_pb2.GridSpec(run_id=run_id, strengths=strengths or [], **options)
         request = evaluation_pb2.SubmitGridRequest(spec=spec, request_id=request_id or _new_id())
         return self._call(self._evaluation.SubmitGrid, request)
+
+    def generate(self, prompts: str | list[str], loras: list[dict[str, Any]] | None = None,
+                 request_id: str | None = None, **options: Any) -> jobs_pb2.Job:
+        """Images from the base model with LoRAs applied; the job's result is a GenerateResult.
+
+        loras: [{"key": "<.safetensors key>", "strength": 0.8}] or [{"run_id": "trn-...", "step": 1500}]
+        (step 0 or absent: the run's latest checkpoint; strength absent: 1.0). Options are GenerateSpec
+        fields: seed, images_per_prompt, width, height, steps, guidance, base_model."""
+        spec = evaluation_pb2.GenerateSpec(
+            prompts=[prompts] if isinstance(prompts, str) else list(prompts),
+            loras=[evaluation_pb2.LoraWeight(**lora) for lora in loras or []], **options,
+        )
+        request = evaluation_pb2.SubmitGenerateRequest(spec=spec, request_id=request_id or _new_id())
+        return self._call(self._evaluation.SubmitGenerate, request)
+
+    @functools.cached_property
+    def captions(self) -> CaptionReview:
+        """Caption review: list, edit, replace, approve, history, export, HTML review page (captions.py)."""
+        from fluxlora_client.captions import CaptionReview
+
+        return CaptionReview(self)
 
     # --- jobs ------------------------------------------------------------------------------
     def _jobs(self, job_id: str) -> jobs_pb2_grpc.JobServiceStub:
@@ -193,6 +243,10 @@ class FluxloraClient:
         return self._call(self._jobs(job_id).GetJob, jobs_pb2.GetJobRequest(job_id=job_id))
 
     def list_jobs(self, service: str, states: list[int] | None = None, page_size: int = 0) -> list[jobs_pb2.Job]:
+        if service not in self.addresses:
+            raise FluxloraClientError(
+                "INVALID_ARGUMENT", f"unknown service {service!r}; choose one of {', '.join(self.addresses)}"
+            )
         self._channel(service)
         request = jobs_pb2.ListJobsRequest(states=states or [], page_size=page_size)
         return list(self._call(self._endpoints[service].jobs.ListJobs, request).jobs)
@@ -232,7 +286,8 @@ class FluxloraClient:
 
     def result(self, job: jobs_pb2.Job) -> Any:
         """The job's typed result (PreprocessResult, CaptionResult, TrainResult or GridResult)."""
-        message = RESULT_TYPES[job.service]()
+        # The evaluation service has two result types (GridResult, GenerateResult): go by the payload.
+        message = RESULT_BY_NAME.get(job.result.TypeName(), RESULT_TYPES[job.service])()
         if not job.result.Unpack(message):
             raise FluxloraClientError("FAILED_PRECONDITION", f"job {job.job_id} has no result yet")
         return message
@@ -240,7 +295,7 @@ class FluxloraClient:
     def spec(self, job: jobs_pb2.Job) -> Any:
         name = job.spec.TypeName().rsplit(".", 1)[-1]
         module = {"PreprocessSpec": preprocessing_pb2, "CaptionSpec": captioning_pb2,
-                  "TrainSpec": training_pb2, "GridSpec": evaluation_pb2}[name]
+                  "TrainSpec": training_pb2, "GridSpec": evaluation_pb2, "GenerateSpec": evaluation_pb2}[name]
         message = getattr(module, name)()
         job.spec.Unpack(message)
         return message

@@ -36,11 +36,50 @@ class Settings(BaseSettings):
     port: int = Field(0, description="Port; 0 means the service's default port.")
     workers: int = Field(1, ge=1, description="Jobs a server runs at once (GPU services: 1).")
     max_queued_jobs: int = Field(64, ge=1, description="Queued jobs beyond which submits get RESOURCE_EXHAUSTED.")
+    preprocess_workers: int = Field(
+        0, ge=0, description="Processes a preprocessing job uses; 0 means the CPUs this process may use."
+    )
     log_level: str = Field("INFO", description="Python logging level.")
     log_format: Literal["text", "json"] = Field("text", description="Log line format.")
     base_model: str = Field("", description="Default base model (directory or store://prefix).")
     caption_model: str = Field("", description="Default captioning model (directory or store://prefix).")
     device: str = Field("auto", description="Torch device for GPU services: auto, cuda, cpu.")
+    gpu_memory_gib: float | None = Field(
+        None, ge=0,
+        description="GPU memory (GiB) training runs must fit, checked at submit by the memory planner; "
+                    "unset: the server's GPU, or 24 without one; 0 turns the check off.",
+    )
+    # Where a server runs its jobs: in its own worker threads, or each as a Kubernetes Job running
+    # `fluxlora worker <service> <job_id>` (fluxlora.jobs.kubernetes; settings below, docs/deploy.md).
+    runner: Literal["local", "kubernetes"] = Field("local", description="Job runner: local or kubernetes.")
+    k8s_namespace: str = Field("", description="Namespace for Jobs; empty: the pod's own namespace.")
+    k8s_image: str = Field("", description="Image of the Job's worker; empty: the image of k8s_pod_name's container.")
+    k8s_pod_name: str = Field("", description="This server's pod (downward API), whose image the worker runs.")
+    k8s_service_account: str = Field("", description="ServiceAccount of the Job's pods (empty: namespace default).")
+    k8s_env_from: list[str] = Field(
+        default_factory=list,
+        description="ConfigMaps and Secrets the worker takes its FLUXLORA_* settings from: configmap/<n>, secret/<n>.",
+    )
+    k8s_node_selector: dict[str, str] = Field(default_factory=dict, description="nodeSelector of Job pods (JSON).")
+    k8s_tolerations: list[dict] = Field(default_factory=list, description="Tolerations of the Job's pods (JSON list).")
+    k8s_resources: dict = Field(
+        default_factory=lambda: {"limits": {"nvidia.com/gpu": "1"}},
+        description="Resources of the worker container (JSON, Kubernetes ResourceRequirements).",
+    )
+    k8s_cache_claim: str = Field("", description="PersistentVolumeClaim for the model cache; empty: an emptyDir.")
+    k8s_backoff_limit: int = Field(2, ge=0, description="Retries of a failed worker pod (spec.backoffLimit).")
+    k8s_ttl_after_finished_s: int = Field(86400, ge=0, description="Seconds a finished Job is kept before deletion.")
+    k8s_active_deadline_s: int = Field(
+        0, ge=0, description="Seconds a Job may exist, pending included; 0: no limit (queued Jobs wait for GPUs)."
+    )
+    k8s_poll_s: float = Field(5.0, gt=0, description="Seconds between status polls of a running Job.")
+    grid_max_cells: int = Field(
+        64, ge=1, description="Most images one evaluation job renders (all grids of a grid job; a Generate job)."
+    )
+    grid_page_cells: int = Field(48, ge=1, description="Cells per grid image; longer grids are split into pages.")
+    image_text_model: str = Field(
+        "", description="CLIP-like image-text model (directory or store://prefix) for grid fidelity scores."
+    )
 
     def port_for(self, service: str) -> int:
         return self.port or DEFAULT_PORTS[service]

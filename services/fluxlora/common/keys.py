@@ -33,3 +33,7 @@ def checkpoint_prefix(run_id: str, step: int) -> str:
 
 def grid_prefix(grid_id: str) -> str:
     return f"grids/{grid_id}/"
+
+
+def generation_prefix(generation_id: str) -> str:
+    return f"generations/{generation_id}/"

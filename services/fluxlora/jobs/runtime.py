@@ -27,6 +27,7 @@ from fluxlora.common.errors import FailedPrecondition, NotFound, ResourceExhaust
 from fluxlora.common.storage import ArtifactStore
 from fluxlora.jobs.context import JobContext, JobInterrupted
 from fluxlora.jobs.records import JobRecords
+from fluxlora.jobs.runners import Runner, runner_for
 from fluxlora_api.v1 import jobs_pb2
 
 log = logging.getLogger(__name__)
@@ -50,12 +51,15 @@ class JobRuntime:
         settings: Any = None,
         workers: int = 1,
         max_queued: int = 64,
+        runner: Runner | None = None,
     ):
         self.service = service
         self.prefix = prefix
         self.store = store
         self.settings = settings
         self._handler = handler
+        # Local threads by default; FLUXLORA_RUNNER=kubernetes runs each job as a Kubernetes Job.
+        self._runner = runner or runner_for(settings, service, handler)
         self._records = JobRecords(store, service)
         self._workers = workers
         self._max_queued = max_queued
@@ -83,6 +87,7 @@ class JobRuntime:
                 self._records.save(job)
                 log.info("job %s picked up again after a restart", job.job_id)
                 self._queue.put(job.job_id)
+        self._runner.recover(self)
         for i in range(self._workers):
             thread = threading.Thread(target=self._work, name=f"{self.service}-worker-{i}", daemon=True)
             thread.start()
@@ -180,6 +185,11 @@ class JobRuntime:
     def _changed_since(self, job_id: str, sequence: int) -> bool:
         return self._sequence[job_id] > sequence or self._stopping.is_set()
 
+    @property
+    def stopping(self) -> bool:
+        """True once shutdown began (a runner then leaves remote work running for the next start)."""
+        return self._stopping.is_set()
+
     def should_stop(self, job_id: str) -> bool:
         return self._stopping.is_set() or self._jobs[job_id].cancel_requested
 
@@ -258,7 +268,7 @@ class JobRuntime:
             job.spec.Unpack(spec)
         scratch = Path(tempfile.mkdtemp(prefix=f"{job_id}-", dir=self._scratch_root))
         try:
-            result = self._handler(JobContext(self, job_id, spec, scratch), spec)
+            result = self._runner.run(self, job_id, spec, scratch)
         except JobInterrupted:
             if self._jobs[job_id].cancel_requested:
                 self._finish(job_id, S.JOB_STATE_CANCELLED)
