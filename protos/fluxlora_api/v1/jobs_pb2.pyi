@@ -79,8 +79,9 @@ class ArtifactRef(_message.Message):
     key: _builtins.str
     """Object key inside the store's bucket, e.g. "runs/trn-1a2b/checkpoints/step-000750/pytorch_lora_weights.safetensors"."""
     kind: _builtins.str
-    """What the object is: "dataset-manifest", "image", "caption", "lora", "loss-csv", "loss-plot",
-    "sample", "grid", "grid-cell", "report", ...
+    """What the object is, e.g. "dataset-manifest", "dataset-report", "contact-sheet", "captions",
+    "lora", "lora-kohya", "checkpoint-state", "loss-csv", "loss-plot", "sample", "grid", "grid-cell",
+    "report". Bulk outputs (a dataset's images and caption files) are listed by their manifest, not here.
     """
     size_bytes: _builtins.int
     """Size of the object in bytes."""
@@ -244,7 +245,7 @@ class Job(_message.Message):
 
     @_builtins.property
     def metrics(self) -> _containers.ScalarMap[_builtins.str, _builtins.float]:
-        """Latest numeric metrics, e.g. {"loss": 0.31, "lr": 1e-4, "seconds_per_step": 0.8}."""
+        """Latest numeric metrics, e.g. training's {"loss": 0.31, "lr": 1e-4, "estimated_peak_gib": 13.8}."""
 
     @_builtins.property
     def artifacts(self) -> _containers.RepeatedCompositeFieldContainer[Global___ArtifactRef]:
@@ -256,7 +257,10 @@ class Job(_message.Message):
 
     @_builtins.property
     def spec(self) -> _any_pb2.Any:
-        """The submitted spec (a PreprocessSpec, CaptionSpec, TrainSpec or GridSpec), with defaults filled in."""
+        """The submitted spec (a PreprocessSpec, CaptionSpec, TrainSpec, GridSpec or GenerateSpec) as
+        accepted; fields the service resolved at submit (model references, prompts, checkpoint steps) are
+        filled in, other zero fields keep their documented defaults.
+        """
 
     @_builtins.property
     def result(self) -> _any_pb2.Any:

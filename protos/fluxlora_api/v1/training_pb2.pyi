@@ -52,7 +52,7 @@ class TrainSpec(_message.Message):
     object-store prefix (e.g. "store://models/flux1-dev"). Empty means the service's default.
     """
     resolution: _builtins.int
-    """Training resolution (long side, pixels): 512, 768 or 1024 for FLUX.1; default 512."""
+    """Training resolution (long side, pixels): a multiple of 16; 512, 768 or 1024 for FLUX.1; default 512."""
     max_steps: _builtins.int
     """Optimiser steps; default 3000."""
     learning_rate: _builtins.float
@@ -76,9 +76,9 @@ class TrainSpec(_message.Message):
     gradient_checkpointing: _builtins.bool
     """Recompute activations in the backward pass to save memory; default true."""
     lr_scheduler: _builtins.str
-    """Learning-rate schedule: "constant" (default), "cosine", "linear"."""
+    """Learning-rate schedule: "constant" (default), "constant_with_warmup", "cosine", "linear"."""
     timestep_sampling: _builtins.str
-    """Timestep sampling: "sigmoid" (default), "uniform", "shift"."""
+    """Timestep sampling: "sigmoid" (default), "uniform", "shift", "flux_shift"."""
     sample_steps: _builtins.int
     """Denoising steps for validation samples; default 20."""
     base_quantization: _builtins.str
@@ -205,7 +205,7 @@ class TrainResult(_message.Message):
     seconds_per_step: _builtins.float
     """Mean wall time per optimiser step."""
     steps_done: _builtins.int
-    """Steps actually run (less than max_steps when cancelled)."""
+    """Steps run (max_steps: a cancelled run has no result; its checkpoints stay in the store)."""
     trigger_word: _builtins.str
     """The trigger word of the dataset's captions (used by evaluation defaults)."""
     estimated_peak_gib: _builtins.float
