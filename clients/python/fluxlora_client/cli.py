@@ -188,6 +188,7 @@ def train(
     rank: int = 16,
     gradient_checkpointing: Annotated[bool, typer.Option(help="Recompute activations to save memory.")] = True,
     precision: Annotated[str, typer.Option(help="auto, bf16, fp16 or fp32.")] = "auto",
+    caption_version: Annotated[int, typer.Option(help="Approved caption version (0: current captions).")] = 0,
     store: Store = None,
 ) -> None:
     """Train a LoRA on a captioned dataset. A run that would not fit the server's GPU is refused
@@ -196,7 +197,7 @@ def train(
     job = client.train(dataset_id, base_model=base_model, resolution=resolution, max_steps=max_steps,
                        checkpoint_every=checkpoint_every, sample_every=sample_every,
                        learning_rate=learning_rate, rank=rank, gradient_checkpointing=gradient_checkpointing,
-                       precision=precision)
+                       precision=precision, caption_version=caption_version)
     _print_result(_run_job(client, "train", job))
 
 

@@ -45,6 +45,7 @@ class TrainSpec(_message.Message):
     SAMPLE_STEPS_FIELD_NUMBER: _builtins.int
     BASE_QUANTIZATION_FIELD_NUMBER: _builtins.int
     BLOCKS_TO_SWAP_FIELD_NUMBER: _builtins.int
+    CAPTION_VERSION_FIELD_NUMBER: _builtins.int
     dataset_id: _builtins.str
     """The captioned dataset to train on."""
     base_model: _builtins.str
@@ -91,6 +92,11 @@ class TrainSpec(_message.Message):
     FLUX.1); default 0. The memory planner estimates it; this trainer cannot run it yet
     (FAILED_PRECONDITION).
     """
+    caption_version: _builtins.int
+    """The approved caption version to train on (see CaptioningService.ApproveCaptions); 0 means the
+    dataset's current captions (the last approved version, else the auto captions). The accepted
+    spec records the version actually used when the dataset has versions.
+    """
     @_builtins.property
     def sample_prompts(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Prompts for validation samples; default: the trigger word alone."""
@@ -123,10 +129,11 @@ class TrainSpec(_message.Message):
         sample_steps: _builtins.int = ...,
         base_quantization: _builtins.str = ...,
         blocks_to_swap: _builtins.int = ...,
+        caption_version: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_gradient_checkpointing", b"_gradient_checkpointing", "_guidance", b"_guidance", "_seed", b"_seed", "gradient_checkpointing", b"gradient_checkpointing", "guidance", b"guidance", "seed", b"seed"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_gradient_checkpointing", b"_gradient_checkpointing", "_guidance", b"_guidance", "_seed", b"_seed", "alpha", b"alpha", "base_model", b"base_model", "base_quantization", b"base_quantization", "batch_size", b"batch_size", "blocks_to_swap", b"blocks_to_swap", "checkpoint_every", b"checkpoint_every", "dataset_id", b"dataset_id", "gradient_checkpointing", b"gradient_checkpointing", "guidance", b"guidance", "learning_rate", b"learning_rate", "lr_scheduler", b"lr_scheduler", "max_steps", b"max_steps", "precision", b"precision", "rank", b"rank", "resolution", b"resolution", "sample_every", b"sample_every", "sample_prompts", b"sample_prompts", "sample_steps", b"sample_steps", "seed", b"seed", "target_modules", b"target_modules", "timestep_sampling", b"timestep_sampling"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_gradient_checkpointing", b"_gradient_checkpointing", "_guidance", b"_guidance", "_seed", b"_seed", "alpha", b"alpha", "base_model", b"base_model", "base_quantization", b"base_quantization", "batch_size", b"batch_size", "blocks_to_swap", b"blocks_to_swap", "caption_version", b"caption_version", "checkpoint_every", b"checkpoint_every", "dataset_id", b"dataset_id", "gradient_checkpointing", b"gradient_checkpointing", "guidance", b"guidance", "learning_rate", b"learning_rate", "lr_scheduler", b"lr_scheduler", "max_steps", b"max_steps", "precision", b"precision", "rank", b"rank", "resolution", b"resolution", "sample_every", b"sample_every", "sample_prompts", b"sample_prompts", "sample_steps", b"sample_steps", "seed", b"seed", "target_modules", b"target_modules", "timestep_sampling", b"timestep_sampling"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__gradient_checkpointing: _TypeAlias = _typing.Literal["gradient_checkpointing"]  # noqa: Y015
     _WhichOneofArgType__gradient_checkpointing: _TypeAlias = _typing.Literal["_gradient_checkpointing", b"_gradient_checkpointing"]  # noqa: Y015

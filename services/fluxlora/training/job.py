@@ -10,6 +10,7 @@ from pathlib import Path
 
 from google.protobuf import json_format
 
+from fluxlora.captioning.versions import CaptionVersions
 from fluxlora.common import keys
 from fluxlora.common.errors import InvalidArgument
 from fluxlora.common.models import resolve_model
@@ -32,7 +33,7 @@ from fluxlora_api.v1 import training_pb2 as pb
 log = logging.getLogger(__name__)
 
 # TrainSpec fields that are not part of the trainer's config.
-_NOT_CONFIG = {"dataset_id", "base_model"}
+_NOT_CONFIG = {"dataset_id", "base_model", "caption_version"}
 
 
 def config_from_spec(spec: pb.TrainSpec) -> TrainConfig:
@@ -56,6 +57,10 @@ def run_training(ctx: JobContext, spec: pb.TrainSpec) -> pb.TrainResult:
     prefix = keys.run_prefix(run_id)
     captions_bytes = ctx.store.get_bytes(keys.dataset_captions(spec.dataset_id))
     captions = json.loads(captions_bytes)
+    chosen = CaptionVersions(ctx.store, spec.dataset_id).get(spec.caption_version) if spec.caption_version else None
+    if chosen is not None:
+        captions = {"trigger_word": chosen.trigger_word, "captions": chosen.captions}
+        captions_bytes = json.dumps(chosen.to_json(), sort_keys=True).encode()
     ctx.store.put_json(keys.run_info(run_id), {
         "run_id": run_id,
         "dataset_id": spec.dataset_id,
@@ -81,6 +86,10 @@ def run_training(ctx: JobContext, spec: pb.TrainSpec) -> pb.TrainResult:
         ctx.check_cancelled()
         ctx.store.get_file(obj.key, ctx.scratch / "dataset" / obj.key[len(images_prefix):])
         ctx.progress("downloading dataset", i, len(objects), "file")
+    if chosen is not None:
+        # The approved version, not whatever the sidecars hold now: kohya-style pairs by stem.
+        for stem, text in chosen.captions.items():
+            (ctx.scratch / "dataset" / f"{stem}.txt").write_text(text + "\n", encoding="utf-8")
     ctx.progress("loading base model", 0)
     model_dir = resolve_model(spec.base_model, ctx.store, ctx.settings.cache_dir, "base model")
     out_dir = ctx.scratch / "run"

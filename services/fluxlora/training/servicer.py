@@ -5,8 +5,9 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from fluxlora.captioning.versions import CaptionVersions
 from fluxlora.common.datasets import require_captions
-from fluxlora.common.errors import FailedPrecondition, FluxloraError, ResourceExhausted
+from fluxlora.common.errors import FailedPrecondition, FluxloraError, InvalidArgument, ResourceExhausted
 from fluxlora.common.grpc_status import grpc_errors
 from fluxlora.common.models import check_model_ref, is_store_ref
 from fluxlora.jobs.runtime import JobRuntime
@@ -28,6 +29,18 @@ class TrainingServicer(training_pb2_grpc.TrainingServiceServicer):
         spec = pb.TrainSpec()
         spec.CopyFrom(request.spec)
         captions = require_captions(self.runtime.store, spec.dataset_id)
+        if spec.caption_version < 0:
+            raise InvalidArgument("spec.caption_version must be >= 0 (0: the dataset's current captions)")
+        if spec.caption_version:
+            version = CaptionVersions(self.runtime.store, spec.dataset_id).get(spec.caption_version)
+            if not version.approved:
+                raise FailedPrecondition(
+                    f"caption version {spec.caption_version} of dataset {spec.dataset_id!r} is not approved: "
+                    "approve it first (fluxlora caption approve) or leave caption_version unset"
+                )
+            captions = {"trigger_word": version.trigger_word}
+        elif captions.get("approved_version"):
+            spec.caption_version = captions["approved_version"]
         cfg = config_from_spec(spec)  # INVALID_ARGUMENT naming the field, before anything is queued
         spec.base_model = spec.base_model or self.runtime.settings.base_model
         local = bool(spec.base_model) and not is_store_ref(spec.base_model)
