@@ -8,35 +8,31 @@ or the tiny model from fluxlora.models.tiny_captioner) once, then captions image
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 from PIL import Image
-from transformers import AutoProcessor, Florence2ForConditionalGeneration
+from transformers import Florence2ForConditionalGeneration
 
-from fluxlora.captioning.captioners.base import require_model_files
-from fluxlora.captioning.captioners.devices import pick_device, pick_dtype
+from fluxlora.captioning.captioners.generative import WEIGHT_FILES, GenerativeCaptioner
 from fluxlora.captioning.captioners.images import to_rgb
 
 CAPTION_TASKS = ("<CAPTION>", "<DETAILED_CAPTION>", "<MORE_DETAILED_CAPTION>")
 
 EXPECTED_FILES = {
     "config": ("config.json",),
-    "weights": (
-        "model.safetensors",
-        "model.safetensors.index.json",
-        "pytorch_model.bin",
-        "pytorch_model.bin.index.json",
-    ),
+    "weights": WEIGHT_FILES,
     "processor": ("processor_config.json", "preprocessor_config.json"),
     "tokenizer": ("tokenizer.json", "vocab.json"),
 }
 
 
-class Florence2Captioner:
+class Florence2Captioner(GenerativeCaptioner):
     name = "florence2"
+    label = "Florence-2"
+    model_class = Florence2ForConditionalGeneration
+    expected_files = EXPECTED_FILES
 
     def __init__(
         self,
@@ -50,75 +46,26 @@ class Florence2Captioner:
         min_new_tokens: int = 3,
         dtype: str | torch.dtype | None = None,
     ):
-        # Checked before any loading so a bad request fails in milliseconds, not after minutes.
         if task not in CAPTION_TASKS:
             raise ValueError(
                 f"unsupported Florence-2 caption task {task!r}; use one of {', '.join(CAPTION_TASKS)}"
             )
-        if batch_size < 1 or max_new_tokens < 1 or num_beams < 1 or min_new_tokens < 0:
-            raise ValueError(
-                "batch_size, max_new_tokens and num_beams must be at least 1 and min_new_tokens at least 0; "
-                f"got {batch_size}, {max_new_tokens}, {num_beams}, {min_new_tokens}"
-            )
-        self.model_dir = require_model_files(model_dir, self.name, EXPECTED_FILES)
+        self._configure(model_dir, batch_size=batch_size, max_new_tokens=max_new_tokens, device=device,
+                        num_beams=num_beams, min_new_tokens=min_new_tokens, dtype=dtype)
         _reject_remote_code_checkpoint(self.model_dir)
         self.task = task
-        self.batch_size = batch_size
-        self.max_new_tokens = max_new_tokens
-        # A random (test) model may emit end-of-sequence at once; a few forced tokens keep
-        # captions non-empty and never shorten a real caption.
-        self.min_new_tokens = min(min_new_tokens, max_new_tokens)
-        self.num_beams = num_beams
-        self.device = pick_device(device)
-        self.dtype = pick_dtype(self.device, dtype)
-        try:
-            self.processor = AutoProcessor.from_pretrained(self.model_dir, local_files_only=True)
-            self.model = Florence2ForConditionalGeneration.from_pretrained(
-                self.model_dir, dtype=self.dtype, local_files_only=True
-            )
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            raise ValueError(
-                f"could not load a Florence-2 model from {str(self.model_dir)!r}: {exc}"
-            ) from exc
-        self.model.to(self.device).eval()
-        self._special_tokens = sorted(
-            self.processor.tokenizer.all_special_tokens, key=len, reverse=True
-        )
+        self._load()
+        self._special_tokens = sorted(self.processor.tokenizer.all_special_tokens, key=len, reverse=True)
 
     @property
     def settings(self) -> dict[str, Any]:
         """What produced the captions, for recording next to them."""
-        return {
-            "kind": self.name,
-            "model": self.model_dir.name,
-            "task": self.task,
-            "num_beams": self.num_beams,
-            "max_new_tokens": self.max_new_tokens,
-            "min_new_tokens": self.min_new_tokens,
-            "device": str(self.device),
-            "dtype": str(self.dtype).removeprefix("torch."),
-        }
-
-    def caption(self, images: Sequence[Image.Image]) -> list[str]:
-        images = list(images)
-        captions: list[str] = []
-        for start in range(0, len(images), self.batch_size):
-            captions.extend(self._caption_batch(images[start : start + self.batch_size]))
-        return captions
+        return {**self._base_settings(), "task": self.task}
 
     @torch.inference_mode()
     def _caption_batch(self, images: list[Image.Image]) -> list[str]:
         rgb = [to_rgb(image) for image in images]
-        inputs = self.processor(text=[self.task] * len(rgb), images=rgb, return_tensors="pt")
-        inputs = inputs.to(self.device)
-        inputs["pixel_values"] = inputs["pixel_values"].to(self.dtype)
-        generated = self.model.generate(
-            **inputs,
-            max_new_tokens=self.max_new_tokens,
-            min_new_tokens=self.min_new_tokens,
-            num_beams=self.num_beams,
-            do_sample=False,
-        )
+        generated = self._generate(self.processor(text=[self.task] * len(rgb), images=rgb, return_tensors="pt"))
         # Decoded with special tokens kept, as post_process_generation expects.
         texts = self.processor.batch_decode(generated, skip_special_tokens=False)
         return [self._finish(text, image.size) for text, image in zip(texts, rgb, strict=True)]
