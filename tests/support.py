@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import contextlib
+import sys
 import uuid
+
+import pytest
+from typer.testing import CliRunner
 
 from fluxlora.common.config import SERVICES, Settings
 from fluxlora.common.server import start_server
 from fluxlora.common.storage import S3Store
-from fluxlora_client import FluxloraClient
+from fluxlora_client import FluxloraClient, cli
 
 
 def make_s3_store(endpoint: str) -> S3Store:
@@ -28,3 +32,19 @@ def services_and_client(store, tmp_path):
         client.close()
         for server in servers:
             server.stop(grace=1.0)
+
+
+def fluxlora(*args: str):
+    """`fluxlora ...` through typer's runner; the result has exit_code and output."""
+    result = CliRunner().invoke(cli.app, list(args))
+    assert result.exception is None or isinstance(result.exception, SystemExit), result.exception
+    return result
+
+
+def run_main(monkeypatch, capsys, *args: str) -> tuple[int, str]:
+    """`fluxlora ...` as the installed entry point runs it (cli.main): exit code and all output."""
+    monkeypatch.setattr(sys, "argv", ["fluxlora", *args])
+    with pytest.raises(SystemExit) as exit_:
+        cli.main()
+    captured = capsys.readouterr()
+    return exit_.value.code, captured.out + captured.err

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from fluxlora.common.storage import LocalStore
 from support import services_and_client
 
 
@@ -29,4 +30,16 @@ def photos(tmp_path_factory):
 def running(store, tmp_path):
     """The four services and an SDK client, sharing `store` (parametrised: local and S3)."""
     with services_and_client(store, tmp_path) as client:
+        yield client
+
+
+@pytest.fixture
+def cli_env(monkeypatch, tmp_path):
+    """Four servers on a local store, with the environment pointing the CLI at them."""
+    store = LocalStore(tmp_path / "store")
+    with services_and_client(store, tmp_path) as client:
+        monkeypatch.setenv("FLUXLORA_STORE", str(store.root))
+        monkeypatch.setenv("COLUMNS", "250")  # rich wraps table cells to the terminal width
+        for service, address in client.addresses.items():
+            monkeypatch.setenv(f"FLUXLORA_{service.upper()}_ADDR", address)
         yield client

@@ -4,45 +4,13 @@ still works), then list, edit, replace, review page, approve, history and export
 from __future__ import annotations
 
 import json
-import sys
 
-import pytest
-from typer.testing import CliRunner
-
-from fluxlora.common.storage import LocalStore
-from fluxlora_client import cli
-from support import services_and_client
+from support import fluxlora, run_main
 
 
-@pytest.fixture
-def env(monkeypatch, tmp_path):
-    store = LocalStore(tmp_path / "store")
-    with services_and_client(store, tmp_path) as client:
-        monkeypatch.setenv("FLUXLORA_STORE", str(store.root))
-        monkeypatch.setenv("COLUMNS", "200")  # rich tables wide enough to read in assertions
-        for service, address in client.addresses.items():
-            monkeypatch.setenv(f"FLUXLORA_{service.upper()}_ADDR", address)
-        yield client
-
-
-def fluxlora(*args: str):
-    result = CliRunner().invoke(cli.app, list(args))
-    assert result.exception is None or isinstance(result.exception, SystemExit), result.exception
-    return result
-
-
-def run_main(monkeypatch, capsys, *args: str) -> tuple[int, str]:
-    """`fluxlora ...` as the installed entry point runs it (cli.main): exit code and all output."""
-    monkeypatch.setattr(sys, "argv", ["fluxlora", *args])
-    with pytest.raises(SystemExit) as exit_:
-        cli.main()
-    captured = capsys.readouterr()
-    return exit_.value.code, captured.out + captured.err
-
-
-def test_caption_then_review_approve_and_export_from_the_command_line(env, photos, tiny_models, tmp_path,
+def test_caption_then_review_approve_and_export_from_the_command_line(cli_env, photos, tiny_models, tmp_path,
                                                                       monkeypatch, capsys):
-    client = env
+    client = cli_env
     dataset_id = client.result(client.wait(client.preprocess(client.upload_photos(photos), base_size=64))).dataset_id
 
     # the one-stage invocation of before: `fluxlora caption DATASET --trigger WORD`
@@ -92,6 +60,6 @@ def test_caption_then_review_approve_and_export_from_the_command_line(env, photo
     assert (out / f"{stems[1]}.txt").read_text() == "fluxone, a bottle without the trigger\n"
 
 
-def test_caption_errors_exit_non_zero_with_the_status(env, monkeypatch, capsys):
+def test_caption_errors_exit_non_zero_with_the_status(cli_env, monkeypatch, capsys):
     code, output = run_main(monkeypatch, capsys, "caption", "list", "ds-missing")
     assert code != 0 and "NOT_FOUND" in output and "ds-missing" in output and "Traceback" not in output

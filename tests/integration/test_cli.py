@@ -4,51 +4,19 @@ a user's shell finds them: FLUXLORA_STORE and FLUXLORA_<SERVICE>_ADDR."""
 from __future__ import annotations
 
 import json
-import sys
 
-import pytest
-from typer.testing import CliRunner
-
-from fluxlora.common.storage import LocalStore
-from fluxlora_client import cli
-from support import services_and_client
+from support import fluxlora, run_main
 
 
-@pytest.fixture
-def env(monkeypatch, tmp_path):
-    """Four servers on a local store, with the environment pointing the CLI at them."""
-    store = LocalStore(tmp_path / "store")
-    with services_and_client(store, tmp_path) as client:
-        monkeypatch.setenv("FLUXLORA_STORE", str(store.root))
-        for service, address in client.addresses.items():
-            monkeypatch.setenv(f"FLUXLORA_{service.upper()}_ADDR", address)
-        yield client
-
-
-def fluxlora(*args: str):
-    result = CliRunner().invoke(cli.app, list(args))
-    assert result.exception is None or isinstance(result.exception, SystemExit), result.exception
-    return result
-
-
-def run_main(monkeypatch, capsys, *args: str) -> tuple[int, str]:
-    """`fluxlora ...` as the installed entry point runs it (cli.main): exit code and all output."""
-    monkeypatch.setattr(sys, "argv", ["fluxlora", *args])
-    with pytest.raises(SystemExit) as exit_:
-        cli.main()
-    captured = capsys.readouterr()
-    return exit_.value.code, captured.out + captured.err
-
-
-def test_preprocess_prints_the_dataset_and_the_job_can_be_listed_and_shown(env, photos):
+def test_preprocess_prints_the_dataset_and_the_job_can_be_listed_and_shown(cli_env, photos):
     result = fluxlora("preprocess", str(photos), "--base-size", "64")
     assert result.exit_code == 0, result.output
     printed = json.loads(result.stdout)
     dataset_id = printed["datasetId"]
     assert dataset_id.startswith("ds-") and printed["imageCount"] > 0
-    assert env.store.exists(f"datasets/{dataset_id}/manifest.json")
+    assert cli_env.store.exists(f"datasets/{dataset_id}/manifest.json")
 
-    [job] = env.list_jobs("preprocessing")
+    [job] = cli_env.list_jobs("preprocessing")
     listed = fluxlora("jobs", "list", "preprocessing")
     assert listed.exit_code == 0, listed.output
     assert job.job_id in listed.stdout and "SUCCEEDED" in listed.stdout
@@ -61,28 +29,28 @@ def test_preprocess_prints_the_dataset_and_the_job_can_be_listed_and_shown(env, 
     assert record["service"] == "preprocessing"
 
 
-def test_a_bad_request_exits_non_zero_with_the_status_and_no_traceback(env, monkeypatch, capsys):
+def test_a_bad_request_exits_non_zero_with_the_status_and_no_traceback(cli_env, monkeypatch, capsys):
     code, output = run_main(monkeypatch, capsys, "caption", "ds-missing", "--trigger", "x")
     assert code != 0
     assert "NOT_FOUND" in output and "ds-missing" in output
     assert "Traceback" not in output
 
 
-def test_an_unknown_job_id_exits_non_zero_with_a_clean_message(env, monkeypatch, capsys):
+def test_an_unknown_job_id_exits_non_zero_with_a_clean_message(cli_env, monkeypatch, capsys):
     code, output = run_main(monkeypatch, capsys, "jobs", "show", "nope-123")
     assert code != 0
     assert "INVALID_ARGUMENT" in output and "nope-123" in output
     assert "Traceback" not in output
 
 
-def test_an_unknown_service_exits_non_zero_with_a_clean_message(env, monkeypatch, capsys):
+def test_an_unknown_service_exits_non_zero_with_a_clean_message(cli_env, monkeypatch, capsys):
     code, output = run_main(monkeypatch, capsys, "jobs", "list", "trainer")
     assert code != 0
     assert "INVALID_ARGUMENT" in output and "trainer" in output
     assert "Traceback" not in output
 
 
-def test_a_failed_job_names_the_file_verbatim(env, monkeypatch, capsys, tmp_path):
+def test_a_failed_job_names_the_file_verbatim(cli_env, monkeypatch, capsys, tmp_path):
     folder = tmp_path / "not-photos"
     folder.mkdir()
     (folder / "[draft]photo.jpg").write_text("a text file, not a JPEG")
@@ -100,7 +68,7 @@ def test_a_misconfigured_store_exits_non_zero_with_a_clean_message(monkeypatch, 
     assert "Traceback" not in output
 
 
-def test_the_entry_point_exits_zero_on_success(env, monkeypatch, capsys):
+def test_the_entry_point_exits_zero_on_success(cli_env, monkeypatch, capsys):
     code, output = run_main(monkeypatch, capsys, "jobs", "list", "training")
     assert code == 0, output
 

@@ -5,27 +5,13 @@ from __future__ import annotations
 
 import json
 
-import pytest
 from typer.testing import CliRunner
 
-from fluxlora.common.storage import LocalStore
 from fluxlora_client import cli
 from photo_corpus import write_bad_inputs
-from support import services_and_client
 
 
-@pytest.fixture
-def env(monkeypatch, tmp_path):
-    store = LocalStore(tmp_path / "store")
-    with services_and_client(store, tmp_path) as client:
-        monkeypatch.setenv("FLUXLORA_STORE", str(store.root))
-        monkeypatch.setenv("COLUMNS", "250")  # rich wraps table cells to the terminal width
-        for service, address in client.addresses.items():
-            monkeypatch.setenv(f"FLUXLORA_{service.upper()}_ADDR", address)
-        yield client
-
-
-def test_preprocess_prints_the_report_tables_and_the_result_json(env, tmp_path):
+def test_preprocess_prints_the_report_tables_and_the_result_json(cli_env, tmp_path):
     folder = write_bad_inputs(tmp_path / "upload")
     result = CliRunner().invoke(cli.app, ["preprocess", str(folder), "--base-size", "256", "--lora-type", "style"])
     assert result.exit_code == 0, result.output
@@ -47,7 +33,7 @@ def test_preprocess_prints_the_report_tables_and_the_result_json(env, tmp_path):
     assert f"contact sheet datasets/{dataset_id}/contact_sheet.png" in report
 
 
-def test_preprocess_takes_a_zip_and_the_crop_options(env, tmp_path):
+def test_preprocess_takes_a_zip_and_the_crop_options(cli_env, tmp_path):
     folder = write_bad_inputs(tmp_path / "upload")
     result = CliRunner().invoke(
         cli.app, ["preprocess", str(folder / "album.zip"), "--base-size", "128", "--crop-mode", "pad",
