@@ -6,11 +6,23 @@ from __future__ import annotations
 import logging
 
 from google.protobuf import json_format
+from google.protobuf.message import Message
 
 from fluxlora.common.storage import ArtifactStore
 from fluxlora_api.v1 import jobs_pb2
 
 log = logging.getLogger(__name__)
+
+
+def mark_finished(job: jobs_pb2.Job, state: int, error: tuple[str, str] | None = None,
+                  result: Message | None = None) -> None:
+    """Puts a job record in a terminal state, with its error or typed result."""
+    job.state = state
+    job.finished_at.GetCurrentTime()
+    if error:
+        job.error.code, job.error.message = error
+    if result is not None:
+        job.result.Pack(result)
 
 
 class JobRecords:

@@ -26,7 +26,7 @@ from google.protobuf.message import Message
 from fluxlora.common.errors import FailedPrecondition, NotFound, ResourceExhausted, status_of
 from fluxlora.common.storage import ArtifactStore
 from fluxlora.jobs.context import JobContext, JobInterrupted
-from fluxlora.jobs.records import JobRecords
+from fluxlora.jobs.records import JobRecords, mark_finished
 from fluxlora.jobs.runners import Runner, runner_for
 from fluxlora_api.v1 import jobs_pb2
 
@@ -235,15 +235,8 @@ class JobRuntime:
 
     def _finish(self, job_id: str, state: int, message: str = "", error: tuple[str, str] | None = None,
                 result: Message | None = None) -> None:
-        def mutate(job: jobs_pb2.Job) -> None:
-            job.state = state
-            job.finished_at.GetCurrentTime()
-            if error:
-                job.error.code, job.error.message = error
-            if result is not None:
-                job.result.Pack(result)
-
-        self.update(job_id, mutate, message=message or S.Name(state).removeprefix("JOB_STATE_").lower())
+        self.update(job_id, lambda job: mark_finished(job, state, error, result),
+                    message=message or S.Name(state).removeprefix("JOB_STATE_").lower())
 
     def _work(self) -> None:
         while True:

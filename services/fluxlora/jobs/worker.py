@@ -27,7 +27,7 @@ from google.protobuf.message import Message
 from fluxlora.common.errors import NotFound, status_of
 from fluxlora.common.storage import ArtifactStore
 from fluxlora.jobs.context import JobContext, JobInterrupted
-from fluxlora.jobs.records import JobRecords
+from fluxlora.jobs.records import JobRecords, mark_finished
 from fluxlora_api.v1 import jobs_pb2
 
 log = logging.getLogger(__name__)
@@ -86,15 +86,7 @@ class WorkerReport:
         return self.stop.is_set()
 
     def finish(self, state: int, error: tuple[str, str] | None = None, result: Message | None = None) -> None:
-        def mutate(job: jobs_pb2.Job) -> None:
-            job.state = state
-            job.finished_at.GetCurrentTime()
-            if error:
-                job.error.code, job.error.message = error
-            if result is not None:
-                job.result.Pack(result)
-
-        self.update(self.job.job_id, mutate)
+        self.update(self.job.job_id, lambda job: mark_finished(job, state, error, result))
 
     def _save(self) -> None:
         self.store.put_bytes(self.key, json_format.MessageToJson(self.job).encode(), "application/json")
