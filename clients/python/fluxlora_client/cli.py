@@ -319,6 +319,10 @@ def print_outputs(outputs) -> None:
         ("XY grid", str(local.get("grid", "")) + "/grid.png"),
         ("final loss / s per step", f"{train.final_loss:.4f} / {train.seconds_per_step:.3f}"),
     ]
+    grid = outputs.results.get("evaluate")
+    if grid is not None and grid.HasField("recommendation"):
+        pick = grid.recommendation
+        rows.append(("recommended", f"step {pick.step} at strength {pick.strength:.1f} ({pick.basis}): {pick.reason}"))
     for what, where in rows:
         table.add_row(what, where)
     console.print(table)

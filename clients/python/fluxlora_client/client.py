@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 import grpc
 from google.protobuf.message import Message
 
+from fluxlora.common.auth import AuthConfigError, BearerTokenInterceptor, channel_credentials, load_auth_token
 from fluxlora.common.config import DEFAULT_PORTS, Settings
 from fluxlora.common.storage import ArtifactStore, open_store, sha256_file
 from fluxlora_api.v1 import (
@@ -76,9 +77,15 @@ class FluxloraClient:
         training: str = f"localhost:{DEFAULT_PORTS['training']}",
         evaluation: str = f"localhost:{DEFAULT_PORTS['evaluation']}",
         timeout: float = 60.0,
+        token: str | None = None,
+        credentials: grpc.ChannelCredentials | None = None,
     ):
+        """token: sent as `authorization: Bearer <token>` on every call; credentials: TLS
+        (grpc.ssl_channel_credentials; from_env builds them from FLUXLORA_TLS_CA_FILE)."""
         self.store = store
         self.timeout = timeout
+        self._interceptors = [BearerTokenInterceptor(token)] if token else []
+        self._credentials = credentials
         self.addresses = {"preprocessing": preprocessing, "captioning": captioning,
                           "training": training, "evaluation": evaluation}
         self._endpoints: dict[str, _Endpoint] = {}
@@ -89,19 +96,26 @@ class FluxloraClient:
 
     @classmethod
     def from_env(cls, settings: Settings | None = None, **addresses: str) -> FluxloraClient:
-        """Store from FLUXLORA_STORE (and S3 settings); addresses from FLUXLORA_<SERVICE>_ADDR."""
+        """Store from FLUXLORA_STORE (and S3 settings); addresses from FLUXLORA_<SERVICE>_ADDR; token
+        from FLUXLORA_AUTH_TOKEN or _FILE; TLS from FLUXLORA_TLS_CA_FILE (+ _CLIENT_CERT/KEY_FILE)."""
         import os
 
         settings = settings or Settings()
         for name, port in DEFAULT_PORTS.items():
             addresses.setdefault(name, os.environ.get(f"FLUXLORA_{name.upper()}_ADDR", f"localhost:{port}"))
-        return cls(open_store(settings), **addresses)
+        try:
+            token, credentials = load_auth_token(settings), channel_credentials(settings)
+        except AuthConfigError as err:
+            raise FluxloraClientError("INVALID_ARGUMENT", str(err)) from None
+        return cls(open_store(settings), **addresses, token=token, credentials=credentials)
 
     def _channel(self, service: str) -> grpc.Channel:
         if service not in self._endpoints:
-            channel = grpc.insecure_channel(
-                self.addresses[service], options=[("grpc.service_config", _SERVICE_CONFIG)]
-            )
+            options = [("grpc.service_config", _SERVICE_CONFIG)]
+            address = self.addresses[service]
+            channel = (grpc.secure_channel(address, self._credentials, options=options) if self._credentials
+                       else grpc.insecure_channel(address, options=options))
+            channel = grpc.intercept_channel(channel, *self._interceptors)
             self._endpoints[service] = _Endpoint(channel, jobs_pb2_grpc.JobServiceStub(channel))
         return self._endpoints[service].channel
 

@@ -1,6 +1,6 @@
 """Configuration shared by every server and the SDK: environment variables (FLUXLORA_*) and flags.
 
-Secrets (S3 keys) come only from the environment or files, never from flags, so they stay out of
+Secrets (S3 keys, the auth token) come only from the environment or files, never from flags, so they stay out of
 process listings and shell history.
 """
 
@@ -31,6 +31,19 @@ class Settings(BaseSettings):
     cache_dir: Path = Field(
         Path.home() / ".cache" / "fluxlora",
         description="Local mirror of models fetched from the store (store://<prefix>).",
+    )
+    # Credentials (fluxlora.common.auth): environment or files only; SecretStr keeps the token out of
+    # repr() and logs. Servers use the token and TLS_CERT/KEY/CLIENT_CA; the SDK the token and TLS_CA/CLIENT_*.
+    auth_token: SecretStr = Field(SecretStr(""), description="Bearer token every RPC must carry; empty: auth off.")
+    auth_token_file: Path | None = Field(None, description="File holding the token (not with auth_token).")
+    tls_cert_file: Path | None = Field(None, description="Server certificate chain (PEM); set with tls_key_file.")
+    tls_key_file: Path | None = Field(None, description="Server private key (PEM).")
+    tls_client_ca_file: Path | None = Field(None, description="CA whose client certificates the server requires.")
+    tls_ca_file: Path | None = Field(None, description="SDK: CA to trust for the servers' certificates (TLS on).")
+    tls_client_cert_file: Path | None = Field(None, description="SDK: client certificate (PEM) for mutual TLS.")
+    tls_client_key_file: Path | None = Field(None, description="SDK: client private key (PEM) for mutual TLS.")
+    health_port: int = Field(
+        0, ge=0, description="Extra plaintext port serving only gRPC health (probes of TLS servers); 0: none."
     )
     host: str = Field("127.0.0.1", description="Address the server binds to.")
     port: int = Field(0, description="Port; 0 means the service's default port.")

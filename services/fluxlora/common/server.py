@@ -1,5 +1,6 @@
 """Server bootstrap shared by the four services: the job runtime, gRPC health checking, server
-reflection, graceful shutdown on SIGTERM/SIGINT, config from environment and flags, logging."""
+reflection, token auth and TLS (fluxlora.common.auth), graceful shutdown on SIGTERM/SIGINT, config
+from environment and flags, logging."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from fluxlora.common.auth import is_loopback, server_credentials, server_interceptors
 from fluxlora.common.config import SERVICES, Settings
 from fluxlora.common.offline import configure_hf_offline
 from fluxlora.common.storage import ArtifactStore, open_store
@@ -76,7 +78,10 @@ class RunningServer:
             workers=settings.workers,
             max_queued=settings.max_queued_jobs,
         )
-        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=32, thread_name_prefix=definition.name))
+        interceptors = server_interceptors(settings)
+        credentials = server_credentials(settings)
+        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=32, thread_name_prefix=definition.name),
+                                  interceptors=interceptors)
         definition.add_servicer(self.server, self.runtime)
         jobs_pb2_grpc.add_JobServiceServicer_to_server(JobServicer(self.runtime), self.server)
         self.health = health.HealthServicer(experimental_non_blocking=True)
@@ -84,10 +89,29 @@ class RunningServer:
         names = (definition.grpc_name, JOB_SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME)
         reflection.enable_server_reflection(names, self.server)
         bind_port = settings.port_for(definition.name) if port is None else port
-        self.port = self.server.add_insecure_port(f"{settings.host}:{bind_port}")
+        target = f"{settings.host}:{bind_port}"
+        self.port = (self.server.add_secure_port(target, credentials) if credentials
+                     else self.server.add_insecure_port(target))
         if self.port == 0:
-            raise OSError(f"could not bind {settings.host}:{bind_port} for the {definition.name} service")
+            raise OSError(f"could not bind {target} for the {definition.name} service")
         self.address = f"{settings.host}:{self.port}"
+        self.tls = credentials is not None
+        self.authenticated = bool(interceptors)
+        if not is_loopback(settings.host) and not self.authenticated:
+            log.warning("%s binds %s without authentication: anyone who can reach it can submit and cancel "
+                        "jobs; set FLUXLORA_AUTH_TOKEN or FLUXLORA_AUTH_TOKEN_FILE", definition.name, settings.host)
+        elif not is_loopback(settings.host) and not self.tls:
+            log.warning("%s binds %s without TLS: the token crosses the network in plaintext unless a mesh "
+                        "encrypts it; set FLUXLORA_TLS_CERT_FILE and FLUXLORA_TLS_KEY_FILE", definition.name,
+                        settings.host)
+        # The Kubernetes gRPC probe and the Docker HEALTHCHECK cannot speak TLS: a TLS server can also
+        # answer health, and nothing else, in plaintext on FLUXLORA_HEALTH_PORT.
+        self.health_server = None
+        if settings.health_port:
+            self.health_server = grpc.server(futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="health"))
+            health_pb2_grpc.add_HealthServicer_to_server(self.health, self.health_server)
+            if not self.health_server.add_insecure_port(f"{settings.host}:{settings.health_port}"):
+                raise OSError(f"could not bind {settings.host}:{settings.health_port} (FLUXLORA_HEALTH_PORT)")
         self.started = False
 
     def start(self) -> RunningServer:
@@ -96,9 +120,12 @@ class RunningServer:
         self.started = True
         self.runtime.start()
         self.server.start()
+        if self.health_server:
+            self.health_server.start()
         for name in ("", self.definition.grpc_name, JOB_SERVICE_NAME):
             self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
-        log.info("%s serving on %s (store %s)", self.definition.name, self.address, self.store.uri)
+        log.info("%s serving on %s (store %s, tls %s, auth %s)", self.definition.name, self.address, self.store.uri,
+                 "on" if self.tls else "off", "token" if self.authenticated else "off")
         return self
 
     def stop(self, grace: float = 5.0) -> None:
@@ -106,6 +133,8 @@ class RunningServer:
         queued in the store and run again on the next start)."""
         self.health.enter_graceful_shutdown()
         stopped = self.server.stop(grace)
+        if self.health_server:
+            self.health_server.stop(grace)
         self.runtime.shutdown()
         stopped.wait(grace)
         log.info("%s stopped", self.definition.name)
