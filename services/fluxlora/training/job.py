@@ -132,6 +132,7 @@ def run_training(ctx: JobContext, spec: pb.TrainSpec) -> pb.TrainResult:
 
     if resume_from is not None:
         ctx.log(f"resuming run {run_id} from its checkpoint at step {checkpoints[-1].step}")
+        ctx.metrics(resumed_from_step=checkpoints[-1].step)
     outcome = train_lora(
         cfg, model_dir, ctx.scratch / "dataset", out_dir,
         TrainCallbacks(on_step=on_step, on_checkpoint=on_checkpoint, on_sample=on_sample,
