@@ -2,8 +2,9 @@
 SERVING on the standard gRPC health protocol, 1 otherwise. The images' Docker HEALTHCHECK runs it
 (Kubernetes probes the same protocol natively with `grpc: {port: N}`).
 
-Without --address it asks 127.0.0.1 at FLUXLORA_PORT, or, when that is unset, at each service's
-default port: an image does not know which of its services a container was started as.
+Without --address it asks 127.0.0.1 at FLUXLORA_HEALTH_PORT (the plaintext health-only port a TLS
+server opens), else at FLUXLORA_PORT, or, when both are unset, at each service's default port: an
+image does not know which of its services a container was started as.
 """
 
 from __future__ import annotations
@@ -32,8 +33,12 @@ def serving(address: str, service: str = "", timeout: float = 3.0) -> tuple[bool
 def addresses(explicit: str | None) -> list[str]:
     if explicit:
         return [explicit]
+    health_port = os.environ.get("FLUXLORA_HEALTH_PORT", "0")
     port = os.environ.get("FLUXLORA_PORT", "0")
-    ports = [int(port)] if port not in ("", "0") else DEFAULT_PORTS
+    if health_port not in ("", "0"):
+        ports = [int(health_port)]
+    else:
+        ports = [int(port)] if port not in ("", "0") else DEFAULT_PORTS
     return [f"127.0.0.1:{p}" for p in ports]
 
 
