@@ -219,7 +219,9 @@ class FluxloraClient:
                  **options: Any) -> jobs_pb2.Job:
         """Options are GridSpec fields: checkpoint_steps, prompt, seed, width, height, steps, guidance,
         prompts / seeds (one grid per prompt and seed), rows_per_page, image_text_model ("none" to
-        skip fidelity scores), skip_convergence. The result's `recommendation` is the pick."""
+        skip fidelity scores), skip_convergence, base_model, and loras=[{"key": "<.safetensors key>",
+        "label": "v1"}, {"run_id": "trn-...", "step": 1500}] for rows of LoRA files instead of one
+        run's checkpoints (run_id "" then). The result's `recommendation` is the pick."""
         spec = evaluation_pb2.GridSpec(run_id=run_id, strengths=strengths or [], **options)
         request = evaluation_pb2.SubmitGridRequest(spec=spec, request_id=request_id or _new_id())
         return self._call(self._evaluation.SubmitGrid, request)

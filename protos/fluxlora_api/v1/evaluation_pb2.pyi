@@ -25,6 +25,39 @@ else:
 DESCRIPTOR: _descriptor.FileDescriptor
 
 @_typing.final
+class GridLora(_message.Message):
+    """One row of a grid built from LoRA files rather than one run's checkpoints."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KEY_FIELD_NUMBER: _builtins.int
+    RUN_ID_FIELD_NUMBER: _builtins.int
+    STEP_FIELD_NUMBER: _builtins.int
+    LABEL_FIELD_NUMBER: _builtins.int
+    key: _builtins.str
+    """Key of a LoRA .safetensors file in the store. Set this or run_id."""
+    run_id: _builtins.str
+    """A training run; `step` picks its checkpoint (0: the latest)."""
+    step: _builtins.int
+    label: _builtins.str
+    """Row label; empty means "<run_id> step <step>" for a run's checkpoint, else the file name."""
+    def __init__(
+        self,
+        *,
+        key: _builtins.str = ...,
+        run_id: _builtins.str = ...,
+        step: _builtins.int = ...,
+        label: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "label", b"label", "run_id", b"run_id", "step", b"step"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GridLora: _TypeAlias = GridLora  # noqa: Y015
+
+@_typing.final
 class GridSpec(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -43,8 +76,9 @@ class GridSpec(_message.Message):
     ROWS_PER_PAGE_FIELD_NUMBER: _builtins.int
     IMAGE_TEXT_MODEL_FIELD_NUMBER: _builtins.int
     SKIP_CONVERGENCE_FIELD_NUMBER: _builtins.int
+    LORAS_FIELD_NUMBER: _builtins.int
     run_id: _builtins.str
-    """The training run whose checkpoints form the rows."""
+    """The training run whose checkpoints form the rows. Set this or `loras`, not both."""
     prompt: _builtins.str
     """The prompt; empty means the run's first sample prompt (which holds the trigger word).
     Set this or `prompts`, not both.
@@ -86,6 +120,15 @@ class GridSpec(_message.Message):
 
     @_builtins.property
     def seeds(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
+    @_builtins.property
+    def loras(self) -> _containers.RepeatedCompositeFieldContainer[Global___GridLora]:
+        """Rows from any list of LoRA files, in this order, instead of one run's checkpoints. Then
+        base_model is required unless a LoRA names a run (the first such run gives base_model and
+        the defaults for prompt, size and guidance, and its dataset the scores); prompt is required
+        when no LoRA names a run, and without a run the convergence probe and image-text scores are
+        skipped. Convergence then takes the rows in the order given.
+        """
+
     def __init__(
         self,
         *,
@@ -104,10 +147,11 @@ class GridSpec(_message.Message):
         rows_per_page: _builtins.int = ...,
         image_text_model: _builtins.str = ...,
         skip_convergence: _builtins.bool = ...,
+        loras: _abc.Iterable[Global___GridLora] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_guidance", b"_guidance", "_seed", b"_seed", "guidance", b"guidance", "seed", b"seed"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_guidance", b"_guidance", "_seed", b"_seed", "base_model", b"base_model", "checkpoint_steps", b"checkpoint_steps", "guidance", b"guidance", "height", b"height", "image_text_model", b"image_text_model", "prompt", b"prompt", "prompts", b"prompts", "rows_per_page", b"rows_per_page", "run_id", b"run_id", "seed", b"seed", "seeds", b"seeds", "skip_convergence", b"skip_convergence", "steps", b"steps", "strengths", b"strengths", "width", b"width"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_guidance", b"_guidance", "_seed", b"_seed", "base_model", b"base_model", "checkpoint_steps", b"checkpoint_steps", "guidance", b"guidance", "height", b"height", "image_text_model", b"image_text_model", "loras", b"loras", "prompt", b"prompt", "prompts", b"prompts", "rows_per_page", b"rows_per_page", "run_id", b"run_id", "seed", b"seed", "seeds", b"seeds", "skip_convergence", b"skip_convergence", "steps", b"steps", "strengths", b"strengths", "width", b"width"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__guidance: _TypeAlias = _typing.Literal["guidance"]  # noqa: Y015
     _WhichOneofArgType__guidance: _TypeAlias = _typing.Literal["_guidance", b"_guidance"]  # noqa: Y015
@@ -249,6 +293,7 @@ class CheckpointScore(_message.Message):
     HELDOUT_LOSS_FIELD_NUMBER: _builtins.int
     FIDELITY_FIELD_NUMBER: _builtins.int
     FLEXIBILITY_FIELD_NUMBER: _builtins.int
+    LABEL_FIELD_NUMBER: _builtins.int
     step: _builtins.int
     lora_key: _builtins.str
     heldout_loss: _builtins.float
@@ -258,6 +303,8 @@ class CheckpointScore(_message.Message):
     fidelity: _builtins.float
     """Mean image-text scores of the row's cells with strength > 0, over every grid."""
     flexibility: _builtins.float
+    label: _builtins.str
+    """The row's label: "step <n>" for a run's checkpoint, else the GridLora label."""
     def __init__(
         self,
         *,
@@ -266,10 +313,11 @@ class CheckpointScore(_message.Message):
         heldout_loss: _builtins.float | None = ...,
         fidelity: _builtins.float | None = ...,
         flexibility: _builtins.float | None = ...,
+        label: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_fidelity", b"_fidelity", "_flexibility", b"_flexibility", "_heldout_loss", b"_heldout_loss", "fidelity", b"fidelity", "flexibility", b"flexibility", "heldout_loss", b"heldout_loss"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_fidelity", b"_fidelity", "_flexibility", b"_flexibility", "_heldout_loss", b"_heldout_loss", "fidelity", b"fidelity", "flexibility", b"flexibility", "heldout_loss", b"heldout_loss", "lora_key", b"lora_key", "step", b"step"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_fidelity", b"_fidelity", "_flexibility", b"_flexibility", "_heldout_loss", b"_heldout_loss", "fidelity", b"fidelity", "flexibility", b"flexibility", "heldout_loss", b"heldout_loss", "label", b"label", "lora_key", b"lora_key", "step", b"step"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__fidelity: _TypeAlias = _typing.Literal["fidelity"]  # noqa: Y015
     _WhichOneofArgType__fidelity: _TypeAlias = _typing.Literal["_fidelity", b"_fidelity"]  # noqa: Y015
@@ -299,6 +347,7 @@ class Recommendation(_message.Message):
     BASIS_FIELD_NUMBER: _builtins.int
     CONVERGED_STEP_FIELD_NUMBER: _builtins.int
     REASON_FIELD_NUMBER: _builtins.int
+    LABEL_FIELD_NUMBER: _builtins.int
     step: _builtins.int
     strength: _builtins.float
     row: _builtins.int
@@ -310,6 +359,8 @@ class Recommendation(_message.Message):
     """The first checkpoint whose loss is within tolerance of the best later one; unset when skipped."""
     reason: _builtins.str
     """One sentence a person can check against the grid."""
+    label: _builtins.str
+    """The recommended row's label (as CheckpointScore.label)."""
     def __init__(
         self,
         *,
@@ -320,10 +371,11 @@ class Recommendation(_message.Message):
         basis: _builtins.str = ...,
         converged_step: _builtins.int | None = ...,
         reason: _builtins.str = ...,
+        label: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_converged_step", b"_converged_step", "converged_step", b"converged_step"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_converged_step", b"_converged_step", "basis", b"basis", "col", b"col", "converged_step", b"converged_step", "reason", b"reason", "row", b"row", "step", b"step", "strength", b"strength"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_converged_step", b"_converged_step", "basis", b"basis", "col", b"col", "converged_step", b"converged_step", "label", b"label", "reason", b"reason", "row", b"row", "step", b"step", "strength", b"strength"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__converged_step: _TypeAlias = _typing.Literal["converged_step"]  # noqa: Y015
     _WhichOneofArgType__converged_step: _TypeAlias = _typing.Literal["_converged_step", b"_converged_step"]  # noqa: Y015

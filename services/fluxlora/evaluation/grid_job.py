@@ -1,5 +1,6 @@
-"""Runs one grid job: a run's checkpoints x strengths (x prompts x seeds) rendered on the process's
-cached base pipeline, scored, and written to the store as cells, labelled pages and report.json."""
+"""Runs one grid job: a run's checkpoints (or a list of LoRA files) x strengths (x prompts x seeds)
+rendered on the process's cached base pipeline, scored, and written to the store as cells,
+labelled pages and report.json."""
 
 from __future__ import annotations
 
@@ -47,17 +48,36 @@ class Scores:
     texts: list[str] | None = None
 
 
+@dataclasses.dataclass
+class Row:
+    """One row of the grid: a LoRA file, its label and its training step (0 when unknown)."""
+
+    label: str
+    step: int
+    key: str
+
+
+def grid_rows(ctx: JobContext, spec: pb.GridSpec) -> tuple[list[Row], dict]:
+    """The rows (a run's checkpoints, or spec.loras as validated) and the run giving defaults ({} if none)."""
+    if not spec.loras:
+        checkpoints = select_checkpoints(ctx.store, spec.run_id, list(spec.checkpoint_steps))
+        rows = [Row(format_step(step), step, key) for step, key in checkpoints.items()]
+        return rows, ctx.store.get_json(keys.run_info(spec.run_id))
+    run_id = next((lora.run_id for lora in spec.loras if lora.run_id), "")
+    run = ctx.store.get_json(keys.run_info(run_id)) if run_id else {}
+    return [Row(lora.label, lora.step, lora.key) for lora in spec.loras], run
+
+
 def run_grid(ctx: JobContext, spec: pb.GridSpec) -> pb.GridResult:
     settings = settings_of(ctx)
-    run = ctx.store.get_json(keys.run_info(spec.run_id))
-    checkpoints = select_checkpoints(ctx.store, spec.run_id, list(spec.checkpoint_steps))
-    steps, strengths = list(checkpoints), list(spec.strengths)
+    rows, run = grid_rows(ctx, spec)
+    steps, strengths = [row.step for row in rows], list(spec.strengths)
     panels = [Panel(prompt, seed) for prompt in spec.prompts for seed in spec.seeds]
     loras = []
-    for step, key in checkpoints.items():
+    for r, row in enumerate(rows):
         ctx.check_cancelled()
-        local = ctx.scratch / "loras" / f"step-{step:06d}.safetensors"
-        loras.append((format_step(step), ctx.store.get_file(key, local)))
+        local = ctx.scratch / "loras" / f"row-{r:03d}.safetensors"
+        loras.append((row.label, ctx.store.get_file(row.key, local)))
     dataset = _dataset_images(ctx, run, spec)
     ctx.progress("loading base model", 0)
     model_dir = resolve_model(spec.base_model, ctx.store, settings.cache_dir, "base model")
@@ -87,6 +107,7 @@ def run_grid(ctx: JobContext, spec: pb.GridSpec) -> pb.GridResult:
         )
     if probe is not None:
         scores.losses = [losses[r] for r in range(len(steps))]
+    if probe is not None and not spec.loras:  # LoRA files have no training order to converge along
         scores.convergence = scoring.convergence(steps, scores.losses, scores.base_loss)
         if not scores.convergence.improved:
             ctx.warn(f"no checkpoint beats the base model's held-out loss ({scores.base_loss:.4f}): "
@@ -98,7 +119,7 @@ def run_grid(ctx: JobContext, spec: pb.GridSpec) -> pb.GridResult:
         converged_step=scores.convergence.step if scores.convergence else None,
         fidelity=_mean_over_panels(scores.fidelity), flexibility=_mean_over_panels(scores.flexibility),
     )
-    return _write(ctx, spec, checkpoints, panels, cells, scores, recommendation, dataset)
+    return _write(ctx, spec, rows, panels, cells, scores, recommendation, dataset)
 
 
 def _dataset_images(ctx: JobContext, run: dict, spec: pb.GridSpec) -> Dataset:
@@ -111,7 +132,11 @@ def _dataset_images(ctx: JobContext, run: dict, spec: pb.GridSpec) -> Dataset:
     objects = {o.key[len(prefix):]: o.key for o in ctx.store.list(prefix)} if run.get("dataset_id") else {}
     names = {Path(name).stem: name for name in sorted(objects) if Path(name).suffix.lower() in IMAGE_SUFFIXES}
     if not names:
-        ctx.warn(f"run {spec.run_id} has no training images in the store ({prefix}): grid scores are skipped")
+        if not run:
+            ctx.warn("no LoRA in spec.loras names a training run, so there is no dataset: image-text scores "
+                     "are skipped")
+            return Dataset({}, [], [])
+        ctx.warn(f"run {run.get('run_id', '')} has no training images in the store ({prefix}): grid scores are skipped")
         return Dataset({}, [], [])
     probe = [] if spec.skip_convergence else scoring.probe_subset(list(names), heldout.MAX_IMAGES)
     references = scoring.probe_subset(list(names), MAX_REFERENCE_IMAGES) if wants_text else []
@@ -154,19 +179,21 @@ def _mean_over_panels(tables: list[list[list[float]]] | None) -> list[list[float
     return [[fmean(t[r][c] for t in tables) for c in range(len(tables[0][0]))] for r in range(len(tables[0]))]
 
 
-def _write(ctx, spec, checkpoints, panels, cells, scores: Scores, recommendation: scoring.Recommendation,
+def _write(ctx, spec, grid_rows: list[Row], panels, cells, scores: Scores, recommendation: scoring.Recommendation,
            dataset: Dataset) -> pb.GridResult:
     grid_id = ctx.job_id
     prefix = keys.grid_prefix(grid_id)
-    steps, strengths = list(checkpoints), list(spec.strengths)
+    steps, strengths = [row.step for row in grid_rows], list(spec.strengths)
     rows, cols = len(steps), len(strengths)
     result = pb.GridResult(grid_id=grid_id, rows=rows, cols=cols)
     result.recommendation.CopyFrom(pb.Recommendation(
         step=recommendation.step, strength=recommendation.strength, row=recommendation.row,
         col=recommendation.col, basis=recommendation.basis, reason=recommendation.reason,
+        label=grid_rows[recommendation.row].label,
     ))
     if scores.convergence:
         result.recommendation.converged_step = scores.convergence.step
+    if scores.base_loss is not None:
         result.base_heldout_loss = scores.base_loss
 
     ctx.progress("writing grid", 0)
@@ -176,7 +203,8 @@ def _write(ctx, spec, checkpoints, panels, cells, scores: Scores, recommendation
         (cells_dir / sub).mkdir(parents=True, exist_ok=True)
         for r, step in enumerate(steps):
             for c, strength in enumerate(strengths):
-                name = f"{sub}step-{step:06d}_strength-{format_strength(strength)}.png"
+                row_name = f"row-{r + 1:02d}" if spec.loras else f"step-{step:06d}"
+                name = f"{sub}{row_name}_strength-{format_strength(strength)}.png"
                 cells[p][r][c].save(cells_dir / name)
                 key = prefix + "cells/" + name
                 ctx.upload(cells_dir / name, key, "grid-cell", step)
@@ -187,8 +215,8 @@ def _write(ctx, spec, checkpoints, panels, cells, scores: Scores, recommendation
                     cell.scores.score = recommendation.scores[r][c]
                 result.cells.append(cell)
 
-    for r, (step, key) in enumerate(checkpoints.items()):
-        score = pb.CheckpointScore(step=step, lora_key=key)
+    for r, row in enumerate(grid_rows):
+        score = pb.CheckpointScore(step=row.step, lora_key=row.key, label=row.label)
         if scores.losses is not None:
             score.heldout_loss = scores.losses[r]
         if scores.fidelity is not None:
@@ -197,7 +225,7 @@ def _write(ctx, spec, checkpoints, panels, cells, scores: Scores, recommendation
             score.flexibility = fmean(t[r][c] for t in scores.flexibility for c in positive)
         result.checkpoints.append(score)
 
-    pages_report = _write_pages(ctx, spec, panels, cells, steps, strengths, recommendation, result)
+    pages_report = _write_pages(ctx, spec, panels, cells, grid_rows, strengths, recommendation, result)
     result.grid_key = result.panels[0].page_keys[0]
     result.report_key = prefix + "report.json"
     ctx.store.put_json(result.report_key, {
@@ -232,12 +260,13 @@ def _write(ctx, spec, checkpoints, panels, cells, scores: Scores, recommendation
     return result
 
 
-def _write_pages(ctx, spec, panels, cells, steps, strengths, recommendation, result) -> list[dict]:
+def _write_pages(ctx, spec, panels, cells, grid_rows, strengths, recommendation, result) -> list[dict]:
     prefix = keys.grid_prefix(ctx.job_id)
     settings = settings_of(ctx)
     rows_per_page = spec.rows_per_page or max(1, settings.grid_page_cells // len(strengths))
-    pages = page_rows(len(steps), rows_per_page)
-    marked = f"recommended: step {recommendation.step} at strength {format_strength(recommendation.strength)} (framed)"
+    pages = page_rows(len(grid_rows), rows_per_page)
+    pick = grid_rows[recommendation.row].label
+    marked = f"recommended: {pick} at strength {format_strength(recommendation.strength)} (framed)"
     report = []
     for p, panel in enumerate(panels):
         message = pb.GridPanel(index=p, prompt=panel.prompt, seed=panel.seed)
@@ -250,7 +279,7 @@ def _write_pages(ctx, spec, panels, cells, steps, strengths, recommendation, res
                 highlight = (recommendation.row - page.start, recommendation.col)
             image, layout = compose_grid(
                 [cells[p][r] for r in page],
-                row_labels=[format_step(steps[r]) for r in page],
+                row_labels=[grid_rows[r].label for r in page],
                 col_labels=[format_strength(s) for s in strengths],
                 title=f"{title}\n{marked}",
                 highlight=highlight,

@@ -7,6 +7,8 @@ a job never has to guess a default again.
 
 from __future__ import annotations
 
+from pathlib import PurePosixPath
+
 from fluxlora.common.config import Settings
 from fluxlora.common.errors import InvalidArgument, NotFound
 from fluxlora.common.models import check_model_ref
@@ -29,10 +31,14 @@ def grid_spec(request: pb.GridSpec, store: ArtifactStore, settings: Settings) ->
     """The request with every default filled in, or an error naming the field and the fix."""
     spec = pb.GridSpec()
     spec.CopyFrom(request)
-    run = require_run(store, spec.run_id)
-    checkpoints = select_checkpoints(store, spec.run_id, list(spec.checkpoint_steps))
-    if not spec.checkpoint_steps:
-        spec.checkpoint_steps.extend(checkpoints)
+    if spec.loras:
+        run = _grid_loras(spec, store)
+    else:
+        run = require_run(store, spec.run_id)
+        checkpoints = select_checkpoints(store, spec.run_id, list(spec.checkpoint_steps))
+        if not spec.checkpoint_steps:
+            spec.checkpoint_steps.extend(checkpoints)
+    rows = len(spec.loras) or len(spec.checkpoint_steps)
     if not spec.strengths:
         spec.strengths.extend(DEFAULT_STRENGTHS)
     _check_strengths("spec.strengths", list(spec.strengths))
@@ -43,6 +49,9 @@ def grid_spec(request: pb.GridSpec, store: ArtifactStore, settings: Settings) ->
     if spec.prompt and not spec.prompt.strip():
         raise InvalidArgument("spec.prompt is blank; leave it empty to use the run's sample prompt")
     _check_prompts("spec.prompts", list(spec.prompts))
+    if not spec.prompts and not spec.prompt and not run:
+        raise InvalidArgument("spec.prompt is empty and no LoRA in spec.loras names a training run to take its "
+                              "sample prompt from: pass spec.prompt (or spec.prompts)")
     if not spec.prompts:
         spec.prompts.append(spec.prompt or (config.get("sample_prompts") or [run["trigger_word"]])[0])
     spec.prompt = spec.prompts[0]
@@ -59,15 +68,20 @@ def grid_spec(request: pb.GridSpec, store: ArtifactStore, settings: Settings) ->
         raise InvalidArgument("spec.rows_per_page must be >= 0 (0 means the server's page size)")
 
     panels = len(spec.prompts) * len(spec.seeds)
-    cells = panels * len(spec.checkpoint_steps) * len(spec.strengths)
+    cells = panels * rows * len(spec.strengths)
     if cells > settings.grid_max_cells:
         raise InvalidArgument(
-            f"the grid has {len(spec.checkpoint_steps)} checkpoints x {len(spec.strengths)} strengths"
+            f"the grid has {rows} checkpoints x {len(spec.strengths)} strengths"
             + (f" x {panels} grids (prompts x seeds)" if panels > 1 else "")
             + f" = {cells} cells, over this server's limit of {settings.grid_max_cells}: pick fewer "
-            "checkpoint_steps, strengths, prompts or seeds (or raise FLUXLORA_GRID_MAX_CELLS)"
+            "checkpoint_steps (or loras), strengths, prompts or seeds (or raise FLUXLORA_GRID_MAX_CELLS)"
         )
 
+    if spec.loras and not spec.base_model and not run:
+        raise InvalidArgument("spec.base_model is empty and no LoRA in spec.loras names a training run to take it "
+                              "from: pass the base model the LoRA files were trained on")
+    if spec.loras and not run:
+        spec.skip_convergence = True  # no run, so no dataset to measure the held-out loss on
     spec.base_model = spec.base_model or run.get("base_model", "") or settings.base_model
     check_model_ref(spec.base_model, store, "base model")
     if spec.image_text_model != NO_MODEL:
@@ -75,6 +89,41 @@ def grid_spec(request: pb.GridSpec, store: ArtifactStore, settings: Settings) ->
         if spec.image_text_model:
             check_model_ref(spec.image_text_model, store, "image-text model")
     return spec
+
+
+def _grid_loras(spec: pb.GridSpec, store: ArtifactStore) -> dict:
+    """Resolves each row LoRA to a key, step and label in place; returns the first named run ({} if none)."""
+    if spec.run_id:
+        raise InvalidArgument("set spec.run_id (a run's checkpoints as rows) or spec.loras (LoRA files as rows), "
+                              "not both")
+    if spec.checkpoint_steps:
+        raise InvalidArgument("spec.checkpoint_steps picks checkpoints of spec.run_id; with spec.loras give each "
+                              "row's run_id and step instead")
+    first_run: dict = {}
+    for i, lora in enumerate(spec.loras):
+        field = f"spec.loras[{i}]"
+        if bool(lora.key) == bool(lora.run_id):
+            raise InvalidArgument(f"{field}: set key (a LoRA file in the store) or run_id (+ step), exactly one")
+        if lora.key:
+            if not lora.key.endswith(".safetensors"):
+                raise InvalidArgument(f"{field}.key {lora.key!r} is not a .safetensors file: pass the key of a "
+                                      "LoRA weights file")
+            if not store.exists(lora.key):
+                raise NotFound(f"{field}.key {lora.key!r}: no such object in the store; upload the LoRA file first")
+            lora.label = lora.label.strip() or PurePosixPath(lora.key).name
+            continue
+        run = require_run(store, lora.run_id)
+        first_run = first_run or run
+        available = list_checkpoints(store, lora.run_id)
+        step = lora.step or (max(available) if available else 0)
+        lora.key = select_checkpoints(store, lora.run_id, [step])[step]
+        lora.step = step
+        lora.label = lora.label.strip() or f"{lora.run_id} step {step}"
+    labels = [lora.label for lora in spec.loras]
+    for lora in spec.loras:
+        if labels.count(lora.label) > 1:
+            lora.label = lora.key  # two files of the same name: the key tells them apart
+    return first_run
 
 
 def generate_spec(request: pb.GenerateSpec, store: ArtifactStore, settings: Settings) -> pb.GenerateSpec:
