@@ -24,6 +24,8 @@ from typing import Any
 from fluxlora.common.errors import InvalidArgument, NotFound, Unavailable
 
 CHUNK = 1024 * 1024
+MAX_KEY_BYTES = 1024
+MAX_PART_BYTES = 255
 
 
 @dataclass(frozen=True)
@@ -43,6 +45,12 @@ def validate_key(key: str) -> str:
     parts = key.split("/")
     if any(p in ("..", ".") for p in parts) or "" in parts[:-1]:
         raise InvalidArgument(f"invalid object key {key!r}: '..', '.' and empty path parts are not allowed")
+    # S3 caps keys at 1024 bytes and file systems cap a path part at 255: refuse, never fail deeper.
+    if len(key.encode()) > MAX_KEY_BYTES or any(len(p.encode()) > MAX_PART_BYTES for p in parts):
+        raise InvalidArgument(
+            f"object key too long ({len(key.encode())} bytes): keys are at most {MAX_KEY_BYTES} bytes "
+            f"and each path part at most {MAX_PART_BYTES}"
+        )
     return key
 
 
