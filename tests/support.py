@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import sys
+import threading
 import uuid
 
 import pytest
 from typer.testing import CliRunner
 
 from fluxlora.common.config import SERVICES, Settings
-from fluxlora.common.server import start_server
-from fluxlora.common.storage import S3Store
+from fluxlora.common.server import RunningServer, load_definition, start_server
+from fluxlora.common.storage import LocalStore, S3Store
 from fluxlora_client import FluxloraClient, cli
 
 
@@ -21,9 +23,10 @@ def make_s3_store(endpoint: str) -> S3Store:
 
 
 @contextlib.contextmanager
-def services_and_client(store, tmp_path):
-    """The four servers on free ports over `store`, and an SDK client for them."""
-    settings = Settings(store=str(tmp_path / "unused"), cache_dir=tmp_path / "cache")
+def services_and_client(store, tmp_path, **overrides):
+    """The four servers on free ports over `store`, and an SDK client for them; `overrides` are Settings
+    fields the servers run with (max_caption_chars=100, ...)."""
+    settings = Settings(store=str(tmp_path / "unused"), cache_dir=tmp_path / "cache", **overrides)
     servers = [start_server(name, settings, store=store, port=0) for name in SERVICES]
     client = FluxloraClient(store, **{s.definition.name: s.address for s in servers})
     try:
@@ -48,3 +51,24 @@ def run_main(monkeypatch, capsys, *args: str) -> tuple[int, str]:
         cli.main()
     captured = capsys.readouterr()
     return exit_.value.code, captured.out + captured.err
+
+
+@contextlib.contextmanager
+def preprocessing_server(tmp_path, gate: threading.Event | None = None, store=None, **settings):
+    """The real preprocessing server over `store` (a local one by default); its jobs wait for `gate`
+    when one is given, so a test can hold the queue full for as long as it looks."""
+    definition = load_definition("preprocessing")
+    if gate is not None:
+        real = definition.handler
+
+        def gated(ctx, spec):
+            gate.wait(60)
+            return real(ctx, spec)
+
+        definition = dataclasses.replace(definition, handler=gated)
+    config = Settings(store=str(tmp_path / "unused"), cache_dir=tmp_path / "cache", **settings)
+    server = RunningServer(definition, config, store or LocalStore(tmp_path / "store"), port=0).start()
+    try:
+        yield server
+    finally:
+        server.stop(grace=1.0)

@@ -28,6 +28,15 @@ class Settings(BaseSettings):
     s3_secret_key: SecretStr = Field(SecretStr(""), description="S3 secret key.")
     s3_secure: bool = Field(False, description="Use HTTPS for the S3 endpoint.")
     s3_region: str = Field("us-east-1", description="S3 region.")
+    # A transient S3 failure (connection refused/reset, timeout, 5xx, SlowDown) is retried after a delay
+    # drawn from [0, min(max, base * 2^n)] (fluxlora.common.s3_retry); the defaults wait up to ~55 s
+    # (~28 s on average) before the call fails with UNAVAILABLE.
+    s3_retries: int = Field(10, ge=0, description="Retries of a transient S3 failure before UNAVAILABLE.")
+    s3_retry_base_s: float = Field(0.5, gt=0, description="Backoff cap of the first S3 retry (doubles each retry).")
+    s3_retry_max_s: float = Field(8.0, gt=0, description="Largest backoff cap between two S3 retries.")
+    s3_timeout_s: float = Field(
+        60.0, gt=0, description="Seconds an S3 request may wait for the endpoint (connect: at most 10) per attempt."
+    )
     cache_dir: Path = Field(
         Path.home() / ".cache" / "fluxlora",
         description="Local mirror of models fetched from the store (store://<prefix>).",
@@ -49,6 +58,17 @@ class Settings(BaseSettings):
     port: int = Field(0, description="Port; 0 means the service's default port.")
     workers: int = Field(1, ge=1, description="Jobs a server runs at once (GPU services: 1).")
     max_queued_jobs: int = Field(64, ge=1, description="Queued jobs beyond which submits get RESOURCE_EXHAUSTED.")
+    # Request limits (fluxlora.common.limits): each refusal names the field, the value, the limit and the setting.
+    max_watchers: int = Field(
+        64, ge=1, description="WatchJob streams one server holds at once; more get RESOURCE_EXHAUSTED (the SDK polls)."
+    )
+    max_upload_bytes: int = Field(
+        32 * 1024**3, ge=1, description="Most bytes under one preprocessing source_prefix (photos and zips together)."
+    )
+    max_caption_chars: int = Field(
+        4000, ge=1, description="Longest caption (characters) an edit, a replace or an import may store."
+    )
+    max_train_steps: int = Field(100_000, ge=1, description="Largest TrainSpec.max_steps a training server accepts.")
     preprocess_workers: int = Field(
         0, ge=0, description="Processes a preprocessing job uses; 0 means the CPUs this process may use."
     )
@@ -62,9 +82,15 @@ class Settings(BaseSettings):
         description="GPU memory (GiB) training runs must fit, checked at submit by the memory planner; "
                     "unset: the server's GPU, or 24 without one; 0 turns the check off.",
     )
-    # Where a server runs its jobs: in its own worker threads, or each as a Kubernetes Job running
-    # `fluxlora worker <service> <job_id>` (fluxlora.jobs.kubernetes; settings below, docs/deploy.md).
-    runner: Literal["local", "kubernetes"] = Field("local", description="Job runner: local or kubernetes.")
+    # Where a server runs its jobs: in its own worker threads, each in a child process running
+    # `python -m fluxlora.jobs.worker <service> <job_id>` (fluxlora.jobs.process: a crash fails the job, not
+    # the server), or each as a Kubernetes Job running `fluxlora worker ...` (fluxlora.jobs.kubernetes; docs/deploy.md).
+    runner: Literal["local", "process", "kubernetes"] = Field(
+        "local", description="Job runner: local (threads), process (a child process per job) or kubernetes."
+    )
+    process_stop_grace_s: float = Field(
+        120.0, gt=0, description="process runner: seconds a worker may take to stop after SIGTERM before SIGKILL."
+    )
     k8s_namespace: str = Field("", description="Namespace for Jobs; empty: the pod's own namespace.")
     k8s_image: str = Field("", description="Image of the Job's worker; empty: the image of k8s_pod_name's container.")
     k8s_pod_name: str = Field("", description="This server's pod (downward API), whose image the worker runs.")

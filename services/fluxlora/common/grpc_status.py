@@ -38,6 +38,10 @@ def _abort(context: grpc.ServicerContext, exc: BaseException) -> None:
     code, message = status_of(exc)
     if code == "INTERNAL":
         log.exception("unexpected error in RPC")
+    if code == "UNAVAILABLE":
+        # The server already waited out its store's retries (fluxlora.common.s3_retry): a negative pushback
+        # tells the client's retry policy (kept for servers restarting) not to multiply that wait (gRFC A6).
+        context.set_trailing_metadata((("grpc-retry-pushback-ms", "-1"),))
     context.abort(grpc.StatusCode[code], bounded(message))
 
 

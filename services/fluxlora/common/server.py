@@ -30,6 +30,7 @@ log = logging.getLogger(__name__)
 configure_hf_offline()
 
 JOB_SERVICE_NAME = jobs_pb2.DESCRIPTOR.services_by_name["JobService"].full_name
+RPC_THREADS = 16  # server threads beyond the watch streams' (FLUXLORA_MAX_WATCHERS)
 
 
 @dataclass(frozen=True)
@@ -77,10 +78,14 @@ class RunningServer:
             settings=settings,
             workers=settings.workers,
             max_queued=settings.max_queued_jobs,
+            max_watchers=settings.max_watchers,
         )
         interceptors = server_interceptors(settings)
         credentials = server_credentials(settings)
-        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=32, thread_name_prefix=definition.name),
+        # A watch stream holds its thread while the job runs; at most max_watchers do (the runtime refuses
+        # more), so the other RPC_THREADS always answer submits, GetJob and health checks.
+        threads = settings.max_watchers + RPC_THREADS
+        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=threads, thread_name_prefix=definition.name),
                                   interceptors=interceptors)
         definition.add_servicer(self.server, self.runtime)
         jobs_pb2_grpc.add_JobServiceServicer_to_server(JobServicer(self.runtime), self.server)

@@ -5,11 +5,13 @@
 
 Objects are streamed (never a whole large file in memory) and written whole or not at all: the
 local backend writes to a temporary file and renames it, and an S3 PUT is atomic. Keys are
-validated so no caller can escape the bucket's root.
+validated so no caller can escape the bucket's root. S3 calls ride out short outages (retries with
+backoff and jitter, fluxlora.common.s3_retry) and then fail with UNAVAILABLE.
 """
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import os
@@ -22,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from fluxlora.common.errors import InvalidArgument, NotFound, Unavailable
+from fluxlora.common.s3_retry import RetryPolicy, with_retries
 
 CHUNK = 1024 * 1024
 MAX_KEY_BYTES = 1024
@@ -99,6 +102,13 @@ class ArtifactStore(ABC):
     @abstractmethod
     def presigned_url(self, key: str) -> str:
         """A URL a client can download the object from without credentials."""
+
+    def create_bytes(self, key: str, data: bytes, content_type: str = "application/octet-stream") -> bool:
+        """Write a small object only if `key` holds none yet, atomically across processes and machines
+        (writers claim a name, such as the next version number, with it): True when this call stored
+        `data`; False when another writer holds the key (or is creating it). Finding exactly `data`
+        there counts as stored: that is how a retried write whose first answer was lost looks."""
+        raise NotImplementedError(f"{type(self).__name__} cannot create objects only-if-absent")
 
     # Small objects (job records, manifests) go through temporary files so both backends keep
     # one streaming code path.
@@ -224,26 +234,75 @@ class LocalStore(ArtifactStore):
     def delete(self, key: str) -> None:
         self._path(key).unlink(missing_ok=True)
 
+    def create_bytes(self, key: str, data: bytes, content_type: str = "application/octet-stream") -> bool:
+        target = self._path(key)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".part-")
+        try:
+            with os.fdopen(fd, "wb") as out:
+                out.write(data)
+            # link() refuses an existing target: whole-or-nothing like put_file's rename, and create-only.
+            os.link(tmp, target)
+            return True
+        except FileExistsError:
+            return target.read_bytes() == data
+        finally:
+            Path(tmp).unlink(missing_ok=True)
+
     def presigned_url(self, key: str) -> str:
         return self._path(key).as_uri()
 
 
 class S3Store(ArtifactStore):
-    def __init__(self, client: Any, bucket: str, create_bucket: bool = True):
+    def __init__(self, client: Any, bucket: str, create_bucket: bool = True, retry: RetryPolicy | None = None,
+                 endpoint: str = ""):
         self.client = client
         self.bucket = bucket
+        self.retry = retry or RetryPolicy()
+        self.endpoint = endpoint
         if create_bucket:
-            with _s3_errors(f"bucket {bucket!r}"):
-                if not client.bucket_exists(bucket):
-                    client.make_bucket(bucket)
+            self._call(f"creating bucket {bucket!r}", self._ensure_bucket)
 
     @classmethod
     def connect(cls, endpoint: str, bucket: str, access_key: str, secret_key: str,
-                secure: bool = False, region: str = "us-east-1") -> S3Store:
+                secure: bool = False, region: str = "us-east-1", retry: RetryPolicy | None = None,
+                timeout_s: float = 60.0) -> S3Store:
+        import certifi
+        import urllib3
         from minio import Minio
 
-        client = Minio(endpoint, access_key=access_key, secret_key=secret_key, secure=secure, region=region)
-        return cls(client, bucket)
+        # One retry layer, ours (it logs, jitters and knows which errors are worth waiting for):
+        # urllib3 itself retries nothing, and a silent endpoint costs timeout_s per attempt, not
+        # minio's default of 5 minutes.
+        http = urllib3.PoolManager(
+            timeout=urllib3.Timeout(connect=min(timeout_s, 10.0), read=timeout_s),
+            maxsize=10,
+            retries=urllib3.Retry(total=None, connect=0, read=0, status=0, other=0, redirect=5,
+                                  raise_on_status=False),
+            # certificates checked as minio checks them by default
+            cert_reqs="CERT_REQUIRED",
+            ca_certs=os.environ.get("SSL_CERT_FILE") or certifi.where(),
+        )
+        client = Minio(endpoint, access_key=access_key, secret_key=secret_key, secure=secure, region=region,
+                       http_client=http)
+        return cls(client, bucket, retry=retry, endpoint=endpoint)
+
+    def _ensure_bucket(self) -> None:
+        from minio.error import S3Error
+
+        if self.client.bucket_exists(self.bucket):
+            return
+        try:
+            self.client.make_bucket(self.bucket)
+        except S3Error as exc:  # a retry after a create whose answer was lost
+            if exc.code != "BucketAlreadyOwnedByYou":
+                raise
+
+    def _call(self, action: str, call: Any, what: str = "") -> Any:
+        """`call()` with retries on transient failures; errors mapped to NotFound / Unavailable."""
+        where = f"{self.uri} at {self.endpoint}" if self.endpoint else self.uri
+        with _s3_errors(what or action):
+            return with_retries(call, action, where, self.retry)
 
     @property
     def uri(self) -> str:
@@ -252,40 +311,70 @@ class S3Store(ArtifactStore):
     def put_file(self, key: str, path: Path, content_type: str = "application/octet-stream") -> ObjectInfo:
         validate_key(key)
         digest = sha256_file(path)
-        with _s3_errors(key):
-            self.client.fput_object(
-                self.bucket, key, str(path), content_type=content_type, metadata={"sha256": digest}
-            )
+        # Each attempt is a whole PUT (or a multipart upload minio aborts on failure): the key holds
+        # the old object or the new one, never part of it.
+        self._call(f"writing {key!r}", lambda: self.client.fput_object(
+            self.bucket, key, str(path), content_type=content_type, metadata={"sha256": digest}
+        ), key)
         return ObjectInfo(key, Path(path).stat().st_size, digest)
 
     def get_file(self, key: str, path: Path) -> Path:
         validate_key(key)
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        with _s3_errors(key):
-            # minio downloads to <path>.part.minio then renames: never a half-written target.
-            self.client.fget_object(self.bucket, key, str(path))
+        try:
+            # minio downloads to <path>.<etag>.part.minio then renames: never a half-written target.
+            self._call(f"reading {key!r}", lambda: self.client.fget_object(self.bucket, key, str(path)), key)
+        except BaseException:
+            for part in path.parent.glob(glob.escape(path.name) + ".*.part.minio"):
+                part.unlink(missing_ok=True)
+            raise
         return path
 
     def stat(self, key: str) -> ObjectInfo:
         validate_key(key)
-        with _s3_errors(key):
-            obj = self.client.stat_object(self.bucket, key)
+        obj = self._call(f"reading {key!r}", lambda: self.client.stat_object(self.bucket, key), key)
         meta = {k.lower(): v for k, v in (obj.metadata or {}).items()}
         return ObjectInfo(key, obj.size, meta.get("x-amz-meta-sha256", ""))
 
     def list(self, prefix: str) -> Iterator[ObjectInfo]:
         if prefix:
             validate_key(prefix.rstrip("/") or "x")
-        with _s3_errors(prefix):
-            objects = list(self.client.list_objects(self.bucket, prefix=prefix, recursive=True))
+        objects = self._call(f"listing {prefix!r}", lambda: list(
+            self.client.list_objects(self.bucket, prefix=prefix, recursive=True)), prefix)
         for obj in sorted(objects, key=lambda o: o.object_name):
             yield ObjectInfo(obj.object_name, obj.size or 0, version=(obj.etag or "").strip('"'))
 
     def delete(self, key: str) -> None:
         validate_key(key)
-        with _s3_errors(key):
-            self.client.remove_object(self.bucket, key)
+        self._call(f"deleting {key!r}", lambda: self.client.remove_object(self.bucket, key), key)
+
+    def create_bytes(self, key: str, data: bytes, content_type: str = "application/octet-stream") -> bool:
+        from minio.error import S3Error
+
+        validate_key(key)
+        digest = hashlib.sha256(data).hexdigest()
+        # A conditional PUT (If-None-Match: *; AWS S3, MinIO, moto): the server refuses it with 412 when
+        # the key exists. minio's put_object would send that header as user metadata, so this uses its
+        # PutObject call underneath (minio is pinned; tests/unit/test_caption_version_race.py runs it on moto).
+        headers = {"Content-Type": content_type, "x-amz-meta-sha256": digest, "If-None-Match": "*"}
+
+        def put() -> bool:
+            try:
+                self.client._put_object(self.bucket, key, data, headers)
+                return True
+            except S3Error as exc:
+                # 409: another conditional write of the key is in flight; whoever finishes holds it.
+                if exc.code in ("PreconditionFailed", "ConditionalRequestConflict"):
+                    return False
+                raise
+
+        if self._call(f"creating {key!r}", put, key):
+            return True
+        try:
+            return self.stat(key).sha256 == digest
+        except NotFound:  # the other writer's conditional PUT failed after all: nothing is there
+            return False
 
     def presigned_url(self, key: str) -> str:
         validate_key(key)
@@ -328,5 +417,7 @@ def open_store(settings: Any) -> ArtifactStore:
             settings.s3_secret_key.get_secret_value(),
             secure=settings.s3_secure,
             region=settings.s3_region,
+            retry=RetryPolicy.from_settings(settings),
+            timeout_s=settings.s3_timeout_s,
         )
     return LocalStore(Path(store.removeprefix("file://")))

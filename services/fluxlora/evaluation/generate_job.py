@@ -45,7 +45,9 @@ def run_generate(ctx: JobContext, spec: pb.GenerateSpec) -> pb.GenerateResult:
                 pb.GeneratedImage(prompt_index=p, prompt=prompt, seed=seed, image_key=prefix + path.name)
             )
     report_key = prefix + "report.json"
-    ctx.store.put_json(report_key, {"generation_id": ctx.job_id, "spec": json_format.MessageToDict(spec),
-                                    "images": [json_format.MessageToDict(i) for i in result.images]})
-    ctx.add_artifact(ctx.store.stat(report_key), "report")
+    report_info = ctx.store.put_json(report_key, {
+        "generation_id": ctx.job_id, "spec": json_format.MessageToDict(spec),
+        "images": [json_format.MessageToDict(i) for i in result.images],
+    })
+    ctx.add_artifact(report_info, "report")  # put's info has the sha256 (a local stat has none)
     return result

@@ -228,7 +228,7 @@ def _write(ctx, spec, grid_rows: list[Row], panels, cells, scores: Scores, recom
     pages_report = _write_pages(ctx, spec, panels, cells, grid_rows, strengths, recommendation, result)
     result.grid_key = result.panels[0].page_keys[0]
     result.report_key = prefix + "report.json"
-    ctx.store.put_json(result.report_key, {
+    report_info = ctx.store.put_json(result.report_key, {
         "grid_id": grid_id,
         "spec": json_format.MessageToDict(spec),
         "rule": scoring.RULE,
@@ -256,7 +256,7 @@ def _write(ctx, spec, grid_rows: list[Row], panels, cells, scores: Scores, recom
         # The first page's geometry, where a single-page grid's cells sit.
         "layout": pages_report[0]["pages"][0]["layout"],
     })
-    ctx.add_artifact(ctx.store.stat(result.report_key), "report")
+    ctx.add_artifact(report_info, "report")  # put's info has the sha256 (a local stat has none)
     return result
 
 

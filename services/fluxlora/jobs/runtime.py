@@ -4,6 +4,10 @@ persists every record in the store, streams changes to watchers, and cancels on 
 State machine: QUEUED -> RUNNING -> SUCCEEDED | FAILED | CANCELLED; QUEUED -> CANCELLED.
 A job interrupted by a shutdown goes back to QUEUED in the store, so the next server start runs it
 again (training then resumes from its last checkpoint).
+
+While the store is unreachable (past its retries) a job's record lives only here: the job goes on or
+fails UNAVAILABLE, watchers still see every change, and an idle worker writes the record again once
+the store answers. A server killed meanwhile finds the last record it did write and runs the job again.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ from typing import Any
 
 from google.protobuf.message import Message
 
-from fluxlora.common.errors import FailedPrecondition, NotFound, ResourceExhausted, status_of
+from fluxlora.common.errors import FailedPrecondition, NotFound, ResourceExhausted, Unavailable, status_of
 from fluxlora.common.storage import ArtifactStore
 from fluxlora.jobs.context import JobContext, JobInterrupted
 from fluxlora.jobs.records import JobRecords, mark_finished
@@ -37,6 +41,7 @@ TERMINAL = frozenset({S.JOB_STATE_SUCCEEDED, S.JOB_STATE_FAILED, S.JOB_STATE_CAN
 PERSIST_INTERVAL_S = 2.0
 EVENTS_KEPT = 256
 FINISHED_EVENTS_KEPT_S = 60.0
+RESAVE_INTERVAL_S = 5.0  # how often an idle worker tries again to write records the store refused
 
 Handler = Callable[[JobContext, Any], Message]
 
@@ -52,6 +57,7 @@ class JobRuntime:
         workers: int = 1,
         max_queued: int = 64,
         runner: Runner | None = None,
+        max_watchers: int = 0,
     ):
         self.service = service
         self.prefix = prefix
@@ -63,12 +69,17 @@ class JobRuntime:
         self._records = JobRecords(store, service)
         self._workers = workers
         self._max_queued = max_queued
+        # Each watch stream holds a gRPC server thread for as long as the job runs: unbounded, they
+        # would take every thread and leave none for submits or health checks. 0: no limit.
+        self._max_watchers = max_watchers
+        self._watchers = 0
         self._cond = threading.Condition(threading.RLock())
         self._jobs: dict[str, jobs_pb2.Job] = {}
         self._by_request: dict[str, str] = {}
         self._events: dict[str, collections.deque[jobs_pb2.JobEvent]] = {}
         self._sequence: dict[str, int] = {}
         self._persisted_at: dict[str, float] = {}
+        self._unsaved: set[str] = set()
         self._queue: queue.Queue[str | None] = queue.Queue()
         self._threads: list[threading.Thread] = []
         self._stopping = threading.Event()
@@ -113,8 +124,8 @@ class JobRuntime:
             queued = sum(1 for j in self._jobs.values() if j.state == S.JOB_STATE_QUEUED)
             if queued >= self._max_queued:
                 raise ResourceExhausted(
-                    f"{self.service} queue is full ({queued} jobs waiting); "
-                    "retry later or raise FLUXLORA_MAX_QUEUED_JOBS"
+                    f"{self.service} queue is full: {queued} jobs waiting, the limit is {self._max_queued} "
+                    "(FLUXLORA_MAX_QUEUED_JOBS): retry later with the same request_id, or raise the setting"
                 )
             job = jobs_pb2.Job(
                 job_id=f"{self.prefix}-{uuid.uuid4().hex[:12]}",
@@ -163,24 +174,41 @@ class JobRuntime:
             return self.get(job_id)
 
     def watch(self, job_id: str, is_active: Callable[[], bool] = lambda: True) -> Iterator[jobs_pb2.JobEvent]:
-        """The current state, then every change; ends after a terminal state."""
+        """The current state, then every change; ends after a terminal state. RESOURCE_EXHAUSTED when
+        max_watchers streams are open already (GetJob still answers)."""
         with self._cond:
             job = self.get(job_id)
+            if self._max_watchers and self._watchers >= self._max_watchers:
+                raise ResourceExhausted(
+                    f"{self.service} has {self._watchers} WatchJob streams open, the limit is {self._max_watchers} "
+                    "(FLUXLORA_MAX_WATCHERS): poll GetJob instead (the SDK does), or raise FLUXLORA_MAX_WATCHERS"
+                )
+            self._watchers += 1
             last = self._sequence.get(job_id, 0)
             first = jobs_pb2.JobEvent(sequence=last, job=job)
             first.time.GetCurrentTime()
-        yield first
-        if job.state in TERMINAL:
-            return
-        while is_active() and not self._stopping.is_set():
+        try:
+            yield first
+            if job.state in TERMINAL:
+                return
+            while is_active() and not self._stopping.is_set():
+                with self._cond:
+                    self._cond.wait_for(partial(self._changed_since, job_id, last), timeout=1.0)
+                    events = [e for e in self._events[job_id] if e.sequence > last]
+                for event in events:
+                    last = event.sequence
+                    yield event
+                    if event.job.state in TERMINAL:
+                        return
+        finally:  # also when the client goes away: gRPC then closes this generator
             with self._cond:
-                self._cond.wait_for(partial(self._changed_since, job_id, last), timeout=1.0)
-                events = [e for e in self._events[job_id] if e.sequence > last]
-            for event in events:
-                last = event.sequence
-                yield event
-                if event.job.state in TERMINAL:
-                    return
+                self._watchers -= 1
+
+    @property
+    def watchers(self) -> int:
+        """WatchJob streams open now."""
+        with self._cond:
+            return self._watchers
 
     def _changed_since(self, job_id: str, sequence: int) -> bool:
         return self._sequence[job_id] > sequence or self._stopping.is_set()
@@ -202,11 +230,32 @@ class JobRuntime:
             now = time.monotonic()
             due = now - self._persisted_at.get(job_id, 0) > PERSIST_INTERVAL_S
             if persist is True or (persist == "throttle" and due):
-                self._records.save(job)
                 self._persisted_at[job_id] = now
+                self._save(job)
             self._emit(job, message)
 
     # --- internals -------------------------------------------------------------------------
+    def _save(self, job: jobs_pb2.Job) -> None:
+        """Writes a job's record; a store that stays unreachable must not stop the job or hide its
+        state from watchers (the record is written again later, by _save_unsaved)."""
+        try:
+            self._records.save(job)
+        except Unavailable as exc:
+            if job.job_id not in self._unsaved:
+                log.warning("job %s: record not saved (%s); kept in memory and saved once the store answers",
+                            job.job_id, exc.message)
+            self._unsaved.add(job.job_id)
+        else:
+            self._unsaved.discard(job.job_id)
+
+    def _save_unsaved(self) -> None:
+        with self._cond:
+            for job_id in sorted(self._unsaved):
+                self._save(self._jobs[job_id])
+                if job_id in self._unsaved:
+                    return  # still unreachable: the next idle round tries again
+                log.info("job %s: record saved again after the store came back", job_id)
+
     def _remember(self, job: jobs_pb2.Job) -> None:
         self._jobs[job.job_id] = job
         if job.request_id:
@@ -240,7 +289,12 @@ class JobRuntime:
 
     def _work(self) -> None:
         while True:
-            job_id = self._queue.get()
+            try:
+                job_id = self._queue.get(timeout=RESAVE_INTERVAL_S)
+            except queue.Empty:
+                if self._unsaved:
+                    self._save_unsaved()
+                continue
             if job_id is None or self._stopping.is_set():
                 return
             self._run(job_id)

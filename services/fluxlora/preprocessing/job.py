@@ -15,6 +15,7 @@ from google.protobuf import json_format
 
 from fluxlora.common import keys
 from fluxlora.common.errors import FailedPrecondition, InvalidArgument
+from fluxlora.common.limits import check_upload_bytes
 from fluxlora.jobs.context import JobContext
 from fluxlora.preprocessing.archives import ArchiveRejected, expand_archive, is_archive
 from fluxlora.preprocessing.manifest import DEFAULT_BLUR_THRESHOLD, PreprocessOptions, RejectedFile
@@ -78,6 +79,9 @@ def _cgroup_cpu_quota(path: Path = Path("/sys/fs/cgroup/cpu.max")) -> int | None
 def run_preprocess(ctx: JobContext, spec: pb.PreprocessSpec) -> pb.PreprocessResult:
     options = options_from_spec(spec)
     sources = list(ctx.store.list(spec.source_prefix))
+    limit = getattr(ctx.settings, "max_upload_bytes", None)
+    if limit:  # again here: files may have been added under the prefix since the submit was checked
+        check_upload_bytes([o.size for o in sources], limit, f"spec.source_prefix {spec.source_prefix!r}")
     originals: list[tuple[str, Path]] = []
     for i, obj in enumerate(sources, 1):
         ctx.check_cancelled()

@@ -6,6 +6,7 @@ from pathlib import PurePosixPath
 
 from fluxlora.common.errors import InvalidArgument, NotFound
 from fluxlora.common.grpc_status import grpc_errors
+from fluxlora.common.limits import check_upload_bytes
 from fluxlora.common.storage import validate_prefix
 from fluxlora.jobs.runtime import JobRuntime
 from fluxlora.preprocessing.archives import ARCHIVE_SUFFIXES
@@ -30,9 +31,12 @@ class PreprocessingServicer(preprocessing_pb2_grpc.PreprocessingServiceServicer)
         spec.source_prefix = validate_prefix(spec.source_prefix)
         spec.base_size = spec.base_size or 1024
         options_from_spec(spec)  # validates every option with a message naming the field
-        names = [o.key for o in self.runtime.store.list(spec.source_prefix)]
+        objects = list(self.runtime.store.list(spec.source_prefix))
+        names = [o.key for o in objects]
         if not names:
             raise NotFound(f"no files under {spec.source_prefix!r}: upload photos there first")
+        check_upload_bytes([o.size for o in objects], self.runtime.settings.max_upload_bytes,
+                           f"spec.source_prefix {spec.source_prefix!r}")
         if not any(PurePosixPath(n).suffix.lower() in ACCEPTED_SUFFIXES for n in names):
             raise InvalidArgument(
                 f"{spec.source_prefix!r} holds {len(names)} files but no images or zips "

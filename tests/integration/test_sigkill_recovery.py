@@ -1,0 +1,201 @@
+"""A service killed with SIGKILL at any point of a job loses nothing: real server processes are
+killed (no shutdown code runs) and started again on the same store and port, and then
+
+- every job is found again and finishes (the running one runs again, the queued one runs);
+- resubmitting a request_id returns the job it created, which ran once;
+- every stored artifact is whole: the checksums in the manifest and in the job record match the
+  stored bytes, and nothing references an object that is not there;
+- a training run continues from its last complete checkpoint, each step trained once.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from fluxlora.common import keys
+from fluxlora.common.storage import ArtifactStore, LocalStore
+from fluxlora_api.v1 import jobs_pb2
+from fluxlora_client import FluxloraClient
+from fluxlora_client.local import free_port, wait_healthy
+from support import services_and_client
+
+pytestmark = pytest.mark.timeout(240)  # a regression that hangs a wait fails here, not after 10 minutes
+S = jobs_pb2.JobState
+TERMINAL = (S.JOB_STATE_SUCCEEDED, S.JOB_STATE_FAILED, S.JOB_STATE_CANCELLED)
+MAX_STEPS = 100
+EVERY = 10
+
+
+class ServiceProcess:
+    """One service as `fluxlora serve` in its own process group, on a port kept across restarts."""
+
+    def __init__(self, service: str, store: ArtifactStore, tmp_path: Path):
+        self.service = service
+        self.port = free_port()
+        self.address = f"127.0.0.1:{self.port}"
+        self.log = tmp_path / f"{service}.log"
+        self.env = {**os.environ, **store_env(store), "FLUXLORA_CACHE_DIR": str(tmp_path / "cache"),
+                    "FLUXLORA_WORKERS": "1", "FLUXLORA_PREPROCESS_WORKERS": "1", "OMP_NUM_THREADS": "1"}
+        self.process: subprocess.Popen | None = None
+
+    def start(self) -> ServiceProcess:
+        with open(self.log, "ab") as log:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "fluxlora_client.cli", "serve", self.service,
+                 "--host", "127.0.0.1", "--port", str(self.port)],
+                env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            )
+        wait_healthy(self.address, timeout=120, alive=lambda: self.process.poll() is None)
+        return self
+
+    def kill(self) -> None:
+        """SIGKILL to the whole process group, as a container runtime or the OOM killer does it."""
+        os.killpg(self.process.pid, signal.SIGKILL)
+        self.process.wait(30)
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(30)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+    def logs(self) -> str:
+        return self.log.read_text(errors="replace")[-4000:]
+
+
+def store_env(store: ArtifactStore) -> dict[str, str]:
+    """The settings that point a server process at `store` (a directory, or a bucket on moto)."""
+    if isinstance(store, LocalStore):
+        return {"FLUXLORA_STORE": str(store.root)}
+    return {"FLUXLORA_STORE": store.uri, "FLUXLORA_S3_ENDPOINT": store.endpoint,
+            "FLUXLORA_S3_ACCESS_KEY": "test", "FLUXLORA_S3_SECRET_KEY": "test"}
+
+
+@pytest.fixture
+def processes():
+    started: list[ServiceProcess] = []
+    yield started
+    for process in started:
+        process.stop()
+
+
+def wait_until(condition, what: str, timeout: float = 120.0, logs=lambda: ""):
+    deadline = time.monotonic() + timeout
+    while not (value := condition()):
+        assert time.monotonic() < deadline, f"gave up waiting for {what}\n{logs()}"
+        time.sleep(0.02)
+    return value
+
+
+def stored_state(store: ArtifactStore, service: str, job_id: str) -> int:
+    record = store.get_json(f"jobs/{service}/{job_id}.json")
+    return S.Value(record.get("state", "JOB_STATE_UNSPECIFIED"))
+
+
+def sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def assert_artifacts_whole(store: ArtifactStore, job: jobs_pb2.Job) -> None:
+    """Every object the job references is stored, with the bytes its checksum names (a key written
+    more than once, such as loss.csv, is checked against its last reference)."""
+    latest = {ref.key: ref for ref in job.artifacts}
+    assert latest, "the job references no artifacts"
+    for key, ref in latest.items():
+        assert sha256(store.get_bytes(key)) == ref.sha256, key
+
+
+def test_a_killed_preprocessing_server_finds_its_running_and_queued_jobs_again(store, tmp_path, processes):
+    from fluxlora.demo.sample_data import write_sample_photos
+
+    server = ServiceProcess("preprocessing", store, tmp_path)
+    processes.append(server.start())
+    client = FluxloraClient(store, preprocessing=server.address)
+    many, few = tmp_path / "many", tmp_path / "few"
+    write_sample_photos(many, count=24, seed=3)
+    write_sample_photos(few, count=3, seed=4)
+    running = client.preprocess(client.upload_photos(many), base_size=256, request_id="req-running")
+    queued = client.preprocess(client.upload_photos(few), base_size=64, request_id="req-queued")
+
+    def processing_images() -> bool:
+        job = client.get_job(running.job_id)  # (a job already finished fails the asserts below)
+        return job.progress.stage == "processing images" or job.state in TERMINAL
+
+    wait_until(processing_images, "the first job to process images", logs=server.logs)
+    server.kill()
+    # killed mid-job: the store says so, and nothing ran the second job yet
+    assert stored_state(store, "preprocessing", running.job_id) == S.JOB_STATE_RUNNING
+    assert stored_state(store, "preprocessing", queued.job_id) == S.JOB_STATE_QUEUED
+
+    server.start()
+    finished = {job.job_id: client.wait(job) for job in (running, queued)}
+    assert {job.state for job in finished.values()} == {S.JOB_STATE_SUCCEEDED}, server.logs()
+    # the same request is the same job, which is not run again
+    again = client.preprocess(client.upload_photos(many), base_size=256, request_id="req-running")
+    assert again.job_id == running.job_id and again.state == S.JOB_STATE_SUCCEEDED
+    assert sorted(j.job_id for j in client.list_jobs("preprocessing")) == sorted(finished)
+
+    for job in finished.values():
+        assert_artifacts_whole(store, job)
+        result = client.result(job)
+        manifest = store.get_json(result.manifest_key)
+        assert len(manifest["images"]) == result.image_count > 0
+        for image in manifest["images"]:
+            stored = store.get_bytes(keys.dataset_images(result.dataset_id) + image["file_name"])
+            assert sha256(stored) == image["pixel_sha256"], image["file_name"]
+            original = store.get_bytes(f"{keys.dataset_prefix(result.dataset_id)}raw/{image['source_key']}")
+            assert sha256(original) == image["sha256"], image["source_key"]
+    client.close()
+
+
+def test_a_killed_training_server_resumes_the_run_from_its_last_checkpoint(tmp_path, photos, tiny_models,
+                                                                          processes):
+    store = LocalStore(tmp_path / "store")
+    with services_and_client(store, tmp_path) as setup:
+        dataset = setup.result(setup.wait(setup.preprocess(setup.upload_photos(photos), base_size=64)))
+        setup.wait(setup.caption(dataset.dataset_id, "fluxone", model=str(tiny_models["florence2"])))
+    server = ServiceProcess("training", store, tmp_path)
+    processes.append(server.start())
+    client = FluxloraClient(store, training=server.address)
+    options = dict(base_model=str(tiny_models["flux"]), resolution=64, max_steps=MAX_STEPS,
+                   checkpoint_every=EVERY, sample_every=0, request_id="req-train")
+    job = client.train(dataset.dataset_id, **options)
+
+    def second_checkpoint_stored() -> bool:
+        return any(a.step == 2 * EVERY and a.kind == "checkpoint-state" for a in client.get_job(job.job_id).artifacts)
+
+    wait_until(second_checkpoint_stored, "the checkpoint at step 20", logs=server.logs)
+    server.kill()
+    assert stored_state(store, "training", job.job_id) == S.JOB_STATE_RUNNING
+
+    server.start()
+    final = client.wait(job)
+    assert final.state == S.JOB_STATE_SUCCEEDED, server.logs()
+    resumed_from = final.metrics["resumed_from_step"]
+    assert 2 * EVERY <= resumed_from < MAX_STEPS
+    again = client.train(dataset.dataset_id, **options)
+    assert again.job_id == job.job_id and again.state == S.JOB_STATE_SUCCEEDED
+    assert [j.job_id for j in client.list_jobs("training")] == [job.job_id]
+
+    result = client.result(final)
+    steps = [c.step for c in result.checkpoints]
+    assert steps == list(range(EVERY, MAX_STEPS + 1, EVERY)), "each checkpoint once"
+    rows = list(csv.DictReader(io.StringIO(store.get_bytes(result.loss_csv_key).decode())))
+    assert [int(r["step"]) for r in rows] == list(range(1, MAX_STEPS + 1)), "each step trained once"
+    assert_artifacts_whole(store, final)
+    referenced = {a.key for a in final.artifacts}
+    for checkpoint in result.checkpoints:
+        assert {checkpoint.lora_key, checkpoint.kohya_lora_key} <= referenced
+    client.close()
