@@ -213,6 +213,40 @@ def test_captions_uploaded_with_the_photos_are_imported(running, photos, tmp_pat
     assert client.captions.approve(dataset_id).version.approved
 
 
+def test_captions_inside_an_uploaded_zip_are_imported(running, photos, tmp_path):
+    client = running
+    names = sorted(p.name for p in photos.iterdir())
+    stems = [name.rsplit(".", 1)[0] for name in names]
+    upload = tmp_path / "photos.zip"
+    with zipfile.ZipFile(upload, "w") as archive:
+        for name in names:
+            archive.write(photos / name, f"shoot/{name}")
+        for stem in stems[:2]:  # kohya sidecars beside their photos ...
+            archive.writestr(f"shoot/{stem}.txt", f"a bottle called {stem}")
+        archive.writestr("captions.jsonl", "".join(  # ... and a jsonl at the zip's root for the rest
+            json.dumps({"file": f"shoot/{name}", "caption": f"{TRIGGER}, a jar"}) + "\n" for name in names[2:]))
+    dataset_id = client.result(client.wait(client.preprocess(client.upload_photos(upload), base_size=64))).dataset_id
+    assert [k for k in (o.key for o in client.store.list(f"datasets/{dataset_id}/raw/"))] == [
+        f"datasets/{dataset_id}/raw/photos.zip"]  # stored whole: the captions are only inside it
+
+    result = client.result(client.wait(client.caption(dataset_id, TRIGGER, captioner="import")))
+    assert result.caption_count == len(names)
+    captions = {e.stem: e.caption for e in client.captions.list(dataset_id).entries}
+    assert captions == {**{s: f"{TRIGGER}, a bottle called {s}" for s in stems[:2]},
+                        **{s: f"{TRIGGER}, a jar" for s in stems[2:]}}
+
+    # a zip of sidecars named as the photos are (not as their path inside the photos' zip) works too
+    more = tmp_path / "captions.zip"
+    with zipfile.ZipFile(more, "w") as archive:
+        for stem in stems:
+            archive.writestr(f"{stem}.txt", "a glass bottle")
+    client.store.put_file("uploads/more/captions.zip", more)
+    job = client.wait(client.caption(dataset_id, TRIGGER, captioner="import",
+                                     captions_source="uploads/more/captions.zip"))
+    assert client.result(job).version == 2
+    assert {e.caption for e in client.captions.list(dataset_id).entries} == {f"{TRIGGER}, a glass bottle"}
+
+
 def test_bad_inputs_get_clear_statuses(local_captioned, tiny_models):
     client, dataset_id = local_captioned
     model = str(tiny_models["florence2"])

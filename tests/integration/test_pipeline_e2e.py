@@ -73,6 +73,19 @@ def test_the_dataset_has_a_manifest_and_every_caption_holds_the_trigger_once(out
         assert "bottle" not in caption.lower()
 
 
+def test_training_used_the_caption_version_the_pipeline_approved(outputs):
+    client, result, _ = outputs
+    spec = client.spec(result.jobs["train"])
+    assert spec.caption_version == result.caption_version > result.results["caption"].version
+    approved = {v.version: v for v in client.captions.history(result.dataset_id).versions}[spec.caption_version]
+    assert (approved.kind, approved.approved, approved.author, approved.parent) == (
+        "approve", True, "pipeline", result.results["caption"].version)
+    assert "auto-approved" in approved.comment and "not reviewed" in approved.comment
+    entries = client.captions.list(result.dataset_id, spec.caption_version).entries
+    assert len(entries) == result.results["preprocess"].image_count
+    assert all(count_trigger(e.caption, TRIGGER) == 1 for e in entries)
+
+
 def test_the_loss_of_a_short_overfit_run_falls(outputs):
     client, result, _ = outputs
     rows = list(csv.DictReader(io.StringIO(client.store.get_bytes(f"runs/{result.run_id}/loss.csv").decode())))

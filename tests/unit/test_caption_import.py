@@ -111,3 +111,63 @@ def test_a_source_without_caption_files_is_refused(tmp_path: Path) -> None:
         load_captioner("import", tmp_path)
     with pytest.raises(FileNotFoundError, match="directory of caption files"):
         load_captioner("import", tmp_path / "missing")
+
+
+def write_zip(path: Path, members: dict[str, bytes | str]) -> Path:
+    import zipfile
+
+    with zipfile.ZipFile(path, "w") as archive:
+        for name, data in members.items():
+            archive.writestr(name, data)
+    return path
+
+
+def test_the_caption_files_inside_a_zip_are_unpacked_under_its_name(tmp_path: Path) -> None:
+    from fluxlora.captioning.captioners.imported import unpack_caption_files
+
+    archive = write_zip(tmp_path / "photos.zip", {
+        "img1.jpg": b"\xff\xd8 not unpacked", "img1.txt": "a bottle", "sub/img2.TXT": "a jar",
+        "captions.csv": "file,caption\nimg3.jpg,a cup\n", "__MACOSX/._img1.txt": "resource fork",
+    })
+    root = tmp_path / "root"
+    written = unpack_caption_files(archive, root, "up/photos.zip")
+    assert sorted(written) == ["up/photos.zip/captions.csv", "up/photos.zip/img1.txt", "up/photos.zip/sub/img2.TXT"]
+    assert sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file()) == sorted(written)
+    assert captions_of(root) == {"up/photos.zip/img1": "a bottle", "up/photos.zip/sub/img2": "a jar",
+                                 "img3": "a cup"}
+
+
+def test_a_zip_that_preprocessing_would_refuse_is_refused_naming_it(tmp_path: Path) -> None:
+    from fluxlora.captioning.captioners.imported import unpack_caption_files
+
+    archive = write_zip(tmp_path / "evil.zip", {"../outside.txt": "escape", "img1.txt": "a bottle"})
+    with pytest.raises(ValueError, match="zip 'evil.zip' refused: unsafe path '../outside.txt'"):
+        unpack_caption_files(archive, tmp_path / "root", "evil.zip")
+    assert not (tmp_path / "outside.txt").exists() and not (tmp_path / "root").exists()
+
+
+def test_zipped_captions_meet_photos_in_the_same_zip_and_photos_uploaded_beside_it(tmp_path: Path) -> None:
+    from fluxlora.captioning.captioners.imported import unpack_caption_files
+
+    root = tmp_path / "root"
+    unpack_caption_files(write_zip(tmp_path / "a.zip", {"x.txt": "from a", "sub/y.txt": "y in a"}), root, "a.zip")
+    unpack_caption_files(write_zip(tmp_path / "b.zip", {"x.txt": "from b", "loose.txt": "beside"}), root, "b.zip")
+    images = make_images(tmp_path / "dataset", ["x.png", "x-2.png", "y.png", "loose.png"])
+    # preprocessing named the photos by where they came from: each zip's x, and a photo beside the zips
+    aliases = {"x": ["a.zip/x.jpg"], "x-2": ["b.zip/x.jpg"], "y": ["a.zip/sub/y.jpg"], "loose": ["loose.jpg"]}
+    captioner = load_captioner("import", root, aliases=aliases, archives=["a.zip", "b.zip"])
+    captions = caption_images(images, captioner, "ohwx", style="tags")
+    assert captions == {"x": "ohwx, from a", "x-2": "ohwx, from b", "y": "ohwx, y in a", "loose": "ohwx, beside"}
+    assert captioner.unmatched() == []
+
+
+def test_a_path_two_zips_share_does_not_caption_a_photo_outside_them(tmp_path: Path) -> None:
+    from fluxlora.captioning.captioners.imported import unpack_caption_files
+
+    root = tmp_path / "root"
+    unpack_caption_files(write_zip(tmp_path / "a.zip", {"x.txt": "from a"}), root, "a.zip")
+    unpack_caption_files(write_zip(tmp_path / "b.zip", {"x.txt": "from b"}), root, "b.zip")
+    [image] = make_images(tmp_path / "dataset", ["x.png"])
+    captioner = load_captioner("import", root, aliases={"x": ["x.jpg"]}, archives=["a.zip", "b.zip"])
+    with pytest.raises(ValueError, match="no imported caption for image\\(s\\) x"):
+        caption_images([image], captioner, "ohwx")

@@ -2,7 +2,7 @@
 
 from fluxlora_client.client import FluxloraClient
 from fluxlora_client.errors import FluxloraClientError, JobCancelled, JobFailed
-from fluxlora_client.pipeline import PipelineOptions, PipelineOutputs, run_pipeline
+from fluxlora_client.pipeline import PipelineOptions, PipelineOutputs, continue_pipeline, run_pipeline
 
 __all__ = [
     "FluxloraClient",
@@ -11,5 +11,6 @@ __all__ = [
     "JobFailed",
     "PipelineOptions",
     "PipelineOutputs",
+    "continue_pipeline",
     "run_pipeline",
 ]

@@ -71,9 +71,11 @@ def run(
     model: Annotated[str, typer.Option(help="Captioning model directory or store://prefix.")] = "",
     remove: Annotated[list[str] | None, typer.Option(help="Phrase to remove from captions (repeatable).")] = None,
     task: str = "<CAPTION>",
-    captioner: Annotated[str, typer.Option(help="florence2, or import (existing .txt/.csv/.jsonl captions).")]
+    captioner: Annotated[str, typer.Option(
+        help="florence2, blip, or import (existing .txt/.csv/.jsonl captions, also inside uploaded zips).")]
     = "florence2",
-    captions_source: Annotated[str, typer.Option(help="import: object key or prefix of the caption files.")] = "",
+    captions_source: Annotated[str, typer.Option(
+        help="import: object key of a caption file or zip, or a prefix (default: the photos' upload).")] = "",
     style: Annotated[str, typer.Option(help="natural (sentences) or tags (comma-separated).")] = "natural",
     position: Annotated[str, typer.Option(help="Where the trigger goes: start, end or keep.")] = "start",
     base_model: Annotated[str, typer.Option(help="FLUX model whose tokenizers count caption tokens.")] = "",

@@ -2,7 +2,9 @@
 
 Generates photos of a bottle labelled "FLUX ONE", writes a tiny random FLUX pipeline and a tiny
 Florence-2, starts the four services as local processes on a local-directory store, and runs
-preprocess -> caption -> train -> evaluate through the SDK over gRPC.
+preprocess -> caption -> approve -> train -> evaluate through the SDK over gRPC: the pipeline
+approves the cleaned auto captions as a caption version ("pipeline") and trains on exactly it
+(the final table names the version).
 """
 
 from __future__ import annotations

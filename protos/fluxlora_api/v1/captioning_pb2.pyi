@@ -68,8 +68,9 @@ class CaptionSpec(_message.Message):
     (comma-separated tags, deduplicated, the trigger first).
     """
     captions_source: _builtins.str
-    """"import" captioner only: the object key of a .csv / .jsonl / .txt file, or a prefix ending in
-    "/" holding such files. Empty means the caption files uploaded with the photos (the dataset's raw/).
+    """"import" captioner only: the object key of a .csv / .jsonl / .txt file or of a .zip holding
+    such files, or a prefix ending in "/" holding them. Empty means the caption files uploaded with
+    the photos (the dataset's raw/), inside uploaded zips too.
     """
     base_model: _builtins.str
     """The FLUX base model (directory or store://prefix) whose tokenizer/ and tokenizer_2/ count

@@ -8,7 +8,7 @@ import threading
 from pathlib import Path
 
 from fluxlora.captioning.captioners.base import Captioner, load_captioner
-from fluxlora.captioning.captioners.imported import CAPTION_SUFFIXES
+from fluxlora.captioning.captioners.imported import CAPTION_SUFFIXES, unpack_caption_files
 from fluxlora.captioning.cleaning import clean_captions
 from fluxlora.captioning.dataset import generate_captions, write_sidecars
 from fluxlora.captioning.model_tokenizers import counters_for
@@ -16,8 +16,10 @@ from fluxlora.captioning.review import open_versions
 from fluxlora.captioning.text_encoders import length_warnings, over_length, trigger_warnings
 from fluxlora.common import keys
 from fluxlora.common.errors import InvalidArgument
+from fluxlora.common.limits import check_caption_lengths
 from fluxlora.common.models import resolve_model
 from fluxlora.jobs.context import JobContext, JobInterrupted
+from fluxlora.preprocessing.archives import ARCHIVE_SUFFIXES, is_archive
 from fluxlora_api.v1 import captioning_pb2 as pb
 
 _loaded: dict[tuple, Captioner] = {}
@@ -78,6 +80,9 @@ def run_caption(ctx: JobContext, spec: pb.CaptionSpec) -> pb.CaptionResult:
     style = spec.style or "natural"
     cleaned = clean_captions(raw, spec.trigger_word, list(spec.remove_phrases), spec.trigger_position, style)
     captions = cleaned.captions
+    limit = getattr(ctx.settings, "max_caption_chars", None)
+    if spec.captioner == "import" and limit:  # generated captions are bounded by max_new_tokens already
+        check_caption_lengths(captions, limit, f"imported captions ({spec.captions_source or 'the upload'})")
     for phrase, count in cleaned.phrase_counts.items():
         ctx.log(f"remove phrase {phrase!r} changed {count} of {len(captions)} captions")
         if count == 0:
@@ -137,24 +142,43 @@ def run_caption(ctx: JobContext, spec: pb.CaptionSpec) -> pb.CaptionResult:
 
 
 def _import_captioner(ctx: JobContext, spec: pb.CaptionSpec):
-    """The import captioner over caption files from captions_source, or from the dataset's uploads."""
+    """The import captioner over caption files from captions_source, or from the dataset's uploads
+    (raw/ keeps every uploaded object, zips whole: the caption files inside them count too)."""
     prefix = keys.dataset_prefix(spec.dataset_id)
     source = spec.captions_source or f"{prefix}raw/"
+    wanted = CAPTION_SUFFIXES + tuple(sorted(ARCHIVE_SUFFIXES))
     if source.endswith("/"):
-        objects = [o.key for o in ctx.store.list(source) if o.key.lower().endswith(CAPTION_SUFFIXES)]
+        objects = [o.key for o in ctx.store.list(source) if o.key.lower().endswith(wanted)]
     else:
         objects = [source]
     if not objects:
         raise InvalidArgument(
-            f"no caption files ({', '.join(CAPTION_SUFFIXES)}) under {source!r}: upload them with the photos "
-            "or pass spec.captions_source"
+            f"no caption files ({', '.join(CAPTION_SUFFIXES)}) or zips holding them under {source!r}: upload "
+            "them with the photos or pass spec.captions_source"
         )
     base = source if source.endswith("/") else source.rsplit("/", 1)[0] + "/"
     root = ctx.scratch / "import"
+    root.mkdir(parents=True, exist_ok=True)
+    archives = []
     for key in objects:
-        ctx.store.get_file(key, root / key[len(base):])
+        ctx.check_cancelled()
+        relative = key[len(base):]
+        if not is_archive(key):
+            ctx.store.get_file(key, root / relative)
+            continue
+        # Names like preprocessing's source keys ("photos.zip/sub/img1.jpg"), so sidecars meet their photos.
+        archive = ctx.store.get_file(key, ctx.scratch / "zips" / relative)
+        try:
+            found = unpack_caption_files(archive, root, relative)
+        except ValueError as exc:
+            ctx.warn(f"caption files inside {key!r} were not read: {exc}")
+            continue
+        finally:
+            archive.unlink(missing_ok=True)
+        ctx.log(f"{len(found)} caption file(s) inside {key!r}")
+        archives.append(relative)
     manifest = ctx.store.get_json(keys.dataset_manifest(spec.dataset_id))
     aliases: dict[str, list[str]] = {}
     for image in manifest.get("images", []):
         aliases.setdefault(image["stem"], []).append(image["source_key"])
-    return load_captioner("import", root, aliases=aliases)
+    return load_captioner("import", root, aliases=aliases, archives=archives)

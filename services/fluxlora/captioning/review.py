@@ -8,6 +8,7 @@ set; letting a training job ask for an explicit version is left to the training 
 
 from __future__ import annotations
 
+import functools
 import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -18,13 +19,15 @@ from fluxlora.captioning.cleaning import apply_trigger, count_trigger
 from fluxlora.captioning.export import kohya_folder_name, write_kohya_zip
 from fluxlora.captioning.replace import compile_find, replace_in
 from fluxlora.captioning.text_encoders import TokenCounter, length_warnings
-from fluxlora.captioning.versions import CaptionVersion, CaptionVersions
+from fluxlora.captioning.versions import CaptionVersion, CaptionVersions, HeadMoved
 from fluxlora.common import keys
 from fluxlora.common.datasets import require_dataset
 from fluxlora.common.errors import FailedPrecondition, InvalidArgument, NotFound
+from fluxlora.common.limits import check_caption_lengths
 from fluxlora.common.storage import ArtifactStore, ObjectInfo, sha256_file
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+_RECOMPUTE_TRIES = 5
 
 
 @dataclass
@@ -61,10 +64,30 @@ def open_versions(store: ArtifactStore, dataset_id: str) -> CaptionVersions:
     with versions.locked():
         if not versions.numbers() and store.exists(keys.dataset_captions(dataset_id)):
             legacy = store.get_json(keys.dataset_captions(dataset_id))
-            versions.append(parent=0, kind="legacy", trigger_word=legacy.get("trigger_word", ""),
-                            captions=legacy.get("captions", {}), author="fluxlora",
-                            comment="captions.json from before caption versions")
+            try:
+                versions.append(parent=0, kind="legacy", trigger_word=legacy.get("trigger_word", ""),
+                                captions=legacy.get("captions", {}), author="fluxlora",
+                                comment="captions.json from before caption versions", expect_head=0)
+            except HeadMoved:  # another replica made version 1 first: one legacy version is enough
+                pass
     return versions
+
+
+def _recomputed_when_head_moves(change):
+    """A change made from the latest version is made again from the new latest one when another
+    process stored a version in between (inside one process the dataset's lock prevents that)."""
+
+    @functools.wraps(change)
+    def recomputed(*args, **kwargs):
+        for attempt in range(_RECOMPUTE_TRIES):
+            try:
+                return change(*args, **kwargs)
+            except HeadMoved:
+                if attempt == _RECOMPUTE_TRIES - 1:
+                    raise
+        raise AssertionError("unreachable")
+
+    return recomputed
 
 
 def resolve(versions: CaptionVersions, version: int = 0) -> CaptionVersion:
@@ -104,6 +127,7 @@ def history(store: ArtifactStore, dataset_id: str) -> tuple[list[CaptionVersion]
     return listed, listed[-1].version if listed else 0, approved[-1] if approved else 0
 
 
+@_recomputed_when_head_moves
 def edit_captions(store: ArtifactStore, dataset_id: str, edits: Mapping[str, str], *, base_version: int = 0,
                   author: str = "", comment: str = "", kind: str = "edit",
                   counters: Sequence[TokenCounter] = ()) -> Change:
@@ -137,14 +161,18 @@ def edit_captions(store: ArtifactStore, dataset_id: str, edits: Mapping[str, str
         if not changed:
             return Change(head, False)
         version = versions.append(parent=head.version, kind=kind, trigger_word=head.trigger_word,
-                                  captions={**head.captions, **changed}, author=author, comment=comment)
+                                  captions={**head.captions, **changed}, author=author, comment=comment,
+                                  expect_head=head.version)
     return Change(version, True, sorted(changed), _warnings(version, changed, counters))
 
 
+@_recomputed_when_head_moves
 def replace_in_captions(store: ArtifactStore, dataset_id: str, find: str, replacement: str, *,
                         regex: bool = False, substring: bool = False, case_sensitive: bool = False,
                         stems: Iterable[str] = (), base_version: int = 0, author: str = "", comment: str = "",
-                        dry_run: bool = False, counters: Sequence[TokenCounter] = ()) -> Change:
+                        dry_run: bool = False, counters: Sequence[TokenCounter] = (),
+                        max_caption_chars: int = 0) -> Change:
+    """max_caption_chars: refuse (INVALID_ARGUMENT) a replacement that makes a caption longer; 0: no limit."""
     try:
         pattern = compile_find(find, regex=regex, substring=substring, case_sensitive=case_sensitive)
     except ValueError as exc:
@@ -165,13 +193,16 @@ def replace_in_captions(store: ArtifactStore, dataset_id: str, find: str, replac
             changed = replace_in(head.captions, pattern, replacement, regex=regex, stems=stems or None)
         except ValueError as exc:
             raise InvalidArgument(f"replace: {exc}") from exc
+        if max_caption_chars:  # a short replacement applied many times can still grow a caption past it
+            check_caption_lengths(changed, max_caption_chars, "captions after the replace")
         if dry_run or not changed:
             return Change(head, False, sorted(changed), _warnings(head, changed, counters))
         source = {"find": find, "replace": replacement, "regex": regex, "substring": substring,
                   "case_sensitive": case_sensitive, "stems": stems}
         version = versions.append(parent=head.version, kind="replace", trigger_word=head.trigger_word,
                                   captions={**head.captions, **changed}, author=author,
-                                  comment=comment or f"replace {find!r} with {replacement!r}", source=source)
+                                  comment=comment or f"replace {find!r} with {replacement!r}", source=source,
+                                  expect_head=head.version)
     return Change(version, True, sorted(changed), _warnings(version, changed, counters))
 
 

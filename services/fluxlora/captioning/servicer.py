@@ -13,6 +13,7 @@ from fluxlora.captioning.versions import CaptionVersion, version_key
 from fluxlora.common.datasets import require_dataset
 from fluxlora.common.errors import InvalidArgument, NotFound
 from fluxlora.common.grpc_status import grpc_errors
+from fluxlora.common.limits import check_caption_lengths, check_text_length
 from fluxlora.common.models import check_model_ref
 from fluxlora.jobs.runtime import JobRuntime
 from fluxlora_api.v1 import captioning_pb2 as pb
@@ -91,6 +92,7 @@ class CaptioningServicer(captioning_pb2_grpc.CaptioningServiceServicer):
 
     @grpc_errors
     def EditCaptions(self, request, context):
+        check_caption_lengths(request.captions, self.runtime.settings.max_caption_chars, "captions")
         change = review.edit_captions(
             self.store, _dataset(request), dict(request.captions), base_version=request.base_version,
             author=request.author, comment=request.comment, counters=self._counters(),
@@ -99,11 +101,14 @@ class CaptioningServicer(captioning_pb2_grpc.CaptioningServiceServicer):
 
     @grpc_errors
     def ReplaceInCaptions(self, request, context):
+        limit = self.runtime.settings.max_caption_chars
+        check_text_length(request.find, limit, "find")
+        check_text_length(request.replace, limit, "replace")
         change = review.replace_in_captions(
             self.store, _dataset(request), request.find, request.replace, regex=request.regex,
             substring=request.substring, case_sensitive=request.case_sensitive, stems=list(request.stems),
             base_version=request.base_version, author=request.author, comment=request.comment,
-            dry_run=request.dry_run, counters=self._counters(),
+            dry_run=request.dry_run, counters=self._counters(), max_caption_chars=limit,
         )
         return _change(change, request.dataset_id)
 

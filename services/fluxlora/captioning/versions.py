@@ -9,9 +9,15 @@ ever rewritten, so any earlier set of captions can be read back. Each version re
 who made it and why, which captions changed, and a SHA-256 of its trigger word and captions, which
 `get` checks, so a damaged version is reported rather than trained on.
 
-Versions are numbered under a per-dataset lock, which serialises writers inside one service
-process; two captioning replicas editing one dataset at the same instant could both pick the next
-number, and the later write would win (S3 has no portable create-if-absent through this client).
+Writers in one process take turns under a per-dataset lock. Across processes and replicas a version
+number is claimed with a create-only write (ArtifactStore.create_bytes: a hard link on a local
+directory, a conditional PUT on S3), so two writers never store the same number: the one that loses
+re-reads the listing and takes the next. A change computed from the latest version (an edit, a
+find/replace) names that version (expect_head) and is recomputed when another writer got in first, so
+it never silently undoes the other change. Each claimed version is read back too: on an S3 server
+that ignored the condition, a replacement already made is then noticed and the version rewritten
+under the next number (one made after the read-back would still be lost: use a server with
+conditional writes: AWS S3, MinIO since 2024, Ceph).
 """
 
 from __future__ import annotations
@@ -25,12 +31,14 @@ from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 
 from fluxlora.common import keys
-from fluxlora.common.errors import FailedPrecondition, NotFound
+from fluxlora.common.errors import FailedPrecondition, NotFound, Unavailable
 from fluxlora.common.storage import ArtifactStore
 
 FORMAT = "fluxlora-captions/1"
 KINDS = ("auto", "import", "legacy", "edit", "replace", "approve")
 _VERSION_NAME = re.compile(r"v(\d+)\.json$")
+# Each lost claim means another version was stored meanwhile: this many in a row is a storm of writers.
+MAX_CLAIMS = 50
 
 _locks: dict[tuple[str, str], threading.RLock] = {}
 _locks_guard = threading.Lock()
@@ -48,6 +56,10 @@ def content_hash(trigger_word: str, captions: Mapping[str, str]) -> str:
     canonical = json.dumps({"captions": dict(captions), "trigger_word": trigger_word}, sort_keys=True,
                            ensure_ascii=False, separators=(",", ":"))
     return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+
+
+class HeadMoved(FailedPrecondition):
+    """Another writer stored a version after the one a change was computed from."""
 
 
 @dataclass(frozen=True)
@@ -126,8 +138,12 @@ class CaptionVersions:
 
     def append(self, *, parent: int, kind: str, trigger_word: str, captions: Mapping[str, str],
                author: str = "", comment: str = "", approved: bool = False, source: dict | None = None,
-               changed_stems: list[str] | None = None) -> CaptionVersion:
-        """Store the next version. changed_stems defaults to the difference from the parent."""
+               changed_stems: list[str] | None = None, expect_head: int | None = None) -> CaptionVersion:
+        """Store the next version. changed_stems defaults to the difference from the parent.
+
+        expect_head: the latest version when the captions were computed (0: there was none); if
+        another writer has stored one since, HeadMoved is raised and nothing is stored.
+        """
         if kind not in KINDS:
             raise ValueError(f"unknown caption version kind {kind!r}; one of {', '.join(KINDS)}")
         captions = {stem: captions[stem] for stem in sorted(captions)}
@@ -135,23 +151,43 @@ class CaptionVersions:
             if changed_stems is None:
                 before = self.get(parent).captions if parent else {}
                 changed_stems = diff_stems(before, captions)
-            numbers = self.numbers()
-            version = CaptionVersion(
-                version=(numbers[-1] + 1) if numbers else 1,
-                parent=parent,
-                kind=kind,
-                trigger_word=trigger_word,
-                captions=captions,
-                created_at=datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z"),
-                author=author,
-                comment=comment,
-                approved=approved,
-                changed_stems=sorted(changed_stems),
-                source=dict(source or {}),
-                sha256=content_hash(trigger_word, captions),
-            )
-            self.store.put_json(version_key(self.dataset_id, version.version), version.to_json())
-        return version
+            for _ in range(MAX_CLAIMS):
+                numbers = self.numbers()
+                latest = numbers[-1] if numbers else 0
+                if expect_head is not None and latest != expect_head:
+                    raise HeadMoved(
+                        f"dataset {self.dataset_id!r} got caption version {latest} while this change was "
+                        f"made from version {expect_head}: look at the latest captions and make it again"
+                    )
+                version = CaptionVersion(
+                    version=latest + 1,
+                    parent=parent,
+                    kind=kind,
+                    trigger_word=trigger_word,
+                    captions=captions,
+                    created_at=datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+                    author=author,
+                    comment=comment,
+                    approved=approved,
+                    changed_stems=sorted(changed_stems),
+                    source=dict(source or {}),
+                    sha256=content_hash(trigger_word, captions),
+                )
+                if self._claim(version):
+                    return version
+        raise Unavailable(
+            f"could not store a caption version of dataset {self.dataset_id!r}: {MAX_CLAIMS} other versions "
+            "were stored while trying; retry when the other writers are done"
+        )
+
+    def _claim(self, version: CaptionVersion) -> bool:
+        """Store version under its number unless another writer has it; True when stored."""
+        key = version_key(self.dataset_id, version.version)
+        data = json.dumps(version.to_json(), indent=2, sort_keys=True).encode()
+        if not self.store.create_bytes(key, data, "application/json"):
+            return False
+        # The read-back: an S3 server that ignores If-None-Match lets a second writer replace ours.
+        return self.store.get_bytes(key) == data
 
 
 def diff_stems(before: Mapping[str, str], after: Mapping[str, str]) -> list[str]:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import re
 import stat
 import zipfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
@@ -59,8 +60,12 @@ def is_archive(key: str) -> bool:
     return PurePosixPath(key).suffix.lower() in ARCHIVE_SUFFIXES
 
 
-def expand_archive(path: Path, dest: Path, archive_key: str, limits: ArchiveLimits | None = None) -> Expanded:
-    """Check and unpack the zip at `path` into `dest`, or raise ArchiveRejected saying why not."""
+def expand_archive(path: Path, dest: Path, archive_key: str, limits: ArchiveLimits | None = None,
+                   keep: Callable[[str], bool] | None = None) -> Expanded:
+    """Check and unpack the zip at `path` into `dest`, or raise ArchiveRejected saying why not.
+
+    keep(member name): unpack only the members it accepts (the captioning service takes the caption
+    files of an upload); the whole archive is checked all the same."""
     limits = limits or ArchiveLimits()
     try:
         archive = zipfile.ZipFile(path)
@@ -77,6 +82,8 @@ def expand_archive(path: Path, dest: Path, archive_key: str, limits: ArchiveLimi
             if info.is_dir():
                 continue
             name = _normalised(info.filename)
+            if keep is not None and not keep(name):
+                continue
             key = f"{archive_key}/{name}"
             reason = _member_problem(info, name, seen)
             seen.add(name.lower())

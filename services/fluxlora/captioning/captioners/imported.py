@@ -9,6 +9,10 @@ Reads every caption file in a directory (recursively):
 A caption file names an image with or without its extension and folders ("img1", "img1.jpg",
 "photos/img1.jpg"). An image is matched by its dataset stem or by any name it was uploaded under
 (its aliases: the source keys preprocessing recorded), the longest path match first.
+
+Caption files inside an uploaded zip (unpack_caption_files) sit under the zip's name, as the
+photos inside it are named ("photos.zip/sub/img1"); they also caption photos uploaded beside the
+zip, by their path inside it ("sub/img1"), when no caption file outside names those photos.
 """
 
 from __future__ import annotations
@@ -16,6 +20,8 @@ from __future__ import annotations
 import csv
 import io
 import json
+import shutil
+import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path, PurePosixPath
 
@@ -38,6 +44,7 @@ class ImportCaptioner:
         max_new_tokens: int = 64,
         device: str = "auto",
         aliases: Mapping[str, Sequence[str]] | None = None,
+        archives: Sequence[str] = (),
     ):
         if model_dir is None or not Path(model_dir).is_dir():
             raise FileNotFoundError(
@@ -48,9 +55,18 @@ class ImportCaptioner:
         if not self.entries:
             raise ValueError(
                 f"no captions found in {', '.join(CAPTION_SUFFIXES)} files under the import source: upload "
-                "<image name>.txt sidecars, a captions.csv (file,caption) or a captions.jsonl ({\"file\", \"caption\"})"
+                "<image name>.txt sidecars, a captions.csv (file,caption) or a captions.jsonl "
+                "({\"file\", \"caption\"}), or a zip holding them"
             )
         self.aliases = {stem: list(names) for stem, names in (aliases or {}).items()}
+        # {path inside a zip: entry}; None where two zips hold the same path (only their full names match)
+        self.in_archives: dict[str, str | None] = {}
+        for archive in archives:
+            prefix = archive.replace("\\", "/").strip("/").lower() + "/"
+            for key in self.entries:
+                if key.startswith(prefix):
+                    inner = key[len(prefix):]
+                    self.in_archives[inner] = None if inner in self.in_archives else key
         self.used: set[str] = set()
 
     @property
@@ -91,7 +107,34 @@ class ImportCaptioner:
                 suffix = "/".join(parts[start:])
                 if suffix in self.entries:
                     return suffix
+                if self.in_archives.get(suffix):
+                    return self.in_archives[suffix]
         return None
+
+
+def unpack_caption_files(zip_path: Path, root: Path, archive_key: str) -> list[str]:
+    """Write the caption files inside an uploaded zip to root/<archive_key>/<name in the zip> (a
+    sidecar's name says which image it captions) and return those paths relative to root. The zip
+    is checked as preprocessing checks uploads (unsafe names, zip bombs); ValueError says why not."""
+    from fluxlora.preprocessing.archives import ArchiveRejected, expand_archive
+
+    root = Path(root)
+    with tempfile.TemporaryDirectory(prefix="fluxlora-zip-captions-") as tmp:
+        try:
+            expanded = expand_archive(Path(zip_path), Path(tmp), archive_key,
+                                      keep=lambda name: name.lower().endswith(CAPTION_SUFFIXES))
+        except ArchiveRejected as exc:
+            raise ValueError(f"zip {archive_key!r} refused: {exc.reason}") from None
+        written = []
+        for key, path in expanded.files:
+            target = root / key
+            # expand_archive refused '..' and absolute names already; never write outside root regardless
+            if not target.resolve().is_relative_to(root.resolve()):
+                raise ValueError(f"zip {archive_key!r}: member {key!r} would land outside its folder")
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.move(path, target)
+            written.append(key)
+    return written
 
 
 class Entry:
