@@ -139,7 +139,7 @@ def test_the_requirement_lists_satisfy_pyproject_and_agree_with_each_other():
         assert req.specifier.contains(gpu[name], prereleases=True), f"gpu.txt {name}=={gpu[name]} vs {dep}"
     assert {n: v for n, v in gpu.items() if n in cpu} == cpu, "cpu.txt pins must equal gpu.txt's"
     deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
-    cpu_roots = {canonicalize_name(Requirement(d).name) for d in deps} - GPU_ONLY - {"kubernetes"}
+    cpu_roots = {canonicalize_name(Requirement(d).name) for d in deps} - freeze_module().NOT_FOR_CPU
     assert cpu_roots <= set(cpu), f"cpu.txt lacks {cpu_roots - set(cpu)}: run docker/requirements/freeze.py"
 
 

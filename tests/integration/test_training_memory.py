@@ -4,6 +4,7 @@ checkpoint carries its LoRA in kohya's format too."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import sys
 
@@ -74,13 +75,28 @@ def test_full_size_flux_at_1024_without_checkpointing_is_refused_with_options_th
 
 
 @pytest.mark.parametrize("store", ["local"], indirect=True)
-@pytest.mark.parametrize("option, value", [("base_quantization", "fp8"), ("blocks_to_swap", 18)])
-def test_memory_options_this_trainer_cannot_run_yet_are_failed_precondition(captioned, tiny_models, option, value):
+@pytest.mark.parametrize("option, value, named", [
+    ("blocks_to_swap", 18, "blocks_to_swap"),
+    pytest.param("optimizer", "adamw8bit", "pip install bitsandbytes", marks=pytest.mark.skipif(
+        importlib.util.find_spec("bitsandbytes") is not None, reason="bitsandbytes is installed here")),
+])
+def test_options_this_server_cannot_run_are_failed_precondition(captioned, tiny_models, option, value, named):
     client, dataset_id = captioned
     with pytest.raises(FluxloraClientError) as err:
         client.train(dataset_id, base_model=str(tiny_models["flux"]), resolution=64, **{option: value})
-    assert err.value.code == "FAILED_PRECONDITION" and option in err.value.message
+    assert err.value.code == "FAILED_PRECONDITION" and named in err.value.message
     assert client.list_jobs("training") == []
+
+
+@pytest.mark.parametrize("store", ["local"], indirect=True)
+def test_an_8bit_base_run_goes_through_the_service(captioned, tiny_models):
+    client, dataset_id = captioned
+    job = client.wait(client.train(dataset_id, base_model=str(tiny_models["flux"]), resolution=64, max_steps=2,
+                                   checkpoint_every=0, sample_every=0, base_quantization="fp8"))
+    result = client.result(job)
+    assert [c.step for c in result.checkpoints] == [2]
+    report = client.store.get_json(f"runs/{result.run_id}/report.json")
+    assert "fp8 base" in report["memory"]["plan"]["estimate"]["mode"]
 
 
 def test_a_run_reports_its_estimate_and_stores_kohya_loras_with_metadata(captioned, tiny_models, tmp_path):
@@ -109,3 +125,53 @@ def test_a_run_reports_its_estimate_and_stores_kohya_loras_with_metadata(caption
         assert metadata["fluxlora.base_model"] == str(tiny_models["flux"])
         assert json.loads(metadata["fluxlora.spec"])["maxSteps"] == 2
         assert len(metadata["fluxlora.caption_set_sha256"]) == 64
+
+
+@pytest.mark.parametrize("store", ["local"], indirect=True)
+def test_plan_training_answers_whether_1024_fits_a_24gib_card_without_queueing(
+    captioned, flux1_dev_config, monkeypatch, capsys
+):
+    """One fake step of the 12B-parameter model: an fp8 base with checkpointing at 1024."""
+    client, dataset_id = captioned
+    before = snapshot(client.store)
+    plan = client.plan_training(str(flux1_dev_config), resolution=1024, base_quantization="fp8")
+    assert plan.fits and plan.target_gib == 24
+    assert 14 < plan.total_gib < 18  # measured on an H100: 13.7-14.0 GiB allocated (docs/performance.md)
+    assert plan.total_gib == pytest.approx(plan.step_peak_gib + plan.overhead_gib, abs=0.01)
+    assert "fp8 base + gradient checkpointing, 1024px" in plan.mode and "within" in plan.explanation
+    assert not plan.alternatives
+    assert client.list_jobs("training") == [] and snapshot(client.store) == before
+
+    # the same from the command line, answered from the planner's cache
+    monkeypatch.setenv("FLUXLORA_STORE", str(client.store.root))
+    monkeypatch.setenv("FLUXLORA_TRAINING_ADDR", client.addresses["training"])
+    monkeypatch.setattr(sys, "argv", ["fluxlora", "train", dataset_id, "--base-model", str(flux1_dev_config),
+                                      "--resolution", "1024", "--base-quantization", "fp8", "--plan"])
+    with pytest.raises(SystemExit) as exit_:
+        cli.main()
+    assert exit_.value.code == 0
+    out = capsys.readouterr().out
+    assert "fits" in out and "does not fit" not in out and "GiB" in out
+    assert client.list_jobs("training") == []
+
+
+@pytest.mark.parametrize("store", ["local"], indirect=True)
+def test_a_plan_for_a_card_too_small_for_anything_says_so(captioned, tiny_models):
+    client, _ = captioned
+    plan = client.plan_training(str(tiny_models["flux"]), target_gib=1.0, resolution=64)
+    assert not plan.fits and plan.target_gib == 1.0 and plan.alternatives == []
+    assert "use a GPU with more memory" in plan.explanation
+
+
+@pytest.mark.parametrize("store", ["local"], indirect=True)
+@pytest.mark.parametrize("options, code, words", [
+    ({"target_gib": -1}, "INVALID_ARGUMENT", "target_gib"),
+    ({"resolution": 100}, "INVALID_ARGUMENT", "resolution"),
+    ({"base_model": "/nowhere/FLUX.1-dev"}, "NOT_FOUND", "/nowhere/FLUX.1-dev"),
+])
+def test_bad_plan_requests_get_clear_statuses(captioned, tiny_models, options, code, words):
+    client, _ = captioned
+    options = {"base_model": str(tiny_models["flux"]), **options}
+    with pytest.raises(FluxloraClientError) as err:
+        client.plan_training(**options)
+    assert err.value.code == code and words in err.value.message

@@ -228,8 +228,9 @@ def test_same_seed_repeats_the_run_exactly(tiny_flux_dir, circle_dataset, tmp_pa
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.parametrize("optimizer", ["adamw", "prodigy"])
 def test_resuming_from_a_checkpoint_repeats_the_uninterrupted_run(
-    tiny_flux_dir, make_dataset, shape_image, tmp_path
+    tiny_flux_dir, make_dataset, shape_image, tmp_path, optimizer
 ):
     dataset = make_dataset(
         {
@@ -238,7 +239,9 @@ def test_resuming_from_a_checkpoint_repeats_the_uninterrupted_run(
             "green": (shape_image((64, 64), "green"), "a green circle"),
         }
     )
-    cfg = quick(max_steps=6, checkpoint_every=3, lr_scheduler="cosine", caption_dropout=0.3)
+    lr = {"adamw": 1e-3, "prodigy": 1.0}[optimizer]
+    cfg = quick(max_steps=6, checkpoint_every=3, lr_scheduler="cosine", caption_dropout=0.3, optimizer=optimizer,
+                learning_rate=lr)
     whole = train(cfg, tiny_flux_dir, dataset, tmp_path / "whole")
     resumed = train(
         cfg,
@@ -255,7 +258,7 @@ def test_resuming_from_a_checkpoint_repeats_the_uninterrupted_run(
 
     with pytest.raises(ValueError, match="rank"):
         train(
-            quick(max_steps=6, rank=8),
+            quick(max_steps=6, rank=8, optimizer=optimizer, learning_rate=lr),
             tiny_flux_dir,
             dataset,
             tmp_path / "bad",

@@ -184,21 +184,44 @@ def train(
     max_steps: int = 3000,
     checkpoint_every: int = 750,
     sample_every: int = 750,
-    learning_rate: float = 1e-4,
+    learning_rate: Annotated[float, typer.Option(help="0: the default, 1e-4 (1.0 for prodigy).")] = 0.0,
     rank: int = 16,
     gradient_checkpointing: Annotated[bool, typer.Option(help="Recompute activations to save memory.")] = True,
     precision: Annotated[str, typer.Option(help="auto, bf16, fp16 or fp32.")] = "auto",
     caption_version: Annotated[int, typer.Option(help="Approved caption version (0: current captions).")] = 0,
+    base_quantization: Annotated[str, typer.Option(help="Base weights in 8 bits: none, fp8 or int8.")] = "none",
+    compile_blocks: Annotated[str, typer.Option(help="torch.compile the blocks: auto (on CUDA), on, off.")] = "auto",
+    optimizer: Annotated[str, typer.Option(help="adamw, adamw8bit (bitsandbytes, CUDA) or prodigy.")] = "adamw",
+    plan: Annotated[bool, typer.Option(help="Only print the memory plan; queue nothing.")] = False,
+    target_gib: Annotated[float, typer.Option(help="With --plan: GPU memory to plan for (0: the server's).")] = 0.0,
     store: Store = None,
 ) -> None:
     """Train a LoRA on a captioned dataset. A run that would not fit the server's GPU is refused
-    at once, with the options that would fit."""
+    at once, with the options that would fit; --plan shows that estimate without training."""
     client = _client(store)
-    job = client.train(dataset_id, base_model=base_model, resolution=resolution, max_steps=max_steps,
-                       checkpoint_every=checkpoint_every, sample_every=sample_every,
-                       learning_rate=learning_rate, rank=rank, gradient_checkpointing=gradient_checkpointing,
-                       precision=precision, caption_version=caption_version)
+    options = dict(resolution=resolution, max_steps=max_steps, checkpoint_every=checkpoint_every,
+                   sample_every=sample_every, learning_rate=learning_rate, rank=rank,
+                   gradient_checkpointing=gradient_checkpointing, precision=precision,
+                   caption_version=caption_version, base_quantization=base_quantization,
+                   compile_blocks=compile_blocks, optimizer=optimizer)
+    if plan:
+        _print_plan(client.plan_training(base_model, target_gib, dataset_id, **options))
+        return
+    job = client.train(dataset_id, base_model=base_model, **options)
     _print_result(_run_job(client, "train", job))
+
+
+def _print_plan(plan) -> None:
+    verdict = "[green]fits[/green]" if plan.fits else "[red]does not fit[/red]"
+    console.print(f"{plan.mode}: {plan.total_gib:.1f} GiB estimated ({plan.step_peak_gib:.1f} step peak, "
+                  f"{plan.weights_gib:.1f} weights, {plan.overhead_gib:.1f} overhead): {verdict} "
+                  f"in {plan.target_gib:.1f} GiB")
+    if plan.alternatives:
+        table = Table("options that fit", "GiB", "runnable here")
+        for alt in plan.alternatives:
+            table.add_row(", ".join(f"{k}={v}" for k, v in sorted(alt.changes.items())), f"{alt.total_gib:.1f}",
+                          "yes" if not alt.unavailable else "no: " + "; ".join(alt.unavailable))
+        console.print(table)
 
 
 def _numbers(text: str, kind=float) -> list:
@@ -275,8 +298,8 @@ def generate(
 
 @app.command()
 def pipeline(
-    photos: Annotated[Path, typer.Argument(exists=True, file_okay=False)],
-    trigger: Annotated[str, typer.Option(help="The unique trigger word.")],
+    photos: Annotated[Path | None, typer.Argument(exists=True, help="Folder of photos, or a .zip of them.")] = None,
+    trigger: Annotated[str, typer.Option(help="The unique trigger word (needed with PHOTOS).")] = "",
     base_model: str = "",
     caption_model: str = "",
     base_size: int = 1024,
@@ -284,20 +307,49 @@ def pipeline(
     max_steps: int = 3000,
     checkpoint_every: int = 750,
     out: Annotated[Path, typer.Option(help="Where to download the outputs.")] = Path("fluxlora-output"),
+    review: Annotated[bool, typer.Option(
+        help="Stop after captioning and write OUT/review.html, for a person to review and approve the captions.")]
+    = False,
+    dataset: Annotated[str, typer.Option(
+        help="Continue with this captioned dataset (instead of PHOTOS): train on its approved captions.")] = "",
     store: Store = None,
 ) -> None:
-    """Run preprocess -> caption -> train -> evaluate on a folder of photos."""
-    from fluxlora_client.pipeline import PipelineOptions, run_pipeline
+    """Run preprocess -> caption -> approve -> train -> evaluate on a folder of photos. The cleaned
+    auto captions are approved as a caption version ("pipeline") and the run trains on exactly it;
+    --review stops for a person to review and approve them first, --dataset then continues."""
+    import shlex
+
+    from fluxlora_client.pipeline import PipelineOptions, continue_pipeline, review_steps, run_pipeline
     from fluxlora_client.progress import JobProgress
 
+    if (photos is None) == (not dataset) or (photos is not None and not trigger):
+        console.print("[red]error[/red] give PHOTOS with --trigger WORD, or --dataset DATASET_ID to continue "
+                      "with an approved dataset")
+        raise typer.Exit(2)
     client = _client(store)
     options = PipelineOptions(
         trigger_word=trigger, base_model=base_model, caption_model=caption_model, base_size=base_size,
         train={"resolution": resolution, "max_steps": max_steps, "checkpoint_every": checkpoint_every,
                "sample_every": checkpoint_every},
+        review=review,
     )
     with JobProgress() as progress:
-        outputs = run_pipeline(client, photos, options, download_to=out, on_event=progress.on_event)
+        if dataset:
+            outputs = continue_pipeline(client, dataset, options, download_to=out, on_event=progress.on_event)
+        else:
+            outputs = run_pipeline(client, photos, options, download_to=out, on_event=progress.on_event)
+    if outputs.stopped_for_review:
+        command = ["fluxlora", "pipeline", "--dataset", outputs.dataset_id,
+                   *(["--base-model", base_model] if base_model else []), "--resolution", str(resolution),
+                   "--max-steps", str(max_steps), "--checkpoint-every", str(checkpoint_every), "--out", str(out),
+                   *(["--store", store] if store else [])]
+        steps = review_steps(outputs.dataset_id, outputs.caption_version, outputs.review_page, store or "",
+                             shlex.join(command))
+        console.print(f"dataset {outputs.dataset_id}: caption version {outputs.caption_version} is a draft. "
+                      "Review it before training:")
+        for step in steps:
+            console.print(f"  {step}", markup=False, soft_wrap=True)  # whole lines, to copy
+        return
     print_outputs(outputs)
 
 
@@ -307,8 +359,12 @@ def print_outputs(outputs) -> None:
     table.add_column("where")
     local = outputs.local
     train = outputs.results["train"]
+    captions = outputs.captions
     rows = [
         ("dataset id", outputs.dataset_id),
+        ("captions trained on", f"version {outputs.caption_version}" + (
+            f", approved by {captions.author or 'someone'}" + (f" ({captions.comment})" if captions.comment else "")
+            if captions is not None else "")),
         ("processed images + captions", str(local.get("dataset", "")) + "/images"),
         ("manifest", str(local.get("dataset", "")) + "/manifest.json"),
         ("run id", outputs.run_id),

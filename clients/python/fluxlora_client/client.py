@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -22,6 +23,8 @@ from google.protobuf.message import Message
 
 from fluxlora.common.auth import AuthConfigError, BearerTokenInterceptor, channel_credentials, load_auth_token
 from fluxlora.common.config import DEFAULT_PORTS, Settings
+from fluxlora.common.errors import ResourceExhausted
+from fluxlora.common.limits import check_upload_bytes
 from fluxlora.common.storage import ArtifactStore, open_store, sha256_file
 from fluxlora_api.v1 import (
     captioning_pb2,
@@ -79,10 +82,14 @@ class FluxloraClient:
         timeout: float = 60.0,
         token: str | None = None,
         credentials: grpc.ChannelCredentials | None = None,
+        max_upload_bytes: int | None = None,
     ):
         """token: sent as `authorization: Bearer <token>` on every call; credentials: TLS
-        (grpc.ssl_channel_credentials; from_env builds them from FLUXLORA_TLS_CA_FILE)."""
+        (grpc.ssl_channel_credentials; from_env builds them from FLUXLORA_TLS_CA_FILE). max_upload_bytes:
+        upload_photos refuses bigger uploads before sending a byte (from_env: FLUXLORA_MAX_UPLOAD_BYTES);
+        the preprocessing server checks its own limit at submit either way."""
         self.store = store
+        self.max_upload_bytes = max_upload_bytes
         self.timeout = timeout
         self._interceptors = [BearerTokenInterceptor(token)] if token else []
         self._credentials = credentials
@@ -107,7 +114,8 @@ class FluxloraClient:
             token, credentials = load_auth_token(settings), channel_credentials(settings)
         except AuthConfigError as err:
             raise FluxloraClientError("INVALID_ARGUMENT", str(err)) from None
-        return cls(open_store(settings), **addresses, token=token, credentials=credentials)
+        return cls(open_store(settings), **addresses, token=token, credentials=credentials,
+                   max_upload_bytes=settings.max_upload_bytes)
 
     def _channel(self, service: str) -> grpc.Channel:
         if service not in self._endpoints:
@@ -151,6 +159,11 @@ class FluxloraClient:
             files = sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith("."))
         if not files:
             raise FluxloraClientError("INVALID_ARGUMENT", f"{folder} holds no files")
+        if self.max_upload_bytes:
+            try:
+                check_upload_bytes([p.stat().st_size for p in files], self.max_upload_bytes, str(folder))
+            except ResourceExhausted as exc:
+                raise FluxloraClientError(exc.code, exc.message) from None
         digest = hashlib.sha256()
         hashes = {}
         for path in files:
@@ -215,6 +228,15 @@ class FluxloraClient:
         request = training_pb2.SubmitTrainingRequest(spec=spec, request_id=request_id or _new_id())
         return self._call(self._training.SubmitTraining, request)
 
+    def plan_training(self, base_model: str = "", target_gib: float = 0.0, dataset_id: str = "",
+                      **options: Any) -> training_pb2.TrainingPlan:
+        """The memory plan of a run without queueing it: estimated peak GPU memory (computed on the
+        server's CPU in seconds, no weights loaded), whether it fits target_gib (0: the server's GPU
+        target) and, if not, the option changes that would. Options are TrainSpec fields."""
+        spec = training_pb2.TrainSpec(dataset_id=dataset_id, base_model=base_model, **options)
+        request = training_pb2.PlanTrainingRequest(spec=spec, target_gib=target_gib)
+        return self._call(self._training.PlanTraining, request)
+
     def evaluate(self, run_id: str, strengths: list[float] | None = None, request_id: str | None = None,
                  **options: Any) -> jobs_pb2.Job:
         """Options are GridSpec fields: checkpoint_steps, prompt, seed, width, height, steps, guidance,
@@ -271,7 +293,9 @@ class FluxloraClient:
         return self._call(self._jobs(job_id).CancelJob, jobs_pb2.CancelJobRequest(job_id=job_id))
 
     def watch(self, job_id: str) -> Iterator[jobs_pb2.JobEvent]:
-        """Streams the job's events until it finishes, reconnecting if the stream drops."""
+        """Streams the job's events until it finishes, reconnecting if the stream drops. A server with
+        all its watch streams taken (RESOURCE_EXHAUSTED, FLUXLORA_MAX_WATCHERS) is polled with GetJob
+        instead: those events carry sequence 0 and come only when the job changed."""
         while True:
             try:
                 for event in self._jobs(job_id).WatchJob(jobs_pb2.WatchJobRequest(job_id=job_id)):
@@ -279,10 +303,27 @@ class FluxloraClient:
                     if event.job.state in TERMINAL:
                         return
             except grpc.RpcError as err:
+                if err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
+                    yield from self._poll(job_id)
+                    return
                 if err.code() != grpc.StatusCode.UNAVAILABLE:
                     raise FluxloraClientError(err.code().name, err.details() or "") from None
             if self.get_job(job_id).state in TERMINAL:
                 return
+
+    def _poll(self, job_id: str, first_s: float = 0.2, max_s: float = 2.0) -> Iterator[jobs_pb2.JobEvent]:
+        delay, last = first_s, None
+        while True:
+            job = self.get_job(job_id)
+            if job != last:
+                last, delay = job, first_s
+                event = jobs_pb2.JobEvent(job=job, message="polled (the server's watch streams are all in use)")
+                event.time.GetCurrentTime()
+                yield event
+            if job.state in TERMINAL:
+                return
+            time.sleep(delay)
+            delay = min(max_s, delay * 1.5)
 
     def wait(self, job: jobs_pb2.Job | str, on_event: Callable[[jobs_pb2.JobEvent], None] | None = None,
              raise_on_failure: bool = True) -> jobs_pb2.Job:

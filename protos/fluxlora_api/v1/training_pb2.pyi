@@ -46,6 +46,8 @@ class TrainSpec(_message.Message):
     BASE_QUANTIZATION_FIELD_NUMBER: _builtins.int
     BLOCKS_TO_SWAP_FIELD_NUMBER: _builtins.int
     CAPTION_VERSION_FIELD_NUMBER: _builtins.int
+    COMPILE_BLOCKS_FIELD_NUMBER: _builtins.int
+    OPTIMIZER_FIELD_NUMBER: _builtins.int
     dataset_id: _builtins.str
     """The captioned dataset to train on."""
     base_model: _builtins.str
@@ -83,8 +85,9 @@ class TrainSpec(_message.Message):
     sample_steps: _builtins.int
     """Denoising steps for validation samples; default 20."""
     base_quantization: _builtins.str
-    """Frozen base weights of the transformer blocks in 8 bits: "none" (default), "fp8" or "int8".
-    The memory planner estimates it; this trainer cannot run it yet (FAILED_PRECONDITION).
+    """Frozen base weights of the transformer blocks in 8 bits: "none" (default), "fp8" or "int8"
+    (weight-only, per-channel scales, upcast to bf16 for each matmul). With gradient checkpointing
+    this is what fits FLUX.1-dev at 1024 in 24 GB (docs/performance.md).
     """
     blocks_to_swap: _builtins.int
     """Transformer blocks kept in CPU memory and brought to the GPU one at a time, counted as kohya
@@ -96,6 +99,16 @@ class TrainSpec(_message.Message):
     """The approved caption version to train on (see CaptioningService.ApproveCaptions); 0 means the
     dataset's current captions (the last approved version, else the auto captions). The accepted
     spec records the version actually used when the dataset has versions.
+    """
+    compile_blocks: _builtins.str
+    """Compile the transformer blocks with torch.compile (regional: one graph per block type):
+    "auto" (default: on a CUDA GPU, where it measured 1.6x faster steps; off on the CPU),
+    "on" or "off". The first steps of a run (and of each new image size) wait for compilation.
+    """
+    optimizer: _builtins.str
+    """"adamw" (default), "adamw8bit" (bitsandbytes on a CUDA training node: a quarter of AdamW's
+    optimizer state) or "prodigy" (adapts its own step size; learning_rate then defaults to 1.0,
+    a multiplier). An optimizer whose package the server lacks is FAILED_PRECONDITION.
     """
     @_builtins.property
     def sample_prompts(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
@@ -130,10 +143,12 @@ class TrainSpec(_message.Message):
         base_quantization: _builtins.str = ...,
         blocks_to_swap: _builtins.int = ...,
         caption_version: _builtins.int = ...,
+        compile_blocks: _builtins.str = ...,
+        optimizer: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_gradient_checkpointing", b"_gradient_checkpointing", "_guidance", b"_guidance", "_seed", b"_seed", "gradient_checkpointing", b"gradient_checkpointing", "guidance", b"guidance", "seed", b"seed"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_gradient_checkpointing", b"_gradient_checkpointing", "_guidance", b"_guidance", "_seed", b"_seed", "alpha", b"alpha", "base_model", b"base_model", "base_quantization", b"base_quantization", "batch_size", b"batch_size", "blocks_to_swap", b"blocks_to_swap", "caption_version", b"caption_version", "checkpoint_every", b"checkpoint_every", "dataset_id", b"dataset_id", "gradient_checkpointing", b"gradient_checkpointing", "guidance", b"guidance", "learning_rate", b"learning_rate", "lr_scheduler", b"lr_scheduler", "max_steps", b"max_steps", "precision", b"precision", "rank", b"rank", "resolution", b"resolution", "sample_every", b"sample_every", "sample_prompts", b"sample_prompts", "sample_steps", b"sample_steps", "seed", b"seed", "target_modules", b"target_modules", "timestep_sampling", b"timestep_sampling"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_gradient_checkpointing", b"_gradient_checkpointing", "_guidance", b"_guidance", "_seed", b"_seed", "alpha", b"alpha", "base_model", b"base_model", "base_quantization", b"base_quantization", "batch_size", b"batch_size", "blocks_to_swap", b"blocks_to_swap", "caption_version", b"caption_version", "checkpoint_every", b"checkpoint_every", "compile_blocks", b"compile_blocks", "dataset_id", b"dataset_id", "gradient_checkpointing", b"gradient_checkpointing", "guidance", b"guidance", "learning_rate", b"learning_rate", "lr_scheduler", b"lr_scheduler", "max_steps", b"max_steps", "optimizer", b"optimizer", "precision", b"precision", "rank", b"rank", "resolution", b"resolution", "sample_every", b"sample_every", "sample_prompts", b"sample_prompts", "sample_steps", b"sample_steps", "seed", b"seed", "target_modules", b"target_modules", "timestep_sampling", b"timestep_sampling"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__gradient_checkpointing: _TypeAlias = _typing.Literal["gradient_checkpointing"]  # noqa: Y015
     _WhichOneofArgType__gradient_checkpointing: _TypeAlias = _typing.Literal["_gradient_checkpointing", b"_gradient_checkpointing"]  # noqa: Y015
@@ -275,3 +290,142 @@ class SubmitTrainingRequest(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___SubmitTrainingRequest: _TypeAlias = SubmitTrainingRequest  # noqa: Y015
+
+@_typing.final
+class PlanTrainingRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SPEC_FIELD_NUMBER: _builtins.int
+    TARGET_GIB_FIELD_NUMBER: _builtins.int
+    target_gib: _builtins.float
+    """GPU memory to plan for (GiB); 0 means the server's target (FLUXLORA_GPU_MEMORY_GIB, else its
+    own GPU, else 24).
+    """
+    @_builtins.property
+    def spec(self) -> Global___TrainSpec:
+        """The run to plan. dataset_id may be empty: the plan depends on the base model's config and the
+        memory options (resolution, batch size, rank, targets, precision, checkpointing, quantisation,
+        block swap), not on the images.
+        """
+
+    def __init__(
+        self,
+        *,
+        spec: Global___TrainSpec | None = ...,
+        target_gib: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["spec", b"spec"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["spec", b"spec", "target_gib", b"target_gib"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PlanTrainingRequest: _TypeAlias = PlanTrainingRequest  # noqa: Y015
+
+@_typing.final
+class PlanAlternative(_message.Message):
+    """A change of TrainSpec memory options that makes a run fit."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class ChangesEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    CHANGES_FIELD_NUMBER: _builtins.int
+    TOTAL_GIB_FIELD_NUMBER: _builtins.int
+    UNAVAILABLE_FIELD_NUMBER: _builtins.int
+    total_gib: _builtins.float
+    """Estimated peak with those changes (GiB, CUDA overhead included)."""
+    @_builtins.property
+    def changes(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """TrainSpec field name -> value, e.g. {"base_quantization": "fp8", "gradient_checkpointing": "true"}."""
+
+    @_builtins.property
+    def unavailable(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Why this server cannot run it yet; empty when it can."""
+
+    def __init__(
+        self,
+        *,
+        changes: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        total_gib: _builtins.float = ...,
+        unavailable: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["changes", b"changes", "total_gib", b"total_gib", "unavailable", b"unavailable"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PlanAlternative: _TypeAlias = PlanAlternative  # noqa: Y015
+
+@_typing.final
+class TrainingPlan(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TOTAL_GIB_FIELD_NUMBER: _builtins.int
+    STEP_PEAK_GIB_FIELD_NUMBER: _builtins.int
+    WEIGHTS_GIB_FIELD_NUMBER: _builtins.int
+    OVERHEAD_GIB_FIELD_NUMBER: _builtins.int
+    MODE_FIELD_NUMBER: _builtins.int
+    TARGET_GIB_FIELD_NUMBER: _builtins.int
+    FITS_FIELD_NUMBER: _builtins.int
+    EXPLANATION_FIELD_NUMBER: _builtins.int
+    ALTERNATIVES_FIELD_NUMBER: _builtins.int
+    total_gib: _builtins.float
+    """Estimated peak GPU memory of the run (GiB): step peak + CUDA overhead."""
+    step_peak_gib: _builtins.float
+    """Tensors alive at the training step's peak, resident weights included (GiB)."""
+    weights_gib: _builtins.float
+    """Resident parameters: base (8-bit or not) and LoRA (GiB)."""
+    overhead_gib: _builtins.float
+    """The fixed allowance for the CUDA context, workspaces and fragmentation (GiB)."""
+    mode: _builtins.str
+    """The memory mode in words, e.g. "fp8 base + gradient checkpointing, 1024px, batch 1, rank 16"."""
+    target_gib: _builtins.float
+    """The GPU memory planned for (GiB)."""
+    fits: _builtins.bool
+    """Whether total_gib <= target_gib."""
+    explanation: _builtins.str
+    """One sentence a person can act on (the message SubmitTraining would refuse with)."""
+    @_builtins.property
+    def alternatives(self) -> _containers.RepeatedCompositeFieldContainer[Global___PlanAlternative]:
+        """When it does not fit: option changes that would, runnable ones first."""
+
+    def __init__(
+        self,
+        *,
+        total_gib: _builtins.float = ...,
+        step_peak_gib: _builtins.float = ...,
+        weights_gib: _builtins.float = ...,
+        overhead_gib: _builtins.float = ...,
+        mode: _builtins.str = ...,
+        target_gib: _builtins.float = ...,
+        fits: _builtins.bool = ...,
+        explanation: _builtins.str = ...,
+        alternatives: _abc.Iterable[Global___PlanAlternative] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["alternatives", b"alternatives", "explanation", b"explanation", "fits", b"fits", "mode", b"mode", "overhead_gib", b"overhead_gib", "step_peak_gib", b"step_peak_gib", "target_gib", b"target_gib", "total_gib", b"total_gib", "weights_gib", b"weights_gib"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TrainingPlan: _TypeAlias = TrainingPlan  # noqa: Y015

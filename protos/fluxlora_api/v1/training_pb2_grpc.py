@@ -40,6 +40,11 @@ class TrainingServiceStub:
                 request_serializer=fluxlora__api_dot_v1_dot_training__pb2.SubmitTrainingRequest.SerializeToString,
                 response_deserializer=fluxlora__api_dot_v1_dot_jobs__pb2.Job.FromString,
                 _registered_method=True)
+        self.PlanTraining = channel.unary_unary(
+                '/fluxlora.v1.TrainingService/PlanTraining',
+                request_serializer=fluxlora__api_dot_v1_dot_training__pb2.PlanTrainingRequest.SerializeToString,
+                response_deserializer=fluxlora__api_dot_v1_dot_training__pb2.TrainingPlan.FromString,
+                _registered_method=True)
 
 
 class TrainingServiceServicer:
@@ -54,6 +59,14 @@ class TrainingServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def PlanTraining(self, request, context):
+        """Estimates a run's peak GPU memory on the CPU in seconds (no weights loaded, nothing queued)
+        and, when it would not fit, the option changes that would: what SubmitTraining checks.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_TrainingServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -61,6 +74,11 @@ def add_TrainingServiceServicer_to_server(servicer, server):
                     servicer.SubmitTraining,
                     request_deserializer=fluxlora__api_dot_v1_dot_training__pb2.SubmitTrainingRequest.FromString,
                     response_serializer=fluxlora__api_dot_v1_dot_jobs__pb2.Job.SerializeToString,
+            ),
+            'PlanTraining': grpc.unary_unary_rpc_method_handler(
+                    servicer.PlanTraining,
+                    request_deserializer=fluxlora__api_dot_v1_dot_training__pb2.PlanTrainingRequest.FromString,
+                    response_serializer=fluxlora__api_dot_v1_dot_training__pb2.TrainingPlan.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -90,6 +108,33 @@ class TrainingService:
             '/fluxlora.v1.TrainingService/SubmitTraining',
             fluxlora__api_dot_v1_dot_training__pb2.SubmitTrainingRequest.SerializeToString,
             fluxlora__api_dot_v1_dot_jobs__pb2.Job.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PlanTraining(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fluxlora.v1.TrainingService/PlanTraining',
+            fluxlora__api_dot_v1_dot_training__pb2.PlanTrainingRequest.SerializeToString,
+            fluxlora__api_dot_v1_dot_training__pb2.TrainingPlan.FromString,
             options,
             channel_credentials,
             insecure,

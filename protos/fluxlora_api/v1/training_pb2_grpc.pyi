@@ -37,6 +37,10 @@ class TrainingServiceStub:
     A run whose estimated peak GPU memory exceeds the server's target GPU (FLUXLORA_GPU_MEMORY_GIB)
     is refused with RESOURCE_EXHAUSTED, the estimate and the options that would fit in the message.
     """
+    PlanTraining: _grpc.UnaryUnaryMultiCallable[_training_pb2.PlanTrainingRequest, _training_pb2.TrainingPlan]
+    """Estimates a run's peak GPU memory on the CPU in seconds (no weights loaded, nothing queued)
+    and, when it would not fit, the option changes that would: what SubmitTraining checks.
+    """
 
 @_typing.type_check_only
 class TrainingServiceAsyncStub(TrainingServiceStub):
@@ -45,6 +49,10 @@ class TrainingServiceAsyncStub(TrainingServiceStub):
     """Validates the request (dataset captioned, base model present) and queues a training run.
     A run whose estimated peak GPU memory exceeds the server's target GPU (FLUXLORA_GPU_MEMORY_GIB)
     is refused with RESOURCE_EXHAUSTED, the estimate and the options that would fit in the message.
+    """
+    PlanTraining: _aio.UnaryUnaryMultiCallable[_training_pb2.PlanTrainingRequest, _training_pb2.TrainingPlan]  # type: ignore[assignment]
+    """Estimates a run's peak GPU memory on the CPU in seconds (no weights loaded, nothing queued)
+    and, when it would not fit, the option changes that would: what SubmitTraining checks.
     """
 
 class TrainingServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -57,6 +65,16 @@ class TrainingServiceServicer(metaclass=_abc_1.ABCMeta):
         """Validates the request (dataset captioned, base model present) and queues a training run.
         A run whose estimated peak GPU memory exceeds the server's target GPU (FLUXLORA_GPU_MEMORY_GIB)
         is refused with RESOURCE_EXHAUSTED, the estimate and the options that would fit in the message.
+        """
+
+    @_abc_1.abstractmethod
+    def PlanTraining(
+        self,
+        request: _training_pb2.PlanTrainingRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_training_pb2.TrainingPlan, _abc.Awaitable[_training_pb2.TrainingPlan]]:
+        """Estimates a run's peak GPU memory on the CPU in seconds (no weights loaded, nothing queued)
+        and, when it would not fit, the option changes that would: what SubmitTraining checks.
         """
 
 def add_TrainingServiceServicer_to_server(servicer: TrainingServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

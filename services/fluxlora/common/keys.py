@@ -37,3 +37,8 @@ def grid_prefix(grid_id: str) -> str:
 
 def generation_prefix(generation_id: str) -> str:
     return f"generations/{generation_id}/"
+
+
+def encoding_cache(key: str) -> str:
+    """Encoded training images and captions (fluxlora.training.trainer.encoding_cache), shared by runs."""
+    return f"cache/encodings/{key}.safetensors"

@@ -26,7 +26,8 @@ from google.protobuf.message import Message
 
 from fluxlora.common.errors import FailedPrecondition, FluxloraError, Unavailable
 from fluxlora.jobs.context import JobInterrupted
-from fluxlora.jobs.worker import EXIT_PERMANENT, load_report, unpack_any
+from fluxlora.jobs.reports import FINISHED, RemoteJobFailed, ReportMirror, finished_outcome
+from fluxlora.jobs.worker import EXIT_PERMANENT, load_report
 from fluxlora_api.v1 import jobs_pb2
 
 if TYPE_CHECKING:
@@ -42,12 +43,6 @@ SA_NAMESPACE_FILE = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespac
 REQUEST_TIMEOUT_S = 30
 STOP_CHECK_S = 0.2
 UNREACHABLE = object()  # what _call answers when the API could not be asked this time
-
-
-class RemoteJobFailed(FluxloraError):
-    def __init__(self, code: str, message: str):
-        super().__init__(message)
-        self.code = code
 
 
 @dataclass(frozen=True)
@@ -253,7 +248,7 @@ class KubernetesRunner:
             raise JobInterrupted(job_id)
         if status is None:
             earlier = load_report(store, self.service, job_id)
-            if earlier is not None and earlier.state in (S.JOB_STATE_SUCCEEDED, S.JOB_STATE_FAILED):
+            if earlier is not None and earlier.state in FINISHED:
                 # Finished (and its Job cleaned up) while this server was down: never run it twice.
                 return _outcome(earlier, job_id, JobStatus("succeeded"))
             created = self._call(self.launcher.create, job_id, retry_while=keep_trying)
@@ -263,7 +258,7 @@ class KubernetesRunner:
                 runtime.update(job_id, lambda job: None, message=f"created Kubernetes Job {self.namespace}/{job_id}")
         else:
             runtime.update(job_id, lambda job: None, message=f"adopted Kubernetes Job {self.namespace}/{job_id}")
-        seen = jobs_pb2.Job()
+        mirror = ReportMirror(runtime, self.service, job_id)
         while True:
             if runtime.get(job_id).cancel_requested:
                 # Should this fail (server stopping, API down), recover() deletes it on the next start.
@@ -273,14 +268,11 @@ class KubernetesRunner:
                 raise JobInterrupted(job_id)  # the Job keeps running; the next start adopts it
             status = self._call(self.launcher.status, job_id)
             try:
-                report = load_report(store, self.service, job_id)
+                report = mirror.refresh()
             except Unavailable as exc:  # the store restarting must not fail a run that is fine
                 log.warning("could not read the worker report of %s: %s", job_id, exc)
                 self._wait(runtime, job_id)
                 continue
-            if report is not None and report != seen:
-                _mirror(runtime, job_id, report, seen)
-                seen = report
             if status is UNREACHABLE:
                 self._wait(runtime, job_id)
                 continue
@@ -290,11 +282,11 @@ class KubernetesRunner:
                 raise RemoteJobFailed(
                     "ABORTED", f"Kubernetes Job {self.namespace}/{job_id} was deleted outside fluxlora before it ran")
             if status is None:
-                if report.state in (S.JOB_STATE_SUCCEEDED, S.JOB_STATE_FAILED):
+                if report.state in FINISHED:
                     return _outcome(report, job_id, JobStatus("succeeded"))
                 raise RemoteJobFailed(
                     "ABORTED", f"Kubernetes Job {self.namespace}/{job_id} was deleted outside fluxlora while running")
-            if not seen.progress.stage:
+            if not mirror.seen.progress.stage:
                 reason = self._call(self.launcher.waiting_reason, job_id)
                 if isinstance(reason, str) and reason and reason != runtime.get(job_id).progress.stage:
                     runtime.update(job_id, lambda job, r=reason: setattr(job.progress, "stage", r), message=reason)
@@ -369,29 +361,10 @@ def _status_of(job: Any) -> JobStatus:
     return JobStatus("active")
 
 
-def _mirror(runtime: JobRuntime, job_id: str, report: jobs_pb2.Job, seen: jobs_pb2.Job) -> None:
-    """Copies what the worker reported into the server's record (and so to watchers)."""
-    new_keys = [a.key for a in report.artifacts if a.key not in {s.key for s in seen.artifacts}]
-
-    def mutate(job: jobs_pb2.Job) -> None:
-        if report.progress.stage:
-            job.progress.CopyFrom(report.progress)
-        job.metrics.clear()
-        job.metrics.update(report.metrics)
-        del job.artifacts[:]
-        job.artifacts.extend(report.artifacts)
-        del job.warnings[:]
-        job.warnings.extend(report.warnings)
-
-    runtime.update(job_id, mutate, message="wrote " + ", ".join(new_keys) if new_keys else "",
-                   persist=True if new_keys else "throttle")
-
-
 def _outcome(report: jobs_pb2.Job | None, job_id: str, status: JobStatus) -> Message:
-    if report is not None and report.state == S.JOB_STATE_SUCCEEDED and report.HasField("result"):
-        return unpack_any(report.result)
-    if report is not None and report.state == S.JOB_STATE_FAILED and report.error.code:
-        raise RemoteJobFailed(report.error.code, report.error.message)
+    result = finished_outcome(report)
+    if result is not None:
+        return result
     if status.phase == "failed":
         code = "DEADLINE_EXCEEDED" if status.reason == "DeadlineExceeded" else "INTERNAL"
         raise RemoteJobFailed(code, f"Kubernetes Job {job_id} failed ({status.reason or 'no reason given'}"

@@ -1,7 +1,10 @@
 """Where a job's handler runs: the seam between the job runtime (queue, records, watchers) and the
 place the work happens.
 
-- LocalRunner: in the server's own worker thread (the default; one machine, Docker Compose).
+- LocalRunner: in the server's own worker thread (the default).
+- ProcessRunner (fluxlora.jobs.process): in a child process running `python -m fluxlora.jobs.worker
+  <service> <job_id>`, so that a crash in the work (out of memory, a segfault) fails the job and
+  never the server (FLUXLORA_RUNNER=process; what Docker Compose runs training with).
 - KubernetesRunner (fluxlora.jobs.kubernetes): as a Kubernetes Job whose pod runs
   `fluxlora worker <service> <job_id>`, the same handler against the same store.
 
@@ -43,9 +46,14 @@ class LocalRunner:
 
 
 def runner_for(settings: Any, service: str, handler: Callable[[JobContext, Any], Message]) -> Runner:
-    if getattr(settings, "runner", "local") == "kubernetes":
+    runner = getattr(settings, "runner", "local")
+    if runner == "kubernetes":
         # Imported only here: the kubernetes client is not needed (nor installed in every image) otherwise.
         from fluxlora.jobs.kubernetes import KubernetesRunner
 
         return KubernetesRunner.from_settings(settings, service)
+    if runner == "process":
+        from fluxlora.jobs.process import ProcessRunner
+
+        return ProcessRunner.from_settings(settings, service)
     return LocalRunner(handler)

@@ -1,5 +1,7 @@
-"""`fluxlora worker <service> <job_id>`: runs one stored job in this process, with the handler the
-server would run, against the same store. A Kubernetes Job's pod runs this (fluxlora.jobs.kubernetes).
+"""`fluxlora worker <service> <job_id>` (or `python -m fluxlora.jobs.worker <service> <job_id>`): runs
+one stored job in this process, with the handler the server would run, against the same store. A
+Kubernetes Job's pod runs this (fluxlora.jobs.kubernetes), and so does each child process of a server
+with FLUXLORA_RUNNER=process (fluxlora.jobs.process).
 
 The server's job record (jobs/<service>/<job_id>.json) stays the server's alone: the worker reads
 the spec from it and writes what happens to its own report, jobs/workers/<service>/<job_id>.json
@@ -7,13 +9,17 @@ the spec from it and writes what happens to its own report, jobs/workers/<servic
 overwrites the other.
 
 Exit codes tell Kubernetes whether a retry can help (the Job's podFailurePolicy reads them).
+SIGTERM (and, with --watch-parent, stdin closing) stops the job at its next safe point.
 """
 
 from __future__ import annotations
 
+import argparse
 import logging
+import os
 import shutil
 import signal
+import sys
 import tempfile
 import threading
 import time
@@ -38,7 +44,9 @@ EXIT_FAILED = 1  # may succeed on a retry (store unreachable, a crash): counts a
 EXIT_PERMANENT = 3  # the same request fails again however often it runs: podFailurePolicy FailJob
 EXIT_INTERRUPTED = 75  # SIGTERM (cancel, drain, preemption): a retry resumes from the last checkpoint
 PERMANENT_CODES = frozenset({"INVALID_ARGUMENT", "NOT_FOUND", "FAILED_PRECONDITION", "RESOURCE_EXHAUSTED"})
-PERSIST_INTERVAL_S = 2.0
+# How often progress and metrics reach the report (state changes, artifacts and warnings: at once);
+# the server mirrors the report about as often (fluxlora.jobs.process.REPORT_POLL_S).
+PERSIST_INTERVAL_S = 1.0
 
 
 def report_key(service: str, job_id: str) -> str:
@@ -72,6 +80,11 @@ class WorkerReport:
         self.stop = stop or threading.Event()
         self._lock = threading.Lock()
         self._saved_at = 0.0
+        self._pending = False  # a throttled change not in the stored report yet
+        self._closed = threading.Event()
+        # Saves a throttled change that no later update carries along (the last progress before a
+        # long model load, say), so the server sees it within about PERSIST_INTERVAL_S.
+        threading.Thread(target=self._save_pending, name="report-saver", daemon=True).start()
 
     def update(self, job_id: str, mutate: Callable[[jobs_pb2.Job], Any], message: str = "",
                persist: bool | str = True) -> None:
@@ -81,6 +94,8 @@ class WorkerReport:
                 log.info("%s: %s", job_id, message)
             if persist is True or (persist == "throttle" and time.monotonic() - self._saved_at > PERSIST_INTERVAL_S):
                 self._save()
+            elif persist == "throttle":
+                self._pending = True
 
     def should_stop(self, job_id: str) -> bool:
         return self.stop.is_set()
@@ -88,9 +103,23 @@ class WorkerReport:
     def finish(self, state: int, error: tuple[str, str] | None = None, result: Message | None = None) -> None:
         self.update(self.job.job_id, lambda job: mark_finished(job, state, error, result))
 
+    def close(self) -> None:
+        self._closed.set()
+
     def _save(self) -> None:
         self.store.put_bytes(self.key, json_format.MessageToJson(self.job).encode(), "application/json")
         self._saved_at = time.monotonic()
+        self._pending = False
+
+    def _save_pending(self) -> None:
+        while not self._closed.wait(PERSIST_INTERVAL_S):
+            with self._lock:
+                if not self._pending:
+                    continue
+                try:
+                    self._save()
+                except Exception as exc:  # noqa: BLE001 - the next update or round tries again
+                    log.warning("could not save the report %s: %s", self.key, exc)
 
 
 def run_worker(service: str, job_id: str, settings: Any, store: ArtifactStore | None = None,
@@ -113,6 +142,14 @@ def run_worker(service: str, job_id: str, settings: Any, store: ArtifactStore | 
     if earlier is not None:  # a retry: what the earlier attempt stored is still in the store
         report.job.artifacts.extend(earlier.artifacts)
         report.job.warnings.extend(earlier.warnings)
+    try:
+        return _run_reported(report, handler, record, job_id)
+    finally:
+        report.close()
+
+
+def _run_reported(report: WorkerReport, handler: Callable[[JobContext, Any], Message], record: jobs_pb2.Job,
+                  job_id: str) -> int:
     report.update(job_id, lambda job: None, message="worker started")
     scratch = Path(tempfile.mkdtemp(prefix=f"{job_id}-"))
     try:
@@ -143,3 +180,54 @@ def _stop_on_sigterm() -> threading.Event:
         signal.signal(signal.SIGTERM, on_signal)
         signal.signal(signal.SIGINT, on_signal)
     return stop
+
+
+def _stop_when_stdin_closes(stop: threading.Event) -> None:
+    """The server that started this process holds the other end of stdin and never writes to it:
+    end of file means it is gone (killed, crashed), and nobody would see this job's outcome."""
+    def watch() -> None:
+        try:
+            while sys.stdin.buffer.read(4096):
+                pass
+        except (OSError, ValueError):
+            pass
+        if not stop.is_set():
+            log.warning("the server that started this worker is gone; stopping at the next safe point")
+            stop.set()
+
+    threading.Thread(target=watch, name="watch-parent", daemon=True).start()
+
+
+def main(argv: list[str] | None = None, handler: Callable[[JobContext, Any], Message] | None = None) -> int:
+    """`python -m fluxlora.jobs.worker <service> <job_id> [--watch-parent]`, with the FLUXLORA_*
+    settings from the environment; returns the exit code."""
+    from fluxlora.common.config import SERVICES, Settings
+    from fluxlora.common.logs import configure_logging
+
+    parser = argparse.ArgumentParser(
+        prog="python -m fluxlora.jobs.worker",
+        description=f"Run one stored job in this process, then exit. Exit codes: {EXIT_SUCCEEDED} succeeded, "
+                    f"{EXIT_FAILED} failed (a retry may help), {EXIT_PERMANENT} bad request, {EXIT_INTERRUPTED} "
+                    "interrupted (SIGTERM).")
+    parser.add_argument("service", help="the service whose job handler runs the job")
+    parser.add_argument("job_id", help="the stored job to run, e.g. trn-0123456789ab")
+    parser.add_argument("--watch-parent", action="store_true",
+                        help="stop as on SIGTERM when stdin closes (the server that started this process is gone)")
+    args = parser.parse_args(argv)
+    settings = Settings()
+    configure_logging(settings.log_level, settings.log_format, f"{args.service}-worker")
+    if args.service not in SERVICES:
+        log.error("unknown service %r; choose one of %s", args.service, ", ".join(SERVICES))
+        return EXIT_PERMANENT
+    stop = _stop_on_sigterm()
+    if args.watch_parent:
+        _stop_when_stdin_closes(stop)
+    log.info("worker process %d running %s job %s", os.getpid(), args.service, args.job_id)
+    return run_worker(args.service, args.job_id, settings, stop=stop, handler=handler)
+
+
+if __name__ == "__main__":
+    # The imported module's main, not this __main__ copy: one set of module globals per process.
+    from fluxlora.jobs.worker import main as worker_main
+
+    sys.exit(worker_main())

@@ -49,20 +49,23 @@ def load_flux_pipeline(
     dtype: torch.dtype,
     *,
     cpu_offload: bool = False,
+    text_encoders: bool = True,
 ) -> FluxPipeline:
     """Load a local diffusers-layout FLUX.1 directory, frozen and in eval mode, on `device`.
 
     Never touches the network. Modules are put in eval mode because models built from a config
     come up in train mode and T5's dropout would make outputs random. cpu_offload keeps each
     model on the CPU until it runs (diffusers' model offload): the full FLUX.1-dev pipeline is
-    ~33 GB in bf16 and does not fit a 24 GB GPU at once.
+    ~33 GB in bf16 and does not fit a 24 GB GPU at once. text_encoders=False skips loading CLIP
+    and T5 (and their tokenizers): for callers that have the prompt embeddings already.
     """
     model_dir = Path(model_dir)
     if not (model_dir / "model_index.json").is_file():
         raise FileNotFoundError(
             f"{model_dir} is not a diffusers pipeline directory (no model_index.json)"
         )
-    pipe = FluxPipeline.from_pretrained(model_dir, dtype=dtype, local_files_only=True)
+    skipped = {} if text_encoders else dict(text_encoder=None, text_encoder_2=None, tokenizer=None, tokenizer_2=None)
+    pipe = FluxPipeline.from_pretrained(model_dir, dtype=dtype, local_files_only=True, **skipped)
     for component in pipe.components.values():
         if isinstance(component, torch.nn.Module):
             component.eval()

@@ -16,6 +16,7 @@ from fluxlora.common.errors import InvalidArgument
 from fluxlora.common.models import resolve_model
 from fluxlora.common.runs import list_checkpoints
 from fluxlora.jobs.context import JobContext, JobInterrupted
+from fluxlora.training.encodings import fetch_encodings, store_encodings
 from fluxlora.training.gpu_budget import plan_run
 from fluxlora.training.memory import MemoryPlan
 from fluxlora.training.trainer.callbacks import TrainCallbacks
@@ -28,6 +29,7 @@ from fluxlora.training.trainer.checkpoint import (
 )
 from fluxlora.training.trainer.config import TrainConfig
 from fluxlora.training.trainer.loop import train_lora
+from fluxlora.training.trainer.peak_memory import PeakMemory
 from fluxlora_api.v1 import training_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -41,6 +43,8 @@ def config_from_spec(spec: pb.TrainSpec) -> TrainConfig:
     values = {f.name: (list(v) if f.is_repeated else v)
               for f, v in spec.ListFields() if f.name not in _NOT_CONFIG}
     values.setdefault("alpha", float(values.get("rank", TrainConfig.model_fields["rank"].default)))
+    if values.get("optimizer") == "prodigy":
+        values.setdefault("learning_rate", 1.0)  # Prodigy finds the step size; lr multiplies it
     try:
         return TrainConfig(**values)
     except ValueError as exc:
@@ -103,6 +107,9 @@ def run_training(ctx: JobContext, spec: pb.TrainSpec) -> pb.TrainResult:
         ctx.progress("training", step, total, "step")
         ctx.metrics(loss=loss, lr=lr)
 
+    def on_memory(step: int, peak: PeakMemory) -> None:
+        ctx.metrics(**peak.metrics())
+
     def on_checkpoint(step: int, checkpoint_dir: Path) -> None:
         ckpt_prefix = keys.checkpoint_prefix(run_id, step)
         kohya_name = kohya_weights_name(run_id, step)
@@ -133,11 +140,18 @@ def run_training(ctx: JobContext, spec: pb.TrainSpec) -> pb.TrainResult:
     if resume_from is not None:
         ctx.log(f"resuming run {run_id} from its checkpoint at step {checkpoints[-1].step}")
         ctx.metrics(resumed_from_step=checkpoints[-1].step)
+    encodings, encodings_key, reused = fetch_encodings(ctx.store, ctx.scratch / "dataset", model_dir, cfg,
+                                                       ctx.scratch)
+    if reused:
+        ctx.log(f"using the encoded dataset {encodings_key}: the text encoders are not loaded")
+    ctx.metrics(encodings_reused=float(reused))
     outcome = train_lora(
         cfg, model_dir, ctx.scratch / "dataset", out_dir,
-        TrainCallbacks(on_step=on_step, on_checkpoint=on_checkpoint, on_sample=on_sample,
+        TrainCallbacks(on_step=on_step, on_checkpoint=on_checkpoint, on_sample=on_sample, on_memory=on_memory,
+                       on_encoded=lambda path: store_encodings(ctx.store, path, encodings_key),
                        should_stop=lambda: ctx.should_stop),
         resume_from=resume_from,
+        encoding_cache=encodings,
         export_name=run_id,
         lora_metadata=lora_metadata,
     )
@@ -157,9 +171,9 @@ def run_training(ctx: JobContext, spec: pb.TrainSpec) -> pb.TrainResult:
         estimated_peak_gib=plan.estimate.total_gib if plan else 0.0,
         peak_memory_gib=outcome.peak_memory_bytes / 2**30,
     )
-    if outcome.peak_memory_bytes:
-        ctx.metrics(peak_memory_gib=result.peak_memory_gib)
-    ctx.store.put_json(prefix + "report.json", {
+    peak = PeakMemory(outcome.peak_memory_bytes, outcome.peak_rss_bytes)
+    ctx.metrics(**peak.metrics())
+    report_info = ctx.store.put_json(prefix + "report.json", {
         "run_id": run_id,
         "steps_done": outcome.steps_done,
         "final_loss": outcome.final_loss,
@@ -168,10 +182,11 @@ def run_training(ctx: JobContext, spec: pb.TrainSpec) -> pb.TrainResult:
         "config": cfg.model_dump(),
         "memory": {
             "plan": plan.as_dict() if plan else None,
-            "peak_memory_gib": result.peak_memory_gib or None,  # measured on CUDA only
+            "peak_memory_gib": result.peak_memory_gib or None,  # CUDA tensors (max_memory_allocated); None off CUDA
+            "peak_rss_gib": peak.process_rss_bytes / 2**30,  # the process the run was in (ru_maxrss)
         },
     })
-    ctx.add_artifact(ctx.store.stat(prefix + "report.json"), "report")
+    ctx.add_artifact(report_info, "report")  # put's info has the sha256 (a local stat has none)
     return result
 
 

@@ -9,10 +9,12 @@ from fluxlora.captioning.versions import CaptionVersions
 from fluxlora.common.datasets import require_captions
 from fluxlora.common.errors import FailedPrecondition, FluxloraError, InvalidArgument, ResourceExhausted
 from fluxlora.common.grpc_status import grpc_errors
+from fluxlora.common.limits import check_train_steps
 from fluxlora.common.models import check_model_ref, is_store_ref
 from fluxlora.jobs.runtime import JobRuntime
 from fluxlora.training.gpu_budget import plan_run
 from fluxlora.training.job import config_from_spec
+from fluxlora.training.memory import MemoryPlan
 from fluxlora.training.trainer.config import TrainConfig, not_yet_runnable
 from fluxlora_api.v1 import training_pb2 as pb
 from fluxlora_api.v1 import training_pb2_grpc
@@ -28,6 +30,7 @@ class TrainingServicer(training_pb2_grpc.TrainingServiceServicer):
     def SubmitTraining(self, request, context):
         spec = pb.TrainSpec()
         spec.CopyFrom(request.spec)
+        check_train_steps(spec.max_steps, self.runtime.settings.max_train_steps)
         captions = require_captions(self.runtime.store, spec.dataset_id)
         if spec.caption_version < 0:
             raise InvalidArgument("spec.caption_version must be >= 0 (0: the dataset's current captions)")
@@ -42,19 +45,7 @@ class TrainingServicer(training_pb2_grpc.TrainingServiceServicer):
         elif captions.get("approved_version"):
             spec.caption_version = captions["approved_version"]
         cfg = config_from_spec(spec)  # INVALID_ARGUMENT naming the field, before anything is queued
-        spec.base_model = spec.base_model or self.runtime.settings.base_model
-        local = bool(spec.base_model) and not is_store_ref(spec.base_model)
-        if local:
-            spec.base_model = str(Path(spec.base_model).expanduser())
-        # Under the Kubernetes runner a local path names a directory in the Job's pod (a mounted
-        # volume), which this server cannot see: the worker checks it when the run starts.
-        checkable = not (local and self.runtime.settings.runner == "kubernetes")
-        if checkable:
-            check_model_ref(spec.base_model, self.runtime.store, "base model")
-        if checkable and local and not (Path(spec.base_model) / "model_index.json").exists():
-            raise FailedPrecondition(
-                f"base model {spec.base_model!r} is not a diffusers-layout directory (no model_index.json)"
-            )
+        checkable = self._resolve_base_model(spec)
         missing = not_yet_runnable(cfg)
         if missing:
             raise FailedPrecondition(f"this training server cannot run {'; '.join(missing)}: leave them unset")
@@ -63,6 +54,44 @@ class TrainingServicer(training_pb2_grpc.TrainingServiceServicer):
         if not spec.sample_prompts:
             spec.sample_prompts.append(captions["trigger_word"])
         return self.runtime.submit(spec, request.request_id)
+
+    @grpc_errors
+    def PlanTraining(self, request, context):
+        spec = pb.TrainSpec()
+        spec.CopyFrom(request.spec)
+        if request.target_gib < 0:
+            raise InvalidArgument("target_gib must be >= 0 (0: the server's target GPU)")
+        cfg = config_from_spec(spec)
+        if not self._resolve_base_model(spec):
+            raise FailedPrecondition(
+                f"base model {spec.base_model!r} is a path in the training pods, which this server cannot read: "
+                "plan with a store:// base model, or on a server that sees the directory"
+            )
+        settings = self.runtime.settings
+        if request.target_gib:
+            settings = settings.model_copy(update={"gpu_memory_gib": request.target_gib})
+        plan = plan_run(spec.base_model, self.runtime.store, cfg, settings)
+        if plan is None:
+            raise FailedPrecondition("the memory check is off on this server (FLUXLORA_GPU_MEMORY_GIB=0): "
+                                     "pass target_gib to plan for a GPU")
+        return plan_message(plan)
+
+    def _resolve_base_model(self, spec: pb.TrainSpec) -> bool:
+        """Fill in the default base model and check it exists; False when it cannot be checked here."""
+        spec.base_model = spec.base_model or self.runtime.settings.base_model
+        local = bool(spec.base_model) and not is_store_ref(spec.base_model)
+        if local:
+            spec.base_model = str(Path(spec.base_model).expanduser())
+        # Under the Kubernetes runner a local path names a directory in the Job's pod (a mounted
+        # volume), which this server cannot see: the worker checks it when the run starts.
+        if local and self.runtime.settings.runner == "kubernetes":
+            return False
+        check_model_ref(spec.base_model, self.runtime.store, "base model")
+        if local and not (Path(spec.base_model) / "model_index.json").exists():
+            raise FailedPrecondition(
+                f"base model {spec.base_model!r} is not a diffusers-layout directory (no model_index.json)"
+            )
+        return True
 
     def _check_memory(self, base_model: str, cfg: TrainConfig) -> None:
         """RESOURCE_EXHAUSTED for a run the memory planner says would not fit the target GPU:
@@ -76,3 +105,20 @@ class TrainingServicer(training_pb2_grpc.TrainingServiceServicer):
             return
         if plan is not None and not plan.fits:
             raise ResourceExhausted(f"{plan.explain()}. The target is FLUXLORA_GPU_MEMORY_GIB on the training server")
+
+
+def plan_message(plan: MemoryPlan) -> pb.TrainingPlan:
+    e = plan.estimate
+    return pb.TrainingPlan(
+        total_gib=e.total_gib, step_peak_gib=e.step_peak_gib, weights_gib=e.weights_gib, overhead_gib=e.overhead_gib,
+        mode=e.mode, target_gib=plan.target_gib, fits=plan.fits, explanation=plan.explain(),
+        alternatives=[
+            pb.PlanAlternative(changes={k: _text(v) for k, v in a.changes.items()}, total_gib=a.estimate.total_gib,
+                               unavailable=a.unavailable)
+            for a in plan.alternatives
+        ],
+    )
+
+
+def _text(value) -> str:
+    return str(value).lower() if isinstance(value, bool) else str(value)

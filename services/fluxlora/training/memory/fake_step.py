@@ -26,12 +26,10 @@ from fluxlora.training.memory.architecture import ModelShape
 from fluxlora.training.memory.live_bytes import CUDA_BLOCK_BYTES, LiveBytes
 from fluxlora.training.trainer.config import TrainConfig
 from fluxlora.training.trainer.lora import prepare_transformer
+from fluxlora.training.trainer.quantize import BLOCK_LISTS
 from fluxlora.training.trainer.step import HALF_PRECISION, apply_gradients, flow_matching_loss, make_optimizer
 
 log = logging.getLogger(__name__)
-
-QUANTIZED_DTYPES = {"fp8": torch.float8_e4m3fn, "int8": torch.int8}
-_BLOCK_LISTS = ("transformer_blocks", "single_transformer_blocks")
 
 
 @dataclass(frozen=True)
@@ -43,6 +41,7 @@ class StepMemory:
     double_block_bytes: int  # frozen weights of one double-stream block
     single_block_bytes: int  # frozen weights of one single-stream block
     seconds: float  # time the fake step took
+    trainable_bytes: int = 0  # the LoRA parameters (fp32), which optimizer state is counted per
 
 
 def measure_step(shape: ModelShape, cfg: TrainConfig, dtype: torch.dtype,
@@ -51,25 +50,25 @@ def measure_step(shape: ModelShape, cfg: TrainConfig, dtype: torch.dtype,
     largest bucket) on the architecture `shape`, base weights in `dtype`."""
     started = time.perf_counter()
     transformer = _meta_transformer(shape, dtype)
-    prepare_transformer(transformer, cfg)
+    prepare_transformer(transformer, cfg)  # 8-bit base layers included: the trainer's own Linear8bit
     if dtype in HALF_PRECISION:
         _layer_norms_in_fp32(transformer)
-    quantized = _quantizable_linears(transformer) if cfg.base_quantization != "none" else []
 
     fake_mode = FakeTensorMode()
     tracker = LiveBytes(round_to)
-    _to_fake(transformer, fake_mode, {id(m) for m in quantized}, QUANTIZED_DTYPES.get(cfg.base_quantization))
+    _to_fake(transformer, fake_mode)
     params = [p for p in transformer.parameters() if p.requires_grad]  # the fake ones
     with fake_mode, tracker:
-        for module in quantized:
-            _dequantize_on_use(module, cfg.base_quantization, dtype)
         for tensor in (*transformer.parameters(), *transformer.buffers()):
             tracker.track(tensor)
         weight_bytes = tracker.live
         blocks = {name: _frozen_bytes(getattr(transformer, name)[0], tracker) if len(getattr(transformer, name))
-                  else 0 for name in _BLOCK_LISTS}
+                  else 0 for name in BLOCK_LISTS}
 
-        optimizer = make_optimizer(params, cfg, foreach=True)  # CUDA's default implementation
+        trainable_bytes = sum(p.numel() * p.element_size() for p in params)
+        # Measured with AdamW (CUDA's default foreach implementation); other optimizers differ only in
+        # state per parameter, which the planner adds by arithmetic (OPTIMIZER_STATE_BYTES).
+        optimizer = make_optimizer(params, cfg.model_copy(update={"optimizer": "adamw"}), foreach=True)
         scaler = torch.amp.GradScaler("cpu", enabled=False)
         _create_optimizer_state(params, optimizer)
         tracker.reset_peak()
@@ -81,7 +80,8 @@ def measure_step(shape: ModelShape, cfg: TrainConfig, dtype: torch.dtype,
     seconds = time.perf_counter() - started
     log.debug("fake step of %s at %d: peak %.2f GiB in %.1f s", cfg.base_quantization, cfg.resolution,
               peak / 2**30, seconds)
-    return StepMemory(peak, weight_bytes, blocks["transformer_blocks"], blocks["single_transformer_blocks"], seconds)
+    return StepMemory(peak, weight_bytes, blocks["transformer_blocks"], blocks["single_transformer_blocks"], seconds,
+                      trainable_bytes)
 
 
 def _meta_transformer(shape: ModelShape, dtype: torch.dtype) -> FluxTransformer2DModel:
@@ -107,48 +107,17 @@ def _layer_norms_in_fp32(transformer: torch.nn.Module) -> None:
             module.forward = types.MethodType(forward, module)
 
 
-def _quantizable_linears(transformer: torch.nn.Module) -> list[torch.nn.Linear]:
-    """The frozen linear layers of the transformer blocks (~99% of FLUX.1's weights), which an
-    8-bit base stores in one byte per weight; embedders, norms and LoRA layers stay as they are."""
-    return [
-        module for name, module in transformer.named_modules()
-        if isinstance(module, torch.nn.Linear) and name.startswith(_BLOCK_LISTS)
-        and ".lora_" not in name and not module.weight.requires_grad
-    ]
-
-
-def _to_fake(transformer: torch.nn.Module, fake_mode: FakeTensorMode, quantized: set[int],
-             quantized_dtype: torch.dtype | None) -> None:
+def _to_fake(transformer: torch.nn.Module, fake_mode: FakeTensorMode) -> None:
     converter = fake_mode.fake_tensor_converter
     cpu = torch.device("cpu")
     for module in transformer.modules():
         for name, param in list(module._parameters.items()):
-            if param is None:
-                continue
-            meta = param.data
-            if id(module) in quantized and name == "weight":
-                meta = torch.empty(meta.shape, dtype=quantized_dtype, device="meta")
-            fake = converter.from_meta_and_device(fake_mode, meta, cpu)
-            module._parameters[name] = torch.nn.Parameter(fake, requires_grad=param.requires_grad)
+            if param is not None:
+                fake = converter.from_meta_and_device(fake_mode, param.data, cpu)
+                module._parameters[name] = torch.nn.Parameter(fake, requires_grad=param.requires_grad)
         for name, buffer in list(module._buffers.items()):
             if buffer is not None:
                 module._buffers[name] = converter.from_meta_and_device(fake_mode, buffer, cpu)
-
-
-def _dequantize_on_use(module: torch.nn.Linear, kind: str, dtype: torch.dtype) -> None:
-    """Give an 8-bit linear the forward of weight-only quantisation: upcast the weight for each
-    use. The upcast copy is what the backward pass keeps, so without gradient checkpointing an
-    8-bit base saves little, as in practice."""
-    if kind == "int8":  # per-output-channel scales
-        module.register_buffer("weight_scale", torch.ones(module.out_features, 1, dtype=dtype))
-
-    def forward(self, x):
-        weight = self.weight.to(dtype)
-        if kind == "int8":
-            weight = weight * self.weight_scale
-        return F.linear(x, weight, self.bias)
-
-    module.forward = types.MethodType(forward, module)
 
 
 def _frozen_bytes(module: torch.nn.Module, tracker: LiveBytes) -> int:

@@ -22,14 +22,14 @@ import torch
 
 from fluxlora.training.memory.architecture import ModelShape
 from fluxlora.training.memory.fake_step import StepMemory, measure_step
-from fluxlora.training.trainer.config import TrainConfig, not_yet_runnable
+from fluxlora.training.trainer.config import OPTIMIZER_STATE_BYTES, TrainConfig, not_yet_runnable
 
 log = logging.getLogger(__name__)
 
 CUDA_OVERHEAD_GIB = 1.5
 GIB = 2**30
 # Bumped whenever measure_step changes what it counts: stale cached estimates are then ignored.
-PLANNER_VERSION = 1
+PLANNER_VERSION = 3
 _DTYPES = {"auto": torch.bfloat16, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 # The config fields that change a step's memory; the others (learning rate, steps...) do not.
 _MEMORY_FIELDS = ("resolution", "batch_size", "rank", "target_modules", "precision", "gradient_checkpointing",
@@ -125,7 +125,7 @@ class MemoryPlanner:
     def estimate(self, shape: ModelShape, cfg: TrainConfig) -> MemoryEstimate:
         step = self.step_memory(shape, cfg)
         swapped, in_flight = _swap_bytes(shape, cfg, step)
-        peak = step.peak_bytes - swapped + in_flight
+        peak = step.peak_bytes - swapped + in_flight + _optimizer_state_delta(cfg, step)
         return MemoryEstimate(
             total_gib=round(peak / GIB + self.overhead_gib, 3),
             step_peak_gib=round(peak / GIB, 3),
@@ -205,6 +205,12 @@ class MemoryPlanner:
             log.warning("could not cache a memory estimate in %s: %s", self.cache_dir, exc)
 
 
+def _optimizer_state_delta(cfg: TrainConfig, step: StepMemory) -> int:
+    """Optimizer state beyond the AdamW state the fake step held (negative for 8-bit AdamW)."""
+    parameters = step.trainable_bytes // 4  # LoRA parameters train in fp32
+    return parameters * (OPTIMIZER_STATE_BYTES[cfg.optimizer] - OPTIMIZER_STATE_BYTES["adamw"])
+
+
 def describe_mode(cfg: TrainConfig) -> str:
     dtype = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}[planning_dtype(cfg.precision)]
     parts = [f"{cfg.base_quantization} base" if cfg.base_quantization != "none" else f"{dtype} base"]
@@ -212,6 +218,8 @@ def describe_mode(cfg: TrainConfig) -> str:
         parts.append("gradient checkpointing")
     if cfg.blocks_to_swap:
         parts.append(f"{cfg.blocks_to_swap} blocks swapped")
+    if cfg.optimizer != "adamw":
+        parts.append(cfg.optimizer)
     return " + ".join(parts) + f", {cfg.resolution}px, batch {cfg.batch_size}, rank {cfg.rank}"
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -10,6 +11,13 @@ LR_SCHEDULERS = ("constant", "constant_with_warmup", "cosine", "linear")
 TimestepSampling = Literal["uniform", "sigmoid", "shift", "flux_shift"]
 Precision = Literal["auto", "bf16", "fp16", "fp32"]
 BaseQuantization = Literal["none", "fp8", "int8"]
+CompileBlocks = Literal["auto", "on", "off"]
+Optimizer = Literal["adamw", "adamw8bit", "prodigy"]
+# Optimizer state per trainable (fp32) parameter: AdamW's two fp32 moments; bitsandbytes' 8-bit
+# AdamW keeps them in one byte each; Prodigy keeps four fp32 tensors (moments, s, initial weights).
+OPTIMIZER_STATE_BYTES = {"adamw": 8, "adamw8bit": 2, "prodigy": 16}
+_OPTIMIZER_PACKAGES = {"adamw8bit": ("bitsandbytes", "pip install bitsandbytes, on a CUDA training node"),
+                       "prodigy": ("prodigyopt", "pip install prodigyopt")}
 
 DEFAULT_TARGETS = ["to_k", "to_q", "to_v", "to_out.0"]
 # Every linear layer of the double- and single-stream blocks (attention and MLP), as kohya's
@@ -46,6 +54,10 @@ class TrainConfig(BaseModel):
         always gets a checkpoint (and samples, when sample_prompts are given).
     base_quantization: store the frozen base weights of the transformer blocks in 8 bits
         ("fp8" or "int8") instead of `precision`, about halving their memory.
+    optimizer: "adamw" (torch), "adamw8bit" (bitsandbytes, CUDA only: a quarter of AdamW's state) or
+        "prodigy" (prodigyopt; it sets its own step size, learning_rate is a multiplier, 1.0 usual).
+    compile_blocks: torch.compile the transformer blocks (regional compilation); "auto" turns it on
+        on CUDA only (compilation on the CPU costs more than it saves in short runs).
     blocks_to_swap: keep this many transformer blocks in CPU memory and bring each to the GPU
         only while it runs, counted as kohya sd-scripts counts them for FLUX.1 (N // 2 double
         blocks and 2 * (N - N // 2) single blocks; at most 35 on FLUX.1).
@@ -76,6 +88,8 @@ class TrainConfig(BaseModel):
     gradient_checkpointing: bool = True
     base_quantization: BaseQuantization = "none"
     blocks_to_swap: int = Field(0, ge=0)
+    compile_blocks: CompileBlocks = "auto"
+    optimizer: Optimizer = "adamw"
     timestep_sampling: TimestepSampling = "sigmoid"
     sigmoid_scale: float = Field(1.0, gt=0)
     timestep_shift: float = Field(3.0, gt=0)
@@ -122,11 +136,10 @@ def not_yet_runnable(cfg: TrainConfig) -> list[str]:
     """Options this trainer accepts (the memory planner estimates them) but cannot run yet, each
     with the reason; empty when the run can start."""
     missing = []
-    if cfg.base_quantization != "none":
-        missing.append(
-            f"base_quantization={cfg.base_quantization} (needs torchao or optimum-quanto on the training "
-            "server, and the quantised loading is not implemented yet)"
-        )
+    if cfg.optimizer in _OPTIMIZER_PACKAGES:
+        package, how = _OPTIMIZER_PACKAGES[cfg.optimizer]
+        if importlib.util.find_spec(package) is None:
+            missing.append(f"optimizer={cfg.optimizer} (needs the {package} package: {how})")
     if cfg.blocks_to_swap:
         missing.append(f"blocks_to_swap={cfg.blocks_to_swap} (block swapping is not implemented yet)")
     return missing

@@ -35,10 +35,18 @@ from fluxlora.training.trainer.data import (
     cache_dataset,
     find_pairs,
 )
+from fluxlora.training.trainer.encoding_cache import load_encodings, save_encodings
 from fluxlora.training.trainer.lora import prepare_transformer
+from fluxlora.training.trainer.peak_memory import peak_memory, reset_peak_memory
 from fluxlora.training.trainer.plots import write_loss_csv, write_loss_plot
 from fluxlora.training.trainer.sampling import render_samples
-from fluxlora.training.trainer.step import apply_gradients, flow_matching_loss, make_optimizer
+from fluxlora.training.trainer.step import (
+    apply_gradients,
+    compile_blocks,
+    flow_matching_loss,
+    make_optimizer,
+    use_trainable_attention,
+)
 from fluxlora.training.trainer.timesteps import sample_sigmas
 
 log = logging.getLogger(__name__)
@@ -59,6 +67,7 @@ class TrainOutcome:
     loss_csv: Path | None = None
     loss_png: Path | None = None
     peak_memory_bytes: int = 0  # most CUDA memory the tensors held (max_memory_allocated); 0 off CUDA
+    peak_rss_bytes: int = 0  # the process's peak resident set (ru_maxrss) at the end
 
     @property
     def final_checkpoint(self) -> Path:
@@ -98,6 +107,7 @@ def train_lora(
     callbacks: TrainCallbacks | None = None,
     *,
     resume_from: Path | None = None,
+    encoding_cache: Path | None = None,
     device: torch.device | str | None = None,
     export_name: str = "lora",
     lora_metadata: Mapping[str, str] | None = None,
@@ -119,7 +129,7 @@ def train_lora(
     find_pairs(dataset_dir)  # an unusable dataset should fail before minutes of model loading
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    run = _prepare(cfg, Path(model_dir), Path(dataset_dir), device)
+    run = _prepare(cfg, Path(model_dir), Path(dataset_dir), device, encoding_cache, callbacks)
     run.export_name, run.lora_metadata = export_name, dict(lora_metadata or {})
     try:
         start_step = _resume(run, Path(resume_from)) if resume_from is not None else 0
@@ -135,8 +145,7 @@ def _loop(run: _Run, out_dir: Path, callbacks: TrainCallbacks, start_step: int) 
     samples: list[tuple[int, list[Path]]] = []
     step_seconds: list[float] = []
     step, stopped = start_step, False
-    if run.device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(run.device)
+    reset_peak_memory(run.device)
     while step < cfg.max_steps:
         if callbacks.should_stop():
             stopped = True
@@ -146,6 +155,7 @@ def _loop(run: _Run, out_dir: Path, callbacks: TrainCallbacks, start_step: int) 
         step += 1
         step_seconds.append(time.perf_counter() - started)
         callbacks.on_step(step, cfg.max_steps, loss, lr)
+        callbacks.on_memory(step, peak_memory(run.device))
 
         final = step == cfg.max_steps
         if final or _due(step, cfg.checkpoint_every):
@@ -162,6 +172,7 @@ def _loop(run: _Run, out_dir: Path, callbacks: TrainCallbacks, start_step: int) 
         callbacks.on_checkpoint(step, checkpoints[-1][1])
 
     losses = [h[1] for h in run.history]
+    peak = peak_memory(run.device)
     return TrainOutcome(
         steps_done=step,
         checkpoints=checkpoints,
@@ -172,7 +183,8 @@ def _loop(run: _Run, out_dir: Path, callbacks: TrainCallbacks, start_step: int) 
         samples=samples,
         loss_csv=_existing(out_dir / "loss.csv"),
         loss_png=_existing(out_dir / "loss.png"),
-        peak_memory_bytes=torch.cuda.max_memory_allocated(run.device) if run.device.type == "cuda" else 0,
+        peak_memory_bytes=peak.device_bytes,
+        peak_rss_bytes=peak.process_rss_bytes,
     )
 
 
@@ -185,22 +197,31 @@ def _due(step: int, every: int) -> bool:
 
 
 def _prepare(
-    cfg: TrainConfig, model_dir: Path, dataset_dir: Path, device: torch.device | str | None
+    cfg: TrainConfig, model_dir: Path, dataset_dir: Path, device: torch.device | str | None,
+    encoding_cache: Path | None = None, callbacks: TrainCallbacks | None = None,
 ) -> _Run:
     device, dtype = pick_device_dtype(cfg.precision, device)
+    data = _cached_encodings(encoding_cache, dataset_dir)
     # Loaded on the CPU: encoders and VAE visit the device one at a time, then the transformer
     # moves there alone. FLUX.1-dev as a whole would not fit a 24 GB GPU.
-    pipe = load_flux_pipeline(model_dir, torch.device("cpu"), dtype)
-    data = cache_dataset(
-        pipe,
-        dataset_dir,
-        cfg.resolution,
-        device,
-        max_sequence_length=cfg.max_sequence_length,
-        extra_prompts=cfg.sample_prompts,
-    )
-    transformer = pipe.transformer.to(device)
-    params = prepare_transformer(transformer, cfg)
+    pipe = load_flux_pipeline(model_dir, torch.device("cpu"), dtype, text_encoders=data is None)
+    if data is None:
+        data = cache_dataset(
+            pipe,
+            dataset_dir,
+            cfg.resolution,
+            device,
+            max_sequence_length=cfg.max_sequence_length,
+            extra_prompts=cfg.sample_prompts,
+        )
+        if encoding_cache is not None:
+            save_encodings(data, encoding_cache)
+            (callbacks or TrainCallbacks()).on_encoded(encoding_cache)
+    params = prepare_transformer(pipe.transformer, cfg, device)
+    pipe.transformer.to(device)
+    use_trainable_attention(device)
+    if compile_blocks(pipe.transformer, cfg.compile_blocks, device):
+        log.info("transformer blocks compiled (torch.compile); the first steps wait for compilation")
     optimizer = make_optimizer(params, cfg)
     lr_scheduler = get_scheduler(
         cfg.lr_scheduler,
@@ -228,6 +249,19 @@ def _prepare(
         dtype=dtype,
         params=params,
     )
+
+
+def _cached_encodings(path: Path | None, dataset_dir: Path) -> CachedDataset | None:
+    """The encoded dataset saved at `path` by an earlier run, or None (absent or unreadable)."""
+    if path is None or not Path(path).is_file():
+        return None
+    try:
+        data = load_encodings(path, dataset_dir)
+    except (ValueError, OSError, KeyError) as exc:  # a broken cache costs one encoding, not the run
+        log.warning("ignoring the encoding cache %s: %s", path, exc)
+        return None
+    log.info("encoded dataset read from %s: the text encoders are not loaded", path)
+    return data
 
 
 def _train_step(run: _Run) -> tuple[float, float]:

@@ -9,6 +9,7 @@ from peft.utils.error import NoMatchingPeftModuleError
 
 from fluxlora.training.trainer.checkpoint import ADAPTER_NAME
 from fluxlora.training.trainer.config import TrainConfig
+from fluxlora.training.trainer.quantize import quantize_base
 
 
 def add_lora(transformer, cfg: TrainConfig) -> list[torch.nn.Parameter]:
@@ -40,12 +41,22 @@ def _no_match(cfg: TrainConfig) -> str:
             "(names such as to_q, to_k, to_v, to_out.0, proj_mlp, ff.net.2)")
 
 
-def prepare_transformer(transformer, cfg: TrainConfig) -> list[torch.nn.Parameter]:
-    """LoRA, gradient checkpointing as configured, train mode; returns the trainable parameters.
+def prepare_transformer(transformer, cfg: TrainConfig, device: torch.device | None = None) -> list[torch.nn.Parameter]:
+    """LoRA, 8-bit base weights and gradient checkpointing as configured, train mode; returns the
+    trainable parameters. With `device`, quantised layers are made there one by one (the caller
+    moves the rest), so a full-precision FLUX.1 never has to fit the GPU.
 
     The memory planner prepares its meta-device transformer with this same function."""
     params = add_lora(transformer, cfg)
+    # After the LoRA: peft would otherwise cast its new layers to the base layer's 8-bit dtype.
+    quantize_base(transformer, cfg.base_quantization, _compute_dtype(transformer), device)
     if cfg.gradient_checkpointing:
         transformer.enable_gradient_checkpointing()
     transformer.train()
     return params
+
+
+def _compute_dtype(transformer) -> torch.dtype:
+    """The dtype the frozen base weights were loaded in (bf16 on a GPU): 8-bit weights upcast to it."""
+    frozen = (p.dtype for p in transformer.parameters() if not p.requires_grad and p.is_floating_point())
+    return next(frozen, torch.float32)

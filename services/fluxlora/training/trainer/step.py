@@ -26,6 +26,25 @@ def autocast(device: torch.device, dtype: torch.dtype):
     return torch.autocast(device.type, dtype=dtype)
 
 
+def use_trainable_attention(device: torch.device) -> None:
+    """Keep SDPA off cuDNN's fused attention for training. torch picks it first on Hopper, and its
+    backward pass failed on an H100 (torch 2.11 + CUDA 13: "mha_graph.execute(...) is_good()" and
+    then cuBLAS errors); flash attention, next in torch's order, trains at full speed."""
+    if device.type == "cuda":
+        torch.backends.cuda.enable_cudnn_sdp(False)
+
+
+def compile_blocks(transformer, mode: str, device: torch.device) -> bool:
+    """torch.compile each transformer block (diffusers' regional compilation: one graph per block
+    type, reused by its 19 / 38 copies, so compiling takes seconds, not minutes). It fuses the
+    elementwise work around the matmuls (norms, modulation, RoPE, the 8-bit upcast): 1.6x faster
+    steps at 1024 on an H100 (docs/performance.md). Returns whether it compiled."""
+    if mode == "off" or (mode == "auto" and device.type != "cuda"):
+        return False
+    transformer.compile_repeated_blocks()
+    return True
+
+
 def flow_matching_loss(
     transformer,
     latents: torch.Tensor,
@@ -83,5 +102,16 @@ def apply_gradients(
 def make_optimizer(
     params: list[torch.nn.Parameter], cfg: TrainConfig, foreach: bool | None = None
 ) -> torch.optim.Optimizer:
-    """AdamW over the LoRA parameters. foreach=None lets torch choose (multi-tensor on CUDA)."""
+    """cfg.optimizer over the LoRA parameters. foreach (torch's AdamW only): None lets torch choose
+    (multi-tensor on CUDA)."""
+    if cfg.optimizer == "adamw8bit":
+        import bitsandbytes  # optional: CUDA training nodes only
+
+        return bitsandbytes.optim.AdamW8bit(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "prodigy":
+        from prodigyopt import Prodigy
+
+        # safeguard_warmup as the Prodigy authors advise when the schedule warms up.
+        return Prodigy(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay,
+                       safeguard_warmup=cfg.lr_warmup_steps > 0, use_bias_correction=True)
     return torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay, foreach=foreach)

@@ -1,0 +1,167 @@
+"""Training in worker processes (FLUXLORA_RUNNER=process), through the SDK over gRPC with the tiny
+models: the run happens in a child of the server and streams as an in-thread run does, with its peak
+memory; killing the child fails only that run, the server goes on serving; cancel stops the child and
+keeps the checkpoint; a restarted server resumes the run in a new child from its last checkpoint.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+from pathlib import Path
+
+import grpc
+import pytest
+import torch
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from safetensors.torch import load_file
+
+from fluxlora.common.config import Settings
+from fluxlora.common.server import start_server
+from fluxlora.common.storage import LocalStore
+from fluxlora_api.v1 import jobs_pb2
+from fluxlora_client import FluxloraClient, JobCancelled, JobFailed
+
+S = jobs_pb2.JobState
+pytestmark = pytest.mark.slow
+
+
+@contextlib.contextmanager
+def training_server(store: LocalStore, tmp_path: Path, runner: str = "process"):
+    settings = Settings(store=str(tmp_path / "unused"), cache_dir=tmp_path / "cache", runner=runner)
+    server = start_server("training", settings, store=store, port=0)
+    client = FluxloraClient(store, training=server.address)
+    try:
+        yield server, client
+    finally:
+        client.close()
+        server.stop(grace=1.0)
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory, photos, tiny_models):
+    """A captioned dataset in a store of its own (copied into each test's store)."""
+    root = tmp_path_factory.mktemp("process-runner")
+    store = LocalStore(root / "store")
+    settings = Settings(store=str(root / "unused"), cache_dir=root / "cache")
+    servers = [start_server(name, settings, store=store, port=0) for name in ("preprocessing", "captioning")]
+    client = FluxloraClient(store, **{s.definition.name: s.address for s in servers})
+    try:
+        dataset = client.result(client.wait(client.preprocess(client.upload_photos(photos), base_size=64)))
+        client.wait(client.caption(dataset.dataset_id, "fluxone", model=str(tiny_models["florence2"])))
+    finally:
+        client.close()
+        for server in servers:
+            server.stop(grace=1.0)
+    return store.root / "datasets", dataset.dataset_id
+
+
+@pytest.fixture
+def store(tmp_path, dataset):
+    store = LocalStore(tmp_path / "store")
+    shutil.copytree(dataset[0], store.root / "datasets")
+    return store
+
+
+def train(client: FluxloraClient, dataset, tiny_models, **options) -> jobs_pb2.Job:
+    values = dict(resolution=64, max_steps=4, checkpoint_every=2, sample_every=0) | options
+    return client.train(dataset[1], base_model=str(tiny_models["flux"]), **values)
+
+
+def wait_for_step(client: FluxloraClient, job_id: str, step: int) -> jobs_pb2.Job:
+    for event in client.watch(job_id):
+        if event.job.progress.stage == "training" and event.job.progress.done >= step:
+            return event.job
+    raise AssertionError(f"run {job_id} ended before step {step}")
+
+
+def alive(pid: int) -> bool:
+    with contextlib.suppress(OSError):
+        return Path(f"/proc/{pid}/cmdline").read_bytes() != b""
+    return False
+
+
+def relative_keys(job: jobs_pb2.Job) -> list[tuple[str, str]]:
+    return sorted((a.kind, a.key.replace(job.job_id, "<run>")) for a in job.artifacts)
+
+
+def test_a_run_in_a_worker_process_streams_like_an_in_thread_run_and_stores_the_same(store, tmp_path, dataset,
+                                                                                      tiny_models):
+    events: list[jobs_pb2.JobEvent] = []
+    with training_server(store, tmp_path) as (_, client):
+        job = client.wait(train(client, dataset, tiny_models), on_event=events.append)
+    with training_server(store, tmp_path, runner="local") as (_, client):
+        in_thread = client.wait(train(client, dataset, tiny_models))
+
+    assert job.state == in_thread.state == S.JOB_STATE_SUCCEEDED
+    assert job.metrics["worker_pid"] != os.getpid() and "worker_pid" not in in_thread.metrics
+    steps = [e.job.progress.done for e in events if e.job.progress.stage == "training"]
+    assert steps and steps == sorted(steps) and steps[-1] == 4
+    assert any(e.job.progress.rate > 0 and "loss" in e.job.metrics for e in events)
+    # peak memory while it runs and in the run's report (the worker's RSS on this CPU; CUDA's on a GPU)
+    assert any(e.job.metrics["peak_rss_gib"] > 0 for e in events if e.job.state == S.JOB_STATE_RUNNING)
+    report = store.get_json(f"runs/{job.job_id}/report.json")
+    assert report["memory"]["peak_rss_gib"] == pytest.approx(job.metrics["peak_rss_gib"])
+    assert report["memory"]["peak_memory_gib"] is None and "peak_memory_gib" not in job.metrics  # no CUDA here
+
+    assert relative_keys(job) == relative_keys(in_thread)
+    result, reference = client.result(job), client.result(in_thread)
+    assert [c.step for c in result.checkpoints] == [c.step for c in reference.checkpoints] == [2, 4]
+    ours, theirs = load_file(store.root / result.checkpoints[-1].lora_key), load_file(
+        store.root / reference.checkpoints[-1].lora_key)
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+
+
+def test_a_killed_worker_fails_its_run_with_a_clear_status_and_the_server_runs_the_next(store, tmp_path, dataset,
+                                                                                       tiny_models):
+    with training_server(store, tmp_path) as (server, client):
+        job = train(client, dataset, tiny_models, max_steps=50_000, checkpoint_every=5)
+        running = wait_for_step(client, job.job_id, 6)
+        os.kill(int(running.metrics["worker_pid"]), signal.SIGKILL)  # as the out-of-memory killer does
+        with pytest.raises(JobFailed) as failed:
+            client.wait(job)
+        assert failed.value.code == "RESOURCE_EXHAUSTED"
+        assert "SIGKILL" in failed.value.message and "out-of-memory" in failed.value.message
+        assert any(a.kind == "lora" and a.step == 5 for a in failed.value.job.artifacts)  # kept
+
+        with grpc.insecure_channel(server.address) as channel:
+            health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""), timeout=5)
+        assert health.status == health_pb2.HealthCheckResponse.SERVING
+        after = client.wait(train(client, dataset, tiny_models, max_steps=1, checkpoint_every=0))
+        assert after.state == S.JOB_STATE_SUCCEEDED
+
+
+def test_cancel_stops_the_worker_within_a_step_and_keeps_its_checkpoint(store, tmp_path, dataset, tiny_models):
+    with training_server(store, tmp_path) as (_, client):
+        job = train(client, dataset, tiny_models, max_steps=50_000, checkpoint_every=0)
+        running = wait_for_step(client, job.job_id, 3)
+        client.cancel(job.job_id)
+        with pytest.raises(JobCancelled) as cancelled:
+            client.wait(job)
+    final = cancelled.value.job
+    assert final.state == S.JOB_STATE_CANCELLED and not alive(int(running.metrics["worker_pid"]))
+    [checkpoint] = [a for a in final.artifacts if a.kind == "lora"]
+    assert checkpoint.step == final.progress.done >= 3 and store.exists(checkpoint.key)  # the step it was at
+    assert store.exists(checkpoint.key.replace("pytorch_lora_weights.safetensors", "training_state.pt"))
+
+
+def test_a_restarted_server_resumes_the_run_in_a_new_worker_from_its_last_checkpoint(store, tmp_path, dataset,
+                                                                                   tiny_models):
+    with training_server(store, tmp_path) as (_, client):
+        job = train(client, dataset, tiny_models, max_steps=30, checkpoint_every=5)
+        first = wait_for_step(client, job.job_id, 7)
+    # The server stopped: its worker saved a checkpoint and exited; the run waits in the store.
+    assert store.get_json(f"jobs/training/{job.job_id}.json")["state"] == "JOB_STATE_QUEUED"
+    assert not alive(int(first.metrics["worker_pid"]))
+
+    with training_server(store, tmp_path) as (_, client):
+        final = client.wait(job.job_id)
+    assert final.state == S.JOB_STATE_SUCCEEDED
+    assert final.metrics["worker_pid"] != first.metrics["worker_pid"]
+    assert 5 <= final.metrics["resumed_from_step"] < 30
+    result = client.result(final)
+    assert result.steps_done == 30 and result.checkpoints[-1].step == 30
+    assert [int(r.split(",")[0]) for r in store.get_bytes(f"runs/{job.job_id}/loss.csv").decode().split()[1:]] == \
+        list(range(1, 31))

@@ -1,0 +1,73 @@
+"""A worker process for the ProcessRunner tests: fluxlora.jobs.worker's own main with a handler
+picked by FLUXLORA_TEST_HANDLER (the runner passes the environment on), standing in for work that
+succeeds, fails, crashes, is slow or will not stop."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import time
+
+from fluxlora.common.errors import InvalidArgument
+from fluxlora.jobs.context import JobInterrupted
+from fluxlora.jobs.worker import main
+from fluxlora_api.v1 import preprocessing_pb2
+
+STEP_S = 0.05
+
+
+def ok(ctx, spec):
+    ctx.progress("working", 1, 2, "item")
+    ctx.metrics(loss=0.25)
+    ctx.warn("only a few images")
+    ctx.add_artifact(ctx.store.put_bytes("datasets/d/manifest.json", b"{}"), "dataset-manifest")
+    ctx.progress("working", 2, 2, "item")
+    return preprocessing_pb2.PreprocessResult(dataset_id="ds-1", image_count=os.getpid())
+
+
+def steps(ctx, spec):
+    """spec.base_size steps, resumable like training: a checkpoint object when stopped."""
+    key = f"runs/{ctx.job_id}/checkpoint"
+    start = int(ctx.store.get_bytes(key)) if ctx.store.exists(key) else 0
+    if start:
+        ctx.metrics(resumed_from_step=start)
+    for step in range(start + 1, spec.base_size + 1):
+        if ctx.should_stop:
+            ctx.add_artifact(ctx.store.put_bytes(key, str(step - 1).encode()), "checkpoint", step - 1)
+            raise JobInterrupted(ctx.job_id)
+        time.sleep(STEP_S)
+        ctx.progress("stepping", step, spec.base_size, "step")
+    return preprocessing_pb2.PreprocessResult(dataset_id="ds-steps", image_count=spec.base_size)
+
+
+def deaf(ctx, spec):
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    ctx.progress("not listening", 1)
+    deadline = time.monotonic() + 60  # never outlive a test run that was itself killed
+    while time.monotonic() < deadline:
+        time.sleep(STEP_S)
+    raise JobInterrupted(ctx.job_id)
+
+
+def bad_request(ctx, spec):
+    raise InvalidArgument("spec.base_size: must be a multiple of 64 (got 500)")
+
+
+def killed(ctx, spec):
+    ctx.progress("allocating", 1)
+    os.kill(os.getpid(), signal.SIGKILL)  # what the out-of-memory killer does
+
+
+def segfault(ctx, spec):
+    os.kill(os.getpid(), signal.SIGSEGV)
+
+
+def exits(ctx, spec):
+    os._exit(7)
+
+
+HANDLERS = {f.__name__: f for f in (ok, steps, deaf, bad_request, killed, segfault, exits)}
+
+if __name__ == "__main__":
+    sys.exit(main(handler=HANDLERS[os.environ["FLUXLORA_TEST_HANDLER"]]))
