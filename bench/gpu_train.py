@@ -41,14 +41,16 @@ from fluxlora.training.trainer.step import (  # noqa: E402
 )
 
 GIB = 2**30
-MODES = {  # name: (base_quantization, gradient_checkpointing, compiled blocks)
-    "bf16": ("none", False, False),
-    "bf16+ckpt": ("none", True, False),
-    "fp8+ckpt": ("fp8", True, False),
-    "int8+ckpt": ("int8", True, False),
-    "bf16+ckpt+compile": ("none", True, True),
-    "fp8+ckpt+compile": ("fp8", True, True),
-    "int8+ckpt+compile": ("int8", True, True),
+MODES = {  # name: (base_quantization, gradient_checkpointing, compiled blocks, blocks_to_swap)
+    "bf16": ("none", False, False, 0),
+    "bf16+ckpt": ("none", True, False, 0),
+    "fp8+ckpt": ("fp8", True, False, 0),
+    "int8+ckpt": ("int8", True, False, 0),
+    "bf16+ckpt+compile": ("none", True, True, 0),
+    "fp8+ckpt+compile": ("fp8", True, True, 0),
+    "int8+ckpt+compile": ("int8", True, True, 0),
+    "bf16+ckpt+swap18": ("none", True, False, 18),
+    "fp8+ckpt+swap18": ("fp8", True, False, 18),
 }
 DEFAULT_MODES = "bf16,bf16+ckpt,fp8+ckpt,int8+ckpt"
 
@@ -155,9 +157,10 @@ def main() -> None:
 
     rows = []
     for mode in args.modes.split(","):
-        quantization, checkpointing, compiled = MODES[mode]
+        quantization, checkpointing, compiled, swap = MODES[mode]
         base_cfg = TrainConfig(resolution=resolutions[0], rank=args.rank, alpha=args.rank, precision="bf16",
-                               gradient_checkpointing=checkpointing, base_quantization=quantization)
+                               gradient_checkpointing=checkpointing, base_quantization=quantization,
+                               blocks_to_swap=swap)
         started = time.perf_counter()
         transformer, params = build(shape, device, dtype, base_cfg, compiled)
         print(f"{mode}: built and prepared in {time.perf_counter() - started:.0f} s", flush=True)
@@ -192,7 +195,7 @@ def capped_runs(shape, device, dtype, args, resolution) -> list[dict]:
     rows = []
     total = torch.cuda.get_device_properties(device).total_memory
     for mode in ("fp8+ckpt+compile",):
-        quantization, checkpointing, compiled = MODES[mode]
+        quantization, checkpointing, compiled, _ = MODES[mode]
         cfg = TrainConfig(resolution=resolution, rank=args.rank, alpha=args.rank, precision="bf16",
                           gradient_checkpointing=checkpointing, base_quantization=quantization)
         transformer, params = build(shape, device, dtype, cfg, compiled)

@@ -42,6 +42,16 @@ def wait_healthy(address: str, timeout: float = 120.0, alive: Callable[[], bool]
             time.sleep(0.3)
 
 
+# Training runs each job in a child process here: a crash in training (out of memory, a CUDA fault)
+# fails that job and leaves the server serving. Settings the caller passes or exports win.
+SERVICE_DEFAULTS: dict[str, dict[str, str]] = {"training": {"FLUXLORA_RUNNER": "process"}}
+
+
+def service_environment(name: str, env: dict[str, str]) -> dict[str, str]:
+    """The environment of the `name` server: its defaults under the given environment."""
+    return {**SERVICE_DEFAULTS.get(name, {}), **env}
+
+
 class LocalServices:
     """The four servers as child processes sharing one store; stopped with SIGTERM on exit."""
 
@@ -68,7 +78,7 @@ class LocalServices:
             self.processes[name] = subprocess.Popen(
                 [sys.executable, "-m", "fluxlora_client.cli", "serve", name,
                  "--host", self.host, "--port", str(self.ports[name])],
-                env=env, stdout=log or subprocess.DEVNULL, stderr=subprocess.STDOUT if log else None,
+                env=service_environment(name, env), stdout=log or subprocess.DEVNULL, stderr=subprocess.STDOUT if log else None,
             )
         try:
             for name, address in self.addresses.items():

@@ -90,10 +90,10 @@ class TrainSpec(_message.Message):
     this is what fits FLUX.1-dev at 1024 in 24 GB (docs/performance.md).
     """
     blocks_to_swap: _builtins.int
-    """Transformer blocks kept in CPU memory and brought to the GPU one at a time, counted as kohya
-    sd-scripts counts them (N // 2 double and 2 * (N - N // 2) single blocks; at most 35 on
-    FLUX.1); default 0. The memory planner estimates it; this trainer cannot run it yet
-    (FAILED_PRECONDITION).
+    """Transformer blocks whose linear weights stay in CPU memory and are copied to the GPU for each
+    use, counted as kohya sd-scripts counts them (N // 2 double and 2 * (N - N // 2) single blocks,
+    the last ones; at most 35 on FLUX.1); default 0. Saves the weights of those blocks at the cost
+    of two transfers of them per step. More than the model allows is INVALID_ARGUMENT.
     """
     caption_version: _builtins.int
     """The approved caption version to train on (see CaptioningService.ApproveCaptions); 0 means the

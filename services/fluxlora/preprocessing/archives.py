@@ -23,6 +23,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
+from fluxlora.common.limits import human_bytes
+
 ARCHIVE_SUFFIXES = frozenset({".zip"})
 _DRIVE = re.compile(r"^[A-Za-z]:")
 _CHUNK = 1 << 20
@@ -122,19 +124,20 @@ def _check_directory(infos: list[zipfile.ZipInfo], limits: ArchiveLimits) -> Non
             continue
         if info.file_size > limits.max_member_bytes:
             raise ArchiveRejected(
-                f"{info.filename!r} unpacks to {_size(info.file_size)}, over the per-file limit of "
-                f"{_size(limits.max_member_bytes)}; photos that large must be downscaled first"
+                f"{info.filename!r} unpacks to {human_bytes(info.file_size)}, over the per-file limit of "
+                f"{human_bytes(limits.max_member_bytes)}; photos that large must be downscaled first"
             )
         ratio = info.file_size / max(info.compress_size, 1)
         if info.file_size >= limits.ratio_floor_bytes and ratio > limits.max_ratio:
             raise ArchiveRejected(
-                f"{info.filename!r} would inflate {ratio:.0f}x ({_size(info.compress_size)} to "
-                f"{_size(info.file_size)}): a zip bomb, not photos"
+                f"{info.filename!r} would inflate {ratio:.0f}x ({human_bytes(info.compress_size)} to "
+                f"{human_bytes(info.file_size)}): a zip bomb, not photos"
             )
         total += info.file_size
     if total > limits.max_total_bytes:
         raise ArchiveRejected(
-            f"unpacks to {_size(total)}, over the limit of {_size(limits.max_total_bytes)}; split it into smaller zips"
+            f"unpacks to {human_bytes(total)}, over the limit of {human_bytes(limits.max_total_bytes)}; "
+            "split it into smaller zips"
         )
 
 
@@ -182,15 +185,7 @@ def _copy_member(
             if written > max(info.file_size, 0) or written > limits.max_member_bytes:
                 raise zipfile.BadZipFile(f"inflates past its declared size of {info.file_size} bytes")
             if total + written > limits.max_total_bytes:
-                limit = _size(limits.max_total_bytes)
+                limit = human_bytes(limits.max_total_bytes)
                 raise ArchiveRejected(f"unpacks to more than {limit}; split it into smaller zips")
             out.write(chunk)
     return written
-
-
-def _size(n: int) -> str:
-    for unit in ("bytes", "KB", "MB", "GB"):
-        if n < 1024 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} GB"

@@ -100,6 +100,8 @@ class TrainingServicer(training_pb2_grpc.TrainingServiceServicer):
             plan = plan_run(base_model, self.runtime.store, cfg, self.runtime.settings)
         except FluxloraError:
             raise
+        except ValueError as exc:  # an option the model cannot take, e.g. too many blocks to swap
+            raise InvalidArgument(f"spec: {exc}") from exc
         except Exception:  # noqa: BLE001 - the planner is advice: its own failure must not block a run
             log.warning("memory planner failed for base model %s; submitting unchecked", base_model, exc_info=True)
             return

@@ -24,9 +24,9 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 
 from fluxlora.training.memory.architecture import ModelShape
 from fluxlora.training.memory.live_bytes import CUDA_BLOCK_BYTES, LiveBytes
+from fluxlora.training.trainer.base_layers import BLOCK_LISTS
 from fluxlora.training.trainer.config import TrainConfig
 from fluxlora.training.trainer.lora import prepare_transformer
-from fluxlora.training.trainer.quantize import BLOCK_LISTS
 from fluxlora.training.trainer.step import HALF_PRECISION, apply_gradients, flow_matching_loss, make_optimizer
 
 log = logging.getLogger(__name__)
@@ -50,7 +50,8 @@ def measure_step(shape: ModelShape, cfg: TrainConfig, dtype: torch.dtype,
     largest bucket) on the architecture `shape`, base weights in `dtype`."""
     started = time.perf_counter()
     transformer = _meta_transformer(shape, dtype)
-    prepare_transformer(transformer, cfg)  # 8-bit base layers included: the trainer's own Linear8bit
+    # 8-bit base layers included (the trainer's own FrozenLinear); swapped blocks are the planner's arithmetic.
+    prepare_transformer(transformer, cfg.model_copy(update={"blocks_to_swap": 0}))
     if dtype in HALF_PRECISION:
         _layer_norms_in_fp32(transformer)
 

@@ -22,6 +22,8 @@ import torch
 
 from fluxlora.training.memory.architecture import ModelShape
 from fluxlora.training.memory.fake_step import StepMemory, measure_step
+from fluxlora.training.trainer.base_layers import max_blocks_to_swap as max_swappable
+from fluxlora.training.trainer.base_layers import swapped_block_counts
 from fluxlora.training.trainer.config import OPTIMIZER_STATE_BYTES, TrainConfig, not_yet_runnable
 
 log = logging.getLogger(__name__)
@@ -29,7 +31,7 @@ log = logging.getLogger(__name__)
 CUDA_OVERHEAD_GIB = 1.5
 GIB = 2**30
 # Bumped whenever measure_step changes what it counts: stale cached estimates are then ignored.
-PLANNER_VERSION = 3
+PLANNER_VERSION = 4
 _DTYPES = {"auto": torch.bfloat16, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 # The config fields that change a step's memory; the others (learning rate, steps...) do not.
 _MEMORY_FIELDS = ("resolution", "batch_size", "rank", "target_modules", "precision", "gradient_checkpointing",
@@ -225,18 +227,12 @@ def describe_mode(cfg: TrainConfig) -> str:
 
 def swapped_blocks(shape: ModelShape, blocks_to_swap: int) -> tuple[int, int]:
     """(double, single) blocks kept in CPU memory, counted as kohya sd-scripts does for FLUX.1."""
-    double = blocks_to_swap // 2
-    return double, (blocks_to_swap - double) * 2
+    return swapped_block_counts(blocks_to_swap)
 
 
 def max_blocks_to_swap(shape: ModelShape) -> int:
     """kohya keeps at least two blocks of each kind on the GPU (35 on FLUX.1)."""
-    best = 0
-    for n in range(1, shape.transformer["num_layers"] + shape.transformer["num_single_layers"] + 1):
-        double, single = swapped_blocks(shape, n)
-        if double <= shape.transformer["num_layers"] - 2 and single <= shape.transformer["num_single_layers"] - 2:
-            best = n
-    return best
+    return max_swappable(shape.transformer["num_layers"], shape.transformer["num_single_layers"])
 
 
 def _swap_bytes(shape: ModelShape, cfg: TrainConfig, step: StepMemory) -> tuple[int, int]:

@@ -140,6 +140,4 @@ def not_yet_runnable(cfg: TrainConfig) -> list[str]:
         package, how = _OPTIMIZER_PACKAGES[cfg.optimizer]
         if importlib.util.find_spec(package) is None:
             missing.append(f"optimizer={cfg.optimizer} (needs the {package} package: {how})")
-    if cfg.blocks_to_swap:
-        missing.append(f"blocks_to_swap={cfg.blocks_to_swap} (block swapping is not implemented yet)")
     return missing

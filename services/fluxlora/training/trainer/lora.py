@@ -7,9 +7,9 @@ from diffusers.training_utils import cast_training_params
 from peft import LoraConfig
 from peft.utils.error import NoMatchingPeftModuleError
 
+from fluxlora.training.trainer.base_layers import freeze_base
 from fluxlora.training.trainer.checkpoint import ADAPTER_NAME
 from fluxlora.training.trainer.config import TrainConfig
-from fluxlora.training.trainer.quantize import quantize_base
 
 
 def add_lora(transformer, cfg: TrainConfig) -> list[torch.nn.Parameter]:
@@ -42,14 +42,15 @@ def _no_match(cfg: TrainConfig) -> str:
 
 
 def prepare_transformer(transformer, cfg: TrainConfig, device: torch.device | None = None) -> list[torch.nn.Parameter]:
-    """LoRA, 8-bit base weights and gradient checkpointing as configured, train mode; returns the
-    trainable parameters. With `device`, quantised layers are made there one by one (the caller
-    moves the rest), so a full-precision FLUX.1 never has to fit the GPU.
+    """LoRA, 8-bit and swapped base layers and gradient checkpointing as configured, train mode;
+    returns the trainable parameters. With `device`, quantised layers are made there one by one and
+    swapped ones go to CPU memory (the caller moves the rest), so a full-precision FLUX.1 never has
+    to fit the GPU.
 
     The memory planner prepares its meta-device transformer with this same function."""
     params = add_lora(transformer, cfg)
     # After the LoRA: peft would otherwise cast its new layers to the base layer's 8-bit dtype.
-    quantize_base(transformer, cfg.base_quantization, _compute_dtype(transformer), device)
+    freeze_base(transformer, cfg.base_quantization, _compute_dtype(transformer), device, cfg.blocks_to_swap)
     if cfg.gradient_checkpointing:
         transformer.enable_gradient_checkpointing()
     transformer.train()

@@ -1,5 +1,6 @@
-"""8-bit base weights (base_quantization fp8 / int8): the frozen block layers stored in one byte per
-weight with per-channel scales, upcast for each use, LoRA training on top unchanged."""
+"""The frozen block layers stored to save GPU memory: 8-bit weights (base_quantization fp8 / int8) with
+per-channel scales upcast for each use, and swapped blocks (blocks_to_swap) kept in CPU memory and
+copied for each use; LoRA training on top unchanged."""
 
 from __future__ import annotations
 
@@ -11,9 +12,9 @@ from fluxlora.models.tiny_flux import build_tiny_flux
 from fluxlora.training.memory.architecture import shape_from_configs
 from fluxlora.training.memory.fake_step import step_inputs
 from fluxlora.training.trainer import train_lora
+from fluxlora.training.trainer.base_layers import FrozenLinear, freeze_base, quantize_rows, swapped_block_names
 from fluxlora.training.trainer.config import TrainConfig, not_yet_runnable
 from fluxlora.training.trainer.lora import prepare_transformer
-from fluxlora.training.trainer.quantize import Linear8bit, quantize_base, quantize_rows
 from fluxlora.training.trainer.step import compile_blocks, flow_matching_loss
 
 KINDS = ["fp8", "int8"]
@@ -51,7 +52,7 @@ def test_an_8bit_linear_computes_what_the_full_linear_does(kind):
     linear = torch.nn.Linear(512, 256).requires_grad_(False)
     linear.weight.copy_(flux_like_weight())
     x = torch.randn(8, 512)
-    layer = Linear8bit.from_linear(linear, kind, torch.float32)
+    layer = FrozenLinear.from_linear(linear, kind, torch.float32)
     assert isinstance(layer, torch.nn.Linear) and layer.weight.element_size() == 1
     assert not layer.weight.requires_grad and torch.equal(layer.bias, linear.bias)
     assert relative_error(layer(x), linear(x)) < 0.05
@@ -68,7 +69,7 @@ def test_quantized_blocks_keep_the_transformer_output_and_train_only_the_lora(ki
     transformer = pipe.transformer.requires_grad_(False)
     params = prepare_transformer(transformer, cfg.model_copy(update={"base_quantization": kind}))
 
-    layers = [m for m in transformer.modules() if isinstance(m, Linear8bit)]
+    layers = [m for m in transformer.modules() if isinstance(m, FrozenLinear)]
     block_linears = [m for name, m in reference.named_modules()
                      if type(m) is torch.nn.Linear and name.startswith(("transformer_blocks", "single_"))
                      and ".lora_" not in name]
@@ -76,7 +77,7 @@ def test_quantized_blocks_keep_the_transformer_output_and_train_only_the_lora(ki
     assert all(p.dtype == torch.float32 and p.requires_grad for p in params)
     assert all(not p.requires_grad for m in layers for p in m.parameters())
     # the LoRA wraps the 8-bit layer, so its output is base(x) + lora(x) as before
-    assert isinstance(transformer.transformer_blocks[0].attn.to_q.base_layer, Linear8bit)
+    assert isinstance(transformer.transformer_blocks[0].attn.to_q.base_layer, FrozenLinear)
 
     inputs = step_inputs(shape, cfg, torch.float32)
     torch.manual_seed(1)
@@ -89,8 +90,8 @@ def test_quantized_blocks_keep_the_transformer_output_and_train_only_the_lora(ki
 
 def test_nothing_is_quantized_without_the_option():
     transformer = build_tiny_flux().transformer.requires_grad_(False)
-    assert quantize_base(transformer, "none", torch.float32) == 0
-    assert not any(isinstance(m, Linear8bit) for m in transformer.modules())
+    assert freeze_base(transformer, "none", torch.float32) == 0
+    assert not any(isinstance(m, FrozenLinear) for m in transformer.modules())
 
 
 @pytest.fixture(scope="module")
@@ -136,3 +137,50 @@ def test_blocks_compile_by_default_only_on_cuda():
     transformer = build_tiny_flux().transformer
     assert compile_blocks(transformer, "auto", torch.device("cpu")) is False
     assert TrainConfig().compile_blocks == "auto"
+
+
+def small_flux(seed: int = 0) -> torch.nn.Module:
+    """3 double and 4 single blocks: the fewest that allow swapping (two of each kind stay)."""
+    from diffusers import FluxTransformer2DModel
+
+    config = {**dict(build_tiny_flux(guidance_embeds=True).transformer.config), "num_layers": 3,
+              "num_single_layers": 4}
+    config = {k: v for k, v in config.items() if not k.startswith("_")}
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return FluxTransformer2DModel.from_config(config).requires_grad_(False)
+
+
+@pytest.mark.parametrize("kind", ["none", "fp8"])
+def test_swapped_blocks_compute_the_same_step_with_weights_outside_the_module(kind):
+    model = small_flux()
+    shape = shape_from_configs(dict(model.config), None)
+    cfg = TrainConfig(resolution=64, rank=4, alpha=4, precision="fp32", gradient_checkpointing=True,
+                      base_quantization=kind, target_modules=["to_q", "to_k", "to_v", "proj_out"])
+    inputs = step_inputs(shape, cfg, torch.float32)
+    results = []
+    for swap in (0, 2):
+        transformer = small_flux()
+        params = prepare_transformer(transformer, cfg.model_copy(update={"blocks_to_swap": swap}))
+        loss = flow_matching_loss(transformer, *inputs, cfg.guidance, torch.float32)
+        loss.backward()
+        results.append((transformer, loss.detach(), [p.grad for p in params]))
+    (_, loss, grads), (swapped_model, swapped_loss, swapped_grads) = results
+    assert torch.equal(loss, swapped_loss)
+    assert all(torch.equal(a, b) for a, b in zip(grads, swapped_grads, strict=True))
+
+    assert swapped_block_names(swapped_model, 2) == {"transformer_blocks.2", "single_transformer_blocks.2",
+                                                     "single_transformer_blocks.3"}
+    swapped = [m for m in swapped_model.modules() if isinstance(m, FrozenLinear) and m.swapped]
+    assert swapped and all(m.weight is None and m.host_weight.device.type == "cpu" for m in swapped)
+    # module.to() moves parameters and buffers only: the swapped weights stay where they are
+    host_dtypes = {m.host_weight.dtype for m in swapped}
+    swapped_model.to(torch.float64)
+    assert {m.host_weight.dtype for m in swapped} == host_dtypes
+    kept = swapped_model.transformer_blocks[0].attn.to_q.base_layer
+    assert not isinstance(kept, FrozenLinear) or not kept.swapped
+
+
+def test_more_blocks_than_the_model_allows_are_refused_by_name():
+    with pytest.raises(ValueError, match="blocks_to_swap=3 is more than this model allows"):
+        swapped_block_names(small_flux(), 3)
