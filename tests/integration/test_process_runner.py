@@ -147,10 +147,14 @@ def test_cancel_stops_the_worker_within_a_step_and_keeps_its_checkpoint(store, t
     assert store.exists(checkpoint.key.replace("pytorch_lora_weights.safetensors", "training_state.pt"))
 
 
+STEPS = 200
+
+
 def test_a_restarted_server_resumes_the_run_in_a_new_worker_from_its_last_checkpoint(store, tmp_path, dataset,
                                                                                    tiny_models):
     with training_server(store, tmp_path) as (_, client):
-        job = train(client, dataset, tiny_models, max_steps=30, checkpoint_every=5)
+        # Enough steps that the server's shutdown (SIGTERM to the worker) lands mid-run on a loaded machine.
+        job = train(client, dataset, tiny_models, max_steps=STEPS, checkpoint_every=5)
         first = wait_for_step(client, job.job_id, 7)
     # The server stopped: its worker saved a checkpoint and exited; the run waits in the store.
     assert store.get_json(f"jobs/training/{job.job_id}.json")["state"] == "JOB_STATE_QUEUED"
@@ -160,8 +164,8 @@ def test_a_restarted_server_resumes_the_run_in_a_new_worker_from_its_last_checkp
         final = client.wait(job.job_id)
     assert final.state == S.JOB_STATE_SUCCEEDED
     assert final.metrics["worker_pid"] != first.metrics["worker_pid"]
-    assert 5 <= final.metrics["resumed_from_step"] < 30
+    assert 5 <= final.metrics["resumed_from_step"] < STEPS
     result = client.result(final)
-    assert result.steps_done == 30 and result.checkpoints[-1].step == 30
+    assert result.steps_done == STEPS and result.checkpoints[-1].step == STEPS
     assert [int(r.split(",")[0]) for r in store.get_bytes(f"runs/{job.job_id}/loss.csv").decode().split()[1:]] == \
-        list(range(1, 31))
+        list(range(1, STEPS + 1))

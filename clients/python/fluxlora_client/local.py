@@ -78,7 +78,8 @@ class LocalServices:
             self.processes[name] = subprocess.Popen(
                 [sys.executable, "-m", "fluxlora_client.cli", "serve", name,
                  "--host", self.host, "--port", str(self.ports[name])],
-                env=service_environment(name, env), stdout=log or subprocess.DEVNULL, stderr=subprocess.STDOUT if log else None,
+                env=service_environment(name, env), stdout=log or subprocess.DEVNULL,
+                stderr=subprocess.STDOUT if log else None,
             )
         try:
             for name, address in self.addresses.items():

@@ -2,7 +2,8 @@
 
 The page holds every image (inline, as data: URIs, so it works offline and can be mailed) beside
 an editable caption. It counts the trigger word in each caption as the reviewer types, marks the
-captions they changed, and its "Download edits" button saves a JSON file of just those:
+captions they changed, asks before the tab is closed with edits not yet downloaded, and its
+"Download edits" button saves a JSON file of just those (then shows the command that imports it):
 
     {"format": "fluxlora-caption-edits/1", "dataset_id": "ds-...", "base_version": 3,
      "captions": {"<stem>": "<new caption>", ...}}
@@ -132,7 +133,9 @@ body {{ font-family: system-ui, sans-serif; margin: 0; background: #f4f4f5; colo
 header {{ position: sticky; top: 0; background: #fff; border-bottom: 1px solid #d4d4d8; padding: .75rem 1rem;
   display: flex; gap: 1rem; align-items: center; flex-wrap: wrap; z-index: 1; }}
 header h1 {{ font-size: 1.1rem; margin: 0; }}
-#status {{ color: #52525b; }}
+#status, #next-step {{ color: #52525b; }}
+#next-step {{ flex-basis: 100%; font-family: ui-monospace, monospace; }}
+#next-step:empty {{ display: none; }}
 button {{ font-size: 1rem; padding: .4rem .9rem; border-radius: .4rem; border: 1px solid #2563eb;
   background: #2563eb; color: #fff; cursor: pointer; }}
 main {{ display: grid; grid-template-columns: repeat(auto-fill, minmax(320px, 1fr)); gap: 1rem; padding: 1rem; }}
@@ -150,6 +153,7 @@ main {{ display: grid; grid-template-columns: repeat(auto-fill, minmax(320px, 1f
 <h1>{dataset} &middot; version {version} &middot; trigger <code>{trigger}</code> &middot; {count} images</h1>
 <span id="status"></span>
 <button type="button" id="download">Download edits</button>
+<span id="next-step"></span>
 </header>
 <main>
 {cards}
@@ -203,14 +207,27 @@ if (typeof document !== "undefined") {
     document.getElementById("status").textContent =
       `${Object.keys(edits.captions).length} changed, ${bad} without the trigger exactly once`;
   }
+  // The edits last downloaded: leaving the page with others asks first (they live only in this tab).
+  let downloaded = "{}";
+  const unsaved = () => {
+    const captions = JSON.stringify(buildEdits(data, values()).captions);
+    return captions !== "{}" && captions !== downloaded;
+  };
+  window.addEventListener("beforeunload", event => {
+    if (unsaved()) { event.preventDefault(); event.returnValue = ""; }
+  });
   areas.forEach(a => a.addEventListener("input", refresh));
   document.getElementById("download").addEventListener("click", () => {
-    const blob = new Blob([JSON.stringify(buildEdits(data, values()), null, 1)], {type: "application/json"});
+    const edits = buildEdits(data, values());
+    const blob = new Blob([JSON.stringify(edits, null, 1)], {type: "application/json"});
     const link = document.createElement("a");
     link.href = URL.createObjectURL(blob);
     link.download = `${data.dataset_id}-v${data.base_version}-edits.json`;
     link.click();
     URL.revokeObjectURL(link.href);
+    downloaded = JSON.stringify(edits.captions);
+    document.getElementById("next-step").textContent =
+      `Saved ${link.download}: import it with  fluxlora caption import-review ${data.dataset_id} ${link.download}`;
   });
   refresh();
 }

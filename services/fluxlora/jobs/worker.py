@@ -185,11 +185,15 @@ def _stop_on_sigterm() -> threading.Event:
 def _stop_when_stdin_closes(stop: threading.Event) -> None:
     """The server that started this process holds the other end of stdin and never writes to it:
     end of file means it is gone (killed, crashed), and nobody would see this job's outcome."""
+    # os.read on the raw descriptor, not sys.stdin: a daemon thread blocked inside a buffered reader
+    # holds its lock, and interpreter shutdown then aborts the process ("_enter_buffered_busy").
+    fd = sys.stdin.fileno()
+
     def watch() -> None:
         try:
-            while sys.stdin.buffer.read(4096):
+            while os.read(fd, 4096):
                 pass
-        except (OSError, ValueError):
+        except OSError:
             pass
         if not stop.is_set():
             log.warning("the server that started this worker is gone; stopping at the next safe point")
