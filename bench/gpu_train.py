@@ -51,6 +51,7 @@ MODES = {  # name: (base_quantization, gradient_checkpointing, compiled blocks, 
     "int8+ckpt+compile": ("int8", True, True, 0),
     "bf16+ckpt+swap18": ("none", True, False, 18),
     "fp8+ckpt+swap18": ("fp8", True, False, 18),
+    "fp8+ckpt+compile+swap18": ("fp8", True, True, 18),
 }
 DEFAULT_MODES = "bf16,bf16+ckpt,fp8+ckpt,int8+ckpt"
 
