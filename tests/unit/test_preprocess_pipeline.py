@@ -1,7 +1,5 @@
 import io
 import shutil
-import struct
-import zlib
 from pathlib import Path
 
 import numpy as np
@@ -14,33 +12,9 @@ from fluxlora.preprocessing.images import ImageRejected, fit_to, load_image
 from fluxlora.preprocessing.manifest import Manifest, PreprocessOptions
 from fluxlora.preprocessing.naming import safe_stem, unique_stems
 from fluxlora.preprocessing.pipeline import dataset_fingerprint, preprocess_files
+from photo_corpus import png_header_claiming, scene
 
 OPTIONS = PreprocessOptions(base_size=256)
-
-
-def _scene(size, seed):
-    """A distinct, JPEG-friendly picture: gradient plus a few shapes placed by `seed`."""
-    rng = np.random.default_rng(seed)
-    width, height = size
-    ramp = np.linspace(0, 255, width, dtype=np.float64)[None, :, None]
-    base = np.broadcast_to(ramp, (height, width, 3)) * rng.uniform(0.3, 1.0, 3)
-    image = Image.fromarray(base.astype(np.uint8), "RGB")
-    draw = ImageDraw.Draw(image)
-    for _ in range(4):
-        x, y = int(rng.integers(0, width - 20)), int(rng.integers(0, height - 20))
-        colour = tuple(int(v) for v in rng.integers(0, 256, 3))
-        draw.ellipse((x, y, x + width // 4, y + height // 4), fill=colour)
-    return image
-
-
-def _png_header_claiming(width, height):
-    """A PNG whose header claims a huge size: the shape of a decompression bomb."""
-    buffer = io.BytesIO()
-    Image.new("1", (1, 1)).save(buffer, "PNG")
-    data = bytearray(buffer.getvalue())
-    data[16:24] = struct.pack(">II", width, height)
-    data[29:33] = struct.pack(">I", zlib.crc32(bytes(data[12:29])))
-    return bytes(data)
 
 
 @pytest.fixture
@@ -55,49 +29,49 @@ def corpus(tmp_path):
         write(path)
         files[key] = path
 
-    add("photos/normal.jpg", lambda p: _scene((800, 600), 1).save(p, "JPEG", quality=90))
+    add("photos/normal.jpg", lambda p: scene((800, 600), 1).save(p, "JPEG", quality=90))
 
     def rotated(p):
         exif = Image.Exif()
         exif[0x0112] = 6  # stored landscape, to be shown rotated 90 degrees clockwise
         srgb = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
-        _scene((800, 600), 2).save(p, "JPEG", exif=exif.tobytes(), icc_profile=srgb)
+        scene((800, 600), 2).save(p, "JPEG", exif=exif.tobytes(), icc_profile=srgb)
 
     add("photos/rotated.jpg", rotated)
 
     def rgba(p):
-        image = _scene((400, 300), 3).convert("RGBA")
+        image = scene((400, 300), 3).convert("RGBA")
         alpha = Image.new("L", image.size, 255)
         ImageDraw.Draw(alpha).rectangle((0, 0, 99, 99), fill=0)
         image.putalpha(alpha)
         image.save(p, "PNG")
 
     add("photos/cutout.png", rgba)
-    add("photos/palette.png", lambda p: _scene((300, 400), 4).quantize(64).save(p, "PNG"))
-    add("photos/grey.jpg", lambda p: _scene((500, 500), 5).convert("L").save(p, "JPEG"))
+    add("photos/palette.png", lambda p: scene((300, 400), 4).quantize(64).save(p, "PNG"))
+    add("photos/grey.jpg", lambda p: scene((500, 500), 5).convert("L").save(p, "JPEG"))
     add(
         "photos/deep.png",
         lambda p: Image.fromarray(np.full((300, 400), 32896, np.uint16)).save(p, "PNG"),
     )
     add("photos/cmyk.jpg", lambda p: Image.new("CMYK", (400, 300), (0, 255, 255, 0)).save(p))
-    add("photos/shot.webp", lambda p: _scene((640, 480), 11).save(p, "WEBP", quality=90))
-    add("photos/scan.tif", lambda p: _scene((480, 640), 12).save(p, "TIFF"))
-    add("photos/old.bmp", lambda p: _scene((512, 384), 13).save(p, "BMP"))
-    add("photos/anim.gif", lambda p: _scene((300, 300), 14).save(p, "GIF"))
-    add("photos/small.png", lambda p: _scene((100, 80), 6).save(p, "PNG"))
-    add("photos/tiny.png", lambda p: _scene((40, 30), 7).save(p, "PNG"))
+    add("photos/shot.webp", lambda p: scene((640, 480), 11).save(p, "WEBP", quality=90))
+    add("photos/scan.tif", lambda p: scene((480, 640), 12).save(p, "TIFF"))
+    add("photos/old.bmp", lambda p: scene((512, 384), 13).save(p, "BMP"))
+    add("photos/anim.gif", lambda p: scene((300, 300), 14).save(p, "GIF"))
+    add("photos/small.png", lambda p: scene((100, 80), 6).save(p, "PNG"))
+    add("photos/tiny.png", lambda p: scene((40, 30), 7).save(p, "PNG"))
     add("photos/empty.jpg", lambda p: p.write_bytes(b""))
     add("photos/notes.jpg", lambda p: p.write_text("shopping list: milk, eggs\n"))
     add("photos/iphone.jpg", lambda p: p.write_bytes(b"\0\0\0\x18ftypheic" + b"\0" * 64))
 
     def truncated(p):
         buffer = io.BytesIO()
-        _scene((800, 600), 8).save(buffer, "JPEG")
+        scene((800, 600), 8).save(buffer, "JPEG")
         p.write_bytes(buffer.getvalue()[: len(buffer.getvalue()) // 2])
 
     add("photos/truncated.jpg", truncated)
-    add("photos/bomb.png", lambda p: p.write_bytes(_png_header_claiming(20000, 20000)))
-    add("photos/big.png", lambda p: p.write_bytes(_png_header_claiming(11000, 11000)))
+    add("photos/bomb.png", lambda p: p.write_bytes(png_header_claiming(20000, 20000)))
+    add("photos/big.png", lambda p: p.write_bytes(png_header_claiming(11000, 11000)))
     add("photos/normal_copy.jpg", lambda p: shutil.copyfile(files["photos/normal.jpg"], p))
 
     def same_pixels_as_png(p):
@@ -261,7 +235,7 @@ def test_enough_varied_sharp_images_means_no_warning(tmp_path):
     files = []
     for i in range(16):
         path = tmp_path / f"{i}.png"
-        _scene((128, 96), 100 + i).save(path)
+        scene((128, 96), 100 + i).save(path)
         files.append((f"set/{i:02d}.png", path))
     manifest = preprocess_files(files, tmp_path / "out", PreprocessOptions(base_size=64))
     assert manifest.image_count == 16
@@ -292,7 +266,7 @@ def test_stems_keep_safe_names_and_stay_unique(tmp_path):
     files = []
     for i, key in enumerate(["a/shot.jpg", "b/shot.jpg"]):
         path = tmp_path / f"{i}.png"
-        _scene((300, 300), 10 + i).save(path)
+        scene((300, 300), 10 + i).save(path)
         files.append((key, path))
     manifest = preprocess_files(files, tmp_path / "out", OPTIONS)
     assert [e.stem for e in manifest.images] == ["shot", "shot-2"]

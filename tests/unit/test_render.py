@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from fluxlora.evaluation.render import render_cells, render_grid_cells
+from fluxlora.evaluation.render import render_cells
 from fluxlora.models.loading import load_flux_pipeline
 from fluxlora.training.trainer import LORA_WEIGHTS_NAME, TrainConfig, train_lora
 
@@ -56,10 +56,8 @@ def has_lora_layers(pipe) -> bool:
     return any("lora" in name for name, _ in pipe.transformer.named_modules())
 
 
-def test_cells_are_rows_of_loras_by_columns_of_strengths(tiny_flux_dir, loras):
-    cells = render_grid_cells(
-        tiny_flux_dir, loras, STRENGTHS, **GRID, precision="fp32", device="cpu"
-    )
+def test_cells_are_rows_of_loras_by_columns_of_strengths(pipe, loras):
+    cells = render_cells(pipe, loras, STRENGTHS, **GRID)
     assert len(cells) == 2 and all(len(row) == 3 for row in cells)
     assert all(cell.size == (64, 64) for row in cells for cell in row)
 

@@ -24,38 +24,6 @@ DEFAULT_GUIDANCE = 3.5  # FLUX.1-dev's usual distilled guidance; models without 
 Progress = Callable[[int, int], None]
 
 
-def render_grid_cells(
-    model_dir: Path,
-    loras: list[tuple[str, Path]],
-    strengths: list[float],
-    prompt: str,
-    seed: int,
-    width: int,
-    height: int,
-    steps: int,
-    guidance: float | None,
-    progress: Progress | None = None,
-    output_type: str = "pil",
-    *,
-    precision: str = "auto",
-    device: torch.device | str | None = None,
-    cpu_offload: bool = False,
-) -> list[list[Any]]:
-    """cells[row][col]: one row per (label, LoRA file or directory), one column per strength.
-
-    Loads the base pipeline once for the whole grid. output_type "pil" gives PIL images,
-    "latent" the packed latents (1, tokens, channels) the transformer produced, which is what to
-    compare when the VAE is an untrained test one. progress(done, total) counts cells.
-    precision/device as for training (default: CUDA + bf16 when present, else CPU + fp32).
-    cpu_offload keeps each model on the CPU until it runs, for GPUs smaller than the pipeline.
-    """
-    device, dtype = pick_device_dtype(precision, device)
-    pipe = load_flux_pipeline(model_dir, device, dtype, cpu_offload=cpu_offload)
-    return render_cells(
-        pipe, loras, strengths, prompt, seed, width, height, steps, guidance, progress, output_type
-    )
-
-
 @dataclass(frozen=True)
 class Panel:
     """One grid of the third axis: every cell of it uses this prompt and seed."""
@@ -77,7 +45,10 @@ def render_cells(
     progress: Progress | None = None,
     output_type: str = "pil",
 ) -> list[list[Any]]:
-    """render_grid_cells on an already loaded pipeline, which is left holding no LoRA."""
+    """cells[row][col] of one prompt and seed: one row per (label, LoRA file or directory), one
+    column per strength, on a loaded pipeline, which is left holding no LoRA. output_type "pil"
+    gives PIL images, "latent" the packed latents the transformer produced (what to compare when
+    the VAE is an untrained test one). progress(done, total) counts cells."""
     (cells,) = render_panels(
         pipe, loras, strengths, [Panel(prompt, seed)], width, height, steps, guidance, progress, output_type
     )
