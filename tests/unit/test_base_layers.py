@@ -8,11 +8,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from fluxlora.models.base_layers import FrozenLinear, freeze_base, quantize_rows, swapped_block_names
 from fluxlora.models.tiny_flux import build_tiny_flux
 from fluxlora.training.memory.architecture import shape_from_configs
 from fluxlora.training.memory.fake_step import step_inputs
 from fluxlora.training.trainer import train_lora
-from fluxlora.training.trainer.base_layers import FrozenLinear, freeze_base, quantize_rows, swapped_block_names
 from fluxlora.training.trainer.config import TrainConfig, not_yet_runnable
 from fluxlora.training.trainer.lora import prepare_transformer
 from fluxlora.training.trainer.step import compile_blocks, flow_matching_loss

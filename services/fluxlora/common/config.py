@@ -51,6 +51,16 @@ class Settings(BaseSettings):
     tls_ca_file: Path | None = Field(None, description="SDK: CA to trust for the servers' certificates (TLS on).")
     tls_client_cert_file: Path | None = Field(None, description="SDK: client certificate (PEM) for mutual TLS.")
     tls_client_key_file: Path | None = Field(None, description="SDK: client private key (PEM) for mutual TLS.")
+    # Failed-authentication lockout (fluxlora.common.auth_lockout): an address failing this often within the
+    # window has every call refused (RESOURCE_EXHAUSTED, the right token too) for the lockout; 0 failures: off.
+    auth_max_failures: int = Field(
+        20, ge=0, description="Failed authentications from one address within the window before it is locked out."
+    )
+    auth_failure_window_s: float = Field(60.0, gt=0, description="Seconds over which failed authentications count.")
+    auth_lockout_s: float = Field(60.0, gt=0, description="Seconds a locked-out address has every call refused.")
+    auth_tracked_peers: int = Field(
+        10_000, ge=1, description="Addresses the lockout remembers at most (the least recently seen is forgotten)."
+    )
     health_port: int = Field(
         0, ge=0, description="Extra plaintext port serving only gRPC health (probes of TLS servers); 0: none."
     )
@@ -77,6 +87,14 @@ class Settings(BaseSettings):
     base_model: str = Field("", description="Default base model (directory or store://prefix).")
     caption_model: str = Field("", description="Default captioning model (directory or store://prefix).")
     device: str = Field("auto", description="Torch device for GPU services: auto, cuda, cpu.")
+    # FLUX.1-dev's whole pipeline in bf16 is ~34 GB: a 24 GB card renders grids with the transformer's
+    # block weights in fp8 (~12 GB) and each model on the GPU only while it runs (model CPU offload).
+    inference_quantization: Literal["auto", "none", "fp8", "int8"] = Field(
+        "auto", description="Evaluation: transformer block weights in 8 bits; auto: fp8 on a GPU under 40 GiB.",
+    )
+    inference_cpu_offload: Literal["auto", "on", "off"] = Field(
+        "auto", description="Evaluation: diffusers model CPU offload; auto: on for a GPU under 40 GiB.",
+    )
     gpu_memory_gib: float | None = Field(
         None, ge=0,
         description="GPU memory (GiB) training runs must fit, checked at submit by the memory planner; "

@@ -7,7 +7,7 @@ from google.protobuf import json_format
 
 from fluxlora.common import keys
 from fluxlora.common.models import resolve_model
-from fluxlora.evaluation.job_support import device_and_dtype, settings_of
+from fluxlora.evaluation.job_support import device_and_dtype, inference_loading, settings_of
 from fluxlora.evaluation.pipelines import base_pipeline
 from fluxlora.evaluation.render import generate_images
 from fluxlora.jobs.context import JobContext
@@ -25,9 +25,10 @@ def run_generate(ctx: JobContext, spec: pb.GenerateSpec) -> pb.GenerateResult:
     ctx.progress("loading base model", 0)
     model_dir = resolve_model(spec.base_model, ctx.store, settings.cache_dir, "base model")
     device, dtype = device_and_dtype(settings)
+    loading = inference_loading(settings, device)
     prompts = list(spec.prompts)
     seeds = [spec.seed + i for i in range(spec.images_per_prompt)]
-    with base_pipeline(model_dir, device, dtype) as pipe:
+    with base_pipeline(model_dir, device, dtype, loading.quantization, loading.cpu_offload) as pipe:
         images = generate_images(
             pipe, loras, prompts, seeds, spec.width, spec.height, spec.steps, spec.guidance,
             progress=lambda done, total: (ctx.check_cancelled(), ctx.progress("generating", done, total, "image")),

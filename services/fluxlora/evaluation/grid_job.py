@@ -17,7 +17,7 @@ from fluxlora.common.runs import select_checkpoints
 from fluxlora.evaluation import heldout, scoring
 from fluxlora.evaluation.grid import compose_grid, format_step, format_strength, page_rows
 from fluxlora.evaluation.image_text import IMAGE_TEXT_MODELS, fidelity, flexibility
-from fluxlora.evaluation.job_support import IMAGE_SUFFIXES, device_and_dtype, settings_of
+from fluxlora.evaluation.job_support import IMAGE_SUFFIXES, device_and_dtype, inference_loading, settings_of
 from fluxlora.evaluation.pipelines import base_pipeline
 from fluxlora.evaluation.render import Panel, render_panels
 from fluxlora.evaluation.validation import NO_MODEL
@@ -82,10 +82,11 @@ def run_grid(ctx: JobContext, spec: pb.GridSpec) -> pb.GridResult:
     ctx.progress("loading base model", 0)
     model_dir = resolve_model(spec.base_model, ctx.store, settings.cache_dir, "base model")
     device, dtype = device_and_dtype(settings)
+    loading = inference_loading(settings, device)
     config = run.get("config", {})
     scores = Scores()
 
-    with base_pipeline(model_dir, device, dtype) as pipe:
+    with base_pipeline(model_dir, device, dtype, loading.quantization, loading.cpu_offload) as pipe:
         probe = None
         if dataset.probe:
             ctx.progress("convergence probe", 0)

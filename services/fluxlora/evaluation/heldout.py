@@ -90,8 +90,8 @@ def probe_loss(pipe: FluxPipeline, probe: Probe) -> float:
     velocity noise - x0 on packed latent tokens, timestep = s.
     """
     transformer = pipe.transformer
-    param = next(transformer.parameters())
-    device, dtype = param.device, param.dtype
+    # The execution device, not the weights' one: under model CPU offload they wait on the CPU.
+    device, dtype = pipe._execution_device, next(transformer.parameters()).dtype
     sigmas = torch.tensor(probe.sigmas, dtype=torch.float32)
     n = len(sigmas)
     total = 0.0

@@ -79,18 +79,23 @@ def unload_adapters(pipe: Any) -> None:
         raise RuntimeError("LoRA layers left in the transformer after unloading")
 
 
-def pipeline_key(model_dir: Path, device: torch.device, dtype: torch.dtype) -> tuple:
-    """What identifies a loaded base: its directory (and when that was last written), device, dtype."""
+def pipeline_key(model_dir: Path, device: torch.device, dtype: torch.dtype, *options: Hashable) -> tuple:
+    """What identifies a loaded base: its directory (and when that was last written), device, dtype
+    and how it was loaded."""
     index = Path(model_dir) / "model_index.json"
     written = index.stat().st_mtime_ns if index.exists() else 0
-    return str(Path(model_dir).resolve()), written, str(device), str(dtype)
+    return str(Path(model_dir).resolve()), written, str(device), str(dtype), *options
 
 
 PIPELINES = ModelCache(load_flux_pipeline, release=unload_adapters)
 
 
 @contextlib.contextmanager
-def base_pipeline(model_dir: Path, device: torch.device, dtype: torch.dtype) -> Iterator[Any]:
-    """The process's FLUX pipeline for model_dir, loaded at most once while it stays in use."""
-    with PIPELINES.borrow(pipeline_key(model_dir, device, dtype), model_dir, device, dtype) as pipe:
+def base_pipeline(model_dir: Path, device: torch.device, dtype: torch.dtype, quantization: str = "none",
+                  cpu_offload: bool = False) -> Iterator[Any]:
+    """The process's FLUX pipeline for model_dir, loaded at most once while it stays in use;
+    quantization and cpu_offload as for load_flux_pipeline (job_support.inference_loading picks them)."""
+    key = pipeline_key(model_dir, device, dtype, quantization, cpu_offload)
+    with PIPELINES.borrow(key, model_dir, device, dtype, cpu_offload=cpu_offload,
+                          base_quantization=quantization) as pipe:
         yield pipe

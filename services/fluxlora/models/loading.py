@@ -8,6 +8,8 @@ from pathlib import Path
 import torch
 from diffusers import FluxPipeline
 
+from fluxlora.models.base_layers import freeze_base
+
 log = logging.getLogger(__name__)
 
 _PRECISIONS = {
@@ -50,6 +52,7 @@ def load_flux_pipeline(
     *,
     cpu_offload: bool = False,
     text_encoders: bool = True,
+    base_quantization: str = "none",
 ) -> FluxPipeline:
     """Load a local diffusers-layout FLUX.1 directory, frozen and in eval mode, on `device`.
 
@@ -58,6 +61,8 @@ def load_flux_pipeline(
     model on the CPU until it runs (diffusers' model offload): the full FLUX.1-dev pipeline is
     ~33 GB in bf16 and does not fit a 24 GB GPU at once. text_encoders=False skips loading CLIP
     and T5 (and their tokenizers): for callers that have the prompt embeddings already.
+    base_quantization "fp8"/"int8" stores the transformer blocks' linear weights in 8 bits
+    (fluxlora.models.base_layers): FLUX.1-dev's transformer then takes ~12 GB instead of ~24 GB.
     """
     model_dir = Path(model_dir)
     if not (model_dir / "model_index.json").is_file():
@@ -72,9 +77,14 @@ def load_flux_pipeline(
             component.requires_grad_(False)
     pipe.set_progress_bar_config(disable=True)
     device = torch.device(device)
+    if base_quantization != "none":
+        # Quantised layer by layer on the GPU (fast) unless the pipeline is to stay on the CPU.
+        where = device if device.type != "cpu" and not cpu_offload else None
+        freeze_base(pipe.transformer, base_quantization, dtype, where)
     if cpu_offload and device.type != "cpu":
         pipe.enable_model_cpu_offload(device=device)
     elif device.type != "cpu":  # from_pretrained already left everything on the CPU
         pipe.to(device)
-    log.info("loaded %s on %s as %s", model_dir, device, dtype)
+    log.info("loaded %s on %s as %s (transformer blocks: %s%s)", model_dir, device, dtype, base_quantization,
+             ", model CPU offload" if cpu_offload and device.type != "cpu" else "")
     return pipe

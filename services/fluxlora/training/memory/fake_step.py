@@ -22,9 +22,9 @@ import torch.nn.functional as F
 from diffusers import FluxTransformer2DModel
 from torch._subclasses.fake_tensor import FakeTensorMode
 
+from fluxlora.models.base_layers import BLOCK_LISTS
 from fluxlora.training.memory.architecture import ModelShape
 from fluxlora.training.memory.live_bytes import CUDA_BLOCK_BYTES, LiveBytes
-from fluxlora.training.trainer.base_layers import BLOCK_LISTS
 from fluxlora.training.trainer.config import TrainConfig
 from fluxlora.training.trainer.lora import prepare_transformer
 from fluxlora.training.trainer.step import HALF_PRECISION, apply_gradients, flow_matching_loss, make_optimizer

@@ -20,10 +20,10 @@ from typing import Any
 
 import torch
 
+from fluxlora.models.base_layers import max_blocks_to_swap as max_swappable
+from fluxlora.models.base_layers import swapped_block_counts
 from fluxlora.training.memory.architecture import ModelShape
 from fluxlora.training.memory.fake_step import StepMemory, measure_step
-from fluxlora.training.trainer.base_layers import max_blocks_to_swap as max_swappable
-from fluxlora.training.trainer.base_layers import swapped_block_counts
 from fluxlora.training.trainer.config import OPTIMIZER_STATE_BYTES, TrainConfig, not_yet_runnable
 
 log = logging.getLogger(__name__)

@@ -7,7 +7,7 @@ from diffusers.training_utils import cast_training_params
 from peft import LoraConfig
 from peft.utils.error import NoMatchingPeftModuleError
 
-from fluxlora.training.trainer.base_layers import freeze_base
+from fluxlora.models.base_layers import freeze_base
 from fluxlora.training.trainer.checkpoint import ADAPTER_NAME
 from fluxlora.training.trainer.config import TrainConfig
 

@@ -28,8 +28,6 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from fluxlora.training.trainer.config import BaseQuantization
-
 QUANTIZED_DTYPES: dict[str, torch.dtype] = {"fp8": torch.float8_e4m3fn, "int8": torch.int8}
 _LARGEST = {"fp8": torch.finfo(torch.float8_e4m3fn).max, "int8": 127.0}
 BLOCK_LISTS = ("transformer_blocks", "single_transformer_blocks")
@@ -148,7 +146,7 @@ def swapped_block_names(transformer: torch.nn.Module, blocks_to_swap: int) -> se
             | {f"single_transformer_blocks.{i}" for i in range(num_single - single, num_single)})
 
 
-def freeze_base(transformer: torch.nn.Module, kind: BaseQuantization, compute_dtype: torch.dtype,
+def freeze_base(transformer: torch.nn.Module, kind: str, compute_dtype: torch.dtype,
                 device: torch.device | None = None, blocks_to_swap: int = 0) -> int:
     """Replace the blocks' frozen linear layers by FrozenLinear where they are quantised or
     swapped, one at a time, each made on `device` (so a GPU never holds more than one
