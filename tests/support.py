@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import datetime
+import ipaddress
 import sys
 import threading
 import uuid
@@ -72,3 +74,41 @@ def preprocessing_server(tmp_path, gate: threading.Event | None = None, store=No
         yield server
     finally:
         server.stop(grace=1.0)
+
+
+def _pem_pair(name, issuer=None, ca=False, hosts=()):
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    issuer_name, issuer_key = (issuer[0], issuer[1]) if issuer else (subject, key)
+    now = datetime.datetime.now(datetime.UTC)
+    builder = (x509.CertificateBuilder().subject_name(subject).issuer_name(issuer_name).public_key(key.public_key())
+               .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=5))
+               .not_valid_after(now + datetime.timedelta(days=1))
+               .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
+    if hosts:
+        names = [x509.IPAddress(ipaddress.ip_address(h)) if h[0].isdigit() else x509.DNSName(h) for h in hosts]
+        builder = builder.add_extension(x509.SubjectAlternativeName(names), critical=False)
+    cert = builder.sign(issuer_key, hashes.SHA256())
+    key_pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                serialization.NoEncryption())
+    return cert, key, cert.public_bytes(serialization.Encoding.PEM), key_pem
+
+
+def write_test_pki(folder):
+    """A CA, a server certificate for localhost/127.0.0.1, a client certificate, and a stranger CA, as
+    PEM files in `folder`: ca, server.crt, server.key, client.crt, client.key, stranger."""
+    ca_cert, ca_key, ca_pem, _ = _pem_pair("fluxlora test CA", ca=True)
+    ca_subject = ca_cert.subject
+    _, _, server_pem, server_key = _pem_pair("server", issuer=(ca_subject, ca_key), hosts=("localhost", "127.0.0.1"))
+    _, _, client_pem, client_key = _pem_pair("client", issuer=(ca_subject, ca_key))
+    _, _, stranger_pem, _ = _pem_pair("stranger CA", ca=True)
+    files = {"ca": ca_pem, "server.crt": server_pem, "server.key": server_key, "client.crt": client_pem,
+             "client.key": client_key, "stranger": stranger_pem}
+    for name, data in files.items():
+        (folder / name).write_bytes(data)
+    return folder

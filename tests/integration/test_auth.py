@@ -5,8 +5,6 @@ optional client certificates) round-trips through the SDK."""
 
 from __future__ import annotations
 
-import datetime
-import ipaddress
 import logging
 import secrets
 
@@ -23,6 +21,7 @@ from fluxlora.common.storage import LocalStore
 from fluxlora_api.v1 import captioning_pb2, evaluation_pb2, jobs_pb2, preprocessing_pb2, training_pb2
 from fluxlora_client import FluxloraClient
 from fluxlora_client.errors import FluxloraClientError
+from support import write_test_pki
 
 TOKEN = "tok-" + secrets.token_hex(16)
 WRONG = "tok-" + secrets.token_hex(16)
@@ -34,7 +33,10 @@ def secured(tmp_path, caplog):
     """The four servers with a token configured, over one local store."""
     caplog.set_level(logging.DEBUG)
     store = LocalStore(tmp_path / "store")
-    settings = Settings(store=str(tmp_path / "store"), cache_dir=tmp_path / "cache", auth_token=TOKEN)
+    # These tests send dozens of wrong tokens from one address on purpose: the lockout that would stop
+    # them has its own tests (test_auth_lockout.py).
+    settings = Settings(store=str(tmp_path / "store"), cache_dir=tmp_path / "cache", auth_token=TOKEN,
+                        auth_max_failures=0)
     servers = {name: start_server(name, settings, store=store, port=0) for name in SERVICES}
     yield servers
     for server in servers.values():
@@ -140,43 +142,9 @@ def test_the_sdk_reads_the_token_from_a_file(secured, tmp_path):
 
 
 # --- TLS -------------------------------------------------------------------------------------------
-def _pem_pair(name, issuer=None, ca=False, hosts=()):
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    key = ec.generate_private_key(ec.SECP256R1())
-    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
-    issuer_name, issuer_key = (issuer[0], issuer[1]) if issuer else (subject, key)
-    now = datetime.datetime.now(datetime.UTC)
-    builder = (x509.CertificateBuilder().subject_name(subject).issuer_name(issuer_name).public_key(key.public_key())
-               .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=5))
-               .not_valid_after(now + datetime.timedelta(days=1))
-               .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
-    if hosts:
-        names = [x509.IPAddress(ipaddress.ip_address(h)) if h[0].isdigit() else x509.DNSName(h) for h in hosts]
-        builder = builder.add_extension(x509.SubjectAlternativeName(names), critical=False)
-    cert = builder.sign(issuer_key, hashes.SHA256())
-    key_pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                serialization.NoEncryption())
-    return cert, key, cert.public_bytes(serialization.Encoding.PEM), key_pem
-
-
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory):
-    """A CA, a server certificate for localhost/127.0.0.1, a client certificate, and a stranger CA."""
-    folder = tmp_path_factory.mktemp("pki")
-    ca_cert, ca_key, ca_pem, _ = _pem_pair("fluxlora test CA", ca=True)
-    ca_subject = ca_cert.subject
-    _, _, server_pem, server_key = _pem_pair("server", issuer=(ca_subject, ca_key), hosts=("localhost", "127.0.0.1"))
-    _, _, client_pem, client_key = _pem_pair("client", issuer=(ca_subject, ca_key))
-    _, _, stranger_pem, _ = _pem_pair("stranger CA", ca=True)
-    files = {"ca": ca_pem, "server.crt": server_pem, "server.key": server_key, "client.crt": client_pem,
-             "client.key": client_key, "stranger": stranger_pem}
-    for name, data in files.items():
-        (folder / name).write_bytes(data)
-    return folder
+    return write_test_pki(tmp_path_factory.mktemp("pki"))
 
 
 def _tls_server(tmp_path, pki, **extra):

@@ -5,7 +5,9 @@ killed (no shutdown code runs) and started again on the same store and port, and
 - resubmitting a request_id returns the job it created, which ran once;
 - every stored artifact is whole: the checksums in the manifest and in the job record match the
   stored bytes, and nothing references an object that is not there;
-- a training run continues from its last complete checkpoint, each step trained once.
+- a training run continues from its last complete checkpoint, each step trained once;
+- a caption job or a grid runs again from the start and stores its outputs once (one caption version,
+  one set of cells).
 """
 
 from __future__ import annotations
@@ -198,4 +200,96 @@ def test_a_killed_training_server_resumes_the_run_from_its_last_checkpoint(tmp_p
     referenced = {a.key for a in final.artifacts}
     for checkpoint in result.checkpoints:
         assert {checkpoint.lora_key, checkpoint.kohya_lora_key} <= referenced
+    client.close()
+
+
+def store_dataset(store: ArtifactStore, dataset_id: str, count: int) -> list[str]:
+    """A preprocessed dataset as the preprocessing service leaves one (images and manifest), made in
+    milliseconds; returns the stems."""
+    from PIL import Image, ImageDraw
+
+    stems = [f"img{i:02d}" for i in range(count)]
+    for i, stem in enumerate(stems):
+        image = Image.new("RGB", (64, 64), "white")
+        ImageDraw.Draw(image).ellipse((8 + i % 8, 6, 56 - i % 8, 58), fill=(40 * i % 256, 90, 200 - 5 * i))
+        data = io.BytesIO()
+        image.save(data, format="PNG")
+        store.put_bytes(keys.dataset_images(dataset_id) + f"{stem}.png", data.getvalue(), "image/png")
+    store.put_json(keys.dataset_manifest(dataset_id), {"dataset_id": dataset_id,
+                                                       "images": [{"stem": stem} for stem in stems]})
+    return stems
+
+
+def kill_mid_stage(server: ServiceProcess, client: FluxloraClient, job: jobs_pb2.Job, stage: str) -> None:
+    """SIGKILLs the server once the job has done some, but not all, units of `stage`; the store then
+    still says RUNNING."""
+    def midway() -> bool:
+        current = client.get_job(job.job_id)  # (a job already finished fails the assert below)
+        progress = current.progress
+        return (progress.stage == stage and 0 < progress.done < progress.total) or current.state in TERMINAL
+
+    wait_until(midway, f"the job midway through {stage!r}", logs=server.logs)
+    server.kill()
+    assert stored_state(client.store, server.service, job.job_id) == S.JOB_STATE_RUNNING
+
+
+def test_a_killed_captioning_server_captions_the_dataset_again_once(tmp_path, tiny_models, processes):
+    store = LocalStore(tmp_path / "store")
+    stems = store_dataset(store, "ds-sigkill000001", count=24)
+    server = ServiceProcess("captioning", store, tmp_path)
+    processes.append(server.start())
+    client = FluxloraClient(store, captioning=server.address)
+    # batch 1 and longer captions: the job takes a few seconds, so the kill lands mid-caption
+    options = dict(model=str(tiny_models["florence2"]), batch_size=1, max_new_tokens=128, request_id="req-caption")
+    job = client.caption("ds-sigkill000001", "fluxone", **options)
+    kill_mid_stage(server, client, job, "captioning")
+
+    server.start()
+    final = client.wait(job)
+    assert final.state == S.JOB_STATE_SUCCEEDED, server.logs()
+    again = client.caption("ds-sigkill000001", "fluxone", **options)
+    assert again.job_id == job.job_id and again.state == S.JOB_STATE_SUCCEEDED
+    assert [j.job_id for j in client.list_jobs("captioning")] == [job.job_id]
+
+    assert_artifacts_whole(store, final)
+    result = client.result(final)
+    assert result.caption_count == len(stems) and result.version == 1
+    history = client.captions.history("ds-sigkill000001")
+    assert [(v.version, v.kind, v.author) for v in history.versions] == [(1, "auto", job.job_id)]  # one draft
+    captions = store.get_json(result.captions_key)["captions"]
+    assert sorted(captions) == stems
+    images = keys.dataset_images("ds-sigkill000001")
+    for stem, caption in captions.items():  # the sidecars agree with captions.json, written after them
+        assert store.get_bytes(f"{images}{stem}.txt").decode().rstrip("\n") == caption
+    client.close()
+
+
+def test_a_killed_evaluation_server_renders_the_grid_again_once(tmp_path, tiny_models, processes):
+    from fluxlora.evaluation.tiny_models import store_random_run
+
+    store = LocalStore(tmp_path / "store")
+    run = store_random_run(store, tiny_models["flux"])
+    server = ServiceProcess("evaluation", store, tmp_path)
+    processes.append(server.start())
+    client = FluxloraClient(store, evaluation=server.address)
+    # 3 checkpoints x 6 strengths; enough sampling steps that rendering takes a few seconds
+    options = dict(steps=24, image_text_model="none", skip_convergence=True, request_id="req-grid")
+    job = client.evaluate(run["run_id"], **options)
+    kill_mid_stage(server, client, job, "rendering cells")
+
+    server.start()
+    final = client.wait(job)
+    assert final.state == S.JOB_STATE_SUCCEEDED, server.logs()
+    again = client.evaluate(run["run_id"], **options)
+    assert again.job_id == job.job_id and again.state == S.JOB_STATE_SUCCEEDED
+    assert [j.job_id for j in client.list_jobs("evaluation")] == [job.job_id]
+
+    result = client.result(final)
+    assert (result.rows, result.cols) == (3, 6) and len(result.cells) == 18
+    assert_artifacts_whole(store, final)
+    referenced = [a.key for a in final.artifacts]
+    assert len(referenced) == len(set(referenced)), "each object stored and referenced once"
+    stored = {o.key for o in store.list(keys.grid_prefix(result.grid_id))}
+    assert stored == set(referenced), "nothing half-written or left over from the killed run"
+    assert {c.image_key for c in result.cells} | {result.report_key, result.grid_key} <= stored
     client.close()

@@ -13,11 +13,7 @@ from pathlib import Path
 
 from rich.console import Console
 
-from fluxlora.common.auth import load_auth_token
-from fluxlora.common.config import Settings
-from fluxlora.common.storage import LocalStore
 from fluxlora.training.trainer.config import ATTENTION_AND_MLP_TARGETS
-from fluxlora_client.client import FluxloraClient
 from fluxlora_client.local import LocalServices
 from fluxlora_client.pipeline import PipelineOptions, PipelineOutputs, run_pipeline
 from fluxlora_client.progress import JobProgress
@@ -74,9 +70,9 @@ def run_demo(workdir: Path, max_steps: int = 200, console: Console | None = None
     store_dir = workdir / "store"
     with LocalServices(store_dir, log_dir=workdir / "logs") as services:
         console.print("services: " + ", ".join(f"{n} {a}" for n, a in services.addresses.items()))
-        # The servers inherit FLUXLORA_AUTH_TOKEN(_FILE) from this process: send the same token.
-        client = FluxloraClient(LocalStore(store_dir), **services.addresses, token=load_auth_token(Settings()))
-        with client, JobProgress(console) as progress:
+        # The servers inherit FLUXLORA_AUTH_TOKEN(_FILE) and FLUXLORA_TLS_* from this process: the client
+        # sends the same token and trusts FLUXLORA_TLS_CA_FILE.
+        with services.client() as client, JobProgress(console) as progress:
             return run_pipeline(client, photos, demo_options(models, max_steps),
                                 download_to=workdir / "outputs", on_event=progress.on_event)
 

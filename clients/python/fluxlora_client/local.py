@@ -9,11 +9,17 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from fluxlora.common.config import SERVICES
+from fluxlora.common.auth import AuthConfigError, channel_credentials
+from fluxlora.common.config import SERVICES, Settings
+from fluxlora_client.errors import FluxloraClientError
+
+if TYPE_CHECKING:
+    from fluxlora_client.client import FluxloraClient
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -22,24 +28,57 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
-def wait_healthy(address: str, timeout: float = 120.0, alive: Callable[[], bool] = lambda: True) -> None:
-    """Waits until the server at `address` reports SERVING; gives up early when `alive` says the
-    process behind it has exited."""
+def wait_healthy(address: str, timeout: float = 120.0, alive: Callable[[], bool] = lambda: True,
+                 credentials: grpc.ChannelCredentials | None = None) -> None:
+    """Waits until the server at `address` reports SERVING (over TLS with `credentials`); gives up early
+    when `alive` says the process behind it has exited. A timeout names the last error seen (a TLS
+    certificate the CA does not vouch for shows up there, not as a silent wait)."""
     deadline = time.monotonic() + timeout
-    with grpc.insecure_channel(address) as channel:
+    last = "no answer"
+    channel = grpc.secure_channel(address, credentials) if credentials else grpc.insecure_channel(address)
+    with channel:
         stub = health_pb2_grpc.HealthStub(channel)
         while True:
             try:
                 status = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=2).status
                 if status == health_pb2.HealthCheckResponse.SERVING:
                     return
-            except grpc.RpcError:
-                pass
+                last = health_pb2.HealthCheckResponse.ServingStatus.Name(status)
+            except grpc.RpcError as err:
+                last = f"{err.code().name}: {err.details()}"
             if not alive():
                 raise RuntimeError(f"the server for {address} exited before it became healthy")
             if time.monotonic() > deadline:
-                raise TimeoutError(f"no healthy server at {address} after {timeout:.0f}s")
+                raise TimeoutError(f"no healthy server at {address} after {timeout:.0f}s (last: {last})")
             time.sleep(0.3)
+
+
+def health_ports_from(env: dict[str, str]) -> dict[str, int]:
+    """FLUXLORA_HEALTH_PORT=N gives the four servers plaintext health ports N..N+3 (one port cannot
+    serve four processes), in SERVICES order like the default ports; unset or 0: none."""
+    value = env.get("FLUXLORA_HEALTH_PORT") or "0"
+    if not value.strip().isdigit():
+        raise FluxloraClientError("INVALID_ARGUMENT", f"FLUXLORA_HEALTH_PORT={value!r} is not a port number")
+    base = int(value)
+    return {name: base + i for i, name in enumerate(SERVICES)} if base else {}
+
+
+def health_credentials(env: dict[str, str]) -> grpc.ChannelCredentials | None:
+    """How to reach the servers' own port for health checks: TLS with FLUXLORA_TLS_CA_FILE (and the
+    client certificate, if the servers require one) when they serve TLS; None for plaintext."""
+    if not env.get("FLUXLORA_TLS_CERT_FILE"):
+        return None
+    if not env.get("FLUXLORA_TLS_CA_FILE"):
+        raise FluxloraClientError(
+            "INVALID_ARGUMENT", "the servers serve TLS (FLUXLORA_TLS_CERT_FILE) but nothing lets this process check "
+            "that they started: set FLUXLORA_TLS_CA_FILE to the CA that signed the certificate (the SDK needs it "
+            "too), or FLUXLORA_HEALTH_PORT for plaintext health ports")
+    fields = {"tls_ca_file": "FLUXLORA_TLS_CA_FILE", "tls_client_cert_file": "FLUXLORA_TLS_CLIENT_CERT_FILE",
+              "tls_client_key_file": "FLUXLORA_TLS_CLIENT_KEY_FILE"}
+    try:
+        return channel_credentials(Settings(**{field: env.get(name) or None for field, name in fields.items()}))
+    except AuthConfigError as err:
+        raise FluxloraClientError("INVALID_ARGUMENT", str(err)) from None
 
 
 # Training runs each job in a child process here: a crash in training (out of memory, a CUDA fault)
@@ -56,11 +95,17 @@ class LocalServices:
     """The four servers as child processes sharing one store; stopped with SIGTERM on exit."""
 
     def __init__(self, store: str | Path, host: str = "127.0.0.1", ports: dict[str, int] | None = None,
-                 env: dict[str, str] | None = None, log_dir: Path | None = None):
+                 env: dict[str, str] | None = None, log_dir: Path | None = None,
+                 health_ports: dict[str, int] | None = None):
+        """env: settings for the servers on top of this process's environment. TLS servers
+        (FLUXLORA_TLS_CERT_FILE/_KEY_FILE) are waited for on their plaintext health ports (`health_ports`,
+        or FLUXLORA_HEALTH_PORT=N: N..N+3) when there are any, else over TLS trusting FLUXLORA_TLS_CA_FILE;
+        their certificate must then name `host`."""
         self.store = str(store)
         self.host = host
         self.ports = ports or {name: free_port(host) for name in SERVICES}
         self.env = env or {}
+        self.health_ports = health_ports or health_ports_from({**os.environ, **self.env})
         self.log_dir = log_dir
         self.processes: dict[str, subprocess.Popen] = {}
 
@@ -70,22 +115,28 @@ class LocalServices:
 
     def start(self, timeout: float = 180.0) -> LocalServices:
         env = {**os.environ, **self.env, "FLUXLORA_STORE": self.store}
+        credentials = None if self.health_ports else health_credentials(env)  # (refuses before starting any)
+        probes = ({name: f"{self.host}:{port}" for name, port in self.health_ports.items()} if self.health_ports
+                  else self.addresses)
         for name in SERVICES:
             log = None
             if self.log_dir:
                 self.log_dir.mkdir(parents=True, exist_ok=True)
                 log = open(self.log_dir / f"{name}.log", "ab")
+            server_env = service_environment(name, env)
+            if self.health_ports:
+                server_env["FLUXLORA_HEALTH_PORT"] = str(self.health_ports[name])
             self.processes[name] = subprocess.Popen(
                 [sys.executable, "-m", "fluxlora_client.cli", "serve", name,
                  "--host", self.host, "--port", str(self.ports[name])],
-                env=service_environment(name, env), stdout=log or subprocess.DEVNULL,
+                env=server_env, stdout=log or subprocess.DEVNULL,
                 stderr=subprocess.STDOUT if log else None,
             )
         try:
-            for name, address in self.addresses.items():
+            for name, address in probes.items():
                 process = self.processes[name]
                 try:
-                    wait_healthy(address, timeout, alive=lambda p=process: p.poll() is None)
+                    wait_healthy(address, timeout, alive=lambda p=process: p.poll() is None, credentials=credentials)
                 except RuntimeError:
                     log_hint = f"; see {self.log_dir / (name + '.log')}" if self.log_dir else ""
                     raise RuntimeError(
@@ -95,6 +146,13 @@ class LocalServices:
             self.stop()
             raise
         return self
+
+    def client(self) -> FluxloraClient:
+        """An SDK client for these servers and their store, with the token and TLS settings of this
+        process's environment (FluxloraClient.from_env): the servers inherited the same ones."""
+        from fluxlora_client.client import FluxloraClient
+
+        return FluxloraClient.from_env(Settings(store=self.store), **self.addresses)
 
     def stop(self, timeout: float = 30.0) -> None:
         for process in self.processes.values():

@@ -7,6 +7,10 @@ auth is off: the embedded default on 127.0.0.1 (the server warns when it binds a
 Exempt from the token: the gRPC health service, because Kubernetes' and Docker's probes cannot send
 metadata. Server reflection is NOT exempt: it lists every method and message, which is an attacker's
 map; grpcurl passes the token with `-H 'authorization: Bearer <token>'`.
+
+An address that fails authentication too often is locked out for a while (fluxlora.common.auth_lockout,
+FLUXLORA_AUTH_MAX_FAILURES / _FAILURE_WINDOW_S / _LOCKOUT_S): its calls are refused before the token is
+compared, the right token included.
 """
 
 from __future__ import annotations
@@ -14,10 +18,12 @@ from __future__ import annotations
 import hmac
 import ipaddress
 import logging
+import math
 from pathlib import Path
 
 import grpc
 
+from fluxlora.common.auth_lockout import FailedAuthLimiter, peer_key
 from fluxlora.common.config import Settings
 
 log = logging.getLogger(__name__)
@@ -55,22 +61,20 @@ def load_auth_token(settings: Settings) -> str | None:
     return inline.strip() or None
 
 
-def _reject(message: str) -> grpc.RpcMethodHandler:
-    def abort(request, context: grpc.ServicerContext):
-        context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
-
-    def abort_stream(request, context: grpc.ServicerContext):
-        context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
-        yield  # pragma: no cover - makes this a generator, as a streaming handler must be
-
-    return abort, abort_stream
+# A locked-out address gets RESOURCE_EXHAUSTED: gRPC's code for "a per-user quota or rate limit ran out"
+# (Google's AIP-193 maps rate limiting to it, HTTP 429). Not UNAVAILABLE: that means "transient, retry",
+# and the SDK's channel retry policy retries it at once, burning its attempts into the lockout and hiding
+# it. The answer is the same whatever token came, so it says nothing about how close a guess was.
+LOCKED_OUT = grpc.StatusCode.RESOURCE_EXHAUSTED
 
 
 class TokenAuthInterceptor(grpc.ServerInterceptor):
-    """Lets an RPC through only with `authorization: Bearer <token>` (health checks excepted)."""
+    """Lets an RPC through only with `authorization: Bearer <token>` (health checks excepted); with a
+    limiter, an address that failed too often is refused before its token is compared."""
 
-    def __init__(self, token: str):
+    def __init__(self, token: str, limiter: FailedAuthLimiter | None = None):
         self._token = token.encode()
+        self._limiter = limiter
 
     def _check(self, metadata) -> str | None:
         values = [value for key, value in metadata or () if key == HEADER]
@@ -81,29 +85,91 @@ class TokenAuthInterceptor(grpc.ServerInterceptor):
             return f"invalid credentials: {HOW_TO}"
         return None
 
+    def _admit(self, method: str, metadata, context: grpc.ServicerContext) -> None:
+        """Returns when the call may run; aborts it otherwise. Needs the context: only it knows the peer."""
+        key = peer_key(context.peer()) if self._limiter else ""
+        if self._limiter and (left := self._limiter.locked_for(key)):
+            context.abort(LOCKED_OUT, f"too many failed authentications from this address: its calls are refused "
+                                      f"for {math.ceil(left)} s more; {HOW_TO} and retry after that")
+        problem = self._check(metadata)
+        if problem is None:
+            return
+        log.warning("rejected %s: %s", method, problem.split(":", 1)[0])
+        if self._limiter and self._limiter.failed(key):
+            limiter = self._limiter
+            log.warning("%d failed authentications from %s within %gs: refusing its calls for %gs "
+                        "(FLUXLORA_AUTH_MAX_FAILURES, FLUXLORA_AUTH_LOCKOUT_S)", limiter.max_failures, key,
+                        limiter.window_s, limiter.lockout_s)
+        context.abort(grpc.StatusCode.UNAUTHENTICATED, problem)
+
     def intercept_service(self, continuation, handler_call_details):
         method = handler_call_details.method
         if method.startswith(EXEMPT_PREFIXES):
             return continuation(handler_call_details)
-        problem = self._check(handler_call_details.invocation_metadata)
-        if problem is None:
-            return continuation(handler_call_details)
-        log.warning("rejected %s: %s", method, problem.split(":", 1)[0])
-        handler = continuation(handler_call_details)
-        unary, stream = _reject(problem)
-        # Answer in the handler's own shape (unknown methods as unary), so the client sees the status.
-        if handler is None or not (handler.request_streaming or handler.response_streaming):
-            return grpc.unary_unary_rpc_method_handler(unary)
-        if handler.request_streaming and handler.response_streaming:
-            return grpc.stream_stream_rpc_method_handler(stream)
-        if handler.request_streaming:
-            return grpc.stream_unary_rpc_method_handler(unary)
-        return grpc.unary_stream_rpc_method_handler(stream)
+        metadata = handler_call_details.invocation_metadata
+        return _guarded(continuation(handler_call_details), lambda context: self._admit(method, metadata, context))
+
+
+def _guarded(handler: grpc.RpcMethodHandler | None, admit) -> grpc.RpcMethodHandler:
+    """The handler behind `admit(context)`, in the handler's own shape so the client sees the status.
+    An unknown method is admitted first too (UNIMPLEMENTED only with the token), so it is no oracle of
+    which methods exist. A unary request is parsed only once admitted: nobody unauthenticated gets the
+    protobuf parser (stream requests are parsed lazily, when the handler reads them, so after too)."""
+    if handler is None:
+        def unknown(request, context):
+            admit(context)
+            context.abort(grpc.StatusCode.UNIMPLEMENTED, "Method not found!")
+
+        return grpc.unary_unary_rpc_method_handler(unknown)
+
+    parse = handler.request_deserializer or (lambda raw: raw)
+
+    def parsed(raw, context):
+        try:
+            return parse(raw)
+        except Exception:  # grpc's own answer to a request it cannot deserialize
+            context.abort(grpc.StatusCode.INTERNAL, "Exception deserializing request!")
+
+    serialize = {"response_serializer": handler.response_serializer}
+    if handler.unary_unary:
+        def unary_unary(raw, context):
+            admit(context)
+            return handler.unary_unary(parsed(raw, context), context)
+
+        return grpc.unary_unary_rpc_method_handler(unary_unary, **serialize)
+    if handler.unary_stream:
+        def unary_stream(raw, context):
+            admit(context)
+            yield from handler.unary_stream(parsed(raw, context), context)
+
+        return grpc.unary_stream_rpc_method_handler(unary_stream, **serialize)
+    streamed = {"request_deserializer": handler.request_deserializer, **serialize}
+    if handler.stream_unary:
+        def stream_unary(requests, context):
+            admit(context)
+            return handler.stream_unary(requests, context)
+
+        return grpc.stream_unary_rpc_method_handler(stream_unary, **streamed)
+
+    def stream_stream(requests, context):
+        admit(context)
+        yield from handler.stream_stream(requests, context)
+
+    return grpc.stream_stream_rpc_method_handler(stream_stream, **streamed)
+
+
+def failed_auth_limiter(settings: Settings) -> FailedAuthLimiter | None:
+    """FLUXLORA_AUTH_MAX_FAILURES within FLUXLORA_AUTH_FAILURE_WINDOW_S lock an address out for
+    FLUXLORA_AUTH_LOCKOUT_S; 0 failures turns it off."""
+    if not settings.auth_max_failures:
+        return None
+    return FailedAuthLimiter(settings.auth_max_failures, settings.auth_failure_window_s, settings.auth_lockout_s,
+                             settings.auth_tracked_peers)
 
 
 def server_interceptors(settings: Settings) -> list[grpc.ServerInterceptor]:
     token = load_auth_token(settings)
-    return [TokenAuthInterceptor(token)] if token else []
+    return [TokenAuthInterceptor(token, failed_auth_limiter(settings))] if token else []
 
 
 def server_credentials(settings: Settings) -> grpc.ServerCredentials | None:
