@@ -192,7 +192,7 @@ def test_a_job_runs_as_a_kubernetes_job_and_succeeds_with_the_workers_result(clu
     assert created["spec"]["template"]["spec"]["nodeSelector"] == RTX4090
     assert c.kubelet.exit_codes[job.job_id] == 0
     # The record in the store (what a restarted server reads) holds the outcome too.
-    stored = {j.job_id: j for j in JobRecords(c.store, "preprocessing").load_all()}[job.job_id]
+    stored = JobRecords(c.store, "preprocessing").load(job.job_id)
     assert stored.state == S.JOB_STATE_SUCCEEDED and stored.result.Unpack(result)
 
 

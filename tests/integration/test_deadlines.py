@@ -119,7 +119,7 @@ def test_a_watch_nobody_reads_never_holds_the_job_back(job_server):
     # job never waited for it.
     assert any(after - before > 1 for before, after in itertools.pairwise(sequences))
     assert len(late) < EVENTS
-    assert len(runtime._events[job.job_id]) <= runtime_module.EVENTS_KEPT
+    assert len(runtime._logs[job.job_id].events) <= runtime_module.EVENTS_KEPT
 
 
 def test_a_watch_the_client_cancels_ends_on_the_server(job_server):

@@ -168,7 +168,7 @@ def test_fifty_clients_submit_and_watch_and_every_job_runs_exactly_once(store, t
         # event buffers within EVENTS_KEPT, and nothing left open once the clients are gone.
         assert 0 < sampled.watchers <= server.settings.max_watchers
         assert sampled.threads <= server.settings.max_watchers + RPC_THREADS
-        assert all(len(events) <= EVENTS_KEPT for events in server.runtime._events.values())
+        assert all(len(log.events) <= EVENTS_KEPT for log in server.runtime._logs.values())
         assert server.runtime.watchers == 0
 
 

@@ -164,7 +164,7 @@ def test_a_shutdown_requeues_the_job_and_the_next_start_resumes_it(start, store)
 
 def messages(runtime: JobRuntime, job_id: str) -> list[str]:
     """Every event message the runtime still holds for the job (a watch only sends the ones after it starts)."""
-    return [e.message for e in runtime._events[job_id]]
+    return [e.message for e in runtime._logs[job_id].events]
 
 
 def test_the_next_start_waits_for_a_worker_left_by_a_dead_server(start, store, tmp_path):

@@ -195,6 +195,6 @@ def test_finished_jobs_keep_only_their_last_event(local_store, monkeypatch):
     wait_terminal(runtime, first.job_id)
     runtime.submit(SPEC)  # a new submission trims what finished jobs hold
     events = list(runtime.watch(first.job_id))
-    assert len(runtime._events[first.job_id]) == 1
+    assert len(runtime._logs[first.job_id].events) == 1
     assert events[-1].job.state == S.JOB_STATE_SUCCEEDED
     runtime.shutdown()

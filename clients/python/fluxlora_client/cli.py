@@ -105,7 +105,8 @@ def up(store: Store = None, host: str = "127.0.0.1") -> None:
     settings = Settings(store=store) if store else Settings()
     with LocalServices(settings.store, host=host, ports=dict(DEFAULT_PORTS)) as services:
         for name, address in services.addresses.items():
-            console.print(f"{name:14} {address}")
+            health = services.health_ports.get(name)
+            console.print(f"{name:14} {address}" + (f"  (health, plaintext: {host}:{health})" if health else ""))
         console.print(f"store          {settings.store}\nCtrl-C stops them.")
         try:
             while all(p.poll() is None for p in services.processes.values()):
@@ -397,12 +398,16 @@ def demo(
 
 
 @jobs_app.command("list")
-def jobs_list(service: str, store: Store = None) -> None:
+def jobs_list(
+    service: str,
+    limit: Annotated[int, typer.Option(min=0, help="Show the newest this many jobs; 0: every job.")] = 100,
+    store: Store = None,
+) -> None:
     """List a service's jobs, newest first."""
     from fluxlora_api.v1 import jobs_pb2
 
     table = Table("job", "state", "stage", "progress", "created")
-    for job in _client(store).list_jobs(service):
+    for job in _client(store).list_jobs(service, limit=limit):
         table.add_row(
             job.job_id, jobs_pb2.JobState.Name(job.state).removeprefix("JOB_STATE_"), job.progress.stage,
             f"{job.progress.done}/{job.progress.total}", job.created_at.ToJsonString(),

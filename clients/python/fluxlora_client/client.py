@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import itertools
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -280,14 +281,28 @@ class FluxloraClient:
     def get_job(self, job_id: str) -> jobs_pb2.Job:
         return self._call(self._jobs(job_id).GetJob, jobs_pb2.GetJobRequest(job_id=job_id))
 
-    def list_jobs(self, service: str, states: list[int] | None = None, page_size: int = 0) -> list[jobs_pb2.Job]:
+    def list_jobs(self, service: str, states: list[int] | None = None, page_size: int = 0,
+                  limit: int = 100) -> list[jobs_pb2.Job]:
+        """A service's newest `limit` jobs (0: all of them), newest first, `page_size` per ListJobs call
+        (0: `limit`, at most the server's 500)."""
+        pages = self.iter_jobs(service, states, page_size or min(limit, 500))
+        return list(itertools.islice(pages, limit or None))
+
+    def iter_jobs(self, service: str, states: list[int] | None = None, page_size: int = 0) -> Iterator[jobs_pb2.Job]:
+        """Every job of a service, newest first, asking for the next page only when the last is used up."""
         if service not in self.addresses:
             raise FluxloraClientError(
                 "INVALID_ARGUMENT", f"unknown service {service!r}; choose one of {', '.join(self.addresses)}"
             )
         self._channel(service)
-        request = jobs_pb2.ListJobsRequest(states=states or [], page_size=page_size)
-        return list(self._call(self._endpoints[service].jobs.ListJobs, request).jobs)
+        token = ""
+        while True:
+            request = jobs_pb2.ListJobsRequest(states=states or [], page_size=page_size, page_token=token)
+            reply = self._call(self._endpoints[service].jobs.ListJobs, request)
+            yield from reply.jobs
+            token = reply.next_page_token
+            if not token:
+                return
 
     def cancel(self, job_id: str) -> jobs_pb2.Job:
         return self._call(self._jobs(job_id).CancelJob, jobs_pb2.CancelJobRequest(job_id=job_id))

@@ -69,7 +69,7 @@ class JobServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ListJobs(self, request, context):
-        """Lists this service's jobs, newest first.
+        """Lists this service's jobs, newest first, a page at a time (from the store: every job it ever ran).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -42,7 +42,7 @@ class JobServiceStub:
     GetJob: _grpc.UnaryUnaryMultiCallable[_jobs_pb2.GetJobRequest, _jobs_pb2.Job]
     """Returns one job; NOT_FOUND when the id is unknown to this service."""
     ListJobs: _grpc.UnaryUnaryMultiCallable[_jobs_pb2.ListJobsRequest, _jobs_pb2.ListJobsResponse]
-    """Lists this service's jobs, newest first."""
+    """Lists this service's jobs, newest first, a page at a time (from the store: every job it ever ran)."""
     CancelJob: _grpc.UnaryUnaryMultiCallable[_jobs_pb2.CancelJobRequest, _jobs_pb2.Job]
     """Asks a job to stop; returns the job with cancel_requested set (or CANCELLED if it was queued)."""
     WatchJob: _grpc.UnaryStreamMultiCallable[_jobs_pb2.WatchJobRequest, _jobs_pb2.JobEvent]
@@ -56,7 +56,7 @@ class JobServiceAsyncStub(JobServiceStub):
     GetJob: _aio.UnaryUnaryMultiCallable[_jobs_pb2.GetJobRequest, _jobs_pb2.Job]  # type: ignore[assignment]
     """Returns one job; NOT_FOUND when the id is unknown to this service."""
     ListJobs: _aio.UnaryUnaryMultiCallable[_jobs_pb2.ListJobsRequest, _jobs_pb2.ListJobsResponse]  # type: ignore[assignment]
-    """Lists this service's jobs, newest first."""
+    """Lists this service's jobs, newest first, a page at a time (from the store: every job it ever ran)."""
     CancelJob: _aio.UnaryUnaryMultiCallable[_jobs_pb2.CancelJobRequest, _jobs_pb2.Job]  # type: ignore[assignment]
     """Asks a job to stop; returns the job with cancel_requested set (or CANCELLED if it was queued)."""
     WatchJob: _aio.UnaryStreamMultiCallable[_jobs_pb2.WatchJobRequest, _jobs_pb2.JobEvent]  # type: ignore[assignment]
@@ -79,7 +79,7 @@ class JobServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _jobs_pb2.ListJobsRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_jobs_pb2.ListJobsResponse, _abc.Awaitable[_jobs_pb2.ListJobsResponse]]:
-        """Lists this service's jobs, newest first."""
+        """Lists this service's jobs, newest first, a page at a time (from the store: every job it ever ran)."""
 
     @_abc_1.abstractmethod
     def CancelJob(

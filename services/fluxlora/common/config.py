@@ -72,6 +72,9 @@ class Settings(BaseSettings):
     max_watchers: int = Field(
         64, ge=1, description="WatchJob streams one server holds at once; more get RESOURCE_EXHAUSTED (the SDK polls)."
     )
+    finished_jobs_in_memory: int = Field(
+        1000, ge=0, description="Finished jobs a server keeps in memory (LRU); older ones are read from the store."
+    )
     max_upload_bytes: int = Field(
         32 * 1024**3, ge=1, description="Most bytes under one preprocessing source_prefix (photos and zips together)."
     )

@@ -28,7 +28,8 @@ class JobServicer(jobs_pb2_grpc.JobServiceServicer):
     def ListJobs(self, request, context):
         if request.page_size < 0:
             raise InvalidArgument("page_size must be >= 0")
-        return jobs_pb2.ListJobsResponse(jobs=self.runtime.list(list(request.states), request.page_size))
+        jobs, token = self.runtime.page(list(request.states), request.page_size, request.page_token)
+        return jobs_pb2.ListJobsResponse(jobs=jobs, next_page_token=token)
 
     @grpc_errors
     def CancelJob(self, request, context):
