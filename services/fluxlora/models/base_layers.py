@@ -132,16 +132,22 @@ def max_blocks_to_swap(num_double: int, num_single: int) -> int:
     return best
 
 
+def swap_plan(blocks_to_swap: int, num_double: int, num_single: int) -> tuple[int, int]:
+    """(double, single) blocks to keep in CPU memory on a model with that many blocks of each kind;
+    ValueError naming the most it allows."""
+    allowed = max_blocks_to_swap(num_double, num_single)
+    if blocks_to_swap > allowed:
+        raise ValueError(f"blocks_to_swap={blocks_to_swap} is more than this model allows ({allowed}: at least "
+                         "two blocks of each kind stay on the GPU)")
+    return swapped_block_counts(blocks_to_swap)
+
+
 def swapped_block_names(transformer: torch.nn.Module, blocks_to_swap: int) -> set[str]:
     """Names of the blocks to keep in CPU memory: the last ones of each list."""
     if not blocks_to_swap:
         return set()
     num_double, num_single = (len(getattr(transformer, name)) for name in BLOCK_LISTS)
-    allowed = max_blocks_to_swap(num_double, num_single)
-    if blocks_to_swap > allowed:
-        raise ValueError(f"blocks_to_swap={blocks_to_swap} is more than this model allows ({allowed}: at least "
-                         "two blocks of each kind stay on the GPU)")
-    double, single = swapped_block_counts(blocks_to_swap)
+    double, single = swap_plan(blocks_to_swap, num_double, num_single)
     return ({f"transformer_blocks.{i}" for i in range(num_double - double, num_double)}
             | {f"single_transformer_blocks.{i}" for i in range(num_single - single, num_single)})
 

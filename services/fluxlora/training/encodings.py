@@ -8,7 +8,7 @@ import logging
 from pathlib import Path
 
 from fluxlora.common import keys
-from fluxlora.common.storage import ArtifactStore
+from fluxlora.common.storage import ArtifactStore, sha256_file
 from fluxlora.training.trainer.config import TrainConfig
 from fluxlora.training.trainer.data import find_pairs
 from fluxlora.training.trainer.encoding_cache import encoding_key
@@ -26,7 +26,7 @@ def model_fingerprint(model_dir: Path) -> str:
         size = path.stat().st_size
         digest.update(f"{path.relative_to(model_dir).as_posix()}\0{size}\0".encode())
         if size <= _HASHED_BYTES:
-            digest.update(hashlib.sha256(path.read_bytes()).digest())
+            digest.update(sha256_file(path).encode())
     return digest.hexdigest()
 
 

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from fluxlora.models.base_layers import max_blocks_to_swap as max_swappable
-from fluxlora.models.base_layers import swapped_block_counts
+from fluxlora.models.base_layers import swap_plan
 from fluxlora.training.memory.architecture import ModelShape
 from fluxlora.training.memory.fake_step import StepMemory, measure_step
 from fluxlora.training.trainer.config import OPTIMIZER_STATE_BYTES, TrainConfig, not_yet_runnable
@@ -225,11 +225,6 @@ def describe_mode(cfg: TrainConfig) -> str:
     return " + ".join(parts) + f", {cfg.resolution}px, batch {cfg.batch_size}, rank {cfg.rank}"
 
 
-def swapped_blocks(shape: ModelShape, blocks_to_swap: int) -> tuple[int, int]:
-    """(double, single) blocks kept in CPU memory, counted as kohya sd-scripts does for FLUX.1."""
-    return swapped_block_counts(blocks_to_swap)
-
-
 def max_blocks_to_swap(shape: ModelShape) -> int:
     """kohya keeps at least two blocks of each kind on the GPU (35 on FLUX.1)."""
     return max_swappable(shape.transformer["num_layers"], shape.transformer["num_single_layers"])
@@ -238,12 +233,8 @@ def max_blocks_to_swap(shape: ModelShape) -> int:
 def _swap_bytes(shape: ModelShape, cfg: TrainConfig, step: StepMemory) -> tuple[int, int]:
     if not cfg.blocks_to_swap:
         return 0, 0
-    if cfg.blocks_to_swap > max_blocks_to_swap(shape):
-        raise ValueError(
-            f"blocks_to_swap={cfg.blocks_to_swap} is more than this model allows "
-            f"({max_blocks_to_swap(shape)}: at least two blocks of each kind stay on the GPU)"
-        )
-    double, single = swapped_blocks(shape, cfg.blocks_to_swap)
+    double, single = swap_plan(cfg.blocks_to_swap, shape.transformer["num_layers"],
+                               shape.transformer["num_single_layers"])
     swapped = double * step.double_block_bytes + single * step.single_block_bytes
     in_flight = step.double_block_bytes if double else step.single_block_bytes
     return swapped, in_flight

@@ -18,6 +18,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
+from fluxlora.common.storage import sha256_file
 from fluxlora.training.trainer.data import CachedDataset, Pair, Sample, TextEmbedding
 
 FORMAT_VERSION = 1
@@ -33,7 +34,7 @@ def encoding_key(pairs: Sequence[Pair], model_identity: str, resolution: int, ma
     digest.update(json.dumps(header, sort_keys=True).encode())
     for pair in pairs:
         digest.update(pair.image.name.encode() + b"\0")
-        digest.update(hashlib.sha256(pair.image.read_bytes()).digest())
+        digest.update(sha256_file(pair.image).encode())
         digest.update(pair.caption.encode() + b"\0")
     return digest.hexdigest()[:40]
 

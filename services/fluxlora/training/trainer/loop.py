@@ -198,7 +198,7 @@ def _due(step: int, every: int) -> bool:
 
 def _prepare(
     cfg: TrainConfig, model_dir: Path, dataset_dir: Path, device: torch.device | str | None,
-    encoding_cache: Path | None = None, callbacks: TrainCallbacks | None = None,
+    encoding_cache: Path | None, callbacks: TrainCallbacks,
 ) -> _Run:
     device, dtype = pick_device_dtype(cfg.precision, device)
     data = _cached_encodings(encoding_cache, dataset_dir)
@@ -216,7 +216,7 @@ def _prepare(
         )
         if encoding_cache is not None:
             save_encodings(data, encoding_cache)
-            (callbacks or TrainCallbacks()).on_encoded(encoding_cache)
+            callbacks.on_encoded(encoding_cache)
     params = prepare_transformer(pipe.transformer, cfg, device)
     pipe.transformer.to(device)
     use_trainable_attention(device)
