@@ -53,8 +53,8 @@ def loads_per_process(model: Path, images: list[Path], jobs: int, max_new_tokens
     """Runs `jobs` caption jobs through a real captioning server and counts model loads."""
     from fluxlora.captioning import job as caption_job
     from fluxlora.common.config import Settings
-    from fluxlora.common.server import start_server
     from fluxlora.common.storage import LocalStore
+    from fluxlora.server.bootstrap import start_server
     from fluxlora_client import FluxloraClient
 
     store = LocalStore(root / "store")

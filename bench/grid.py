@@ -30,13 +30,13 @@ from PIL import Image
 
 from fluxlora.common.config import Settings
 from fluxlora.common.offline import configure_hf_offline
-from fluxlora.common.server import start_server
 from fluxlora.common.storage import LocalStore
 from fluxlora.evaluation import render
 from fluxlora.evaluation.heldout import MAX_IMAGES, prepare_probe, probe_loss
 from fluxlora.evaluation.pipelines import PIPELINES, base_pipeline
 from fluxlora.evaluation.tiny_models import PROMPT, store_random_run, write_random_lora
 from fluxlora.models.tiny_flux import write_tiny_flux
+from fluxlora.server.bootstrap import start_server
 from fluxlora_client import FluxloraClient
 
 DEFAULT_STRENGTHS = [0.0, 0.2, 0.4, 0.6, 0.8, 1.0]

@@ -38,9 +38,9 @@ from pathlib import Path
 from PIL import Image
 
 from fluxlora.common.storage import LocalStore
+from fluxlora.server.local import free_port, wait_healthy
 from fluxlora_api.v1 import jobs_pb2
 from fluxlora_client import FluxloraClient, FluxloraClientError
-from fluxlora_client.local import free_port, wait_healthy
 
 S = jobs_pb2.JobState
 

@@ -14,8 +14,8 @@ import pytest
 from typer.testing import CliRunner
 
 from fluxlora.common.config import SERVICES, Settings
-from fluxlora.common.server import RunningServer, load_definition, start_server
 from fluxlora.common.storage import LocalStore, S3Store
+from fluxlora.server.bootstrap import RunningServer, load_definition, start_server
 from fluxlora_client import FluxloraClient, cli
 
 

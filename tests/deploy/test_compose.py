@@ -110,7 +110,7 @@ def test_each_service_is_hardened_health_checked_configured_from_the_environment
     service = load("compose.yaml")["services"][name]
     assert service["command"] == ["serve", name]
     assert service["depends_on"] == {"minio-init": {"condition": "service_completed_successfully"}}
-    assert service["healthcheck"]["test"] == ["CMD", "python", "-m", "fluxlora.common.healthcheck"]
+    assert service["healthcheck"]["test"] == ["CMD", "python", "-m", "fluxlora.server.healthcheck"]
     assert service["read_only"] is True and service["cap_drop"] == ["ALL"]
     assert "no-new-privileges:true" in service["security_opt"]
     env = service["environment"]

@@ -105,7 +105,7 @@ def test_multi_stage_non_root_with_a_grpc_health_check_and_the_fluxlora_entrypoi
     assert user.split(":")[0] not in ("0", "root"), "the services run as a non-root user"
     assert [n for n, _ in final][-3:] == ["HEALTHCHECK", "ENTRYPOINT", "CMD"]  # USER set before them
     (health,) = [a for n, a in final if n == "HEALTHCHECK"]
-    assert 'CMD ["python", "-m", "fluxlora.common.healthcheck"]' in health
+    assert 'CMD ["python", "-m", "fluxlora.server.healthcheck"]' in health
     (entrypoint,) = [a for n, a in final if n == "ENTRYPOINT"]
     assert json.loads(entrypoint) == ["fluxlora"]
     (cmd,) = [a for n, a in final if n == "CMD"]
@@ -179,7 +179,7 @@ sys.meta_path.insert(0, Block())
 from pathlib import Path
 from fluxlora_client import cli  # the image's entrypoint module
 from fluxlora.common.config import Settings
-from fluxlora.common.server import start_server
+from fluxlora.server.bootstrap import start_server
 from fluxlora.common.storage import open_store
 from fluxlora.common import healthcheck
 from fluxlora_client import FluxloraClient

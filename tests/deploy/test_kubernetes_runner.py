@@ -16,12 +16,12 @@ from kube_fakes import FakeKubeAPI, FakeKubelet
 from kubernetes.client import ApiClient, Configuration
 
 from fluxlora.common.config import Settings
-from fluxlora.common.errors import FailedPrecondition, InvalidArgument
 from fluxlora.common.storage import LocalStore
 from fluxlora.jobs.kubernetes import KubernetesRunner, job_manifest
 from fluxlora.jobs.records import JobRecords
 from fluxlora.jobs.runtime import JobRuntime
 from fluxlora.jobs.worker import EXIT_INTERRUPTED, EXIT_PERMANENT, run_worker
+from fluxlora_api.shared.errors import FailedPrecondition, InvalidArgument
 from fluxlora_api.v1 import jobs_pb2, preprocessing_pb2
 
 S = jobs_pb2.JobState

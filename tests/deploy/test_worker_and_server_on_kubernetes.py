@@ -14,12 +14,12 @@ from google.protobuf import json_format
 from kube_fakes import FakeKubeAPI, FakeKubelet
 
 from fluxlora.common.config import Settings
-from fluxlora.common.errors import FailedPrecondition
-from fluxlora.common.server import start_server
 from fluxlora.common.storage import LocalStore
 from fluxlora.demo.sample_data import write_sample_photos
 from fluxlora.jobs.records import JobRecords
 from fluxlora.jobs.worker import EXIT_PERMANENT, load_report, run_worker
+from fluxlora.server.bootstrap import start_server
+from fluxlora_api.shared.errors import FailedPrecondition
 from fluxlora_api.v1 import jobs_pb2, preprocessing_pb2
 from fluxlora_client import FluxloraClient
 

@@ -15,9 +15,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2
 
 from fluxlora.common.config import SERVICES, Settings
-from fluxlora.common.healthcheck import serving
-from fluxlora.common.server import start_server
 from fluxlora.common.storage import LocalStore
+from fluxlora.server.bootstrap import start_server
+from fluxlora.server.healthcheck import serving
 from fluxlora_api.v1 import captioning_pb2, evaluation_pb2, jobs_pb2, preprocessing_pb2, training_pb2
 from fluxlora_client import FluxloraClient
 from fluxlora_client.errors import FluxloraClientError
@@ -184,7 +184,7 @@ def test_a_client_ca_makes_client_certificates_required(tmp_path, pki):
 
 
 def test_a_tls_server_answers_health_in_plaintext_on_the_health_port_and_nothing_else(tmp_path, pki):
-    from fluxlora_client.local import free_port
+    from fluxlora.server.local import free_port
 
     health_port = free_port()
     with _tls_server(tmp_path, pki, health_port=health_port) as server:

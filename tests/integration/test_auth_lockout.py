@@ -18,9 +18,9 @@ import grpc
 import pytest
 
 from fluxlora.common.config import Settings
-from fluxlora.common.healthcheck import serving
-from fluxlora.common.server import start_server
 from fluxlora.common.storage import LocalStore
+from fluxlora.server.bootstrap import start_server
+from fluxlora.server.healthcheck import serving
 from fluxlora_client import FluxloraClient
 from fluxlora_client.errors import FluxloraClientError
 

@@ -17,11 +17,11 @@ import grpc
 import pytest
 
 from fluxlora.common.config import Settings
-from fluxlora.common.server import start_server
 from fluxlora.common.storage import LocalStore
 from fluxlora.jobs import runtime as runtime_module
 from fluxlora.jobs.runtime import JobRuntime
 from fluxlora.jobs.servicer import JobServicer
+from fluxlora.server.bootstrap import start_server
 from fluxlora_api.v1 import jobs_pb2, jobs_pb2_grpc, preprocessing_pb2
 from fluxlora_client import FluxloraClient, FluxloraClientError
 

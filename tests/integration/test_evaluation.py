@@ -14,11 +14,11 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from fluxlora.common.config import Settings
-from fluxlora.common.server import start_server
 from fluxlora.common.storage import LocalStore
 from fluxlora.evaluation.grid import BACKGROUND, HIGHLIGHT, GridLayout
 from fluxlora.evaluation.pipelines import PIPELINES
 from fluxlora.evaluation.tiny_models import PROMPT, store_random_run, write_tiny_clip
+from fluxlora.server.bootstrap import start_server
 from fluxlora_client import FluxloraClient, cli
 
 MAX_CELLS = 24

@@ -7,10 +7,10 @@ from __future__ import annotations
 import json
 
 from fluxlora.common.config import Settings
-from fluxlora.common.server import start_server
 from fluxlora.common.storage import LocalStore
 from fluxlora.evaluation.pipelines import PIPELINES
 from fluxlora.evaluation.tiny_models import store_random_run
+from fluxlora.server.bootstrap import start_server
 from fluxlora_client import FluxloraClient
 
 

@@ -12,10 +12,10 @@ import pytest
 from PIL import Image
 
 from fluxlora.common.config import Settings
-from fluxlora.common.runs import list_checkpoints
-from fluxlora.common.server import start_server
 from fluxlora.common.storage import LocalStore
+from fluxlora.domain.runs import list_checkpoints
 from fluxlora.evaluation.tiny_models import PROMPT, store_random_run
+from fluxlora.server.bootstrap import start_server
 from fluxlora_client import FluxloraClient, FluxloraClientError
 
 FAST = {"steps": 3, "width": 64, "height": 64}

@@ -11,10 +11,10 @@ import zipfile
 import pytest
 from PIL import Image
 
-from fluxlora.captioning.review_page import EDITS_FORMAT
 from fluxlora.common.storage import LocalStore
 from fluxlora_api.v1 import jobs_pb2
 from fluxlora_client import FluxloraClient, FluxloraClientError, JobFailed
+from fluxlora_client.review_page import EDITS_FORMAT
 from support import preprocessing_server, services_and_client
 
 S = jobs_pb2.JobState

@@ -17,9 +17,9 @@ from google.protobuf import json_format
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from PIL import Image
 
-from fluxlora.common.server import RPC_THREADS, RunningServer
 from fluxlora.common.storage import LocalStore
 from fluxlora.jobs.runtime import EVENTS_KEPT
+from fluxlora.server.bootstrap import RPC_THREADS, RunningServer
 from fluxlora_api.v1 import jobs_pb2, jobs_pb2_grpc
 from fluxlora_client import FluxloraClient, FluxloraClientError
 from support import preprocessing_server

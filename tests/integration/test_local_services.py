@@ -13,10 +13,10 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from fluxlora.common.config import SERVICES
 from fluxlora.common.storage import LocalStore
+from fluxlora.server.local import LocalServices, free_port
 from fluxlora_api.v1 import jobs_pb2
 from fluxlora_client import FluxloraClient
 from fluxlora_client.errors import FluxloraClientError
-from fluxlora_client.local import LocalServices, free_port
 from support import write_test_pki
 
 

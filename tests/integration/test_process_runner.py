@@ -19,8 +19,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from safetensors.torch import load_file
 
 from fluxlora.common.config import Settings
-from fluxlora.common.server import start_server
 from fluxlora.common.storage import LocalStore
+from fluxlora.server.bootstrap import start_server
 from fluxlora_api.v1 import jobs_pb2
 from fluxlora_client import FluxloraClient, JobCancelled, JobFailed
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from fluxlora.common import keys
-from fluxlora.common.runs import list_checkpoints
+from fluxlora.domain.runs import list_checkpoints
 from fluxlora.training.trainer.checkpoint import TRAINING_STATE_NAME
 from fluxlora_api.v1 import jobs_pb2
 from fluxlora_client import FluxloraClientError, JobCancelled, JobFailed

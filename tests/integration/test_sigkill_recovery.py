@@ -26,9 +26,9 @@ import pytest
 
 from fluxlora.common import keys
 from fluxlora.common.storage import ArtifactStore, LocalStore
+from fluxlora.server.local import free_port, wait_healthy
 from fluxlora_api.v1 import jobs_pb2
 from fluxlora_client import FluxloraClient
-from fluxlora_client.local import free_port, wait_healthy
 from support import services_and_client
 
 pytestmark = pytest.mark.timeout(240)  # a regression that hangs a wait fails here, not after 10 minutes

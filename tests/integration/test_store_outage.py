@@ -20,14 +20,14 @@ import uuid
 import pytest
 
 from fluxlora.common.config import Settings
-from fluxlora.common.errors import Unavailable, status_of
 from fluxlora.common.s3_retry import RetryPolicy
-from fluxlora.common.server import start_server
 from fluxlora.common.storage import S3Store
 from fluxlora.jobs import runtime
+from fluxlora.server.bootstrap import start_server
+from fluxlora.server.local import free_port
+from fluxlora_api.shared.errors import Unavailable, status_of
 from fluxlora_api.v1 import jobs_pb2
 from fluxlora_client import FluxloraClient, FluxloraClientError, JobFailed
-from fluxlora_client.local import free_port
 
 pytestmark = pytest.mark.timeout(120)  # a regression that hangs a wait fails here, not after 10 minutes
 S = jobs_pb2.JobState

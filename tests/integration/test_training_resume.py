@@ -8,8 +8,8 @@ import io
 import time
 
 from fluxlora.common.config import Settings
-from fluxlora.common.server import start_server
 from fluxlora.common.storage import LocalStore
+from fluxlora.server.bootstrap import start_server
 from fluxlora_api.v1 import jobs_pb2
 from support import services_and_client
 

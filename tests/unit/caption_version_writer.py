@@ -12,8 +12,8 @@ import sys
 import time
 from pathlib import Path
 
-from fluxlora.captioning.versions import CaptionVersions
 from fluxlora.common.storage import LocalStore, S3Store
+from fluxlora.domain.caption_versions import CaptionVersions
 
 
 def open_store(uri: str):

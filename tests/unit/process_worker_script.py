@@ -9,9 +9,9 @@ import signal
 import sys
 import time
 
-from fluxlora.common.errors import InvalidArgument
 from fluxlora.jobs.context import JobInterrupted
 from fluxlora.jobs.worker import main
+from fluxlora_api.shared.errors import InvalidArgument
 from fluxlora_api.v1 import preprocessing_pb2
 
 STEP_S = 0.05

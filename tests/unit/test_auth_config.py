@@ -8,15 +8,9 @@ import logging
 import pytest
 from pydantic import SecretStr
 
-from fluxlora.common.auth import (
-    AuthConfigError,
-    BearerTokenInterceptor,
-    channel_credentials,
-    is_loopback,
-    load_auth_token,
-    server_credentials,
-)
+from fluxlora.common.auth import channel_credentials, load_auth_token, server_credentials
 from fluxlora.common.config import Settings
+from fluxlora_api.shared.auth import AuthConfigError, BearerTokenInterceptor, is_loopback
 
 TOKEN = "s3cr3t-token-value"
 
@@ -75,8 +69,8 @@ def test_loopback_addresses(host, loopback):
 
 
 def test_binding_a_wide_address_without_a_token_warns(tmp_path, caplog):
-    from fluxlora.common.server import RunningServer, load_definition
     from fluxlora.common.storage import LocalStore
+    from fluxlora.server.bootstrap import RunningServer, load_definition
 
     settings = Settings(store=str(tmp_path), cache_dir=tmp_path / "cache", host="0.0.0.0")
     with caplog.at_level(logging.WARNING):

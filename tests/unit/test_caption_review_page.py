@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from fluxlora.captioning.review_page import (
+from fluxlora_client.review_page import (
     EDITS_FORMAT,
     ReviewItem,
     image_data_uri,

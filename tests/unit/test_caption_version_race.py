@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from fluxlora.captioning import review
-from fluxlora.captioning.versions import CaptionVersions, HeadMoved
 from fluxlora.common.storage import LocalStore, S3Store
+from fluxlora.domain.caption_versions import CaptionVersions, HeadMoved
 
 DATASET = "ds-0123456789ab"
 WRITER = Path(__file__).with_name("caption_version_writer.py")

@@ -12,8 +12,8 @@ from PIL import Image
 
 from fluxlora.captioning import review
 from fluxlora.captioning.cleaning import count_trigger
-from fluxlora.captioning.versions import CaptionVersions, content_hash, version_key
-from fluxlora.common.errors import FailedPrecondition, InvalidArgument, NotFound
+from fluxlora.domain.caption_versions import CaptionVersions, content_hash, version_key
+from fluxlora_api.shared.errors import FailedPrecondition, InvalidArgument, NotFound
 
 DATASET = "ds-0123456789ab"
 STEMS = ["img-1", "img-2", "img-3"]
@@ -229,7 +229,8 @@ def test_version_documents_are_self_describing(dataset) -> None:
 
 
 def test_an_export_zip_never_unpacks_outside_its_folder(tmp_path) -> None:
-    from fluxlora.captioning.export import extract_kohya_zip, write_kohya_zip
+    from fluxlora.captioning.export import write_kohya_zip
+    from fluxlora_client.exports import extract_kohya_zip
 
     bad = tmp_path / "bad.zip"
     with zipfile.ZipFile(bad, "w") as archive:

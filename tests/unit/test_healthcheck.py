@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from fluxlora.common.healthcheck import DEFAULT_PORTS, addresses
+from fluxlora.server.healthcheck import DEFAULT_PORTS, addresses
 
 
 def test_an_explicit_address_wins(monkeypatch):

@@ -9,11 +9,11 @@ import threading
 
 import pytest
 
-from fluxlora.common.errors import FailedPrecondition, InvalidArgument, Unavailable
 from fluxlora.common.storage import LocalStore
 from fluxlora.jobs import runtime as runtime_module
 from fluxlora.jobs.records import JobRecords
 from fluxlora.jobs.runtime import JobRuntime
+from fluxlora_api.shared.errors import FailedPrecondition, InvalidArgument, Unavailable
 from fluxlora_api.v1 import jobs_pb2, preprocessing_pb2
 
 S = jobs_pb2.JobState

@@ -6,9 +6,9 @@ import threading
 
 import pytest
 
-from fluxlora.common.errors import FailedPrecondition, NotFound, ResourceExhausted
 from fluxlora.common.storage import LocalStore
 from fluxlora.jobs.runtime import JobRuntime
+from fluxlora_api.shared.errors import FailedPrecondition, NotFound, ResourceExhausted
 from fluxlora_api.v1 import jobs_pb2, preprocessing_pb2
 
 S = jobs_pb2.JobState

@@ -1,7 +1,7 @@
 """`fluxlora up` / `fluxlora demo` run training jobs in a child process (a crash in training fails the
 job, not the server), unless the caller chose another runner."""
 
-from fluxlora_client.local import service_environment
+from fluxlora.server.local import service_environment
 
 
 def test_training_defaults_to_the_process_runner_and_the_others_do_not():
@@ -17,8 +17,8 @@ def test_a_runner_the_caller_set_wins():
 def test_one_health_port_setting_gives_the_four_servers_four_ports():
     import pytest
 
+    from fluxlora.server.local import health_ports_from
     from fluxlora_client.errors import FluxloraClientError
-    from fluxlora_client.local import health_ports_from
 
     assert health_ports_from({"FLUXLORA_HEALTH_PORT": "8080"}) == {
         "preprocessing": 8080, "captioning": 8081, "training": 8082, "evaluation": 8083}
@@ -30,8 +30,8 @@ def test_one_health_port_setting_gives_the_four_servers_four_ports():
 def test_tls_servers_without_a_ca_or_health_ports_are_refused_before_any_starts(tmp_path):
     import pytest
 
+    from fluxlora.server.local import LocalServices
     from fluxlora_client.errors import FluxloraClientError
-    from fluxlora_client.local import LocalServices
 
     env = {"FLUXLORA_TLS_CERT_FILE": str(tmp_path / "server.crt"), "FLUXLORA_TLS_KEY_FILE": str(tmp_path / "key"),
            "FLUXLORA_TLS_CA_FILE": "", "FLUXLORA_HEALTH_PORT": "0"}

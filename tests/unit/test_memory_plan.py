@@ -6,7 +6,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fluxlora.common.errors import FailedPrecondition
 from fluxlora.common.storage import LocalStore
 from fluxlora.models.base_layers import swapped_block_counts
 from fluxlora.models.tiny_flux import build_tiny_flux, write_tiny_flux
@@ -19,6 +18,7 @@ from fluxlora.training.memory.planner import max_blocks_to_swap
 from fluxlora.training.trainer.config import TrainConfig
 from fluxlora.training.trainer.lora import prepare_transformer
 from fluxlora.training.trainer.step import apply_gradients, flow_matching_loss, make_optimizer
+from fluxlora_api.shared.errors import FailedPrecondition
 
 
 @pytest.fixture(scope="module")

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import pytest
 
-from fluxlora.common.errors import NotFound
 from fluxlora.common.models import check_model_ref, is_store_ref, resolve_model
+from fluxlora_api.shared.errors import NotFound
 
 MODEL_FILES = {
     "model_index.json": b'{"_class_name": "FluxPipeline"}',

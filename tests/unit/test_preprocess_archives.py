@@ -9,7 +9,7 @@ import zipfile
 
 import pytest
 
-from fluxlora.preprocessing.archives import ArchiveLimits, ArchiveRejected, expand_archive, is_archive
+from fluxlora.domain.archives import ArchiveLimits, ArchiveRejected, expand_archive, is_archive
 from photo_corpus import jpeg_bytes, scene, zip_bomb
 
 

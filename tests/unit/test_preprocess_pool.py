@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from fluxlora.common.errors import ResourceExhausted
 from fluxlora.preprocessing import pool
 from fluxlora.preprocessing.job import _cgroup_cpu_quota, pool_size
 from fluxlora.preprocessing.manifest import PreprocessOptions
 from fluxlora.preprocessing.pipeline import preprocess_files
+from fluxlora_api.shared.errors import ResourceExhausted
 from photo_corpus import BAD_INPUTS, write_bad_inputs
 
 OPTIONS = PreprocessOptions(base_size=128)

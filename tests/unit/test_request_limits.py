@@ -8,10 +8,10 @@ import threading
 import pytest
 
 from fluxlora.common.config import Settings
-from fluxlora.common.errors import InvalidArgument, ResourceExhausted
 from fluxlora.common.limits import check_caption_lengths, check_text_length, check_train_steps, check_upload_bytes
 from fluxlora.common.storage import LocalStore
 from fluxlora.jobs.runtime import JobRuntime
+from fluxlora_api.shared.errors import InvalidArgument, ResourceExhausted
 from fluxlora_api.v1 import preprocessing_pb2
 
 

@@ -6,10 +6,10 @@ from __future__ import annotations
 import threading
 import time
 
-from fluxlora.common.errors import Unavailable
 from fluxlora.common.storage import LocalStore
 from fluxlora.jobs import runtime as runtime_module
 from fluxlora.jobs.runtime import JobRuntime
+from fluxlora_api.shared.errors import Unavailable
 from fluxlora_api.v1 import jobs_pb2, preprocessing_pb2
 
 S = jobs_pb2.JobState

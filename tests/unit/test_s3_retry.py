@@ -12,9 +12,9 @@ from minio.error import S3Error, ServerError
 from urllib3 import exceptions as u3
 
 from fluxlora.common.config import Settings
-from fluxlora.common.errors import NotFound, Unavailable, status_of
 from fluxlora.common.s3_retry import RetryPolicy, transient_reason, with_retries
 from fluxlora.common.storage import S3Store
+from fluxlora_api.shared.errors import NotFound, Unavailable, status_of
 
 TINY = RetryPolicy(retries=3, base_s=0.001, max_s=0.002)
 

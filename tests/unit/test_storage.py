@@ -6,8 +6,8 @@ import hashlib
 
 import pytest
 
-from fluxlora.common.errors import InvalidArgument, NotFound
 from fluxlora.common.storage import LocalStore
+from fluxlora_api.shared.errors import InvalidArgument, NotFound
 
 
 def test_put_and_get_file_round_trip_with_size_and_sha256(store, tmp_path):

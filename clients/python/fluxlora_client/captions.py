@@ -19,11 +19,11 @@ import tempfile
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
-from fluxlora.captioning.export import extract_kohya_zip
-from fluxlora.captioning.review_page import ReviewItem, image_data_uri, parse_edits, render_review_page
 from fluxlora_api.v1 import captioning_pb2 as pb
 from fluxlora_api.v1 import captioning_pb2_grpc
 from fluxlora_client.errors import FluxloraClientError
+from fluxlora_client.exports import extract_kohya_zip
+from fluxlora_client.review_page import ReviewItem, image_data_uri, parse_edits, render_review_page
 
 
 def _user() -> str:

@@ -8,6 +8,9 @@
     fluxlora generate "ohwx, a bottle on a beach" --lora trn-0123456789ab:1500@0.8
     fluxlora jobs list training
     fluxlora serve training ; fluxlora worker training trn-0123456789ab   # in containers and Kubernetes Jobs
+
+demo, up, serve, worker and models come from the server distribution (fluxlora.server.cli), which
+adds them through the `fluxlora.cli` entry point group; the client alone has the rest.
 """
 
 from __future__ import annotations
@@ -27,9 +30,7 @@ from fluxlora_client.errors import FluxloraClientError
 app = typer.Typer(help="Turn a folder of photos into a tested FLUX.1 LoRA.", no_args_is_help=True,
                   pretty_exceptions_enable=False)
 jobs_app = typer.Typer(help="List, inspect, watch and cancel jobs.", no_args_is_help=True)
-models_app = typer.Typer(help="Model helpers.", no_args_is_help=True)
 app.add_typer(jobs_app, name="jobs")
-app.add_typer(models_app, name="models")
 app.add_typer(caption_app, name="caption")
 console = Console()
 
@@ -54,65 +55,6 @@ def _run_job(client, label: str, job):
 
 def _print_result(result) -> None:
     console.print_json(json_format.MessageToJson(result))
-
-
-@app.command()
-def serve(
-    service: Annotated[str, typer.Argument(help="preprocessing, captioning, training or evaluation")],
-    host: Annotated[str | None, typer.Option(help="Bind address (FLUXLORA_HOST).")] = None,
-    port: Annotated[int | None, typer.Option(help="Port (FLUXLORA_PORT; default per service).")] = None,
-    store: Store = None,
-) -> None:
-    """Run one service until SIGTERM/SIGINT."""
-    from fluxlora.common.config import Settings
-    from fluxlora.common.logs import configure_logging
-    from fluxlora.common.server import serve as serve_forever
-
-    overrides = {k: v for k, v in {"host": host, "port": port, "store": store}.items() if v is not None}
-    settings = Settings(**overrides)
-    configure_logging(settings.log_level, settings.log_format, service)
-    serve_forever(service, settings)
-
-
-@app.command()
-def worker(
-    service: Annotated[str, typer.Argument(help="The service whose job handler runs the job.")],
-    job_id: Annotated[str, typer.Argument(help="The stored job to run, e.g. trn-0123456789ab.")],
-    store: Store = None,
-) -> None:
-    """Run one stored job in this process, then exit (what a Kubernetes Job's pod runs).
-    Exit codes: 0 succeeded, 1 failed (a retry may help), 3 bad request, 75 interrupted."""
-    from fluxlora.common.config import SERVICES, Settings
-    from fluxlora.common.logs import configure_logging
-    from fluxlora.jobs.worker import EXIT_PERMANENT, run_worker
-
-    if service not in SERVICES:
-        console.print(f"[red]error[/red] unknown service {service!r}; choose one of {', '.join(SERVICES)}")
-        raise typer.Exit(EXIT_PERMANENT)
-    settings = Settings(store=store) if store else Settings()
-    configure_logging(settings.log_level, settings.log_format, f"{service}-worker")
-    raise typer.Exit(run_worker(service, job_id, settings))
-
-
-@app.command()
-def up(store: Store = None, host: str = "127.0.0.1") -> None:
-    """Start all four services on localhost (default ports) until Ctrl-C."""
-    import time
-
-    from fluxlora.common.config import DEFAULT_PORTS, Settings
-    from fluxlora_client.local import LocalServices
-
-    settings = Settings(store=store) if store else Settings()
-    with LocalServices(settings.store, host=host, ports=dict(DEFAULT_PORTS)) as services:
-        for name, address in services.addresses.items():
-            health = services.health_ports.get(name)
-            console.print(f"{name:14} {address}" + (f"  (health, plaintext: {host}:{health})" if health else ""))
-        console.print(f"store          {settings.store}\nCtrl-C stops them.")
-        try:
-            while all(p.poll() is None for p in services.processes.values()):
-                time.sleep(1)
-        except KeyboardInterrupt:
-            pass
 
 
 @app.command()
@@ -385,18 +327,6 @@ def print_outputs(outputs) -> None:
     console.print(table)
 
 
-@app.command()
-def demo(
-    workdir: Annotated[Path, typer.Option(help="Where photos, models, store and outputs go.")] = Path("demo-output"),
-    max_steps: int = 200,
-) -> None:
-    """The whole pipeline end to end on generated photos, tiny random models and local services."""
-    from fluxlora_client.demo import run_demo
-
-    outputs = run_demo(workdir, max_steps=max_steps, console=console)
-    print_outputs(outputs)
-
-
 @jobs_app.command("list")
 def jobs_list(
     service: str,
@@ -435,26 +365,22 @@ def jobs_cancel(job_id: str, store: Store = None) -> None:
     console.print(json.dumps({"job_id": job.job_id, "cancel_requested": job.cancel_requested}))
 
 
-@models_app.command("write-tiny")
-def write_tiny(out: Path, seed: int = 0) -> None:
-    """Write a tiny random FLUX pipeline and Florence-2 and BLIP captioners (for demos and tests)."""
-    from fluxlora.models.tiny_captioner import write_tiny_florence2
-    from fluxlora.models.tiny_flux import write_tiny_flux
+def _add_plugins(target: typer.Typer) -> None:
+    """Commands other installed distributions add (the server's: serve, worker, up, demo, models)."""
+    from importlib.metadata import entry_points
 
-    console.print(f"flux      {write_tiny_flux(out / 'tiny-flux', seed=seed)}")
-    console.print(f"florence2 {write_tiny_florence2(out / 'tiny-florence2', seed=seed)}")
-    from fluxlora.models.tiny_blip import write_tiny_blip
+    for entry in entry_points(group="fluxlora.cli"):
+        entry.load()(target)
 
-    console.print(f"blip      {write_tiny_blip(out / 'tiny-blip', seed=seed)}")
+
+_add_plugins(app)
 
 
 def main() -> None:
     from rich.markup import escape
 
-    from fluxlora.common.errors import FluxloraError
-    from fluxlora.common.offline import configure_hf_offline
+    from fluxlora_api.shared.errors import FluxloraError
 
-    configure_hf_offline()
     try:
         app()
     except (FluxloraClientError, FluxloraError) as err:

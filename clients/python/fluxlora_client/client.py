@@ -22,11 +22,12 @@ from typing import TYPE_CHECKING, Any
 import grpc
 from google.protobuf.message import Message
 
-from fluxlora.common.auth import AuthConfigError, BearerTokenInterceptor, channel_credentials, load_auth_token
-from fluxlora.common.config import DEFAULT_PORTS, Settings
-from fluxlora.common.errors import ResourceExhausted
-from fluxlora.common.limits import check_upload_bytes
-from fluxlora.common.storage import ArtifactStore, open_store, sha256_file
+from fluxlora.common.config import Settings
+from fluxlora.common.storage import ArtifactStore, open_store
+from fluxlora_api.shared.auth import AuthConfigError, BearerTokenInterceptor, resolve_token, tls_channel_credentials
+from fluxlora_api.shared.errors import ResourceExhausted
+from fluxlora_api.shared.files import check_upload_bytes, sha256_file
+from fluxlora_api.shared.ports import DEFAULT_PORTS, PREFIX_TO_SERVICE
 from fluxlora_api.v1 import (
     captioning_pb2,
     captioning_pb2_grpc,
@@ -46,7 +47,6 @@ if TYPE_CHECKING:
 
 S = jobs_pb2.JobState
 TERMINAL = (S.JOB_STATE_SUCCEEDED, S.JOB_STATE_FAILED, S.JOB_STATE_CANCELLED)
-PREFIX_TO_SERVICE = {"pre": "preprocessing", "cap": "captioning", "trn": "training", "evl": "evaluation"}
 RESULT_TYPES = {
     "preprocessing": preprocessing_pb2.PreprocessResult,
     "captioning": captioning_pb2.CaptionResult,
@@ -112,7 +112,9 @@ class FluxloraClient:
         for name, port in DEFAULT_PORTS.items():
             addresses.setdefault(name, os.environ.get(f"FLUXLORA_{name.upper()}_ADDR", f"localhost:{port}"))
         try:
-            token, credentials = load_auth_token(settings), channel_credentials(settings)
+            token = resolve_token(settings.auth_token.get_secret_value(), settings.auth_token_file)
+            credentials = tls_channel_credentials(settings.tls_ca_file, settings.tls_client_cert_file,
+                                                  settings.tls_client_key_file)
         except AuthConfigError as err:
             raise FluxloraClientError("INVALID_ARGUMENT", str(err)) from None
         return cls(open_store(settings), **addresses, token=token, credentials=credentials,

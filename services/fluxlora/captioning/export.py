@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 import zipfile
 from collections.abc import Mapping
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 
 from fluxlora.captioning.dataset import CAPTION_SUFFIX
 
@@ -37,24 +37,6 @@ def write_kohya_zip(images: Mapping[str, Path], captions: Mapping[str, str], out
             text = " ".join(captions[stem].split()) + "\n"
             archive.writestr(_info(f"{prefix}{stem}{CAPTION_SUFFIX}", zipfile.ZIP_DEFLATED), text.encode("utf-8"))
     return out
-
-
-def extract_kohya_zip(zip_path: Path, out_dir: Path) -> list[Path]:
-    """Unpack an export into out_dir, refusing entries that would land outside it."""
-    out_dir = Path(out_dir)
-    written = []
-    with zipfile.ZipFile(zip_path) as archive:
-        for info in archive.infolist():
-            name = PurePosixPath(info.filename)
-            if info.is_dir():
-                continue
-            if name.is_absolute() or ".." in name.parts:
-                raise ValueError(f"export {str(zip_path)!r} holds an unsafe entry {info.filename!r}")
-            target = out_dir.joinpath(*name.parts)
-            target.parent.mkdir(parents=True, exist_ok=True)
-            target.write_bytes(archive.read(info))
-            written.append(target)
-    return written
 
 
 def _info(name: str, compression: int) -> zipfile.ZipInfo:

@@ -15,11 +15,11 @@ from fluxlora.captioning.model_tokenizers import counters_for
 from fluxlora.captioning.review import open_versions
 from fluxlora.captioning.text_encoders import length_warnings, over_length, trigger_warnings
 from fluxlora.common import keys
-from fluxlora.common.errors import InvalidArgument
 from fluxlora.common.limits import check_caption_lengths
 from fluxlora.common.models import resolve_model
+from fluxlora.domain.archives import ARCHIVE_SUFFIXES, is_archive
 from fluxlora.jobs.context import JobContext, JobInterrupted
-from fluxlora.preprocessing.archives import ARCHIVE_SUFFIXES, is_archive
+from fluxlora_api.shared.errors import InvalidArgument
 from fluxlora_api.v1 import captioning_pb2 as pb
 
 _loaded: dict[tuple, Captioner] = {}

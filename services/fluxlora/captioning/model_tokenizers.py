@@ -16,9 +16,9 @@ from fluxlora.captioning.text_encoders import (
     flux_tokenizer_dirs,
     load_counters,
 )
-from fluxlora.common.errors import NotFound
 from fluxlora.common.models import STORE_SCHEME, is_store_ref, resolve_model
 from fluxlora.common.storage import ArtifactStore
+from fluxlora_api.shared.errors import NotFound
 
 _cache: dict[tuple[str, str], tuple[list[TokenCounter], list[str]]] = {}
 _cache_lock = threading.Lock()

@@ -19,12 +19,13 @@ from fluxlora.captioning.cleaning import apply_trigger, count_trigger
 from fluxlora.captioning.export import kohya_folder_name, write_kohya_zip
 from fluxlora.captioning.replace import compile_find, replace_in
 from fluxlora.captioning.text_encoders import TokenCounter, length_warnings
-from fluxlora.captioning.versions import CaptionVersion, CaptionVersions, HeadMoved
 from fluxlora.common import keys
-from fluxlora.common.datasets import require_dataset
-from fluxlora.common.errors import FailedPrecondition, InvalidArgument, NotFound
 from fluxlora.common.limits import check_caption_lengths
-from fluxlora.common.storage import ArtifactStore, ObjectInfo, sha256_file
+from fluxlora.common.storage import ArtifactStore, ObjectInfo
+from fluxlora.domain.caption_versions import CaptionVersion, CaptionVersions, HeadMoved
+from fluxlora.domain.datasets import require_dataset
+from fluxlora_api.shared.errors import FailedPrecondition, InvalidArgument, NotFound
+from fluxlora_api.shared.files import sha256_file
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 _RECOMPUTE_TRIES = 5

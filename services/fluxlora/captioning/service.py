@@ -1,6 +1,6 @@
 from fluxlora.captioning.job import run_caption
 from fluxlora.captioning.servicer import CaptioningServicer
-from fluxlora.common.server import define
+from fluxlora.jobs.definition import define
 from fluxlora_api.v1 import captioning_pb2, captioning_pb2_grpc
 
 SERVICE = define(

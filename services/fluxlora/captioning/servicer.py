@@ -9,13 +9,13 @@ from fluxlora.captioning import review
 from fluxlora.captioning.captioners.base import known_captioners
 from fluxlora.captioning.cleaning import POSITIONS, STYLES, validate_trigger
 from fluxlora.captioning.model_tokenizers import counters_for
-from fluxlora.captioning.versions import CaptionVersion, version_key
-from fluxlora.common.datasets import require_dataset
-from fluxlora.common.errors import InvalidArgument, NotFound
 from fluxlora.common.grpc_status import grpc_errors
 from fluxlora.common.limits import check_caption_lengths, check_text_length
 from fluxlora.common.models import check_model_ref
+from fluxlora.domain.caption_versions import CaptionVersion, version_key
+from fluxlora.domain.datasets import require_dataset
 from fluxlora.jobs.runtime import JobRuntime
+from fluxlora_api.shared.errors import InvalidArgument, NotFound
 from fluxlora_api.v1 import captioning_pb2 as pb
 from fluxlora_api.v1 import captioning_pb2_grpc
 

@@ -16,49 +16,35 @@ compared, the right token included.
 from __future__ import annotations
 
 import hmac
-import ipaddress
 import logging
 import math
-from pathlib import Path
 
 import grpc
 
 from fluxlora.common.auth_lockout import FailedAuthLimiter, peer_key
 from fluxlora.common.config import Settings
+from fluxlora_api.shared.auth import (
+    HEADER,
+    HOW_TO,
+    SCHEME,
+    AuthConfigError,
+    is_loopback,
+    resolve_token,
+    tls_channel_credentials,
+)
+from fluxlora_api.shared.auth import read_secret_file as _read_file
 
 log = logging.getLogger(__name__)
 
-HEADER = "authorization"
-SCHEME = "bearer"
 EXEMPT_PREFIXES = ("/grpc.health.v1.Health/",)
-HOW_TO = ("send the metadata 'authorization: Bearer <token>' with the server's token "
-          "(SDK and CLI: set FLUXLORA_AUTH_TOKEN or FLUXLORA_AUTH_TOKEN_FILE)")
+__all__ = ["AuthConfigError", "is_loopback", "load_auth_token", "channel_credentials", "server_credentials",
+           "server_interceptors", "failed_auth_limiter", "TokenAuthInterceptor"]
 
-
-class AuthConfigError(ValueError):
-    """Credentials configured wrongly; the message names the setting and never holds a secret."""
-
-
-def _read_file(path: Path, setting: str) -> bytes:
-    try:
-        return Path(path).read_bytes()
-    except OSError as err:
-        raise AuthConfigError(f"{setting}={path} cannot be read ({err.strerror}): fix the path or unset it") from None
 
 
 def load_auth_token(settings: Settings) -> str | None:
-    """The configured token, or None when auth is off. Setting both the variable and the file is an
-    error rather than a silent pick: two sources of one secret are how a rotated token stays stale."""
-    inline = settings.auth_token.get_secret_value()
-    if inline and settings.auth_token_file:
-        raise AuthConfigError("set FLUXLORA_AUTH_TOKEN or FLUXLORA_AUTH_TOKEN_FILE, not both")
-    if settings.auth_token_file:
-        token = _read_file(settings.auth_token_file, "FLUXLORA_AUTH_TOKEN_FILE").decode("utf-8", "replace").strip()
-        if not token:
-            # An empty mounted secret must not silently turn auth off.
-            raise AuthConfigError(f"FLUXLORA_AUTH_TOKEN_FILE={settings.auth_token_file} is empty: write the token")
-        return token
-    return inline.strip() or None
+    """The server's token (None: auth off), from FLUXLORA_AUTH_TOKEN or FLUXLORA_AUTH_TOKEN_FILE."""
+    return resolve_token(settings.auth_token.get_secret_value(), settings.auth_token_file)
 
 
 # A locked-out address gets RESOURCE_EXHAUSTED: gRPC's code for "a per-user quota or rate limit ran out"
@@ -188,61 +174,5 @@ def server_credentials(settings: Settings) -> grpc.ServerCredentials | None:
 
 
 def channel_credentials(settings: Settings) -> grpc.ChannelCredentials | None:
-    """Client TLS from FLUXLORA_TLS_CA_FILE (roots to trust; None: plaintext) and, for servers that
-    require client certificates, FLUXLORA_TLS_CLIENT_CERT_FILE/_KEY_FILE."""
-    ca, cert, key = settings.tls_ca_file, settings.tls_client_cert_file, settings.tls_client_key_file
-    if not ca:
-        if cert or key:
-            raise AuthConfigError("FLUXLORA_TLS_CLIENT_CERT_FILE/_KEY_FILE need FLUXLORA_TLS_CA_FILE")
-        return None
-    if bool(cert) != bool(key):
-        raise AuthConfigError("set both FLUXLORA_TLS_CLIENT_CERT_FILE and FLUXLORA_TLS_CLIENT_KEY_FILE")
-    return grpc.ssl_channel_credentials(
-        root_certificates=_read_file(ca, "FLUXLORA_TLS_CA_FILE"),
-        private_key=_read_file(key, "FLUXLORA_TLS_CLIENT_KEY_FILE") if key else None,
-        certificate_chain=_read_file(cert, "FLUXLORA_TLS_CLIENT_CERT_FILE") if cert else None,
-    )
-
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
-
-
-class _ClientCallDetails(grpc.ClientCallDetails):
-    def __init__(self, details, metadata):
-        self.method, self.timeout, self.credentials = details.method, details.timeout, details.credentials
-        self.wait_for_ready, self.compression = details.wait_for_ready, details.compression
-        self.metadata = metadata
-
-
-class BearerTokenInterceptor(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor,
-                             grpc.StreamUnaryClientInterceptor, grpc.StreamStreamClientInterceptor):
-    """Adds the token to every call on a channel, streams included. An interceptor rather than call
-    credentials because gRPC refuses call credentials on plaintext channels (auth without TLS on
-    localhost or inside a mesh that terminates TLS)."""
-
-    def __init__(self, token: str):
-        self._header = (HEADER, f"Bearer {token}")
-
-    def __repr__(self) -> str:
-        return "BearerTokenInterceptor(<token>)"
-
-    def _details(self, details):
-        return _ClientCallDetails(details, [*(details.metadata or ()), self._header])
-
-    def intercept_unary_unary(self, continuation, details, request):
-        return continuation(self._details(details), request)
-
-    def intercept_unary_stream(self, continuation, details, request):
-        return continuation(self._details(details), request)
-
-    def intercept_stream_unary(self, continuation, details, requests):
-        return continuation(self._details(details), requests)
-
-    def intercept_stream_stream(self, continuation, details, requests):
-        return continuation(self._details(details), requests)
+    """Client TLS for a process holding Settings (the local launcher's health wait)."""
+    return tls_channel_credentials(settings.tls_ca_file, settings.tls_client_cert_file, settings.tls_client_key_file)

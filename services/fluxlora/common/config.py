@@ -12,8 +12,9 @@ from typing import Literal
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-SERVICES = ("preprocessing", "captioning", "training", "evaluation")
-DEFAULT_PORTS = {"preprocessing": 50051, "captioning": 50052, "training": 50053, "evaluation": 50054}
+from fluxlora_api.shared.ports import DEFAULT_PORTS, SERVICES
+
+__all__ = ["DEFAULT_PORTS", "SERVICES", "Settings"]
 
 
 class Settings(BaseSettings):

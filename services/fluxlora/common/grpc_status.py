@@ -9,7 +9,7 @@ from typing import Any
 
 import grpc
 
-from fluxlora.common.errors import status_of
+from fluxlora_api.shared.errors import status_of
 
 log = logging.getLogger(__name__)
 

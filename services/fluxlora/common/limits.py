@@ -8,36 +8,18 @@ RESOURCE_EXHAUSTED, as gRPC answers an oversized message.
 
 Limits fixed in code rather than settings live beside what they protect:
 fluxlora.preprocessing.images.MAX_IMAGE_PIXELS (decompression bombs), ArchiveLimits in
-fluxlora.preprocessing.archives (zip bombs), MAX_SIDE / MAX_STEPS in fluxlora.evaluation.validation.
+fluxlora.domain.archives (zip bombs), MAX_SIDE / MAX_STEPS in fluxlora.evaluation.validation.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 
-from fluxlora.common.errors import InvalidArgument, ResourceExhausted
+from fluxlora_api.shared.errors import InvalidArgument
+from fluxlora_api.shared.files import check_upload_bytes, human_bytes
 
-
-def human_bytes(n: float) -> str:
-    for unit in ("bytes", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} GiB"
-
-
-def check_upload_bytes(sizes: Iterable[int], limit: int, where: str) -> int:
-    """The total of `sizes` (the objects of one upload), or RESOURCE_EXHAUSTED when it passes `limit`."""
-    sizes = list(sizes)
-    total = sum(sizes)
-    if total > limit:
-        files = f"{len(sizes)} file{'s' if len(sizes) != 1 else ''}"
-        raise ResourceExhausted(
-            f"{where} holds {files} of {human_bytes(total)} ({total} bytes), over the limit of {human_bytes(limit)} "
-            f"({limit} bytes, FLUXLORA_MAX_UPLOAD_BYTES): split the photos into smaller uploads or raise "
-            "FLUXLORA_MAX_UPLOAD_BYTES"
-        )
-    return total
+__all__ = ["check_upload_bytes", "human_bytes", "check_caption_lengths", "check_text_length", "check_train_steps",
+           "normalised_caption"]
 
 
 def normalised_caption(text: str) -> str:

@@ -11,8 +11,8 @@ import shutil
 import threading
 from pathlib import Path
 
-from fluxlora.common.errors import NotFound
 from fluxlora.common.storage import ArtifactStore, validate_prefix
+from fluxlora_api.shared.errors import NotFound
 
 STORE_SCHEME = "store://"
 _COMPLETE = ".fluxlora-complete.json"

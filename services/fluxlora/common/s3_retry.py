@@ -18,7 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TypeVar
 
-from fluxlora.common.errors import Unavailable
+from fluxlora_api.shared.errors import Unavailable
 
 log = logging.getLogger(__name__)
 

@@ -23,8 +23,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fluxlora.common.errors import InvalidArgument, NotFound, Unavailable
 from fluxlora.common.s3_retry import RetryPolicy, with_retries
+from fluxlora_api.shared.errors import InvalidArgument, NotFound, Unavailable
+from fluxlora_api.shared.files import sha256_file
 
 CHUNK = 1024 * 1024
 MAX_KEY_BYTES = 1024
@@ -63,14 +64,6 @@ def validate_prefix(prefix: str) -> str:
         raise InvalidArgument("empty object-store prefix")
     validate_key(prefix.rstrip("/") or "x")
     return prefix.rstrip("/") + "/"
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(CHUNK), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 class ArtifactStore(ABC):

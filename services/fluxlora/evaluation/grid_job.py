@@ -13,7 +13,7 @@ from PIL import Image
 
 from fluxlora.common import keys
 from fluxlora.common.models import resolve_model
-from fluxlora.common.runs import select_checkpoints
+from fluxlora.domain.runs import select_checkpoints
 from fluxlora.evaluation import heldout, scoring
 from fluxlora.evaluation.grid import compose_grid, format_step, format_strength, page_rows
 from fluxlora.evaluation.image_text import IMAGE_TEXT_MODELS, fidelity, flexibility

@@ -1,6 +1,6 @@
-from fluxlora.common.server import define
 from fluxlora.evaluation.job import run_evaluation
 from fluxlora.evaluation.servicer import EvaluationServicer
+from fluxlora.jobs.definition import define
 from fluxlora_api.v1 import evaluation_pb2, evaluation_pb2_grpc
 
 SERVICE = define(

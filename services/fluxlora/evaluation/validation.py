@@ -10,10 +10,10 @@ from __future__ import annotations
 from pathlib import PurePosixPath
 
 from fluxlora.common.config import Settings
-from fluxlora.common.errors import InvalidArgument, NotFound
 from fluxlora.common.models import check_model_ref
-from fluxlora.common.runs import list_checkpoints, require_run, select_checkpoints
 from fluxlora.common.storage import ArtifactStore
+from fluxlora.domain.runs import list_checkpoints, require_run, select_checkpoints
+from fluxlora_api.shared.errors import InvalidArgument, NotFound
 from fluxlora_api.v1 import evaluation_pb2 as pb
 
 DEFAULT_STRENGTHS = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)

@@ -24,10 +24,10 @@ from typing import TYPE_CHECKING, Any
 
 from google.protobuf.message import Message
 
-from fluxlora.common.errors import FailedPrecondition, FluxloraError, Unavailable
 from fluxlora.jobs.context import JobInterrupted
 from fluxlora.jobs.reports import FINISHED, RemoteJobFailed, ReportMirror, finished_outcome
 from fluxlora.jobs.worker import EXIT_PERMANENT, load_report
+from fluxlora_api.shared.errors import FailedPrecondition, FluxloraError, Unavailable
 from fluxlora_api.v1 import jobs_pb2
 
 if TYPE_CHECKING:

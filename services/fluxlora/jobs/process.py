@@ -36,10 +36,10 @@ from typing import TYPE_CHECKING, Any, NoReturn
 from google.protobuf.message import Message
 from pydantic import SecretStr
 
-from fluxlora.common.errors import Unavailable
 from fluxlora.jobs.context import JobInterrupted
 from fluxlora.jobs.reports import FINISHED, RemoteJobFailed, ReportMirror, finished_outcome
 from fluxlora.jobs.worker import EXIT_INTERRUPTED, EXIT_SUCCEEDED, load_report
+from fluxlora_api.shared.errors import Unavailable
 from fluxlora_api.v1 import jobs_pb2
 
 if TYPE_CHECKING:

@@ -25,8 +25,8 @@ from collections.abc import Iterator
 from google.protobuf import json_format
 from google.protobuf.message import Message
 
-from fluxlora.common.errors import NotFound
 from fluxlora.common.storage import ArtifactStore
+from fluxlora_api.shared.errors import NotFound
 from fluxlora_api.v1 import jobs_pb2
 
 log = logging.getLogger(__name__)

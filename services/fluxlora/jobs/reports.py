@@ -11,8 +11,8 @@ from typing import TYPE_CHECKING
 
 from google.protobuf.message import Message
 
-from fluxlora.common.errors import FluxloraError
 from fluxlora.jobs.worker import load_report, unpack_any
+from fluxlora_api.shared.errors import FluxloraError
 from fluxlora_api.v1 import jobs_pb2
 
 if TYPE_CHECKING:

@@ -10,7 +10,7 @@ place the work happens.
 
 A runner's `run` returns the job's result message or raises: JobInterrupted when the job was
 cancelled or the server is shutting down, any other exception for a failure (mapped to a gRPC code
-by fluxlora.common.errors.status_of).
+by fluxlora_api.shared.errors.status_of).
 """
 
 from __future__ import annotations

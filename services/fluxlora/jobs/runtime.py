@@ -35,7 +35,11 @@ from typing import Any
 
 from google.protobuf.message import Message
 
-from fluxlora.common.errors import (
+from fluxlora.common.storage import ArtifactStore
+from fluxlora.jobs.context import JobContext, JobInterrupted
+from fluxlora.jobs.records import INDEX_NAME, TERMINAL, JobRecords, index_name, job_id_of, mark_finished
+from fluxlora.jobs.runners import Runner, runner_for
+from fluxlora_api.shared.errors import (
     FailedPrecondition,
     InvalidArgument,
     NotFound,
@@ -43,10 +47,6 @@ from fluxlora.common.errors import (
     Unavailable,
     status_of,
 )
-from fluxlora.common.storage import ArtifactStore
-from fluxlora.jobs.context import JobContext, JobInterrupted
-from fluxlora.jobs.records import INDEX_NAME, TERMINAL, JobRecords, index_name, job_id_of, mark_finished
-from fluxlora.jobs.runners import Runner, runner_for
 from fluxlora_api.v1 import jobs_pb2
 
 log = logging.getLogger(__name__)

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import grpc
 
-from fluxlora.common.errors import InvalidArgument
 from fluxlora.common.grpc_status import grpc_errors
 from fluxlora.jobs.runtime import JobRuntime
+from fluxlora_api.shared.errors import InvalidArgument
 from fluxlora_api.v1 import jobs_pb2, jobs_pb2_grpc
 
 

@@ -30,10 +30,10 @@ from typing import Any
 from google.protobuf import descriptor_pool, json_format, message_factory
 from google.protobuf.message import Message
 
-from fluxlora.common.errors import NotFound, status_of
 from fluxlora.common.storage import ArtifactStore
 from fluxlora.jobs.context import JobContext, JobInterrupted
 from fluxlora.jobs.records import JobRecords, mark_finished
+from fluxlora_api.shared.errors import NotFound, status_of
 from fluxlora_api.v1 import jobs_pb2
 
 log = logging.getLogger(__name__)
@@ -126,8 +126,8 @@ def run_worker(service: str, job_id: str, settings: Any, store: ArtifactStore | 
                stop: threading.Event | None = None, handler: Callable[[JobContext, Any], Message] | None = None) -> int:
     """Runs the stored job `job_id` of `service` once, with the service's own handler unless one
     is given; returns the process exit code."""
-    from fluxlora.common.server import load_definition
     from fluxlora.common.storage import open_store
+    from fluxlora.jobs.definition import load_definition
 
     handler = handler or load_definition(service).handler
     store = store or open_store(settings)

@@ -14,13 +14,13 @@ from pathlib import Path
 from google.protobuf import json_format
 
 from fluxlora.common import keys
-from fluxlora.common.errors import FailedPrecondition, InvalidArgument
 from fluxlora.common.limits import check_upload_bytes
+from fluxlora.domain.archives import ArchiveRejected, expand_archive, is_archive
 from fluxlora.jobs.context import JobContext
-from fluxlora.preprocessing.archives import ArchiveRejected, expand_archive, is_archive
 from fluxlora.preprocessing.manifest import DEFAULT_BLUR_THRESHOLD, PreprocessOptions, RejectedFile
 from fluxlora.preprocessing.pipeline import preprocess_files
 from fluxlora.preprocessing.report import build_report, truncated_for_proto
+from fluxlora_api.shared.errors import FailedPrecondition, InvalidArgument
 from fluxlora_api.v1 import preprocessing_pb2 as pb
 
 CROP_MODES = {

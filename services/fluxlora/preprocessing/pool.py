@@ -13,8 +13,8 @@ from collections.abc import Iterable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 
-from fluxlora.common.errors import ResourceExhausted
 from fluxlora.preprocessing.worker import Outcome, Task, process_file
+from fluxlora_api.shared.errors import ResourceExhausted
 
 # Below twice this many files one process is as fast as handing them to the pool.
 MIN_FILES_PER_WORKER = 4

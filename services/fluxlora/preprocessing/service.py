@@ -1,4 +1,4 @@
-from fluxlora.common.server import define
+from fluxlora.jobs.definition import define
 from fluxlora.preprocessing.job import run_preprocess
 from fluxlora.preprocessing.servicer import PreprocessingServicer
 from fluxlora_api.v1 import preprocessing_pb2, preprocessing_pb2_grpc

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 from pathlib import PurePosixPath
 
-from fluxlora.common.errors import InvalidArgument, NotFound
 from fluxlora.common.grpc_status import grpc_errors
 from fluxlora.common.limits import check_upload_bytes
 from fluxlora.common.storage import validate_prefix
+from fluxlora.domain.archives import ARCHIVE_SUFFIXES
 from fluxlora.jobs.runtime import JobRuntime
-from fluxlora.preprocessing.archives import ARCHIVE_SUFFIXES
 from fluxlora.preprocessing.job import options_from_spec
+from fluxlora_api.shared.errors import InvalidArgument, NotFound
 from fluxlora_api.v1 import preprocessing_pb2 as pb
 from fluxlora_api.v1 import preprocessing_pb2_grpc
 

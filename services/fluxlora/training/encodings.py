@@ -8,10 +8,11 @@ import logging
 from pathlib import Path
 
 from fluxlora.common import keys
-from fluxlora.common.storage import ArtifactStore, sha256_file
+from fluxlora.common.storage import ArtifactStore
 from fluxlora.training.trainer.config import TrainConfig
 from fluxlora.training.trainer.data import find_pairs
 from fluxlora.training.trainer.encoding_cache import encoding_key
+from fluxlora_api.shared.files import sha256_file
 
 log = logging.getLogger(__name__)
 

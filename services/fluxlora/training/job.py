@@ -10,11 +10,10 @@ from pathlib import Path
 
 from google.protobuf import json_format
 
-from fluxlora.captioning.versions import CaptionVersions
 from fluxlora.common import keys
-from fluxlora.common.errors import InvalidArgument
 from fluxlora.common.models import resolve_model
-from fluxlora.common.runs import list_checkpoints
+from fluxlora.domain.caption_versions import CaptionVersions
+from fluxlora.domain.runs import list_checkpoints
 from fluxlora.jobs.context import JobContext, JobInterrupted
 from fluxlora.training.encodings import fetch_encodings, store_encodings
 from fluxlora.training.gpu_budget import plan_run
@@ -30,6 +29,7 @@ from fluxlora.training.trainer.checkpoint import (
 from fluxlora.training.trainer.config import TrainConfig
 from fluxlora.training.trainer.loop import train_lora
 from fluxlora.training.trainer.peak_memory import PeakMemory
+from fluxlora_api.shared.errors import InvalidArgument
 from fluxlora_api.v1 import training_pb2 as pb
 
 log = logging.getLogger(__name__)

@@ -1,4 +1,4 @@
-from fluxlora.common.server import define
+from fluxlora.jobs.definition import define
 from fluxlora.training.job import run_training
 from fluxlora.training.servicer import TrainingServicer
 from fluxlora_api.v1 import training_pb2, training_pb2_grpc

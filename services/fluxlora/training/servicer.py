@@ -5,17 +5,17 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from fluxlora.captioning.versions import CaptionVersions
-from fluxlora.common.datasets import require_captions
-from fluxlora.common.errors import FailedPrecondition, FluxloraError, InvalidArgument, ResourceExhausted
 from fluxlora.common.grpc_status import grpc_errors
 from fluxlora.common.limits import check_train_steps
 from fluxlora.common.models import check_model_ref, is_store_ref
+from fluxlora.domain.caption_versions import CaptionVersions
+from fluxlora.domain.datasets import require_captions
 from fluxlora.jobs.runtime import JobRuntime
 from fluxlora.training.gpu_budget import plan_run
 from fluxlora.training.job import config_from_spec
 from fluxlora.training.memory import MemoryPlan
 from fluxlora.training.trainer.config import TrainConfig, not_yet_runnable
+from fluxlora_api.shared.errors import FailedPrecondition, FluxloraError, InvalidArgument, ResourceExhausted
 from fluxlora_api.v1 import training_pb2 as pb
 from fluxlora_api.v1 import training_pb2_grpc
 

@@ -116,7 +116,7 @@ def unpack_caption_files(zip_path: Path, root: Path, archive_key: str) -> list[s
     """Write the caption files inside an uploaded zip to root/<archive_key>/<name in the zip> (a
     sidecar's name says which image it captions) and return those paths relative to root. The zip
     is checked as preprocessing checks uploads (unsafe names, zip bombs); ValueError says why not."""
-    from fluxlora.preprocessing.archives import ArchiveRejected, expand_archive
+    from fluxlora.domain.archives import ArchiveRejected, expand_archive
 
     root = Path(root)
     with tempfile.TemporaryDirectory(prefix="fluxlora-zip-captions-") as tmp:

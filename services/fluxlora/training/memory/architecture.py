@@ -8,9 +8,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fluxlora.common.errors import FailedPrecondition
 from fluxlora.common.models import STORE_SCHEME, is_store_ref
 from fluxlora.common.storage import ArtifactStore, validate_prefix
+from fluxlora_api.shared.errors import FailedPrecondition
 
 # black-forest-labs/FLUX.1-dev transformer/config.json (public), so the full-size architecture
 # can be planned and benchmarked without the 23 GB download.

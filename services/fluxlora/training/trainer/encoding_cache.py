@@ -18,8 +18,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from fluxlora.common.storage import sha256_file
 from fluxlora.training.trainer.data import CachedDataset, Pair, Sample, TextEmbedding
+from fluxlora_api.shared.files import sha256_file
 
 FORMAT_VERSION = 1
 _META_KEY = "fluxlora.encoding_cache"

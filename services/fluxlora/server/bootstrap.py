@@ -4,24 +4,21 @@ from environment and flags, logging."""
 
 from __future__ import annotations
 
-import importlib
 import logging
 import signal
 import threading
-from collections.abc import Callable
 from concurrent import futures
-from dataclasses import dataclass
-from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from fluxlora.common.auth import is_loopback, server_credentials, server_interceptors
-from fluxlora.common.config import SERVICES, Settings
+from fluxlora.common.config import Settings
 from fluxlora.common.offline import configure_hf_offline
 from fluxlora.common.storage import ArtifactStore, open_store
-from fluxlora.jobs.runtime import Handler, JobRuntime
+from fluxlora.jobs.definition import ServiceDefinition, load_definition
+from fluxlora.jobs.runtime import JobRuntime
 from fluxlora.jobs.servicer import JobServicer
 from fluxlora_api.v1 import jobs_pb2, jobs_pb2_grpc
 
@@ -31,37 +28,6 @@ configure_hf_offline()
 
 JOB_SERVICE_NAME = jobs_pb2.DESCRIPTOR.services_by_name["JobService"].full_name
 RPC_THREADS = 16  # server threads beyond the watch streams' (FLUXLORA_MAX_WATCHERS)
-
-
-@dataclass(frozen=True)
-class ServiceDefinition:
-    """What a service package contributes; the bootstrap does the rest."""
-
-    name: str  # "preprocessing"
-    job_prefix: str  # job ids look like "<prefix>-1a2b3c..."
-    grpc_name: str  # "fluxlora.v1.PreprocessingService"
-    handler: Handler  # runs one job
-    add_servicer: Callable[[grpc.Server, JobRuntime], None]
-
-
-def define(name: str, job_prefix: str, pb2: Any, pb2_grpc: Any, grpc_service: str,
-           servicer: Callable[[JobRuntime], Any], handler: Handler) -> ServiceDefinition:
-    """A ServiceDefinition from a service's generated modules, servicer class and job handler."""
-    add = getattr(pb2_grpc, f"add_{grpc_service}Servicer_to_server")
-    return ServiceDefinition(
-        name=name,
-        job_prefix=job_prefix,
-        grpc_name=pb2.DESCRIPTOR.services_by_name[grpc_service].full_name,
-        handler=handler,
-        add_servicer=lambda server, runtime: add(servicer(runtime), server),
-    )
-
-
-def load_definition(name: str) -> ServiceDefinition:
-    if name not in SERVICES:
-        raise ValueError(f"unknown service {name!r}; choose one of {', '.join(SERVICES)}")
-    # Imported lazily so the preprocessing server never imports torch.
-    return importlib.import_module(f"fluxlora.{name}.service").SERVICE
 
 
 class RunningServer:

@@ -31,8 +31,8 @@ from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 
 from fluxlora.common import keys
-from fluxlora.common.errors import FailedPrecondition, NotFound, Unavailable
 from fluxlora.common.storage import ArtifactStore
+from fluxlora_api.shared.errors import FailedPrecondition, NotFound, Unavailable
 
 FORMAT = "fluxlora-captions/1"
 KINDS = ("auto", "import", "legacy", "edit", "replace", "approve")

@@ -5,8 +5,8 @@ from __future__ import annotations
 import re
 
 from fluxlora.common import keys
-from fluxlora.common.errors import FailedPrecondition, InvalidArgument, NotFound
 from fluxlora.common.storage import ArtifactStore
+from fluxlora_api.shared.errors import FailedPrecondition, InvalidArgument, NotFound
 
 LORA_FILE = "pytorch_lora_weights.safetensors"
 _STEP = re.compile(r"checkpoints/step-(\d+)/" + re.escape(LORA_FILE) + "$")

@@ -13,8 +13,8 @@ from pathlib import Path
 
 from rich.console import Console
 
+from fluxlora.server.local import LocalServices
 from fluxlora.training.trainer.config import ATTENTION_AND_MLP_TARGETS
-from fluxlora_client.local import LocalServices
 from fluxlora_client.pipeline import PipelineOptions, PipelineOutputs, run_pipeline
 from fluxlora_client.progress import JobProgress
 

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from fluxlora.common import keys
-from fluxlora.common.errors import FailedPrecondition, InvalidArgument, NotFound
 from fluxlora.common.storage import ArtifactStore
+from fluxlora_api.shared.errors import FailedPrecondition, InvalidArgument, NotFound
 
 
 def require_dataset(store: ArtifactStore, dataset_id: str) -> None:

@@ -1,4 +1,4 @@
-"""`python -m fluxlora.common.healthcheck`: exits 0 when the server in this container answers
+"""`python -m fluxlora.server.healthcheck`: exits 0 when the server in this container answers
 SERVING on the standard gRPC health protocol, 1 otherwise. The images' Docker HEALTHCHECK runs it
 (Kubernetes probes the same protocol natively with `grpc: {port: N}`).
 

@@ -1,0 +1,121 @@
+"""The server half of the `fluxlora` command: serve, worker, up, demo and models write-tiny.
+
+The client distribution (fluxlora-client) owns the `fluxlora` command; this distribution adds its
+commands through the `fluxlora.cli` entry point group (pyproject.toml), so a machine with only the
+client installed has no server commands and imports no torch. `fluxlora-server` runs these
+commands alone (the containers' entry point).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+console = Console()
+
+Store = Annotated[str | None, typer.Option(help="Artifact store: a directory or s3://bucket (default FLUXLORA_STORE).")]
+
+
+def serve(
+    service: Annotated[str, typer.Argument(help="preprocessing, captioning, training or evaluation")],
+    host: Annotated[str | None, typer.Option(help="Bind address (FLUXLORA_HOST).")] = None,
+    port: Annotated[int | None, typer.Option(help="Port (FLUXLORA_PORT; default per service).")] = None,
+    store: Store = None,
+) -> None:
+    """Run one service until SIGTERM/SIGINT."""
+    from fluxlora.common.config import Settings
+    from fluxlora.common.logs import configure_logging
+    from fluxlora.server.bootstrap import serve as serve_forever
+
+    overrides = {k: v for k, v in {"host": host, "port": port, "store": store}.items() if v is not None}
+    settings = Settings(**overrides)
+    configure_logging(settings.log_level, settings.log_format, service)
+    serve_forever(service, settings)
+
+
+def worker(
+    service: Annotated[str, typer.Argument(help="The service whose job handler runs the job.")],
+    job_id: Annotated[str, typer.Argument(help="The stored job to run, e.g. trn-0123456789ab.")],
+    store: Store = None,
+) -> None:
+    """Run one stored job in this process, then exit (what a Kubernetes Job's pod runs).
+    Exit codes: 0 succeeded, 1 failed (a retry may help), 3 bad request, 75 interrupted."""
+    from fluxlora.common.config import SERVICES, Settings
+    from fluxlora.common.logs import configure_logging
+    from fluxlora.jobs.worker import EXIT_PERMANENT, run_worker
+
+    if service not in SERVICES:
+        console.print(f"[red]error[/red] unknown service {service!r}; choose one of {', '.join(SERVICES)}")
+        raise typer.Exit(EXIT_PERMANENT)
+    settings = Settings(store=store) if store else Settings()
+    configure_logging(settings.log_level, settings.log_format, f"{service}-worker")
+    raise typer.Exit(run_worker(service, job_id, settings))
+
+
+def up(store: Store = None, host: str = "127.0.0.1") -> None:
+    """Start all four services on localhost (default ports) until Ctrl-C."""
+    import time
+
+    from fluxlora.common.config import DEFAULT_PORTS, Settings
+    from fluxlora.server.local import LocalServices
+
+    settings = Settings(store=store) if store else Settings()
+    with LocalServices(settings.store, host=host, ports=dict(DEFAULT_PORTS)) as services:
+        for name, address in services.addresses.items():
+            health = services.health_ports.get(name)
+            console.print(f"{name:14} {address}" + (f"  (health, plaintext: {host}:{health})" if health else ""))
+        console.print(f"store          {settings.store}\nCtrl-C stops them.")
+        try:
+            while all(p.poll() is None for p in services.processes.values()):
+                time.sleep(1)
+        except KeyboardInterrupt:
+            pass
+
+
+def demo(
+    workdir: Annotated[Path, typer.Option(help="Where photos, models, store and outputs go.")] = Path("demo-output"),
+    max_steps: int = 200,
+) -> None:
+    """The whole pipeline end to end on generated photos, tiny random models and local services."""
+    from fluxlora.server.demo import run_demo
+    from fluxlora_client.cli import print_outputs
+
+    outputs = run_demo(workdir, max_steps=max_steps, console=console)
+    print_outputs(outputs)
+
+
+def write_tiny(out: Path, seed: int = 0) -> None:
+    """Write a tiny random FLUX pipeline and Florence-2 and BLIP captioners (for demos and tests)."""
+    from fluxlora.models.tiny_blip import write_tiny_blip
+    from fluxlora.models.tiny_captioner import write_tiny_florence2
+    from fluxlora.models.tiny_flux import write_tiny_flux
+
+    console.print(f"flux      {write_tiny_flux(out / 'tiny-flux', seed=seed)}")
+    console.print(f"florence2 {write_tiny_florence2(out / 'tiny-florence2', seed=seed)}")
+    console.print(f"blip      {write_tiny_blip(out / 'tiny-blip', seed=seed)}")
+
+
+def register(app: typer.Typer) -> None:
+    """Adds the server commands to a `fluxlora` Typer app (the `fluxlora.cli` entry point)."""
+    from fluxlora.common.offline import configure_hf_offline
+
+    configure_hf_offline()
+    for command in (serve, worker, up, demo):
+        app.command()(command)
+    models = typer.Typer(help="Model helpers.", no_args_is_help=True)
+    models.command("write-tiny")(write_tiny)
+    app.add_typer(models, name="models")
+
+
+def main() -> None:
+    """`fluxlora-server`: the server commands alone."""
+    app = typer.Typer(help="fluxlora servers and workers.", no_args_is_help=True, pretty_exceptions_enable=False)
+    register(app)
+    app()
+
+
+if __name__ == "__main__":
+    main()
