@@ -6,13 +6,17 @@ PYTHON ?= python3.11
 VENV   ?= .venv
 BIN     = $(VENV)/bin
 
-.PHONY: demo test env protos check-protos lint clean
+.PHONY: demo test env protos check-protos lint layers types clean
 
-$(BIN)/fluxlora: pyproject.toml
+# Three distributions from this repository: fluxlora-api (protos/: the contract and the shared floor),
+# fluxlora-client (clients/python: SDK and CLI, no torch) and fluxlora (the servers). The servers name the
+# other two by path; the second install makes all three editable for development.
+$(BIN)/fluxlora: pyproject.toml protos/pyproject.toml clients/python/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	# torch==2.13.0 resolves to the local CPU wheel on these machines.
 	$(BIN)/pip install --quiet -e '.[dev]'
+	$(BIN)/pip install --quiet --no-deps -e ./protos -e ./clients/python
 	touch $@
 
 env: $(BIN)/fluxlora
@@ -20,7 +24,7 @@ env: $(BIN)/fluxlora
 demo: env
 	$(BIN)/fluxlora demo --workdir demo-output
 
-test: env check-protos lint
+test: env check-protos lint layers types
 	$(BIN)/pytest -q
 
 protos: env
@@ -30,7 +34,16 @@ check-protos: env
 	$(BIN)/python protos/generate.py --check
 
 lint: env
-	$(BIN)/ruff check services clients tests protos/generate.py bench
+	$(BIN)/ruff check services clients tests protos/generate.py protos/fluxlora_api/shared bench
+
+# The floors as import contracts (pyproject.toml [tool.importlinter]): imports only look down, no circles,
+# the client imports no server code.
+layers: env
+	$(BIN)/lint-imports
+
+# Types of the shared floor, the common floor, the domain records and the job runtime ([tool.mypy]).
+types: env
+	$(BIN)/mypy
 
 clean:
 	rm -rf demo-output fluxlora-data .pytest_cache

@@ -19,6 +19,7 @@ from fluxlora.demo.sample_data import write_sample_photos
 from fluxlora.jobs.records import JobRecords
 from fluxlora.jobs.worker import EXIT_PERMANENT, load_report, run_worker
 from fluxlora.server.bootstrap import start_server
+from fluxlora.server.services import load_definition
 from fluxlora_api.shared.errors import FailedPrecondition
 from fluxlora_api.v1 import jobs_pb2, preprocessing_pb2
 from fluxlora_client import FluxloraClient
@@ -102,7 +103,8 @@ def test_a_server_with_the_kubernetes_runner_runs_jobs_as_kubernetes_jobs_end_to
     settings = Settings(store=str(store.root), cache_dir=tmp_path / "cache", runner="kubernetes",
                         k8s_image="registry.example.com/fluxlora-cpu:0.1.0", k8s_namespace=NS, k8s_poll_s=0.05,
                         k8s_resources={"requests": {"cpu": "1", "memory": "2Gi"}})
-    FakeKubelet(fake_cluster, lambda service, job_id, stop: run_worker(service, job_id, settings, store, stop))
+    FakeKubelet(fake_cluster, lambda service, job_id, stop: run_worker(service, job_id, settings, store, stop,
+                                                                   handler=load_definition(service).handler))
     server = start_server("preprocessing", settings, store=store, port=0)
     client = FluxloraClient(store, preprocessing=server.address)
     try:

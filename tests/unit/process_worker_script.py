@@ -10,7 +10,7 @@ import sys
 import time
 
 from fluxlora.jobs.context import JobInterrupted
-from fluxlora.jobs.worker import main
+from fluxlora.server.worker import main
 from fluxlora_api.shared.errors import InvalidArgument
 from fluxlora_api.v1 import preprocessing_pb2
 

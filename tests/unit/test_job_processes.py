@@ -230,7 +230,7 @@ def test_the_worker_gets_the_servers_settings_and_store_but_no_credentials_to_se
 def test_runner_process_is_chosen_by_the_setting(tmp_path):
     runner = runner_for(Settings(store=str(tmp_path), runner="process", process_stop_grace_s=7), "training", None)
     assert isinstance(runner, ProcessRunner) and runner.stop_grace_s == 7
-    assert runner.command[1:] == ["-m", "fluxlora.jobs.worker"]
+    assert runner.command[1:] == ["-m", "fluxlora.server.worker"]
 
 
 @pytest.mark.parametrize("returncode, code, words", [

@@ -105,7 +105,7 @@ class Settings(BaseSettings):
                     "unset: the server's GPU, or 24 without one; 0 turns the check off.",
     )
     # Where a server runs its jobs: in its own worker threads, each in a child process running
-    # `python -m fluxlora.jobs.worker <service> <job_id>` (fluxlora.jobs.process: a crash fails the job, not
+    # `python -m fluxlora.server.worker <service> <job_id>` (fluxlora.jobs.process: a crash fails the job, not
     # the server), or each as a Kubernetes Job running `fluxlora worker ...` (fluxlora.jobs.kubernetes; docs/deploy.md).
     runner: Literal["local", "process", "kubernetes"] = Field(
         "local", description="Job runner: local (threads), process (a child process per job) or kubernetes."

@@ -11,6 +11,7 @@ backoff and jitter, fluxlora.common.s3_retry) and then fail with UNAVAILABLE.
 
 from __future__ import annotations
 
+import builtins
 import glob
 import hashlib
 import json
@@ -130,7 +131,7 @@ class ArtifactStore(ABC):
         except NotFound:
             return False
 
-    def upload_dir(self, local_dir: Path, prefix: str) -> list[ObjectInfo]:
+    def upload_dir(self, local_dir: Path, prefix: str) -> builtins.list[ObjectInfo]:
         prefix = validate_prefix(prefix)
         return [
             self.put_file(prefix + p.relative_to(local_dir).as_posix(), p, _content_type(p))
@@ -138,7 +139,7 @@ class ArtifactStore(ABC):
             if p.is_file()
         ]
 
-    def download_prefix(self, prefix: str, local_dir: Path) -> list[Path]:
+    def download_prefix(self, prefix: str, local_dir: Path) -> builtins.list[Path]:
         prefix = validate_prefix(prefix)
         paths = []
         for info in self.list(prefix):
@@ -383,9 +384,9 @@ class _s3_errors:
     def __enter__(self) -> None:
         return None
 
-    def __exit__(self, exc_type, exc, tb) -> bool:
+    def __exit__(self, exc_type, exc, tb) -> None:
         if exc is None:
-            return False
+            return
         from minio.error import S3Error
         from urllib3.exceptions import HTTPError
 
@@ -393,7 +394,6 @@ class _s3_errors:
             raise NotFound(f"object {self.what!r} not found ({exc.code})") from exc
         if isinstance(exc, (HTTPError, ConnectionError)):
             raise Unavailable(f"object store unreachable while accessing {self.what!r}: {exc}") from exc
-        return False
 
 
 def open_store(settings: Any) -> ArtifactStore:

@@ -4,14 +4,24 @@ progress, metrics, artifacts, warnings and to notice cancellation."""
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from fluxlora.common.storage import ArtifactStore, ObjectInfo
 from fluxlora_api.v1 import jobs_pb2
 
-if TYPE_CHECKING:
-    from fluxlora.jobs.runtime import JobRuntime
+
+class JobHost(Protocol):
+    """Where a handler's reports go: the server's JobRuntime, or a worker process's WorkerReport."""
+
+    store: ArtifactStore
+    settings: Any
+
+    def update(self, job_id: str, mutate: Callable[[jobs_pb2.Job], Any], message: str = "",
+               persist: bool | str = True) -> Any: ...
+
+    def should_stop(self, job_id: str) -> bool: ...
 
 
 class JobInterrupted(Exception):
@@ -19,7 +29,7 @@ class JobInterrupted(Exception):
 
 
 class JobContext:
-    def __init__(self, runtime: JobRuntime, job_id: str, spec: Any, scratch: Path):
+    def __init__(self, runtime: JobHost, job_id: str, spec: Any, scratch: Path):
         self._runtime = runtime
         self.job_id = job_id
         self.spec = spec

@@ -1,17 +1,15 @@
 """What a service package contributes to a server or a worker (its gRPC servicer and its job
-handler), and finding a service's definition by name. The bootstrap (fluxlora.server) and the
+handler). The bootstrap (fluxlora.server) and the
 worker entry point do the rest."""
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import grpc
 
-from fluxlora.common.config import SERVICES
 from fluxlora.jobs.runtime import Handler, JobRuntime
 
 
@@ -37,10 +35,3 @@ def define(name: str, job_prefix: str, pb2: Any, pb2_grpc: Any, grpc_service: st
         handler=handler,
         add_servicer=lambda server, runtime: add(servicer(runtime), server),
     )
-
-
-def load_definition(name: str) -> ServiceDefinition:
-    if name not in SERVICES:
-        raise ValueError(f"unknown service {name!r}; choose one of {', '.join(SERVICES)}")
-    # Imported lazily so the preprocessing server never imports torch.
-    return importlib.import_module(f"fluxlora.{name}.service").SERVICE

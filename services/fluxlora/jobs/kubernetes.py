@@ -19,6 +19,7 @@ import logging
 import os
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -50,6 +51,10 @@ class JobStatus:
     phase: str  # "active" (pending or running), "succeeded" or "failed"
     reason: str = ""
     message: str = ""
+
+
+def _set_stage(job: jobs_pb2.Job, stage: str) -> None:
+    job.progress.stage = stage
 
 
 def job_manifest(job_id: str, service: str, settings: Any) -> dict:
@@ -282,6 +287,7 @@ class KubernetesRunner:
                 raise RemoteJobFailed(
                     "ABORTED", f"Kubernetes Job {self.namespace}/{job_id} was deleted outside fluxlora before it ran")
             if status is None:
+                assert report is not None  # both None was refused just above
                 if report.state in FINISHED:
                     return _outcome(report, job_id, JobStatus("succeeded"))
                 raise RemoteJobFailed(
@@ -289,7 +295,7 @@ class KubernetesRunner:
             if not mirror.seen.progress.stage:
                 reason = self._call(self.launcher.waiting_reason, job_id)
                 if isinstance(reason, str) and reason and reason != runtime.get(job_id).progress.stage:
-                    runtime.update(job_id, lambda job, r=reason: setattr(job.progress, "stage", r), message=reason)
+                    runtime.update(job_id, partial(_set_stage, stage=reason), message=reason)
             self._wait(runtime, job_id)
 
     def recover(self, runtime: JobRuntime) -> None:

@@ -1,5 +1,5 @@
 """Jobs in child processes (FLUXLORA_RUNNER=process): the server keeps its queue, records and
-watchers; each job's work runs in its own `python -m fluxlora.jobs.worker <service> <job_id>`
+watchers; each job's work runs in its own `python -m fluxlora.server.worker <service> <job_id>`
 (fluxlora.jobs.worker: the handler the server would run), on the same store and settings. Whatever
 kills the work (the kernel's out-of-memory killer, a segfault in native code, a CUDA error that
 aborts the process) ends that job as FAILED; the server stays SERVING and runs the next job in a new
@@ -48,7 +48,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-WORKER_MODULE = "fluxlora.jobs.worker"
+WORKER_MODULE = "fluxlora.server.worker"
 REPORT_POLL_S = 1.0  # the worker writes its report about as often (worker.PERSIST_INTERVAL_S)
 STOP_CHECK_S = 0.1  # how soon a cancel or shutdown reaches the child
 UNASKED_STOP_WAIT_S = 2.0  # a child stopped by someone else's SIGTERM: time for our own shutdown to show

@@ -42,7 +42,7 @@ INDEX_NAME = re.compile(r"^\d{19}-[A-Za-z0-9][A-Za-z0-9_.-]*$")
 def mark_finished(job: jobs_pb2.Job, state: int, error: tuple[str, str] | None = None,
                   result: Message | None = None) -> None:
     """Puts a job record in a terminal state, with its error or typed result."""
-    job.state = state
+    job.state = jobs_pb2.JobState.ValueType(state)
     job.finished_at.GetCurrentTime()
     if error:
         job.error.code, job.error.message = error

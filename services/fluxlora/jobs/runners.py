@@ -2,7 +2,7 @@
 place the work happens.
 
 - LocalRunner: in the server's own worker thread (the default).
-- ProcessRunner (fluxlora.jobs.process): in a child process running `python -m fluxlora.jobs.worker
+- ProcessRunner (fluxlora.jobs.process): in a child process running `python -m fluxlora.server.worker
   <service> <job_id>`, so that a crash in the work (out of memory, a segfault) fails the job and
   never the server (FLUXLORA_RUNNER=process; what Docker Compose runs training with).
 - KubernetesRunner (fluxlora.jobs.kubernetes): as a Kubernetes Job whose pod runs

@@ -1,7 +1,7 @@
-"""`fluxlora worker <service> <job_id>` (or `python -m fluxlora.jobs.worker <service> <job_id>`): runs
-one stored job in this process, with the handler the server would run, against the same store. A
-Kubernetes Job's pod runs this (fluxlora.jobs.kubernetes), and so does each child process of a server
-with FLUXLORA_RUNNER=process (fluxlora.jobs.process).
+"""Running one stored job in this process, with the handler the server would run, against the
+same store: what `fluxlora worker <service> <job_id>` and `python -m fluxlora.server.worker` (the
+entry points, in fluxlora.server) do. A Kubernetes Job's pod runs this (fluxlora.jobs.kubernetes),
+and so does each child process of a server with FLUXLORA_RUNNER=process (fluxlora.jobs.process).
 
 The server's job record (jobs/<service>/<job_id>.json) stays the server's alone: the worker reads
 the spec from it and writes what happens to its own report, jobs/workers/<service>/<job_id>.json
@@ -14,7 +14,6 @@ SIGTERM (and, with --watch-parent, stdin closing) stops the job at its next safe
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 import shutil
@@ -123,20 +122,18 @@ class WorkerReport:
 
 
 def run_worker(service: str, job_id: str, settings: Any, store: ArtifactStore | None = None,
-               stop: threading.Event | None = None, handler: Callable[[JobContext, Any], Message] | None = None) -> int:
-    """Runs the stored job `job_id` of `service` once, with the service's own handler unless one
-    is given; returns the process exit code."""
+               stop: threading.Event | None = None, *, handler: Callable[[JobContext, Any], Message]) -> int:
+    """Runs the stored job `job_id` of `service` once with `handler` (the service's own:
+    fluxlora.server.worker finds it); returns the process exit code."""
     from fluxlora.common.storage import open_store
-    from fluxlora.jobs.definition import load_definition
 
-    handler = handler or load_definition(service).handler
     store = store or open_store(settings)
     try:
         record = json_format.Parse(store.get_bytes(JobRecords(store, service).key(job_id)), jobs_pb2.Job())
     except NotFound:
         log.error("no %s job %s in %s: the server's record is missing", service, job_id, store.uri)
         return EXIT_PERMANENT
-    stop = stop or _stop_on_sigterm()
+    stop = stop or stop_on_sigterm()
     report = WorkerReport(store, settings, service, job_id, stop)
     earlier = load_report(store, service, job_id)
     if earlier is not None:  # a retry: what the earlier attempt stored is still in the store
@@ -170,7 +167,7 @@ def _run_reported(report: WorkerReport, handler: Callable[[JobContext, Any], Mes
     return EXIT_SUCCEEDED
 
 
-def _stop_on_sigterm() -> threading.Event:
+def stop_on_sigterm() -> threading.Event:
     stop = threading.Event()
     if threading.current_thread() is threading.main_thread():
         def on_signal(signum, frame) -> None:
@@ -182,7 +179,7 @@ def _stop_on_sigterm() -> threading.Event:
     return stop
 
 
-def _stop_when_stdin_closes(stop: threading.Event) -> None:
+def stop_when_stdin_closes(stop: threading.Event) -> None:
     """The server that started this process holds the other end of stdin and never writes to it:
     end of file means it is gone (killed, crashed), and nobody would see this job's outcome."""
     # os.read on the raw descriptor, not sys.stdin: a daemon thread blocked inside a buffered reader
@@ -200,38 +197,3 @@ def _stop_when_stdin_closes(stop: threading.Event) -> None:
             stop.set()
 
     threading.Thread(target=watch, name="watch-parent", daemon=True).start()
-
-
-def main(argv: list[str] | None = None, handler: Callable[[JobContext, Any], Message] | None = None) -> int:
-    """`python -m fluxlora.jobs.worker <service> <job_id> [--watch-parent]`, with the FLUXLORA_*
-    settings from the environment; returns the exit code."""
-    from fluxlora.common.config import SERVICES, Settings
-    from fluxlora.common.logs import configure_logging
-
-    parser = argparse.ArgumentParser(
-        prog="python -m fluxlora.jobs.worker",
-        description=f"Run one stored job in this process, then exit. Exit codes: {EXIT_SUCCEEDED} succeeded, "
-                    f"{EXIT_FAILED} failed (a retry may help), {EXIT_PERMANENT} bad request, {EXIT_INTERRUPTED} "
-                    "interrupted (SIGTERM).")
-    parser.add_argument("service", help="the service whose job handler runs the job")
-    parser.add_argument("job_id", help="the stored job to run, e.g. trn-0123456789ab")
-    parser.add_argument("--watch-parent", action="store_true",
-                        help="stop as on SIGTERM when stdin closes (the server that started this process is gone)")
-    args = parser.parse_args(argv)
-    settings = Settings()
-    configure_logging(settings.log_level, settings.log_format, f"{args.service}-worker")
-    if args.service not in SERVICES:
-        log.error("unknown service %r; choose one of %s", args.service, ", ".join(SERVICES))
-        return EXIT_PERMANENT
-    stop = _stop_on_sigterm()
-    if args.watch_parent:
-        _stop_when_stdin_closes(stop)
-    log.info("worker process %d running %s job %s", os.getpid(), args.service, args.job_id)
-    return run_worker(args.service, args.job_id, settings, stop=stop, handler=handler)
-
-
-if __name__ == "__main__":
-    # The imported module's main, not this __main__ copy: one set of module globals per process.
-    from fluxlora.jobs.worker import main as worker_main
-
-    sys.exit(worker_main())

@@ -17,9 +17,10 @@ from fluxlora.common.auth import is_loopback, server_credentials, server_interce
 from fluxlora.common.config import Settings
 from fluxlora.common.offline import configure_hf_offline
 from fluxlora.common.storage import ArtifactStore, open_store
-from fluxlora.jobs.definition import ServiceDefinition, load_definition
+from fluxlora.jobs.definition import ServiceDefinition
 from fluxlora.jobs.runtime import JobRuntime
 from fluxlora.jobs.servicer import JobServicer
+from fluxlora.server.services import load_definition
 from fluxlora_api.v1 import jobs_pb2, jobs_pb2_grpc
 
 log = logging.getLogger(__name__)

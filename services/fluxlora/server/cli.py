@@ -46,13 +46,14 @@ def worker(
     from fluxlora.common.config import SERVICES, Settings
     from fluxlora.common.logs import configure_logging
     from fluxlora.jobs.worker import EXIT_PERMANENT, run_worker
+    from fluxlora.server.services import load_definition
 
     if service not in SERVICES:
         console.print(f"[red]error[/red] unknown service {service!r}; choose one of {', '.join(SERVICES)}")
         raise typer.Exit(EXIT_PERMANENT)
     settings = Settings(store=store) if store else Settings()
     configure_logging(settings.log_level, settings.log_format, f"{service}-worker")
-    raise typer.Exit(run_worker(service, job_id, settings))
+    raise typer.Exit(run_worker(service, job_id, settings, handler=load_definition(service).handler))
 
 
 def up(store: Store = None, host: str = "127.0.0.1") -> None:

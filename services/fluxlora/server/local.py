@@ -127,7 +127,7 @@ class LocalServices:
             if self.health_ports:
                 server_env["FLUXLORA_HEALTH_PORT"] = str(self.health_ports[name])
             self.processes[name] = subprocess.Popen(
-                [sys.executable, "-m", "fluxlora_client.cli", "serve", name,
+                [sys.executable, "-m", "fluxlora.server.cli", "serve", name,
                  "--host", self.host, "--port", str(self.ports[name])],
                 env=server_env, stdout=log or subprocess.DEVNULL,
                 stderr=subprocess.STDOUT if log else None,
