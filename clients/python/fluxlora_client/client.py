@@ -27,6 +27,7 @@ from fluxlora.common.storage import ArtifactStore, open_store
 from fluxlora_api.shared.auth import AuthConfigError, BearerTokenInterceptor, resolve_token, tls_channel_credentials
 from fluxlora_api.shared.errors import ResourceExhausted
 from fluxlora_api.shared.files import check_upload_bytes, sha256_file
+from fluxlora_api.shared.options import build_message
 from fluxlora_api.shared.ports import DEFAULT_PORTS, PREFIX_TO_SERVICE
 from fluxlora_api.v1 import (
     captioning_pb2,
@@ -54,9 +55,6 @@ RESULT_TYPES = {
     "evaluation": evaluation_pb2.GridResult,
 }
 RESULT_BY_NAME = {t.DESCRIPTOR.full_name: t for t in [*RESULT_TYPES.values(), evaluation_pb2.GenerateResult]}
-CROP_MODES = {"bucket": preprocessing_pb2.CROP_MODE_BUCKET, "square": preprocessing_pb2.CROP_MODE_SQUARE,
-              "subject": preprocessing_pb2.CROP_MODE_SUBJECT, "pad": preprocessing_pb2.CROP_MODE_PAD}
-LORA_TYPES = {"concrete": preprocessing_pb2.LORA_TYPE_CONCRETE, "style": preprocessing_pb2.LORA_TYPE_STYLE}
 
 # Retry UNAVAILABLE (a service restarting) on idempotent calls; submits carry a request_id.
 _SERVICE_CONFIG = """{"methodConfig": [{"name": [{"service": "fluxlora.v1.JobService"},
@@ -188,36 +186,28 @@ class FluxloraClient:
         return [self.store.get_file(prefix_or_key, dest / prefix_or_key.rsplit("/", 1)[-1])]
 
     # --- submitting ------------------------------------------------------------------------
-    def preprocess(self, source_prefix: str, base_size: int = 1024, crop_mode: str = "bucket",
-                   lora_type: str = "concrete", request_id: str | None = None, *, background: str = "",
-                   min_side: int = 0, blur_threshold: float | None = None) -> jobs_pb2.Job:
-        """crop_mode: bucket, square, subject (square on the salient region) or pad (whole photo,
-        padded square). background: "#rrggbb" behind transparency. min_side: 0 for the default
-        floor. blur_threshold: None for the default, 0 to turn the blur check off."""
-        spec = preprocessing_pb2.PreprocessSpec(
-            source_prefix=source_prefix, base_size=base_size,
-            crop_mode=_choice(CROP_MODES, crop_mode, "crop_mode"),
-            lora_type=_choice(LORA_TYPES, lora_type, "lora_type"),
-            background=background, min_side=min_side, blur_threshold=blur_threshold,
-        )
+    def preprocess(self, source_prefix: str, base_size: int = 0, crop_mode: str = "", lora_type: str = "",
+                   request_id: str | None = None, **options: Any) -> jobs_pb2.Job:
+        """Options are PreprocessSpec fields; unset ones (0, "", None) take the server's defaults.
+        crop_mode: bucket, square, subject (square on the salient region) or pad (whole photo,
+        padded square). lora_type: concrete or style. background: "#rrggbb" behind transparency.
+        min_side: 0 for the default floor. blur_threshold: None for the default, 0 to turn the blur
+        check off."""
+        values = {"base_size": base_size, "crop_mode": crop_mode, "lora_type": lora_type, **options}
+        spec = _spec(preprocessing_pb2.PreprocessSpec, source_prefix=source_prefix, **values)
         request = preprocessing_pb2.SubmitPreprocessRequest(spec=spec, request_id=request_id or _new_id())
         return self._call(self._preprocessing.SubmitPreprocess, request)
 
-    def caption(self, dataset_id: str, trigger_word: str, model: str = "", captioner: str = "florence2",
-                task: str = "<CAPTION>", remove_phrases: list[str] | tuple[str, ...] = (),
-                batch_size: int = 0, trigger_position: str = "start", max_new_tokens: int = 0,
-                request_id: str | None = None, *, style: str = "natural", captions_source: str = "",
-                base_model: str = "") -> jobs_pb2.Job:
+    def caption(self, dataset_id: str, trigger_word: str = "", request_id: str | None = None,
+                **options: Any) -> jobs_pb2.Job:
         """Auto-caption a dataset (a draft caption version; review and approve it with `captions`).
 
-        captioner "import" takes existing captions instead: .txt/.csv/.jsonl uploaded with the photos,
-        or the object key / prefix captions_source. style: "natural" or "tags". base_model: a FLUX
-        model whose tokenizers count caption tokens (default: the service's)."""
-        spec = captioning_pb2.CaptionSpec(
-            dataset_id=dataset_id, trigger_word=trigger_word, captioner=captioner, model=model, task=task,
-            batch_size=batch_size, remove_phrases=list(remove_phrases), trigger_position=trigger_position,
-            max_new_tokens=max_new_tokens, style=style, captions_source=captions_source, base_model=base_model,
-        )
+        Options are CaptionSpec fields (model, captioner, task, remove_phrases, batch_size,
+        trigger_position, max_new_tokens, style, captions_source, base_model); unset ones take the
+        server's defaults. captioner "import" takes existing captions instead: .txt/.csv/.jsonl uploaded
+        with the photos, or the object key / prefix captions_source. style: "natural" or "tags".
+        base_model: a FLUX model whose tokenizers count caption tokens (default: the service's)."""
+        spec = _spec(captioning_pb2.CaptionSpec, dataset_id=dataset_id, trigger_word=trigger_word, **options)
         request = captioning_pb2.SubmitCaptionRequest(spec=spec, request_id=request_id or _new_id())
         return self._call(self._captioning.SubmitCaption, request)
 
@@ -227,7 +217,7 @@ class FluxloraClient:
         batch_size, seed, checkpoint_every, sample_every, sample_prompts, guidance, precision,
         gradient_checkpointing, ... A run too big for the server's GPU raises FluxloraClientError
         RESOURCE_EXHAUSTED naming the options that would fit."""
-        spec = training_pb2.TrainSpec(dataset_id=dataset_id, base_model=base_model, **options)
+        spec = _spec(training_pb2.TrainSpec, dataset_id=dataset_id, base_model=base_model, **options)
         request = training_pb2.SubmitTrainingRequest(spec=spec, request_id=request_id or _new_id())
         return self._call(self._training.SubmitTraining, request)
 
@@ -236,7 +226,7 @@ class FluxloraClient:
         """The memory plan of a run without queueing it: estimated peak GPU memory (computed on the
         server's CPU in seconds, no weights loaded), whether it fits target_gib (0: the server's GPU
         target) and, if not, the option changes that would. Options are TrainSpec fields."""
-        spec = training_pb2.TrainSpec(dataset_id=dataset_id, base_model=base_model, **options)
+        spec = _spec(training_pb2.TrainSpec, dataset_id=dataset_id, base_model=base_model, **options)
         request = training_pb2.PlanTrainingRequest(spec=spec, target_gib=target_gib)
         return self._call(self._training.PlanTraining, request)
 
@@ -247,7 +237,7 @@ class FluxloraClient:
         skip fidelity scores), skip_convergence, base_model, and loras=[{"key": "<.safetensors key>",
         "label": "v1"}, {"run_id": "trn-...", "step": 1500}] for rows of LoRA files instead of one
         run's checkpoints (run_id "" then). The result's `recommendation` is the pick."""
-        spec = evaluation_pb2.GridSpec(run_id=run_id, strengths=strengths or [], **options)
+        spec = _spec(evaluation_pb2.GridSpec, run_id=run_id, strengths=strengths or [], **options)
         request = evaluation_pb2.SubmitGridRequest(spec=spec, request_id=request_id or _new_id())
         return self._call(self._evaluation.SubmitGrid, request)
 
@@ -258,10 +248,8 @@ class FluxloraClient:
         loras: [{"key": "<.safetensors key>", "strength": 0.8}] or [{"run_id": "trn-...", "step": 1500}]
         (step 0 or absent: the run's latest checkpoint; strength absent: 1.0). Options are GenerateSpec
         fields: seed, images_per_prompt, width, height, steps, guidance, base_model."""
-        spec = evaluation_pb2.GenerateSpec(
-            prompts=[prompts] if isinstance(prompts, str) else list(prompts),
-            loras=[evaluation_pb2.LoraWeight(**lora) for lora in loras or []], **options,
-        )
+        spec = _spec(evaluation_pb2.GenerateSpec, prompts=[prompts] if isinstance(prompts, str) else list(prompts),
+                     loras=loras or [], **options)
         request = evaluation_pb2.SubmitGenerateRequest(spec=spec, request_id=request_id or _new_id())
         return self._call(self._evaluation.SubmitGenerate, request)
 
@@ -375,10 +363,13 @@ class FluxloraClient:
         return message
 
 
-def _choice(table: dict[str, int], value: str, field: str) -> int:
-    if value not in table:
-        raise FluxloraClientError("INVALID_ARGUMENT", f"{field} must be one of {sorted(table)}, not {value!r}")
-    return table[value]
+def _spec(message_type: type, **values: Any) -> Any:
+    """The spec message holding the values given; None, "" and 0 leave a field unset (the server's
+    default). Enum fields take their short names ("bucket"); a wrong name or field is INVALID_ARGUMENT."""
+    try:
+        return build_message(message_type, {k: v for k, v in values.items() if v is not None and v != ""})
+    except (ValueError, TypeError) as err:
+        raise FluxloraClientError("INVALID_ARGUMENT", str(err)) from None
 
 
 def _new_id() -> str:

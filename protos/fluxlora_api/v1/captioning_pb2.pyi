@@ -44,9 +44,9 @@ class CaptionSpec(_message.Message):
     trigger_word: _builtins.str
     """The unique word the LoRA's concept is bound to; it appears exactly once in every caption."""
     captioner: _builtins.str
-    """Captioner backend: "florence2" (the default), "blip" (BLIP through transformers), or "import"
-    (existing captions: .txt sidecars, a .csv of file,caption rows or a .jsonl of {"file","caption"}
-    objects; see captions_source).
+    """Captioner backend: "florence2", "blip" (BLIP through transformers), or "import" (existing
+    captions: .txt sidecars, a .csv of file,caption rows or a .jsonl of {"file","caption"} objects;
+    see captions_source); default: "florence2".
     """
     model: _builtins.str
     """The captioning model: a local directory, or "store://<prefix>" for an object-store prefix,
@@ -54,18 +54,20 @@ class CaptionSpec(_message.Message):
     Not used by the "import" captioner.
     """
     task: _builtins.str
-    """Florence-2 task prompt: "<CAPTION>" (default), "<DETAILED_CAPTION>" or "<MORE_DETAILED_CAPTION>".
-    Other captioners take only "<CAPTION>" (a plain caption).
+    """Florence-2 task prompt: "<CAPTION>", "<DETAILED_CAPTION>" or "<MORE_DETAILED_CAPTION>";
+    default: "<CAPTION>". Other captioners take only "<CAPTION>" (a plain caption).
     """
     batch_size: _builtins.int
-    """Images per generate() call; 0 means 8."""
+    """Images per generate() call; default: 8."""
     trigger_position: _builtins.str
-    """Where the trigger goes: "start" (default), "end" or "keep" (keep an existing one in place)."""
+    """Where the trigger goes: "start", "end" or "keep" (keep an existing one in place);
+    default: "start".
+    """
     max_new_tokens: _builtins.int
-    """Upper bound on generated tokens per caption; 0 means 64."""
+    """Upper bound on generated tokens per caption; default: 64."""
     style: _builtins.str
-    """Caption style: "natural" (default; sentences as the captioner writes them) or "tags"
-    (comma-separated tags, deduplicated, the trigger first).
+    """Caption style: "natural" (sentences as the captioner writes them) or "tags" (comma-separated
+    tags, deduplicated, the trigger first); default: "natural".
     """
     captions_source: _builtins.str
     """"import" captioner only: the object key of a .csv / .jsonl / .txt file or of a .zip holding
@@ -79,8 +81,8 @@ class CaptionSpec(_message.Message):
     """
     @_builtins.property
     def remove_phrases(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
-        """Words or phrases removed from every caption because the LoRA should learn them
-        (case and plural variants included), e.g. ["bottle", "label"].
+        """Words or phrases removed from every caption because the LoRA should learn them (case and
+        plural variants included), e.g. ["bottle", "label"]; repeat the option for several.
         """
 
     def __init__(

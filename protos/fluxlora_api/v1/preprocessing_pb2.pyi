@@ -103,20 +103,22 @@ class PreprocessSpec(_message.Message):
     and its photos are keyed "<zip key>/<entry path>".
     """
     base_size: _builtins.int
-    """Training base size in pixels, a positive multiple of 64 (512 for SD1.5; 1024 for Flux). 0 means 1024."""
+    """Training base size in pixels, a positive multiple of 64 (512 for SD1.5; 1024 for Flux);
+    default: 1024.
+    """
     crop_mode: Global___CropMode.ValueType
-    """How to crop; unspecified means CROP_MODE_BUCKET."""
+    """How each photo is cropped to the training size (see CropMode); default: bucket."""
     lora_type: Global___LoraType.ValueType
-    """What kind of LoRA the dataset is for; unspecified means LORA_TYPE_CONCRETE."""
+    """What kind of LoRA the dataset is for: concrete (~30 images) or style (50+); default: concrete."""
     background: _builtins.str
-    """Colour that transparency is flattened onto, "#rrggbb"; empty means white."""
+    """Colour that transparency is flattened onto, "#rrggbb"; default: white."""
     min_side: _builtins.int
-    """Shortest side accepted, in px; 0 means max(64, base_size / 4). Shorter photos are rejected;
+    """Shortest side accepted, in px; default: max(64, base_size / 4). Shorter photos are rejected;
     photos between this and base_size are upscaled with a warning.
     """
     blur_threshold: _builtins.float
     """Images whose blur score (variance of the Laplacian where they have detail, at training size)
-    is below this are flagged "blurry"; unset means 20, 0 turns the check off.
+    is below this are flagged "blurry"; default: 20 (0 turns the check off).
     """
     def __init__(
         self,
