@@ -46,9 +46,9 @@ caption_app = typer.Typer(
 
 
 def _cli():
-    from fluxlora_client import cli
+    from fluxlora_client import cli_support
 
-    return cli
+    return cli_support
 
 
 def _print_change(change, what: str) -> None:

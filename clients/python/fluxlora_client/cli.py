@@ -28,6 +28,7 @@ from fluxlora_api.shared.options import help_text
 from fluxlora_api.v1 import evaluation_pb2, preprocessing_pb2, training_pb2
 from fluxlora_api.v1.field_docs import COMMENTS
 from fluxlora_client.caption_cli import caption_app
+from fluxlora_client.cli_support import _client, _print_result, _run_job, console
 from fluxlora_client.errors import FluxloraClientError
 from fluxlora_client.spec_options import SpecCommand, spec_options
 
@@ -36,28 +37,6 @@ app = typer.Typer(help="Turn a folder of photos into a tested FLUX.1 LoRA.", no_
 jobs_app = typer.Typer(help="List, inspect, watch and cancel jobs.", no_args_is_help=True)
 app.add_typer(jobs_app, name="jobs")
 app.add_typer(caption_app, name="caption")
-console = Console()
-
-def _client(store: str | None = None):
-    from fluxlora.common.config import Settings
-    from fluxlora_client.client import FluxloraClient
-
-    settings = Settings(store=store) if store else Settings()
-    return FluxloraClient.from_env(settings)
-
-
-def _run_job(client, label: str, job):
-    from fluxlora_client.progress import JobProgress
-
-    with JobProgress() as progress:
-        final = client.wait(job, on_event=lambda e: progress.on_event(label, e))
-    return client.result(final)
-
-
-def _print_result(result) -> None:
-    console.print_json(json_format.MessageToJson(result))
-
-
 @app.command(cls=SpecCommand)
 @spec_options(preprocessing_pb2.PreprocessSpec, exclude={"source_prefix"})
 def preprocess(
