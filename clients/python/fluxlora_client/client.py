@@ -26,7 +26,7 @@ from google.protobuf.message import Message
 from fluxlora.common.config import Settings
 from fluxlora.common.storage import ArtifactStore, open_store
 from fluxlora_api.shared.auth import AuthConfigError, BearerTokenInterceptor, resolve_token, tls_channel_credentials
-from fluxlora_api.shared.errors import ResourceExhausted
+from fluxlora_api.shared.errors import FluxloraError, ResourceExhausted
 from fluxlora_api.shared.files import check_upload_bytes, sha256_file
 from fluxlora_api.shared.ports import DEFAULT_PORTS, PREFIX_TO_SERVICE
 from fluxlora_api.v1 import (
@@ -117,7 +117,10 @@ class FluxloraClient:
         from FLUXLORA_AUTH_TOKEN or _FILE; TLS from FLUXLORA_TLS_CA_FILE (+ _CLIENT_CERT/KEY_FILE)."""
         import os
 
-        settings = settings or Settings()
+        try:
+            settings = settings or Settings()
+        except ValueError as err:  # pydantic's ValidationError: a FLUXLORA_* variable that does not parse
+            raise FluxloraClientError("INVALID_ARGUMENT", _settings_problem(err)) from None
         for name, port in DEFAULT_PORTS.items():
             addresses.setdefault(name, os.environ.get(f"FLUXLORA_{name.upper()}_ADDR", f"localhost:{port}"))
         try:
@@ -126,7 +129,13 @@ class FluxloraClient:
                                                   settings.tls_client_key_file)
         except AuthConfigError as err:
             raise FluxloraClientError("INVALID_ARGUMENT", str(err)) from None
-        return cls(open_store(settings), **addresses, token=token, credentials=credentials,
+        try:
+            store = open_store(settings)
+        except FluxloraError as err:
+            raise FluxloraClientError(err.code, err.message) from None
+        except (ValueError, OSError) as err:  # e.g. the S3 client refusing a bucket name
+            raise FluxloraClientError("INVALID_ARGUMENT", f"FLUXLORA_STORE={settings.store}: {err}") from None
+        return cls(store, **addresses, token=token, credentials=credentials,
                    max_upload_bytes=settings.max_upload_bytes)
 
     def _channel(self, service: str) -> grpc.Channel:
@@ -409,6 +418,13 @@ def _choice(table: dict[str, int], value: str, field: str) -> int:
     if value not in table:
         raise FluxloraClientError("INVALID_ARGUMENT", f"{field} must be one of {sorted(table)}, not {value!r}")
     return table[value]
+
+
+def _settings_problem(err: ValueError) -> str:
+    """Which FLUXLORA_* variables did not parse and why; never their values (one may be a secret)."""
+    problems = [f"FLUXLORA_{'_'.join(map(str, e.get('loc', ()))).upper()}: {e.get('msg', 'invalid')}"
+                for e in getattr(err, "errors", list)()]
+    return "; ".join(problems or [str(err)]) + " (fix or unset the variable)"
 
 
 def _new_id() -> str:
