@@ -32,7 +32,8 @@ from fluxlora_api.v1 import jobs_pb2
 from fluxlora_client import FluxloraClient
 from support import ServiceProcess, preprocessing_server
 
-pytestmark = pytest.mark.timeout(240)
+pytestmark = [pytest.mark.timeout(240),
+              pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads process trees from /proc")]
 S = jobs_pb2.JobState
 TERMINAL = (S.JOB_STATE_SUCCEEDED, S.JOB_STATE_FAILED, S.JOB_STATE_CANCELLED)
 
