@@ -6,16 +6,21 @@ import contextlib
 import dataclasses
 import datetime
 import ipaddress
+import os
+import signal
+import subprocess
 import sys
 import threading
 import uuid
+from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
 
 from fluxlora.common.config import SERVICES, Settings
-from fluxlora.common.storage import LocalStore, S3Store
+from fluxlora.common.storage import ArtifactStore, LocalStore, S3Store
 from fluxlora.server.bootstrap import RunningServer, load_definition, start_server
+from fluxlora.server.local import free_port, wait_healthy
 from fluxlora_client import FluxloraClient, cli
 
 
@@ -37,6 +42,58 @@ def services_and_client(store, tmp_path, **overrides):
         client.close()
         for server in servers:
             server.stop(grace=1.0)
+
+
+class ServiceProcess:
+    """One service as `fluxlora serve` in its own process group, on a port kept across restarts."""
+
+    def __init__(self, service: str, store: ArtifactStore, tmp_path: Path, port: int | None = None, **env: str):
+        self.service = service
+        self.port = port or free_port()
+        self.address = f"127.0.0.1:{self.port}"
+        self.log = tmp_path / f"{service}.log"
+        self.env = {**os.environ, **store_env(store), "FLUXLORA_CACHE_DIR": str(tmp_path / "cache"),
+                    "FLUXLORA_WORKERS": "1", "FLUXLORA_PREPROCESS_WORKERS": "1", "OMP_NUM_THREADS": "1", **env}
+        self.process: subprocess.Popen | None = None
+
+    def start(self, wait: bool = True) -> ServiceProcess:
+        with open(self.log, "ab") as log:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "fluxlora_client.cli", "serve", self.service,
+                 "--host", "127.0.0.1", "--port", str(self.port)],
+                env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            )
+        if wait:
+            wait_healthy(self.address, timeout=120, alive=lambda: self.process.poll() is None)
+        return self
+
+    def kill(self, group: bool = True) -> None:
+        """SIGKILL to the whole process group, as a container runtime does it; group=False: to the
+        server alone, as the OOM killer does it (what it started must then go by itself)."""
+        if group:
+            os.killpg(self.process.pid, signal.SIGKILL)
+        else:
+            self.process.kill()
+        self.process.wait(30)
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(30)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+    def logs(self) -> str:
+        return self.log.read_text(errors="replace")[-4000:]
+
+
+def store_env(store: ArtifactStore) -> dict[str, str]:
+    """The settings that point a server process at `store` (a directory, or a bucket on moto)."""
+    if isinstance(store, LocalStore):
+        return {"FLUXLORA_STORE": str(store.root)}
+    return {"FLUXLORA_STORE": store.uri, "FLUXLORA_S3_ENDPOINT": store.endpoint,
+            "FLUXLORA_S3_ACCESS_KEY": "test", "FLUXLORA_S3_SECRET_KEY": "test"}
 
 
 def fluxlora(*args: str):

@@ -79,9 +79,9 @@ def job_server(tmp_path):
     runtime = JobRuntime("preprocessing", "pre", LocalStore(tmp_path / "store"), chatty)
     watch = runtime.watch
 
-    def recorded_watch(job_id, is_active=lambda: True):
+    def recorded_watch(job_id, *args, **kwargs):
         try:
-            yield from watch(job_id, is_active)
+            yield from watch(job_id, *args, **kwargs)
         finally:
             watch_closed.set()
 

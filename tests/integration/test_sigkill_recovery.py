@@ -15,74 +15,21 @@ from __future__ import annotations
 import csv
 import hashlib
 import io
-import os
-import signal
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import pytest
 
 from fluxlora.common import keys
 from fluxlora.common.storage import ArtifactStore, LocalStore
-from fluxlora.server.local import free_port, wait_healthy
 from fluxlora_api.v1 import jobs_pb2
 from fluxlora_client import FluxloraClient
-from support import services_and_client
+from support import ServiceProcess, services_and_client
 
 pytestmark = pytest.mark.timeout(240)  # a regression that hangs a wait fails here, not after 10 minutes
 S = jobs_pb2.JobState
 TERMINAL = (S.JOB_STATE_SUCCEEDED, S.JOB_STATE_FAILED, S.JOB_STATE_CANCELLED)
 MAX_STEPS = 100
 EVERY = 10
-
-
-class ServiceProcess:
-    """One service as `fluxlora serve` in its own process group, on a port kept across restarts."""
-
-    def __init__(self, service: str, store: ArtifactStore, tmp_path: Path):
-        self.service = service
-        self.port = free_port()
-        self.address = f"127.0.0.1:{self.port}"
-        self.log = tmp_path / f"{service}.log"
-        self.env = {**os.environ, **store_env(store), "FLUXLORA_CACHE_DIR": str(tmp_path / "cache"),
-                    "FLUXLORA_WORKERS": "1", "FLUXLORA_PREPROCESS_WORKERS": "1", "OMP_NUM_THREADS": "1"}
-        self.process: subprocess.Popen | None = None
-
-    def start(self) -> ServiceProcess:
-        with open(self.log, "ab") as log:
-            self.process = subprocess.Popen(
-                [sys.executable, "-m", "fluxlora_client.cli", "serve", self.service,
-                 "--host", "127.0.0.1", "--port", str(self.port)],
-                env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-            )
-        wait_healthy(self.address, timeout=120, alive=lambda: self.process.poll() is None)
-        return self
-
-    def kill(self) -> None:
-        """SIGKILL to the whole process group, as a container runtime or the OOM killer does it."""
-        os.killpg(self.process.pid, signal.SIGKILL)
-        self.process.wait(30)
-
-    def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(30)
-            except subprocess.TimeoutExpired:
-                self.kill()
-
-    def logs(self) -> str:
-        return self.log.read_text(errors="replace")[-4000:]
-
-
-def store_env(store: ArtifactStore) -> dict[str, str]:
-    """The settings that point a server process at `store` (a directory, or a bucket on moto)."""
-    if isinstance(store, LocalStore):
-        return {"FLUXLORA_STORE": str(store.root)}
-    return {"FLUXLORA_STORE": store.uri, "FLUXLORA_S3_ENDPOINT": store.endpoint,
-            "FLUXLORA_S3_ACCESS_KEY": "test", "FLUXLORA_S3_SECRET_KEY": "test"}
 
 
 @pytest.fixture

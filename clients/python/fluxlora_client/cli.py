@@ -336,9 +336,9 @@ def jobs_show(job_id: str) -> None:
 
 @jobs_app.command("watch")
 def jobs_watch(job_id: str) -> None:
-    """Follow a job until it finishes."""
+    """Follow a job until it finishes, riding out a restart of its server (up to 5 minutes)."""
     client = _client()
-    _print_result(_run_job(client, job_id.split("-")[0], client.get_job(job_id)))
+    _print_result(_run_job(client, job_id.split("-")[0], job_id))
 
 
 @jobs_app.command("cancel")

@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import itertools
+import random
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -25,7 +26,7 @@ from google.protobuf.message import Message
 from fluxlora.common.config import Settings
 from fluxlora.common.storage import ArtifactStore, open_store
 from fluxlora_api.shared.auth import AuthConfigError, BearerTokenInterceptor, resolve_token, tls_channel_credentials
-from fluxlora_api.shared.errors import ResourceExhausted
+from fluxlora_api.shared.errors import FluxloraError, ResourceExhausted
 from fluxlora_api.shared.files import check_upload_bytes, sha256_file
 from fluxlora_api.shared.options import build_message
 from fluxlora_api.shared.ports import DEFAULT_PORTS, PREFIX_TO_SERVICE
@@ -62,6 +63,11 @@ _SERVICE_CONFIG = """{"methodConfig": [{"name": [{"service": "fluxlora.v1.JobSer
   {"service": "fluxlora.v1.TrainingService"}, {"service": "fluxlora.v1.EvaluationService"}],
   "retryPolicy": {"maxAttempts": 5, "initialBackoff": "0.2s", "maxBackoff": "3s",
   "backoffMultiplier": 2, "retryableStatusCodes": ["UNAVAILABLE"]}}]}"""
+# gRPC waits longer and longer between attempts to reach a server that went away (up to 2 minutes);
+# capped, a restarted server is found again within seconds of coming back.
+_CHANNEL_OPTIONS = [("grpc.service_config", _SERVICE_CONFIG), ("grpc.initial_reconnect_backoff_ms", 500),
+                    ("grpc.max_reconnect_backoff_ms", 3000)]
+RECONNECT_FOR_S = 300.0  # how long watch/wait ride out a server that is down or restarting
 
 
 @dataclass
@@ -82,12 +88,15 @@ class FluxloraClient:
         token: str | None = None,
         credentials: grpc.ChannelCredentials | None = None,
         max_upload_bytes: int | None = None,
+        reconnect_for_s: float = RECONNECT_FOR_S,
     ):
         """token: sent as `authorization: Bearer <token>` on every call; credentials: TLS
         (grpc.ssl_channel_credentials; from_env builds them from FLUXLORA_TLS_CA_FILE). max_upload_bytes:
         upload_photos refuses bigger uploads before sending a byte (from_env: FLUXLORA_MAX_UPLOAD_BYTES);
-        the preprocessing server checks its own limit at submit either way."""
+        the preprocessing server checks its own limit at submit either way. reconnect_for_s: how long
+        watch and wait ride out a server that is down or restarting (0: give up at the first drop)."""
         self.store = store
+        self.reconnect_for_s = reconnect_for_s
         self.max_upload_bytes = max_upload_bytes
         self.timeout = timeout
         self._interceptors = [BearerTokenInterceptor(token)] if token else []
@@ -106,7 +115,10 @@ class FluxloraClient:
         from FLUXLORA_AUTH_TOKEN or _FILE; TLS from FLUXLORA_TLS_CA_FILE (+ _CLIENT_CERT/KEY_FILE)."""
         import os
 
-        settings = settings or Settings()
+        try:
+            settings = settings or Settings()
+        except ValueError as err:  # pydantic's ValidationError: a FLUXLORA_* variable that does not parse
+            raise FluxloraClientError("INVALID_ARGUMENT", _settings_problem(err)) from None
         for name, port in DEFAULT_PORTS.items():
             addresses.setdefault(name, os.environ.get(f"FLUXLORA_{name.upper()}_ADDR", f"localhost:{port}"))
         try:
@@ -115,12 +127,18 @@ class FluxloraClient:
                                                   settings.tls_client_key_file)
         except AuthConfigError as err:
             raise FluxloraClientError("INVALID_ARGUMENT", str(err)) from None
-        return cls(open_store(settings), **addresses, token=token, credentials=credentials,
+        try:
+            store = open_store(settings)
+        except FluxloraError as err:
+            raise FluxloraClientError(err.code, err.message) from None
+        except (ValueError, OSError) as err:  # e.g. the S3 client refusing a bucket name
+            raise FluxloraClientError("INVALID_ARGUMENT", f"FLUXLORA_STORE={settings.store}: {err}") from None
+        return cls(store, **addresses, token=token, credentials=credentials,
                    max_upload_bytes=settings.max_upload_bytes)
 
     def _channel(self, service: str) -> grpc.Channel:
         if service not in self._endpoints:
-            options = [("grpc.service_config", _SERVICE_CONFIG)]
+            options = _CHANNEL_OPTIONS
             address = self.addresses[service]
             channel = (grpc.secure_channel(address, self._credentials, options=options) if self._credentials
                        else grpc.insecure_channel(address, options=options))
@@ -297,45 +315,66 @@ class FluxloraClient:
     def cancel(self, job_id: str) -> jobs_pb2.Job:
         return self._call(self._jobs(job_id).CancelJob, jobs_pb2.CancelJobRequest(job_id=job_id))
 
-    def watch(self, job_id: str) -> Iterator[jobs_pb2.JobEvent]:
-        """Streams the job's events until it finishes, reconnecting if the stream drops. A server with
-        all its watch streams taken (RESOURCE_EXHAUSTED, FLUXLORA_MAX_WATCHERS) is polled with GetJob
-        instead: those events carry sequence 0 and come only when the job changed."""
+    def watch(self, job_id: str, reconnect_for_s: float | None = None) -> Iterator[jobs_pb2.JobEvent]:
+        """Streams the job's events until it finishes: the terminal event comes exactly once and no
+        event twice. A dropped stream or a server that is down or restarting is reconnected, with
+        backoff and jitter, for up to `reconnect_for_s` seconds of outage (default: the client's
+        reconnect_for_s, 300), resuming after the last event seen; past that FluxloraClientError
+        UNAVAILABLE. A server with all its watch streams taken (RESOURCE_EXHAUSTED,
+        FLUXLORA_MAX_WATCHERS) is polled with GetJob instead: those events carry sequence 0 and come
+        only when the job changed."""
+        limit = self.reconnect_for_s if reconnect_for_s is None else reconnect_for_s
+        outage, seen = _Outage(job_id, limit), _Seen()
+        stub = self._jobs(job_id)
         while True:
             try:
-                for event in self._jobs(job_id).WatchJob(jobs_pb2.WatchJobRequest(job_id=job_id)):
-                    yield event
+                request = jobs_pb2.WatchJobRequest(job_id=job_id, after_sequence=seen.sequence)
+                for event in stub.WatchJob(request):
+                    outage.over()
+                    if seen.is_new(event):
+                        yield event
                     if event.job.state in TERMINAL:
                         return
+                why = "the stream ended before the job finished (the server is stopping)"
             except grpc.RpcError as err:
                 if err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
-                    yield from self._poll(job_id)
+                    yield from self._poll(job_id, seen, outage)
                     return
-                if err.code() != grpc.StatusCode.UNAVAILABLE:
+                if err.code() not in _RECONNECT_ON:
                     raise FluxloraClientError(err.code().name, err.details() or "") from None
-            if self.get_job(job_id).state in TERMINAL:
-                return
+                why = f"{err.code().name}: {err.details()}"
+            outage.wait(why)
 
-    def _poll(self, job_id: str, first_s: float = 0.2, max_s: float = 2.0) -> Iterator[jobs_pb2.JobEvent]:
-        delay, last = first_s, None
+    def _poll(self, job_id: str, seen: _Seen, outage: _Outage, first_s: float = 0.2,
+              max_s: float = 2.0) -> Iterator[jobs_pb2.JobEvent]:
+        delay = first_s
         while True:
-            job = self.get_job(job_id)
-            if job != last:
-                last, delay = job, first_s
-                event = jobs_pb2.JobEvent(job=job, message="polled (the server's watch streams are all in use)")
-                event.time.GetCurrentTime()
+            try:
+                job = self.get_job(job_id)
+            except FluxloraClientError as err:
+                if err.code != "UNAVAILABLE":
+                    raise
+                outage.wait(f"{err.code}: {err.message}")
+                continue
+            outage.over()
+            event = jobs_pb2.JobEvent(job=job, message="polled (the server's watch streams are all in use)")
+            event.time.GetCurrentTime()
+            if job != seen.job:
+                seen.is_new(event)
                 yield event
+                delay = first_s
             if job.state in TERMINAL:
                 return
             time.sleep(delay)
             delay = min(max_s, delay * 1.5)
 
     def wait(self, job: jobs_pb2.Job | str, on_event: Callable[[jobs_pb2.JobEvent], None] | None = None,
-             raise_on_failure: bool = True) -> jobs_pb2.Job:
-        """Blocks until the job finishes; raises JobFailed / JobCancelled unless told not to."""
+             raise_on_failure: bool = True, reconnect_for_s: float | None = None) -> jobs_pb2.Job:
+        """Blocks until the job finishes, riding out server restarts as `watch` does; raises JobFailed /
+        JobCancelled unless told not to."""
         job_id = job if isinstance(job, str) else job.job_id
         final = None
-        for event in self.watch(job_id):
+        for event in self.watch(job_id, reconnect_for_s=reconnect_for_s):
             if on_event:
                 on_event(event)
             final = event.job
@@ -372,5 +411,58 @@ def _spec(message_type: type, **values: Any) -> Any:
         raise FluxloraClientError("INVALID_ARGUMENT", str(err)) from None
 
 
+def _settings_problem(err: ValueError) -> str:
+    """Which FLUXLORA_* variables did not parse and why; never their values (one may be a secret)."""
+    problems = [f"FLUXLORA_{'_'.join(map(str, e.get('loc', ()))).upper()}: {e.get('msg', 'invalid')}"
+                for e in getattr(err, "errors", list)()]
+    return "; ".join(problems or [str(err)]) + " (fix or unset the variable)"
+
+
 def _new_id() -> str:
     return uuid.uuid4().hex
+
+
+# A watch reconnects on these: the server is down or restarting (UNAVAILABLE), or it was stopped
+# while the stream was open (CANCELLED comes from a server that shut down with the stream open).
+_RECONNECT_ON = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED)
+
+
+class _Seen:
+    """The last event a watch delivered: its sequence (to resume after) and its job (to drop the
+    repeat of the current state a resumed stream may start with)."""
+
+    def __init__(self) -> None:
+        self.sequence = 0
+        self.job: jobs_pb2.Job | None = None
+
+    def is_new(self, event: jobs_pb2.JobEvent) -> bool:
+        self.sequence = event.sequence  # the server's numbering (a restarted server numbers afresh)
+        if self.job is not None and event.job == self.job and not event.message:
+            return False
+        self.job = event.job
+        return True
+
+
+class _Outage:
+    """How long a watch has been unable to reach its server, and the waits between its attempts:
+    exponential backoff with full jitter, so the watchers of a restarted server do not return as one."""
+
+    def __init__(self, job_id: str, limit_s: float, first_s: float = 0.25, max_s: float = 3.0):
+        self.job_id, self.limit_s, self.first_s, self.max_s = job_id, limit_s, first_s, max_s
+        self.since: float | None = None
+        self.delay = first_s
+
+    def over(self) -> None:
+        self.since, self.delay = None, self.first_s
+
+    def wait(self, why: str) -> None:
+        now = time.monotonic()
+        self.since = now if self.since is None else self.since
+        left = self.since + self.limit_s - now
+        if left <= 0:
+            raise FluxloraClientError(
+                "UNAVAILABLE", f"lost the server of job {self.job_id} and could not reach it again for "
+                f"{self.limit_s:.0f} s (last: {why}); the job itself may still be running: watch it again "
+                f"(fluxlora jobs watch {self.job_id}) or allow longer outages (reconnect_for_s)")
+        time.sleep(min(left, random.uniform(self.delay / 2, self.delay)))
+        self.delay = min(self.max_s, self.delay * 2)

@@ -19,6 +19,7 @@ from typing import Any
 
 from google.protobuf import descriptor_pb2
 from google.protobuf.descriptor import Descriptor, EnumDescriptor, FieldDescriptor
+from google.protobuf.message import Message
 
 INT, FLOAT, BOOL, STR, ENUM, MESSAGE = "int", "float", "bool", "str", "enum", "message"
 _KINDS = {
@@ -139,7 +140,7 @@ def option_specs(message: Descriptor, comments: Mapping[str, str] | None = None,
             continue
         comment = comments.get(field.name, "")
         kind = _KINDS[field.cpp_type]
-        choices = tuple(enum_choices(field.enum_type)) if kind == ENUM else ()
+        choices = tuple(enum_choices(field.enum_type)) if kind == ENUM and field.enum_type else ()
         specs.append(OptionSpec(
             field=field.name, flag=flag_name(field.name), kind=kind, repeated=field.is_repeated,
             has_presence=field.has_presence, choices=choices, help=help_text(comment),
@@ -148,7 +149,7 @@ def option_specs(message: Descriptor, comments: Mapping[str, str] | None = None,
     return specs
 
 
-def build_message(message_type: type, values: Mapping[str, Any]) -> Any:
+def build_message(message_type: type[Message], values: Mapping[str, Any]) -> Any:
     """A message holding exactly `values` (field -> value; enum values by short name, number or full
     name); unknown fields and enum names raise ValueError naming them."""
     message = message_type()
@@ -184,6 +185,7 @@ def _add(target, value) -> None:
 def _enum_number(field: FieldDescriptor, value: Any) -> int:
     if isinstance(value, int):
         return value
+    assert field.enum_type is not None  # only enum fields come here
     choices = enum_choices(field.enum_type)
     number = choices.get(str(value).lower())
     if number is None and str(value) in field.enum_type.values_by_name:

@@ -310,7 +310,7 @@ COMMENTS: dict[str, dict[str, str]] = {
     },
     'fluxlora.v1.JobEvent': {
         '': 'One change to a job, as streamed by WatchJob.',
-        'sequence': 'Increasing per job within one server process; lets a client notice gaps.',
+        'sequence': 'Increasing per job within one server process; lets a client notice gaps and resume a dropped\nstream (WatchJobRequest.after_sequence).',
         'job': 'The job as it is after this change.',
         'message': 'A log line that came with the change, if any.',
         'time': 'When the change happened.',
@@ -533,5 +533,6 @@ COMMENTS: dict[str, dict[str, str]] = {
     'fluxlora.v1.WatchJobRequest': {
         '': '',
         'job_id': 'The job to watch. The stream starts with the current state and ends after a terminal state.',
+        'after_sequence': "Resume after this event: the `sequence` of the last JobEvent a dropped stream delivered (0: from\nthe current state). A server that still holds the events after it sends those instead of the\ncurrent state; a finished job's final state comes whatever the value. Sequences number a job's\nevents within one server process: a restarted server that has not numbered this far starts with\nthe current state (each event carries the whole Job, so nothing but log lines is missed).",
     },
 }

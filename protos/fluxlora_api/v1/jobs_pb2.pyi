@@ -308,7 +308,9 @@ class JobEvent(_message.Message):
     MESSAGE_FIELD_NUMBER: _builtins.int
     TIME_FIELD_NUMBER: _builtins.int
     sequence: _builtins.int
-    """Increasing per job within one server process; lets a client notice gaps."""
+    """Increasing per job within one server process; lets a client notice gaps and resume a dropped
+    stream (WatchJobRequest.after_sequence).
+    """
     message: _builtins.str
     """A log line that came with the change, if any."""
     @_builtins.property
@@ -440,16 +442,25 @@ class WatchJobRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     JOB_ID_FIELD_NUMBER: _builtins.int
+    AFTER_SEQUENCE_FIELD_NUMBER: _builtins.int
     job_id: _builtins.str
     """The job to watch. The stream starts with the current state and ends after a terminal state."""
+    after_sequence: _builtins.int
+    """Resume after this event: the `sequence` of the last JobEvent a dropped stream delivered (0: from
+    the current state). A server that still holds the events after it sends those instead of the
+    current state; a finished job's final state comes whatever the value. Sequences number a job's
+    events within one server process: a restarted server that has not numbered this far starts with
+    the current state (each event carries the whole Job, so nothing but log lines is missed).
+    """
     def __init__(
         self,
         *,
         job_id: _builtins.str = ...,
+        after_sequence: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["job_id", b"job_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["after_sequence", b"after_sequence", "job_id", b"job_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

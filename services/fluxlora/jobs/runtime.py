@@ -269,9 +269,12 @@ class JobRuntime:
                 self.update(job_id, lambda j: setattr(j, "cancel_requested", True), message="cancel requested")
             return self.get(job_id)
 
-    def watch(self, job_id: str, is_active: Callable[[], bool] = lambda: True) -> Iterator[jobs_pb2.JobEvent]:
+    def watch(self, job_id: str, is_active: Callable[[], bool] = lambda: True,
+              after: int = 0) -> Iterator[jobs_pb2.JobEvent]:
         """The current state, then every change; ends after a terminal state. RESOURCE_EXHAUSTED when
-        max_watchers streams are open already (GetJob still answers)."""
+        max_watchers streams are open already (GetJob still answers). `after`: the sequence of the last
+        event a dropped stream delivered; the buffered events after it come instead of the current state
+        when this process numbered that far and still holds them all (else the current state comes)."""
         job = self.get(job_id)  # a finished job no longer in memory: its record, the final state
         with self._cond:
             if self._max_watchers and self._watchers >= self._max_watchers:
@@ -286,10 +289,14 @@ class JobRuntime:
                 job = self._load(job_id)
             events_log = self._logs.get(job_id)
             last = events_log.sequence if events_log else 0
-            first = jobs_pb2.JobEvent(sequence=last, job=job)
-            first.time.GetCurrentTime()
+            first = [jobs_pb2.JobEvent(sequence=last, job=job)]
+            first[0].time.GetCurrentTime()
+            if 0 < after <= last and job.state not in TERMINAL:
+                missed = [e for e in events_log.events if e.sequence > after]
+                if not missed or missed[0].sequence == after + 1:  # none of them dropped from the buffer
+                    first = missed
         try:
-            yield first
+            yield from first
             if job.state in TERMINAL or events_log is None:
                 return
             while is_active() and not self._stopping.is_set():

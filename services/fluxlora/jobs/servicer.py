@@ -37,4 +37,6 @@ class JobServicer(jobs_pb2_grpc.JobServiceServicer):
 
     @grpc_errors
     def WatchJob(self, request, context: grpc.ServicerContext):
-        yield from self.runtime.watch(_job_id(request), is_active=context.is_active)
+        if request.after_sequence < 0:
+            raise InvalidArgument("after_sequence must be >= 0 (the sequence of the last event seen, or 0)")
+        yield from self.runtime.watch(_job_id(request), is_active=context.is_active, after=request.after_sequence)

@@ -15,11 +15,13 @@ from grpc_reflection.v1alpha import reflection
 
 from fluxlora.common.auth import is_loopback, server_credentials, server_interceptors
 from fluxlora.common.config import Settings
+from fluxlora.common.lifetime import die_with_parent_from_env
 from fluxlora.common.offline import configure_hf_offline
 from fluxlora.common.storage import ArtifactStore, open_store
 from fluxlora.jobs.definition import ServiceDefinition
 from fluxlora.jobs.runtime import JobRuntime
 from fluxlora.jobs.servicer import JobServicer
+from fluxlora.server.ports import SERVER_OPTIONS, bind
 from fluxlora.server.services import load_definition
 from fluxlora_api.v1 import jobs_pb2, jobs_pb2_grpc
 
@@ -52,8 +54,10 @@ class RunningServer:
         # A watch stream holds its thread while the job runs; at most max_watchers do (the runtime refuses
         # more), so the other RPC_THREADS always answer submits, GetJob and health checks.
         threads = settings.max_watchers + RPC_THREADS
+        # grpc.so_reuseport=0 (SERVER_OPTIONS): a second server on this port fails to bind rather than
+        # sharing the port's connections with this one.
         self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=threads, thread_name_prefix=definition.name),
-                                  interceptors=interceptors)
+                                  interceptors=interceptors, options=SERVER_OPTIONS)
         definition.add_servicer(self.server, self.runtime)
         jobs_pb2_grpc.add_JobServiceServicer_to_server(JobServicer(self.runtime), self.server)
         self.health = health.HealthServicer(experimental_non_blocking=True)
@@ -62,10 +66,7 @@ class RunningServer:
         reflection.enable_server_reflection(names, self.server)
         bind_port = settings.port_for(definition.name) if port is None else port
         target = f"{settings.host}:{bind_port}"
-        self.port = (self.server.add_secure_port(target, credentials) if credentials
-                     else self.server.add_insecure_port(target))
-        if self.port == 0:
-            raise OSError(f"could not bind {target} for the {definition.name} service")
+        self.port = bind(self.server, target, credentials, f"the {definition.name} service")
         self.address = f"{settings.host}:{self.port}"
         self.tls = credentials is not None
         self.authenticated = bool(interceptors)
@@ -80,10 +81,11 @@ class RunningServer:
         # answer health, and nothing else, in plaintext on FLUXLORA_HEALTH_PORT.
         self.health_server = None
         if settings.health_port:
-            self.health_server = grpc.server(futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="health"))
+            self.health_server = grpc.server(futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="health"),
+                                             options=SERVER_OPTIONS)
             health_pb2_grpc.add_HealthServicer_to_server(self.health, self.health_server)
-            if not self.health_server.add_insecure_port(f"{settings.host}:{settings.health_port}"):
-                raise OSError(f"could not bind {settings.host}:{settings.health_port} (FLUXLORA_HEALTH_PORT)")
+            bind(self.health_server, f"{settings.host}:{settings.health_port}", None,
+                 f"the {definition.name} health checks (FLUXLORA_HEALTH_PORT)")
         self.started = False
 
     def start(self) -> RunningServer:
@@ -124,15 +126,22 @@ def start_server(name: str, settings: Settings, store: ArtifactStore | None = No
 
 
 def serve(name: str, settings: Settings) -> None:
-    """Runs one service until SIGTERM or SIGINT."""
-    running = start_server(name, settings)
+    """Runs one service until SIGTERM or SIGINT. Started by a parent that set FLUXLORA_DIE_WITH_PARENT
+    (`fluxlora up`), it also stops gracefully when that parent dies, however it died. A port another
+    process holds ends it at once with exit code 1 and a message naming the port and that process."""
+    die_with_parent_from_env(signal.SIGTERM)
     done = threading.Event()
 
     def on_signal(signum, frame) -> None:
         log.info("%s received %s; shutting down gracefully", name, signal.Signals(signum).name)
         done.set()
 
-    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)  # before starting: a SIGTERM during the start stops it, too
     signal.signal(signal.SIGINT, on_signal)
+    try:
+        running = start_server(name, settings)
+    except OSError as err:
+        log.error("%s", err)
+        raise SystemExit(1) from None
     done.wait()
     running.stop()
