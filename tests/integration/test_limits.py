@@ -96,21 +96,22 @@ def test_an_upload_over_the_limit_is_refused_at_submit_and_nothing_is_stored(lim
 
 
 def test_the_sdk_refuses_an_oversized_upload_before_sending_a_byte(tmp_path, photos, monkeypatch):
-    monkeypatch.setenv("FLUXLORA_STORE", str(tmp_path / "store"))
     monkeypatch.setenv("FLUXLORA_MAX_UPLOAD_BYTES", str(UPLOAD_LIMIT))
-    with FluxloraClient.from_env() as client:
-        assert client.max_upload_bytes == UPLOAD_LIMIT
-        err = refusal(lambda: client.upload_photos(photos))
-        assert err.code == "RESOURCE_EXHAUSTED" and str(photos) in err.message
-        assert "4 files" in err.message and "FLUXLORA_MAX_UPLOAD_BYTES" in err.message
-        assert list(client.store.list("")) == []
-        assert client.upload_photos(flat_photos(tmp_path / "small")).startswith("uploads/")
+    with preprocessing_server(tmp_path) as server:  # its own limit is the default, far above the SDK's
+        monkeypatch.setenv("FLUXLORA_PREPROCESSING_ADDR", server.address)
+        with FluxloraClient.from_env() as client:
+            assert client.max_upload_bytes == UPLOAD_LIMIT
+            err = refusal(lambda: client.upload_photos(photos))
+            assert err.code == "RESOURCE_EXHAUSTED" and str(photos) in err.message
+            assert "4 files" in err.message and "FLUXLORA_MAX_UPLOAD_BYTES" in err.message
+            assert list(server.store.list("")) == []
+            assert client.upload_photos(flat_photos(tmp_path / "small")).startswith("uploads/")
 
 
 def test_a_job_checks_the_upload_again_when_files_arrived_after_its_submit(tmp_path):
     gate = threading.Event()
     with preprocessing_server(tmp_path, gate=gate, max_upload_bytes=UPLOAD_LIMIT) as server, \
-            FluxloraClient(server.store, preprocessing=server.address) as client:
+            FluxloraClient(preprocessing=server.address) as client:
         source = client.upload_photos(flat_photos(tmp_path / "photos"))
         job = client.preprocess(source, base_size=64)
         server.store.put_bytes(f"{source}late.bin", b"\0" * UPLOAD_LIMIT)  # the upload grew while queued

@@ -38,11 +38,11 @@ Store = Annotated[str | None, typer.Option(help="Artifact store: a directory or 
 
 
 def _client(store: str | None = None):
-    from fluxlora.common.config import Settings
+    """An SDK client from the environment. `store` is ignored: the client reaches the store only
+    through the servers (presigned URLs or gRPC streams), so it needs no store and no S3 keys."""
     from fluxlora_client.client import FluxloraClient
 
-    settings = Settings(store=store) if store else Settings()
-    return FluxloraClient.from_env(settings)
+    return FluxloraClient.from_env()
 
 
 def _run_job(client, label: str, job):
