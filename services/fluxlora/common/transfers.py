@@ -130,7 +130,7 @@ def readable(key_or_prefix: str) -> str:
     if not key_or_prefix or key_or_prefix.startswith("/"):
         raise InvalidArgument(f"{key_or_prefix!r} must be a relative key or prefix, such as 'runs/trn-1/'")
     validate_key(key_or_prefix.rstrip("/") or "x")
-    if not key_or_prefix.startswith(READABLE_PREFIXES) and key_or_prefix.rstrip("/") + "/" not in READABLE_PREFIXES:
+    if not key_or_prefix.startswith(READABLE_PREFIXES):
         raise PermissionDenied(
             f"{key_or_prefix!r} is not readable by clients: only {', '.join(READABLE_PREFIXES)} are"
         )
