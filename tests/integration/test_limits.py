@@ -15,7 +15,7 @@ from fluxlora.common.storage import LocalStore
 from fluxlora_api.v1 import jobs_pb2
 from fluxlora_client import FluxloraClient, FluxloraClientError, JobFailed
 from fluxlora_client.review_page import EDITS_FORMAT
-from support import preprocessing_server, services_and_client
+from support import preprocessing_server, put_photos, services_and_client
 
 S = jobs_pb2.JobState
 UPLOAD_LIMIT = 16 * 1024  # the four sample photos are ~60 KB; two flat 96x96 PNGs ~600 bytes
@@ -69,10 +69,17 @@ def captioned(limited, tmp_path):
 
 
 def test_an_upload_over_the_limit_is_refused_at_submit_and_nothing_is_stored(limited, photos, tmp_path):
-    source = limited.upload_photos(photos)  # this client sets no limit of its own: the server's decides
+    total = sum(p.stat().st_size for p in photos.iterdir())
+    before = snapshot(limited.store)
+    err = refusal(lambda: limited.upload_photos(photos))  # this client sets no limit of its own: the server's decides
+    assert err.code == "RESOURCE_EXHAUSTED" and f"({total} bytes)" in err.message
+    assert f"({UPLOAD_LIMIT} bytes, FLUXLORA_MAX_UPLOAD_BYTES)" in err.message
+    assert snapshot(limited.store) == before  # refused at CreateUpload, before a byte was sent
+
+    # Photos that reached the store another way are checked again at submit.
+    source = put_photos(limited.store, photos, "direct")
     before = snapshot(limited.store)
     err = refusal(lambda: limited.preprocess(source, base_size=64))
-    total = sum(p.stat().st_size for p in photos.iterdir())
     assert err.code == "RESOURCE_EXHAUSTED"
     assert f"spec.source_prefix {source!r}" in err.message and f"({total} bytes)" in err.message
     assert f"({UPLOAD_LIMIT} bytes, FLUXLORA_MAX_UPLOAD_BYTES)" in err.message
@@ -86,7 +93,7 @@ def test_an_upload_over_the_limit_is_refused_at_submit_and_nothing_is_stored(lim
     with zipfile.ZipFile(archive, "w", zipfile.ZIP_STORED) as zf:
         for path in sorted(photos.iterdir()):
             zf.write(path, path.name)
-    err = refusal(lambda: limited.preprocess(limited.upload_photos(archive), base_size=64))
+    err = refusal(lambda: limited.upload_photos(archive))
     assert err.code == "RESOURCE_EXHAUSTED" and "holds 1 file of" in err.message
     assert "FLUXLORA_MAX_UPLOAD_BYTES" in err.message
 
