@@ -53,6 +53,7 @@ def test_the_prefix_depends_on_paths_and_contents_only():
     assert prefix.startswith("uploads/u-") and prefix.endswith("/")
     assert upload_prefix(declare(reversed(FILES))) == prefix  # order does not matter
     assert upload_prefix(declare([FILES[0], ("sub/b.jpg", len(A), sha(A))])) != prefix  # contents do
+    assert upload_prefix(declare([FILES[0], ("sub/b.jpg", len(B) + 1, sha(B))])) != prefix  # sizes do
     assert upload_prefix(declare([FILES[0], ("sub/c.jpg", len(B), sha(B))])) != prefix  # names do
 
 

@@ -176,7 +176,7 @@ class CreateUploadResponse(_message.Message):
     TARGETS_FIELD_NUMBER: _builtins.int
     COMPLETE_FIELD_NUMBER: _builtins.int
     upload_prefix: _builtins.str
-    """uploads/u-<hash>/, from the declared paths and sha256s."""
+    """uploads/u-<hash>/, from the declared paths, sizes and sha256s."""
     mode: Global___TransferMode.ValueType
     complete: _builtins.bool
     """True when this upload was completed before: nothing to send, nothing to complete."""

@@ -4,7 +4,7 @@ and the store side of each call. Only the servers hold the store's credentials; 
 presigned, expiring URLs for exactly the objects it may write or read, or sends/receives the bytes
 over gRPC (fluxlora.server.transfers) where the store cannot presign (the local store).
 
-Uploads are content-addressed: uploads/u-<hash of the sorted (path, sha256) pairs>/, so the same
+Uploads are content-addressed: uploads/u-<hash of the sorted (path, size, sha256)>/, so the same
 photos always land under the same prefix and are stored once. CreateUpload writes the declaration
 (paths, sizes, sha256s) where clients cannot read or write (transfers/); CompleteUpload checks every
 object against it and writes the manifest last, the marker that the prefix is complete.
@@ -103,10 +103,11 @@ def declare(files: Iterable[tuple[str, int, str]]) -> list[DeclaredFile]:
 
 
 def upload_prefix(files: Iterable[DeclaredFile]) -> str:
-    """uploads/u-<hash>/: the same paths with the same contents always give the same prefix."""
+    """uploads/u-<hash>/: the same paths with the same contents always give the same prefix. The size
+    is hashed too, so a declaration with a wrong size cannot take the prefix of the right one."""
     digest = hashlib.sha256()
     for f in sorted(files, key=lambda f: f.path):
-        digest.update(f"{f.path}\0{f.sha256}\n".encode())
+        digest.update(f"{f.path}\0{f.size}\0{f.sha256}\n".encode())
     return f"{UPLOADS}u-{digest.hexdigest()[:32]}/"
 
 
@@ -161,8 +162,9 @@ class Transfers:
         prefix = upload_prefix(declared)
         if self.store.exists(manifest_key(prefix)):
             return Upload(prefix, False, [], True)
-        # Same files, same bytes: creating it again (another client, a retry) changes nothing.
-        self.store.put_json(declaration_key(prefix), {"prefix": prefix, "files": [f.as_json() for f in declared]})
+        # The prefix names the declaration: declaring it again (another client, a retry) would write the same.
+        if not self.store.exists(declaration_key(prefix)):
+            self.store.put_json(declaration_key(prefix), {"prefix": prefix, "files": [f.as_json() for f in declared]})
         missing = [f for f in declared if not self._stored_size(prefix + f.path, f.size)]
         presigned = self.store.can_presign and not (stream or self.stream_only)
         expires = self._expires_at()
