@@ -181,7 +181,7 @@ from fluxlora_client import cli  # the image's entrypoint module
 from fluxlora.common.config import Settings
 from fluxlora.server.bootstrap import start_server
 from fluxlora.common.storage import open_store
-from fluxlora.common import healthcheck
+from fluxlora.server import healthcheck
 from fluxlora_client import FluxloraClient
 from PIL import Image
 
