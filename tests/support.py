@@ -24,9 +24,26 @@ from fluxlora.server.local import free_port, wait_healthy
 from fluxlora_client import FluxloraClient, cli
 
 
-def make_s3_store(endpoint: str) -> S3Store:
+def make_s3_store(endpoint: str, public_endpoint: str = "") -> S3Store:
     """A fresh bucket on the S3 server, so tests never see each other's objects."""
-    return S3Store.connect(endpoint, f"fluxlora-{uuid.uuid4().hex[:8]}", "test", "test", secure=False)
+    return S3Store.connect(endpoint, f"fluxlora-{uuid.uuid4().hex[:8]}", "test", "test", secure=False,
+                           public_endpoint=public_endpoint)
+
+
+class StoreClient(FluxloraClient):
+    """An SDK client beside the servers' store, which tests read to check what the servers wrote.
+    The SDK itself has no store: everything it moves goes through the servers."""
+
+    def __init__(self, store, **kwargs):
+        super().__init__(**kwargs)
+        self.store = store
+
+
+def put_photos(store, folder, name: str) -> str:
+    """Photos put straight into the store under uploads/<name>/ (as an operator with the store's
+    credentials would), for tests that need uploads before any server runs."""
+    store.upload_dir(folder, f"uploads/{name}/")
+    return f"uploads/{name}/"
 
 
 @contextlib.contextmanager
@@ -35,7 +52,7 @@ def services_and_client(store, tmp_path, **overrides):
     fields the servers run with (max_caption_chars=100, ...)."""
     settings = Settings(store=str(tmp_path / "unused"), cache_dir=tmp_path / "cache", **overrides)
     servers = [start_server(name, settings, store=store, port=0) for name in SERVICES]
-    client = FluxloraClient(store, **{s.definition.name: s.address for s in servers})
+    client = StoreClient(store, **{s.definition.name: s.address for s in servers})
     try:
         yield client
     finally:
@@ -49,6 +66,7 @@ class ServiceProcess:
 
     def __init__(self, service: str, store: ArtifactStore, tmp_path: Path, port: int | None = None, **env: str):
         self.service = service
+        self.store = store
         self.port = port or free_port()
         self.address = f"127.0.0.1:{self.port}"
         self.log = tmp_path / f"{service}.log"

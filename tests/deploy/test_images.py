@@ -181,7 +181,7 @@ from fluxlora_client import cli  # the image's entrypoint module
 from fluxlora.common.config import Settings
 from fluxlora.server.bootstrap import start_server
 from fluxlora.common.storage import open_store
-from fluxlora.common import healthcheck
+from fluxlora.server import healthcheck
 from fluxlora_client import FluxloraClient
 from PIL import Image
 
@@ -196,7 +196,7 @@ settings = Settings(store="s3://cpu-image", s3_endpoint=sys.argv[3], s3_access_k
 store = open_store(settings)
 server = start_server("preprocessing", settings, store=store, port=0)
 assert healthcheck.main(["--address", server.address]) == 0
-client = FluxloraClient(store, preprocessing=server.address)
+client = FluxloraClient(preprocessing=server.address)
 job = client.wait(client.preprocess(client.upload_photos(photos), base_size=256))
 print(json.dumps({"images": client.result(job).image_count,
                   "gpu_stack_loaded": sorted(m for m in ("torch", "diffusers", "transformers") if m in sys.modules)}))

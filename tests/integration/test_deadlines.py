@@ -49,8 +49,8 @@ def test_a_client_deadline_ends_a_stuck_submit_and_the_retry_finds_the_one_job_i
     store = GatedRecords(tmp_path / "store")
     settings = Settings(store="unused", cache_dir=tmp_path / "cache", preprocess_workers=1)
     with start_server("preprocessing", settings, store=store, port=0) as server:
-        impatient = FluxloraClient(store, preprocessing=server.address, timeout=0.5)
-        client = FluxloraClient(store, preprocessing=server.address)
+        impatient = FluxloraClient(preprocessing=server.address, timeout=0.5)
+        client = FluxloraClient(preprocessing=server.address)
         source = client.upload_photos(photos)
         store.gate.clear()
         with pytest.raises(FluxloraClientError) as late:

@@ -36,7 +36,7 @@ def env(tiny_models, tmp_path_factory):
     settings = Settings(store=str(tmp / "unused"), cache_dir=tmp / "cache", grid_max_cells=MAX_CELLS,
                         image_text_model=str(clip))
     server = start_server("evaluation", settings, store=store, port=0)
-    client = FluxloraClient(store, evaluation=server.address)
+    client = FluxloraClient(evaluation=server.address)
     yield SimpleNamespace(client=client, store=store, run_id=run["run_id"], address=server.address,
                           flux=str(tiny_models["flux"]))
     client.close()

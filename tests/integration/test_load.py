@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import contextlib
 import threading
+import types
+import uuid
 from collections import Counter
 from pathlib import Path
 
@@ -22,7 +24,7 @@ from fluxlora.jobs.runtime import EVENTS_KEPT
 from fluxlora.server.bootstrap import RPC_THREADS, RunningServer
 from fluxlora_api.v1 import jobs_pb2, jobs_pb2_grpc
 from fluxlora_client import FluxloraClient, FluxloraClientError
-from support import preprocessing_server
+from support import preprocessing_server, put_photos
 
 S = jobs_pb2.JobState
 CLIENTS = 50
@@ -39,13 +41,13 @@ def write_photos(folder: Path, seed: int) -> Path:
 
 @contextlib.contextmanager
 def client_for_store(tmp_path: Path, store=None):
-    """An SDK client for uploading into the store the server will use (no server needed for that)."""
-    with FluxloraClient(store or LocalStore(tmp_path / "store"), preprocessing="127.0.0.1:1") as client:
-        yield client
+    """Puts photos into the store the server will use, before it runs (support.put_photos)."""
+    store = store or LocalStore(tmp_path / "store")
+    yield types.SimpleNamespace(upload_photos=lambda folder: put_photos(store, folder, uuid.uuid4().hex[:12]))
 
 
 def client_for(server: RunningServer) -> FluxloraClient:
-    return FluxloraClient(server.store, preprocessing=server.address)
+    return FluxloraClient(preprocessing=server.address)
 
 
 def run_clients(count: int, body) -> list[BaseException]:

@@ -32,7 +32,7 @@ pytestmark = pytest.mark.slow
 def training_server(store: LocalStore, tmp_path: Path, runner: str = "process"):
     settings = Settings(store=str(tmp_path / "unused"), cache_dir=tmp_path / "cache", runner=runner)
     server = start_server("training", settings, store=store, port=0)
-    client = FluxloraClient(store, training=server.address)
+    client = FluxloraClient(training=server.address)
     try:
         yield server, client
     finally:
@@ -47,7 +47,7 @@ def dataset(tmp_path_factory, photos, tiny_models):
     store = LocalStore(root / "store")
     settings = Settings(store=str(root / "unused"), cache_dir=root / "cache")
     servers = [start_server(name, settings, store=store, port=0) for name in ("preprocessing", "captioning")]
-    client = FluxloraClient(store, **{s.definition.name: s.address for s in servers})
+    client = FluxloraClient(**{s.definition.name: s.address for s in servers})
     try:
         dataset = client.result(client.wait(client.preprocess(client.upload_photos(photos), base_size=64)))
         client.wait(client.caption(dataset.dataset_id, "fluxone", model=str(tiny_models["florence2"])))

@@ -71,7 +71,7 @@ def test_a_killed_preprocessing_server_finds_its_running_and_queued_jobs_again(s
 
     server = ServiceProcess("preprocessing", store, tmp_path)
     processes.append(server.start())
-    client = FluxloraClient(store, preprocessing=server.address)
+    client = FluxloraClient(preprocessing=server.address)
     many, few = tmp_path / "many", tmp_path / "few"
     write_sample_photos(many, count=24, seed=3)
     write_sample_photos(few, count=3, seed=4)
@@ -117,7 +117,7 @@ def test_a_killed_training_server_resumes_the_run_from_its_last_checkpoint(tmp_p
         setup.wait(setup.caption(dataset.dataset_id, "fluxone", model=str(tiny_models["florence2"])))
     server = ServiceProcess("training", store, tmp_path)
     processes.append(server.start())
-    client = FluxloraClient(store, training=server.address)
+    client = FluxloraClient(training=server.address)
     options = dict(base_model=str(tiny_models["flux"]), resolution=64, max_steps=MAX_STEPS,
                    checkpoint_every=EVERY, sample_every=0, request_id="req-train")
     job = client.train(dataset.dataset_id, **options)
@@ -177,7 +177,7 @@ def kill_mid_stage(server: ServiceProcess, client: FluxloraClient, job: jobs_pb2
 
     wait_until(midway, f"the job midway through {stage!r}", logs=server.logs)
     server.kill()
-    assert stored_state(client.store, server.service, job.job_id) == S.JOB_STATE_RUNNING
+    assert stored_state(server.store, server.service, job.job_id) == S.JOB_STATE_RUNNING
 
 
 def test_a_killed_captioning_server_captions_the_dataset_again_once(tmp_path, tiny_models, processes):
@@ -185,7 +185,7 @@ def test_a_killed_captioning_server_captions_the_dataset_again_once(tmp_path, ti
     stems = store_dataset(store, "ds-sigkill000001", count=24)
     server = ServiceProcess("captioning", store, tmp_path)
     processes.append(server.start())
-    client = FluxloraClient(store, captioning=server.address)
+    client = FluxloraClient(captioning=server.address)
     # batch 1 and longer captions: the job takes a few seconds, so the kill lands mid-caption
     options = dict(model=str(tiny_models["florence2"]), batch_size=1, max_new_tokens=128, request_id="req-caption")
     job = client.caption("ds-sigkill000001", "fluxone", **options)
@@ -218,7 +218,7 @@ def test_a_killed_evaluation_server_renders_the_grid_again_once(tmp_path, tiny_m
     run = store_random_run(store, tiny_models["flux"])
     server = ServiceProcess("evaluation", store, tmp_path)
     processes.append(server.start())
-    client = FluxloraClient(store, evaluation=server.address)
+    client = FluxloraClient(evaluation=server.address)
     # 3 checkpoints x 6 strengths; enough sampling steps that rendering takes a few seconds
     options = dict(steps=24, image_text_model="none", skip_convergence=True, request_id="req-grid")
     job = client.evaluate(run["run_id"], **options)

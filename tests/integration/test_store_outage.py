@@ -217,7 +217,7 @@ def preprocessing(s3, tmp_path, monkeypatch):
     store = connect(s3, PATIENT)
     settings = Settings(store="unused", cache_dir=tmp_path / "cache", preprocess_workers=1)
     with start_server("preprocessing", settings, store=store, port=0) as server:
-        with FluxloraClient(store, preprocessing=server.address) as client:
+        with FluxloraClient(preprocessing=server.address) as client:
             yield client, store
 
 

@@ -1,5 +1,6 @@
 """The fluxlora Python SDK: typed calls to the four services, job watching with progress
-callbacks, and upload/download helpers that talk to the artifact store directly.
+callbacks, and upload/download helpers. The client holds no store credentials: the servers hand out
+presigned, expiring URLs or stream the bytes over gRPC (fluxlora.v1.TransferService, transfers.py).
 
     client = FluxloraClient.from_env()
     source = client.upload_photos("photos/")
@@ -9,13 +10,14 @@ callbacks, and upload/download helpers that talk to the artifact store directly.
 
 from __future__ import annotations
 
+import datetime
 import functools
-import hashlib
 import itertools
+import os
 import random
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -23,10 +25,8 @@ from typing import TYPE_CHECKING, Any
 import grpc
 from google.protobuf.message import Message
 
-from fluxlora.common.config import Settings
-from fluxlora.common.storage import ArtifactStore, open_store
-from fluxlora_api.shared.auth import AuthConfigError, BearerTokenInterceptor, resolve_token, tls_channel_credentials
-from fluxlora_api.shared.errors import FluxloraError, ResourceExhausted
+from fluxlora_api.shared.auth import AuthConfigError, BearerTokenInterceptor, credentials_from_env
+from fluxlora_api.shared.errors import ResourceExhausted
 from fluxlora_api.shared.files import check_upload_bytes, sha256_file
 from fluxlora_api.shared.options import build_message
 from fluxlora_api.shared.ports import DEFAULT_PORTS, PREFIX_TO_SERVICE
@@ -41,7 +41,10 @@ from fluxlora_api.v1 import (
     preprocessing_pb2_grpc,
     training_pb2,
     training_pb2_grpc,
+    transfers_pb2,
+    transfers_pb2_grpc,
 )
+from fluxlora_client import transfers
 from fluxlora_client.errors import FluxloraClientError, JobCancelled, JobFailed
 
 if TYPE_CHECKING:
@@ -56,11 +59,18 @@ RESULT_TYPES = {
     "evaluation": evaluation_pb2.GridResult,
 }
 RESULT_BY_NAME = {t.DESCRIPTOR.full_name: t for t in [*RESULT_TYPES.values(), evaluation_pb2.GenerateResult]}
+# Which server a download goes through by default (any serves any readable key: they share one store);
+# the one that wrote the key is the one a client talking to a single service has.
+DOWNLOAD_SERVICE = {"uploads": "preprocessing", "datasets": "preprocessing", "runs": "training",
+                    "grids": "evaluation", "generations": "evaluation"}
+# A presigned URL this close to its expiry is not used: the client asks for fresh ones.
+URL_MARGIN = datetime.timedelta(seconds=10)
 
 # Retry UNAVAILABLE (a service restarting) on idempotent calls; submits carry a request_id.
 _SERVICE_CONFIG = """{"methodConfig": [{"name": [{"service": "fluxlora.v1.JobService"},
   {"service": "fluxlora.v1.PreprocessingService"}, {"service": "fluxlora.v1.CaptioningService"},
-  {"service": "fluxlora.v1.TrainingService"}, {"service": "fluxlora.v1.EvaluationService"}],
+  {"service": "fluxlora.v1.TrainingService"}, {"service": "fluxlora.v1.EvaluationService"},
+  {"service": "fluxlora.v1.TransferService"}],
   "retryPolicy": {"maxAttempts": 5, "initialBackoff": "0.2s", "maxBackoff": "3s",
   "backoffMultiplier": 2, "retryableStatusCodes": ["UNAVAILABLE"]}}]}"""
 # gRPC waits longer and longer between attempts to reach a server that went away (up to 2 minutes);
@@ -74,12 +84,12 @@ RECONNECT_FOR_S = 300.0  # how long watch/wait ride out a server that is down or
 class _Endpoint:
     channel: grpc.Channel
     jobs: jobs_pb2_grpc.JobServiceStub
+    transfers: transfers_pb2_grpc.TransferServiceStub
 
 
 class FluxloraClient:
     def __init__(
         self,
-        store: ArtifactStore,
         preprocessing: str = f"localhost:{DEFAULT_PORTS['preprocessing']}",
         captioning: str = f"localhost:{DEFAULT_PORTS['captioning']}",
         training: str = f"localhost:{DEFAULT_PORTS['training']}",
@@ -93,9 +103,9 @@ class FluxloraClient:
         """token: sent as `authorization: Bearer <token>` on every call; credentials: TLS
         (grpc.ssl_channel_credentials; from_env builds them from FLUXLORA_TLS_CA_FILE). max_upload_bytes:
         upload_photos refuses bigger uploads before sending a byte (from_env: FLUXLORA_MAX_UPLOAD_BYTES);
-        the preprocessing server checks its own limit at submit either way. reconnect_for_s: how long
-        watch and wait ride out a server that is down or restarting (0: give up at the first drop)."""
-        self.store = store
+        the preprocessing server checks its own limit at CreateUpload either way. No store: uploads and
+        downloads go through the servers (presigned URLs, or bytes streamed over gRPC). reconnect_for_s: how
+        long watch and wait ride out a server that is down or restarting (0: give up at the first drop)."""
         self.reconnect_for_s = reconnect_for_s
         self.max_upload_bytes = max_upload_bytes
         self.timeout = timeout
@@ -110,31 +120,21 @@ class FluxloraClient:
         self._evaluation = evaluation_pb2_grpc.EvaluationServiceStub(self._channel("evaluation"))
 
     @classmethod
-    def from_env(cls, settings: Settings | None = None, **addresses: str) -> FluxloraClient:
-        """Store from FLUXLORA_STORE (and S3 settings); addresses from FLUXLORA_<SERVICE>_ADDR; token
-        from FLUXLORA_AUTH_TOKEN or _FILE; TLS from FLUXLORA_TLS_CA_FILE (+ _CLIENT_CERT/KEY_FILE)."""
-        import os
-
-        try:
-            settings = settings or Settings()
-        except ValueError as err:  # pydantic's ValidationError: a FLUXLORA_* variable that does not parse
-            raise FluxloraClientError("INVALID_ARGUMENT", _settings_problem(err)) from None
+    def from_env(cls, env: Mapping[str, str] | None = None, **addresses: str) -> FluxloraClient:
+        """Addresses from FLUXLORA_<SERVICE>_ADDR; token from FLUXLORA_AUTH_TOKEN or _FILE; TLS from
+        FLUXLORA_TLS_CA_FILE (+ _CLIENT_CERT/KEY_FILE); FLUXLORA_MAX_UPLOAD_BYTES. `env`: these variables
+        (default: this process's environment). Nothing about the store: the client needs no S3 credentials."""
+        env = os.environ if env is None else env
         for name, port in DEFAULT_PORTS.items():
-            addresses.setdefault(name, os.environ.get(f"FLUXLORA_{name.upper()}_ADDR", f"localhost:{port}"))
+            addresses.setdefault(name, env.get(f"FLUXLORA_{name.upper()}_ADDR") or f"localhost:{port}")
         try:
-            token = resolve_token(settings.auth_token.get_secret_value(), settings.auth_token_file)
-            credentials = tls_channel_credentials(settings.tls_ca_file, settings.tls_client_cert_file,
-                                                  settings.tls_client_key_file)
+            token, credentials = credentials_from_env(env)
         except AuthConfigError as err:
             raise FluxloraClientError("INVALID_ARGUMENT", str(err)) from None
-        try:
-            store = open_store(settings)
-        except FluxloraError as err:
-            raise FluxloraClientError(err.code, err.message) from None
-        except (ValueError, OSError) as err:  # e.g. the S3 client refusing a bucket name
-            raise FluxloraClientError("INVALID_ARGUMENT", f"FLUXLORA_STORE={settings.store}: {err}") from None
-        return cls(store, **addresses, token=token, credentials=credentials,
-                   max_upload_bytes=settings.max_upload_bytes)
+        limit = env.get("FLUXLORA_MAX_UPLOAD_BYTES", "").strip()
+        if limit and not limit.isdigit():
+            raise FluxloraClientError("INVALID_ARGUMENT", f"FLUXLORA_MAX_UPLOAD_BYTES={limit!r} is not a byte count")
+        return cls(**addresses, token=token, credentials=credentials, max_upload_bytes=int(limit) if limit else None)
 
     def _channel(self, service: str) -> grpc.Channel:
         if service not in self._endpoints:
@@ -143,7 +143,8 @@ class FluxloraClient:
             channel = (grpc.secure_channel(address, self._credentials, options=options) if self._credentials
                        else grpc.insecure_channel(address, options=options))
             channel = grpc.intercept_channel(channel, *self._interceptors)
-            self._endpoints[service] = _Endpoint(channel, jobs_pb2_grpc.JobServiceStub(channel))
+            self._endpoints[service] = _Endpoint(channel, jobs_pb2_grpc.JobServiceStub(channel),
+                                                 transfers_pb2_grpc.TransferServiceStub(channel))
         return self._endpoints[service].channel
 
     def close(self) -> None:
@@ -163,12 +164,19 @@ class FluxloraClient:
             raise FluxloraClientError(err.code().name, err.details() or "") from None
 
     # --- uploads and downloads -------------------------------------------------------------
-    def upload_photos(self, folder: str | Path) -> str:
-        """Uploads every file of a folder (recursively) under uploads/<content hash>/ and returns
+    def _transfers(self, service: str) -> transfers_pb2_grpc.TransferServiceStub:
+        self._channel(service)
+        return self._endpoints[service].transfers
+
+    def upload_photos(self, folder: str | Path, *, stream: bool = False) -> str:
+        """Uploads every file of a folder (recursively) under uploads/u-<content hash>/ and returns
         that prefix. The same photos give the same prefix, so an upload is never stored twice.
 
         `folder` may also be a .zip of photos: it is uploaded as one object under the prefix and
-        the preprocessing service unpacks it (and refuses it if an entry points outside it)."""
+        the preprocessing service unpacks it (and refuses it if an entry points outside it).
+        The preprocessing server hands out a presigned URL per file (an S3 store) or takes the bytes
+        over gRPC (the local store; also `stream=True`, or when the URL's host cannot be reached);
+        it checks every file's size and sha256 before the prefix counts as complete."""
         folder = Path(folder)
         if folder.is_file() and folder.suffix.lower() == ".zip":
             files, folder = [folder], folder.parent
@@ -183,25 +191,78 @@ class FluxloraClient:
                 check_upload_bytes([p.stat().st_size for p in files], self.max_upload_bytes, str(folder))
             except ResourceExhausted as exc:
                 raise FluxloraClientError(exc.code, exc.message) from None
-        digest = hashlib.sha256()
-        hashes = {}
-        for path in files:
-            rel = path.relative_to(folder).as_posix()
-            hashes[rel] = sha256_file(path)
-            digest.update(f"{rel}\0{hashes[rel]}\n".encode())
-        prefix = f"uploads/u-{digest.hexdigest()[:16]}/"
-        for path in files:
-            key = prefix + path.relative_to(folder).as_posix()
-            if not (self.store.exists(key) and self.store.stat(key).size == path.stat().st_size):
-                self.store.put_file(key, path)
-        return prefix
+        local = {p.relative_to(folder).as_posix(): p for p in files}
+        declared = [transfers_pb2.UploadFileSpec(path=rel, size=p.stat().st_size, sha256=sha256_file(p))
+                    for rel, p in local.items()]
+        stub = self._transfers("preprocessing")
+        for _ in range(3):  # URLs about to expire (a long upload): ask again for the files still missing
+            upload = self._call(stub.CreateUpload, transfers_pb2.CreateUploadRequest(files=declared, stream=stream))
+            if upload.complete:
+                return upload.upload_prefix
+            if self._send(stub, upload, local):
+                break
+        self._call(stub.CompleteUpload, transfers_pb2.CompleteUploadRequest(upload_prefix=upload.upload_prefix))
+        return upload.upload_prefix
 
-    def download(self, prefix_or_key: str, dest: str | Path) -> list[Path]:
-        """Downloads one object (to dest/<name>) or every object under a prefix ending in '/'."""
+    def _send(self, stub, upload: transfers_pb2.CreateUploadResponse, local: dict[str, Path]) -> bool:
+        """Sends the upload's targets; False when a URL expired before its turn came."""
+        for target in upload.targets:
+            path = local[target.path]
+            if upload.mode == transfers_pb2.TRANSFER_MODE_PRESIGNED:
+                if target.expires_at.ToDatetime(datetime.UTC) - URL_MARGIN <= datetime.datetime.now(datetime.UTC):
+                    return False
+                try:
+                    transfers.put_url(target.url, dict(target.headers), path, self.timeout)
+                    continue
+                except transfers.Unreachable:
+                    pass  # the store is not reachable from here: the server takes the bytes instead
+            timeout = transfers.transfer_timeout(self.timeout, path.stat().st_size)
+            self._call(stub.UploadFile, transfers.upload_chunks(upload.upload_prefix, target.path, path), timeout)
+        return True
+
+    def list_artifacts(self, prefix_or_key: str, *, include_urls: bool = False,
+                       service: str | None = None) -> list[transfers_pb2.Artifact]:
+        """The objects under a prefix ending in '/' (or one key) that clients may read: datasets/, runs/,
+        grids/, generations/ and uploads/; with presigned GET URLs where the store has them."""
+        stub = self._transfers(service or self._download_service(prefix_or_key))
+        artifacts, token = [], ""
+        while True:
+            request = transfers_pb2.ListArtifactsRequest(prefix=prefix_or_key, include_urls=include_urls,
+                                                         page_token=token)
+            reply = self._call(stub.ListArtifacts, request)
+            artifacts.extend(reply.artifacts)
+            token = reply.next_page_token
+            if not token:
+                return artifacts
+
+    def download(self, prefix_or_key: str, dest: str | Path, *, service: str | None = None) -> list[Path]:
+        """Downloads one object (to dest/<name>) or every object under a prefix ending in '/' (to
+        dest/<path under the prefix>), through presigned URLs or streamed by the server; sizes checked.
+        service: the server to ask (default: the one that writes such keys; any can serve any)."""
         dest = Path(dest)
-        if prefix_or_key.endswith("/"):
-            return self.store.download_prefix(prefix_or_key, dest)
-        return [self.store.get_file(prefix_or_key, dest / prefix_or_key.rsplit("/", 1)[-1])]
+        service = service or self._download_service(prefix_or_key)
+        paths = []
+        for artifact in self.list_artifacts(prefix_or_key, include_urls=True, service=service):
+            relative = (artifact.key[len(prefix_or_key):] if prefix_or_key.endswith("/")
+                        else artifact.key.rsplit("/", 1)[-1])
+            paths.append(self._fetch(service, artifact, transfers.local_target(dest, relative)))
+        return paths
+
+    def _fetch(self, service: str, artifact: transfers_pb2.Artifact, target: Path) -> Path:
+        if artifact.url:
+            try:
+                return transfers.get_url(artifact.url, artifact.key, artifact.size, target, self.timeout)
+            except transfers.Unreachable:
+                pass  # the store is not reachable from here: the server streams it instead
+        stream = self._call(self._transfers(service).DownloadFile, transfers_pb2.DownloadFileRequest(key=artifact.key),
+                            transfers.transfer_timeout(self.timeout, artifact.size))
+        try:
+            return transfers.write_stream(target, artifact.key, stream)
+        except grpc.RpcError as err:
+            raise FluxloraClientError(err.code().name, err.details() or "") from None
+
+    def _download_service(self, prefix_or_key: str) -> str:
+        return DOWNLOAD_SERVICE.get(prefix_or_key.split("/", 1)[0], "preprocessing")
 
     # --- submitting ------------------------------------------------------------------------
     def preprocess(self, source_prefix: str, base_size: int = 0, crop_mode: str = "", lora_type: str = "",
@@ -409,14 +470,6 @@ def _spec(message_type: type, **values: Any) -> Any:
         return build_message(message_type, {k: v for k, v in values.items() if v is not None and v != ""})
     except (ValueError, TypeError) as err:
         raise FluxloraClientError("INVALID_ARGUMENT", str(err)) from None
-
-
-def _settings_problem(err: ValueError) -> str:
-    """Which FLUXLORA_* variables did not parse and why; never their values (one may be a secret)."""
-    problems = [f"FLUXLORA_{'_'.join(map(str, e.get('loc', ()))).upper()}: {e.get('msg', 'invalid')}"
-                for e in getattr(err, "errors", list)()]
-    return "; ".join(problems or [str(err)]) + " (fix or unset the variable)"
-
 
 def _new_id() -> str:
     return uuid.uuid4().hex

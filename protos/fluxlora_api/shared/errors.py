@@ -23,6 +23,10 @@ class NotFound(FluxloraError):
     code = "NOT_FOUND"
 
 
+class PermissionDenied(FluxloraError):
+    code = "PERMISSION_DENIED"
+
+
 class FailedPrecondition(FluxloraError):
     code = "FAILED_PRECONDITION"
 

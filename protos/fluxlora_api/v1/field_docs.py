@@ -13,6 +13,13 @@ COMMENTS: dict[str, dict[str, str]] = {
         'comment': '',
         'fix_triggers': 'Put the trigger word exactly once into captions that miss it or hold it more than once\n(keeping the first occurrence where it is); otherwise such captions refuse the approval.',
     },
+    'fluxlora.v1.Artifact': {
+        '': '',
+        'key': '',
+        'size': '',
+        'url': 'A presigned GET URL; empty when not asked for or the store has none (local store).',
+        'expires_at': '',
+    },
     'fluxlora.v1.ArtifactRef': {
         '': 'A reference to an object in the artifact store (one bucket; see docs/architecture.md for the\nkey layout). Services pass references, never file contents.',
         'key': 'Object key inside the store\'s bucket, e.g. "runs/trn-1a2b/checkpoints/step-000750/pytorch_lora_weights.safetensors".',
@@ -113,6 +120,28 @@ COMMENTS: dict[str, dict[str, str]] = {
         'flexibility': '',
         'label': 'The row\'s label: "step <n>" for a run\'s checkpoint, else the GridLora label.',
     },
+    'fluxlora.v1.CompleteUploadRequest': {
+        '': '',
+        'upload_prefix': '',
+    },
+    'fluxlora.v1.CompleteUploadResponse': {
+        '': '',
+        'upload_prefix': '',
+        'file_count': '',
+        'total_bytes': '',
+    },
+    'fluxlora.v1.CreateUploadRequest': {
+        '': '',
+        'files': '',
+        'stream': 'Ask for STREAM even where the server could presign (a client that cannot reach the store).',
+    },
+    'fluxlora.v1.CreateUploadResponse': {
+        '': '',
+        'upload_prefix': 'uploads/u-<hash>/, from the declared paths, sizes and sha256s.',
+        'mode': '',
+        'targets': 'The files still to send (those already stored with the declared size are left out).',
+        'complete': 'True when this upload was completed before: nothing to send, nothing to complete.',
+    },
     'fluxlora.v1.CropMode': {
         '': 'How each photo is brought to the training size.',
         'CROP_MODE_UNSPECIFIED': 'The default: CROP_MODE_BUCKET.',
@@ -148,6 +177,15 @@ COMMENTS: dict[str, dict[str, str]] = {
         '': '',
         'key': '',
         'value': '',
+    },
+    'fluxlora.v1.DownloadChunk': {
+        '': '',
+        'size': "The object's size, in the first chunk.",
+        'data': '',
+    },
+    'fluxlora.v1.DownloadFileRequest': {
+        '': '',
+        'key': '',
     },
     'fluxlora.v1.DuplicateGroup': {
         '': 'Exact copies (same bytes, or same training pixels): one is trained, the others are not.',
@@ -323,6 +361,18 @@ COMMENTS: dict[str, dict[str, str]] = {
         'JOB_STATE_SUCCEEDED': 'Finished; `result` and `artifacts` are complete.',
         'JOB_STATE_FAILED': 'Stopped by an error; `error` says what and how to fix it.',
         'JOB_STATE_CANCELLED': 'Stopped by CancelJob; artifacts written before the cancel stay in the store.',
+    },
+    'fluxlora.v1.ListArtifactsRequest': {
+        '': '',
+        'prefix': "A prefix ending in '/' (every object under it) or one object's key.",
+        'include_urls': 'Presigned GET URLs (S3 stores); without them, or on the local store, use DownloadFile.',
+        'page_size': 'At most this many per page (0: 1000; at most 1000).',
+        'page_token': '',
+    },
+    'fluxlora.v1.ListArtifactsResponse': {
+        '': '',
+        'artifacts': '',
+        'next_page_token': '',
     },
     'fluxlora.v1.ListCaptionsRequest': {
         '': '',
@@ -529,6 +579,43 @@ COMMENTS: dict[str, dict[str, str]] = {
         'fits': 'Whether total_gib <= target_gib.',
         'explanation': 'One sentence a person can act on (the message SubmitTraining would refuse with).',
         'alternatives': 'When it does not fit: option changes that would, runnable ones first.',
+    },
+    'fluxlora.v1.TransferMode': {
+        '': 'How a client sends the bytes of an upload.',
+        'TRANSFER_MODE_UNSPECIFIED': '',
+        'TRANSFER_MODE_PRESIGNED': "HTTP PUT of each file to its target's URL with the target's headers.",
+        'TRANSFER_MODE_STREAM': 'UploadFile over gRPC (the local store, or a server with FLUXLORA_TRANSFER_MODE=stream).',
+    },
+    'fluxlora.v1.UploadChunk': {
+        '': '',
+        'upload_prefix': 'Set in the first chunk of the stream.',
+        'path': '',
+        'data': '',
+    },
+    'fluxlora.v1.UploadFileResponse': {
+        '': '',
+        'key': '',
+        'size': '',
+        'sha256': '',
+    },
+    'fluxlora.v1.UploadFileSpec': {
+        '': 'One file of an upload, as the client declares it.',
+        'path': 'Relative POSIX path under the upload prefix, e.g. "beach/img-001.jpg".',
+        'size': '',
+        'sha256': "Lowercase hex sha256 of the file's bytes.",
+    },
+    'fluxlora.v1.UploadTarget': {
+        '': 'Where to send one file (PRESIGNED) or which file to stream (STREAM: url empty).',
+        'path': '',
+        'key': 'The object key the file will have: upload_prefix + path.',
+        'url': '',
+        'headers': 'Headers the PUT must carry exactly (Content-Type).',
+        'expires_at': '',
+    },
+    'fluxlora.v1.UploadTarget.HeadersEntry': {
+        '': '',
+        'key': '',
+        'value': '',
     },
     'fluxlora.v1.WatchJobRequest': {
         '': '',

@@ -29,6 +29,18 @@ class Settings(BaseSettings):
     s3_secret_key: SecretStr = Field(SecretStr(""), description="S3 secret key.")
     s3_secure: bool = Field(False, description="Use HTTPS for the S3 endpoint.")
     s3_region: str = Field("us-east-1", description="S3 region.")
+    # Clients never hold the S3 keys: the servers hand them presigned URLs (fluxlora.common.transfers),
+    # signed for the endpoint the clients reach, which in Compose or Kubernetes is not the one the servers use.
+    s3_public_endpoint: str = Field(
+        "", description="host:port or http(s)://host:port clients reach S3 at, for presigned URLs; empty: s3_endpoint."
+    )
+    presign_expiry_s: int = Field(
+        900, ge=1, le=7 * 24 * 3600, description="Seconds a presigned upload or download URL stays valid."
+    )
+    transfer_mode: Literal["auto", "stream"] = Field(
+        "auto", description="Client uploads/downloads: auto (presigned URLs where the store has them) or stream "
+                            "(always over gRPC through the server, for clients that cannot reach the store)."
+    )
     # A transient S3 failure (connection refused/reset, timeout, 5xx, SlowDown) is retried after a delay
     # drawn from [0, min(max, base * 2^n)] (fluxlora.common.s3_retry); the defaults wait up to ~55 s
     # (~28 s on average) before the call fails with UNAVAILABLE.

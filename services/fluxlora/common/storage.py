@@ -97,6 +97,14 @@ class ArtifactStore(ABC):
     def presigned_url(self, key: str) -> str:
         """A URL a client can download the object from without credentials."""
 
+    can_presign = False
+
+    def presign(self, method: str, key: str, expires_s: int) -> str | None:
+        """A URL through which anyone holding it may `method` (GET or PUT) exactly `key` for
+        `expires_s` seconds, signed for the endpoint clients reach; None when the store cannot
+        presign (the local store: bytes then travel over gRPC, fluxlora.common.transfers)."""
+        return None
+
     def create_bytes(self, key: str, data: bytes, content_type: str = "application/octet-stream") -> bool:
         """Write a small object only if `key` holds none yet, atomically across processes and machines
         (writers claim a name, such as the next version number, with it): True when this call stored
@@ -248,9 +256,14 @@ class LocalStore(ArtifactStore):
 
 
 class S3Store(ArtifactStore):
+    can_presign = True
+
     def __init__(self, client: Any, bucket: str, create_bucket: bool = True, retry: RetryPolicy | None = None,
-                 endpoint: str = ""):
+                 endpoint: str = "", public_client: Any = None):
+        """public_client: a client for the endpoint clients reach (FLUXLORA_S3_PUBLIC_ENDPOINT), used
+        only to sign URLs (no request goes through it); None: `client` signs them."""
         self.client = client
+        self.public_client = public_client or client
         self.bucket = bucket
         self.retry = retry or RetryPolicy()
         self.endpoint = endpoint
@@ -260,7 +273,9 @@ class S3Store(ArtifactStore):
     @classmethod
     def connect(cls, endpoint: str, bucket: str, access_key: str, secret_key: str,
                 secure: bool = False, region: str = "us-east-1", retry: RetryPolicy | None = None,
-                timeout_s: float = 60.0) -> S3Store:
+                timeout_s: float = 60.0, public_endpoint: str = "") -> S3Store:
+        """public_endpoint: host:port or http(s)://host:port that clients reach the store at, when it
+        differs from `endpoint` (Compose, Kubernetes); presigned URLs are signed for it."""
         import certifi
         import urllib3
         from minio import Minio
@@ -279,7 +294,13 @@ class S3Store(ArtifactStore):
         )
         client = Minio(endpoint, access_key=access_key, secret_key=secret_key, secure=secure, region=region,
                        http_client=http)
-        return cls(client, bucket, retry=retry, endpoint=endpoint)
+        public_client = None
+        if public_endpoint:
+            host, public_secure = split_endpoint(public_endpoint, secure)
+            # The region is given, so signing never asks this endpoint anything.
+            public_client = Minio(host, access_key=access_key, secret_key=secret_key, secure=public_secure,
+                                  region=region)
+        return cls(client, bucket, retry=retry, endpoint=endpoint, public_client=public_client)
 
     def _ensure_bucket(self) -> None:
         from minio.error import S3Error
@@ -372,7 +393,18 @@ class S3Store(ArtifactStore):
 
     def presigned_url(self, key: str) -> str:
         validate_key(key)
-        return self.client.presigned_get_object(self.bucket, key)
+        return self.public_client.presigned_get_object(self.bucket, key)
+
+    def presign(self, method: str, key: str, expires_s: int) -> str | None:
+        import datetime
+
+        validate_key(key)
+        if method not in ("GET", "PUT"):
+            raise InvalidArgument(f"cannot presign {method!r}: only GET and PUT")
+        # SigV4 signs the method, the bucket, the key, the host and the expiry: the URL is good for
+        # exactly this one object and operation, on this endpoint, until it expires.
+        return self.public_client.get_presigned_url(method, self.bucket, key,
+                                                    expires=datetime.timedelta(seconds=expires_s))
 
 
 class _s3_errors:
@@ -396,6 +428,17 @@ class _s3_errors:
             raise Unavailable(f"object store unreachable while accessing {self.what!r}: {exc}") from exc
 
 
+def split_endpoint(endpoint: str, secure: bool) -> tuple[str, bool]:
+    """(host:port, secure) of "host:port" (secure as given) or "http(s)://host:port"."""
+    endpoint = endpoint.strip().rstrip("/")
+    for scheme, is_secure in (("https://", True), ("http://", False)):
+        if endpoint.startswith(scheme):
+            endpoint, secure = endpoint[len(scheme):], is_secure
+    if not endpoint or "/" in endpoint:
+        raise InvalidArgument(f"S3 endpoint {endpoint!r} must be host:port or http(s)://host:port, with no path")
+    return endpoint, secure
+
+
 def open_store(settings: Any) -> ArtifactStore:
     """The store named by Settings.store: a directory, or s3://<bucket> with the S3 settings."""
     store = settings.store
@@ -412,5 +455,6 @@ def open_store(settings: Any) -> ArtifactStore:
             region=settings.s3_region,
             retry=RetryPolicy.from_settings(settings),
             timeout_s=settings.s3_timeout_s,
+            public_endpoint=settings.s3_public_endpoint,
         )
     return LocalStore(Path(store.removeprefix("file://")))

@@ -7,10 +7,11 @@ from pathlib import PurePosixPath
 from fluxlora.common.grpc_status import grpc_errors
 from fluxlora.common.limits import check_upload_bytes
 from fluxlora.common.storage import validate_prefix
+from fluxlora.common.transfers import upload_incomplete
 from fluxlora.domain.archives import ARCHIVE_SUFFIXES
 from fluxlora.jobs.runtime import JobRuntime
 from fluxlora.preprocessing.job import options_from_spec
-from fluxlora_api.shared.errors import InvalidArgument, NotFound
+from fluxlora_api.shared.errors import FailedPrecondition, InvalidArgument, NotFound
 from fluxlora_api.v1 import preprocessing_pb2 as pb
 from fluxlora_api.v1 import preprocessing_pb2_grpc
 
@@ -31,6 +32,9 @@ class PreprocessingServicer(preprocessing_pb2_grpc.PreprocessingServiceServicer)
         spec.source_prefix = validate_prefix(spec.source_prefix)
         spec.base_size = spec.base_size or 1024
         options_from_spec(spec)  # validates every option with a message naming the field
+        if upload_incomplete(self.runtime.store, spec.source_prefix):
+            raise FailedPrecondition(f"upload {spec.source_prefix!r} is not complete: finish it (CompleteUpload; "
+                                     "client.upload_photos does) before preprocessing it")
         objects = list(self.runtime.store.list(spec.source_prefix))
         names = [o.key for o in objects]
         if not names:

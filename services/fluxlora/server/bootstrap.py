@@ -23,7 +23,9 @@ from fluxlora.jobs.runtime import JobRuntime
 from fluxlora.jobs.servicer import JobServicer
 from fluxlora.server.ports import SERVER_OPTIONS, bind
 from fluxlora.server.services import load_definition
-from fluxlora_api.v1 import jobs_pb2, jobs_pb2_grpc
+from fluxlora.server.transfers import SERVICE_NAME as TRANSFER_SERVICE_NAME
+from fluxlora.server.transfers import TransferServicer
+from fluxlora_api.v1 import jobs_pb2, jobs_pb2_grpc, transfers_pb2_grpc
 
 log = logging.getLogger(__name__)
 
@@ -60,9 +62,12 @@ class RunningServer:
                                   interceptors=interceptors, options=SERVER_OPTIONS)
         definition.add_servicer(self.server, self.runtime)
         jobs_pb2_grpc.add_JobServiceServicer_to_server(JobServicer(self.runtime), self.server)
+        # Clients upload and download through the server, which alone holds the store's credentials.
+        transfers_pb2_grpc.add_TransferServiceServicer_to_server(TransferServicer(self.store, settings), self.server)
         self.health = health.HealthServicer(experimental_non_blocking=True)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
-        names = (definition.grpc_name, JOB_SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME)
+        names = (definition.grpc_name, JOB_SERVICE_NAME, TRANSFER_SERVICE_NAME, health.SERVICE_NAME,
+                 reflection.SERVICE_NAME)
         reflection.enable_server_reflection(names, self.server)
         bind_port = settings.port_for(definition.name) if port is None else port
         target = f"{settings.host}:{bind_port}"
@@ -96,7 +101,7 @@ class RunningServer:
         self.server.start()
         if self.health_server:
             self.health_server.start()
-        for name in ("", self.definition.grpc_name, JOB_SERVICE_NAME):
+        for name in ("", self.definition.grpc_name, JOB_SERVICE_NAME, TRANSFER_SERVICE_NAME):
             self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         log.info("%s serving on %s (store %s, tls %s, auth %s)", self.definition.name, self.address, self.store.uri,
                  "on" if self.tls else "off", "token" if self.authenticated else "off")

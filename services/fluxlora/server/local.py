@@ -170,11 +170,11 @@ class LocalServices:
         return self
 
     def client(self) -> FluxloraClient:
-        """An SDK client for these servers and their store, with the token and TLS settings of this
-        process's environment (FluxloraClient.from_env): the servers inherited the same ones."""
+        """An SDK client for these servers, with the token and TLS settings the servers were started
+        with (this process's environment under `env`; FluxloraClient.from_env). It needs no store."""
         from fluxlora_client.client import FluxloraClient
 
-        return FluxloraClient.from_env(Settings(store=self.store), **self.addresses)
+        return FluxloraClient.from_env({**os.environ, **self.env}, **self.addresses)
 
     def stop(self, timeout: float = 30.0) -> None:
         """SIGTERM to every server still running (each stops gracefully), SIGKILL to those that have
