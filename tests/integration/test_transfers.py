@@ -254,7 +254,7 @@ def test_the_client_package_imports_nothing_from_the_servers():
             "import fluxlora_client, fluxlora_client.client, fluxlora_client.captions, fluxlora_client.pipeline\n"
             "import fluxlora_client.caption_cli, fluxlora_client.transfers\n"
             "from fluxlora_client import cli\n"
-            "cli._client('s3://ignored').close()\n"
+            "cli._client().close()\n"
             "fluxlora_client.FluxloraClient.from_env({}).close()\n"
             "bad = sorted(m for m in sys.modules if m == 'fluxlora' or m.startswith('fluxlora.'))\n"
             "assert not bad, bad")
