@@ -48,6 +48,7 @@ class TrainSpec(_message.Message):
     CAPTION_VERSION_FIELD_NUMBER: _builtins.int
     COMPILE_BLOCKS_FIELD_NUMBER: _builtins.int
     OPTIMIZER_FIELD_NUMBER: _builtins.int
+    RESUME_FROM_RUN_FIELD_NUMBER: _builtins.int
     dataset_id: _builtins.str
     """The captioned dataset to train on."""
     base_model: _builtins.str
@@ -110,6 +111,13 @@ class TrainSpec(_message.Message):
     optimizer state) or "prodigy" (adapts its own step size; learning_rate then defaults to 1.0,
     a multiplier). An optimizer whose package the server lacks is FAILED_PRECONDITION.
     """
+    resume_from_run: _builtins.str
+    """Continue the FAILED or CANCELLED training job <run_id> (e.g. "trn-0123456789ab") from its last
+    stored checkpoint instead of starting a new run: the new job takes that run's spec, writes into
+    runs/<run_id>/ and its result names that run. Other fields may be left empty; set ones must equal
+    the run's, except max_steps, which may be raised. FAILED_PRECONDITION while another job works on
+    the run, or when it succeeded already; NOT_FOUND for an unknown run.
+    """
     @_builtins.property
     def sample_prompts(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Prompts for validation samples; default: the trigger word alone."""
@@ -145,10 +153,11 @@ class TrainSpec(_message.Message):
         caption_version: _builtins.int = ...,
         compile_blocks: _builtins.str = ...,
         optimizer: _builtins.str = ...,
+        resume_from_run: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_gradient_checkpointing", b"_gradient_checkpointing", "_guidance", b"_guidance", "_seed", b"_seed", "gradient_checkpointing", b"gradient_checkpointing", "guidance", b"guidance", "seed", b"seed"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_gradient_checkpointing", b"_gradient_checkpointing", "_guidance", b"_guidance", "_seed", b"_seed", "alpha", b"alpha", "base_model", b"base_model", "base_quantization", b"base_quantization", "batch_size", b"batch_size", "blocks_to_swap", b"blocks_to_swap", "caption_version", b"caption_version", "checkpoint_every", b"checkpoint_every", "compile_blocks", b"compile_blocks", "dataset_id", b"dataset_id", "gradient_checkpointing", b"gradient_checkpointing", "guidance", b"guidance", "learning_rate", b"learning_rate", "lr_scheduler", b"lr_scheduler", "max_steps", b"max_steps", "optimizer", b"optimizer", "precision", b"precision", "rank", b"rank", "resolution", b"resolution", "sample_every", b"sample_every", "sample_prompts", b"sample_prompts", "sample_steps", b"sample_steps", "seed", b"seed", "target_modules", b"target_modules", "timestep_sampling", b"timestep_sampling"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_gradient_checkpointing", b"_gradient_checkpointing", "_guidance", b"_guidance", "_seed", b"_seed", "alpha", b"alpha", "base_model", b"base_model", "base_quantization", b"base_quantization", "batch_size", b"batch_size", "blocks_to_swap", b"blocks_to_swap", "caption_version", b"caption_version", "checkpoint_every", b"checkpoint_every", "compile_blocks", b"compile_blocks", "dataset_id", b"dataset_id", "gradient_checkpointing", b"gradient_checkpointing", "guidance", b"guidance", "learning_rate", b"learning_rate", "lr_scheduler", b"lr_scheduler", "max_steps", b"max_steps", "optimizer", b"optimizer", "precision", b"precision", "rank", b"rank", "resolution", b"resolution", "resume_from_run", b"resume_from_run", "sample_every", b"sample_every", "sample_prompts", b"sample_prompts", "sample_steps", b"sample_steps", "seed", b"seed", "target_modules", b"target_modules", "timestep_sampling", b"timestep_sampling"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__gradient_checkpointing: _TypeAlias = _typing.Literal["gradient_checkpointing"]  # noqa: Y015
     _WhichOneofArgType__gradient_checkpointing: _TypeAlias = _typing.Literal["_gradient_checkpointing", b"_gradient_checkpointing"]  # noqa: Y015

@@ -11,6 +11,7 @@ backoff and jitter, fluxlora.common.s3_retry) and then fail with UNAVAILABLE.
 
 from __future__ import annotations
 
+import copy
 import glob
 import hashlib
 import json
@@ -102,6 +103,11 @@ class ArtifactStore(ABC):
     @abstractmethod
     def presigned_url(self, key: str) -> str:
         """A URL a client can download the object from without credentials."""
+
+    def with_retry(self, policy: RetryPolicy) -> ArtifactStore:
+        """This store with another retry policy for transient failures (a request handler that must
+        answer quickly uses a short one); the same store where nothing is retried (a directory)."""
+        return self
 
     def create_bytes(self, key: str, data: bytes, content_type: str = "application/octet-stream") -> bool:
         """Write a small object only if `key` holds none yet, atomically across processes and machines
@@ -286,6 +292,11 @@ class S3Store(ArtifactStore):
         client = Minio(endpoint, access_key=access_key, secret_key=secret_key, secure=secure, region=region,
                        http_client=http)
         return cls(client, bucket, retry=retry, endpoint=endpoint)
+
+    def with_retry(self, policy: RetryPolicy) -> S3Store:
+        clone = copy.copy(self)  # the same client and bucket
+        clone.retry = policy
+        return clone
 
     def _ensure_bucket(self) -> None:
         from minio.error import S3Error
