@@ -150,4 +150,4 @@ def _check(message: Message, bounds: Mapping[str, Bound], shown: str, path: str)
 
 
 def _number(value: float) -> str:
-    return f"{value:g}" if isinstance(value, float) and not float(value).is_integer() else f"{int(value)}"
+    return f"{value}" if isinstance(value, float) else f"{int(value)}"

@@ -26,7 +26,7 @@ DEFAULT_SIZE = 1024
 MAX_SIDE = 4096
 MAX_STEPS = 500
 NO_MODEL = "none"
-MAX_GUIDANCE = 100.0
+MAX_GUIDANCE = 100
 MAX_STEP = 10**9  # a checkpoint step: far beyond FLUXLORA_MAX_TRAIN_STEPS, below any overflow
 
 
@@ -40,7 +40,7 @@ def bounds(settings: Settings) -> dict[str, Bound]:
     return {
         "checkpoint_steps": Bound(1, MAX_STEP), "strengths": strength, "seed": seed, "seeds": seed,
         "width": side, "height": side, "steps": Bound(0, MAX_STEPS, f"0 means {DEFAULT_STEPS}"),
-        "guidance": Bound(0, MAX_GUIDANCE, f"0 to {MAX_GUIDANCE:g}; FLUX.1-dev is distilled around 3.5"),
+        "guidance": Bound(0, MAX_GUIDANCE, "FLUX.1-dev is distilled around 3.5"),
         "rows_per_page": Bound(0, settings.grid_max_cells, f"0 means the server's page size; {cells}"),
         "images_per_prompt": Bound(0, settings.grid_max_cells, f"0 means 1; {cells}"),
         "loras.step": step, "loras.strength": strength,

@@ -6,6 +6,7 @@ import logging
 from pathlib import Path
 
 from fluxlora.captioning.versions import CaptionVersions
+from fluxlora.common import keys
 from fluxlora.common.datasets import require_captions
 from fluxlora.common.errors import FailedPrecondition, FluxloraError, InvalidArgument, ResourceExhausted
 from fluxlora.common.grpc_status import grpc_errors
@@ -122,6 +123,9 @@ class TrainingServicer(training_pb2_grpc.TrainingServiceServicer):
         earlier = pb.TrainSpec()
         job.spec.Unpack(earlier)
         run_id = earlier.resume_from_run or job.job_id  # a resumed run's own resume goes on in the first run
+        if self.runtime.store.exists(keys.run_prefix(run_id) + "report.json"):
+            raise FailedPrecondition(f"spec.resume_from_run: run {run_id} was finished already (by a job that "
+                                     "resumed it): there is nothing to resume")
         for active in self.runtime.list([S.JOB_STATE_QUEUED, S.JOB_STATE_RUNNING], limit=0):
             other = pb.TrainSpec()
             active.spec.Unpack(other)
