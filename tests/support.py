@@ -64,10 +64,15 @@ def services_and_client(store, tmp_path, **overrides):
 class ServiceProcess:
     """One service as `fluxlora serve` in its own process group, on a port kept across restarts."""
 
-    def __init__(self, service: str, store: ArtifactStore, tmp_path: Path, port: int | None = None, **env: str):
+    def __init__(self, service: str, store: ArtifactStore, tmp_path: Path, port: int | None = None,
+                 command: list[str] | None = None, **env: str):
+        """command: what serves, before the port number (default `fluxlora serve <service> --host
+        127.0.0.1 --port`; a test's own script serves on port sys.argv[-1])."""
         self.service = service
         self.store = store
         self.port = port or free_port()
+        self.command = command or [sys.executable, "-m", "fluxlora.server.cli", "serve", service,
+                                   "--host", "127.0.0.1", "--port"]
         self.address = f"127.0.0.1:{self.port}"
         self.log = tmp_path / f"{service}.log"
         self.env = {**os.environ, **store_env(store), "FLUXLORA_CACHE_DIR": str(tmp_path / "cache"),
@@ -77,9 +82,8 @@ class ServiceProcess:
     def start(self, wait: bool = True) -> ServiceProcess:
         with open(self.log, "ab") as log:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "fluxlora_client.cli", "serve", self.service,
-                 "--host", "127.0.0.1", "--port", str(self.port)],
-                env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                [*self.command, str(self.port)], env=self.env, stdout=log, stderr=subprocess.STDOUT,
+                start_new_session=True,
             )
         if wait:
             wait_healthy(self.address, timeout=120, alive=lambda: self.process.poll() is None)

@@ -197,3 +197,22 @@ def test_a_run_over_the_step_limit_is_refused_at_submit(captioned):
     # At the limit the steps are not what stops it (this server has no base model configured).
     err = refusal(lambda: client.train(dataset_id, max_steps=STEPS_LIMIT))
     assert "max_steps" not in err.message
+
+
+# --- every numeric spec field ------------------------------------------------------------------
+@pytest.mark.parametrize("submit, field, shown, bound", [
+    (lambda c: c.train("ds-x", sample_steps=10**9), "spec.sample_steps", "1000000000", "[0, 500]"),
+    (lambda c: c.train("ds-x", guidance=float("nan")), "spec.guidance", "nan", "[0, 100]"),
+    (lambda c: c.preprocess("uploads/u-x/", base_size=10**6), "spec.base_size", "1000000", "[0, 4096]"),
+    (lambda c: c.caption("ds-x", TRIGGER, max_new_tokens=10**6), "spec.max_new_tokens", "1000000", "[0, 512]"),
+    (lambda c: c.evaluate("trn-x", guidance=float("nan")), "spec.guidance", "nan", "[0, 100]"),
+    (lambda c: c.generate("a photo", width=10**6), "spec.width", "1000000", "[0, 4096]"),
+    (lambda c: c.generate("a photo", guidance=float("inf")), "spec.guidance", "inf", "[0, 100]"),
+])
+def test_a_number_out_of_its_range_is_refused_at_submit_naming_field_value_and_range(limited, submit, field,
+                                                                                     shown, bound):
+    before = snapshot(limited.store)
+    err = refusal(lambda: submit(limited))
+    assert err.code == "INVALID_ARGUMENT"
+    assert err.message.startswith(f"{field} is {shown}") and bound in err.message, err.message
+    assert snapshot(limited.store) == before

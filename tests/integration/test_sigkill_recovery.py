@@ -15,6 +15,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import io
+import sys
 import time
 
 import pytest
@@ -22,7 +23,7 @@ import pytest
 from fluxlora.common import keys
 from fluxlora.common.storage import ArtifactStore, LocalStore
 from fluxlora_api.v1 import jobs_pb2
-from fluxlora_client import FluxloraClient
+from fluxlora_client import FluxloraClient, JobFailed
 from support import ServiceProcess, services_and_client
 
 pytestmark = pytest.mark.timeout(240)  # a regression that hangs a wait fails here, not after 10 minutes
@@ -239,4 +240,52 @@ def test_a_killed_evaluation_server_renders_the_grid_again_once(tmp_path, tiny_m
     stored = {o.key for o in store.list(keys.grid_prefix(result.grid_id))}
     assert stored == set(referenced), "nothing half-written or left over from the killed run"
     assert {c.image_key for c in result.cells} | {result.report_key, result.grid_key} <= stored
+    client.close()
+
+
+
+# A preprocessing server whose jobs never end (as one that grows until the kernel kills it).
+HANGING_SERVER = """
+import dataclasses, sys, threading
+from fluxlora.common.config import Settings
+from fluxlora.server.bootstrap import RunningServer, load_definition
+
+def handler(ctx, spec):
+    ctx.progress("growing", 1)
+    threading.Event().wait()
+
+definition = dataclasses.replace(load_definition("preprocessing"), handler=handler)
+RunningServer(definition, Settings(), port=int(sys.argv[-1])).start()
+threading.Event().wait()
+"""
+
+
+def test_a_job_that_kills_its_server_twice_fails_as_poison_instead_of_running_forever(tmp_path, photos, processes):
+    """FLUXLORA_MAX_JOB_ATTEMPTS (default 2): each start is counted in the record before the work starts;
+    the third server start fails the job as poison, says why, and serves on."""
+    from fluxlora.server.healthcheck import serving
+
+    store = LocalStore(tmp_path / "store")
+    server = ServiceProcess("preprocessing", store, tmp_path, command=[sys.executable, "-c", HANGING_SERVER])
+    processes.append(server.start())
+    client = FluxloraClient(preprocessing=server.address)
+    source = client.upload_photos(photos)
+    job = client.preprocess(source, base_size=64, request_id="req-poison")
+
+    def record() -> dict:
+        return store.get_json(f"jobs/preprocessing/{job.job_id}.json")
+
+    for attempt in (1, 2):
+        wait_until(lambda a=attempt: record().get("attempts") == a and record()["state"] == "JOB_STATE_RUNNING",
+                   f"start {attempt} of the job in its record", logs=server.logs)
+        server.kill()  # as the out-of-memory killer ends a server that a request makes grow
+        server.start()
+    with pytest.raises(JobFailed) as failed:
+        client.wait(job)
+    assert failed.value.code == "ABORTED" and failed.value.job.attempts == 2
+    assert "started 2 times" in failed.value.message and "FLUXLORA_MAX_JOB_ATTEMPTS=2" in failed.value.message
+    wait_until(lambda: record()["state"] == "JOB_STATE_FAILED", "the FAILED record", logs=server.logs)
+    assert serving(server.address)[0]
+    again = client.preprocess(source, base_size=64, request_id="req-poison")  # the same request: that job
+    assert again.job_id == job.job_id and again.state == S.JOB_STATE_FAILED
     client.close()

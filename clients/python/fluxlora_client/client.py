@@ -300,6 +300,14 @@ class FluxloraClient:
         request = training_pb2.SubmitTrainingRequest(spec=spec, request_id=request_id or _new_id())
         return self._call(self._training.SubmitTraining, request)
 
+    def resume_training(self, run_id: str, request_id: str | None = None, **options: Any) -> jobs_pb2.Job:
+        """A new job that continues the FAILED or CANCELLED training run `run_id` (a job id such as
+        "trn-0123456789ab") from its last stored checkpoint, with that run's spec, in the same run
+        (its result names `run_id`). Options may raise max_steps; others must equal the run's."""
+        spec = training_pb2.TrainSpec(resume_from_run=run_id, **options)
+        request = training_pb2.SubmitTrainingRequest(spec=spec, request_id=request_id or _new_id())
+        return self._call(self._training.SubmitTraining, request)
+
     def plan_training(self, base_model: str = "", target_gib: float = 0.0, dataset_id: str = "",
                       **options: Any) -> training_pb2.TrainingPlan:
         """The memory plan of a run without queueing it: estimated peak GPU memory (computed on the

@@ -340,6 +340,7 @@ COMMENTS: dict[str, dict[str, str]] = {
         'result': 'The typed outcome (PreprocessResult, CaptionResult, TrainResult, GridResult); set on success.',
         'cancel_requested': 'True once CancelJob was called; the worker stops at its next safe point.',
         'warnings': 'Human-readable warnings collected while running (e.g. "only 12 images; a concrete LoRA wants about 30").',
+        'attempts': 'Starts of this job whose end was not recorded: counted in the stored record before each start,\ngiven back when a shutdown interrupts the job cleanly. A job whose server or worker process died\nFLUXLORA_MAX_JOB_ATTEMPTS times (default 2) is failed as poison rather than run again.',
     },
     'fluxlora.v1.Job.MetricsEntry': {
         '': '',
@@ -397,6 +398,7 @@ COMMENTS: dict[str, dict[str, str]] = {
         '': '',
         'jobs': 'The jobs, newest first.',
         'next_page_token': 'Pass as page_token for the next page; empty when this is the last page. Jobs submitted after the\nfirst page was read are not in the later ones (they are newer than all of them).',
+        'from_memory': 'True when the object store could not be read: the page then holds only the jobs this server\nhas in memory (unfinished and recently finished ones), newest first.',
     },
     'fluxlora.v1.LoraType': {
         '': 'What the LoRA should learn; decides how many images the dataset needs.',
@@ -559,6 +561,7 @@ COMMENTS: dict[str, dict[str, str]] = {
         'caption_version': "The approved caption version to train on (see CaptioningService.ApproveCaptions); 0 means the\ndataset's current captions (the last approved version, else the auto captions). The accepted\nspec records the version actually used when the dataset has versions.",
         'compile_blocks': 'torch.compile the transformer blocks (one graph per block type): "auto" (on a CUDA GPU, where\nit measured 1.6x faster steps; off on the CPU), "on" or "off"; default: "auto". The first steps\nof a run (and of each new image size) wait for compilation.',
         'optimizer': 'Optimizer: "adamw", "adamw8bit" (bitsandbytes on a CUDA training node: a quarter of AdamW\'s\noptimizer state) or "prodigy" (adapts its own step size; learning_rate then defaults to 1.0, a\nmultiplier); default: "adamw". An optimizer whose package the server lacks is FAILED_PRECONDITION.',
+        'resume_from_run': 'Continue the FAILED or CANCELLED training job <run_id> (e.g. "trn-0123456789ab") from its last\nstored checkpoint instead of starting a new run: the new job takes that run\'s spec, writes into\nruns/<run_id>/ and its result names that run. Other fields may be left empty; set ones must equal\nthe run\'s, except max_steps, which may be raised. FAILED_PRECONDITION while another job works on\nthe run, or when it succeeded already; NOT_FOUND for an unknown run.',
         'lr_warmup_steps': 'Steps over which the learning rate rises from 0 (with "constant_with_warmup", "cosine" or\n"linear"), at most max_steps; default: 0.',
         'gradient_accumulation': 'Batches whose gradients are summed before each optimiser step, at least 1; default: 1.',
         'caption_dropout': 'Fraction of steps trained with an empty caption, in [0, 1); default: 0.0.',

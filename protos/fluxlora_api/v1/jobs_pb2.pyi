@@ -217,6 +217,7 @@ class Job(_message.Message):
     RESULT_FIELD_NUMBER: _builtins.int
     CANCEL_REQUESTED_FIELD_NUMBER: _builtins.int
     WARNINGS_FIELD_NUMBER: _builtins.int
+    ATTEMPTS_FIELD_NUMBER: _builtins.int
     job_id: _builtins.str
     """Server-assigned id, unique in the store, prefixed with the service ("pre-", "cap-", "trn-", "evl-")."""
     service: _builtins.str
@@ -227,6 +228,11 @@ class Job(_message.Message):
     """Where the job is in its lifecycle."""
     cancel_requested: _builtins.bool
     """True once CancelJob was called; the worker stops at its next safe point."""
+    attempts: _builtins.int
+    """Starts of this job whose end was not recorded: counted in the stored record before each start,
+    given back when a shutdown interrupts the job cleanly. A job whose server or worker process died
+    FLUXLORA_MAX_JOB_ATTEMPTS times (default 2) is failed as poison rather than run again.
+    """
     @_builtins.property
     def created_at(self) -> _timestamp_pb2.Timestamp:
         """When the job was accepted."""
@@ -288,10 +294,11 @@ class Job(_message.Message):
         result: _any_pb2.Any | None = ...,
         cancel_requested: _builtins.bool = ...,
         warnings: _abc.Iterable[_builtins.str] | None = ...,
+        attempts: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "error", b"error", "finished_at", b"finished_at", "progress", b"progress", "result", b"result", "spec", b"spec", "started_at", b"started_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["artifacts", b"artifacts", "cancel_requested", b"cancel_requested", "created_at", b"created_at", "error", b"error", "finished_at", b"finished_at", "job_id", b"job_id", "metrics", b"metrics", "progress", b"progress", "request_id", b"request_id", "result", b"result", "service", b"service", "spec", b"spec", "started_at", b"started_at", "state", b"state", "warnings", b"warnings"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["artifacts", b"artifacts", "attempts", b"attempts", "cancel_requested", b"cancel_requested", "created_at", b"created_at", "error", b"error", "finished_at", b"finished_at", "job_id", b"job_id", "metrics", b"metrics", "progress", b"progress", "request_id", b"request_id", "result", b"result", "service", b"service", "spec", b"spec", "started_at", b"started_at", "state", b"state", "warnings", b"warnings"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -395,9 +402,14 @@ class ListJobsResponse(_message.Message):
 
     JOBS_FIELD_NUMBER: _builtins.int
     NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    FROM_MEMORY_FIELD_NUMBER: _builtins.int
     next_page_token: _builtins.str
     """Pass as page_token for the next page; empty when this is the last page. Jobs submitted after the
     first page was read are not in the later ones (they are newer than all of them).
+    """
+    from_memory: _builtins.bool
+    """True when the object store could not be read: the page then holds only the jobs this server
+    has in memory (unfinished and recently finished ones), newest first.
     """
     @_builtins.property
     def jobs(self) -> _containers.RepeatedCompositeFieldContainer[Global___Job]:
@@ -408,10 +420,11 @@ class ListJobsResponse(_message.Message):
         *,
         jobs: _abc.Iterable[Global___Job] | None = ...,
         next_page_token: _builtins.str = ...,
+        from_memory: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["jobs", b"jobs", "next_page_token", b"next_page_token"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["from_memory", b"from_memory", "jobs", b"jobs", "next_page_token", b"next_page_token"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -52,6 +52,7 @@ class TrainSpec(_message.Message):
     CAPTION_VERSION_FIELD_NUMBER: _builtins.int
     COMPILE_BLOCKS_FIELD_NUMBER: _builtins.int
     OPTIMIZER_FIELD_NUMBER: _builtins.int
+    RESUME_FROM_RUN_FIELD_NUMBER: _builtins.int
     LR_WARMUP_STEPS_FIELD_NUMBER: _builtins.int
     GRADIENT_ACCUMULATION_FIELD_NUMBER: _builtins.int
     CAPTION_DROPOUT_FIELD_NUMBER: _builtins.int
@@ -133,6 +134,13 @@ class TrainSpec(_message.Message):
     optimizer state) or "prodigy" (adapts its own step size; learning_rate then defaults to 1.0, a
     multiplier); default: "adamw". An optimizer whose package the server lacks is FAILED_PRECONDITION.
     """
+    resume_from_run: _builtins.str
+    """Continue the FAILED or CANCELLED training job <run_id> (e.g. "trn-0123456789ab") from its last
+    stored checkpoint instead of starting a new run: the new job takes that run's spec, writes into
+    runs/<run_id>/ and its result names that run. Other fields may be left empty; set ones must equal
+    the run's, except max_steps, which may be raised. FAILED_PRECONDITION while another job works on
+    the run, or when it succeeded already; NOT_FOUND for an unknown run.
+    """
     lr_warmup_steps: _builtins.int
     """Steps over which the learning rate rises from 0 (with "constant_with_warmup", "cosine" or
     "linear"), at most max_steps; default: 0.
@@ -190,6 +198,7 @@ class TrainSpec(_message.Message):
         caption_version: _builtins.int = ...,
         compile_blocks: _builtins.str = ...,
         optimizer: _builtins.str = ...,
+        resume_from_run: _builtins.str = ...,
         lr_warmup_steps: _builtins.int = ...,
         gradient_accumulation: _builtins.int = ...,
         caption_dropout: _builtins.float = ...,
@@ -201,7 +210,7 @@ class TrainSpec(_message.Message):
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_gradient_checkpointing", b"_gradient_checkpointing", "_guidance", b"_guidance", "_max_grad_norm", b"_max_grad_norm", "_seed", b"_seed", "_weight_decay", b"_weight_decay", "gradient_checkpointing", b"gradient_checkpointing", "guidance", b"guidance", "max_grad_norm", b"max_grad_norm", "seed", b"seed", "weight_decay", b"weight_decay"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_gradient_checkpointing", b"_gradient_checkpointing", "_guidance", b"_guidance", "_max_grad_norm", b"_max_grad_norm", "_seed", b"_seed", "_weight_decay", b"_weight_decay", "alpha", b"alpha", "base_model", b"base_model", "base_quantization", b"base_quantization", "batch_size", b"batch_size", "blocks_to_swap", b"blocks_to_swap", "caption_dropout", b"caption_dropout", "caption_version", b"caption_version", "checkpoint_every", b"checkpoint_every", "compile_blocks", b"compile_blocks", "dataset_id", b"dataset_id", "gradient_accumulation", b"gradient_accumulation", "gradient_checkpointing", b"gradient_checkpointing", "guidance", b"guidance", "learning_rate", b"learning_rate", "lr_scheduler", b"lr_scheduler", "lr_warmup_steps", b"lr_warmup_steps", "max_grad_norm", b"max_grad_norm", "max_sequence_length", b"max_sequence_length", "max_steps", b"max_steps", "optimizer", b"optimizer", "precision", b"precision", "rank", b"rank", "resolution", b"resolution", "sample_every", b"sample_every", "sample_prompts", b"sample_prompts", "sample_steps", b"sample_steps", "seed", b"seed", "sigmoid_scale", b"sigmoid_scale", "target_modules", b"target_modules", "timestep_sampling", b"timestep_sampling", "timestep_shift", b"timestep_shift", "weight_decay", b"weight_decay"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_gradient_checkpointing", b"_gradient_checkpointing", "_guidance", b"_guidance", "_max_grad_norm", b"_max_grad_norm", "_seed", b"_seed", "_weight_decay", b"_weight_decay", "alpha", b"alpha", "base_model", b"base_model", "base_quantization", b"base_quantization", "batch_size", b"batch_size", "blocks_to_swap", b"blocks_to_swap", "caption_dropout", b"caption_dropout", "caption_version", b"caption_version", "checkpoint_every", b"checkpoint_every", "compile_blocks", b"compile_blocks", "dataset_id", b"dataset_id", "gradient_accumulation", b"gradient_accumulation", "gradient_checkpointing", b"gradient_checkpointing", "guidance", b"guidance", "learning_rate", b"learning_rate", "lr_scheduler", b"lr_scheduler", "lr_warmup_steps", b"lr_warmup_steps", "max_grad_norm", b"max_grad_norm", "max_sequence_length", b"max_sequence_length", "max_steps", b"max_steps", "optimizer", b"optimizer", "precision", b"precision", "rank", b"rank", "resolution", b"resolution", "resume_from_run", b"resume_from_run", "sample_every", b"sample_every", "sample_prompts", b"sample_prompts", "sample_steps", b"sample_steps", "seed", b"seed", "sigmoid_scale", b"sigmoid_scale", "target_modules", b"target_modules", "timestep_sampling", b"timestep_sampling", "timestep_shift", b"timestep_shift", "weight_decay", b"weight_decay"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__gradient_checkpointing: _TypeAlias = _typing.Literal["gradient_checkpointing"]  # noqa: Y015
     _WhichOneofArgType__gradient_checkpointing: _TypeAlias = _typing.Literal["_gradient_checkpointing", b"_gradient_checkpointing"]  # noqa: Y015

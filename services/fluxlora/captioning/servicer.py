@@ -10,7 +10,7 @@ from fluxlora.captioning.captioners.base import known_captioners
 from fluxlora.captioning.cleaning import POSITIONS, STYLES, validate_trigger
 from fluxlora.captioning.model_tokenizers import counters_for
 from fluxlora.common.grpc_status import grpc_errors
-from fluxlora.common.limits import check_caption_lengths, check_text_length
+from fluxlora.common.limits import Bound, check_caption_lengths, check_numbers, check_text_length
 from fluxlora.common.models import check_model_ref
 from fluxlora.domain.caption_versions import CaptionVersion, version_key
 from fluxlora.domain.datasets import require_dataset
@@ -20,6 +20,11 @@ from fluxlora_api.v1 import captioning_pb2 as pb
 from fluxlora_api.v1 import captioning_pb2_grpc
 
 TASKS = ("<CAPTION>", "<DETAILED_CAPTION>", "<MORE_DETAILED_CAPTION>")
+# Every numeric CaptionSpec field (fluxlora.common.limits.check_numbers).
+BOUNDS = {
+    "batch_size": Bound(0, 64, "0 means 8; every image of a batch and its activations are in memory at once"),
+    "max_new_tokens": Bound(0, 512, "0 means 64; FLUX's T5 text encoder reads at most 512 tokens of a caption"),
+}
 
 
 class CaptioningServicer(captioning_pb2_grpc.CaptioningServiceServicer):
@@ -34,6 +39,7 @@ class CaptioningServicer(captioning_pb2_grpc.CaptioningServiceServicer):
     def SubmitCaption(self, request, context):
         spec = pb.CaptionSpec()
         spec.CopyFrom(request.spec)
+        check_numbers(spec, BOUNDS)
         require_dataset(self.store, spec.dataset_id)
         try:
             spec.trigger_word = validate_trigger(spec.trigger_word)

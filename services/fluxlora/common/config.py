@@ -95,6 +95,14 @@ class Settings(BaseSettings):
         4000, ge=1, description="Longest caption (characters) an edit, a replace or an import may store."
     )
     max_train_steps: int = Field(100_000, ge=1, description="Largest TrainSpec.max_steps a training server accepts.")
+    # Fault limits of the job runtime (fluxlora.jobs.runtime).
+    max_job_attempts: int = Field(
+        2, ge=1, description="Starts of a job whose server or worker process died before it is failed as poison."
+    )
+    min_free_bytes: int = Field(
+        256 * 1024**2, ge=0,
+        description="Free bytes a server's scratch and local store disks need before a job is accepted or started.",
+    )
     preprocess_workers: int = Field(
         0, ge=0, description="Processes a preprocessing job uses; 0 means the CPUs this process may use."
     )

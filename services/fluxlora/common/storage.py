@@ -12,6 +12,7 @@ backoff and jitter, fluxlora.common.s3_retry) and then fail with UNAVAILABLE.
 from __future__ import annotations
 
 import builtins
+import copy
 import glob
 import hashlib
 import json
@@ -104,6 +105,11 @@ class ArtifactStore(ABC):
         `expires_s` seconds, signed for the endpoint clients reach; None when the store cannot
         presign (the local store: bytes then travel over gRPC, fluxlora.common.transfers)."""
         return None
+
+    def with_retry(self, policy: RetryPolicy) -> ArtifactStore:
+        """This store with another retry policy for transient failures (a request handler that must
+        answer quickly uses a short one); the same store where nothing is retried (a directory)."""
+        return self
 
     def create_bytes(self, key: str, data: bytes, content_type: str = "application/octet-stream") -> bool:
         """Write a small object only if `key` holds none yet, atomically across processes and machines
@@ -301,6 +307,11 @@ class S3Store(ArtifactStore):
             public_client = Minio(host, access_key=access_key, secret_key=secret_key, secure=public_secure,
                                   region=region)
         return cls(client, bucket, retry=retry, endpoint=endpoint, public_client=public_client)
+
+    def with_retry(self, policy: RetryPolicy) -> S3Store:
+        clone = copy.copy(self)  # the same client and bucket
+        clone.retry = policy
+        return clone
 
     def _ensure_bucket(self) -> None:
         from minio.error import S3Error

@@ -37,7 +37,7 @@ from google.protobuf.message import Message
 from pydantic import SecretStr
 
 from fluxlora.jobs.context import JobInterrupted
-from fluxlora.jobs.reports import FINISHED, RemoteJobFailed, ReportMirror, finished_outcome
+from fluxlora.jobs.reports import FINISHED, RemoteJobFailed, ReportMirror, WorkerDied, finished_outcome
 from fluxlora.jobs.worker import EXIT_INTERRUPTED, EXIT_SUCCEEDED, load_report
 from fluxlora_api.shared.errors import Unavailable
 from fluxlora_api.v1 import jobs_pb2
@@ -183,6 +183,8 @@ class ProcessRunner:
                     raise JobInterrupted(job_id)
                 time.sleep(STOP_CHECK_S)
         code, message = exit_status(returncode, pid, job_id)
+        if returncode < 0 and (-returncode == signal.SIGKILL or -returncode in _CRASH_SIGNALS):
+            raise WorkerDied(code, message)  # the runtime runs it again, up to FLUXLORA_MAX_JOB_ATTEMPTS
         raise RemoteJobFailed(code, message)
 
     def _wait_for_leftover(self, runtime: JobRuntime, job_id: str) -> None:

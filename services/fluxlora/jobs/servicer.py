@@ -28,8 +28,9 @@ class JobServicer(jobs_pb2_grpc.JobServiceServicer):
     def ListJobs(self, request, context):
         if request.page_size < 0:
             raise InvalidArgument("page_size must be >= 0")
-        jobs, token = self.runtime.page(list(request.states), request.page_size, request.page_token)
-        return jobs_pb2.ListJobsResponse(jobs=jobs, next_page_token=token)
+        jobs, token, from_memory = self.runtime.page_or_memory(list(request.states), request.page_size,
+                                                               request.page_token)
+        return jobs_pb2.ListJobsResponse(jobs=jobs, next_page_token=token, from_memory=from_memory)
 
     @grpc_errors
     def CancelJob(self, request, context):

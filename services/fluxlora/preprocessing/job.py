@@ -14,7 +14,7 @@ from pathlib import Path
 from google.protobuf import json_format
 
 from fluxlora.common import keys
-from fluxlora.common.limits import check_upload_bytes
+from fluxlora.common.limits import Bound, check_numbers, check_upload_bytes
 from fluxlora.domain.archives import ArchiveRejected, expand_archive, is_archive
 from fluxlora.jobs.context import JobContext
 from fluxlora.preprocessing.manifest import DEFAULT_BLUR_THRESHOLD, PreprocessOptions, RejectedFile
@@ -32,10 +32,19 @@ CROP_MODES = {
 }
 LORA_TYPES = {pb.LORA_TYPE_UNSPECIFIED: "concrete", pb.LORA_TYPE_CONCRETE: "concrete", pb.LORA_TYPE_STYLE: "style"}
 _HEX_COLOUR = re.compile(r"^#?([0-9a-fA-F]{6})$")
+# Every numeric PreprocessSpec field (fluxlora.common.limits.check_numbers). A 4096 px square training
+# image is 48 MiB of pixels per worker; FLUX trains at 512-1024.
+MAX_BASE_SIZE = 4096
+BOUNDS = {
+    "base_size": Bound(0, MAX_BASE_SIZE, "0 means 1024; a multiple of 64; FLUX trains at 512 to 1024"),
+    "min_side": Bound(0, MAX_BASE_SIZE, "0 means max(64, base_size / 4)"),
+    "blur_threshold": Bound(0, 100_000, "0 turns the check off, the default is 20; sharp photos score in the hundreds"),
+}
 
 
 def options_from_spec(spec: pb.PreprocessSpec) -> PreprocessOptions:
     """The pipeline's options for a spec; InvalidArgument naming the field when one is wrong."""
+    check_numbers(spec, BOUNDS)
     if spec.crop_mode not in CROP_MODES:
         raise InvalidArgument(f"spec.crop_mode {spec.crop_mode} is not a CropMode; use {', '.join(pb.CropMode.keys())}")
     if spec.lora_type not in LORA_TYPES:

@@ -32,6 +32,7 @@ log = logging.getLogger(__name__)
 configure_hf_offline()
 
 JOB_SERVICE_NAME = jobs_pb2.DESCRIPTOR.services_by_name["JobService"].full_name
+_STATUS = {True: health_pb2.HealthCheckResponse.SERVING, False: health_pb2.HealthCheckResponse.NOT_SERVING}
 RPC_THREADS = 16  # server threads beyond the watch streams' (FLUXLORA_MAX_WATCHERS)
 
 
@@ -101,8 +102,9 @@ class RunningServer:
         self.server.start()
         if self.health_server:
             self.health_server.start()
-        for name in ("", self.definition.grpc_name, JOB_SERVICE_NAME, TRANSFER_SERVICE_NAME):
-            self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        # SERVING while the runtime can run jobs: NOT_SERVING while the store refuses job records or a worker stopped.
+        self.runtime.add_health_listener(lambda ok, why: [self.health.set(name, _STATUS[ok]) for name in (
+            "", self.definition.grpc_name, JOB_SERVICE_NAME, TRANSFER_SERVICE_NAME)])
         log.info("%s serving on %s (store %s, tls %s, auth %s)", self.definition.name, self.address, self.store.uri,
                  "on" if self.tls else "off", "token" if self.authenticated else "off")
         return self

@@ -35,7 +35,7 @@ from fluxlora_api.v1 import training_pb2 as pb
 log = logging.getLogger(__name__)
 
 # TrainSpec fields that are not part of the trainer's config.
-_NOT_CONFIG = {"dataset_id", "base_model", "caption_version"}
+_NOT_CONFIG = {"dataset_id", "base_model", "caption_version", "resume_from_run"}
 
 
 def config_from_spec(spec: pb.TrainSpec) -> TrainConfig:
@@ -57,7 +57,8 @@ def config_from_spec(spec: pb.TrainSpec) -> TrainConfig:
 
 def run_training(ctx: JobContext, spec: pb.TrainSpec) -> pb.TrainResult:
     cfg = config_from_spec(spec)
-    run_id = ctx.job_id
+    # A resumed run (TrainSpec.resume_from_run) goes on in the run it continues, from its last checkpoint.
+    run_id = spec.resume_from_run or ctx.job_id
     prefix = keys.run_prefix(run_id)
     captions_bytes = ctx.store.get_bytes(keys.dataset_captions(spec.dataset_id))
     captions = json.loads(captions_bytes)
