@@ -182,7 +182,8 @@ def _add(target, value) -> None:
         target.add().CopyFrom(value)
 
 
-def _enum_number(field: FieldDescriptor, value: Any) -> int:
+def _enum_number(field: Any, value: Any) -> int:
+    """An enum field's number for `value` (a FieldDescriptor of either protobuf implementation)."""
     if isinstance(value, int):
         return value
     assert field.enum_type is not None  # only enum fields come here

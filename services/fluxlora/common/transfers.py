@@ -258,11 +258,12 @@ class Transfers:
         if page_size < 0:
             raise InvalidArgument(f"page_size must not be negative, got {page_size}")
         size = min(page_size or PAGE_SIZE, PAGE_SIZE)
+        objects: Iterator[ObjectInfo]
         if prefix.endswith("/"):
             objects = (o for o in self.store.list(prefix) if o.key > page_token)
         else:
             objects = iter([self.store.stat(prefix)])
-        page = []
+        page: list[ObjectInfo] = []
         for info in objects:
             if len(page) == size:
                 return self._urls(page, include_urls), page[-1].key

@@ -29,6 +29,7 @@ so a server's memory does not grow with the number of jobs it ever ran.
 from __future__ import annotations
 
 import base64
+import builtins
 import binascii
 import collections
 import logging
@@ -152,10 +153,10 @@ class JobRuntime:
         self._submit_lock = threading.Lock()  # a request_id is claimed by one submit at a time
         self._recorder_wake = threading.Event()
         self._store_error = ""  # why the last record write failed; "" once one succeeds
-        self._health_listeners: list[Callable[[bool, str], None]] = []
+        self._health_listeners: builtins.list[Callable[[bool, str], None]] = []
         self._last_health: tuple[bool, str] | None = None
         self._queue: queue.Queue[str | None] = queue.Queue()
-        self._threads: list[threading.Thread] = []
+        self._threads: builtins.list[threading.Thread] = []
         self._recorder: threading.Thread | None = None
         self._stopping = threading.Event()
         self._scratch_root = Path(tempfile.mkdtemp(prefix=f"fluxlora-{service}-"))
@@ -296,9 +297,9 @@ class JobRuntime:
                 self._evict()
             return _copy(self._jobs.get(job_id, job))
 
-    def list(self, states: list[int] | None = None, limit: int = 100) -> list[jobs_pb2.Job]:
+    def list(self, states: builtins.list[int] | None = None, limit: int = 100) -> builtins.list[jobs_pb2.Job]:
         """The newest `limit` jobs (0: all), through as many pages as that takes."""
-        jobs: list[jobs_pb2.Job] = []
+        jobs: builtins.list[jobs_pb2.Job] = []
         token = ""
         while True:
             size = min(limit - len(jobs), MAX_PAGE_SIZE) if limit else MAX_PAGE_SIZE
@@ -307,21 +308,21 @@ class JobRuntime:
             if not token or (limit and len(jobs) >= limit):
                 return jobs
 
-    def page(self, states: list[int] | None = None, page_size: int = 0,
-             page_token: str = "") -> tuple[list[jobs_pb2.Job], str]:
+    def page(self, states: builtins.list[int] | None = None, page_size: int = 0,
+             page_token: str = "") -> tuple[builtins.list[jobs_pb2.Job], str]:
         """One page of jobs, newest first, and the token of the next page ("" after the last)."""
         jobs, token, _ = self.page_or_memory(states, page_size, page_token, fallback=False)
         return jobs, token
 
-    def page_or_memory(self, states: list[int] | None = None, page_size: int = 0, page_token: str = "",
-                       fallback: bool = True) -> tuple[list[jobs_pb2.Job], str, bool]:
+    def page_or_memory(self, states: builtins.list[int] | None = None, page_size: int = 0, page_token: str = "",
+                       fallback: bool = True) -> tuple[builtins.list[jobs_pb2.Job], str, bool]:
         """page(), and whether it came from memory: while the store cannot be read (after a few
         quick retries) the page holds the jobs this server has in memory, rather than an error."""
         if page_size < 0:
             raise InvalidArgument("page_size must be >= 0")
         size = min(page_size or PAGE_SIZE, MAX_PAGE_SIZE)
         after = _decode_token(page_token)
-        wanted = set(states or ())
+        wanted: set[int] = set(states or ())
         if wanted and wanted <= ACTIVE:  # every unfinished job is in memory: no store listing needed
             return (*self._memory_page(wanted, size, after), False)
         try:
@@ -332,7 +333,7 @@ class JobRuntime:
             log.warning("ListJobs answered from memory: %s", exc.message)
             return (*self._memory_page(wanted, size, after), True)
 
-    def _memory_page(self, wanted: set[int], size: int, after: str) -> tuple[list[jobs_pb2.Job], str]:
+    def _memory_page(self, wanted: set[int], size: int, after: str) -> tuple[builtins.list[jobs_pb2.Job], str]:
         with self._cond:
             held = sorted(((index_name(j), _copy(j)) for j in self._jobs.values() if not wanted or j.state in wanted),
                           key=lambda named: named[0])
@@ -340,8 +341,8 @@ class JobRuntime:
         token = _encode_token(later[size - 1][0]) if len(later) > size else ""
         return [job for _, job in later[:size]], token
 
-    def _store_page(self, wanted: set[int], size: int, after: str) -> tuple[list[jobs_pb2.Job], str]:
-        jobs: list[jobs_pb2.Job] = []
+    def _store_page(self, wanted: set[int], size: int, after: str) -> tuple[builtins.list[jobs_pb2.Job], str]:
+        jobs: builtins.list[jobs_pb2.Job] = []
         last, scanned = after, 0
         for name in self._quick.index_after(after):
             if len(jobs) == size or scanned == MAX_SCANNED:
@@ -612,7 +613,8 @@ class JobRuntime:
     def _finish(self, job_id: str, state: int, message: str = "", error: tuple[str, str] | None = None,
                 result: Message | None = None, persist: bool | str = True) -> None:
         self.update(job_id, lambda job: mark_finished(job, state, error, result),
-                    message=message or S.Name(state).removeprefix("JOB_STATE_").lower(), persist=persist)
+                    message=message or S.Name(S.ValueType(state)).removeprefix("JOB_STATE_").lower(),
+                    persist=persist)
 
     def _check_free_space(self) -> None:
         """RESOURCE_EXHAUSTED naming the path when a disk this server's jobs write to has less than
