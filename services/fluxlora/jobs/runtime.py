@@ -29,8 +29,8 @@ so a server's memory does not grow with the number of jobs it ever ran.
 from __future__ import annotations
 
 import base64
-import builtins
 import binascii
+import builtins
 import collections
 import logging
 import queue
