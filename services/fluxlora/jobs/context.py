@@ -58,9 +58,9 @@ class JobContext:
         return ref
 
     def upload(self, path: Path, key: str, kind: str, step: int = 0) -> jobs_pb2.ArtifactRef:
-        from fluxlora.common.storage import _content_type
+        from fluxlora.common.storage import content_type
 
-        return self.add_artifact(self.store.put_file(key, path, _content_type(Path(path))), kind, step)
+        return self.add_artifact(self.store.put_file(key, path, content_type(Path(path))), kind, step)
 
     def log(self, message: str) -> None:
         self._runtime.update(self.job_id, lambda job: None, message=message, persist=False)
