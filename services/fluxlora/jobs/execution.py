@@ -182,7 +182,6 @@ class JobExecution(recorder.JobRecorder):
         self._finish(job_id, S.JOB_STATE_FAILED, message=message, error=(exc.code, message))
 
 
-
 def _message_class(any_msg: Any) -> type[Message]:
     from google.protobuf import descriptor_pool, message_factory
 

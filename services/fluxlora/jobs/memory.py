@@ -40,7 +40,6 @@ class EventLog:
         self.sequence = 0
 
 
-
 class JobMemory:
     def __init__(self, service: str, store: ArtifactStore, settings: Settings | None,
                  finished_in_memory: int | None, max_watchers: int):
