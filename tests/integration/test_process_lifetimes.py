@@ -95,7 +95,7 @@ def test_a_wait_rides_out_a_restart_and_the_killed_servers_pool_goes_with_it(tmp
     pool = descendants(server.process.pid)
     assert pool, "the server started no pool workers"
     server.kill(group=False)  # the server alone, as the OOM killer does it
-    assert client.store.get_json(f"jobs/preprocessing/{job.job_id}.json")["state"] == "JOB_STATE_RUNNING"
+    assert store.get_json(f"jobs/preprocessing/{job.job_id}.json")["state"] == "JOB_STATE_RUNNING"
     wait_until(lambda: not any(exists(pid) for pid in pool), "the dead server's pool workers to exit")
 
     server.start()
