@@ -76,7 +76,7 @@ def test_a_wait_rides_out_a_restart_and_the_killed_servers_pool_goes_with_it(tmp
     # two pool workers: 24 photos are enough to use the pool (and to take a few seconds)
     server = ServiceProcess("preprocessing", store, tmp_path, FLUXLORA_PREPROCESS_WORKERS="2")
     server_process.append(server.start())
-    client = FluxloraClient(store, preprocessing=server.address, reconnect_for_s=120)
+    client = FluxloraClient(preprocessing=server.address, reconnect_for_s=120)
     write_sample_photos(tmp_path / "photos", count=24, seed=5)
     job = client.preprocess(client.upload_photos(tmp_path / "photos"), base_size=256)
 
@@ -95,7 +95,7 @@ def test_a_wait_rides_out_a_restart_and_the_killed_servers_pool_goes_with_it(tmp
     pool = descendants(server.process.pid)
     assert pool, "the server started no pool workers"
     server.kill(group=False)  # the server alone, as the OOM killer does it
-    assert client.store.get_json(f"jobs/preprocessing/{job.job_id}.json")["state"] == "JOB_STATE_RUNNING"
+    assert store.get_json(f"jobs/preprocessing/{job.job_id}.json")["state"] == "JOB_STATE_RUNNING"
     wait_until(lambda: not any(exists(pid) for pid in pool), "the dead server's pool workers to exit")
 
     server.start()

@@ -10,7 +10,7 @@ import time
 import pytest
 
 from fluxlora.common.storage import LocalStore
-from fluxlora.jobs import runtime
+from fluxlora.jobs import recorder
 from fluxlora.server.healthcheck import serving
 from fluxlora_api.v1 import jobs_pb2
 from fluxlora_client import FluxloraClient, FluxloraClientError, JobFailed
@@ -35,11 +35,11 @@ def delete_bucket(store) -> None:
 
 def test_a_bucket_deleted_under_a_running_job_ends_it_for_every_watcher_and_health_says_not_serving(
         moto_endpoint, tmp_path, photos, monkeypatch):
-    monkeypatch.setattr(runtime, "RESAVE_INTERVAL_S", 0.05)
+    monkeypatch.setattr(recorder, "RESAVE_INTERVAL_S", 0.05)
     store = make_s3_store(moto_endpoint)
     gate = threading.Event()
     with preprocessing_server(tmp_path, gate, store=store) as server, \
-            FluxloraClient(store, preprocessing=server.address) as client:
+            FluxloraClient(preprocessing=server.address) as client:
         source = client.upload_photos(photos)
         job = client.preprocess(source, base_size=64, request_id="req-1")
         wait_until(lambda: client.get_job(job.job_id).state == S.JOB_STATE_RUNNING, "the job to run")
@@ -72,7 +72,7 @@ def test_a_bucket_deleted_under_a_running_job_ends_it_for_every_watcher_and_heal
 
 def test_a_request_id_resent_with_another_spec_is_already_exists(tmp_path, photos):
     with preprocessing_server(tmp_path) as server, \
-            FluxloraClient(LocalStore(tmp_path / "store"), preprocessing=server.address) as client:
+            FluxloraClient(preprocessing=server.address) as client:
         source = client.upload_photos(photos)
         job = client.preprocess(source, base_size=64, request_id="req-same")
         assert client.preprocess(source, base_size=64, request_id="req-same").job_id == job.job_id
@@ -87,7 +87,7 @@ def test_a_request_id_resent_with_another_spec_is_already_exists(tmp_path, photo
 def test_a_disk_under_the_free_space_minimum_refuses_the_submit_naming_the_path_and_stores_nothing(tmp_path, photos):
     store = LocalStore(tmp_path / "store")
     with preprocessing_server(tmp_path, store=store, min_free_bytes=2**62) as server, \
-            FluxloraClient(store, preprocessing=server.address) as client:
+            FluxloraClient(preprocessing=server.address) as client:
         source = client.upload_photos(photos)
         with pytest.raises(FluxloraClientError) as refused:
             client.preprocess(source, base_size=64)

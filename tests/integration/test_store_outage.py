@@ -22,7 +22,7 @@ import pytest
 from fluxlora.common.config import Settings
 from fluxlora.common.s3_retry import RetryPolicy
 from fluxlora.common.storage import S3Store
-from fluxlora.jobs import runtime
+from fluxlora.jobs import recorder
 from fluxlora.server.bootstrap import start_server
 from fluxlora.server.local import free_port
 from fluxlora_api.shared.errors import Unavailable, status_of
@@ -213,7 +213,7 @@ def test_every_call_gives_up_unavailable_naming_the_store_and_the_key(s3, tmp_pa
 @pytest.fixture
 def preprocessing(s3, tmp_path, monkeypatch):
     """A preprocessing server over an OutageStore, and an SDK client; yields (client, store)."""
-    monkeypatch.setattr(runtime, "RESAVE_INTERVAL_S", 0.1)
+    monkeypatch.setattr(recorder, "RESAVE_INTERVAL_S", 0.1)
     store = connect(s3, PATIENT)
     settings = Settings(store="unused", cache_dir=tmp_path / "cache", preprocess_workers=1)
     with start_server("preprocessing", settings, store=store, port=0) as server:
@@ -318,7 +318,7 @@ def test_getjob_and_listjobs_answer_from_memory_while_a_record_write_waits_out_t
     from fluxlora.server.bootstrap import RunningServer, load_definition
     from fluxlora_api.v1 import jobs_pb2_grpc, preprocessing_pb2
 
-    monkeypatch.setattr(runtime, "RESAVE_INTERVAL_S", 0.1)
+    monkeypatch.setattr(recorder, "RESAVE_INTERVAL_S", 0.1)
     store = connect(s3, RetryPolicy(retries=3000, base_s=0.1, max_s=0.1))
     gate = threading.Event()
 
@@ -330,7 +330,7 @@ def test_getjob_and_listjobs_answer_from_memory_while_a_record_write_waits_out_t
     definition = dataclasses.replace(load_definition("preprocessing"), handler=handler)
     settings = Settings(store="unused", cache_dir=tmp_path / "cache")
     with RunningServer(definition, settings, store, port=0).start() as server, \
-            FluxloraClient(store, preprocessing=server.address, timeout=10) as client, \
+            FluxloraClient(preprocessing=server.address, timeout=10) as client, \
             grpc.insecure_channel(server.address) as channel:
         jobs = jobs_pb2_grpc.JobServiceStub(channel)
         source = client.upload_photos(photos)

@@ -79,6 +79,31 @@ def test_train_config_and_train_spec_hold_the_same_options_with_the_same_default
     assert wrong == {}, "proto comment 'default:' vs TrainConfig default"
 
 
+def test_preprocessing_and_captioning_defaults_are_one_table_each_that_agrees_with_the_comments():
+    import dataclasses
+
+    from fluxlora.captioning.defaults import DEFAULTS as CAPTION
+    from fluxlora.preprocessing.defaults import COLOURS
+    from fluxlora.preprocessing.defaults import DEFAULTS as PREPROCESS
+    from fluxlora.preprocessing.job import options_from_spec
+
+    # Defaults the proto comments state in words because the server derives them.
+    derived = {"min_side": "max(64, base_size / 4)"}
+    for message, table in ((preprocessing_pb2.PreprocessSpec, PREPROCESS), (captioning_pb2.CaptionSpec, CAPTION)):
+        comments = COMMENTS[message.DESCRIPTOR.full_name]
+        stated = {name: default_value(text) for name, text in comments.items() if name}
+        stated = {name: value for name, value in stated.items() if value is not None}
+        for name, words in derived.items():
+            if name in stated:
+                assert stated.pop(name) == words
+        assert stated == dataclasses.asdict(table), f"{message.__name__}: proto comment 'default:' vs {table}"
+    # and the service reads its table: an empty spec gets these options
+    options = options_from_spec(preprocessing_pb2.PreprocessSpec())
+    assert (options.base_size, options.mode, options.lora_type, options.background, options.blur_threshold) == (
+        PREPROCESS.base_size, PREPROCESS.crop_mode, PREPROCESS.lora_type, COLOURS[PREPROCESS.background],
+        PREPROCESS.blur_threshold)
+
+
 def test_other_services_defaults_match_the_comments():
     grid, generate = COMMENTS["fluxlora.v1.GridSpec"], COMMENTS["fluxlora.v1.GenerateSpec"]
     assert default_value(grid["strengths"]) == list(validation.DEFAULT_STRENGTHS)

@@ -17,7 +17,7 @@ from google.protobuf import json_format
 from fluxlora.common.config import Settings
 from fluxlora.common.limits import Bound, check_numbers, numeric_fields
 from fluxlora.common.storage import LocalStore
-from fluxlora.jobs import runtime as runtime_module
+from fluxlora.jobs import admission, recorder
 from fluxlora.jobs.records import JobRecords
 from fluxlora.jobs.runtime import JobRuntime
 from fluxlora_api.shared.errors import AlreadyExists, InvalidArgument, NotFound, ResourceExhausted, status_of
@@ -91,7 +91,7 @@ def eventually(condition, what: str) -> None:
 ])
 def test_a_store_error_of_any_kind_at_the_end_of_a_job_leaves_the_worker_and_every_watcher_the_final_state(
         tmp_path, runtimes, monkeypatch, error, code):
-    monkeypatch.setattr(runtime_module, "RESAVE_INTERVAL_S", 0.02)
+    monkeypatch.setattr(recorder, "RESAVE_INTERVAL_S", 0.02)
     store = RefusingStore(tmp_path / "store")
     gate, started = threading.Event(), threading.Event()
     health: list[tuple[bool, str]] = []
@@ -232,7 +232,7 @@ def test_a_disk_under_the_free_space_minimum_refuses_submits_and_starts_naming_t
     runtime = runtimes(store, gated(gate), min_free_bytes=10**9)
     running = runtime.submit(SPEC)  # takes the only worker
     queued = runtime.submit(SPEC)
-    monkeypatch.setattr(runtime_module, "_free_bytes", lambda path: 10**6 if path == store.root else 10**12)
+    monkeypatch.setattr(admission, "free_bytes", lambda path: 10**6 if path == store.root else 10**12)
     with pytest.raises(ResourceExhausted) as err:
         runtime.submit(SPEC)
     message = err.value.message

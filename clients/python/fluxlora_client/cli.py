@@ -95,9 +95,11 @@ def print_dataset_report(result, out: Console) -> None:
 
 
 @app.command(cls=SpecCommand)
-@spec_options(training_pb2.TrainSpec, exclude={"dataset_id"})
+@spec_options(training_pb2.TrainSpec, exclude={"dataset_id"}, aliases={"resume_from_run": ["--resume-from"]})
 def train(
-    dataset_id: Annotated[str, typer.Argument(help=help_text(COMMENTS["fluxlora.v1.TrainSpec"]["dataset_id"]))],
+    dataset_id: Annotated[str, typer.Argument(
+        help=help_text(COMMENTS["fluxlora.v1.TrainSpec"]["dataset_id"]) + " Not with --resume-from: the run "
+        "knows its dataset.", show_default=False)] = "",
     plan: Annotated[bool, typer.Option(help="Only print the memory plan; queue nothing.")] = False,
     target_gib: Annotated[float, typer.Option(
         help="With --plan: " + help_text(COMMENTS["fluxlora.v1.PlanTrainingRequest"]["target_gib"]))] = 0.0,
@@ -105,13 +107,23 @@ def train(
 ) -> None:
     """Train a LoRA on a captioned dataset. Options left out take the server's defaults. A run that
     would not fit the server's GPU is refused at once, with the options that would fit; --plan
-    shows that estimate without training."""
-    client = _client()
+    shows that estimate without training. `fluxlora train --resume-from trn-... [--max-steps N]`
+    continues a failed or cancelled run from its last checkpoint, with that run's dataset and options."""
     options = spec or {}
+    resume = options.pop("resume_from_run", "")
+    if not dataset_id and not resume:
+        raise typer.BadParameter("give the DATASET_ID to train on, or --resume-from RUN_ID to continue a run",
+                                 param_hint="'DATASET_ID'")
+    client = _client()
     if plan:
+        if resume:
+            raise typer.BadParameter("--plan plans a new run: leave out --resume-from", param_hint="'--plan'")
         _print_plan(client.plan_training(target_gib=target_gib, dataset_id=dataset_id, **options))
         return
-    job = client.train(dataset_id, **options)
+    if resume:
+        job = client.resume_training(resume, **({"dataset_id": dataset_id} if dataset_id else {}), **options)
+    else:
+        job = client.train(dataset_id, **options)
     _print_result(_run_job(client, "train", job))
 
 

@@ -135,7 +135,7 @@ class TrainSpec(_message.Message):
     multiplier); default: "adamw". An optimizer whose package the server lacks is FAILED_PRECONDITION.
     """
     resume_from_run: _builtins.str
-    """Continue the FAILED or CANCELLED training job <run_id> (e.g. "trn-0123456789ab") from its last
+    """Continue the FAILED or CANCELLED training job <run_id> (such as "trn-0123456789ab") from its last
     stored checkpoint instead of starting a new run: the new job takes that run's spec, writes into
     runs/<run_id>/ and its result names that run. Other fields may be left empty; set ones must equal
     the run's, except max_steps, which may be raised. FAILED_PRECONDITION while another job works on

@@ -8,6 +8,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
 
+from fluxlora.common.config import Settings
 from fluxlora.common.storage import ArtifactStore, ObjectInfo
 from fluxlora_api.v1 import jobs_pb2
 
@@ -16,7 +17,9 @@ class JobHost(Protocol):
     """Where a handler's reports go: the server's JobRuntime, or a worker process's WorkerReport."""
 
     store: ArtifactStore
-    settings: Any
+
+    @property
+    def settings(self) -> Settings | None: ...
 
     def update(self, job_id: str, mutate: Callable[[jobs_pb2.Job], Any], message: str = "",
                persist: bool | str = True) -> Any: ...
@@ -35,7 +38,7 @@ class JobContext:
         self.spec = spec
         self.scratch = scratch
         self.store: ArtifactStore = runtime.store
-        self.settings = runtime.settings
+        self.settings: Settings | None = runtime.settings
         self._stage = ""
         self._stage_started = time.monotonic()
 
@@ -58,9 +61,9 @@ class JobContext:
         return ref
 
     def upload(self, path: Path, key: str, kind: str, step: int = 0) -> jobs_pb2.ArtifactRef:
-        from fluxlora.common.storage import _content_type
+        from fluxlora.common.storage import content_type
 
-        return self.add_artifact(self.store.put_file(key, path, _content_type(Path(path))), kind, step)
+        return self.add_artifact(self.store.put_file(key, path, content_type(Path(path))), kind, step)
 
     def log(self, message: str) -> None:
         self._runtime.update(self.job_id, lambda job: None, message=message, persist=False)

@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 from google.protobuf.message import Message
 from pydantic import SecretStr
 
+from fluxlora.common.config import Settings
 from fluxlora.jobs.context import JobInterrupted
 from fluxlora.jobs.reports import FINISHED, RemoteJobFailed, ReportMirror, WorkerDied, finished_outcome
 from fluxlora.jobs.worker import EXIT_INTERRUPTED, EXIT_SUCCEEDED, load_report
@@ -65,7 +66,7 @@ _CRASH_SIGNALS = {
 
 
 class ProcessRunner:
-    def __init__(self, settings: Any, service: str, command: list[str] | None = None,
+    def __init__(self, settings: Settings, service: str, command: list[str] | None = None,
                  stop_grace_s: float | None = None, poll_s: float = REPORT_POLL_S):
         self.settings = settings
         self.service = service
@@ -75,7 +76,7 @@ class ProcessRunner:
         self.poll_s = poll_s
 
     @classmethod
-    def from_settings(cls, settings: Any, service: str) -> ProcessRunner:
+    def from_settings(cls, settings: Settings, service: str) -> ProcessRunner:
         return cls(settings, service)
 
     # --- the Runner protocol ------------------------------------------------------------------
@@ -243,7 +244,7 @@ def _no_result(job_id: str, pid: int, returncode: int | None) -> NoReturn:
                                       f"(pid {pid}, exit {returncode}); the server log has the worker's lines")
 
 
-def worker_env(settings: Any, store: ArtifactStore) -> dict[str, str]:
+def worker_env(settings: Settings, store: ArtifactStore) -> dict[str, str]:
     """The child's environment: this process's, with every FLUXLORA_* setting as this server has it
     (flags and code-given settings included) and the store the server actually uses. For an S3 store
     the endpoint and keys are the server's S3 settings."""

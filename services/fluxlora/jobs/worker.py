@@ -29,6 +29,7 @@ from typing import Any
 from google.protobuf import descriptor_pool, json_format, message_factory
 from google.protobuf.message import Message
 
+from fluxlora.common.config import Settings
 from fluxlora.common.storage import ArtifactStore
 from fluxlora.jobs.context import JobContext, JobInterrupted
 from fluxlora.jobs.records import JobRecords, mark_finished
@@ -69,7 +70,7 @@ def unpack_any(any_msg: Any) -> Message:
 class WorkerReport:
     """The one-job runtime a worker's JobContext reports to: everything lands in the report."""
 
-    def __init__(self, store: ArtifactStore, settings: Any, service: str, job_id: str,
+    def __init__(self, store: ArtifactStore, settings: Settings, service: str, job_id: str,
                  stop: threading.Event | None = None):
         self.store = store
         self.settings = settings
@@ -121,7 +122,7 @@ class WorkerReport:
                     log.warning("could not save the report %s: %s", self.key, exc)
 
 
-def run_worker(service: str, job_id: str, settings: Any, store: ArtifactStore | None = None,
+def run_worker(service: str, job_id: str, settings: Settings, store: ArtifactStore | None = None,
                stop: threading.Event | None = None, *, handler: Callable[[JobContext, Any], Message]) -> int:
     """Runs the stored job `job_id` of `service` once with `handler` (the service's own:
     fluxlora.server.worker finds it); returns the process exit code."""

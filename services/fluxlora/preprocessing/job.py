@@ -17,6 +17,7 @@ from fluxlora.common import keys
 from fluxlora.common.limits import Bound, check_numbers, check_upload_bytes
 from fluxlora.domain.archives import ArchiveRejected, expand_archive, is_archive
 from fluxlora.jobs.context import JobContext
+from fluxlora.preprocessing.defaults import COLOURS, DEFAULTS
 from fluxlora.preprocessing.manifest import DEFAULT_BLUR_THRESHOLD, PreprocessOptions, RejectedFile
 from fluxlora.preprocessing.pipeline import preprocess_files
 from fluxlora.preprocessing.report import build_report, truncated_for_proto
@@ -24,19 +25,23 @@ from fluxlora_api.shared.errors import FailedPrecondition, InvalidArgument
 from fluxlora_api.v1 import preprocessing_pb2 as pb
 
 CROP_MODES = {
-    pb.CROP_MODE_UNSPECIFIED: "bucket",
+    pb.CROP_MODE_UNSPECIFIED: DEFAULTS.crop_mode,
     pb.CROP_MODE_BUCKET: "bucket",
     pb.CROP_MODE_SQUARE: "square",
     pb.CROP_MODE_SUBJECT: "subject",
     pb.CROP_MODE_PAD: "pad",
 }
-LORA_TYPES = {pb.LORA_TYPE_UNSPECIFIED: "concrete", pb.LORA_TYPE_CONCRETE: "concrete", pb.LORA_TYPE_STYLE: "style"}
+LORA_TYPES = {
+    pb.LORA_TYPE_UNSPECIFIED: DEFAULTS.lora_type,
+    pb.LORA_TYPE_CONCRETE: "concrete",
+    pb.LORA_TYPE_STYLE: "style",
+}
 _HEX_COLOUR = re.compile(r"^#?([0-9a-fA-F]{6})$")
 # Every numeric PreprocessSpec field (fluxlora.common.limits.check_numbers). A 4096 px square training
 # image is 48 MiB of pixels per worker; FLUX trains at 512-1024.
 MAX_BASE_SIZE = 4096
 BOUNDS = {
-    "base_size": Bound(0, MAX_BASE_SIZE, "0 means 1024; a multiple of 64; FLUX trains at 512 to 1024"),
+    "base_size": Bound(0, MAX_BASE_SIZE, f"0 means {DEFAULTS.base_size}; a multiple of 64; FLUX trains at 512 to 1024"),
     "min_side": Bound(0, MAX_BASE_SIZE, "0 means max(64, base_size / 4)"),
     "blur_threshold": Bound(0, 100_000, "0 turns the check off, the default is 20; sharp photos score in the hundreds"),
 }
@@ -55,7 +60,7 @@ def options_from_spec(spec: pb.PreprocessSpec) -> PreprocessOptions:
     if not blur >= 0:  # also catches NaN
         raise InvalidArgument(f"spec.blur_threshold must be 0 (off) or positive, got {blur}")
     return PreprocessOptions(
-        base_size=spec.base_size or 1024,
+        base_size=spec.base_size or DEFAULTS.base_size,
         mode=CROP_MODES[spec.crop_mode],
         lora_type=LORA_TYPES[spec.lora_type],
         background=_colour(spec.background),
@@ -187,7 +192,7 @@ def _unpack_archives(
 
 def _colour(text: str) -> tuple[int, int, int]:
     if not text.strip():
-        return (255, 255, 255)
+        return COLOURS[DEFAULTS.background]
     match = _HEX_COLOUR.match(text.strip())
     if match is None:
         raise InvalidArgument(f"spec.background {text!r} is not a colour; use '#rrggbb', e.g. '#ffffff' for white")

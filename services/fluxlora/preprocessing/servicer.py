@@ -10,6 +10,7 @@ from fluxlora.common.storage import validate_prefix
 from fluxlora.common.transfers import upload_incomplete
 from fluxlora.domain.archives import ARCHIVE_SUFFIXES
 from fluxlora.jobs.runtime import JobRuntime
+from fluxlora.preprocessing.defaults import DEFAULTS
 from fluxlora.preprocessing.job import options_from_spec
 from fluxlora_api.shared.errors import FailedPrecondition, InvalidArgument, NotFound
 from fluxlora_api.v1 import preprocessing_pb2 as pb
@@ -30,7 +31,7 @@ class PreprocessingServicer(preprocessing_pb2_grpc.PreprocessingServiceServicer)
         if not spec.source_prefix.strip():
             raise InvalidArgument("spec.source_prefix is empty: upload photos first (client.upload_photos)")
         spec.source_prefix = validate_prefix(spec.source_prefix)
-        spec.base_size = spec.base_size or 1024
+        spec.base_size = spec.base_size or DEFAULTS.base_size
         options_from_spec(spec)  # validates every option with a message naming the field
         if upload_incomplete(self.runtime.store, spec.source_prefix):
             raise FailedPrecondition(f"upload {spec.source_prefix!r} is not complete: finish it (CompleteUpload; "
