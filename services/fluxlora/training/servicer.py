@@ -46,6 +46,14 @@ def bounds(settings) -> dict[str, Bound]:
         "sample_steps": Bound(0, MAX_SAMPLE_STEPS, "0 means 20; FLUX samples well in 20 to 50"),
         "blocks_to_swap": Bound(0, 128, "at most 35 on FLUX.1, checked against the model"),
         "caption_version": Bound(0, 2**31 - 1, "0 means the dataset's current captions"),
+        "lr_warmup_steps": Bound(0, steps, "at most max_steps"),
+        "gradient_accumulation": Bound(0, 1024, "0 means 1"),
+        "caption_dropout": Bound(0, 0.99, "a fraction of steps; 0 turns it off"),
+        "sigmoid_scale": Bound(0, 10, "0 means 1.0"),
+        "timestep_shift": Bound(0, 100, "0 means 3.0"),
+        "max_sequence_length": Bound(0, 512, "0 means 512, T5's limit"),
+        "weight_decay": Bound(0, 10, "AdamW's decoupled decay; 1e-4 by default"),
+        "max_grad_norm": Bound(0, 1e6, "0 turns clipping off"),
     }
 
 
