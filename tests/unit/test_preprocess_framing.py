@@ -97,7 +97,7 @@ def test_pad_mode_flags_upscaling_and_extreme_aspect(tmp_path):
     path = tmp_path / "strip.png"
     scene((400, 100), 3).save(path)
     manifest = preprocess_files([("strip.png", path)], tmp_path / "out", PreprocessOptions(base_size=512, mode="pad",
-                                                                                           min_side=64))
+                                                                                           min_side=64, blur_threshold=0))
     [entry] = manifest.images
     assert entry.pad_box == (0, 192, 512, 320)
     assert set(entry.flags) == {"upscaled", "extreme_aspect"}

@@ -65,7 +65,7 @@ def test_blurry_images_are_flagged_with_their_score(tmp_path):
     assert by_stem["sharp"].flags == [] and by_stem["sharp"].blur_score > OPTIONS.blur_threshold
     soft = by_stem["soft"]
     assert soft.flags == ["blurry"] and soft.blur_score < OPTIONS.blur_threshold
-    assert any(f"blur score {soft.blur_score:.1f} is under 20" in w for w in soft.warnings)
+    assert any(f"blur score {soft.blur_score:.1f} is under 18" in w for w in soft.warnings)
     assert any("blurry" in w and "soft" in w for w in manifest.warnings)
     assert manifest.flagged_count == 1
 

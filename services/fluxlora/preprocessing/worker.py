@@ -24,7 +24,7 @@ from fluxlora.preprocessing.buckets import bucket_label, target_size
 from fluxlora.preprocessing.framing import Framing, frame
 from fluxlora.preprocessing.images import ImageRejected, decode_image
 from fluxlora.preprocessing.manifest import PreprocessOptions
-from fluxlora.preprocessing.quality import blur_score, colour_signature, perceptual_hashes
+from fluxlora.preprocessing.quality import blur_score, colour_signature, colour_spread, perceptual_hashes
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +33,7 @@ EXTREME_ASPECT = 3.0
 # most of the per-image cost, and a training image is read once (to cache its latents).
 PNG_COMPRESS_LEVEL = 1
 _OUT_OF_SPACE = {errno.ENOSPC, errno.EDQUOT}
+_GREY_MODES = {"1", "L", "LA", "I", "I;16", "I;16L", "I;16B", "I;16N", "F"}
 
 
 @dataclass(frozen=True)
@@ -105,6 +106,7 @@ def _process(task: Task, outcome: Outcome) -> None:
     grey = fitted.convert("L")
     phash, dhash = perceptual_hashes(grey)
     score = blur_score(grey)
+    spread = colour_spread(fitted)
     warnings = list(decoded.notes)
     flags: list[str] = []
     _check_scale(framing, (width, height), size, warnings, flags)
@@ -114,6 +116,15 @@ def _process(task: Task, outcome: Outcome) -> None:
         warnings.append(
             f"blurry or low detail: blur score {score:.1f} is under {options.blur_threshold:g} (variance of "
             "the Laplacian at training size); a sharper photo would train better"
+        )
+
+    if spread < options.monochrome_threshold:
+        flags.append("monochrome")
+        tone = "greyscale" if spread < 1 and decoded.source_mode in _GREY_MODES else "greyscale or toned (one tint)"
+        warnings.append(
+            f"{tone}: colour spread {spread:.1f} is under {options.monochrome_threshold:g}; a LoRA trained on "
+            "monochrome photos learns monochrome and its images come out without colour; use colour photos "
+            "unless that look is the point"
         )
 
     outcome.staged = f"{task.index:07d}.png"
@@ -132,6 +143,7 @@ def _process(task: Task, outcome: Outcome) -> None:
         "dhash": dhash,
         "colour": colour_signature(fitted),
         "blur_score": score,
+        "colour_spread": spread,
         "pad_box": framing.pad_box,
         "pad_color": framing.pad_color,
         "flags": flags,
