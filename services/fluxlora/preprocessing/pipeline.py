@@ -181,7 +181,7 @@ def _near_duplicates(images: list[ImageEntry], options: PreprocessOptions) -> li
             )
         )
         for member in members:
-            others = [m.stem for m in members if m is not member]
+            others = [m.source_key for m in members if m is not member]
             member.near_duplicate_group = number
             member.flags.append("near_duplicate")
             member.warnings.append(
