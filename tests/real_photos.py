@@ -1,6 +1,6 @@
 """Real photographs that ship inside installed packages, and the hard cases the dataset gate must
 get right, derived from them deterministically: bench/gate.py measures every check on the whole
-set, tests/unit/test_preprocess_gate.py on a small subset.
+set, tests/unit/test_preprocess_calibration.py on a small subset.
 
 Sources (all bundled in the wheels, nothing is fetched; dev dependency scikit-image, BSD-3;
 matplotlib is a runtime dependency already):

@@ -17,7 +17,13 @@ from fluxlora.common import keys
 from fluxlora.common.limits import Bound, check_numbers, check_upload_bytes
 from fluxlora.domain.archives import ArchiveRejected, expand_archive, is_archive
 from fluxlora.jobs.context import JobContext
-from fluxlora.preprocessing.manifest import DEFAULT_BLUR_THRESHOLD, PreprocessOptions, RejectedFile
+from fluxlora.preprocessing.manifest import (
+    DEFAULT_BLUR_THRESHOLD,
+    DEFAULT_MONOCHROME_THRESHOLD,
+    DEFAULT_NEAR_DUPLICATE_DISTANCE,
+    PreprocessOptions,
+    RejectedFile,
+)
 from fluxlora.preprocessing.pipeline import preprocess_files
 from fluxlora.preprocessing.report import build_report, truncated_for_proto
 from fluxlora_api.shared.errors import FailedPrecondition, InvalidArgument
@@ -38,7 +44,9 @@ MAX_BASE_SIZE = 4096
 BOUNDS = {
     "base_size": Bound(0, MAX_BASE_SIZE, "0 means 1024; a multiple of 64; FLUX trains at 512 to 1024"),
     "min_side": Bound(0, MAX_BASE_SIZE, "0 means max(64, base_size / 4)"),
-    "blur_threshold": Bound(0, 100_000, "0 turns the check off, the default is 20; sharp photos score in the hundreds"),
+    "blur_threshold": Bound(0, 100_000, "0 turns the check off, the default is 18; sharp photos score 26 and up"),
+    "near_duplicate_distance": Bound(-1, 32, "-1 turns the check off, the default is 13; different photos are 18+ apart"),
+    "monochrome_threshold": Bound(0, 255, "0 turns the check off, the default is 9; colour photos score 10 and up"),
 }
 
 
@@ -54,6 +62,8 @@ def options_from_spec(spec: pb.PreprocessSpec) -> PreprocessOptions:
     blur = spec.blur_threshold if spec.HasField("blur_threshold") else DEFAULT_BLUR_THRESHOLD
     if not blur >= 0:  # also catches NaN
         raise InvalidArgument(f"spec.blur_threshold must be 0 (off) or positive, got {blur}")
+    near = spec.near_duplicate_distance if spec.HasField("near_duplicate_distance") else DEFAULT_NEAR_DUPLICATE_DISTANCE
+    mono = spec.monochrome_threshold if spec.HasField("monochrome_threshold") else DEFAULT_MONOCHROME_THRESHOLD
     return PreprocessOptions(
         base_size=spec.base_size or 1024,
         mode=CROP_MODES[spec.crop_mode],
@@ -62,6 +72,8 @@ def options_from_spec(spec: pb.PreprocessSpec) -> PreprocessOptions:
         min_side=spec.min_side or None,
         # float32 on the wire: round so 20.1 stays 20.1 in the manifest and the dataset id.
         blur_threshold=round(float(blur), 4),
+        near_duplicate_distance=near,
+        monochrome_threshold=round(float(mono), 4),
     )
 
 

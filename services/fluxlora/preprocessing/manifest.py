@@ -15,7 +15,7 @@ Flag = Literal["upscaled", "blurry", "near_duplicate", "extreme_aspect", "monoch
 MANIFEST_VERSION = 2
 
 # The defaults below are calibrated on real photographs and their hard cases (bench/gate.py, which
-# prints precision and recall for each check; tests/unit/test_preprocess_gate.py holds them).
+# prints precision and recall for each check; tests/unit/test_preprocess_calibration.py holds them).
 #
 # quality.blur_score of the training image (detail in its least sharp direction). On the bench,
 # sharp photos score 26 and up (most in the hundreds), a 2.5 px defocus or a 13 px camera shake
