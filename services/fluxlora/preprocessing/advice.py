@@ -109,8 +109,8 @@ def _uniformity_warnings(
         if share > STYLE_CLUSTER_SHARE:
             warnings.append(
                 f"One cluster of near-identical images holds {len(largest.stems)} of {count} ({share:.0%}) of this "
-                f"style dataset ({some(largest.source_keys)}): the LoRA would learn that picture rather than the style. "
-                "Keep one or two of them and add different images in the style."
+                f"style dataset ({some(largest.source_keys)}): the LoRA would learn that picture rather than the "
+                "style. Keep one or two of them and add different images in the style."
             )
     return warnings
 

@@ -24,6 +24,7 @@ from fluxlora.preprocessing.manifest import (
     PreprocessOptions,
     RejectedFile,
 )
+from fluxlora.preprocessing.naming import folder_name
 from fluxlora.preprocessing.pipeline import preprocess_files
 from fluxlora.preprocessing.report import build_report, truncated_for_proto
 from fluxlora_api.shared.errors import FailedPrecondition, InvalidArgument
@@ -45,7 +46,7 @@ BOUNDS = {
     "base_size": Bound(0, MAX_BASE_SIZE, "0 means 1024; a multiple of 64; FLUX trains at 512 to 1024"),
     "min_side": Bound(0, MAX_BASE_SIZE, "0 means max(64, base_size / 4)"),
     "blur_threshold": Bound(0, 100_000, "0 turns the check off, the default is 18; sharp photos score 26 and up"),
-    "near_duplicate_distance": Bound(-1, 32, "-1 turns the check off, the default is 13; different photos are 18+ apart"),
+    "near_duplicate_distance": Bound(-1, 32, "-1 turns the check off, the default is 13; other photos are 18+ apart"),
     "monochrome_threshold": Bound(0, 255, "0 turns the check off, the default is 9; colour photos score 10 and up"),
 }
 
@@ -102,7 +103,7 @@ def run_preprocess(ctx: JobContext, spec: pb.PreprocessSpec) -> pb.PreprocessRes
     sources = list(ctx.store.list(spec.source_prefix))
     limit = getattr(ctx.settings, "max_upload_bytes", None)
     if limit:  # again here: files may have been added under the prefix since the submit was checked
-        check_upload_bytes([o.size for o in sources], limit, f"spec.source_prefix {spec.source_prefix!r}")
+        check_upload_bytes([o.size for o in sources], limit, folder_name(spec.source_prefix))
     originals: list[tuple[str, Path]] = []
     for i, obj in enumerate(sources, 1):
         ctx.check_cancelled()
@@ -124,8 +125,8 @@ def run_preprocess(ctx: JobContext, spec: pb.PreprocessSpec) -> pb.PreprocessRes
     if manifest.image_count == 0:
         reasons = "; ".join(f"{r.source_key}: {r.reason}" for r in manifest.rejected[:5])
         raise FailedPrecondition(
-            f"none of the {manifest.file_count} files under {spec.source_prefix!r} is a usable image ({reasons}); "
-            "upload JPEG, PNG, WebP, TIFF or BMP photos"
+            f"none of the {manifest.file_count} files in {folder_name(spec.source_prefix)} is a usable image "
+            f"({reasons}); upload JPEG, PNG, WebP, TIFF or BMP photos"
         )
 
     prefix = keys.dataset_prefix(dataset_id)

@@ -29,6 +29,9 @@ from fluxlora.preprocessing.quality import blur_score, colour_signature, colour_
 log = logging.getLogger(__name__)
 
 EXTREME_ASPECT = 3.0
+# A photo enlarged by up to 5% is not flagged: Lanczos at that ratio loses nothing a person or the
+# trainer would notice (a 1000 px crop brought to 1024 is 1.024x).
+UPSCALE_TOLERANCE = 1.05
 # zlib level 1: on photos 4-5x faster than Pillow's default 6 for ~15% larger files. Encoding is
 # most of the per-image cost, and a training image is read once (to cache its latents).
 PNG_COMPRESS_LEVEL = 1
@@ -156,7 +159,7 @@ def _process(task: Task, outcome: Outcome) -> None:
 def _check_scale(
     framing: Framing, original: tuple[int, int], size: tuple[int, int], warnings: list[str], flags: list[str]
 ) -> None:
-    if framing.scale <= 1:
+    if framing.scale <= UPSCALE_TOLERANCE:
         return
     flags.append("upscaled")
     if framing.pad_box is not None:
@@ -166,8 +169,13 @@ def _check_scale(
         left, top, right, bottom = framing.crop_box
         what = f"crop {right - left}x{bottom - top} to {size[0]}x{size[1]}"
     warnings.append(
-        f"upscaled {framing.scale:.1f}x ({what}): detail will be soft; a higher-resolution photo would train better"
+        f"upscaled {_times(framing.scale)} ({what}): detail will be soft; a higher-resolution photo would train better"
     )
+
+
+def _times(scale: float) -> str:
+    """1.3 -> "1.3x", 1.06 -> "1.06x", 2.0 -> "2x": never a "1.0x" upscale."""
+    return f"{scale:.2f}".rstrip("0").rstrip(".") + "x"
 
 
 def _check_aspect(
