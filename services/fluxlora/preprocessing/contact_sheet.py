@@ -194,7 +194,8 @@ def tile_marks(manifest: Manifest, positions: dict[str, int]) -> list[TileMark]:
             _name(duplicate.source_key), "duplicate", f"= {_name(duplicate.duplicate_of)}"
         )
     for entry in manifest.rejected:
-        marks[positions[entry.source_key]] = TileMark(_name(entry.source_key), "rejected", entry.reason, entry.source_key)
+        key = entry.source_key
+        marks[positions[key]] = TileMark(_name(key), "rejected", entry.reason, key)
     return [mark or TileMark("", "ok") for mark in marks]
 
 
