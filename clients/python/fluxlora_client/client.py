@@ -44,7 +44,7 @@ from fluxlora_api.v1 import (
     transfers_pb2,
     transfers_pb2_grpc,
 )
-from fluxlora_client import transfers
+from fluxlora_client import transfers, uploads
 from fluxlora_client.errors import FluxloraClientError, JobCancelled, JobFailed
 
 if TYPE_CHECKING:
@@ -198,10 +198,12 @@ class FluxloraClient:
         for _ in range(3):  # URLs about to expire (a long upload): ask again for the files still missing
             upload = self._call(stub.CreateUpload, transfers_pb2.CreateUploadRequest(files=declared, stream=stream))
             if upload.complete:
+                uploads.remember(upload.upload_prefix, folder)
                 return upload.upload_prefix
             if self._send(stub, upload, local):
                 break
         self._call(stub.CompleteUpload, transfers_pb2.CompleteUploadRequest(upload_prefix=upload.upload_prefix))
+        uploads.remember(upload.upload_prefix, folder)  # messages can then name the user's folder
         return upload.upload_prefix
 
     def _send(self, stub, upload: transfers_pb2.CreateUploadResponse, local: dict[str, Path]) -> bool:
@@ -275,7 +277,12 @@ class FluxloraClient:
         values = {"base_size": base_size, "crop_mode": crop_mode, "lora_type": lora_type, **options}
         spec = _spec(preprocessing_pb2.PreprocessSpec, source_prefix=source_prefix, **values)
         request = preprocessing_pb2.SubmitPreprocessRequest(spec=spec, request_id=request_id or _new_id())
-        return self._call(self._preprocessing.SubmitPreprocess, request)
+        try:
+            return self._call(self._preprocessing.SubmitPreprocess, request)
+        except FluxloraClientError as exc:  # "the uploaded folder holds ..." -> "your folder /home/... holds ..."
+            exc.message = uploads.localize(exc.message, source_prefix)
+            exc.args = (f"{exc.code}: {exc.message}",)
+            raise
 
     def caption(self, dataset_id: str, trigger_word: str = "", request_id: str | None = None,
                 **options: Any) -> jobs_pb2.Job:
