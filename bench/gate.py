@@ -73,10 +73,37 @@ def main() -> None:
                   f"{scores.tp:>5} {scores.fp:>4} {scores.fn:>4}{mark}")
         print()
     worst = gate_scores(cases, manifest)
+    upscaled = worst["upscaled"]
+    print(f"{'upscaled':<16} {'>1.05x':>9} {upscaled.precision:>9.3f} {upscaled.recall:>7.3f} "
+          f"{upscaled.tp:>5} {upscaled.fp:>4} {upscaled.fn:>4}  (thumbnails and 0.6x copies vs originals)\n")
+    by_variant = near_duplicate_recall_by_variant(cases, manifest)
+    print("near-duplicate recall at the default, pairs (original, variant):")
+    print("  " + ", ".join(f"{variant} {found}/{total}" for variant, (found, total) in sorted(by_variant.items())))
+    print()
     for check, scores in worst.items():
         for kind, names in (("missed", scores.missed), ("false", scores.false)):
             if names:
                 print(f"{check} {kind} ({len(names)}): {', '.join(names[:8])}{' ...' if len(names) > 8 else ''}")
+
+
+def near_duplicate_recall_by_variant(cases, manifest) -> dict[str, tuple[int, int]]:
+    from fluxlora.preprocessing.pipeline import near_duplicate_groups
+
+    images = list(manifest.images)
+    group = {}
+    for number, cluster in enumerate(near_duplicate_groups(images, manifest.options)):
+        for index in cluster.members:
+            group[images[index].source_key] = number
+    originals = {case.family: case.name for case in cases if case.variant == "original"}
+    counts: dict[str, tuple[int, int]] = {}
+    for case in cases:
+        original = originals.get(case.family)
+        if case.duplicate != "near" or original is None or case.name not in {e.source_key for e in images}:
+            continue
+        found, total = counts.get(case.variant, (0, 0))
+        same = case.name in group and group.get(case.name) == group.get(original)
+        counts[case.variant] = (found + same, total + 1)
+    return counts
 
 
 if __name__ == "__main__":

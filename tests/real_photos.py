@@ -176,6 +176,9 @@ VARIANTS = {
     "defocus": (lambda im, s: im.filter(ImageFilter.GaussianBlur(2.5)), NEAR, True, None, "jpg"),
     "motion": (lambda im, s: _motion(im, 13), NEAR, True, None, "jpg"),
     "soft": (lambda im, s: im.filter(ImageFilter.GaussianBlur(1.0)), NEAR, None, None, "jpg"),
+    # A small copy (a chat-app thumbnail, a face cut from a group shot): upscaled 2.5x at training.
+    "thumbnail": (lambda im, s: im.resize((im.width * 2 // 5, im.height * 2 // 5), Image.Resampling.LANCZOS), NEAR,
+                  None, None, "jpg"),
 }
 QUICK_PHOTOS = ("astronaut", "coffee", "camera", "grace_hopper")
 QUICK_VARIANTS = ("original", "artefacts", "burst", "crop90", "corner", "grey", "sepia", "defocus", "motion")
@@ -292,13 +295,16 @@ def gate_scores(cases: list[Case], manifest, **thresholds) -> dict[str, Scores]:
 
     options = manifest.options.model_copy(update=thresholds)
     entries = {entry.source_key: entry for entry in manifest.images}
-    scores = {"near_duplicate": Scores(), "blurry": Scores(), "monochrome": Scores()}
+    scores = {"near_duplicate": Scores(), "blurry": Scores(), "monochrome": Scores(), "upscaled": Scores()}
     for case in cases:
         entry = entries.get(case.name)
         if entry is None:
             continue
         if case.blurry is not None:
             scores["blurry"].add(entry.blur_score < options.blur_threshold, case.blurry, case.name)
+        full_size = case.variant == "original" and max(entry.original_size) >= options.base_size
+        if full_size or case.variant in {"thumbnail", "resized"}:
+            scores["upscaled"].add("upscaled" in entry.flags, not full_size, case.name)
         if case.monochrome is not None:
             scores["monochrome"].add(entry.colour_spread < options.monochrome_threshold, case.monochrome, case.name)
     images = list(entries.values())
