@@ -272,8 +272,9 @@ class FluxloraClient:
         """Options are PreprocessSpec fields; unset ones (0, "", None) take the server's defaults.
         crop_mode: bucket, square, subject (square on the salient region) or pad (whole photo,
         padded square). lora_type: concrete or style. background: "#rrggbb" behind transparency.
-        min_side: 0 for the default floor. blur_threshold: None for the default, 0 to turn the blur
-        check off."""
+        min_side: 0 for the default floor. blur_threshold, monochrome_threshold: None for the default,
+        0 to turn the check off; near_duplicate_distance: None for the default, -1 for off. Submit
+        errors about the uploaded folder name the local folder upload_photos sent (uploads.localize)."""
         values = {"base_size": base_size, "crop_mode": crop_mode, "lora_type": lora_type, **options}
         spec = _spec(preprocessing_pb2.PreprocessSpec, source_prefix=source_prefix, **values)
         request = preprocessing_pb2.SubmitPreprocessRequest(spec=spec, request_id=request_id or _new_id())

@@ -36,7 +36,6 @@ UPSCALE_TOLERANCE = 1.05
 # most of the per-image cost, and a training image is read once (to cache its latents).
 PNG_COMPRESS_LEVEL = 1
 _OUT_OF_SPACE = {errno.ENOSPC, errno.EDQUOT}
-_GREY_MODES = {"1", "L", "LA", "I", "I;16", "I;16L", "I;16B", "I;16N", "F"}
 
 
 @dataclass(frozen=True)
@@ -123,7 +122,7 @@ def _process(task: Task, outcome: Outcome) -> None:
 
     if spread < options.monochrome_threshold:
         flags.append("monochrome")
-        tone = "greyscale" if spread < 1 and decoded.source_mode in _GREY_MODES else "greyscale or toned (one tint)"
+        tone = "greyscale" if spread < 1 else "nearly greyscale or toned (one tint, e.g. sepia)"
         warnings.append(
             f"{tone}: colour spread {spread:.1f} is under {options.monochrome_threshold:g}; a LoRA trained on "
             "monochrome photos learns monochrome and its images come out without colour; use colour photos "
