@@ -6,7 +6,8 @@
 The photos ship inside scikit-image and matplotlib (tests/real_photos.py lists them with their
 licences); the hard cases (bursts, a real stereo pair, crops, re-encodes, heavy JPEG artefacts,
 grey, sepia and cyanotype copies, overexposure, captions, screenshots, defocus and motion blur,
-a real motion-blurred photo) are derived from them deterministically. Every image goes through
+a real motion-blurred photo) are derived from them deterministically; 100 LFW face crops measure
+how often centred faces of different shots are grouped. Every image goes through
 the real pipeline (preprocess_files at base size 512) and each check is scored on what the
 manifest records, for a sweep of thresholds around the default:
 
@@ -28,7 +29,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-from real_photos import QUICK_PHOTOS, QUICK_VARIANTS, build_corpus, gate_scores, run_gate  # noqa: E402
+from real_photos import (  # noqa: E402
+    QUICK_PHOTOS,
+    QUICK_VARIANTS,
+    build_corpus,
+    face_hashes,
+    gate_scores,
+    run_gate,
+)
 
 from fluxlora.preprocessing.manifest import (  # noqa: E402
     DEFAULT_BLUR_THRESHOLD,
@@ -76,6 +84,11 @@ def main() -> None:
     upscaled = worst["upscaled"]
     print(f"{'upscaled':<16} {'>1.05x':>9} {upscaled.precision:>9.3f} {upscaled.recall:>7.3f} "
           f"{upscaled.tp:>5} {upscaled.fp:>4} {upscaled.fn:>4}  (thumbnails and 0.6x copies vs originals)\n")
+    if not args.quick:
+        faces = face_hashes()
+        pairs = len(faces) * (len(faces) - 1) // 2
+        print(f"LFW faces ({len(faces)} centred faces, different shots: look-alike negatives), pairs grouped:")
+        print("  " + ", ".join(f"{d}: {grouped_pairs(faces, d)}/{pairs}" for d in (5, 10, 13, 16)) + "\n")
     by_variant = near_duplicate_recall_by_variant(cases, manifest)
     print("near-duplicate recall at the default, pairs (original, variant):")
     print("  " + ", ".join(f"{variant} {found}/{total}" for variant, (found, total) in sorted(by_variant.items())))
@@ -84,6 +97,12 @@ def main() -> None:
         for kind, names in (("missed", scores.missed), ("false", scores.false)):
             if names:
                 print(f"{check} {kind} ({len(names)}): {', '.join(names[:8])}{' ...' if len(names) > 8 else ''}")
+
+
+def grouped_pairs(hashes, distance: int) -> int:
+    from fluxlora.preprocessing.quality import near_duplicate_clusters
+
+    return sum(len(c.members) * (len(c.members) - 1) // 2 for c in near_duplicate_clusters(hashes, distance))
 
 
 def near_duplicate_recall_by_variant(cases, manifest) -> dict[str, tuple[int, int]]:

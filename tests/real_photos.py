@@ -21,6 +21,9 @@ matplotlib is a runtime dependency already):
     motorcycle_left.png, motorcycle_right.png   Middlebury 2014 stereo benchmark (Nesic,
                            Westling, Wang, Kitajima, Krathwohl, Scharstein), free for research
                            with citation: a real stereo pair
+    lfw_subset.npy         100 face crops (25x25 grey) from Labeled Faces in the Wild (news photos
+                           collected from the web; no licence stated, research use): bench/gate.py
+                           only, as look-alike negatives (centred faces, different shots)
   matplotlib mpl-data/sample_data/
     grace_hopper.jpg       US Navy portrait, public domain
 
@@ -316,3 +319,18 @@ def gate_scores(cases: list[Case], manifest, **thresholds) -> dict[str, Scores]:
         grouped = a in group_of and group_of.get(a) == group_of.get(b)
         scores["near_duplicate"].add(grouped, same, f"{a}~{b}")
     return scores
+
+
+def face_hashes(size: int = 256) -> list[tuple[str, str, str]]:
+    """(phash, dhash, "") of the 100 LFW face crops, enlarged to `size`: centred faces of
+    different shots, the layout every face LoRA dataset has."""
+    import skimage
+
+    from fluxlora.preprocessing.quality import perceptual_hashes
+
+    faces = np.load(Path(skimage.__file__).parent / "data" / "lfw_subset.npy")[:100]
+    hashes = []
+    for face in faces:
+        image = Image.fromarray((face * 255).astype(np.uint8)).resize((size, size), Image.Resampling.LANCZOS)
+        hashes.append((*perceptual_hashes(image), ""))
+    return hashes
