@@ -12,7 +12,11 @@ import typer
 from google.protobuf import descriptor_pb2
 
 from fluxlora.evaluation import validation
-from fluxlora.preprocessing.manifest import DEFAULT_BLUR_THRESHOLD
+from fluxlora.preprocessing.manifest import (
+    DEFAULT_BLUR_THRESHOLD,
+    DEFAULT_MONOCHROME_THRESHOLD,
+    DEFAULT_NEAR_DUPLICATE_DISTANCE,
+)
 from fluxlora.training.job import _NOT_CONFIG
 from fluxlora.training.trainer.config import TrainConfig
 from fluxlora_api.shared.options import default_value, flag_name, markdown_table, option_specs
@@ -110,7 +114,10 @@ def test_other_services_defaults_match_the_comments():
     assert default_value(grid["seed"]) == validation.DEFAULT_SEED == default_value(generate["seed"])
     assert default_value(grid["steps"]) == validation.DEFAULT_STEPS == default_value(generate["steps"])
     assert default_value(generate["guidance"]) == validation.DEFAULT_GUIDANCE
-    assert default_value(COMMENTS["fluxlora.v1.PreprocessSpec"]["blur_threshold"]) == DEFAULT_BLUR_THRESHOLD
+    preprocess = COMMENTS["fluxlora.v1.PreprocessSpec"]
+    assert default_value(preprocess["blur_threshold"]) == DEFAULT_BLUR_THRESHOLD
+    assert default_value(preprocess["near_duplicate_distance"]) == DEFAULT_NEAR_DUPLICATE_DISTANCE
+    assert default_value(preprocess["monochrome_threshold"]) == DEFAULT_MONOCHROME_THRESHOLD
 
 
 def test_docs_option_tables_are_the_ones_generated_from_the_protos():

@@ -11,7 +11,7 @@ import grpc
 from fluxlora_api.shared.errors import ResourceExhausted
 from fluxlora_api.shared.files import check_upload_bytes, sha256_file
 from fluxlora_api.v1 import transfers_pb2
-from fluxlora_client import transfers
+from fluxlora_client import transfers, uploads
 from fluxlora_client.connection import ServiceConnections
 from fluxlora_client.errors import FluxloraClientError
 
@@ -54,10 +54,12 @@ class ArtifactTransfers(ServiceConnections):
         for _ in range(3):  # URLs about to expire (a long upload): ask again for the files still missing
             upload = self._call(stub.CreateUpload, transfers_pb2.CreateUploadRequest(files=declared, stream=stream))
             if upload.complete:
+                uploads.remember(upload.upload_prefix, folder)
                 return upload.upload_prefix
             if self._send(stub, upload, local):
                 break
         self._call(stub.CompleteUpload, transfers_pb2.CompleteUploadRequest(upload_prefix=upload.upload_prefix))
+        uploads.remember(upload.upload_prefix, folder)  # messages can then name the user's folder
         return upload.upload_prefix
 
     def _send(self, stub, upload: transfers_pb2.CreateUploadResponse, local: dict[str, Path]) -> bool:

@@ -8,6 +8,7 @@ from typing import Any
 
 from fluxlora_api.shared.options import build_message
 from fluxlora_api.v1 import captioning_pb2, evaluation_pb2, jobs_pb2, preprocessing_pb2, training_pb2
+from fluxlora_client import uploads
 from fluxlora_client.connection import ServiceConnections
 from fluxlora_client.errors import FluxloraClientError
 
@@ -18,12 +19,18 @@ class JobSubmits(ServiceConnections):
         """Options are PreprocessSpec fields; unset ones (0, "", None) take the server's defaults.
         crop_mode: bucket, square, subject (square on the salient region) or pad (whole photo,
         padded square). lora_type: concrete or style. background: "#rrggbb" behind transparency.
-        min_side: 0 for the default floor. blur_threshold: None for the default, 0 to turn the blur
-        check off."""
+        min_side: 0 for the default floor. blur_threshold, monochrome_threshold: None for the default,
+        0 to turn the check off; near_duplicate_distance: None for the default, -1 for off. Submit
+        errors about the uploaded folder name the local folder upload_photos sent (uploads.localize)."""
         values = {"base_size": base_size, "crop_mode": crop_mode, "lora_type": lora_type, **options}
         spec = _spec(preprocessing_pb2.PreprocessSpec, source_prefix=source_prefix, **values)
         request = preprocessing_pb2.SubmitPreprocessRequest(spec=spec, request_id=request_id or _new_id())
-        return self._call(self._preprocessing.SubmitPreprocess, request)
+        try:
+            return self._call(self._preprocessing.SubmitPreprocess, request)
+        except FluxloraClientError as exc:  # "the uploaded folder holds ..." -> "your folder /home/... holds ..."
+            exc.message = uploads.localize(exc.message, source_prefix)
+            exc.args = (f"{exc.code}: {exc.message}",)
+            raise
 
     def caption(self, dataset_id: str, trigger_word: str = "", request_id: str | None = None,
                 **options: Any) -> jobs_pb2.Job:

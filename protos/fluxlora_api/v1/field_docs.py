@@ -230,7 +230,7 @@ COMMENTS: dict[str, dict[str, str]] = {
         '': 'A kept image with something the user should look at.',
         'stem': '',
         'source_key': '',
-        'flags': '"upscaled", "blurry", "near_duplicate", "extreme_aspect".',
+        'flags': '"upscaled", "blurry", "near_duplicate", "extreme_aspect", "monochrome".',
         'warnings': '',
         'blur_score': '',
     },
@@ -455,7 +455,9 @@ COMMENTS: dict[str, dict[str, str]] = {
         'lora_type': 'What kind of LoRA the dataset is for: concrete (~30 images) or style (50+); default: concrete.',
         'background': 'Colour that transparency is flattened onto, "#rrggbb"; default: white.',
         'min_side': 'Shortest side accepted, in px; default: max(64, base_size / 4). Shorter photos are rejected;\nphotos between this and base_size are upscaled with a warning.',
-        'blur_threshold': 'Images whose blur score (variance of the Laplacian where they have detail, at training size)\nis below this are flagged "blurry"; default: 20 (0 turns the check off).',
+        'blur_threshold': 'Images whose blur score (detail in their least sharp direction where they have detail, at\ntraining size) is below this are flagged "blurry"; default: 18 (0 turns the check off).\nCalibrated on real photos (bench/gate.py): sharp ones score 26 and up, defocus and camera\nshake under 14; the old Laplacian score (default 20) is not comparable.',
+        'near_duplicate_distance': 'Largest perceptual-hash distance (bits of 64, on both the DCT and the gradient hash) at\nwhich two images count as near duplicates; default: 13 (-1 turns the check off). Burst frames\nand stereo pairs land at 2-13, different real photos at 18+.',
+        'monochrome_threshold': 'Images whose colour spread (chroma away from one tint, 0 for grey) is below this are flagged\n"monochrome" (greyscale or toned, e.g. sepia); default: 9 (0 turns the check off).',
     },
     'fluxlora.v1.Progress': {
         '': 'How far a running job has come.',
@@ -479,7 +481,7 @@ COMMENTS: dict[str, dict[str, str]] = {
     },
     'fluxlora.v1.RejectedFile': {
         '': 'A file that is not in the dataset, and why.',
-        'source_key': '',
+        'source_key': 'The file\'s path relative to the uploaded folder (inside a zip: "<zip>/<entry path>").',
         'reason': '',
     },
     'fluxlora.v1.ReplaceInCaptionsRequest': {

@@ -7,7 +7,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from fluxlora.preprocessing.manifest import DEFAULT_BLUR_THRESHOLD
+from fluxlora.preprocessing.manifest import (
+    DEFAULT_BLUR_THRESHOLD,
+    DEFAULT_MONOCHROME_THRESHOLD,
+    DEFAULT_NEAR_DUPLICATE_DISTANCE,
+)
 
 # The background colours a default may name, as RGB.
 COLOURS = {"white": (255, 255, 255)}
@@ -20,6 +24,8 @@ class PreprocessDefaults:
     lora_type: str = "concrete"
     background: str = "white"
     blur_threshold: float = DEFAULT_BLUR_THRESHOLD
+    near_duplicate_distance: int = DEFAULT_NEAR_DUPLICATE_DISTANCE
+    monochrome_threshold: float = DEFAULT_MONOCHROME_THRESHOLD
 
 
 DEFAULTS = PreprocessDefaults()
