@@ -77,6 +77,12 @@ class Settings(BaseSettings):
     health_port: int = Field(
         0, ge=0, description="Extra plaintext port serving only gRPC health (probes of TLS servers); 0: none."
     )
+    # Observability (fluxlora.common.metrics, fluxlora.server.telemetry, fluxlora.jobs.webhooks).
+    metrics_port: int | None = Field(
+        None, ge=0, le=65535,
+        description="Port serving Prometheus /metrics over HTTP; unset: off (0: any free port, for tests).",
+    )
+    metrics_host: str = Field("", description="Address /metrics binds to; empty: the server's host.")
     host: str = Field("127.0.0.1", description="Address the server binds to.")
     port: int = Field(0, description="Port; 0 means the service's default port.")
     workers: int = Field(1, ge=1, description="Jobs a server runs at once (GPU services: 1).")

@@ -154,6 +154,7 @@ class JobRuntime:
         self._recorder_wake = threading.Event()
         self._store_error = ""  # why the last record write failed; "" once one succeeds
         self._health_listeners: builtins.list[Callable[[bool, str], None]] = []
+        self._event_listeners: builtins.list[Callable[[jobs_pb2.JobEvent], None]] = []
         self._last_health: tuple[bool, str] | None = None
         self._queue: queue.Queue[str | None] = queue.Queue()
         self._threads: builtins.list[threading.Thread] = []
@@ -216,6 +217,11 @@ class JobRuntime:
         """Calls listener(serving, why) now and whenever healthy() changes."""
         self._health_listeners.append(listener)
         listener(*self.healthy())
+
+    def add_event_listener(self, listener: Callable[[jobs_pb2.JobEvent], None]) -> None:
+        """Calls listener(event) with every JobEvent as it is emitted (metrics, webhooks), under the
+        runtime's lock: a listener must only take note or enqueue, never block; its errors are logged."""
+        self._event_listeners.append(listener)
 
     def _health_changed(self) -> None:
         now = self.healthy()
@@ -609,6 +615,11 @@ class JobRuntime:
         event.time.GetCurrentTime()
         events_log.events.append(event)
         self._cond.notify_all()
+        for listener in self._event_listeners:
+            try:
+                listener(event)
+            except Exception:  # noqa: BLE001 - an observer must never stop a job
+                log.exception("job event listener failed")
 
     def _finish(self, job_id: str, state: int, message: str = "", error: tuple[str, str] | None = None,
                 result: Message | None = None, persist: bool | str = True) -> None:

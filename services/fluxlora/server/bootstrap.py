@@ -21,6 +21,7 @@ from fluxlora.common.storage import ArtifactStore, open_store
 from fluxlora.jobs.definition import ServiceDefinition
 from fluxlora.jobs.runtime import JobRuntime
 from fluxlora.jobs.servicer import JobServicer
+from fluxlora.server import telemetry
 from fluxlora.server.ports import SERVER_OPTIONS, bind
 from fluxlora.server.services import load_definition
 from fluxlora.server.transfers import SERVICE_NAME as TRANSFER_SERVICE_NAME
@@ -53,6 +54,11 @@ class RunningServer:
             max_watchers=settings.max_watchers,
         )
         interceptors = server_interceptors(settings)
+        names = (definition.grpc_name, JOB_SERVICE_NAME, TRANSFER_SERVICE_NAME, health.SERVICE_NAME,
+                 reflection.SERVICE_NAME)
+        # Metrics outermost: refused calls (auth, lockout) are counted too.
+        self.observed = settings.metrics_port is not None
+        observers = [telemetry.MetricsInterceptor(definition.name, names)] if self.observed else []
         credentials = server_credentials(settings)
         # A watch stream holds its thread while the job runs; at most max_watchers do (the runtime refuses
         # more), so the other RPC_THREADS always answer submits, GetJob and health checks.
@@ -60,15 +66,13 @@ class RunningServer:
         # grpc.so_reuseport=0 (SERVER_OPTIONS): a second server on this port fails to bind rather than
         # sharing the port's connections with this one.
         self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=threads, thread_name_prefix=definition.name),
-                                  interceptors=interceptors, options=SERVER_OPTIONS)
+                                  interceptors=observers + interceptors, options=SERVER_OPTIONS)
         definition.add_servicer(self.server, self.runtime)
         jobs_pb2_grpc.add_JobServiceServicer_to_server(JobServicer(self.runtime), self.server)
         # Clients upload and download through the server, which alone holds the store's credentials.
         transfers_pb2_grpc.add_TransferServiceServicer_to_server(TransferServicer(self.store, settings), self.server)
         self.health = health.HealthServicer(experimental_non_blocking=True)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
-        names = (definition.grpc_name, JOB_SERVICE_NAME, TRANSFER_SERVICE_NAME, health.SERVICE_NAME,
-                 reflection.SERVICE_NAME)
         reflection.enable_server_reflection(names, self.server)
         bind_port = settings.port_for(definition.name) if port is None else port
         target = f"{settings.host}:{bind_port}"
@@ -92,12 +96,16 @@ class RunningServer:
             health_pb2_grpc.add_HealthServicer_to_server(self.health, self.health_server)
             bind(self.health_server, f"{settings.host}:{settings.health_port}", None,
                  f"the {definition.name} health checks (FLUXLORA_HEALTH_PORT)")
+        self.metrics_port: int | None = None
         self.started = False
 
     def start(self) -> RunningServer:
         if self.started:
             return self
         self.started = True
+        if self.observed:
+            telemetry.watch_runtime(self.runtime)
+            self.metrics_port = telemetry.serve(self.settings)
         self.runtime.start()
         self.server.start()
         if self.health_server:
@@ -117,6 +125,7 @@ class RunningServer:
         if self.health_server:
             self.health_server.stop(grace)
         self.runtime.shutdown()
+        telemetry.forget_runtime(self.runtime)
         stopped.wait(grace)
         log.info("%s stopped", self.definition.name)
 
