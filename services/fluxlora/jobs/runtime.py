@@ -40,7 +40,7 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -49,6 +49,7 @@ from google.protobuf.message import Message
 
 from fluxlora.common.s3_retry import RetryPolicy
 from fluxlora.common.storage import ArtifactStore
+from fluxlora.jobs import webhooks
 from fluxlora.jobs.context import JobContext, JobInterrupted
 from fluxlora.jobs.records import INDEX_NAME, TERMINAL, JobRecords, index_name, job_id_of, mark_finished
 from fluxlora.jobs.reports import WorkerDied
@@ -239,8 +240,9 @@ class JobRuntime:
                 log.exception("health listener failed")
 
     # --- the public surface (servicers call these) ----------------------------------------
-    def submit(self, spec: Message, request_id: str = "") -> jobs_pb2.Job:
+    def submit(self, spec: Message, request_id: str = "", webhook_urls: Sequence[str] = ()) -> jobs_pb2.Job:
         self._check_free_space()
+        urls = webhooks.webhook_urls(webhook_urls, self.settings)
         with self._submit_lock:  # store I/O below happens outside _cond: GetJob never waits for it
             orphan = False  # a claim of this request_id whose job was never stored
             if request_id:
@@ -270,6 +272,7 @@ class JobRuntime:
             )
             job.created_at.GetCurrentTime()
             job.spec.Pack(spec)
+            job.webhook_urls.extend(urls)
             if request_id and not self._records.claim(request_id, job.job_id, replace=orphan):
                 # Only another server on the same store gets here (one server per service is the
                 # supported set-up): its submit of this request_id is under way; a retry finds the job.

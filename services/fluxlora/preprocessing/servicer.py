@@ -46,4 +46,4 @@ class PreprocessingServicer(preprocessing_pb2_grpc.PreprocessingServiceServicer)
                 f"{spec.source_prefix!r} holds {len(names)} files but no images or zips "
                 f"(expected {', '.join(sorted(ACCEPTED_SUFFIXES))}); e.g. {names[0]!r}"
             )
-        return self.runtime.submit(spec, request.request_id)
+        return self.runtime.submit(spec, request.request_id, request.webhook_urls)

@@ -21,6 +21,7 @@ from fluxlora.common.storage import ArtifactStore, open_store
 from fluxlora.jobs.definition import ServiceDefinition
 from fluxlora.jobs.runtime import JobRuntime
 from fluxlora.jobs.servicer import JobServicer
+from fluxlora.jobs.webhooks import WebhookDispatcher, secret_of, webhook_urls
 from fluxlora.server import telemetry
 from fluxlora.server.ports import SERVER_OPTIONS, bind
 from fluxlora.server.services import load_definition
@@ -68,7 +69,13 @@ class RunningServer:
         self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=threads, thread_name_prefix=definition.name),
                                   interceptors=observers + interceptors, options=SERVER_OPTIONS)
         definition.add_servicer(self.server, self.runtime)
-        jobs_pb2_grpc.add_JobServiceServicer_to_server(JobServicer(self.runtime), self.server)
+        # Job events as signed webhooks, delivered by threads of their own (fluxlora.jobs.webhooks).
+        if settings.webhook_urls:
+            webhook_urls((), settings)  # a bad FLUXLORA_WEBHOOK_URLS or no secret: refused at start
+        self.webhooks = WebhookDispatcher(definition.name, self.store, settings) if secret_of(settings) else None
+        if self.webhooks is not None:
+            self.runtime.add_event_listener(self.webhooks)
+        jobs_pb2_grpc.add_JobServiceServicer_to_server(JobServicer(self.runtime, self.webhooks), self.server)
         # Clients upload and download through the server, which alone holds the store's credentials.
         transfers_pb2_grpc.add_TransferServiceServicer_to_server(TransferServicer(self.store, settings), self.server)
         self.health = health.HealthServicer(experimental_non_blocking=True)
@@ -126,6 +133,8 @@ class RunningServer:
             self.health_server.stop(grace)
         self.runtime.shutdown()
         telemetry.forget_runtime(self.runtime)
+        if self.webhooks is not None:
+            self.webhooks.stop()
         stopped.wait(grace)
         log.info("%s stopped", self.definition.name)
 
