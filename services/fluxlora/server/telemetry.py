@@ -172,16 +172,30 @@ class _JobsCollector:
                                    labels=["service", "state"])
         with self.lock:
             runtimes = list(self.runtimes.values())
+        oldest = GaugeMetricFamily("fluxlora_oldest_queued_job_age_seconds",
+                                   "Seconds the longest-waiting queued job has waited (0: none queued).",
+                                   labels=["service"])
+        serving = GaugeMetricFamily("fluxlora_server_serving",
+                                    "1 while the server can run jobs; 0 while the store refuses job records or a "
+                                    "worker stopped (gRPC health NOT_SERVING).", labels=["service"])
         counts: dict[tuple[str, str], int] = {}
+        now = time.time()
         for runtime in runtimes:
+            waited = 0.0
             for state in (S.JOB_STATE_QUEUED, S.JOB_STATE_RUNNING):
                 counts.setdefault((runtime.service, state_name(state)), 0)
             for job in runtime.list([S.JOB_STATE_QUEUED, S.JOB_STATE_RUNNING], limit=0):
                 key = (runtime.service, state_name(job.state))
                 counts[key] = counts.get(key, 0) + 1
+                if job.state == S.JOB_STATE_QUEUED:
+                    waited = max(waited, now - job.created_at.ToNanoseconds() / 1e9)
+            oldest.add_metric([runtime.service], waited)
+            serving.add_metric([runtime.service], 1.0 if runtime.healthy()[0] else 0.0)
         for (service, state), count in sorted(counts.items()):
             family.add_metric([service, state], count)
         yield family
+        yield oldest
+        yield serving
 
     def describe(self):
         return []  # collected lazily: runtimes come and go
