@@ -63,6 +63,7 @@ def test_promtool_accepts_the_alert_rules(tmp_path):
 
 def test_the_dashboard_parses_and_every_metric_it_plots_exists_in_a_scrape(tmp_path):
     from metrics_support import scrape_text
+
     from support import preprocessing_server
 
     board = dashboard()
