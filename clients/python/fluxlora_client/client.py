@@ -44,7 +44,7 @@ from fluxlora_api.v1 import (
     transfers_pb2,
     transfers_pb2_grpc,
 )
-from fluxlora_client import transfers
+from fluxlora_client import tracing, transfers
 from fluxlora_client.errors import FluxloraClientError, JobCancelled, JobFailed
 
 if TYPE_CHECKING:
@@ -110,6 +110,7 @@ class FluxloraClient:
         self.max_upload_bytes = max_upload_bytes
         self.timeout = timeout
         self._interceptors = [BearerTokenInterceptor(token)] if token else []
+        self._interceptors += tracing.interceptors()  # OpenTelemetry, where the program has it
         self._credentials = credentials
         self.addresses = {"preprocessing": preprocessing, "captioning": captioning,
                           "training": training, "evaluation": evaluation}

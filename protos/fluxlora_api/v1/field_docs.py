@@ -343,6 +343,7 @@ COMMENTS: dict[str, dict[str, str]] = {
         'attempts': 'Starts of this job whose end was not recorded: counted in the stored record before each start,\ngiven back when a shutdown interrupts the job cleanly. A job whose server or worker process died\nFLUXLORA_MAX_JOB_ATTEMPTS times (default 2) is failed as poison rather than run again.',
         'webhook_urls': "URLs that receive this job's events as Standard Webhooks (signed POSTs of the WatchJob event as\nJSON: accepted, started, progress, checkpoint, artifact, succeeded/failed/cancelled), from\nthe Submit request's webhook_urls and the server's FLUXLORA_WEBHOOK_URLS. See docs/observability.md.",
         'trace_id': "The W3C trace id (32 hex) of the request that submitted the job, when the server traces\n(OpenTelemetry); the job's worker and store calls are spans of that trace.",
+        'traceparent': "The W3C traceparent of the submit request's span: the job's worker continues the trace from it.",
     },
     'fluxlora.v1.Job.MetricsEntry': {
         '': '',

@@ -220,6 +220,7 @@ class Job(_message.Message):
     ATTEMPTS_FIELD_NUMBER: _builtins.int
     WEBHOOK_URLS_FIELD_NUMBER: _builtins.int
     TRACE_ID_FIELD_NUMBER: _builtins.int
+    TRACEPARENT_FIELD_NUMBER: _builtins.int
     job_id: _builtins.str
     """Server-assigned id, unique in the store, prefixed with the service ("pre-", "cap-", "trn-", "evl-")."""
     service: _builtins.str
@@ -239,6 +240,8 @@ class Job(_message.Message):
     """The W3C trace id (32 hex) of the request that submitted the job, when the server traces
     (OpenTelemetry); the job's worker and store calls are spans of that trace.
     """
+    traceparent: _builtins.str
+    """The W3C traceparent of the submit request's span: the job's worker continues the trace from it."""
     @_builtins.property
     def created_at(self) -> _timestamp_pb2.Timestamp:
         """When the job was accepted."""
@@ -310,10 +313,11 @@ class Job(_message.Message):
         attempts: _builtins.int = ...,
         webhook_urls: _abc.Iterable[_builtins.str] | None = ...,
         trace_id: _builtins.str = ...,
+        traceparent: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "error", b"error", "finished_at", b"finished_at", "progress", b"progress", "result", b"result", "spec", b"spec", "started_at", b"started_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["artifacts", b"artifacts", "attempts", b"attempts", "cancel_requested", b"cancel_requested", "created_at", b"created_at", "error", b"error", "finished_at", b"finished_at", "job_id", b"job_id", "metrics", b"metrics", "progress", b"progress", "request_id", b"request_id", "result", b"result", "service", b"service", "spec", b"spec", "started_at", b"started_at", "state", b"state", "trace_id", b"trace_id", "warnings", b"warnings", "webhook_urls", b"webhook_urls"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["artifacts", b"artifacts", "attempts", b"attempts", "cancel_requested", b"cancel_requested", "created_at", b"created_at", "error", b"error", "finished_at", b"finished_at", "job_id", b"job_id", "metrics", b"metrics", "progress", b"progress", "request_id", b"request_id", "result", b"result", "service", b"service", "spec", b"spec", "started_at", b"started_at", "state", b"state", "trace_id", b"trace_id", "traceparent", b"traceparent", "warnings", b"warnings", "webhook_urls", b"webhook_urls"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -18,7 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TypeVar
 
-from fluxlora.common import metrics
+from fluxlora.common import metrics, tracing
 from fluxlora_api.shared.errors import Unavailable
 
 log = logging.getLogger(__name__)
@@ -105,8 +105,14 @@ def with_retries(call: Callable[[], T], action: str, where: str, policy: RetryPo
 
     action: what the call does, for people ("writing 'datasets/x/manifest.json'"); where: the store
     ("s3://bucket at minio:9000")."""
-    started = time.monotonic()
     operation = metrics.store_operation(action)
+    with tracing.store_span(operation, where):
+        return _with_retries(call, action, where, policy, sleep, rng, operation)
+
+
+def _with_retries(call: Callable[[], T], action: str, where: str, policy: RetryPolicy,
+                  sleep: Callable[[float], None], rng: Callable[[], float], operation: str) -> T:
+    started = time.monotonic()
     for retry in range(policy.retries + 1):
         attempt = time.monotonic()
         try:

@@ -47,6 +47,7 @@ from typing import Any
 
 from google.protobuf.message import Message
 
+from fluxlora.common import tracing
 from fluxlora.common.s3_retry import RetryPolicy
 from fluxlora.common.storage import ArtifactStore
 from fluxlora.jobs import webhooks
@@ -273,6 +274,8 @@ class JobRuntime:
             job.created_at.GetCurrentTime()
             job.spec.Pack(spec)
             job.webhook_urls.extend(urls)
+            job.traceparent = tracing.current_traceparent()  # the submit's trace, continued by the job's work
+            job.trace_id = tracing.trace_id_of(job.traceparent)
             if request_id and not self._records.claim(request_id, job.job_id, replace=orphan):
                 # Only another server on the same store gets here (one server per service is the
                 # supported set-up): its submit of this request_id is under way; a retry finds the job.
@@ -724,7 +727,8 @@ class JobRuntime:
             job.spec.Unpack(spec)
         scratch = Path(tempfile.mkdtemp(prefix=f"{job_id}-", dir=self._scratch_root))
         try:
-            result = self._runner.run(self, job_id, spec, scratch)
+            result = tracing.in_span(job.traceparent, f"{self.service} job", partial(
+                self._runner.run, self, job_id, spec, scratch), **{"fluxlora.job_id": job_id})
         except JobInterrupted:
             if self._jobs[job_id].cancel_requested:
                 self._finish(job_id, S.JOB_STATE_CANCELLED)

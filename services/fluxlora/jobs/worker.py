@@ -23,12 +23,14 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 from google.protobuf import descriptor_pool, json_format, message_factory
 from google.protobuf.message import Message
 
+from fluxlora.common import tracing
 from fluxlora.common.storage import ArtifactStore
 from fluxlora.jobs.context import JobContext, JobInterrupted
 from fluxlora.jobs.records import JobRecords, mark_finished
@@ -140,7 +142,8 @@ def run_worker(service: str, job_id: str, settings: Any, store: ArtifactStore | 
         report.job.artifacts.extend(earlier.artifacts)
         report.job.warnings.extend(earlier.warnings)
     try:
-        return _run_reported(report, handler, record, job_id)
+        return tracing.in_span(record.traceparent, f"{service} worker", partial(
+            _run_reported, report, handler, record, job_id), **{"fluxlora.job_id": job_id})
     finally:
         report.close()
 

@@ -13,6 +13,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from fluxlora.common import tracing
 from fluxlora.common.auth import is_loopback, server_credentials, server_interceptors
 from fluxlora.common.config import Settings
 from fluxlora.common.lifetime import die_with_parent_from_env
@@ -60,6 +61,7 @@ class RunningServer:
         # Metrics outermost: refused calls (auth, lockout) are counted too.
         self.observed = settings.metrics_port is not None
         observers = [telemetry.MetricsInterceptor(definition.name, names)] if self.observed else []
+        observers += tracing.server_interceptors()  # OpenTelemetry: the caller's trace continues here
         credentials = server_credentials(settings)
         # A watch stream holds its thread while the job runs; at most max_watchers do (the runtime refuses
         # more), so the other RPC_THREADS always answer submits, GetJob and health checks.
@@ -163,6 +165,7 @@ def serve(name: str, settings: Settings) -> None:
 
     signal.signal(signal.SIGTERM, on_signal)  # before starting: a SIGTERM during the start stops it, too
     signal.signal(signal.SIGINT, on_signal)
+    tracing.configure_from_env(f"fluxlora-{name}")  # OTEL_* set: traces over OTLP
     try:
         running = start_server(name, settings)
     except OSError as err:
