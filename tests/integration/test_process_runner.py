@@ -16,6 +16,7 @@ import grpc
 import pytest
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from metrics_support import scrape, total
 from safetensors.torch import load_file
 
 from fluxlora.common.config import Settings
@@ -30,7 +31,7 @@ pytestmark = pytest.mark.slow
 
 @contextlib.contextmanager
 def training_server(store: LocalStore, tmp_path: Path, runner: str = "process"):
-    settings = Settings(store=str(tmp_path / "unused"), cache_dir=tmp_path / "cache", runner=runner)
+    settings = Settings(store=str(tmp_path / "unused"), cache_dir=tmp_path / "cache", runner=runner, metrics_port=0)
     server = start_server("training", settings, store=store, port=0)
     client = FluxloraClient(training=server.address)
     try:
@@ -90,8 +91,15 @@ def relative_keys(job: jobs_pb2.Job) -> list[tuple[str, str]]:
 def test_a_run_in_a_worker_process_streams_like_an_in_thread_run_and_stores_the_same(store, tmp_path, dataset,
                                                                                       tiny_models):
     events: list[jobs_pb2.JobEvent] = []
-    with training_server(store, tmp_path) as (_, client):
+    with training_server(store, tmp_path) as (server, client):
+        before = scrape(server.metrics_port)
         job = client.wait(train(client, dataset, tiny_models), on_event=events.append)
+        after = scrape(server.metrics_port)
+    # the worker process is gone; its steps and the job's end reached the server's metrics through the record
+    steps = "fluxlora_training_steps_total"
+    assert total(after, steps, service="training") - total(before, steps, service="training") == 4
+    assert total(after, "fluxlora_jobs_finished_total", service="training", state="succeeded") \
+        == total(before, "fluxlora_jobs_finished_total", service="training", state="succeeded") + 1
     with training_server(store, tmp_path, runner="local") as (_, client):
         in_thread = client.wait(train(client, dataset, tiny_models))
 

@@ -23,6 +23,7 @@ from fluxlora_api.v1 import (
     training_pb2_grpc,
     transfers_pb2_grpc,
 )
+from fluxlora_client import tracing
 from fluxlora_client.errors import FluxloraClientError
 
 # Retry UNAVAILABLE (a service restarting) on idempotent calls; submits carry a request_id.
@@ -69,6 +70,7 @@ class ServiceConnections:
         self.max_upload_bytes = max_upload_bytes
         self.timeout = timeout
         self._interceptors = [BearerTokenInterceptor(token)] if token else []
+        self._interceptors += tracing.interceptors()  # OpenTelemetry, where the program has it
         self._credentials = credentials
         self.addresses = {"preprocessing": preprocessing, "captioning": captioning,
                           "training": training, "evaluation": evaluation}

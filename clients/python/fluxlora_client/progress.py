@@ -35,6 +35,8 @@ class JobProgress:
         task = self._tasks[label]
         p = job.progress
         metrics = "  ".join(f"{k} {v:.4g}" for k, v in sorted(job.metrics.items()))
+        if p.rate:  # the server's figures, as fluxlora_training_steps_per_second and fluxlora_job_eta_seconds
+            metrics = f"{p.rate:.3g} {p.unit or 'unit'}/s  ETA {p.eta_seconds:.0f}s  " + metrics
         state = jobs_pb2.JobState.Name(job.state).removeprefix("JOB_STATE_").lower()
         description = p.stage or state
         if job.state in (jobs_pb2.JOB_STATE_SUCCEEDED, jobs_pb2.JOB_STATE_FAILED, jobs_pb2.JOB_STATE_CANCELLED):

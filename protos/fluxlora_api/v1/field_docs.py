@@ -341,6 +341,9 @@ COMMENTS: dict[str, dict[str, str]] = {
         'cancel_requested': 'True once CancelJob was called; the worker stops at its next safe point.',
         'warnings': 'Human-readable warnings collected while running (e.g. "only 12 images; a concrete LoRA wants about 30").',
         'attempts': 'Starts of this job whose end was not recorded: counted in the stored record before each start,\ngiven back when a shutdown interrupts the job cleanly. A job whose server or worker process died\nFLUXLORA_MAX_JOB_ATTEMPTS times (default 2) is failed as poison rather than run again.',
+        'webhook_urls': "URLs that receive this job's events as Standard Webhooks (signed POSTs of the WatchJob event as\nJSON: accepted, started, progress, checkpoint, artifact, succeeded/failed/cancelled), from\nthe Submit request's webhook_urls and the server's FLUXLORA_WEBHOOK_URLS. See docs/observability.md.",
+        'trace_id': "The W3C trace id (32 hex) of the request that submitted the job, when the server traces\n(OpenTelemetry); the job's worker and store calls are spans of that trace.",
+        'traceparent': "The W3C traceparent of the submit request's span: the job's worker continues the trace from it.",
     },
     'fluxlora.v1.Job.MetricsEntry': {
         '': '',
@@ -399,6 +402,14 @@ COMMENTS: dict[str, dict[str, str]] = {
         'jobs': 'The jobs, newest first.',
         'next_page_token': 'Pass as page_token for the next page; empty when this is the last page. Jobs submitted after the\nfirst page was read are not in the later ones (they are newer than all of them).',
         'from_memory': 'True when the object store could not be read: the page then holds only the jobs this server\nhas in memory (unfinished and recently finished ones), newest first.',
+    },
+    'fluxlora.v1.ListWebhookDeliveriesRequest': {
+        '': '',
+        'job_id': 'The job whose deliveries to list.',
+    },
+    'fluxlora.v1.ListWebhookDeliveriesResponse': {
+        '': '',
+        'deliveries': "The job's deliveries in the order its events happened (the most recent 500).",
     },
     'fluxlora.v1.LoraType': {
         '': 'What the LoRA should learn; decides how many images the dataset needs.',
@@ -502,26 +513,31 @@ COMMENTS: dict[str, dict[str, str]] = {
         '': '',
         'spec': 'What to caption.',
         'request_id': 'Idempotency key: resubmitting with the same key returns the existing job.',
+        'webhook_urls': "URLs that receive the job's events as signed Standard Webhooks (http or https, at most 5).",
     },
     'fluxlora.v1.SubmitGenerateRequest': {
         '': '',
         'spec': '',
         'request_id': 'Idempotency key: resubmitting with the same key returns the existing job.',
+        'webhook_urls': "URLs that receive the job's events as signed Standard Webhooks (http or https, at most 5).",
     },
     'fluxlora.v1.SubmitGridRequest': {
         '': '',
         'spec': 'What to render.',
         'request_id': 'Idempotency key: resubmitting with the same key returns the existing job.',
+        'webhook_urls': "URLs that receive the job's events as signed Standard Webhooks (http or https, at most 5).",
     },
     'fluxlora.v1.SubmitPreprocessRequest': {
         '': '',
         'spec': 'What to preprocess.',
         'request_id': 'Idempotency key: resubmitting with the same key returns the existing job.',
+        'webhook_urls': "URLs that receive the job's events as signed Standard Webhooks (http or https, at most 5).",
     },
     'fluxlora.v1.SubmitTrainingRequest': {
         '': '',
         'spec': 'What to train.',
         'request_id': 'Idempotency key: resubmitting with the same key returns the existing job.',
+        'webhook_urls': "URLs that receive the job's events as signed Standard Webhooks (http or https, at most 5).",
     },
     'fluxlora.v1.TrainResult': {
         '': '',
@@ -626,5 +642,21 @@ COMMENTS: dict[str, dict[str, str]] = {
         '': '',
         'job_id': 'The job to watch. The stream starts with the current state and ends after a terminal state.',
         'after_sequence': "Resume after this event: the `sequence` of the last JobEvent a dropped stream delivered (0: from\nthe current state). A server that still holds the events after it sends those instead of the\ncurrent state; a finished job's final state comes whatever the value. Sequences number a job's\nevents within one server process: a restarted server that has not numbered this far starts with\nthe current state (each event carries the whole Job, so nothing but log lines is missed).",
+    },
+    'fluxlora.v1.WebhookAttempt': {
+        '': 'One try at delivering a webhook event.',
+        'time': 'When the attempt started.',
+        'status_code': "The receiver's HTTP status; 0 when no answer came (error says why).",
+        'error': 'Why the attempt failed without a status ("timed out", "connection refused"); empty otherwise.',
+        'duration_seconds': 'Seconds the attempt took.',
+    },
+    'fluxlora.v1.WebhookDelivery': {
+        '': 'One event of a job on its way to one URL.',
+        'event_id': 'The `webhook-id` header: the same for every attempt, so receivers can deduplicate.',
+        'event_type': '"job.accepted", "job.started", "job.progress", "job.checkpoint", "job.artifact", "job.succeeded",\n"job.failed" or "job.cancelled".',
+        'url': 'Where it goes.',
+        'sequence': "The JobEvent's sequence.",
+        'status': '"pending" (being tried), "delivered" (a 2xx answer) or "failed" (not delivered within the retry time).',
+        'attempts': 'Every attempt so far, oldest first.',
     },
 }

@@ -78,7 +78,7 @@ class CaptioningServicer(captioning_pb2_grpc.CaptioningServiceServicer):
         spec.base_model = spec.base_model or self.runtime.settings.base_model
         if spec.base_model:
             check_model_ref(spec.base_model, self.store, "base model (for its tokenizers)")
-        return self.runtime.submit(spec, request.request_id)
+        return self.runtime.submit(spec, request.request_id, request.webhook_urls)
 
     def _check_captions_source(self, source: str) -> None:
         if not source:

@@ -77,6 +77,28 @@ class Settings(BaseSettings):
     health_port: int = Field(
         0, ge=0, description="Extra plaintext port serving only gRPC health (probes of TLS servers); 0: none."
     )
+    # Observability (fluxlora.common.metrics, fluxlora.server.telemetry, fluxlora.jobs.webhooks).
+    metrics_port: int | None = Field(
+        None, ge=0, le=65535,
+        description="Port serving Prometheus /metrics over HTTP; unset: off (0: any free port, for tests).",
+    )
+    metrics_host: str = Field("", description="Address /metrics binds to; empty: the server's host.")
+    webhook_urls: list[str] = Field(
+        default_factory=list, description="URLs (JSON list) that receive every job's events as Standard Webhooks."
+    )
+    webhook_secret: SecretStr = Field(
+        SecretStr(""), description="Standard Webhooks signing secret (whsec_<base64>); needed for any webhook."
+    )
+    webhook_timeout_s: float = Field(10.0, gt=0, description="Seconds a webhook receiver may take to answer.")
+    webhook_retry_for_s: float = Field(
+        3600.0, gt=0, description="Seconds after an event within which its failed deliveries are retried."
+    )
+    webhook_retry_base_s: float = Field(1.0, gt=0, description="Backoff cap of the first webhook retry (doubles).")
+    webhook_retry_max_s: float = Field(60.0, gt=0, description="Largest backoff cap between two webhook retries.")
+    webhook_progress_interval_s: float = Field(
+        10.0, ge=0, description="Least seconds between two job.progress webhooks of one job."
+    )
+    webhook_workers: int = Field(4, ge=1, description="Threads delivering webhooks (one job and URL at a time each).")
     host: str = Field("127.0.0.1", description="Address the server binds to.")
     port: int = Field(0, description="Port; 0 means the service's default port.")
     workers: int = Field(1, ge=1, description="Jobs a server runs at once (GPU services: 1).")

@@ -8,11 +8,13 @@ import queue
 import shutil
 import tempfile
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
 from google.protobuf.message import Message
 
+from fluxlora.common import tracing
 from fluxlora.common.config import Settings
 from fluxlora.common.storage import ArtifactStore
 from fluxlora.jobs import admission, recorder
@@ -136,7 +138,8 @@ class JobExecution(recorder.JobRecorder):
             job.spec.Unpack(spec)
         scratch = Path(tempfile.mkdtemp(prefix=f"{job_id}-", dir=self._scratch_root))
         try:
-            result = self._runner.run(cast("JobRuntime", self), job_id, spec, scratch)
+            result = tracing.in_span(job.traceparent, f"{self.service} job", partial(
+                self._runner.run, cast("JobRuntime", self), job_id, spec, scratch), **{"fluxlora.job_id": job_id})
         except JobInterrupted:
             if self._jobs[job_id].cancel_requested:
                 self._finish(job_id, S.JOB_STATE_CANCELLED)

@@ -7,9 +7,11 @@ outside it (fluxlora.jobs.recorder), so GetJob and ListJobs answer from here dur
 from __future__ import annotations
 
 import collections
+import logging
 import re
 import threading
 import time
+from collections.abc import Callable
 
 from fluxlora.common.config import Settings
 from fluxlora.common.s3_retry import RetryPolicy
@@ -17,6 +19,8 @@ from fluxlora.common.storage import ArtifactStore
 from fluxlora.jobs.records import TERMINAL, JobRecords
 from fluxlora_api.shared.errors import NotFound
 from fluxlora_api.v1 import jobs_pb2
+
+log = logging.getLogger(__name__)
 
 S = jobs_pb2.JobState
 ACTIVE = frozenset({S.JOB_STATE_QUEUED, S.JOB_STATE_RUNNING})
@@ -56,6 +60,7 @@ class JobMemory:
         self._max_watchers = max_watchers
         self._watchers = 0
         self._cond = threading.Condition(threading.RLock())
+        self._event_listeners: list[Callable[[jobs_pb2.JobEvent], None]] = []
         # Unfinished jobs, and finished ones while they are in the LRU `_finished` (oldest first);
         # the other maps hold entries only for jobs in `_jobs`.
         self._jobs: dict[str, jobs_pb2.Job] = {}
@@ -142,6 +147,11 @@ class JobMemory:
                 events_log.events.clear()
                 events_log.events.append(last)
 
+    def add_event_listener(self, listener: Callable[[jobs_pb2.JobEvent], None]) -> None:
+        """Calls listener(event) with every JobEvent as it is emitted (metrics, webhooks), under the
+        runtime's lock: a listener must only take note or enqueue, never block; its errors are logged."""
+        self._event_listeners.append(listener)
+
     def _emit(self, job: jobs_pb2.Job, message: str) -> None:
         events_log = self._logs[job.job_id]
         events_log.sequence += 1
@@ -150,6 +160,11 @@ class JobMemory:
         event.time.GetCurrentTime()
         events_log.events.append(event)
         self._cond.notify_all()
+        for listener in self._event_listeners:
+            try:
+                listener(event)
+            except Exception:  # noqa: BLE001 - an observer must never stop a job
+                log.exception("job event listener failed")
 
 
 def copy_job(job: jobs_pb2.Job) -> jobs_pb2.Job:

@@ -39,12 +39,14 @@ import shutil
 import threading
 import time
 import uuid
+from collections.abc import Sequence
 
 from google.protobuf.message import Message
 
+from fluxlora.common import tracing
 from fluxlora.common.config import Settings
 from fluxlora.common.storage import ArtifactStore
-from fluxlora.jobs import listing
+from fluxlora.jobs import listing, webhooks
 from fluxlora.jobs.admission import check_same_spec
 from fluxlora.jobs.execution import Handler, JobExecution
 from fluxlora.jobs.memory import ACTIVE, EVENTS_KEPT, copy_job
@@ -120,8 +122,9 @@ class JobRuntime(JobExecution, JobWatching):
         shutil.rmtree(self._scratch_root, ignore_errors=True)
 
     # --- the public surface (servicers call these) ----------------------------------------
-    def submit(self, spec: Message, request_id: str = "") -> jobs_pb2.Job:
+    def submit(self, spec: Message, request_id: str = "", webhook_urls: Sequence[str] = ()) -> jobs_pb2.Job:
         self._check_free_space()
+        urls = webhooks.webhook_urls(webhook_urls, self.settings)
         with self._submit_lock:  # store I/O below happens outside _cond: GetJob never waits for it
             orphan = False  # a claim of this request_id whose job was never stored
             if request_id:
@@ -151,6 +154,9 @@ class JobRuntime(JobExecution, JobWatching):
             )
             job.created_at.GetCurrentTime()
             job.spec.Pack(spec)
+            job.webhook_urls.extend(urls)
+            job.traceparent = tracing.current_traceparent()  # the submit's trace, continued by the job's work
+            job.trace_id = tracing.trace_id_of(job.traceparent)
             if request_id and not self._records.claim(request_id, job.job_id, replace=orphan):
                 # Only another server on the same store gets here (one server per service is the
                 # supported set-up): its submit of this request_id is under way; a retry finds the job.

@@ -23,12 +23,14 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 from google.protobuf import descriptor_pool, json_format, message_factory
 from google.protobuf.message import Message
 
+from fluxlora.common import tracing
 from fluxlora.common.config import Settings
 from fluxlora.common.storage import ArtifactStore
 from fluxlora.jobs.context import JobContext, JobInterrupted
@@ -141,7 +143,8 @@ def run_worker(service: str, job_id: str, settings: Settings, store: ArtifactSto
         report.job.artifacts.extend(earlier.artifacts)
         report.job.warnings.extend(earlier.warnings)
     try:
-        return _run_reported(report, handler, record, job_id)
+        return tracing.in_span(record.traceparent, f"{service} worker", partial(
+            _run_reported, report, handler, record, job_id), **{"fluxlora.job_id": job_id})
     finally:
         report.close()
 

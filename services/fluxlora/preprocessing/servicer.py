@@ -48,4 +48,4 @@ class PreprocessingServicer(preprocessing_pb2_grpc.PreprocessingServiceServicer)
                 f"{folder} holds {len(names)} file{'s' if len(names) != 1 else ''} but no images or zips "
                 f"(expected {', '.join(sorted(ACCEPTED_SUFFIXES))}), e.g. {names[0]!r}"
             )
-        return self.runtime.submit(spec, request.request_id)
+        return self.runtime.submit(spec, request.request_id, request.webhook_urls)

@@ -13,6 +13,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from fluxlora.common import tracing
 from fluxlora.common.auth import is_loopback, server_credentials, server_interceptors
 from fluxlora.common.config import Settings
 from fluxlora.common.lifetime import die_with_parent_from_env
@@ -21,6 +22,8 @@ from fluxlora.common.storage import ArtifactStore, open_store
 from fluxlora.jobs.definition import ServiceDefinition
 from fluxlora.jobs.runtime import JobRuntime
 from fluxlora.jobs.servicer import JobServicer
+from fluxlora.jobs.webhooks import WebhookDispatcher, secret_of, webhook_urls
+from fluxlora.server import telemetry
 from fluxlora.server.ports import SERVER_OPTIONS, bind
 from fluxlora.server.services import load_definition
 from fluxlora.server.transfers import SERVICE_NAME as TRANSFER_SERVICE_NAME
@@ -53,6 +56,12 @@ class RunningServer:
             max_watchers=settings.max_watchers,
         )
         interceptors = server_interceptors(settings)
+        names = (definition.grpc_name, JOB_SERVICE_NAME, TRANSFER_SERVICE_NAME, health.SERVICE_NAME,
+                 reflection.SERVICE_NAME)
+        # Metrics outermost: refused calls (auth, lockout) are counted too.
+        self.observed = settings.metrics_port is not None
+        observers = [telemetry.MetricsInterceptor(definition.name, names)] if self.observed else []
+        observers += tracing.server_interceptors()  # OpenTelemetry: the caller's trace continues here
         credentials = server_credentials(settings)
         # A watch stream holds its thread while the job runs; at most max_watchers do (the runtime refuses
         # more), so the other RPC_THREADS always answer submits, GetJob and health checks.
@@ -60,15 +69,19 @@ class RunningServer:
         # grpc.so_reuseport=0 (SERVER_OPTIONS): a second server on this port fails to bind rather than
         # sharing the port's connections with this one.
         self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=threads, thread_name_prefix=definition.name),
-                                  interceptors=interceptors, options=SERVER_OPTIONS)
+                                  interceptors=observers + interceptors, options=SERVER_OPTIONS)
         definition.add_servicer(self.server, self.runtime)
-        jobs_pb2_grpc.add_JobServiceServicer_to_server(JobServicer(self.runtime), self.server)
+        # Job events as signed webhooks, delivered by threads of their own (fluxlora.jobs.webhooks).
+        if settings.webhook_urls:
+            webhook_urls((), settings)  # a bad FLUXLORA_WEBHOOK_URLS or no secret: refused at start
+        self.webhooks = WebhookDispatcher(definition.name, self.store, settings) if secret_of(settings) else None
+        if self.webhooks is not None:
+            self.runtime.add_event_listener(self.webhooks)
+        jobs_pb2_grpc.add_JobServiceServicer_to_server(JobServicer(self.runtime, self.webhooks), self.server)
         # Clients upload and download through the server, which alone holds the store's credentials.
         transfers_pb2_grpc.add_TransferServiceServicer_to_server(TransferServicer(self.store, settings), self.server)
         self.health = health.HealthServicer(experimental_non_blocking=True)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
-        names = (definition.grpc_name, JOB_SERVICE_NAME, TRANSFER_SERVICE_NAME, health.SERVICE_NAME,
-                 reflection.SERVICE_NAME)
         reflection.enable_server_reflection(names, self.server)
         bind_port = settings.port_for(definition.name) if port is None else port
         target = f"{settings.host}:{bind_port}"
@@ -92,12 +105,16 @@ class RunningServer:
             health_pb2_grpc.add_HealthServicer_to_server(self.health, self.health_server)
             bind(self.health_server, f"{settings.host}:{settings.health_port}", None,
                  f"the {definition.name} health checks (FLUXLORA_HEALTH_PORT)")
+        self.metrics_port: int | None = None
         self.started = False
 
     def start(self) -> RunningServer:
         if self.started:
             return self
         self.started = True
+        if self.observed:
+            telemetry.watch_runtime(self.runtime)
+            self.metrics_port = telemetry.serve(self.settings)
         self.runtime.start()
         self.server.start()
         if self.health_server:
@@ -117,6 +134,9 @@ class RunningServer:
         if self.health_server:
             self.health_server.stop(grace)
         self.runtime.shutdown()
+        telemetry.forget_runtime(self.runtime)
+        if self.webhooks is not None:
+            self.webhooks.stop()
         stopped.wait(grace)
         log.info("%s stopped", self.definition.name)
 
@@ -145,6 +165,7 @@ def serve(name: str, settings: Settings) -> None:
 
     signal.signal(signal.SIGTERM, on_signal)  # before starting: a SIGTERM during the start stops it, too
     signal.signal(signal.SIGINT, on_signal)
+    tracing.configure_from_env(f"fluxlora-{name}")  # OTEL_* set: traces over OTLP
     try:
         running = start_server(name, settings)
     except OSError as err:

@@ -91,7 +91,7 @@ class TrainingServicer(training_pb2_grpc.TrainingServiceServicer):
             self._check_memory(spec.base_model, cfg)
         if not spec.sample_prompts:
             spec.sample_prompts.append(captions["trigger_word"])
-        return self.runtime.submit(spec, request.request_id)
+        return self.runtime.submit(spec, request.request_id, request.webhook_urls)
 
     @grpc_errors
     def PlanTraining(self, request, context):
