@@ -8,11 +8,9 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import subprocess
 
 import kubernetes_validate
-import pytest
 import yaml
 from deploy_tools import COMPOSE, K8S, ROOT, tool
 from prometheus_client.parser import text_string_to_metric_families
@@ -48,9 +46,7 @@ def test_every_alert_rule_is_complete_and_the_operator_rule_holds_the_same_group
 
 
 def test_promtool_accepts_the_alert_rules(tmp_path):
-    promtool = shutil.which("promtool")
-    if promtool is None:
-        pytest.skip("promtool not installed (Debian: apt-get install prometheus); the parser test above still ran")
+    promtool = tool("promtool")  # Debian's prometheus package (.ci/install-deploy-tools)
     result = subprocess.run([promtool, "check", "rules", str(MONITORING / "alerts.yaml")], capture_output=True,
                             text=True, timeout=60)
     assert result.returncode == 0, result.stdout + result.stderr
