@@ -203,3 +203,12 @@ def test_a_result_table_names_every_field_and_counts_long_lists():
     console.print(result_table(train))
     assert "step 10  lora_key runs/trn-1/x" in console.file.getvalue()
     assert "a.png, b.png" in console.file.getvalue()
+
+
+def test_a_note_of_the_service_is_printed_once_before_the_bar():
+    console = Console(file=io.StringIO(), width=80, force_terminal=False, color_system=None)
+    progress = JobProgress(console)
+    note = "memory_mode auto picked fp8 base + gradient checkpointing: the fastest that fits"
+    for state in (jobs_pb2.JOB_STATE_QUEUED, jobs_pb2.JOB_STATE_RUNNING):
+        progress.on_event("train", jobs_pb2.JobEvent(job=jobs_pb2.Job(job_id="trn-1", state=state, notes=[note])))
+    assert " ".join(console.file.getvalue().split()).count(note) == 1

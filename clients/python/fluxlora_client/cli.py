@@ -153,6 +153,9 @@ def plan_flags(changes: dict[str, str]) -> list[str]:
 
 
 def _print_plan(plan) -> None:
+    if plan.memory_choice:
+        console.print(escape(plan.memory_choice), highlight=False)
+        console.print("  as flags: " + " ".join(plan_flags(dict(plan.picked))), highlight=False, soft_wrap=True)
     verdict = "[green]fits[/green]" if plan.fits else "[red]does not fit[/red]"
     console.print(f"{plan.mode}: {plan.total_gib:.1f} GiB estimated ({plan.step_peak_gib:.1f} step peak, "
                   f"{plan.weights_gib:.1f} weights, {plan.overhead_gib:.1f} overhead): {verdict} "

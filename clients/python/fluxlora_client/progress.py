@@ -65,6 +65,7 @@ class JobProgress:
         )
         self._tasks: dict[str, int] = {}
         self.warnings: list[str] = []  # every distinct warning seen, in order (each printed once)
+        self.notes: list[str] = []  # other messages printed once (the memory options picked)
 
     def __enter__(self) -> JobProgress:
         self.progress.start()
@@ -85,6 +86,10 @@ class JobProgress:
             description = state
         self.progress.update(task, description=description, completed=p.done,
                              total=p.total or None, metrics=dict(job.metrics))
+        for note in job.notes:  # what the service decided for the job (the memory options picked)
+            if note not in self.notes:
+                self.notes.append(note)
+                self.console.print(f"{escape(label)}: {escape(note)}", highlight=False)
         if event.message.startswith("warning:"):
             self.warn(label, event.message.removeprefix("warning:").strip())
         for warning in job.warnings:  # events missed (a reconnect, polling) still show theirs

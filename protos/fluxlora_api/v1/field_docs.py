@@ -341,6 +341,7 @@ COMMENTS: dict[str, dict[str, str]] = {
         'cancel_requested': 'True once CancelJob was called; the worker stops at its next safe point.',
         'warnings': 'Human-readable warnings collected while running (e.g. "only 12 images; a concrete LoRA wants about 30").',
         'attempts': 'Starts of this job whose end was not recorded: counted in the stored record before each start,\ngiven back when a shutdown interrupts the job cleanly. A job whose server or worker process died\nFLUXLORA_MAX_JOB_ATTEMPTS times (default 2) is failed as poison rather than run again.',
+        'notes': 'What the service decided for this job that its caller should know, said before the job starts\n(e.g. the memory options memory_mode "auto" picked for a training run, and why); each once.',
     },
     'fluxlora.v1.Job.MetricsEntry': {
         '': '',
@@ -570,6 +571,7 @@ COMMENTS: dict[str, dict[str, str]] = {
         'max_sequence_length': 'T5 tokens read from each caption, 1 to 512; default: 512.',
         'weight_decay': 'AdamW weight decay, >= 0; default: 1e-4.',
         'max_grad_norm': 'Gradient-norm clipping threshold, >= 0 (0 turns clipping off); default: 1.0.',
+        'memory_mode': '"auto": the planner picks the fastest memory options (gradient_checkpointing, base_quantization,\nblocks_to_swap) that fit the GPU, keeping those set, and records them; the job\'s notes say which\nand why. "manual": as given, or refused; default: "auto".',
     },
     'fluxlora.v1.TrainingPlan': {
         '': '',
@@ -582,6 +584,13 @@ COMMENTS: dict[str, dict[str, str]] = {
         'fits': 'Whether total_gib <= target_gib.',
         'explanation': 'One sentence a person can act on (the message SubmitTraining would refuse with).',
         'alternatives': 'When it does not fit: option changes that would, runnable ones first.',
+        'memory_choice': 'With memory_mode "auto": what the planner picked and why, in words; the plan above is the picked\nrun\'s. Empty in "manual" mode, or when nothing fits.',
+        'picked': 'With memory_mode "auto": the picked memory options, TrainSpec field name -> value.',
+    },
+    'fluxlora.v1.TrainingPlan.PickedEntry': {
+        '': '',
+        'key': '',
+        'value': '',
     },
     'fluxlora.v1.TransferMode': {
         '': 'How a client sends the bytes of an upload.',

@@ -35,7 +35,7 @@ from fluxlora_api.v1 import training_pb2 as pb
 log = logging.getLogger(__name__)
 
 # TrainSpec fields that are not part of the trainer's config.
-_NOT_CONFIG = {"dataset_id", "base_model", "caption_version", "resume_from_run"}
+_NOT_CONFIG = {"dataset_id", "base_model", "caption_version", "resume_from_run", "memory_mode"}
 
 
 def config_from_spec(spec: pb.TrainSpec) -> TrainConfig:
