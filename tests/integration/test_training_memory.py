@@ -215,10 +215,12 @@ def test_memory_mode_auto_fits_1024_on_a_24gib_card_by_itself_and_manual_still_r
 
 
 @pytest.mark.parametrize("store", ["local"], indirect=True)
-def test_an_auto_run_records_its_memory_options_and_says_so_before_it_starts(captioned, tiny_models):
-    client, dataset_id = captioned
-    job = client.train(dataset_id, base_model=str(tiny_models["flux"]), resolution=64, max_steps=1,
-                       checkpoint_every=0, sample_every=0)
+def test_an_auto_run_records_its_memory_options_and_resolution_and_says_so_before_it_starts(captioned, tiny_models):
+    client, dataset_id = captioned  # preprocessed at base size 64: the run's resolution when unset
+    assert "64px" in client.plan_training(str(tiny_models["flux"]), dataset_id=dataset_id).mode
+    job = client.train(dataset_id, base_model=str(tiny_models["flux"]), max_steps=1, checkpoint_every=0,
+                       sample_every=0)
+    assert client.spec(job).resolution == 64
     [said] = job.notes  # in the reply to the submit: before the run starts
     assert said.startswith("memory_mode auto picked bf16 base + gradient checkpointing")
     assert "the fastest combination, and it fits" in said and "of the target GPU's 24.0 GiB" in said

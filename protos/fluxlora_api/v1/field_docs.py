@@ -540,7 +540,7 @@ COMMENTS: dict[str, dict[str, str]] = {
         '': 'What a training run is told. Every field left unset (0, "", false, empty) takes the default its\ncomment states ("default: X"); the training server\'s TrainConfig holds those defaults, and\ntests/unit/test_option_agreement.py checks that the two agree. A plain numeric field cannot ask\nfor 0 where its default is not 0; `optional` fields can.',
         'dataset_id': 'The captioned dataset to train on.',
         'base_model': 'The base model in diffusers layout: a local directory, or "store://<prefix>" for an\nobject-store prefix (e.g. "store://models/flux1-dev"). Empty means the service\'s default.',
-        'resolution': 'Training resolution (long side, pixels), a positive multiple of 16: 512, 768 or 1024 for\nFLUX.1; default: 512.',
+        'resolution': "Training resolution (long side, pixels), a positive multiple of 16: 512, 768 or 1024 for\nFLUX.1. Unset, the accepted spec records the base size the dataset was preprocessed at (512\nwhere its manifest does not say); default: the dataset's base size.",
         'max_steps': 'Optimiser steps, at least 1; default: 3000.',
         'learning_rate': 'Learning rate, in (0, 1]; default: 1e-4 (1.0 with the prodigy optimizer, where it multiplies\nthe step size Prodigy finds).',
         'rank': 'LoRA rank, 1 to 1024; default: 16.',

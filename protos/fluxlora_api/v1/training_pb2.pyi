@@ -70,7 +70,8 @@ class TrainSpec(_message.Message):
     """
     resolution: _builtins.int
     """Training resolution (long side, pixels), a positive multiple of 16: 512, 768 or 1024 for
-    FLUX.1; default: 512.
+    FLUX.1. Unset, the accepted spec records the base size the dataset was preprocessed at (512
+    where its manifest does not say); default: the dataset's base size.
     """
     max_steps: _builtins.int
     """Optimiser steps, at least 1; default: 3000."""

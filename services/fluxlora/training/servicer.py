@@ -10,7 +10,7 @@ from fluxlora.common.grpc_status import grpc_errors
 from fluxlora.common.limits import INT64_MAX, Bound, check_numbers, check_train_steps
 from fluxlora.common.models import check_model_ref, is_store_ref
 from fluxlora.domain.caption_versions import CaptionVersions
-from fluxlora.domain.datasets import require_captions
+from fluxlora.domain.datasets import dataset_base_size, require_captions
 from fluxlora.jobs.runtime import JobRuntime
 from fluxlora.training.gpu_budget import pick_for_run, plan_run
 from fluxlora.training.job import config_from_spec
@@ -35,7 +35,8 @@ def bounds(settings) -> dict[str, Bound]:
     steps = settings.max_train_steps
     every = Bound(0, steps, f"0 means only at the last step; at most FLUXLORA_MAX_TRAIN_STEPS={steps}")
     return {
-        "resolution": Bound(0, MAX_RESOLUTION, "0 means 512; a multiple of 16; FLUX.1 trains at 512 to 1024"),
+        "resolution": Bound(0, MAX_RESOLUTION, "0 means the dataset's base size (else 512); a multiple of 16; "
+                           "FLUX.1 trains at 512 to 1024"),
         "max_steps": Bound(0, steps, "0 means 3000; FLUXLORA_MAX_TRAIN_STEPS"),
         "learning_rate": Bound(0, 1.0, "0 means 1e-4 (1.0 with prodigy)"),
         "rank": Bound(0, 1024, "0 means 16"),
@@ -76,6 +77,7 @@ class TrainingServicer(training_pb2_grpc.TrainingServiceServicer):
             captions = {"trigger_word": version.trigger_word}
         elif captions.get("approved_version"):
             spec.caption_version = captions["approved_version"]
+        self._default_resolution(spec)
         cfg = config_from_spec(spec)  # INVALID_ARGUMENT naming the field, before anything is queued
         auto = _memory_mode(spec) == "auto" and not spec.resume_from_run  # a resumed run keeps its options
         checkable = self._resolve_base_model(spec)
@@ -107,6 +109,8 @@ class TrainingServicer(training_pb2_grpc.TrainingServiceServicer):
         if request.target_gib < 0:
             raise InvalidArgument("target_gib must be >= 0 (0: the server's target GPU)")
         check_numbers(spec, bounds(self.runtime.settings))
+        if spec.dataset_id:
+            self._default_resolution(spec)
         cfg = config_from_spec(spec)
         if not self._resolve_base_model(spec):
             raise FailedPrecondition(
@@ -172,6 +176,14 @@ class TrainingServicer(training_pb2_grpc.TrainingServiceServicer):
         spec.CopyFrom(earlier)
         spec.max_steps = max_steps
         spec.resume_from_run = run_id
+
+    def _default_resolution(self, spec: pb.TrainSpec) -> None:
+        """An unset resolution follows the dataset: the base size it was preprocessed at (recorded in
+        the accepted spec), so images are trained at the size they were cropped to."""
+        if not spec.resolution and not spec.resume_from_run:  # a resumed run keeps its run's resolution
+            size = dataset_base_size(self.runtime.store, spec.dataset_id)
+            if size:
+                spec.resolution = min(size, MAX_RESOLUTION)
 
     def _resolve_base_model(self, spec: pb.TrainSpec) -> bool:
         """Fill in the default base model and check it exists; False when it cannot be checked here."""
