@@ -147,7 +147,7 @@ def _outputs(local_root: Path):
     train = training_pb2.TrainResult(run_id="trn-0123456789ab", final_loss=0.1, seconds_per_step=0.5,
                                      checkpoints=[training_pb2.Checkpoint(step=100), training_pb2.Checkpoint(step=200)])
     return SimpleNamespace(
-        dataset_id="ds-0123456789ab", run_id=train.run_id, caption_version=2, captions=None,
+        dataset_id="ds-0123456789ab", run_id=train.run_id, grid_id="grid-1", caption_version=2, captions=None,
         results={"train": train},
         local={"dataset": local_root / "dataset", "run": local_root / "run", "grid": local_root / "grid",
                "contact_sheet": local_root / "dataset" / "contact_sheet.png"},
@@ -212,3 +212,9 @@ def test_a_note_of_the_service_is_printed_once_before_the_bar():
     for state in (jobs_pb2.JOB_STATE_QUEUED, jobs_pb2.JOB_STATE_RUNNING):
         progress.on_event("train", jobs_pb2.JobEvent(job=jobs_pb2.Job(job_id="trn-1", state=state, notes=[note])))
     assert " ".join(console.file.getvalue().split()).count(note) == 1
+
+
+def test_the_pipeline_outputs_as_json_use_camel_case(tmp_path):
+    printed = cli.outputs_json(_outputs(tmp_path))
+    assert printed["datasetId"] == "ds-0123456789ab" and printed["runId"] == "trn-0123456789ab"
+    assert printed["train"]["finalLoss"] == 0.1 and printed["local"]["contactSheet"].endswith("contact_sheet.png")

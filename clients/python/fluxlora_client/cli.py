@@ -273,6 +273,7 @@ def pipeline(
     = False,
     dataset: Annotated[str, typer.Option(
         help="Continue with this captioned dataset (instead of PHOTOS): train on its approved captions.")] = "",
+    json_output: JsonOutput = False,
 ) -> None:
     """Run preprocess -> caption -> approve -> train -> evaluate on a folder of photos. The cleaned
     auto captions are approved as a caption version ("pipeline") and the run trains on exactly it;
@@ -309,7 +310,27 @@ def pipeline(
         for step in steps:
             console.print(f"  {step}", markup=False, soft_wrap=True)  # whole lines, to copy
         return
-    print_outputs(outputs)
+    if json_output:
+        console.print_json(data=outputs_json(outputs))
+    else:
+        print_outputs(outputs)
+
+
+def _camel(name: str) -> str:
+    first, *rest = name.split("_")
+    return first + "".join(part.title() for part in rest)
+
+
+def outputs_json(outputs) -> dict:
+    """The pipeline's outputs in the JSON casing of every command (camelCase)."""
+    grid = outputs.results.get("evaluate")
+    return {
+        "datasetId": outputs.dataset_id, "captionVersion": outputs.caption_version, "runId": outputs.run_id,
+        "gridId": outputs.grid_id, "local": {_camel(k): str(v) for k, v in outputs.local.items()},
+        "train": json_format.MessageToDict(outputs.results["train"]),
+        **({"recommendation": json_format.MessageToDict(grid.recommendation)}
+           if grid is not None and grid.HasField("recommendation") else {}),
+    }
 
 
 def _shown_path(path: Path | str) -> str:
