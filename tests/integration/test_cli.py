@@ -9,7 +9,7 @@ from support import fluxlora, run_main
 
 
 def test_preprocess_prints_the_dataset_and_the_job_can_be_listed_and_shown(cli_env, photos):
-    result = fluxlora("preprocess", str(photos), "--base-size", "64")
+    result = fluxlora("preprocess", str(photos), "--base-size", "64", "--json")
     assert result.exit_code == 0, result.output
     printed = json.loads(result.stdout)
     dataset_id = printed["datasetId"]

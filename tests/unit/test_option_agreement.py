@@ -34,7 +34,8 @@ COMMANDS = {
     ("generate",): (evaluation_pb2.GenerateSpec, {"prompts": "PROMPT...", "loras": "--lora"}),
 }
 # Defaults the proto comment states in words because the server derives them.
-DERIVED = {("TrainSpec", "alpha"): "rank", ("TrainSpec", "sample_prompts"): "the trigger word alone"}
+DERIVED = {("TrainSpec", "alpha"): "rank", ("TrainSpec", "sample_prompts"): "the trigger word alone",
+           ("TrainSpec", "resolution"): "the dataset's base size"}
 
 
 def command(*path: str):

@@ -69,16 +69,16 @@ def _print_change(change, what: str) -> None:
 @caption_app.command("run", cls=SpecCommand)
 @spec_options(captioning_pb2.CaptionSpec, exclude={"dataset_id"}, aliases={
     "trigger_word": ["--trigger"], "remove_phrases": ["--remove"], "trigger_position": ["--position"]})
-def run(dataset_id: str, spec: dict) -> None:
+def run(dataset_id: str, json_output: Annotated[bool, typer.Option(
+        "--json", help="Print the result as JSON (camelCase, as every command's --json) instead of a table.")] = False,
+        spec: dict | None = None) -> None:
     """Auto-caption a dataset and bind it to a trigger word (a draft version to review and approve).
     Options left out take the server's defaults."""
     cli = _cli()
     client = cli._client()
-    job = client.caption(dataset_id, **spec)
-    result = cli._run_job(client, "caption", job)
-    cli._print_result(result)
-    for warning in client.get_job(job.job_id).warnings:
-        cli.console.print(f"[yellow]warning[/yellow] {escape(warning)}")
+    job = client.caption(dataset_id, **(spec or {}))
+    result = cli._run_job(client, "caption", job)  # its warnings: once each, on stderr
+    cli._print_result(result, json_output)
 
 
 @caption_app.command("list")

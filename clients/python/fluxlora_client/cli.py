@@ -15,20 +15,28 @@ adds them through the `fluxlora.cli` entry point group; the client alone has the
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Annotated
 
 import typer
 from google.protobuf import json_format
 from rich.console import Console
-from rich.table import Table
+from rich.markup import escape
 
 from fluxlora_api.shared.options import help_text
 from fluxlora_api.v1 import evaluation_pb2, preprocessing_pb2, training_pb2
 from fluxlora_api.v1.field_docs import COMMENTS
 from fluxlora_client.caption_cli import caption_app
-from fluxlora_client.cli_support import _client, _print_result, _run_job, console
+from fluxlora_client.cli_support import (
+    JsonOutput,
+    _client,
+    _print_result,
+    _run_job,
+    busy,
+    console,
+    err_console,
+    table,
+)
 from fluxlora_client.errors import FluxloraClientError
 from fluxlora_client.spec_options import SpecCommand, spec_options
 
@@ -37,36 +45,42 @@ app = typer.Typer(help="Turn a folder of photos into a tested FLUX.1 LoRA.", no_
 jobs_app = typer.Typer(help="List, inspect, watch and cancel jobs.", no_args_is_help=True)
 app.add_typer(jobs_app, name="jobs")
 app.add_typer(caption_app, name="caption")
+
+
 @app.command(cls=SpecCommand)
 @spec_options(preprocessing_pb2.PreprocessSpec, exclude={"source_prefix"})
 def preprocess(
     photos: Annotated[Path, typer.Argument(exists=True, help="Folder of photos, or a .zip of them.")],
-    spec: dict,
+    json_output: JsonOutput = False,
+    spec: dict | None = None,
 ) -> None:
-    """Upload photos and preprocess them into a dataset; the report goes to stderr, the result to
-    stdout. Options left out take the server's defaults."""
+    """Upload photos and preprocess them into a dataset, then print its report as tables (--json:
+    the result as JSON). Options left out take the server's defaults."""
     client = _client()
-    source = client.upload_photos(photos)
-    job = client.preprocess(source, **spec)
-    result = _run_job(client, "preprocess", job)
-    print_dataset_report(result, Console(stderr=True))
-    _print_result(result)
+    with busy(f"uploading {photos}"):
+        source = client.upload_photos(photos)
+    job = client.preprocess(source, **(spec or {}))
+    warned: list[str] = []
+    result = _run_job(client, "preprocess", job, warnings=warned)
+    if json_output:
+        _print_result(result)
+    else:
+        print_dataset_report(result, console, shown_warnings=warned)
 
 
-def print_dataset_report(result, out: Console) -> None:
-    """A PreprocessResult's report as tables: counts, buckets, warnings, and every file with a problem."""
+def print_dataset_report(result, out: Console, shown_warnings: list[str] | tuple[str, ...] = ()) -> None:
+    """A PreprocessResult's report as tables: counts, buckets, warnings (but those already shown), and
+    every file with a problem."""
     report = result.report
-    counts = Table(title=f"dataset {result.dataset_id}: {report.lora_type} LoRA, {report.crop_mode} "
-                         f"{report.base_size} px (about {report.recommended_images} images recommended)")
-    for column in ("files", "images", "rejected", "exact duplicates", "near duplicates", "flagged", "blurry",
-                   "upscaled"):
-        counts.add_column(column, justify="right")
+    out.print(f"dataset {result.dataset_id}: {report.lora_type} LoRA, {report.crop_mode} {report.base_size} px "
+              f"(about {report.recommended_images} images recommended)", highlight=False, soft_wrap=True)
+    counts = table("files", "images", "rejected", "exact dupes", "near dupes", "flagged", "blurry", "upscaled")
     counts.add_row(*(str(v) for v in (report.file_count, report.image_count, report.rejected_count,
                                        report.duplicate_count, report.near_duplicate_count, report.flagged_count,
                                        report.blurry_count, report.upscaled_count)))
     out.print(counts)
     if report.buckets:
-        buckets = Table("bucket", "images", "", title="buckets")
+        buckets = table("bucket", "images", "", title="buckets")
         most = max(report.buckets.values())
         for bucket, n in sorted(report.buckets.items(), key=lambda kv: (-kv[1], kv[0])):
             buckets.add_row(bucket, str(n), "#" * max(1, round(30 * n / most)))
@@ -83,15 +97,17 @@ def print_dataset_report(result, out: Console) -> None:
     ]
     for title, columns, rows in sections:
         if rows:
-            table = Table(*columns, title=title, title_style="bold", show_lines=False)
+            section = table(*columns, title=title, title_style="bold", show_lines=False)
             for row in rows:
-                table.add_row(*row)
-            out.print(table)
+                section.add_row(*(escape(cell) for cell in row))
+            out.print(section)
     for warning in report.warnings:
-        out.print(f"[yellow]warning[/yellow] {warning}")
+        if warning not in shown_warnings:
+            out.print(f"[yellow]warning[/yellow] {escape(warning)}", highlight=False)
     if report.truncated:
         out.print(f"(lists cut to 500 entries; {result.report_key} has them all)")
-    out.print(f"report {result.report_key}\ncontact sheet {result.contact_sheet_key}")
+    out.print(f"report {result.report_key}\ncontact sheet {result.contact_sheet_key}", soft_wrap=True,
+              highlight=False)
 
 
 @app.command(cls=SpecCommand)
@@ -103,6 +119,7 @@ def train(
     plan: Annotated[bool, typer.Option(help="Only print the memory plan; queue nothing.")] = False,
     target_gib: Annotated[float, typer.Option(
         help="With --plan: " + help_text(COMMENTS["fluxlora.v1.PlanTrainingRequest"]["target_gib"]))] = 0.0,
+    json_output: JsonOutput = False,
     spec: dict | None = None,
 ) -> None:
     """Train a LoRA on a captioned dataset. Options left out take the server's defaults. A run that
@@ -118,13 +135,19 @@ def train(
     if plan:
         if resume:
             raise typer.BadParameter("--plan plans a new run: leave out --resume-from", param_hint="'--plan'")
-        _print_plan(client.plan_training(target_gib=target_gib, dataset_id=dataset_id, **options))
+        with busy("estimating peak GPU memory (a model's first estimate takes up to a minute)"):
+            found = client.plan_training(target_gib=target_gib, dataset_id=dataset_id, **options)
+        if json_output:
+            _print_result(found)
+        else:
+            _print_plan(found)
         return
-    if resume:
-        job = client.resume_training(resume, **({"dataset_id": dataset_id} if dataset_id else {}), **options)
-    else:
-        job = client.train(dataset_id, **options)
-    _print_result(_run_job(client, "train", job))
+    with busy("checking the run fits the GPU"):
+        if resume:
+            job = client.resume_training(resume, **({"dataset_id": dataset_id} if dataset_id else {}), **options)
+        else:
+            job = client.train(dataset_id, **options)
+    _print_result(_run_job(client, "train", job), json_output, counted=frozenset({"sample_keys"}))
 
 
 def plan_flags(changes: dict[str, str]) -> list[str]:
@@ -142,16 +165,19 @@ def plan_flags(changes: dict[str, str]) -> list[str]:
 
 
 def _print_plan(plan) -> None:
+    if plan.memory_choice:
+        console.print(escape(plan.memory_choice), highlight=False)
+        console.print("  as flags: " + " ".join(plan_flags(dict(plan.picked))), highlight=False, soft_wrap=True)
     verdict = "[green]fits[/green]" if plan.fits else "[red]does not fit[/red]"
     console.print(f"{plan.mode}: {plan.total_gib:.1f} GiB estimated ({plan.step_peak_gib:.1f} step peak, "
                   f"{plan.weights_gib:.1f} weights, {plan.overhead_gib:.1f} overhead): {verdict} "
                   f"in {plan.target_gib:.1f} GiB")
     if plan.alternatives:
-        table = Table("options that fit", "GiB", "runnable here", title="fluxlora train options that fit")
+        options = table("options that fit", "GiB", "runnable here", title="fluxlora train options that fit")
         for alt in plan.alternatives:
-            table.add_row(" ".join(plan_flags(dict(alt.changes))), f"{alt.total_gib:.1f}",
-                          "yes" if not alt.unavailable else "no: " + "; ".join(alt.unavailable))
-        console.print(table)
+            options.add_row(" ".join(plan_flags(dict(alt.changes))), f"{alt.total_gib:.1f}",
+                            "yes" if not alt.unavailable else "no: " + escape("; ".join(alt.unavailable)))
+        console.print(options)
 
 
 def _lora_ref(text: str, flag: str) -> dict:
@@ -194,6 +220,7 @@ def evaluate(
     lora: Annotated[list[str] | None, typer.Option(
         help="Rows from LoRA files instead: RUN_ID[:STEP][=LABEL] or STORE_KEY[=LABEL]; repeatable.")] = None,
     out: Annotated[Path | None, typer.Option(help="Download the grid images, cells and report here.")] = None,
+    json_output: JsonOutput = False,
     spec: dict | None = None,
 ) -> None:
     """Render an XY grid (checkpoints x LoRA strengths), score it and recommend a checkpoint and
@@ -203,11 +230,14 @@ def evaluate(
     client = _client()
     job = client.evaluate(run_id, **options, **({"loras": loras} if loras else {}))
     result = _run_job(client, "evaluate", job)
-    _print_result(result)
-    pick = result.recommendation
-    console.print(f"recommended: step {pick.step} at strength {pick.strength:g} ({pick.basis}): {pick.reason}")
     if out is not None:
-        client.download(f"grids/{result.grid_id}/", out)
+        with busy(f"downloading the grid to {out}"):
+            client.download(f"grids/{result.grid_id}/", out)
+    _print_result(result, json_output, counted=frozenset({"cells", "panels", "checkpoints"}))
+    if not json_output:
+        pick = result.recommendation
+        console.print(f"recommended: step {pick.step} at strength {pick.strength:g} ({pick.basis}): "
+                      f"{escape(pick.reason)}", highlight=False)
 
 
 @app.command(cls=SpecCommand)
@@ -218,6 +248,7 @@ def generate(
     lora: Annotated[list[str] | None, typer.Option(
         help="RUN_ID[:STEP][@STRENGTH] or STORE_KEY[@STRENGTH]; repeatable (applied together).")] = None,
     out: Annotated[Path | None, typer.Option(help="Download the images here.")] = None,
+    json_output: JsonOutput = False,
     spec: dict | None = None,
 ) -> None:
     """Generate images with the base model and LoRAs at chosen strengths. Options left out take the
@@ -226,10 +257,11 @@ def generate(
     client = _client()
     job = client.generate(prompt, loras=loras, **(spec or {}))
     result = _run_job(client, "generate", job)
-    _print_result(result)
     if out is not None:
-        for image in result.images:
-            client.download(image.image_key, out)
+        with busy(f"downloading the images to {out}"):
+            for image in result.images:
+                client.download(image.image_key, out)
+    _print_result(result, json_output)
 
 
 @app.command()
@@ -253,6 +285,7 @@ def pipeline(
     = False,
     dataset: Annotated[str, typer.Option(
         help="Continue with this captioned dataset (instead of PHOTOS): train on its approved captions.")] = "",
+    json_output: JsonOutput = False,
 ) -> None:
     """Run preprocess -> caption -> approve -> train -> evaluate on a folder of photos. The cleaned
     auto captions are approved as a caption version ("pipeline") and the run trains on exactly it;
@@ -263,8 +296,8 @@ def pipeline(
     from fluxlora_client.progress import JobProgress
 
     if (photos is None) == (not dataset) or (photos is not None and not trigger):
-        console.print("[red]error[/red] give PHOTOS with --trigger WORD, or --dataset DATASET_ID to continue "
-                      "with an approved dataset")
+        err_console.print("[red]error[/red] give PHOTOS with --trigger WORD, or --dataset DATASET_ID to continue "
+                          "with an approved dataset")
         raise typer.Exit(2)
     client = _client()
     train = {k: v for k, v in {"resolution": resolution, "max_steps": max_steps, "checkpoint_every": checkpoint_every,
@@ -289,14 +322,42 @@ def pipeline(
         for step in steps:
             console.print(f"  {step}", markup=False, soft_wrap=True)  # whole lines, to copy
         return
-    print_outputs(outputs)
+    if json_output:
+        console.print_json(data=outputs_json(outputs))
+    else:
+        print_outputs(outputs)
+
+
+def _camel(name: str) -> str:
+    first, *rest = name.split("_")
+    return first + "".join(part.title() for part in rest)
+
+
+def outputs_json(outputs) -> dict:
+    """The pipeline's outputs in the JSON casing of every command (camelCase)."""
+    grid = outputs.results.get("evaluate")
+    return {
+        "datasetId": outputs.dataset_id, "captionVersion": outputs.caption_version, "runId": outputs.run_id,
+        "gridId": outputs.grid_id, "local": {_camel(k): str(v) for k, v in outputs.local.items()},
+        "train": json_format.MessageToDict(outputs.results["train"]),
+        **({"recommendation": json_format.MessageToDict(grid.recommendation)}
+           if grid is not None and grid.HasField("recommendation") else {}),
+    }
+
+
+def _shown_path(path: Path | str) -> str:
+    """A local path as short as it can be and still be copied: relative to the working directory
+    when under it."""
+    path = Path(path)
+    try:
+        return str(path.resolve().relative_to(Path.cwd().resolve()))
+    except (ValueError, OSError):
+        return str(path)
 
 
 def print_outputs(outputs) -> None:
-    table = Table(title="fluxlora outputs")
-    table.add_column("what")
-    table.add_column("where")
-    local = outputs.local
+    """Where the pipeline's outputs are: one row each, paths whole (a long one wraps, never cut)."""
+    local = {name: _shown_path(path) for name, path in outputs.local.items()}
     train = outputs.results["train"]
     captions = outputs.captions
     rows = [
@@ -304,40 +365,50 @@ def print_outputs(outputs) -> None:
         ("captions trained on", f"version {outputs.caption_version}" + (
             f", approved by {captions.author or 'someone'}" + (f" ({captions.comment})" if captions.comment else "")
             if captions is not None else "")),
-        ("processed images + captions", str(local.get("dataset", "")) + "/images"),
-        ("manifest", str(local.get("dataset", "")) + "/manifest.json"),
+        ("processed images + captions", local.get("dataset", "") + "/images"),
+        ("manifest", local.get("dataset", "") + "/manifest.json"),
+        *([("contact sheet", local["contact_sheet"])] if "contact_sheet" in local else []),
         ("run id", outputs.run_id),
         ("LoRA checkpoints", ", ".join(f"step {c.step}" for c in train.checkpoints)),
-        ("checkpoint files", str(local.get("run", "")) + "/checkpoints"),
-        ("loss plot", str(local.get("run", "")) + "/loss.png"),
-        ("validation samples", str(local.get("run", "")) + "/samples"),
-        ("XY grid", str(local.get("grid", "")) + "/grid.png"),
+        ("checkpoint files", local.get("run", "") + "/checkpoints"),
+        ("loss plot", local.get("run", "") + "/loss.png"),
+        ("validation samples", local.get("run", "") + "/samples"),
+        ("XY grid", local.get("grid", "") + "/grid.png"),
         ("final loss / s per step", f"{train.final_loss:.4f} / {train.seconds_per_step:.3f}"),
     ]
     grid = outputs.results.get("evaluate")
     if grid is not None and grid.HasField("recommendation"):
         pick = grid.recommendation
         rows.append(("recommended", f"step {pick.step} at strength {pick.strength:.1f} ({pick.basis}): {pick.reason}"))
+    outputs_table = table("what", "where", title="fluxlora outputs")
     for what, where in rows:
-        table.add_row(what, where)
-    console.print(table)
+        outputs_table.add_row(what, escape(where))
+    console.print(outputs_table)
 
 
 @jobs_app.command("list")
 def jobs_list(
     service: str,
     limit: Annotated[int, typer.Option(min=0, help="Show the newest this many jobs; 0: every job.")] = 100,
+    json_output: JsonOutput = False,
 ) -> None:
     """List a service's jobs, newest first."""
     from fluxlora_api.v1 import jobs_pb2
 
-    table = Table("job", "state", "stage", "progress", "created")
-    for job in _client().list_jobs(service, limit=limit):
-        table.add_row(
-            job.job_id, jobs_pb2.JobState.Name(job.state).removeprefix("JOB_STATE_"), job.progress.stage,
-            f"{job.progress.done}/{job.progress.total}", job.created_at.ToJsonString(),
+    jobs = _client().list_jobs(service, limit=limit)
+    if json_output:
+        console.print_json(data={"jobs": [json_format.MessageToDict(job) for job in jobs]})
+        return
+    if not jobs:
+        console.print(f"no {escape(service)} jobs")
+        return
+    listed = table("job", "state", "stage", "progress", "created")
+    for job in jobs:
+        listed.add_row(
+            job.job_id, jobs_pb2.JobState.Name(job.state).removeprefix("JOB_STATE_"), escape(job.progress.stage),
+            f"{job.progress.done}/{job.progress.total}", job.created_at.ToJsonString().replace("T", " "),
         )
-    console.print(table)
+    console.print(listed)
 
 
 @jobs_app.command("show")
@@ -347,17 +418,21 @@ def jobs_show(job_id: str) -> None:
 
 
 @jobs_app.command("watch")
-def jobs_watch(job_id: str) -> None:
+def jobs_watch(job_id: str, json_output: JsonOutput = False) -> None:
     """Follow a job until it finishes, riding out a restart of its server (up to 5 minutes)."""
     client = _client()
-    _print_result(_run_job(client, job_id.split("-")[0], job_id))
+    _print_result(_run_job(client, job_id.split("-")[0], job_id), json_output)
 
 
 @jobs_app.command("cancel")
-def jobs_cancel(job_id: str) -> None:
-    """Ask a job to stop."""
+def jobs_cancel(job_id: str, json_output: JsonOutput = False) -> None:
+    """Ask a job to stop; it stops within seconds at any stage (a training run checkpoints first)."""
     job = _client().cancel(job_id)
-    console.print(json.dumps({"job_id": job.job_id, "cancel_requested": job.cancel_requested}))
+    if json_output:
+        console.print_json(data={"jobId": job.job_id, "cancelRequested": job.cancel_requested})
+    else:
+        console.print(f"{job.job_id}: cancel requested" if job.cancel_requested else f"{job.job_id}: already finished",
+                      highlight=False)
 
 
 def _add_plugins(target: typer.Typer) -> None:
@@ -372,8 +447,6 @@ _add_plugins(app)
 
 
 def main() -> None:
-    from rich.markup import escape
-
     from fluxlora_api.shared.errors import FluxloraError
 
     try:
@@ -381,7 +454,7 @@ def main() -> None:
     except (FluxloraClientError, FluxloraError) as err:
         # FluxloraError: the store itself (misconfigured, unreachable) fails before any RPC.
         # Messages name user files, which may hold "[...]": never read them as rich markup.
-        console.print(f"[red]error[/red] {err.code}: {escape(err.message)}")
+        err_console.print(f"[red]error[/red] {err.code}: {escape(err.message)}", highlight=False)
         raise SystemExit(1) from None
 
 

@@ -170,6 +170,10 @@ def _train_and_evaluate(client: FluxloraClient, outputs: PipelineOutputs, captio
         }
         client.download(f"datasets/{dataset_id}/images/", outputs.local["dataset"] / "images")
         client.download(f"datasets/{dataset_id}/manifest.json", outputs.local["dataset"])
+        preprocessed = outputs.results.get("preprocess")
+        sheet = getattr(preprocessed, "contact_sheet_key", "") or f"datasets/{dataset_id}/contact_sheet.png"
+        for path in client.download(sheet, outputs.local["dataset"]):  # none for a dataset made before them
+            outputs.local["contact_sheet"] = path
         client.download(f"runs/{run.run_id}/", outputs.local["run"])
         client.download(f"grids/{grid.grid_id}/", outputs.local["grid"])
     return outputs

@@ -344,6 +344,7 @@ COMMENTS: dict[str, dict[str, str]] = {
         'webhook_urls': "URLs that receive this job's events as Standard Webhooks (signed POSTs of the WatchJob event as\nJSON: accepted, started, progress, checkpoint, artifact, succeeded/failed/cancelled), from\nthe Submit request's webhook_urls and the server's FLUXLORA_WEBHOOK_URLS. See docs/observability.md.",
         'trace_id': "The W3C trace id (32 hex) of the request that submitted the job, when the server traces\n(OpenTelemetry); the job's worker and store calls are spans of that trace.",
         'traceparent': "The W3C traceparent of the submit request's span: the job's worker continues the trace from it.",
+        'notes': 'What the service decided for this job that its caller should know, said before the job starts\n(e.g. the memory options memory_mode "auto" picked for a training run, and why); each once.',
     },
     'fluxlora.v1.Job.MetricsEntry': {
         '': '',
@@ -557,7 +558,7 @@ COMMENTS: dict[str, dict[str, str]] = {
         '': 'What a training run is told. Every field left unset (0, "", false, empty) takes the default its\ncomment states ("default: X"); the training server\'s TrainConfig holds those defaults, and\ntests/unit/test_option_agreement.py checks that the two agree. A plain numeric field cannot ask\nfor 0 where its default is not 0; `optional` fields can.',
         'dataset_id': 'The captioned dataset to train on.',
         'base_model': 'The base model in diffusers layout: a local directory, or "store://<prefix>" for an\nobject-store prefix (e.g. "store://models/flux1-dev"). Empty means the service\'s default.',
-        'resolution': 'Training resolution (long side, pixels), a positive multiple of 16: 512, 768 or 1024 for\nFLUX.1; default: 512.',
+        'resolution': "Training resolution (long side, pixels), a positive multiple of 16: 512, 768 or 1024 for\nFLUX.1. Unset, the accepted spec records the base size the dataset was preprocessed at (512\nwhere its manifest does not say); default: the dataset's base size.",
         'max_steps': 'Optimiser steps, at least 1; default: 3000.',
         'learning_rate': 'Learning rate, in (0, 1]; default: 1e-4 (1.0 with the prodigy optimizer, where it multiplies\nthe step size Prodigy finds).',
         'rank': 'LoRA rank, 1 to 1024; default: 16.',
@@ -588,6 +589,7 @@ COMMENTS: dict[str, dict[str, str]] = {
         'max_sequence_length': 'T5 tokens read from each caption, 1 to 512; default: 512.',
         'weight_decay': 'AdamW weight decay, >= 0; default: 1e-4.',
         'max_grad_norm': 'Gradient-norm clipping threshold, >= 0 (0 turns clipping off); default: 1.0.',
+        'memory_mode': '"auto": the planner picks the fastest memory options (gradient_checkpointing, base_quantization,\nblocks_to_swap) that fit the GPU, keeping those set, and records them; the job\'s notes say which\nand why. "manual": as given, or refused; default: "auto".',
     },
     'fluxlora.v1.TrainingPlan': {
         '': '',
@@ -600,6 +602,13 @@ COMMENTS: dict[str, dict[str, str]] = {
         'fits': 'Whether total_gib <= target_gib.',
         'explanation': 'One sentence a person can act on (the message SubmitTraining would refuse with).',
         'alternatives': 'When it does not fit: option changes that would, runnable ones first.',
+        'memory_choice': 'With memory_mode "auto": what the planner picked and why, in words; the plan above is the picked\nrun\'s. Empty in "manual" mode, or when nothing fits.',
+        'picked': 'With memory_mode "auto": the picked memory options, TrainSpec field name -> value.',
+    },
+    'fluxlora.v1.TrainingPlan.PickedEntry': {
+        '': '',
+        'key': '',
+        'value': '',
     },
     'fluxlora.v1.TransferMode': {
         '': 'How a client sends the bytes of an upload.',

@@ -221,6 +221,7 @@ class Job(_message.Message):
     WEBHOOK_URLS_FIELD_NUMBER: _builtins.int
     TRACE_ID_FIELD_NUMBER: _builtins.int
     TRACEPARENT_FIELD_NUMBER: _builtins.int
+    NOTES_FIELD_NUMBER: _builtins.int
     job_id: _builtins.str
     """Server-assigned id, unique in the store, prefixed with the service ("pre-", "cap-", "trn-", "evl-")."""
     service: _builtins.str
@@ -292,6 +293,12 @@ class Job(_message.Message):
         the Submit request's webhook_urls and the server's FLUXLORA_WEBHOOK_URLS. See docs/observability.md.
         """
 
+    @_builtins.property
+    def notes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """What the service decided for this job that its caller should know, said before the job starts
+        (e.g. the memory options memory_mode "auto" picked for a training run, and why); each once.
+        """
+
     def __init__(
         self,
         *,
@@ -314,10 +321,11 @@ class Job(_message.Message):
         webhook_urls: _abc.Iterable[_builtins.str] | None = ...,
         trace_id: _builtins.str = ...,
         traceparent: _builtins.str = ...,
+        notes: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "error", b"error", "finished_at", b"finished_at", "progress", b"progress", "result", b"result", "spec", b"spec", "started_at", b"started_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["artifacts", b"artifacts", "attempts", b"attempts", "cancel_requested", b"cancel_requested", "created_at", b"created_at", "error", b"error", "finished_at", b"finished_at", "job_id", b"job_id", "metrics", b"metrics", "progress", b"progress", "request_id", b"request_id", "result", b"result", "service", b"service", "spec", b"spec", "started_at", b"started_at", "state", b"state", "trace_id", b"trace_id", "traceparent", b"traceparent", "warnings", b"warnings", "webhook_urls", b"webhook_urls"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["artifacts", b"artifacts", "attempts", b"attempts", "cancel_requested", b"cancel_requested", "created_at", b"created_at", "error", b"error", "finished_at", b"finished_at", "job_id", b"job_id", "metrics", b"metrics", "notes", b"notes", "progress", b"progress", "request_id", b"request_id", "result", b"result", "service", b"service", "spec", b"spec", "started_at", b"started_at", "state", b"state", "trace_id", b"trace_id", "traceparent", b"traceparent", "warnings", b"warnings", "webhook_urls", b"webhook_urls"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

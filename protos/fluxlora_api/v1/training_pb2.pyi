@@ -61,6 +61,7 @@ class TrainSpec(_message.Message):
     MAX_SEQUENCE_LENGTH_FIELD_NUMBER: _builtins.int
     WEIGHT_DECAY_FIELD_NUMBER: _builtins.int
     MAX_GRAD_NORM_FIELD_NUMBER: _builtins.int
+    MEMORY_MODE_FIELD_NUMBER: _builtins.int
     dataset_id: _builtins.str
     """The captioned dataset to train on."""
     base_model: _builtins.str
@@ -69,7 +70,8 @@ class TrainSpec(_message.Message):
     """
     resolution: _builtins.int
     """Training resolution (long side, pixels), a positive multiple of 16: 512, 768 or 1024 for
-    FLUX.1; default: 512.
+    FLUX.1. Unset, the accepted spec records the base size the dataset was preprocessed at (512
+    where its manifest does not say); default: the dataset's base size.
     """
     max_steps: _builtins.int
     """Optimiser steps, at least 1; default: 3000."""
@@ -161,6 +163,11 @@ class TrainSpec(_message.Message):
     """AdamW weight decay, >= 0; default: 1e-4."""
     max_grad_norm: _builtins.float
     """Gradient-norm clipping threshold, >= 0 (0 turns clipping off); default: 1.0."""
+    memory_mode: _builtins.str
+    """"auto": the planner picks the fastest memory options (gradient_checkpointing, base_quantization,
+    blocks_to_swap) that fit the GPU, keeping those set, and records them; the job's notes say which
+    and why. "manual": as given, or refused; default: "auto".
+    """
     @_builtins.property
     def sample_prompts(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Prompts for validation samples (repeat the option for several); default: the trigger word alone."""
@@ -207,10 +214,11 @@ class TrainSpec(_message.Message):
         max_sequence_length: _builtins.int = ...,
         weight_decay: _builtins.float | None = ...,
         max_grad_norm: _builtins.float | None = ...,
+        memory_mode: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_gradient_checkpointing", b"_gradient_checkpointing", "_guidance", b"_guidance", "_max_grad_norm", b"_max_grad_norm", "_seed", b"_seed", "_weight_decay", b"_weight_decay", "gradient_checkpointing", b"gradient_checkpointing", "guidance", b"guidance", "max_grad_norm", b"max_grad_norm", "seed", b"seed", "weight_decay", b"weight_decay"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_gradient_checkpointing", b"_gradient_checkpointing", "_guidance", b"_guidance", "_max_grad_norm", b"_max_grad_norm", "_seed", b"_seed", "_weight_decay", b"_weight_decay", "alpha", b"alpha", "base_model", b"base_model", "base_quantization", b"base_quantization", "batch_size", b"batch_size", "blocks_to_swap", b"blocks_to_swap", "caption_dropout", b"caption_dropout", "caption_version", b"caption_version", "checkpoint_every", b"checkpoint_every", "compile_blocks", b"compile_blocks", "dataset_id", b"dataset_id", "gradient_accumulation", b"gradient_accumulation", "gradient_checkpointing", b"gradient_checkpointing", "guidance", b"guidance", "learning_rate", b"learning_rate", "lr_scheduler", b"lr_scheduler", "lr_warmup_steps", b"lr_warmup_steps", "max_grad_norm", b"max_grad_norm", "max_sequence_length", b"max_sequence_length", "max_steps", b"max_steps", "optimizer", b"optimizer", "precision", b"precision", "rank", b"rank", "resolution", b"resolution", "resume_from_run", b"resume_from_run", "sample_every", b"sample_every", "sample_prompts", b"sample_prompts", "sample_steps", b"sample_steps", "seed", b"seed", "sigmoid_scale", b"sigmoid_scale", "target_modules", b"target_modules", "timestep_sampling", b"timestep_sampling", "timestep_shift", b"timestep_shift", "weight_decay", b"weight_decay"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_gradient_checkpointing", b"_gradient_checkpointing", "_guidance", b"_guidance", "_max_grad_norm", b"_max_grad_norm", "_seed", b"_seed", "_weight_decay", b"_weight_decay", "alpha", b"alpha", "base_model", b"base_model", "base_quantization", b"base_quantization", "batch_size", b"batch_size", "blocks_to_swap", b"blocks_to_swap", "caption_dropout", b"caption_dropout", "caption_version", b"caption_version", "checkpoint_every", b"checkpoint_every", "compile_blocks", b"compile_blocks", "dataset_id", b"dataset_id", "gradient_accumulation", b"gradient_accumulation", "gradient_checkpointing", b"gradient_checkpointing", "guidance", b"guidance", "learning_rate", b"learning_rate", "lr_scheduler", b"lr_scheduler", "lr_warmup_steps", b"lr_warmup_steps", "max_grad_norm", b"max_grad_norm", "max_sequence_length", b"max_sequence_length", "max_steps", b"max_steps", "memory_mode", b"memory_mode", "optimizer", b"optimizer", "precision", b"precision", "rank", b"rank", "resolution", b"resolution", "resume_from_run", b"resume_from_run", "sample_every", b"sample_every", "sample_prompts", b"sample_prompts", "sample_steps", b"sample_steps", "seed", b"seed", "sigmoid_scale", b"sigmoid_scale", "target_modules", b"target_modules", "timestep_sampling", b"timestep_sampling", "timestep_shift", b"timestep_shift", "weight_decay", b"weight_decay"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__gradient_checkpointing: _TypeAlias = _typing.Literal["gradient_checkpointing"]  # noqa: Y015
     _WhichOneofArgType__gradient_checkpointing: _TypeAlias = _typing.Literal["_gradient_checkpointing", b"_gradient_checkpointing"]  # noqa: Y015
@@ -456,6 +464,26 @@ Global___PlanAlternative: _TypeAlias = PlanAlternative  # noqa: Y015
 class TrainingPlan(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
+    @_typing.final
+    class PickedEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     TOTAL_GIB_FIELD_NUMBER: _builtins.int
     STEP_PEAK_GIB_FIELD_NUMBER: _builtins.int
     WEIGHTS_GIB_FIELD_NUMBER: _builtins.int
@@ -465,6 +493,8 @@ class TrainingPlan(_message.Message):
     FITS_FIELD_NUMBER: _builtins.int
     EXPLANATION_FIELD_NUMBER: _builtins.int
     ALTERNATIVES_FIELD_NUMBER: _builtins.int
+    MEMORY_CHOICE_FIELD_NUMBER: _builtins.int
+    PICKED_FIELD_NUMBER: _builtins.int
     total_gib: _builtins.float
     """Estimated peak GPU memory of the run (GiB): step peak + CUDA overhead."""
     step_peak_gib: _builtins.float
@@ -481,9 +511,17 @@ class TrainingPlan(_message.Message):
     """Whether total_gib <= target_gib."""
     explanation: _builtins.str
     """One sentence a person can act on (the message SubmitTraining would refuse with)."""
+    memory_choice: _builtins.str
+    """With memory_mode "auto": what the planner picked and why, in words; the plan above is the picked
+    run's. Empty in "manual" mode, or when nothing fits.
+    """
     @_builtins.property
     def alternatives(self) -> _containers.RepeatedCompositeFieldContainer[Global___PlanAlternative]:
         """When it does not fit: option changes that would, runnable ones first."""
+
+    @_builtins.property
+    def picked(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """With memory_mode "auto": the picked memory options, TrainSpec field name -> value."""
 
     def __init__(
         self,
@@ -497,10 +535,12 @@ class TrainingPlan(_message.Message):
         fits: _builtins.bool = ...,
         explanation: _builtins.str = ...,
         alternatives: _abc.Iterable[Global___PlanAlternative] | None = ...,
+        memory_choice: _builtins.str = ...,
+        picked: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["alternatives", b"alternatives", "explanation", b"explanation", "fits", b"fits", "mode", b"mode", "overhead_gib", b"overhead_gib", "step_peak_gib", b"step_peak_gib", "target_gib", b"target_gib", "total_gib", b"total_gib", "weights_gib", b"weights_gib"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["alternatives", b"alternatives", "explanation", b"explanation", "fits", b"fits", "memory_choice", b"memory_choice", "mode", b"mode", "overhead_gib", b"overhead_gib", "picked", b"picked", "step_peak_gib", b"step_peak_gib", "target_gib", b"target_gib", "total_gib", b"total_gib", "weights_gib", b"weights_gib"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

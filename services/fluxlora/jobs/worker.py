@@ -33,7 +33,7 @@ from google.protobuf.message import Message
 from fluxlora.common import tracing
 from fluxlora.common.config import Settings
 from fluxlora.common.storage import ArtifactStore
-from fluxlora.jobs.context import JobContext, JobInterrupted
+from fluxlora.jobs.context import JobContext, JobInterrupted, interruptible_now
 from fluxlora.jobs.records import JobRecords, mark_finished
 from fluxlora_api.shared.errors import NotFound, status_of
 from fluxlora_api.v1 import jobs_pb2
@@ -175,8 +175,11 @@ def stop_on_sigterm() -> threading.Event:
     stop = threading.Event()
     if threading.current_thread() is threading.main_thread():
         def on_signal(signum, frame) -> None:
-            log.info("worker received %s; stopping at the next safe point", signal.Signals(signum).name)
             stop.set()
+            if interruptible_now():  # loading a model or the like: nothing to save, stop right here
+                log.info("worker received %s while loading; stopping now", signal.Signals(signum).name)
+                raise JobInterrupted(f"{signal.Signals(signum).name} while loading")
+            log.info("worker received %s; stopping at the next safe point", signal.Signals(signum).name)
 
         signal.signal(signal.SIGTERM, on_signal)
         signal.signal(signal.SIGINT, on_signal)

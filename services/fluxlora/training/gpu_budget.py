@@ -12,6 +12,7 @@ import torch
 from fluxlora.common.config import Settings
 from fluxlora.common.storage import ArtifactStore
 from fluxlora.training.memory import MemoryPlan, MemoryPlanner, read_model_shape
+from fluxlora.training.memory.auto import AutoChoice, pick_memory_options
 from fluxlora.training.trainer.config import TrainConfig
 
 log = logging.getLogger(__name__)
@@ -51,3 +52,14 @@ def plan_run(base_model: str, store: ArtifactStore, cfg: TrainConfig, settings: 
         return None
     shape = read_model_shape(base_model, store)
     return planner_for(settings).plan(shape, cfg, target)
+
+
+def pick_for_run(base_model: str, store: ArtifactStore, cfg: TrainConfig, settings: Any,
+                 given: set[str]) -> AutoChoice | None:
+    """memory_mode auto: the fastest memory options for `cfg` that fit the target GPU, keeping the
+    `given` ones; None when nothing fits or the check is off."""
+    target = target_gib(settings)
+    if target is None:
+        return None
+    shape = read_model_shape(base_model, store)
+    return pick_memory_options(planner_for(settings), shape, cfg, target, given)
