@@ -54,7 +54,7 @@ def plan_run(base_model: str, store: ArtifactStore, cfg: TrainConfig, settings: 
     return planner_for(settings).plan(shape, cfg, target)
 
 
-def pick_for_run(base_model: str, store: ArtifactStore, cfg: TrainConfig, settings: Any,
+def pick_for_run(base_model: str, store: ArtifactStore, cfg: TrainConfig, settings: Settings,
                  given: set[str]) -> AutoChoice | None:
     """memory_mode auto: the fastest memory options for `cfg` that fit the target GPU, keeping the
     `given` ones; None when nothing fits or the check is off."""
