@@ -119,8 +119,10 @@ def test_each_service_is_a_hardened_deployment_with_native_grpc_probes_resources
     port = PORTS[name]
     assert c["args"] == ["serve", name]
     assert c["ports"] == [{"name": "grpc", "containerPort": port}, {"name": "metrics", "containerPort": 9464}]
-    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+    for probe in ("startupProbe", "readinessProbe"):
         assert c[probe]["grpc"] == {"port": port}, probe
+    # a store outage makes the server unready (out of the Service), never restarted by the kubelet
+    assert c["livenessProbe"]["grpc"] == {"port": port, "service": "liveness"}
     assert c["resources"]["requests"]["cpu"] and c["resources"]["requests"]["memory"]
     assert c["resources"]["limits"]["memory"]
     assert pod["securityContext"]["runAsNonRoot"] is True

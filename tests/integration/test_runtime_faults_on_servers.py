@@ -11,6 +11,7 @@ import pytest
 
 from fluxlora.common.storage import LocalStore
 from fluxlora.jobs import recorder
+from fluxlora.server.bootstrap import LIVENESS
 from fluxlora.server.healthcheck import serving
 from fluxlora_api.v1 import jobs_pb2
 from fluxlora_client import FluxloraClient, FluxloraClientError, JobFailed
@@ -60,6 +61,8 @@ def test_a_bucket_deleted_under_a_running_job_ends_it_for_every_watcher_and_heal
         assert failed.value.code == "NOT_FOUND" and "NoSuchBucket" in failed.value.message
         wait_until(lambda: not serving(server.address)[0], "health to say NOT_SERVING")
         assert serving(server.address) == (False, f"{server.address}: NOT_SERVING")
+        # ... but alive: a liveness probe must not restart a server that only waits for its store
+        assert serving(server.address, LIVENESS) == (True, f"{server.address}: SERVING")
         with pytest.raises(FluxloraClientError):  # a submit is refused, not queued forever
             client.preprocess(source, base_size=64, request_id="req-2")
 

@@ -35,6 +35,10 @@ log = logging.getLogger(__name__)
 configure_hf_offline()
 
 JOB_SERVICE_NAME = jobs_pb2.DESCRIPTOR.services_by_name["JobService"].full_name
+# Health names: "" and the services' names follow the runtime (readiness: NOT_SERVING while the store
+# refuses job records or a worker thread stopped); LIVENESS stays SERVING until shutdown, so a liveness
+# probe restarts a wedged process but never one that is only waiting for its store to come back.
+LIVENESS = "liveness"
 _STATUS = {True: health_pb2.HealthCheckResponse.SERVING, False: health_pb2.HealthCheckResponse.NOT_SERVING}
 RPC_THREADS = 16  # server threads beyond the watch streams' (FLUXLORA_MAX_WATCHERS)
 
@@ -119,6 +123,7 @@ class RunningServer:
         self.server.start()
         if self.health_server:
             self.health_server.start()
+        self.health.set(LIVENESS, health_pb2.HealthCheckResponse.SERVING)
         # SERVING while the runtime can run jobs: NOT_SERVING while the store refuses job records or a worker stopped.
         self.runtime.add_health_listener(lambda ok, why: [self.health.set(name, _STATUS[ok]) for name in (
             "", self.definition.grpc_name, JOB_SERVICE_NAME, TRANSFER_SERVICE_NAME)])
