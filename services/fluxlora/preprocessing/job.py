@@ -7,6 +7,7 @@ marker no later stage runs without).
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 from pathlib import Path
@@ -27,6 +28,8 @@ from fluxlora.preprocessing.pipeline import preprocess_files
 from fluxlora.preprocessing.report import build_report, truncated_for_proto
 from fluxlora_api.shared.errors import FailedPrecondition, InvalidArgument
 from fluxlora_api.v1 import preprocessing_pb2 as pb
+
+log = logging.getLogger(__name__)
 
 CROP_MODES = {
     pb.CROP_MODE_UNSPECIFIED: DEFAULTS.crop_mode,
@@ -132,16 +135,15 @@ def run_preprocess(ctx: JobContext, spec: pb.PreprocessSpec) -> pb.PreprocessRes
             f"({reasons}); upload JPEG, PNG, WebP, TIFF or BMP photos"
         )
 
-    prefix = keys.dataset_prefix(dataset_id)
-    for i, (relative, local) in enumerate(originals, 1):
-        ctx.check_cancelled()
-        ctx.store.put_file(f"{prefix}raw/{relative}", local)
-        ctx.progress("storing originals", i, len(originals), "file")
-    images = sorted(out_dir.iterdir())
-    for i, path in enumerate(images, 1):
-        ctx.check_cancelled()
-        ctx.store.put_file(keys.dataset_images(dataset_id) + path.name, path, "image/png")
-        ctx.progress("storing images", i, len(images), "image")
+    complete_before = ctx.store.exists(keys.dataset_manifest(dataset_id))  # the same photos, preprocessed earlier
+    try:
+        _store_files(ctx, dataset_id, originals, sorted(out_dir.iterdir()))
+    except OSError:
+        # A full disk (or any store failure) part-way: take back what this attempt stored, so no stray
+        # copies of the originals fill the disk further; the upload itself stays for a retry.
+        if not complete_before:
+            _remove_incomplete(ctx, dataset_id)
+        raise
     for warning in manifest.warnings:
         ctx.warn(warning)
 
@@ -165,6 +167,32 @@ def run_preprocess(ctx: JobContext, spec: pb.PreprocessSpec) -> pb.PreprocessRes
         report_key=report_key(dataset_id),
         contact_sheet_key=contact_sheet_key(dataset_id),
     )
+
+
+def _store_files(ctx: JobContext, dataset_id: str, originals: list[tuple[str, Path]], images: list[Path]) -> None:
+    prefix = keys.dataset_prefix(dataset_id)
+    for i, (relative, local) in enumerate(originals, 1):
+        ctx.check_cancelled()
+        ctx.store.put_file(f"{prefix}raw/{relative}", local)
+        ctx.progress("storing originals", i, len(originals), "file")
+    for i, path in enumerate(images, 1):
+        ctx.check_cancelled()
+        ctx.store.put_file(keys.dataset_images(dataset_id) + path.name, path, "image/png")
+        ctx.progress("storing images", i, len(images), "image")
+
+
+def _remove_incomplete(ctx: JobContext, dataset_id: str) -> None:
+    """Deletes what a failed attempt stored of a dataset that has no manifest (so no stage uses it)."""
+    prefix = keys.dataset_prefix(dataset_id)
+    removed = 0
+    try:
+        for info in list(ctx.store.list(prefix)):
+            ctx.store.delete(info.key)
+            removed += 1
+    except Exception as exc:  # noqa: BLE001 - the job's own error is the one to report
+        log.warning("could not remove the incomplete dataset %s: %s", prefix, exc)
+    if removed:
+        log.info("removed %d objects of the incomplete dataset %s", removed, prefix)
 
 
 def _progress(ctx: JobContext, done: int, total: int) -> None:
