@@ -172,24 +172,6 @@ class JobRuntime(JobExecution, JobWatching):
         self._queue.put(job.job_id)
         return self.get(job.job_id)
 
-    def get(self, job_id: str) -> jobs_pb2.Job:
-        """The job from memory, else its record from the store (then kept in the finished LRU)."""
-        with self._cond:
-            job = self._jobs.get(job_id)
-            if job is not None:
-                if job_id in self._finished:
-                    self._finished.move_to_end(job_id)
-                return copy_job(job)
-        job = self._load(job_id)  # outside the lock where the caller holds none: a store read may be slow
-        with self._cond:
-            if job.state in TERMINAL and job_id not in self._jobs:
-                self._jobs[job_id] = job
-                self._finished[job_id] = None
-                if job.request_id:
-                    self._by_request[job.request_id] = job_id
-                self._evict()
-            return copy_job(self._jobs.get(job_id, job))
-
     def list(self, states: builtins.list[int] | None = None, limit: int = 100) -> builtins.list[jobs_pb2.Job]:
         """The newest `limit` jobs (0: all), through as many pages as that takes."""
         jobs: builtins.list[jobs_pb2.Job] = []
