@@ -75,7 +75,7 @@ def test_the_worker_exits_3_on_a_request_that_can_never_succeed_and_reports_why(
     assert done.returncode == EXIT_PERMANENT  # the Job's podFailurePolicy fails it without retries
     report = load_report(store, "preprocessing", "pre-00000000000b")
     assert report.state == S.JOB_STATE_FAILED and report.error.code == "FAILED_PRECONDITION"
-    assert "uploads/u-2/" in report.error.message
+    assert "the uploaded folder" in report.error.message and "notes.txt" in report.error.message
 
 
 def test_the_worker_exits_3_for_a_job_the_store_does_not_hold(tmp_path):

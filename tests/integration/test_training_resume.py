@@ -83,7 +83,7 @@ def test_fluxlora_train_resume_from_continues_a_cancelled_run_without_its_datase
     refused = fluxlora("train")
     assert refused.exit_code == 2 and "--resume-from RUN_ID" in refused.output
 
-    resumed = fluxlora("train", "--resume-from", job.job_id, "--max-steps", "44")
+    resumed = fluxlora("train", "--resume-from", job.job_id, "--max-steps", "44", "--json")
     assert resumed.exit_code == 0, resumed.output
     result = json.loads(resumed.output[resumed.output.index("{"):])
     assert result["runId"] == job.job_id and int(result["stepsDone"]) == 44

@@ -65,7 +65,12 @@ def test_sample_photos_pass_preprocessing(photos, tmp_path):
     manifest = preprocess_files(files, tmp_path / "out", PreprocessOptions(base_size=128))
     assert manifest.image_count == len(photos)
     assert manifest.rejected == [] and manifest.duplicates == []
-    assert manifest.warnings == []
+    # No photo is blurry or monochrome. Two renders of one bottle on plain studio backgrounds with
+    # the same framing are near duplicates to the gate calibrated on real photos (bench/gate.py):
+    # at most one such pair, which the demo's report names (it trains them all).
+    assert {flag for image in manifest.images for flag in image.flags} <= {"near_duplicate"}
+    assert [len(group.stems) for group in manifest.near_duplicate_groups] in ([], [2])
+    assert all("near duplicates" in warning for warning in manifest.warnings), manifest.warnings
 
 
 def test_label_font_is_truetype():

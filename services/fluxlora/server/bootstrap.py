@@ -72,8 +72,8 @@ class RunningServer:
         threads = settings.max_watchers + RPC_THREADS
         # grpc.so_reuseport=0 (SERVER_OPTIONS): a second server on this port fails to bind rather than
         # sharing the port's connections with this one.
-        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=threads, thread_name_prefix=definition.name),
-                                  interceptors=observers + interceptors, options=SERVER_OPTIONS)
+        self._executor = futures.ThreadPoolExecutor(max_workers=threads, thread_name_prefix=definition.name)
+        self.server = grpc.server(self._executor, interceptors=observers + interceptors, options=SERVER_OPTIONS)
         definition.add_servicer(self.server, self.runtime)
         # Job events as signed webhooks, delivered by threads of their own (fluxlora.jobs.webhooks).
         if settings.webhook_urls:
@@ -143,6 +143,9 @@ class RunningServer:
         if self.webhooks is not None:
             self.webhooks.stop()
         stopped.wait(grace)
+        # grpc leaves its pool to its owner: without this its threads outlive the server (a process that
+        # starts servers again and again, as tests and `fluxlora up` restarts do, would collect them).
+        self._executor.shutdown(wait=False, cancel_futures=True)
         log.info("%s stopped", self.definition.name)
 
     def __enter__(self) -> RunningServer:
