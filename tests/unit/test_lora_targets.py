@@ -33,7 +33,11 @@ EXPECTED = {
     "attention": (DOUBLE_ATTENTION, SINGLE_ATTENTION),
     "all_linear": (DOUBLE_ATTENTION + TEXT_ATTENTION + MLPS, SINGLE_ATTENTION + ["proj_mlp", "proj_out"]),
 }
-MODULATION = {"transformer_blocks": ["norm1.linear", "norm1_context.linear"], "single_transformer_blocks": ["norm.linear"]}
+MODULATION = {"transformer_blocks": ["norm1.linear", "norm1_context.linear"],
+              "single_transformer_blocks": ["norm.linear"]}
+# The presets, and every linear layer of the blocks (modulation too, named beside the patterns).
+EXPORTED = {**TARGET_PRESETS, "blocks_with_modulation": [*ALL_LINEAR_TARGETS, "norm1.linear",
+                                                          "norm1_context.linear", "norm.linear"]}
 
 
 def meta_flux1(**changes) -> FluxTransformer2DModel:
@@ -106,10 +110,10 @@ def comfyui_delta(kohya: dict[str, torch.Tensor], name: str) -> torch.Tensor:
     return up @ down * (kohya[f"{name}.alpha"].item() / down.shape[0])
 
 
-@pytest.mark.parametrize("preset", sorted(TARGET_PRESETS))
+@pytest.mark.parametrize("preset", sorted(EXPORTED))
 def test_the_comfyui_file_holds_the_same_deltas_as_the_diffusers_file(preset):
     transformer = build_tiny_flux().transformer
-    random_lora(transformer, TARGET_PRESETS[preset])
+    random_lora(transformer, EXPORTED[preset])
     kohya = kohya_state_dict(get_peft_model_state_dict(transformer, adapter_name=ADAPTER_NAME), ALPHA,
                              transformer.config)
     expected: dict[str, dict[int | None, torch.Tensor]] = {}
@@ -157,11 +161,11 @@ def run(transformer) -> torch.Tensor:
         )[0]
 
 
-@pytest.mark.parametrize("preset", sorted(TARGET_PRESETS))
+@pytest.mark.parametrize("preset", sorted(EXPORTED))
 def test_both_files_load_through_diffusers_with_the_same_output(preset, shallow_flux1, tmp_path):
     transformer = shallow_flux1
     base = run(transformer)
-    random_lora(transformer, TARGET_PRESETS[preset])
+    random_lora(transformer, EXPORTED[preset])
     trained = run(transformer)
     save_lora(transformer, tmp_path, kohya_name="run.safetensors")
     transformer.delete_adapters(ADAPTER_NAME)
