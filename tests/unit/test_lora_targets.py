@@ -9,10 +9,12 @@ from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransfo
 from peft.tuners.lora import LoraLayer
 from peft.utils import get_peft_model_state_dict
 from pydantic import ValidationError
+from safetensors.torch import load_file
 
+from fluxlora.models.loading import load_flux_pipeline
 from fluxlora.models.tiny_flux import build_tiny_flux
 from fluxlora.training.memory.architecture import FLUX1_DEV_TRANSFORMER
-from fluxlora.training.trainer import LORA_WEIGHTS_NAME, TrainConfig
+from fluxlora.training.trainer import LORA_WEIGHTS_NAME, TrainConfig, train_lora
 from fluxlora.training.trainer.checkpoint import ADAPTER_NAME, save_lora
 from fluxlora.training.trainer.kohya import _part_dims, _target, kohya_state_dict
 from fluxlora.training.trainer.lora import add_lora
@@ -181,3 +183,22 @@ def test_both_files_load_through_diffusers_with_the_same_output(preset, shallow_
     assert (trained - base).abs().max() > 0.05  # the LoRA matters...
     for name, output in outputs.items():  # ...and both files carry all of it
         torch.testing.assert_close(output, trained, atol=1e-4, rtol=1e-4, msg=name)
+
+
+def test_a_run_recorded_with_the_old_list_resumes_and_loads(tiny_flux_dir, make_dataset, shape_image, tmp_path):
+    """run.json's old attention+MLP list: the run resumes exactly, and its LoRA file loads in a
+    pipeline as evaluation loads it, final layer included."""
+    dataset = make_dataset({"red": (shape_image((64, 64), "red"), "a red circle")})
+    cfg = TrainConfig(resolution=64, max_steps=2, checkpoint_every=1, sample_every=0, rank=RANK, alpha=ALPHA,
+                      gradient_checkpointing=False, learning_rate=1e-3, target_modules=LEGACY_ATTENTION_AND_MLP_TARGETS)
+    whole = train_lora(cfg, tiny_flux_dir, dataset, tmp_path / "whole", device="cpu")
+    resumed = train_lora(cfg, tiny_flux_dir, dataset, tmp_path / "resumed", device="cpu",
+                         resume_from=tmp_path / "whole/checkpoints/step-000001")
+    assert resumed.losses == whole.losses
+    assert "transformer.proj_out.lora_A.weight" in load_file(resumed.final_checkpoint)
+
+    pipe = load_flux_pipeline(tiny_flux_dir, "cpu", torch.float32)
+    pipe.load_lora_weights(resumed.final_checkpoint, adapter_name="trained")
+    double = DOUBLE_ATTENTION + TEXT_ATTENTION + ["ff.net.0.proj", "ff.net.2"]
+    trained = in_blocks(double, SINGLE_ATTENTION + ["proj_mlp", "proj_out"], pipe.transformer.config)
+    assert lora_modules(pipe.transformer) == trained | {"proj_out"}
