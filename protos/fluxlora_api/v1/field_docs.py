@@ -571,7 +571,7 @@ COMMENTS: dict[str, dict[str, str]] = {
         'guidance': 'Guidance value fed to a guidance-distilled base (FLUX.1-dev), >= 0; default: 3.5.',
         'precision': 'Numeric precision of the base weights and the step: "auto" (bf16 on a GPU, fp32 on a CPU),\n"bf16", "fp16" or "fp32"; default: "auto".',
         'gradient_checkpointing': 'Recompute activations in the backward pass to save memory; default: true.',
-        'target_modules': 'Transformer modules that get LoRA layers (repeat the option for several); default:\n["to_k", "to_q", "to_v", "to_out.0"].',
+        'target_modules': 'Transformer modules that get LoRA layers (repeat the option for several). A name matches\nthat module and every module whose name ends in "." + it; an entry with a regex character\n(\\^$*+?{}[]()|) is a regular expression that must match whole module names (e.g.\ntransformer_blocks\\.\\d+\\.ff_context\\.net\\.2). The default is attention (image-stream and\nsingle-block q/k/v/out); presets and the exact modules each trains: docs/api.md "LoRA\ntargets"; default: ["to_k", "to_q", "to_v", "to_out.0"].',
         'lr_scheduler': 'Learning-rate schedule: "constant", "constant_with_warmup", "cosine" or "linear" (warmup:\nlr_warmup_steps); default: "constant".',
         'timestep_sampling': 'How the noise level is drawn each step: "sigmoid" (mid levels, as kohya for FLUX), "uniform",\n"shift" (sigmoid shifted by timestep_shift) or "flux_shift" (FLUX\'s resolution-dependent\nshift); default: "sigmoid".',
         'sample_steps': 'Denoising steps for validation samples, at least 1; default: 20.',

@@ -174,8 +174,12 @@ class TrainSpec(_message.Message):
 
     @_builtins.property
     def target_modules(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
-        """Transformer modules that get LoRA layers (repeat the option for several); default:
-        ["to_k", "to_q", "to_v", "to_out.0"].
+        """Transformer modules that get LoRA layers (repeat the option for several). A name matches
+        that module and every module whose name ends in "." + it; an entry with a regex character
+        (\\^$*+?{}[]()|) is a regular expression that must match whole module names (e.g.
+        transformer_blocks\\.\\d+\\.ff_context\\.net\\.2). The default is attention (image-stream and
+        single-block q/k/v/out); presets and the exact modules each trains: docs/api.md "LoRA
+        targets"; default: ["to_k", "to_q", "to_v", "to_out.0"].
         """
 
     def __init__(

@@ -7,6 +7,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from fluxlora.training.trainer.targets import ALL_LINEAR_TARGETS, ATTENTION_TARGETS, check_entry
+
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "cosine", "linear")
 TimestepSampling = Literal["uniform", "sigmoid", "shift", "flux_shift"]
 Precision = Literal["auto", "bf16", "fp16", "fp32"]
@@ -19,20 +21,10 @@ OPTIMIZER_STATE_BYTES = {"adamw": 8, "adamw8bit": 2, "prodigy": 16}
 _OPTIMIZER_PACKAGES = {"adamw8bit": ("bitsandbytes", "pip install bitsandbytes, on a CUDA training node"),
                        "prodigy": ("prodigyopt", "pip install prodigyopt")}
 
-DEFAULT_TARGETS = ["to_k", "to_q", "to_v", "to_out.0"]
-# Every linear layer of the double- and single-stream blocks (attention and MLP), as kohya's
-# "all layers" presets train: more capacity per rank, at about 1.3x the step time of attention only.
-ATTENTION_AND_MLP_TARGETS = [
-    *DEFAULT_TARGETS,
-    "add_q_proj",
-    "add_k_proj",
-    "add_v_proj",
-    "to_add_out",
-    "ff.net.0.proj",
-    "ff.net.2",
-    "proj_mlp",
-    "proj_out",
-]
+DEFAULT_TARGETS = ATTENTION_TARGETS
+# Every linear layer of the attention and MLPs of both streams in the double and single blocks
+# (see targets.py for what is left out): more capacity per rank, at more step time than attention.
+ATTENTION_AND_MLP_TARGETS = ALL_LINEAR_TARGETS
 
 # Image sides must survive the VAE (8x on FLUX.1) and 2x2 packing: 16 divides both.
 SIDE_MULTIPLE = 16
@@ -50,6 +42,10 @@ class TrainConfig(BaseModel):
         resolution-dependent shift FLUX uses at inference (from the scheduler's config).
     guidance: the distilled guidance value fed to transformers with guidance_embeds
         (FLUX.1-dev); ignored by ones without.
+    target_modules: module names (peft's rule: the name or a name ending in "." + it) or regular
+        expressions matching whole module names; presets and the exact modules they name in
+        targets.py (DEFAULT_TARGETS: attention; ATTENTION_AND_MLP_TARGETS: every linear layer
+        of the blocks' attention and MLPs, both streams).
     checkpoint_every / sample_every: in optimizer steps; 0 means only at the final step, which
         always gets a checkpoint (and samples, when sample_prompts are given).
     base_quantization: store the frozen base weights of the transformer blocks in 8 bits
@@ -119,8 +115,8 @@ class TrainConfig(BaseModel):
     @field_validator("target_modules")
     @classmethod
     def _named_modules(cls, value: list[str]) -> list[str]:
-        if any(not name.strip() for name in value):
-            raise ValueError("target_modules must not contain empty names")
+        for entry in value:
+            check_entry(entry)
         return value
 
     @model_validator(mode="after")

@@ -14,11 +14,22 @@ when only attention was targeted) gets zero rows: fusing handles any subset of t
 loader (`_convert_kohya_flux_lora_to_diffusers`) recognises this block-diagonal layout and splits
 it back into the separate LoRAs.
 
-The mapping mirrors diffusers' converter, which reads these files back. Modules outside the
-blocks (embedders, final layer; "proj_out" as a target matches the final layer's too) are written
-as kohya names them and ComfyUI applies them, but diffusers' kohya loader (0.42) drops them: such a
-LoRA loads in diffusers exactly only from the diffusers-format file. Its final_layer branch also
-ignores alpha, so final-layer LoRAs carry their scale in B (alpha = rank).
+The mapping mirrors diffusers' converter, which reads these files back, and ComfyUI's key map
+(`lora_unet_` + the BFL module name with "." as "_", applied to `diffusion_model.<name>.weight`).
+Every module a preset (targets.py) trains is in the blocks and has its name here:
+
+    double block  attn.to_out.0 img_attn.proj   attn.to_add_out txt_attn.proj
+                  ff.net.0.proj img_mlp.0       ff.net.2        img_mlp.2
+                  ff_context.net.0.proj txt_mlp.0   ff_context.net.2 txt_mlp.2
+                  norm1.linear img_mod.lin      norm1_context.linear txt_mod.lin (named only)
+    single block  proj_out linear2   norm.linear modulation.lin (named only)
+
+so a preset's kohya file loads in diffusers with exactly the diffusers file's deltas (tested on
+FLUX.1's real widths). Modules outside the blocks (embedders, final layer: reachable only by
+naming them, e.g. an old run's plain "proj_out") are written as kohya names them and ComfyUI
+applies them, but diffusers' kohya loader (0.42) converts them without the "transformer." prefix
+and so drops them: such a LoRA loads in diffusers exactly only from the diffusers-format file. Its
+final_layer branch also ignores alpha, so final-layer LoRAs carry their scale in B (alpha = rank).
 """
 
 from __future__ import annotations

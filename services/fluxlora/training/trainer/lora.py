@@ -10,15 +10,16 @@ from peft.utils.error import NoMatchingPeftModuleError
 from fluxlora.models.base_layers import freeze_base
 from fluxlora.training.trainer.checkpoint import ADAPTER_NAME
 from fluxlora.training.trainer.config import TrainConfig
+from fluxlora.training.trainer.targets import peft_target_modules
 
 
 def add_lora(transformer, cfg: TrainConfig) -> list[torch.nn.Parameter]:
-    """Add the run's LoRA adapter to the layers whose names end with one of cfg.target_modules
-    (peft's matching); returns the trainable parameters (fp32)."""
+    """Add the run's LoRA adapter to the layers cfg.target_modules names (names as peft matches
+    them, or whole-name regular expressions: targets.py); returns the trainable parameters (fp32)."""
     lora = LoraConfig(
         r=cfg.rank,
         lora_alpha=cfg.alpha,
-        target_modules=list(cfg.target_modules),
+        target_modules=peft_target_modules(cfg.target_modules),
         init_lora_weights="gaussian",
     )
     # peft draws the initial LoRA weights from the global RNG: seed it, privately.
@@ -38,7 +39,8 @@ def add_lora(transformer, cfg: TrainConfig) -> list[torch.nn.Parameter]:
 
 def _no_match(cfg: TrainConfig) -> str:
     return (f"target_modules {cfg.target_modules} matched no layer of the transformer "
-            "(names such as to_q, to_k, to_v, to_out.0, proj_mlp, ff.net.2)")
+            "(names such as to_q, to_k, to_v, to_out.0, proj_mlp, ff.net.2, or regular expressions matching "
+            r"whole names such as transformer_blocks\.\d+\.ff_context\.net\.2)")
 
 
 def prepare_transformer(transformer, cfg: TrainConfig, device: torch.device | None = None) -> list[torch.nn.Parameter]:
