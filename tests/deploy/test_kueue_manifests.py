@@ -1,10 +1,11 @@
-"""The Kueue overlay (overlays/rtx4090-kueue = base + components/kueue), rendered by kubectl's
-kustomize: Kubernetes objects validated strictly against the 1.30 schemas, Kueue's objects against
-the openAPIV3Schema of Kueue's own CRDs (tests/deploy/schemas/kueue, pinned release, no unknown
-fields), and what the issue promises held on what would be applied: no Deployment holds a GPU;
-captioning, training and evaluation launch suspended Jobs in a LocalQueue whose ClusterQueue has
-GPU quota on the RTX 4090 ResourceFlavor (where the node selector lives); grids and generate
-requests outrank captioning, which outranks training, which may be preempted."""
+"""Every GPU stage as a Job: overlays/rtx4090-jobs (base + components/gpu-jobs: plain Jobs) and
+overlays/rtx4090-kueue (the same + components/kueue), rendered by kubectl's kustomize: Kubernetes
+objects validated strictly against the 1.30 schemas, Kueue's objects against the openAPIV3Schema of
+Kueue's own CRDs (tests/deploy/schemas/kueue, a pinned release, no unknown fields), and what issue 14
+promises held on what would be applied: no Deployment holds a GPU; captioning, training and
+evaluation launch Jobs with a GPU (with Kueue: suspended, in a LocalQueue whose ClusterQueue has GPU
+quota on the RTX 4090 ResourceFlavor, where the node selector lives); grids and generate requests
+outrank captioning, which outranks training, which may be preempted."""
 
 from __future__ import annotations
 
@@ -61,9 +62,17 @@ def crd_schemas() -> dict[str, dict]:
     return schemas
 
 
+OVERLAYS = ("rtx4090-jobs", "rtx4090-kueue")
+
+
 @pytest.fixture(scope="module")
-def docs() -> list[dict]:
-    return render(K8S / "overlays" / "rtx4090-kueue")
+def rendered() -> dict[str, list[dict]]:
+    return {name: render(K8S / "overlays" / name) for name in OVERLAYS}
+
+
+@pytest.fixture
+def docs(rendered) -> list[dict]:
+    return rendered["rtx4090-kueue"]
 
 
 def service_job(docs, service: str, monkeypatch) -> dict:
@@ -79,7 +88,10 @@ def service_job(docs, service: str, monkeypatch) -> dict:
     return job_manifest(f"{service[:3]}-0123456789ab", service, settings)
 
 
-def test_every_object_is_valid_kubernetes_objects_strictly_and_kueue_objects_against_kueues_crds(docs):
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_every_object_is_valid_kubernetes_objects_strictly_and_kueue_objects_against_kueues_crds(rendered,
+                                                                                                 overlay):
+    docs = rendered[overlay]
     schemas = crd_schemas()
     assert set(schemas) == {"ClusterQueue", "LocalQueue", "ResourceFlavor", "WorkloadPriorityClass"}
     kueue_kinds = []
@@ -94,7 +106,8 @@ def test_every_object_is_valid_kubernetes_objects_strictly_and_kueue_objects_aga
             assert "namespace" not in doc["metadata"], doc["metadata"]["name"]
         else:
             assert doc["metadata"]["namespace"] == "fluxlora", doc["metadata"]["name"]
-    assert sorted(kueue_kinds) == ["ClusterQueue", "LocalQueue", "ResourceFlavor", *["WorkloadPriorityClass"] * 3]
+    assert sorted(kueue_kinds) == ([] if overlay == "rtx4090-jobs" else
+                                   ["ClusterQueue", "LocalQueue", "ResourceFlavor", *["WorkloadPriorityClass"] * 3])
 
 
 def test_the_crd_schemas_refuse_what_they_should():
@@ -109,7 +122,9 @@ def test_the_crd_schemas_refuse_what_they_should():
         jsonschema.validate(queue, schemas["ClusterQueue"])
 
 
-def test_no_deployment_asks_for_a_gpu(docs):
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_no_deployment_asks_for_a_gpu(rendered, overlay):
+    docs = rendered[overlay]
     for deployment in by_kind(docs, "Deployment").values():
         pod = deployment["spec"]["template"]["spec"]
         assert "nvidia.com/gpu" not in container(deployment)["resources"].get("limits", {})
@@ -158,10 +173,24 @@ def test_each_gpu_stage_is_a_suspended_job_in_the_local_queue_with_its_priority_
     assert container(job)["command"][:3] == ["fluxlora", "worker", service]
 
 
-def test_the_launchers_may_do_what_launching_and_explaining_a_wait_needs(docs):
+@pytest.mark.parametrize("service", LAUNCHERS)
+def test_without_kueue_each_gpu_stage_is_a_plain_job_on_an_rtx_4090(rendered, service, monkeypatch):
+    job = service_job(rendered["rtx4090-jobs"], service, monkeypatch)
+    kubernetes_validate.validate(job, K8S_VERSION, strict=True)
+    assert "suspend" not in job["spec"] and LABEL_QUEUE not in job["metadata"]["labels"]
+    pod = job["spec"]["template"]["spec"]
+    assert pod["nodeSelector"] == RTX4090 and pod["tolerations"] == [GPU_TOLERATION]
+    assert container(job)["resources"]["limits"]["nvidia.com/gpu"] == "1"
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_the_launchers_may_do_what_launching_and_explaining_a_wait_needs(rendered, overlay):
+    docs = rendered[overlay]
     role = by_kind(docs, "Role")["fluxlora-launcher"]
-    assert {"apiGroups": ["kueue.x-k8s.io"], "resources": ["localqueues"], "verbs": ["get"]} in role["rules"]
-    assert {"apiGroups": ["kueue.x-k8s.io"], "resources": ["workloads"], "verbs": ["list"]} in role["rules"]
+    kueue_rules = [{"apiGroups": ["kueue.x-k8s.io"], "resources": ["localqueues"], "verbs": ["get"]},
+                   {"apiGroups": ["kueue.x-k8s.io"], "resources": ["workloads"], "verbs": ["list"]}]
+    assert [r for r in role["rules"] if r["apiGroups"] == ["kueue.x-k8s.io"]] == (
+        kueue_rules if overlay == "rtx4090-kueue" else [])
     assert {"apiGroups": ["batch"], "resources": ["jobs"],
             "verbs": ["create", "get", "list", "watch", "delete"]} in role["rules"]
     binding = by_kind(docs, "RoleBinding")["fluxlora-launcher"]
@@ -173,3 +202,15 @@ def test_the_launchers_may_do_what_launching_and_explaining_a_wait_needs(docs):
         assert pod["automountServiceAccountToken"] is True
     preprocessing = by_kind(docs, "Deployment")["preprocessing"]["spec"]["template"]["spec"]
     assert preprocessing["automountServiceAccountToken"] is False
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_the_services_stay_hardened_deployments_with_grpc_probes_and_resources(rendered, overlay):
+    for name, deployment in by_kind(rendered[overlay], "Deployment").items():
+        pod, c = deployment["spec"]["template"]["spec"], container(deployment)
+        assert pod["securityContext"]["runAsNonRoot"] is True, name
+        assert c["securityContext"] == {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True,
+                                        "capabilities": {"drop": ["ALL"]}}, name
+        assert all(c[p]["grpc"]["port"] for p in ("startupProbe", "readinessProbe", "livenessProbe")), name
+        assert c["resources"]["requests"]["cpu"] and c["resources"]["limits"]["memory"], name
+        assert deployment["spec"]["strategy"] == {"type": "Recreate"}, name
