@@ -19,6 +19,7 @@ import pytest
 import yaml
 from deploy_tools import K8S
 from test_kubernetes_manifests import K8S_VERSION, by_kind, container, env_of, render
+from test_kubernetes_manifests import OVERLAYS as GPU_SERVER_OVERLAYS
 
 from fluxlora.common.config import Settings
 from fluxlora.jobs.kubernetes import LABEL_PRIORITY, LABEL_QUEUE, job_manifest
@@ -63,6 +64,10 @@ def crd_schemas() -> dict[str, dict]:
 
 
 OVERLAYS = ("rtx4090-jobs", "rtx4090-kueue")
+
+
+def test_every_overlay_is_rendered_and_validated_by_one_of_the_two_manifest_tests():
+    assert {p.name for p in (K8S / "overlays").iterdir()} == set(OVERLAYS) | set(GPU_SERVER_OVERLAYS)
 
 
 @pytest.fixture(scope="module")
