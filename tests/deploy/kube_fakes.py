@@ -1,6 +1,11 @@
 """A fake Kubernetes API server over HTTP (the batch/v1 Jobs and v1 Pods endpoints the launcher
 uses), and a fake kubelet that runs each created Job's worker in a thread, one per GPU.
 
+With a LocalQueue added (`local_queues`), it models Kueue too: a Job created suspended with the
+queue-name label gets a Workload (QuotaReserved False, Pending) and waits until `admit` unsuspends it
+(adding the ResourceFlavor's node labels); `evict` (a preemption) suspends it again, which deletes its
+pod (the worker gets its SIGTERM) and keeps the Job.
+
 The real `kubernetes` Python client talks to it, so requests, bodies, label selectors, status codes
 (201, 200, 404, 409) and response decoding all go through the client as they would on a cluster.
 """
@@ -18,6 +23,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, urlparse
 
 JOBS = re.compile(r"^/apis/batch/v1/namespaces/(?P<ns>[^/]+)/jobs(?:/(?P<name>[^/]+))?$")
+WORKLOADS = re.compile(r"^/apis/kueue.x-k8s.io/v1beta1/namespaces/(?P<ns>[^/]+)/workloads$")
+LOCAL_QUEUES = re.compile(r"^/apis/kueue.x-k8s.io/v1beta1/namespaces/(?P<ns>[^/]+)/localqueues/(?P<name>[^/]+)$")
 PODS = re.compile(r"^/api/v1/namespaces/(?P<ns>[^/]+)/pods(?:/(?P<name>[^/]+))?$")
 
 
@@ -47,6 +54,10 @@ class FakeKubeAPI:
         self.requests: list[tuple[str, str, dict]] = []  # (method, path, query) in order
         self.on_create: Callable[[str, dict], None] = lambda namespace, job: None
         self.on_delete: Callable[[str, str], None] = lambda namespace, name: None
+        self.on_suspend: Callable[[str, str], None] = lambda namespace, name: None  # pods deleted
+        self.on_unsuspend: Callable[[str, dict], None] = lambda namespace, job: None  # pods may start
+        self.local_queues: dict[tuple[str, str], str] = {}  # (namespace, LocalQueue) -> ClusterQueue
+        self.workloads: dict[tuple[str, str], dict] = {}  # (namespace, Job name) -> its Workload
         self.lock = threading.RLock()
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler_class())
         self._server.daemon_threads = True
@@ -72,7 +83,60 @@ class FakeKubeAPI:
         meta.update(namespace=namespace, uid=str(uuid.uuid4()), resourceVersion="1", creationTimestamp=_now())
         job["status"] = {"startTime": _now(), "active": 0}
         self.jobs[(namespace, meta["name"])] = job
+        queue = meta.get("labels", {}).get("kueue.x-k8s.io/queue-name")
+        if queue and (namespace, queue) in self.local_queues:
+            self._set_suspended(job, True, "JobSuspended", "Job suspended")
+            self.workloads[(namespace, meta["name"])] = {
+                "apiVersion": "kueue.x-k8s.io/v1beta1", "kind": "Workload",
+                "metadata": {"name": f"job-{meta['name']}-1a2b3", "namespace": namespace,
+                             "labels": {"kueue.x-k8s.io/job-uid": meta["uid"]},
+                             "ownerReferences": [{"apiVersion": "batch/v1", "kind": "Job", "name": meta["name"],
+                                                  "uid": meta["uid"], "controller": True}]},
+                "spec": {"queueName": queue},
+                "status": {"conditions": [self._condition("QuotaReserved", "False", "Pending", (
+                    "couldn't assign flavors to pod set main: insufficient unused quota for nvidia.com/gpu in "
+                    "flavor rtx4090, 1 more needed"))]}}
         return job
+
+    @staticmethod
+    def _condition(kind: str, status: str, reason: str, message: str) -> dict:
+        return {"type": kind, "status": status, "reason": reason, "message": message,
+                "lastTransitionTime": _now()}
+
+    def _set_suspended(self, job: dict, suspended: bool, reason: str, message: str) -> None:
+        job["spec"]["suspend"] = suspended
+        conditions = [c for c in job["status"].get("conditions", []) if c["type"] != "Suspended"]
+        job["status"]["conditions"] = [*conditions, self._condition("Suspended", str(suspended), reason, message)]
+
+    def admit(self, namespace: str, name: str, node_labels: dict | None = None) -> None:
+        """Kueue admits the Job's Workload: the flavor's node labels go into the pod template, the
+        Job is unsuspended and its pod can start."""
+        with self.lock:
+            job = self.jobs[(namespace, name)]
+            pod_spec = job["spec"]["template"]["spec"]
+            pod_spec["nodeSelector"] = {**pod_spec.get("nodeSelector", {}), **(node_labels or {})}
+            self._set_suspended(job, False, "JobResumed", "Job resumed")
+            queue = job["metadata"]["labels"]["kueue.x-k8s.io/queue-name"]
+            workload = self.workloads[(namespace, name)]
+            workload["status"] = {
+                "admission": {"clusterQueue": self.local_queues[(namespace, queue)], "podSetAssignments": []},
+                "conditions": [self._condition("QuotaReserved", "True", "QuotaReserved", "Quota reserved"),
+                               self._condition("Admitted", "True", "Admitted", "The workload is admitted")]}
+            job = copy.deepcopy(job)
+        self.on_unsuspend(namespace, job)
+
+    def evict(self, namespace: str, name: str) -> None:
+        """Kueue preempts the Workload: the Job is suspended again, its pod deleted (SIGTERM)."""
+        with self.lock:
+            job = self.jobs[(namespace, name)]
+            self._set_suspended(job, True, "JobSuspended", "Job suspended")
+            job["status"]["active"] = 0
+            self.pods.pop((namespace, name), None)
+            self.workloads[(namespace, name)]["status"] = {"conditions": [
+                self._condition("Evicted", "True", "Preempted", "Preempted to accommodate a workload (UID: "
+                                "0b1c, JobUID: 9f8e) due to prioritization in the ClusterQueue"),
+                self._condition("QuotaReserved", "False", "Pending", "Preempted")]}
+        self.on_suspend(namespace, name)
 
     def set_pod(self, namespace: str, name: str, phase: str, unschedulable: str = "") -> None:
         with self.lock:
@@ -161,7 +225,20 @@ class FakeKubeAPI:
             if method == "DELETE":
                 del self.jobs[(ns, name)]
                 self.pods.pop((ns, name), None)
+                self.workloads.pop((ns, name), None)
                 return 200, _status(200, "", "") | {"status": "Success"}, lambda: self.on_delete(ns, name)
+        if (m := LOCAL_QUEUES.match(path)) and method == "GET":
+            cluster_queue = self.local_queues.get((m["ns"], m["name"]))
+            if cluster_queue is None:  # no such LocalQueue, or no Kueue at all
+                return 404, _status(404, "NotFound", "the server could not find the requested resource"), None
+            return 200, {"apiVersion": "kueue.x-k8s.io/v1beta1", "kind": "LocalQueue",
+                         "metadata": {"name": m["name"], "namespace": m["ns"]},
+                         "spec": {"clusterQueue": cluster_queue}}, None
+        if (m := WORKLOADS.match(path)) and method == "GET":
+            items = [w for (n, _), w in self.workloads.items()
+                     if n == m["ns"] and matches(w["metadata"]["labels"], query.get("labelSelector", ""))]
+            return 200, {"apiVersion": "kueue.x-k8s.io/v1beta1", "kind": "WorkloadList", "metadata": {},
+                         "items": items}, None
         if (m := PODS.match(path)) and method == "GET" and m["name"]:
             pod = self.server_pods.get((m["ns"], m["name"]))
             if pod is None:
@@ -177,7 +254,9 @@ class FakeKubeAPI:
 class FakeKubelet:
     """Runs each created Job's worker (the real `run_worker`) in a thread when a GPU is free;
     until then the Job's pod is Pending and Unschedulable, as on a cluster whose GPUs are busy.
-    Exit 0 completes the Job; another exit code fails it (as backoffLimit 0 would)."""
+    Exit 0 completes the Job; another exit code fails it (as backoffLimit 0 would), unless the Job
+    was suspended meanwhile (Kueue's preemption: its pod goes, the Job stays). A suspended Job gets
+    no pod until it is unsuspended. `pods_started` counts pods per Job."""
 
     def __init__(self, api: FakeKubeAPI, run: Callable[[str, str, threading.Event], int], gpus: int = 1):
         self.api = api
@@ -186,11 +265,16 @@ class FakeKubelet:
         self.waiting: list[tuple[str, dict]] = []
         self.running: dict[str, threading.Event] = {}
         self.exit_codes: dict[str, int] = {}
+        self.pods_started: dict[str, int] = {}
         self.lock = threading.Lock()
         api.on_create = self.created
         api.on_delete = self.deleted
+        api.on_suspend = self.deleted
+        api.on_unsuspend = self.created
 
     def created(self, namespace: str, job: dict) -> None:
+        if job["spec"].get("suspend"):
+            return
         with self.lock:
             self.waiting.append((namespace, job))
         self._schedule()
@@ -208,6 +292,7 @@ class FakeKubelet:
                 namespace, job = self.waiting.pop(0)
                 name = job["metadata"]["name"]
                 self.running[name] = threading.Event()
+                self.pods_started[name] = self.pods_started.get(name, 0) + 1
                 self.api.set_pod(namespace, name, "Running")
                 threading.Thread(target=self._run_pod, args=(namespace, job), daemon=True).start()
             for namespace, job in self.waiting:
@@ -221,9 +306,12 @@ class FakeKubelet:
         assert command[:2] == ["fluxlora", "worker"], command
         code = self.run(command[2], command[3], self.running[name])
         self.exit_codes[name] = code
-        self.api.finish(namespace, name, code == 0, reason="" if code == 0 else "PodFailurePolicy",
-                        message="" if code == 0 else f"Container worker for pod {name}-abcde failed with exit "
-                                                     f"code {code} matching FailJob rule at index 0")
+        with self.api.lock:
+            suspended = self.api.jobs.get((namespace, name), {}).get("spec", {}).get("suspend")
+        if not suspended:
+            self.api.finish(namespace, name, code == 0, reason="" if code == 0 else "PodFailurePolicy",
+                            message="" if code == 0 else f"Container worker for pod {name}-abcde failed with "
+                                                         f"exit code {code} matching FailJob rule at index 0")
         with self.lock:
             self.running.pop(name, None)
         self._schedule()

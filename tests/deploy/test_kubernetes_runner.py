@@ -304,3 +304,116 @@ def test_a_restart_deletes_the_job_of_a_cancelled_record_and_leaves_unknown_jobs
     assert runtime.get(record.job_id).state == S.JOB_STATE_CANCELLED
     assert [r[1].rsplit("/", 1)[-1] for r in c.api.requests_of("DELETE")] == [record.job_id]
     assert (NS, "pre-0000000000ff") in c.api.jobs
+
+
+# --- Kueue: suspended Jobs, admission, preemption ---------------------------------------------------
+QUEUE = {"k8s_queue_name": "fluxlora", "k8s_priority_class": "fluxlora-training", "k8s_node_selector": {},
+         "k8s_tolerations": []}  # with Kueue, the ResourceFlavor places the pods
+
+
+def kueue_cluster(cluster, **kw) -> Cluster:
+    c = cluster(**(QUEUE | kw))
+    c.api.local_queues[(NS, "fluxlora")] = "fluxlora-gpu"
+    return c
+
+
+def test_with_a_queue_name_the_job_is_created_suspended_in_that_local_queue_with_its_priority(tmp_path):
+    manifest = job_manifest("trn-0123456789ab", "training", k8s_settings(tmp_path, **QUEUE))
+    kubernetes_validate.validate(manifest, "1.30", strict=True)
+    assert manifest["spec"]["suspend"] is True
+    labels = manifest["metadata"]["labels"]
+    assert labels["kueue.x-k8s.io/queue-name"] == "fluxlora"
+    assert labels["kueue.x-k8s.io/priority-class"] == "fluxlora-training"
+    assert "nodeSelector" not in manifest["spec"]["template"]["spec"]
+    # Without one: a plain Job, never suspended, no Kueue labels (a cluster without Kueue).
+    plain = job_manifest("trn-0123456789ab", "training", k8s_settings(tmp_path))
+    assert "suspend" not in plain["spec"] and not any(k.startswith("kueue") for k in plain["metadata"]["labels"])
+
+
+def test_a_pending_job_waits_for_kueue_admission_naming_the_cluster_queue_then_runs_once_admitted(cluster):
+    c = kueue_cluster(cluster)
+    runtime = c.server(workers=1)
+    jobs = [runtime.submit(SPEC, request_id=f"r{i}") for i in range(3)]
+    # All three handed to the cluster at once, although the server runs one job at a time (workers=1).
+    waiting = [wait_for(runtime, j.job_id, lambda j: j.progress.stage.startswith("waiting for Kueue")) for j in jobs]
+    assert len(c.api.jobs) == 3 and not c.kubelet.running
+    for job in waiting:
+        assert job.state == S.JOB_STATE_RUNNING
+        assert job.progress.stage.startswith("waiting for Kueue admission (ClusterQueue fluxlora-gpu): "
+                                             "couldn't assign flavors")
+    for job in jobs:
+        c.api.admit(NS, job.job_id, node_labels=RTX4090)
+    assert [final(runtime, j.job_id).state for j in jobs] == [S.JOB_STATE_SUCCEEDED] * 3
+    assert c.api.jobs[(NS, jobs[0].job_id)]["spec"]["template"]["spec"]["nodeSelector"] == RTX4090
+    assert len(c.api.requests_of("POST")) == 3 and set(c.kubelet.pods_started.values()) == {1}
+
+
+def test_a_pending_job_is_cancelled_by_deleting_it(cluster):
+    c = kueue_cluster(cluster)
+    runtime = c.server()
+    job = runtime.submit(SPEC)
+    wait_for(runtime, job.job_id, lambda j: j.progress.stage.startswith("waiting for Kueue"))
+    runtime.cancel(job.job_id)
+    assert final(runtime, job.job_id).state == S.JOB_STATE_CANCELLED
+    assert (NS, job.job_id) not in c.api.jobs and not c.kubelet.pods_started
+
+
+def test_without_kueue_installed_a_queued_job_says_so_and_names_the_fix(cluster):
+    c = cluster(**QUEUE)  # no LocalQueue (nor Workloads): Kueue is not there, the Job stays suspended
+    runtime = c.server()
+    job = runtime.submit(SPEC)
+    seen = wait_for(runtime, job.job_id, lambda j: "does not exist" in j.progress.stage)
+    assert "LocalQueue fluxlora/fluxlora" in seen.progress.stage and "FLUXLORA_K8S_QUEUE_NAME" in seen.progress.stage
+    runtime.cancel(job.job_id)
+
+
+STEPS, CHECKPOINT_EVERY = 10, 2
+
+
+def checkpointing_handler(steps_run: list[int], preempt_at: threading.Event, preempted: threading.Event):
+    """A training loop in miniature: resumes from its last stored checkpoint, stores one every
+    CHECKPOINT_EVERY steps, and waits at step 6 of its first attempt for a preemption."""
+
+    def handler(ctx, spec):
+        key = "runs/r/checkpoint"
+        start = int(ctx.store.get_bytes(key)) if ctx.store.exists(key) else 0
+        for step in range(start + 1, STEPS + 1):
+            if step == 6 and not preempted.is_set():
+                preempt_at.set()
+                while True:  # until the pod's SIGTERM
+                    ctx.check_cancelled()
+                    threading.Event().wait(0.02)
+            steps_run.append(step)
+            ctx.progress("training", step, STEPS, "step")
+            if step % CHECKPOINT_EVERY == 0:
+                ctx.store.put_bytes(key, str(step).encode())
+        return preprocessing_pb2.PreprocessResult(dataset_id="ds-1", image_count=len(steps_run))
+
+    return handler
+
+
+def test_a_preempted_job_resumes_from_its_checkpoint_in_the_same_job_on_readmission(cluster):
+    steps_run: list[int] = []
+    preempt_at, preempted = threading.Event(), threading.Event()
+    c = kueue_cluster(cluster, handler=checkpointing_handler(steps_run, preempt_at, preempted))
+    runtime = c.server()
+    job = runtime.submit(SPEC)
+    wait_for(runtime, job.job_id, lambda j: j.progress.stage.startswith("waiting for Kueue"))
+    c.api.admit(NS, job.job_id, node_labels=RTX4090)
+    assert preempt_at.wait(10)
+
+    preempted.set()
+    c.api.evict(NS, job.job_id)  # a grid request of higher priority needs the GPU
+    wait_for_exit(c, job.job_id)
+    assert c.kubelet.exit_codes[job.job_id] == EXIT_INTERRUPTED  # SIGTERM: stopped, not failed
+    seen = wait_for(runtime, job.job_id, lambda j: "evicted (Preempted)" in j.progress.stage)
+    assert seen.state == S.JOB_STATE_RUNNING and seen.progress.stage.startswith(
+        "waiting for Kueue admission (ClusterQueue fluxlora-gpu)")
+
+    c.api.admit(NS, job.job_id, node_labels=RTX4090)
+    done = final(runtime, job.job_id)
+    assert done.state == S.JOB_STATE_SUCCEEDED, done.error
+    # Resumed from step 4's checkpoint: step 5 ran twice (lost < checkpoint_every), nothing else did.
+    assert steps_run == [1, 2, 3, 4, 5, 5, 6, 7, 8, 9, 10]
+    assert len(c.api.requests_of("POST")) == 1 and c.kubelet.pods_started[job.job_id] == 2  # one Job, two pods
+    assert done.attempts == 1  # the server ran it once: the preemption happened inside the one Job

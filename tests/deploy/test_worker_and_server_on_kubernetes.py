@@ -152,3 +152,32 @@ def test_the_worker_stops_at_the_next_check_when_its_pod_is_terminated(tmp_path)
     stop.set()  # what SIGTERM does in the pod
     thread.join()
     assert thread_result["code"] == 75
+
+
+def test_a_server_queueing_through_kueue_hands_jobs_to_the_cluster_suspended_and_runs_them_once_admitted(
+        tmp_path, photos, fake_cluster):
+    store = LocalStore(tmp_path / "store")
+    settings = Settings(store=str(store.root), cache_dir=tmp_path / "cache", runner="kubernetes",
+                        k8s_image="registry.example.com/fluxlora-cpu:0.1.0", k8s_namespace=NS, k8s_poll_s=0.05,
+                        k8s_resources={"requests": {"cpu": "1", "memory": "2Gi"}},
+                        k8s_queue_name="fluxlora", k8s_priority_class="fluxlora-interactive")
+    fake_cluster.local_queues[(NS, "fluxlora")] = "fluxlora-gpu"
+    FakeKubelet(fake_cluster, lambda service, job_id, stop: run_worker(service, job_id, settings, store, stop,
+                                                                   handler=load_definition(service).handler))
+    server = start_server("preprocessing", settings, store=store, port=0)
+    client = FluxloraClient(preprocessing=server.address)
+    try:
+        submitted = client.preprocess(client.upload_photos(photos), base_size=256)
+        waiting = next(e.job for e in client.watch(submitted.job_id)
+                       if e.job.progress.stage.startswith("waiting for Kueue"))
+        assert waiting.progress.stage.startswith("waiting for Kueue admission (ClusterQueue fluxlora-gpu)")
+        created = fake_cluster.jobs[(NS, submitted.job_id)]
+        assert created["spec"]["suspend"] is True
+        assert created["metadata"]["labels"]["kueue.x-k8s.io/priority-class"] == "fluxlora-interactive"
+        fake_cluster.admit(NS, submitted.job_id)
+        job = client.wait(submitted)
+        result = client.result(job)
+    finally:
+        client.close()
+        server.stop(grace=1.0)
+    assert result.image_count == 3 and len(fake_cluster.requests_of("POST")) == 1

@@ -176,6 +176,14 @@ class Settings(BaseSettings):
         0, ge=0, description="Seconds a Job may exist, pending included; 0: no limit (queued Jobs wait for GPUs)."
     )
     k8s_poll_s: float = Field(5.0, gt=0, description="Seconds between status polls of a running Job.")
+    k8s_queue_name: str = Field(
+        "", description="Kueue LocalQueue the Jobs are created suspended in (kueue.x-k8s.io/queue-name); empty: "
+        "plain Jobs, not suspended, for a cluster without Kueue.",
+    )
+    k8s_priority_class: str = Field(
+        "", description="Kueue WorkloadPriorityClass of this service's Jobs (kueue.x-k8s.io/priority-class); "
+        "empty: the ClusterQueue's default. Only with k8s_queue_name.",
+    )
     grid_max_cells: int = Field(
         64, ge=1, description="Most images one evaluation job renders (all grids of a grid job; a Generate job)."
     )

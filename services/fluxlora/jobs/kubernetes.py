@@ -11,6 +11,13 @@ watchers; each job's work runs in a pod of a batch/v1 Job running `fluxlora work
   their Jobs by name (recover() lists them by label to clean up cancelled leftovers).
 - Success or failure comes from the Job's conditions; the result or error from the worker's report
   in the store. The server needs RBAC for jobs (create/get/list/watch/delete) and pods (get/list).
+- With Kueue (FLUXLORA_K8S_QUEUE_NAME): Jobs are created suspended in that LocalQueue, with the
+  service's WorkloadPriorityClass; Kueue admits them (unsuspends) when the ClusterQueue has GPU
+  quota, and the job shows why it waits (the LocalQueue's ClusterQueue and the Workload's message).
+  Every submitted job is handed to the cluster at once (`cluster_admits`: the server's own worker
+  count stops being admission control). A preemption suspends the Job again: its pod gets SIGTERM,
+  the worker exits 75, and on re-admission a new pod resumes from the last stored checkpoint, in the
+  same Job (never a second one). Needs get localqueues and list workloads (kueue.x-k8s.io) as well.
 """
 
 from __future__ import annotations
@@ -40,6 +47,10 @@ log = logging.getLogger(__name__)
 S = jobs_pb2.JobState
 LABEL_SERVICE = "fluxlora/service"
 LABEL_JOB_ID = "fluxlora/job-id"
+KUEUE = ("kueue.x-k8s.io", "v1beta1")
+LABEL_QUEUE = "kueue.x-k8s.io/queue-name"
+LABEL_PRIORITY = "kueue.x-k8s.io/priority-class"
+LABEL_WORKLOAD_JOB_UID = "kueue.x-k8s.io/job-uid"  # on the Workload Kueue makes for a Job
 WORKER_CONTAINER = "worker"
 SA_NAMESPACE_FILE = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
 REQUEST_TIMEOUT_S = 30
@@ -52,6 +63,8 @@ class JobStatus:
     phase: str  # "active" (pending or running), "succeeded" or "failed"
     reason: str = ""
     message: str = ""
+    suspended: bool = False  # spec.suspend: queued in Kueue (not admitted yet, or preempted)
+    uid: str = ""
 
 
 def _set_stage(job: jobs_pb2.Job, stage: str) -> None:
@@ -123,8 +136,16 @@ def job_manifest(job_id: str, service: str, settings: Settings) -> dict:
     }
     if settings.k8s_active_deadline_s:
         spec["activeDeadlineSeconds"] = settings.k8s_active_deadline_s
+    job_labels = dict(labels)
+    if settings.k8s_queue_name:
+        # Kueue admits it: created suspended, unsuspended (with the ResourceFlavor's node labels and
+        # tolerations added to the pod template) once the ClusterQueue has quota for it.
+        spec["suspend"] = True
+        job_labels[LABEL_QUEUE] = settings.k8s_queue_name
+        if settings.k8s_priority_class:
+            job_labels[LABEL_PRIORITY] = settings.k8s_priority_class
     return {"apiVersion": "batch/v1", "kind": "Job",
-            "metadata": {"name": job_id, "labels": labels}, "spec": spec}
+            "metadata": {"name": job_id, "labels": job_labels}, "spec": spec}
 
 
 class JobLauncher:
@@ -135,6 +156,8 @@ class JobLauncher:
 
         self.batch = client.BatchV1Api(api_client)
         self.core = client.CoreV1Api(api_client)
+        self.custom = client.CustomObjectsApi(api_client)
+        self._cluster_queue = ""
         self.namespace = namespace
         self.service = service
         self.settings = settings
@@ -187,6 +210,56 @@ class JobLauncher:
             return "pod pending"
         return ""
 
+    def admission_reason(self, job_id: str, status: JobStatus) -> str:
+        """Why a suspended Job waits: its ClusterQueue and, when Kueue said, the Workload's message."""
+        queue = self.settings.k8s_queue_name
+        cluster_queue = self.cluster_queue()
+        if cluster_queue is None:
+            return (f"waiting for Kueue admission, but LocalQueue {self.namespace}/{queue} does not exist: install "
+                    "Kueue and deploy/k8s/components/kueue, or unset FLUXLORA_K8S_QUEUE_NAME for plain Jobs")
+        message = self.workload_message(status.uid) if status.uid else ""
+        return f"waiting for Kueue admission (ClusterQueue {cluster_queue}){': ' + message if message else ''}"
+
+    def cluster_queue(self) -> str | None:
+        """The ClusterQueue behind the LocalQueue (read once); None when the LocalQueue does not exist."""
+        from kubernetes.client.exceptions import ApiException
+
+        if not self._cluster_queue:
+            try:
+                queue = self.custom.get_namespaced_custom_object(
+                    *KUEUE, self.namespace, "localqueues", self.settings.k8s_queue_name,
+                    _request_timeout=REQUEST_TIMEOUT_S)
+            except ApiException as exc:
+                if exc.status == 404:
+                    return None
+                if exc.status == 403:  # no right to read it: name what is known
+                    return f"of LocalQueue {self.settings.k8s_queue_name}"
+                raise
+            self._cluster_queue = (queue.get("spec") or {}).get("clusterQueue", "")
+        return self._cluster_queue
+
+    def workload_message(self, job_uid: str) -> str:
+        """Kueue's word on the Job's Workload: why quota is not reserved, or why it was evicted."""
+        from kubernetes.client.exceptions import ApiException
+
+        try:
+            workloads = self.custom.list_namespaced_custom_object(
+                *KUEUE, self.namespace, "workloads", label_selector=f"{LABEL_WORKLOAD_JOB_UID}={job_uid}",
+                _request_timeout=REQUEST_TIMEOUT_S)["items"]
+        except ApiException as exc:
+            if exc.status in (403, 404):
+                return ""
+            raise
+        for workload in workloads:
+            conditions = {c.get("type"): c for c in (workload.get("status") or {}).get("conditions") or []}
+            evicted = conditions.get("Evicted", {})
+            reserved = conditions.get("QuotaReserved", {})
+            if evicted.get("status") == "True":
+                return f"evicted ({evicted.get('reason', '')}): {evicted.get('message', '')}"
+            if reserved.get("status") == "False" and reserved.get("message"):
+                return str(reserved["message"])
+        return ""
+
     def delete(self, job_id: str) -> bool:
         from kubernetes.client.exceptions import ApiException
 
@@ -222,6 +295,8 @@ class KubernetesRunner:
         self.namespace = namespace
         self.launcher = JobLauncher(api_client, namespace, service, settings)
         self.poll_s = settings.k8s_poll_s
+        # With Kueue the cluster admits: the server hands every job to it at once, with no queue of its own.
+        self.cluster_admits = bool(settings.k8s_queue_name)
 
     @classmethod
     def from_settings(cls, settings: Settings, service: str) -> KubernetesRunner:
@@ -265,6 +340,7 @@ class KubernetesRunner:
         else:
             runtime.update(job_id, lambda job: None, message=f"adopted Kubernetes Job {self.namespace}/{job_id}")
         mirror = ReportMirror(runtime, self.service, job_id)
+        shown = ""  # the waiting reason this loop last showed as the job's stage
         while True:
             if runtime.get(job_id).cancel_requested:
                 # Should this fail (server stopping, API down), recover() deletes it on the next start.
@@ -293,10 +369,15 @@ class KubernetesRunner:
                     return _outcome(report, job_id, JobStatus("succeeded"))
                 raise RemoteJobFailed(
                     "ABORTED", f"Kubernetes Job {self.namespace}/{job_id} was deleted outside fluxlora while running")
-            if not mirror.seen.progress.stage:
-                reason = self._call(self.launcher.waiting_reason, job_id)
-                if isinstance(reason, str) and reason and reason != runtime.get(job_id).progress.stage:
+            current = runtime.get(job_id).progress.stage
+            if status.suspended or not mirror.seen.progress.stage or (shown and current == shown):
+                reason = self._call(self.launcher.admission_reason, job_id, status) if status.suspended else (
+                    self._call(self.launcher.waiting_reason, job_id))
+                if reason == "" and shown.startswith("waiting for Kueue"):
+                    reason = "admitted by Kueue; starting"
+                if isinstance(reason, str) and reason and reason != current:
                     runtime.update(job_id, partial(_set_stage, stage=reason), message=reason)
+                    shown = reason
             self._wait(runtime, job_id)
 
     def recover(self, runtime: JobRuntime) -> None:
@@ -361,11 +442,12 @@ def own_image(api_client: Any, namespace: str, pod_name: str, service: str) -> s
 
 
 def _status_of(job: Any) -> JobStatus:
+    uid = (job.metadata.uid if job.metadata else "") or ""
     for condition in (job.status.conditions if job.status else None) or []:
         if condition.status == "True" and condition.type in ("Complete", "Failed"):
             phase = "succeeded" if condition.type == "Complete" else "failed"
-            return JobStatus(phase, condition.reason or "", condition.message or "")
-    return JobStatus("active")
+            return JobStatus(phase, condition.reason or "", condition.message or "", uid=uid)
+    return JobStatus("active", suspended=bool(job.spec and job.spec.suspend), uid=uid)
 
 
 def _outcome(report: jobs_pb2.Job | None, job_id: str, status: JobStatus) -> Message:

@@ -99,7 +99,10 @@ class JobRuntime(JobExecution, JobWatching):
             log.info("job %s picked up again after a restart (started %d times before)", job.job_id, job.attempts)
             self._queue.put(job.job_id)
         self._runner.recover(self)
-        for i in range(self._workers):
+        # A runner whose cluster admits jobs (Kubernetes with Kueue) gets one in flight per job the
+        # server may hold: the cluster's queue, not this server's, decides what runs when.
+        workers = self._max_queued if getattr(self._runner, "cluster_admits", False) else self._workers
+        for i in range(workers):
             thread = threading.Thread(target=self._work, name=f"{self.service}-worker-{i}", daemon=True)
             thread.start()
             self._threads.append(thread)
