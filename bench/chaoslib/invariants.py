@@ -101,6 +101,11 @@ def check_watchers(record, final) -> list[str]:
     return bad
 
 
+# Keys a later call rewrites by design (approving or editing captions rewrites the dataset's current
+# captions.json), so an older job's checksum of them goes stale: checked for presence only.
+MUTABLE_SUFFIXES = ("/captions.json",)
+
+
 def check_artifacts(store, records) -> tuple[list[str], int]:
     bad, checked = [], 0
     newest: dict[str, tuple[float, str]] = {}  # key -> (finish time, sha256) of its newest reference
@@ -115,6 +120,10 @@ def check_artifacts(store, records) -> tuple[list[str], int]:
             if not ref.sha256 or newest[key][1] != ref.sha256:
                 continue  # a later job rewrote the key (checked against that job's reference)
             checked += 1
+            if key.endswith(MUTABLE_SUFFIXES):
+                if not store.exists(key):
+                    bad.append(f"{job.job_id}: {key} missing")
+                continue
             try:
                 data = store.get_bytes(key)
             except Exception as exc:  # noqa: BLE001

@@ -42,6 +42,7 @@ class Record:
     pipelines: dict[str, str] = field(default_factory=dict)  # pipeline -> how it ended
     observed: dict[str, set[int]] = field(default_factory=dict)  # job_id -> terminal states GetJob answered
     refusals: list[tuple[str, str, str]] = field(default_factory=list)  # (call, code, message): not retryable
+    datasets: list[str] = field(default_factory=list)  # succeeded preprocessing results (hostile requests use them)
     resubmits: int = 0
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -141,6 +142,7 @@ class Load:
                 time.sleep(2.0)
         dataset = self.stage(client, "preprocess", "preprocessing", f"{rid}-pre", lambda: client.preprocess(
             source, base_size=64, request_id=f"{rid}-pre"), deadline)
+        self.record.datasets.append(dataset.dataset_id)
         self.check_stop()
         captions = self.stage(client, "caption", "captioning", f"{rid}-cap", lambda: client.caption(
             dataset.dataset_id, "chaosone", model=str(self.models["florence2"]), batch_size=2, max_new_tokens=12,
@@ -210,15 +212,19 @@ class Load:
         if accepted:
             dup = rng.choice(accepted)
         flux = str(self.models["flux"])
+        # a real dataset where there is one, so a bad number is what the server has to catch
+        ds = rng.choice(self.record.datasets) if self.record.datasets else "ds-000000000000"
         cases = [
-            ("train max_steps=-5", lambda: client.train("ds-0000000000000000", base_model=flux, max_steps=-5)),
-            ("train learning_rate=nan", lambda: client.train("ds-0000000000000000", base_model=flux,
-                                                             learning_rate=math.nan, max_steps=2)),
-            ("train resolution=-64", lambda: client.train("ds-0000000000000000", base_model=flux, resolution=-64)),
-            ("train rank=-4", lambda: client.train("ds-0000000000000000", base_model=flux, rank=-4)),
+            ("train max_steps=-5", lambda: client.train(ds, base_model=flux, max_steps=-5, resolution=64)),
+            ("train learning_rate=nan", lambda: client.train(ds, base_model=flux, learning_rate=math.nan,
+                                                             max_steps=2, resolution=64)),
+            ("train resolution=-64", lambda: client.train(ds, base_model=flux, resolution=-64, max_steps=2)),
+            ("train rank=-4", lambda: client.train(ds, base_model=flux, rank=-4, max_steps=2, resolution=64)),
             ("preprocess base_size=-1", lambda: client.preprocess("uploads/none/", base_size=-1)),
             ("preprocess ../ prefix", lambda: client.preprocess("../../etc/", base_size=64)),
-            ("caption 1 MB trigger", lambda: client.caption("ds-0000000000000000", big)),
+            ("caption 1 MB trigger", lambda: client.caption(ds, big, model=str(self.models["florence2"]))),
+            ("caption batch_size=-3", lambda: client.caption(ds, "chaosone", model=str(self.models["florence2"]),
+                                                             batch_size=-3, max_new_tokens=-1)),
             ("evaluate width=-5", lambda: client.evaluate("trn-000000000000", width=-5)),
             ("evaluate steps=-1 inf strength", lambda: client.evaluate("trn-000000000000", strengths=[math.inf],
                                                                        steps=-1)),

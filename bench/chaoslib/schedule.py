@@ -48,8 +48,9 @@ def make_schedule(seed: int, seconds: float, store: str, mean_gap_s: float = 20.
     choices = [(k, w) for k, (w, stores) in KINDS.items() if store in stores and (kinds is None or k in kinds)]
     names, weights = [k for k, _ in choices], [w for _, w in choices]
     faults, t = [], rng.uniform(3.0, 8.0)
+    first = rng.sample(names, len(names))  # every kind once first (a short run covers them all), then weighted
     while t < seconds:
-        kind = rng.choices(names, weights)[0]
+        kind = first.pop() if first else rng.choices(names, weights)[0]
         fault = Fault(at=round(t, 1), kind=kind)
         if kind in ("sigkill_server", "sigterm_server"):
             fault.target = rng.choice(SERVICES)
