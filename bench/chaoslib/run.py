@@ -83,14 +83,11 @@ class StoreRun:
                 left = server.sigkill()
                 self.orphans += [(time.monotonic(), pid, fault.target) for pid in left]
                 fault.outcome = f"killed; left {len(left)} children"
-            elif fault.param:  # a new generation while the old one stops (a rolling restart on one host)
-                old = server.process
-                server.expected_down = True
-                old.send_signal(15)
-                server.start()
-                stopped = _wait(old, 60)
-                how = "stopped" if stopped else "killed"
-                fault.outcome = f"new generation started while the old one stopped (it {how})"
+            elif fault.param:  # a new generation while the old one still serves (blue/green on one host)
+                stopped, shared = server.rolling_restart()
+                fault.outcome = f"rolling restart (old generation {'stopped' if stopped else 'killed'})"
+                if shared:
+                    self.violation("ports_not_shared", f"{fault.describe()}: {shared}")
                 if not stopped:
                     self.violation("no_orphans", f"{fault.describe()}: old generation ignored SIGTERM for 60s")
                 return

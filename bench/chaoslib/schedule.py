@@ -10,7 +10,7 @@ SERVICES = ("preprocessing", "captioning", "training", "evaluation")
 # kind -> (weight, stores it applies to)
 KINDS: dict[str, tuple[int, tuple[str, ...]]] = {
     "sigkill_server": (4, ("local", "s3")),   # SIGKILL of one server process (its children left alone)
-    "sigterm_server": (2, ("local", "s3")),   # SIGTERM, then the same command again (maybe overlapping)
+    "sigterm_server": (2, ("local", "s3")),   # SIGTERM, then the same command again (or a rolling restart)
     "sigkill_worker": (3, ("local", "s3")),   # SIGKILL of a training worker child (found via /proc)
     "store_outage": (3, ("s3",)),             # the S3 proxy resets every connection for a while
     "slow_store": (2, ("s3",)),               # the S3 proxy delays every request chunk
@@ -36,7 +36,7 @@ class Fault:
         if self.kind == "slow_store":
             extra += f" (+{self.param:.2f}s per chunk)"
         if self.kind == "sigterm_server" and self.param:
-            extra += " (new generation started while the old one stops)"
+            extra += " (rolling: the new generation first, then SIGTERM to the old)"
         return f"t={self.at:7.1f}s {self.kind}{extra}"
 
 

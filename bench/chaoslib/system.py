@@ -105,20 +105,25 @@ class ServerProcess:
         self.failed_starts = 0
         self.expected_down = False  # set while a fault holds it down (an exit then is no crash)
 
+    def spawn(self) -> subprocess.Popen:
+        """A new generation (not waited for)."""
+        with open(self.log_dir / f"{self.service}.log", "ab") as log:
+            log.write(f"\n=== generation {len(self.generations) + 1} at {time.time():.1f}\n".encode())
+            log.flush()
+            process = subprocess.Popen(
+                [sys.executable, "-m", "fluxlora.server.cli", "serve", self.service,
+                 "--host", "127.0.0.1", "--port", str(self.port)],
+                env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        self.generations.append(process)
+        self.sessions.add(process.pid)
+        self.process = process
+        return process
+
     def start(self, timeout: float = 180.0, attempts: int = 20) -> None:
         """Starts a new generation and waits until it serves; a generation that exits before then is
         started again after a second, as a supervisor would (counted in failed_starts)."""
         for _ in range(attempts):
-            with open(self.log_dir / f"{self.service}.log", "ab") as log:
-                log.write(f"\n=== generation {len(self.generations) + 1} at {time.time():.1f}\n".encode())
-                log.flush()
-                process = subprocess.Popen(
-                    [sys.executable, "-m", "fluxlora.server.cli", "serve", self.service,
-                     "--host", "127.0.0.1", "--port", str(self.port)],
-                    env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-            self.generations.append(process)
-            self.sessions.add(process.pid)
-            self.process = process
+            process = self.spawn()
             try:
                 wait_healthy(self.address, timeout, alive=lambda p=process: p.poll() is None)
                 self.expected_down = False
@@ -127,6 +132,37 @@ class ServerProcess:
                 self.failed_starts += 1
                 time.sleep(1.0)
         raise RuntimeError(f"{self.service} did not start in {attempts} attempts; see {self.log_dir}")
+
+    def rolling_restart(self, wait_s: float = 60.0) -> tuple[bool, str]:
+        """A new generation on the same port while the old one still serves, then SIGTERM to the old one
+        (blue/green on one host). Returns (old stopped in time, how the port was held meanwhile)."""
+        old = self.process
+        self.expected_down = True
+        new = self.spawn()
+        deadline = time.monotonic() + 120
+        shared = ""
+        while time.monotonic() < deadline and new.poll() is None:
+            holders = listeners().get(self.port, set())
+            if new.pid in holders:
+                if old.pid in holders:
+                    shared = f"port {self.port} held by old pid {old.pid} and new pid {new.pid} at once"
+                break
+            time.sleep(0.2)
+        old.send_signal(signal.SIGTERM)
+        try:
+            old.wait(wait_s)
+            stopped = True
+        except subprocess.TimeoutExpired:
+            old.kill()
+            old.wait(30)
+            stopped = False
+        if new.poll() is not None:  # it could not have the port: start it again now that the old one is gone
+            self.failed_starts += 1
+            self.start()
+        else:
+            wait_healthy(self.address, 180, alive=lambda: new.poll() is None)
+            self.expected_down = False
+        return stopped, shared
 
     def alive(self) -> bool:
         return self.process is not None and self.process.poll() is None
