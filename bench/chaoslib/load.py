@@ -188,6 +188,8 @@ class Load:
                 outcome = f"harness error {type(exc).__name__}: {exc}"
             with self.record.lock:
                 self.record.pipelines[name] = outcome
+            if outcome != "SUCCEEDED":
+                time.sleep(2.0)  # a user does not resubmit in a tight loop (and the report stays readable)
 
     def start(self, clients: int, deadline: float) -> None:
         for i in range(clients):
