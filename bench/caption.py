@@ -64,7 +64,7 @@ def loads_per_process(model: Path, images: list[Path], jobs: int, max_new_tokens
     store.put_json(f"datasets/{dataset_id}/manifest.json", {"images": []})
     settings = Settings(store=str(store.root), cache_dir=root / "cache")
     server = start_server("captioning", settings, store=store, port=0)
-    client = FluxloraClient(store, captioning=server.address)
+    client = FluxloraClient(captioning=server.address)
     try:
         before = caption_job.captioner_loads()
         seconds = []

@@ -118,7 +118,7 @@ def loads_per_job(tmp: Path, flux: Path, args, single: float) -> None:
     PIPELINES.clear()
     settings = Settings(store=str(tmp / "unused"), cache_dir=tmp / "cache", device=args.device)
     server = start_server("evaluation", settings, store=store, port=0)
-    client = FluxloraClient(store, evaluation=server.address)
+    client = FluxloraClient(evaluation=server.address)
     try:
         jobs = [
             ("grid", lambda: client.evaluate(run["run_id"], steps=args.steps)),

@@ -97,7 +97,7 @@ def run_phase(store: LocalStore, address: str, sources: list[str], clients: int,
 
     def client(i: int) -> None:
         try:
-            with FluxloraClient(store, preprocessing=address) as sdk:
+            with FluxloraClient(preprocessing=address) as sdk:
                 barrier.wait()
                 for j in range(jobs_per_client):
                     request_id = f"{tag}-{i}-{j}"
@@ -141,7 +141,7 @@ def queue_limit_phase(store: LocalStore, address: str, sources: list[str], clien
     barrier = threading.Barrier(clients)
 
     def client(i: int) -> None:
-        with FluxloraClient(store, preprocessing=address) as sdk:
+        with FluxloraClient(preprocessing=address) as sdk:
             barrier.wait()
             try:
                 accepted.append(sdk.preprocess(sources[i % len(sources)], base_size=64, request_id=f"q-{i}").job_id)
@@ -155,7 +155,7 @@ def queue_limit_phase(store: LocalStore, address: str, sources: list[str], clien
         thread.start()
     for thread in threads:
         thread.join()
-    with FluxloraClient(store, preprocessing=address) as sdk:
+    with FluxloraClient(preprocessing=address) as sdk:
         unfinished = [j for j in accepted if sdk.wait(j, raise_on_failure=False).state != S.JOB_STATE_SUCCEEDED]
     if unfinished or len(accepted) + len(refused) != clients:
         raise SystemExit(f"queue phase: {len(unfinished)} accepted jobs did not succeed, "
@@ -175,8 +175,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="fluxlora-load-") as tmp:
         root = Path(tmp)
         store = LocalStore(root / "store")
-        with FluxloraClient(store) as uploader:
-            sources = [uploader.upload_photos(write_photos(root / "photos" / str(i), i)) for i in range(args.clients)]
+        sources = []  # put straight into the store the server will use, before it starts
+        for i in range(args.clients):
+            store.upload_dir(write_photos(root / "photos" / str(i), i), f"uploads/load-{i}/")
+            sources.append(f"uploads/load-{i}/")
         print(f"cores available: {len(os.sched_getaffinity(0))}; server: preprocessing, workers={args.workers}, "
               f"local store; {args.clients} distinct uploads of 2 photos")
         env = {"workers": str(args.workers), "preprocess_workers": "1"}

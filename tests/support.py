@@ -6,22 +6,44 @@ import contextlib
 import dataclasses
 import datetime
 import ipaddress
+import os
+import signal
+import subprocess
 import sys
 import threading
 import uuid
+from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
 
 from fluxlora.common.config import SERVICES, Settings
-from fluxlora.common.storage import LocalStore, S3Store
+from fluxlora.common.storage import ArtifactStore, LocalStore, S3Store
 from fluxlora.server.bootstrap import RunningServer, load_definition, start_server
+from fluxlora.server.local import free_port, wait_healthy
 from fluxlora_client import FluxloraClient, cli
 
 
-def make_s3_store(endpoint: str) -> S3Store:
+def make_s3_store(endpoint: str, public_endpoint: str = "") -> S3Store:
     """A fresh bucket on the S3 server, so tests never see each other's objects."""
-    return S3Store.connect(endpoint, f"fluxlora-{uuid.uuid4().hex[:8]}", "test", "test", secure=False)
+    return S3Store.connect(endpoint, f"fluxlora-{uuid.uuid4().hex[:8]}", "test", "test", secure=False,
+                           public_endpoint=public_endpoint)
+
+
+class StoreClient(FluxloraClient):
+    """An SDK client beside the servers' store, which tests read to check what the servers wrote.
+    The SDK itself has no store: everything it moves goes through the servers."""
+
+    def __init__(self, store, **kwargs):
+        super().__init__(**kwargs)
+        self.store = store
+
+
+def put_photos(store, folder, name: str) -> str:
+    """Photos put straight into the store under uploads/<name>/ (as an operator with the store's
+    credentials would), for tests that need uploads before any server runs."""
+    store.upload_dir(folder, f"uploads/{name}/")
+    return f"uploads/{name}/"
 
 
 @contextlib.contextmanager
@@ -30,13 +52,70 @@ def services_and_client(store, tmp_path, **overrides):
     fields the servers run with (max_caption_chars=100, ...)."""
     settings = Settings(store=str(tmp_path / "unused"), cache_dir=tmp_path / "cache", **overrides)
     servers = [start_server(name, settings, store=store, port=0) for name in SERVICES]
-    client = FluxloraClient(store, **{s.definition.name: s.address for s in servers})
+    client = StoreClient(store, **{s.definition.name: s.address for s in servers})
     try:
         yield client
     finally:
         client.close()
         for server in servers:
             server.stop(grace=1.0)
+
+
+class ServiceProcess:
+    """One service as `fluxlora serve` in its own process group, on a port kept across restarts."""
+
+    def __init__(self, service: str, store: ArtifactStore, tmp_path: Path, port: int | None = None,
+                 command: list[str] | None = None, **env: str):
+        """command: what serves, before the port number (default `fluxlora serve <service> --host
+        127.0.0.1 --port`; a test's own script serves on port sys.argv[-1])."""
+        self.service = service
+        self.store = store
+        self.port = port or free_port()
+        self.command = command or [sys.executable, "-m", "fluxlora.server.cli", "serve", service,
+                                   "--host", "127.0.0.1", "--port"]
+        self.address = f"127.0.0.1:{self.port}"
+        self.log = tmp_path / f"{service}.log"
+        self.env = {**os.environ, **store_env(store), "FLUXLORA_CACHE_DIR": str(tmp_path / "cache"),
+                    "FLUXLORA_WORKERS": "1", "FLUXLORA_PREPROCESS_WORKERS": "1", "OMP_NUM_THREADS": "1", **env}
+        self.process: subprocess.Popen | None = None
+
+    def start(self, wait: bool = True) -> ServiceProcess:
+        with open(self.log, "ab") as log:
+            self.process = subprocess.Popen(
+                [*self.command, str(self.port)], env=self.env, stdout=log, stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        if wait:
+            wait_healthy(self.address, timeout=120, alive=lambda: self.process.poll() is None)
+        return self
+
+    def kill(self, group: bool = True) -> None:
+        """SIGKILL to the whole process group, as a container runtime does it; group=False: to the
+        server alone, as the OOM killer does it (what it started must then go by itself)."""
+        if group:
+            os.killpg(self.process.pid, signal.SIGKILL)
+        else:
+            self.process.kill()
+        self.process.wait(30)
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(30)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+    def logs(self) -> str:
+        return self.log.read_text(errors="replace")[-4000:]
+
+
+def store_env(store: ArtifactStore) -> dict[str, str]:
+    """The settings that point a server process at `store` (a directory, or a bucket on moto)."""
+    if isinstance(store, LocalStore):
+        return {"FLUXLORA_STORE": str(store.root)}
+    return {"FLUXLORA_STORE": store.uri, "FLUXLORA_S3_ENDPOINT": store.endpoint,
+            "FLUXLORA_S3_ACCESS_KEY": "test", "FLUXLORA_S3_SECRET_KEY": "test"}
 
 
 def fluxlora(*args: str):

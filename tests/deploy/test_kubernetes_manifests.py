@@ -118,7 +118,7 @@ def test_each_service_is_a_hardened_deployment_with_native_grpc_probes_resources
     c = container(deployment)
     port = PORTS[name]
     assert c["args"] == ["serve", name]
-    assert c["ports"] == [{"name": "grpc", "containerPort": port}]
+    assert c["ports"] == [{"name": "grpc", "containerPort": port}, {"name": "metrics", "containerPort": 9464}]
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
         assert c[probe]["grpc"] == {"port": port}, probe
     assert c["resources"]["requests"]["cpu"] and c["resources"]["requests"]["memory"]

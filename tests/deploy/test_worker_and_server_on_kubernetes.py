@@ -106,7 +106,7 @@ def test_a_server_with_the_kubernetes_runner_runs_jobs_as_kubernetes_jobs_end_to
     FakeKubelet(fake_cluster, lambda service, job_id, stop: run_worker(service, job_id, settings, store, stop,
                                                                    handler=load_definition(service).handler))
     server = start_server("preprocessing", settings, store=store, port=0)
-    client = FluxloraClient(store, preprocessing=server.address)
+    client = FluxloraClient(preprocessing=server.address)
     try:
         job = client.wait(client.preprocess(client.upload_photos(photos), base_size=256))
         result = client.result(job)

@@ -20,7 +20,7 @@ from fluxlora.common.config import SERVICES
 from fluxlora.common.storage import LocalStore
 from fluxlora.demo.sample_data import write_sample_photos
 from fluxlora.server.healthcheck import serving
-from fluxlora_api.v1 import captioning_pb2, evaluation_pb2, jobs_pb2, preprocessing_pb2, training_pb2
+from fluxlora_api.v1 import captioning_pb2, evaluation_pb2, jobs_pb2, preprocessing_pb2, training_pb2, transfers_pb2
 from support import services_and_client
 
 MODULES = dict(zip(SERVICES, (preprocessing_pb2, captioning_pb2, training_pb2, evaluation_pb2), strict=True))
@@ -30,6 +30,7 @@ DELIBERATE = {
     grpc.StatusCode.NOT_FOUND,
     grpc.StatusCode.FAILED_PRECONDITION,
     grpc.StatusCode.RESOURCE_EXHAUSTED,
+    grpc.StatusCode.PERMISSION_DENIED,  # TransferService: a key clients may not read
 }
 FUZZ = settings(max_examples=50, deadline=None, derandomize=True, database=None,
                 suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow,
@@ -141,6 +142,9 @@ def rpcs(kind):
         if kind == "submit":
             for service in module.DESCRIPTOR.services_by_name.values():
                 yield from ((name, m) for m in service.methods if m.name.startswith("Submit"))
+        elif kind == "transfers":  # the same code on every server: fuzzed on one
+            if name == "preprocessing":
+                yield from ((name, m) for m in transfers_pb2.DESCRIPTOR.services_by_name["TransferService"].methods)
         else:
             yield from ((name, m) for m in jobs_pb2.DESCRIPTOR.services_by_name["JobService"].methods)
 
@@ -151,7 +155,11 @@ def call(address, method, request):
     answer_cls = message_factory.GetMessageClass(method.output_type)
     with grpc.insecure_channel(address) as channel:
         try:
-            if method.server_streaming:
+            if method.client_streaming:  # UploadFile: the hostile message as a one-chunk stream
+                stub = channel.stream_unary(path, request_serializer=type(request).SerializeToString,
+                                            response_deserializer=answer_cls.FromString)
+                answer = stub(iter([request]), timeout=20)
+            elif method.server_streaming:
                 stub = channel.unary_stream(path, request_serializer=type(request).SerializeToString,
                                             response_deserializer=answer_cls.FromString)
                 stream = stub(request, timeout=20)
@@ -214,6 +222,13 @@ def test_every_submit_rpc_answers_hostile_requests_with_a_deliberate_status(fuzz
 @settings(FUZZ, max_examples=25)
 @given(data=st.data())
 def test_every_job_service_rpc_answers_hostile_requests_with_a_deliberate_status(fuzz_env, name, method, data):
+    check(fuzz_env, name, method, data)
+
+
+@pytest.mark.parametrize(("name", "method"), list(rpcs("transfers")), ids=lambda v: getattr(v, "name", v))
+@settings(FUZZ, max_examples=25)
+@given(data=st.data())
+def test_every_transfer_rpc_answers_hostile_requests_with_a_deliberate_status(fuzz_env, name, method, data):
     check(fuzz_env, name, method, data)
 
 

@@ -121,13 +121,11 @@ def test_reflection_needs_the_token(secured):
 
 def test_the_sdk_sends_the_token_on_every_call_watch_included(secured, tmp_path, photos):
     addresses = {name: server.address for name, server in secured.items()}
-    store = LocalStore(tmp_path / "store")
-    with FluxloraClient(store, **addresses, token=WRONG) as client:
+    with FluxloraClient(**addresses, token=WRONG) as client:
         with pytest.raises(FluxloraClientError) as err:
             client.list_jobs("training")
         assert err.value.code == "UNAUTHENTICATED" and WRONG not in str(err.value)
-    settings = Settings(store=str(tmp_path / "store"), auth_token=TOKEN)
-    with FluxloraClient.from_env(settings, **addresses) as client:
+    with FluxloraClient.from_env({"FLUXLORA_AUTH_TOKEN": TOKEN}, **addresses) as client:
         job = client.wait(client.preprocess(client.upload_photos(photos), base_size=256))  # WatchJob streams
         assert job.state == jobs_pb2.JOB_STATE_SUCCEEDED
         assert [j.job_id for j in client.list_jobs("preprocessing")] == [job.job_id]
@@ -136,8 +134,8 @@ def test_the_sdk_sends_the_token_on_every_call_watch_included(secured, tmp_path,
 def test_the_sdk_reads_the_token_from_a_file(secured, tmp_path):
     token_file = tmp_path / "token"
     token_file.write_text(TOKEN + "\n")
-    settings = Settings(store=str(tmp_path / "store"), auth_token_file=token_file)
-    with FluxloraClient.from_env(settings, training=secured["training"].address) as client:
+    with FluxloraClient.from_env({"FLUXLORA_AUTH_TOKEN_FILE": str(token_file)},
+                                 training=secured["training"].address) as client:
         assert client.list_jobs("training") == []
 
 
@@ -154,8 +152,8 @@ def _tls_server(tmp_path, pki, **extra):
 
 
 def _client(tmp_path, address, **tls):
-    settings = Settings(store=str(tmp_path / "store"), auth_token=TOKEN, **tls)
-    return FluxloraClient.from_env(settings, preprocessing=address)
+    env = {"FLUXLORA_AUTH_TOKEN": TOKEN, **{f"FLUXLORA_{name.upper()}": str(path) for name, path in tls.items()}}
+    return FluxloraClient.from_env(env, preprocessing=address)
 
 
 def test_tls_round_trip_through_the_sdk(tmp_path, pki, caplog):

@@ -82,7 +82,7 @@ def test_an_address_that_keeps_failing_is_refused_even_with_the_right_token(tmp_
         assert len({re.sub(r"\d+", "N", details) for _, details in answers.values()}) == 1
 
         # the SDK sees it as it is (not UNAVAILABLE, which its channel would retry into the lockout)
-        with FluxloraClient(LocalStore(tmp_path / "store"), preprocessing=v4, token=TOKEN) as client:
+        with FluxloraClient(preprocessing=v4, token=TOKEN) as client:
             with pytest.raises(FluxloraClientError) as err:
                 client.list_jobs("preprocessing")
             assert err.value.code == "RESOURCE_EXHAUSTED"
@@ -105,7 +105,7 @@ def test_other_addresses_keep_working_while_one_is_locked_out(tmp_path):
         assert call(v4, TOKEN)[0] == grpc.StatusCode.RESOURCE_EXHAUSTED
         assert call(v6, TOKEN) == (grpc.StatusCode.OK, "")
         assert call(v6, WRONG)[0] == grpc.StatusCode.UNAUTHENTICATED  # its own count, far from the limit
-        with FluxloraClient(LocalStore(tmp_path / "store"), preprocessing=v6, token=TOKEN) as client:
+        with FluxloraClient(preprocessing=v6, token=TOKEN) as client:
             assert client.list_jobs("preprocessing") == []
 
 

@@ -46,6 +46,8 @@ def test_an_upload_without_images_is_invalid_argument(stored, tmp_path):
         client.preprocess(source, base_size=64)
     assert err.value.code == "INVALID_ARGUMENT"
     assert "no images" in err.value.message and "readme.txt" in err.value.message
+    # The SDK names the user's own folder, not the store's prefix.
+    assert f"your folder {folder.resolve()} holds 1 file" in err.value.message and "uploads/" not in err.value.message
     assert snapshot(client.store) == before
 
 

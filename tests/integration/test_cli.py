@@ -9,7 +9,7 @@ from support import fluxlora, run_main
 
 
 def test_preprocess_prints_the_dataset_and_the_job_can_be_listed_and_shown(cli_env, photos):
-    result = fluxlora("preprocess", str(photos), "--base-size", "64")
+    result = fluxlora("preprocess", str(photos), "--base-size", "64", "--json")
     assert result.exit_code == 0, result.output
     printed = json.loads(result.stdout)
     dataset_id = printed["datasetId"]
@@ -60,11 +60,13 @@ def test_a_failed_job_names_the_file_verbatim(cli_env, monkeypatch, capsys, tmp_
     assert "Traceback" not in output
 
 
-def test_a_misconfigured_store_exits_non_zero_with_a_clean_message(monkeypatch, capsys):
-    monkeypatch.setenv("FLUXLORA_STORE", "s3://")
+def test_misconfigured_credentials_exit_non_zero_with_a_clean_message(monkeypatch, capsys, tmp_path):
+    monkeypatch.setenv("FLUXLORA_STORE", "s3://")  # never read by the client: only the servers use a store
+    monkeypatch.setenv("FLUXLORA_AUTH_TOKEN", "a-token")
+    monkeypatch.setenv("FLUXLORA_AUTH_TOKEN_FILE", str(tmp_path / "token"))
     code, output = run_main(monkeypatch, capsys, "jobs", "list", "training")
     assert code != 0
-    assert "INVALID_ARGUMENT" in output and "bucket" in output
+    assert "INVALID_ARGUMENT" in output and "FLUXLORA_AUTH_TOKEN_FILE" in output and "bucket" not in output
     assert "Traceback" not in output
 
 

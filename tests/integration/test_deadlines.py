@@ -49,8 +49,8 @@ def test_a_client_deadline_ends_a_stuck_submit_and_the_retry_finds_the_one_job_i
     store = GatedRecords(tmp_path / "store")
     settings = Settings(store="unused", cache_dir=tmp_path / "cache", preprocess_workers=1)
     with start_server("preprocessing", settings, store=store, port=0) as server:
-        impatient = FluxloraClient(store, preprocessing=server.address, timeout=0.5)
-        client = FluxloraClient(store, preprocessing=server.address)
+        impatient = FluxloraClient(preprocessing=server.address, timeout=0.5)
+        client = FluxloraClient(preprocessing=server.address)
         source = client.upload_photos(photos)
         store.gate.clear()
         with pytest.raises(FluxloraClientError) as late:
@@ -79,9 +79,9 @@ def job_server(tmp_path):
     runtime = JobRuntime("preprocessing", "pre", LocalStore(tmp_path / "store"), chatty)
     watch = runtime.watch
 
-    def recorded_watch(job_id, is_active=lambda: True):
+    def recorded_watch(job_id, *args, **kwargs):
         try:
-            yield from watch(job_id, is_active)
+            yield from watch(job_id, *args, **kwargs)
         finally:
             watch_closed.set()
 

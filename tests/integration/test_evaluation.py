@@ -36,7 +36,7 @@ def env(tiny_models, tmp_path_factory):
     settings = Settings(store=str(tmp / "unused"), cache_dir=tmp / "cache", grid_max_cells=MAX_CELLS,
                         image_text_model=str(clip))
     server = start_server("evaluation", settings, store=store, port=0)
-    client = FluxloraClient(store, evaluation=server.address)
+    client = FluxloraClient(evaluation=server.address)
     yield SimpleNamespace(client=client, store=store, run_id=run["run_id"], address=server.address,
                           flux=str(tiny_models["flux"]))
     client.close()
@@ -299,7 +299,7 @@ def test_cli_evaluate_prints_the_recommendation_and_downloads_the_grid(cli_env, 
 def test_cli_generate_applies_loras_given_as_run_step_and_strength(cli_env, tmp_path):
     result = CliRunner().invoke(cli.app, [
         "generate", "fluxone, a bottle", "a cup", "--lora", f"{cli_env.run_id}:20@0.7", "--images", "2",
-        "--steps", "3", "--width", "64", "--height", "64", "--out", str(tmp_path),
+        "--steps", "3", "--width", "64", "--height", "64", "--out", str(tmp_path), "--json",
     ])
     assert result.exit_code == 0, result.output
     printed = json.loads(result.stdout)

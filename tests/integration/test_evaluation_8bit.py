@@ -21,7 +21,7 @@ def test_an_fp8_base_renders_the_grid_with_its_convergence_probe(tiny_models, tm
     server = start_server("evaluation", settings, store=store, port=0)
     PIPELINES.clear()
     try:
-        with FluxloraClient(store, evaluation=server.address) as client:
+        with FluxloraClient(evaluation=server.address) as client:
             result = client.result(client.wait(client.evaluate(run["run_id"], strengths=[0.0, 1.0], steps=2)))
         assert (result.rows, result.cols) == (3, 2) and store.exists(result.grid_key)
         assert all(c.HasField("heldout_loss") for c in result.checkpoints)  # the probe ran on the 8-bit model

@@ -35,7 +35,7 @@ def env(tiny_models, tmp_path_factory):
         files[name] = step
     settings = Settings(store=str(tmp / "unused"), cache_dir=tmp / "cache", grid_max_cells=24)
     server = start_server("evaluation", settings, store=store, port=0)
-    client = FluxloraClient(store, evaluation=server.address)
+    client = FluxloraClient(evaluation=server.address)
     yield SimpleNamespace(client=client, store=store, run_id=run["run_id"], flux=str(tiny_models["flux"]),
                           checkpoints=checkpoints)
     client.close()

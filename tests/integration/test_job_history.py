@@ -23,7 +23,7 @@ JOBS = 6
 @contextlib.contextmanager
 def server_and_client(tmp_path, store):
     with preprocessing_server(tmp_path, store=store, finished_jobs_in_memory=KEPT) as server, \
-            FluxloraClient(store, preprocessing=server.address) as sdk:
+            FluxloraClient(preprocessing=server.address) as sdk:
         yield server, sdk
 
 

@@ -15,7 +15,7 @@ from fluxlora.common.storage import LocalStore
 from fluxlora_api.v1 import jobs_pb2
 from fluxlora_client import FluxloraClient, FluxloraClientError, JobFailed
 from fluxlora_client.review_page import EDITS_FORMAT
-from support import preprocessing_server, services_and_client
+from support import preprocessing_server, put_photos, services_and_client
 
 S = jobs_pb2.JobState
 UPLOAD_LIMIT = 16 * 1024  # the four sample photos are ~60 KB; two flat 96x96 PNGs ~600 bytes
@@ -69,12 +69,19 @@ def captioned(limited, tmp_path):
 
 
 def test_an_upload_over_the_limit_is_refused_at_submit_and_nothing_is_stored(limited, photos, tmp_path):
-    source = limited.upload_photos(photos)  # this client sets no limit of its own: the server's decides
+    total = sum(p.stat().st_size for p in photos.iterdir())
+    before = snapshot(limited.store)
+    err = refusal(lambda: limited.upload_photos(photos))  # this client sets no limit of its own: the server's decides
+    assert err.code == "RESOURCE_EXHAUSTED" and f"({total} bytes)" in err.message
+    assert f"({UPLOAD_LIMIT} bytes, FLUXLORA_MAX_UPLOAD_BYTES)" in err.message
+    assert snapshot(limited.store) == before  # refused at CreateUpload, before a byte was sent
+
+    # Photos that reached the store another way are checked again at submit.
+    source = put_photos(limited.store, photos, "direct")
     before = snapshot(limited.store)
     err = refusal(lambda: limited.preprocess(source, base_size=64))
-    total = sum(p.stat().st_size for p in photos.iterdir())
     assert err.code == "RESOURCE_EXHAUSTED"
-    assert f"spec.source_prefix {source!r}" in err.message and f"({total} bytes)" in err.message
+    assert "the uploaded folder holds" in err.message and f"({total} bytes)" in err.message
     assert f"({UPLOAD_LIMIT} bytes, FLUXLORA_MAX_UPLOAD_BYTES)" in err.message
     assert "raise FLUXLORA_MAX_UPLOAD_BYTES" in err.message
     assert snapshot(limited.store) == before
@@ -86,7 +93,7 @@ def test_an_upload_over_the_limit_is_refused_at_submit_and_nothing_is_stored(lim
     with zipfile.ZipFile(archive, "w", zipfile.ZIP_STORED) as zf:
         for path in sorted(photos.iterdir()):
             zf.write(path, path.name)
-    err = refusal(lambda: limited.preprocess(limited.upload_photos(archive), base_size=64))
+    err = refusal(lambda: limited.upload_photos(archive))
     assert err.code == "RESOURCE_EXHAUSTED" and "holds 1 file of" in err.message
     assert "FLUXLORA_MAX_UPLOAD_BYTES" in err.message
 
@@ -96,21 +103,22 @@ def test_an_upload_over_the_limit_is_refused_at_submit_and_nothing_is_stored(lim
 
 
 def test_the_sdk_refuses_an_oversized_upload_before_sending_a_byte(tmp_path, photos, monkeypatch):
-    monkeypatch.setenv("FLUXLORA_STORE", str(tmp_path / "store"))
     monkeypatch.setenv("FLUXLORA_MAX_UPLOAD_BYTES", str(UPLOAD_LIMIT))
-    with FluxloraClient.from_env() as client:
-        assert client.max_upload_bytes == UPLOAD_LIMIT
-        err = refusal(lambda: client.upload_photos(photos))
-        assert err.code == "RESOURCE_EXHAUSTED" and str(photos) in err.message
-        assert "4 files" in err.message and "FLUXLORA_MAX_UPLOAD_BYTES" in err.message
-        assert list(client.store.list("")) == []
-        assert client.upload_photos(flat_photos(tmp_path / "small")).startswith("uploads/")
+    with preprocessing_server(tmp_path) as server:  # its own limit is the default, far above the SDK's
+        monkeypatch.setenv("FLUXLORA_PREPROCESSING_ADDR", server.address)
+        with FluxloraClient.from_env() as client:
+            assert client.max_upload_bytes == UPLOAD_LIMIT
+            err = refusal(lambda: client.upload_photos(photos))
+            assert err.code == "RESOURCE_EXHAUSTED" and str(photos) in err.message
+            assert "4 files" in err.message and "FLUXLORA_MAX_UPLOAD_BYTES" in err.message
+            assert list(server.store.list("")) == []
+            assert client.upload_photos(flat_photos(tmp_path / "small")).startswith("uploads/")
 
 
 def test_a_job_checks_the_upload_again_when_files_arrived_after_its_submit(tmp_path):
     gate = threading.Event()
     with preprocessing_server(tmp_path, gate=gate, max_upload_bytes=UPLOAD_LIMIT) as server, \
-            FluxloraClient(server.store, preprocessing=server.address) as client:
+            FluxloraClient(preprocessing=server.address) as client:
         source = client.upload_photos(flat_photos(tmp_path / "photos"))
         job = client.preprocess(source, base_size=64)
         server.store.put_bytes(f"{source}late.bin", b"\0" * UPLOAD_LIMIT)  # the upload grew while queued
@@ -189,3 +197,22 @@ def test_a_run_over_the_step_limit_is_refused_at_submit(captioned):
     # At the limit the steps are not what stops it (this server has no base model configured).
     err = refusal(lambda: client.train(dataset_id, max_steps=STEPS_LIMIT))
     assert "max_steps" not in err.message
+
+
+# --- every numeric spec field ------------------------------------------------------------------
+@pytest.mark.parametrize("submit, field, shown, bound", [
+    (lambda c: c.train("ds-x", sample_steps=10**9), "spec.sample_steps", "1000000000", "[0, 500]"),
+    (lambda c: c.train("ds-x", guidance=float("nan")), "spec.guidance", "nan", "[0, 100]"),
+    (lambda c: c.preprocess("uploads/u-x/", base_size=10**6), "spec.base_size", "1000000", "[0, 4096]"),
+    (lambda c: c.caption("ds-x", TRIGGER, max_new_tokens=10**6), "spec.max_new_tokens", "1000000", "[0, 512]"),
+    (lambda c: c.evaluate("trn-x", guidance=float("nan")), "spec.guidance", "nan", "[0, 100]"),
+    (lambda c: c.generate("a photo", width=10**6), "spec.width", "1000000", "[0, 4096]"),
+    (lambda c: c.generate("a photo", guidance=float("inf")), "spec.guidance", "inf", "[0, 100]"),
+])
+def test_a_number_out_of_its_range_is_refused_at_submit_naming_field_value_and_range(limited, submit, field,
+                                                                                     shown, bound):
+    before = snapshot(limited.store)
+    err = refusal(lambda: submit(limited))
+    assert err.code == "INVALID_ARGUMENT"
+    assert err.message.startswith(f"{field} is {shown}") and bound in err.message, err.message
+    assert snapshot(limited.store) == before

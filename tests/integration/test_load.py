@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import contextlib
 import threading
+import types
+import uuid
 from collections import Counter
 from pathlib import Path
 
@@ -15,6 +17,7 @@ import grpc
 import pytest
 from google.protobuf import json_format
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from metrics_support import label_values, scrape, total
 from PIL import Image
 
 from fluxlora.common.storage import LocalStore
@@ -22,7 +25,7 @@ from fluxlora.jobs.runtime import EVENTS_KEPT
 from fluxlora.server.bootstrap import RPC_THREADS, RunningServer
 from fluxlora_api.v1 import jobs_pb2, jobs_pb2_grpc
 from fluxlora_client import FluxloraClient, FluxloraClientError
-from support import preprocessing_server
+from support import preprocessing_server, put_photos
 
 S = jobs_pb2.JobState
 CLIENTS = 50
@@ -39,13 +42,13 @@ def write_photos(folder: Path, seed: int) -> Path:
 
 @contextlib.contextmanager
 def client_for_store(tmp_path: Path, store=None):
-    """An SDK client for uploading into the store the server will use (no server needed for that)."""
-    with FluxloraClient(store or LocalStore(tmp_path / "store"), preprocessing="127.0.0.1:1") as client:
-        yield client
+    """Puts photos into the store the server will use, before it runs (support.put_photos)."""
+    store = store or LocalStore(tmp_path / "store")
+    yield types.SimpleNamespace(upload_photos=lambda folder: put_photos(store, folder, uuid.uuid4().hex[:12]))
 
 
 def client_for(server: RunningServer) -> FluxloraClient:
-    return FluxloraClient(server.store, preprocessing=server.address)
+    return FluxloraClient(preprocessing=server.address)
 
 
 def run_clients(count: int, body) -> list[BaseException]:
@@ -121,7 +124,7 @@ def test_fifty_clients_submit_and_watch_and_every_job_runs_exactly_once(store, t
     finals: dict[tuple[int, str], jobs_pb2.Job] = {}
     event_orders: list[list[int]] = []
 
-    with preprocessing_server(tmp_path, store=store, workers=2) as server:
+    with preprocessing_server(tmp_path, store=store, workers=2, metrics_port=0) as server:
         def client(i: int) -> None:
             with client_for(server) as sdk:
                 own = sdk.preprocess(uploads[i], base_size=BASE_SIZE, request_id=f"load-{i:02d}")
@@ -170,6 +173,16 @@ def test_fifty_clients_submit_and_watch_and_every_job_runs_exactly_once(store, t
         assert sampled.threads <= server.settings.max_watchers + RPC_THREADS
         assert all(len(log.events) <= EVENTS_KEPT for log in server.runtime._logs.values())
         assert server.runtime.watchers == 0
+
+        # Metrics count every job and request, and no label takes a job id, request id or address.
+        samples = scrape(server.metrics_port)
+        assert total(samples, "fluxlora_jobs_finished_total", service="preprocessing", state="succeeded") >= CLIENTS
+        assert total(samples, "grpc_server_handled_total", service="preprocessing",
+                     grpc_method="SubmitPreprocess") >= CLIENTS + CLIENTS // 5
+        labels = label_values(samples, "grpc_server") | label_values(samples, "fluxlora_")
+        assert not [v for vs in labels.values() for v in vs if "pre-" in v or "load-" in v or "127.0.0.1" in v]
+        assert len(labels["grpc_method"]) <= 40 and len(labels["grpc_code"]) <= 17
+        assert len([k for k in samples if k[0] == "grpc_server_handled_total"]) <= 60
 
 
 def test_a_full_queue_refuses_the_surplus_with_resource_exhausted_and_stores_nothing_for_it(tmp_path):

@@ -12,7 +12,6 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from fluxlora.common.config import SERVICES
-from fluxlora.common.storage import LocalStore
 from fluxlora.server.local import LocalServices, free_port
 from fluxlora_api.v1 import jobs_pb2
 from fluxlora_client import FluxloraClient
@@ -41,7 +40,7 @@ def test_local_services_serve_the_sdk_and_stop_gracefully(photos, tmp_path):
             assert health(address) == health_pb2.HealthCheckResponse.SERVING, name
             assert health(address, "fluxlora.v1.JobService") == health_pb2.HealthCheckResponse.SERVING, name
 
-        with FluxloraClient(LocalStore(store_dir), **services.addresses) as client:
+        with FluxloraClient(**services.addresses) as client:
             job = client.wait(client.preprocess(client.upload_photos(photos), base_size=64))
             assert job.state == jobs_pb2.JOB_STATE_SUCCEEDED, server_logs()
             dataset_id = client.result(job).dataset_id

@@ -104,6 +104,8 @@ def test_checkpoints_plot_and_samples_are_stored_every_n_steps(outputs):
     assert Image.open(result.local["run"] / "loss.png").size[0] > 100
     assert len(train.sample_keys) == STEPS // EVERY
     assert (result.local["grid"] / "grid.png").exists()
+    assert result.local["contact_sheet"] == result.local["dataset"] / "contact_sheet.png"
+    assert Image.open(result.local["contact_sheet"]).size[0] > 100  # beside the dataset, as the outputs table says
 
 
 def test_the_lora_moves_generations_toward_the_training_image(outputs, tiny_models):

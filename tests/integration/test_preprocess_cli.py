@@ -1,5 +1,6 @@
-"""`fluxlora preprocess` prints the dataset report as tables a person reads (on stderr, with the
-progress bars) and the result as JSON on stdout, for scripts."""
+"""`fluxlora preprocess` gives one output: the dataset report as tables a person reads (stdout, each
+warning once, readable at 80 columns) or, with --json, the result as JSON for scripts; progress and
+warnings go to stderr."""
 
 from __future__ import annotations
 
@@ -11,35 +12,37 @@ from fluxlora_client import cli
 from photo_corpus import write_bad_inputs
 
 
-def test_preprocess_prints_the_report_tables_and_the_result_json(cli_env, tmp_path):
+def test_preprocess_prints_the_report_tables_at_80_columns_with_each_warning_once(cli_env, tmp_path, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "80")
     folder = write_bad_inputs(tmp_path / "upload")
     result = CliRunner().invoke(cli.app, ["preprocess", str(folder), "--base-size", "256", "--lora-type", "style"])
     assert result.exit_code == 0, result.output
+    [job] = cli_env.list_jobs("preprocessing")
+    dataset_id = cli_env.result(job).dataset_id
 
-    printed = json.loads(result.stdout)
-    dataset_id = printed["datasetId"]
-    assert printed["report"]["rejectedCount"] == 6
-
-    report = result.stderr
+    report = result.stdout
+    assert "{" not in report  # no JSON dump beside the tables
     assert f"dataset {dataset_id}: style LoRA, bucket 256 px (about 50 images recommended)" in report
     for heading in ("buckets", "rejected", "exact duplicates (not trained)", "near duplicates", "flagged"):
         assert heading in report
+    assert max(len(line) for line in report.splitlines()) <= 80
+    assert "…" not in report  # cells wrap, nothing is cut
     assert "zero.jpg" in report and "empty file (0 bytes)" in report
     assert "slip.zip" in report and "unsafe path" in report
-    assert "good_1.jpg (good_1)" in report and "good_1_copy.jpg" in report
-    assert "good_2, good_2_reencoded" in report
+    assert "good_1_copy.jpg" in report
     assert "256x192" in report  # the bucket histogram
-    assert "warning Only 10 usable images for a style LoRA" in report
     assert f"contact sheet datasets/{dataset_id}/contact_sheet.png" in report
+    everything = " ".join((result.stdout + result.stderr).split())
+    assert everything.count("Only 10 usable images for a style LoRA") == 1
 
 
-def test_preprocess_takes_a_zip_and_the_crop_options(cli_env, tmp_path):
+def test_preprocess_json_is_the_only_thing_on_stdout(cli_env, tmp_path):
     folder = write_bad_inputs(tmp_path / "upload")
     result = CliRunner().invoke(
         cli.app, ["preprocess", str(folder / "album.zip"), "--base-size", "128", "--crop-mode", "pad",
-                  "--blur-threshold", "0"],
+                  "--blur-threshold", "0", "--json"],
     )
     assert result.exit_code == 0, result.output
     printed = json.loads(result.stdout)
     assert printed["imageCount"] == 2 and printed["report"]["cropMode"] == "pad"
-    assert "128x128" in result.stderr
+    assert "128x128" in printed["report"]["buckets"]

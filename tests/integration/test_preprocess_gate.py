@@ -140,10 +140,12 @@ def test_crop_modes_and_options_reach_the_pipeline(local, tmp_path):
 
     for mode in ("subject", "pad"):
         result = local.result(local.wait(local.preprocess(source, base_size=128, crop_mode=mode,
-                                                          background="#102030", blur_threshold=0)))
+                                                          background="#102030", blur_threshold=0,
+                                                          near_duplicate_distance=-1, monochrome_threshold=0)))
         assert result.report.crop_mode == mode and dict(result.report.buckets) == {"128x128": 2}
         manifest = json.loads(local.store.get_bytes(result.manifest_key))
         assert manifest["options"]["background"] == [16, 32, 48] and manifest["options"]["blur_threshold"] == 0
+        assert manifest["options"]["near_duplicate_distance"] == -1 and manifest["options"]["monochrome_threshold"] == 0
         wide = next(i for i in manifest["images"] if i["stem"] == "wide")
         assert (wide["pad_box"] is not None) == (mode == "pad")
     spec = local.spec(local.list_jobs("preprocessing")[0])
@@ -165,8 +167,10 @@ def test_the_same_upload_and_options_give_the_same_dataset_id_and_bytes(local, t
     ("options", "phrase"),
     [
         ({"background": "white"}, "spec.background 'white' is not a colour"),
-        ({"blur_threshold": -1.0}, "spec.blur_threshold must be 0 (off) or positive"),
-        ({"min_side": -5}, "spec.min_side must be 0"),
+        ({"blur_threshold": -1.0}, "spec.blur_threshold is -1.0, outside the allowed range [0, 100000]"),
+        ({"near_duplicate_distance": 40}, "spec.near_duplicate_distance is 40, outside the allowed range [-1, 32]"),
+        ({"monochrome_threshold": -2.0}, "spec.monochrome_threshold is -2.0, outside the allowed range [0, 255]"),
+        ({"min_side": -5}, "spec.min_side is -5, outside the allowed range"),
         ({"base_size": 1000}, "base_size must be a positive multiple of 64"),
     ],
 )

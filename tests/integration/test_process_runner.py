@@ -16,13 +16,14 @@ import grpc
 import pytest
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from metrics_support import scrape, total
 from safetensors.torch import load_file
 
 from fluxlora.common.config import Settings
 from fluxlora.common.storage import LocalStore
 from fluxlora.server.bootstrap import start_server
 from fluxlora_api.v1 import jobs_pb2
-from fluxlora_client import FluxloraClient, JobCancelled, JobFailed
+from fluxlora_client import FluxloraClient, FluxloraClientError, JobCancelled, JobFailed
 
 S = jobs_pb2.JobState
 pytestmark = pytest.mark.slow
@@ -30,9 +31,9 @@ pytestmark = pytest.mark.slow
 
 @contextlib.contextmanager
 def training_server(store: LocalStore, tmp_path: Path, runner: str = "process"):
-    settings = Settings(store=str(tmp_path / "unused"), cache_dir=tmp_path / "cache", runner=runner)
+    settings = Settings(store=str(tmp_path / "unused"), cache_dir=tmp_path / "cache", runner=runner, metrics_port=0)
     server = start_server("training", settings, store=store, port=0)
-    client = FluxloraClient(store, training=server.address)
+    client = FluxloraClient(training=server.address)
     try:
         yield server, client
     finally:
@@ -47,7 +48,7 @@ def dataset(tmp_path_factory, photos, tiny_models):
     store = LocalStore(root / "store")
     settings = Settings(store=str(root / "unused"), cache_dir=root / "cache")
     servers = [start_server(name, settings, store=store, port=0) for name in ("preprocessing", "captioning")]
-    client = FluxloraClient(store, **{s.definition.name: s.address for s in servers})
+    client = FluxloraClient(**{s.definition.name: s.address for s in servers})
     try:
         dataset = client.result(client.wait(client.preprocess(client.upload_photos(photos), base_size=64)))
         client.wait(client.caption(dataset.dataset_id, "fluxone", model=str(tiny_models["florence2"])))
@@ -90,8 +91,15 @@ def relative_keys(job: jobs_pb2.Job) -> list[tuple[str, str]]:
 def test_a_run_in_a_worker_process_streams_like_an_in_thread_run_and_stores_the_same(store, tmp_path, dataset,
                                                                                       tiny_models):
     events: list[jobs_pb2.JobEvent] = []
-    with training_server(store, tmp_path) as (_, client):
+    with training_server(store, tmp_path) as (server, client):
+        before = scrape(server.metrics_port)
         job = client.wait(train(client, dataset, tiny_models), on_event=events.append)
+        after = scrape(server.metrics_port)
+    # the worker process is gone; its steps and the job's end reached the server's metrics through the record
+    steps = "fluxlora_training_steps_total"
+    assert total(after, steps, service="training") - total(before, steps, service="training") == 4
+    assert total(after, "fluxlora_jobs_finished_total", service="training", state="succeeded") \
+        == total(before, "fluxlora_jobs_finished_total", service="training", state="succeeded") + 1
     with training_server(store, tmp_path, runner="local") as (_, client):
         in_thread = client.wait(train(client, dataset, tiny_models))
 
@@ -114,23 +122,53 @@ def test_a_run_in_a_worker_process_streams_like_an_in_thread_run_and_stores_the_
     assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
 
 
-def test_a_killed_worker_fails_its_run_with_a_clear_status_and_the_server_runs_the_next(store, tmp_path, dataset,
-                                                                                       tiny_models):
+KILLED_STEPS = 60
+
+
+def wait_for(client: FluxloraClient, job_id: str, condition, what: str) -> jobs_pb2.Job:
+    for event in client.watch(job_id):
+        if condition(event.job):
+            return event.job
+    raise AssertionError(f"run {job_id} ended before {what}")
+
+
+def test_a_killed_worker_runs_again_from_its_checkpoint_a_second_kill_fails_it_and_resume_finishes_it(
+        store, tmp_path, dataset, tiny_models):
     with training_server(store, tmp_path) as (server, client):
-        job = train(client, dataset, tiny_models, max_steps=50_000, checkpoint_every=5)
-        running = wait_for_step(client, job.job_id, 6)
-        os.kill(int(running.metrics["worker_pid"]), signal.SIGKILL)  # as the out-of-memory killer does
+        job = train(client, dataset, tiny_models, max_steps=KILLED_STEPS, checkpoint_every=5)
+        first = wait_for_step(client, job.job_id, 6)
+        first_pid = int(first.metrics["worker_pid"])
+        os.kill(first_pid, signal.SIGKILL)  # as the out-of-memory killer does
+        second = wait_for(client, job.job_id, lambda j: int(j.metrics.get("worker_pid", 0)) not in (0, first_pid)
+                          and j.progress.stage == "training" and j.progress.done >= 11, "a second worker's step 11")
+        assert second.attempts == 2 and 5 <= second.metrics["resumed_from_step"] < 11  # from its checkpoint
+        os.kill(int(second.metrics["worker_pid"]), signal.SIGKILL)
         with pytest.raises(JobFailed) as failed:
             client.wait(job)
-        assert failed.value.code == "RESOURCE_EXHAUSTED"
+        assert failed.value.code == "RESOURCE_EXHAUSTED" and failed.value.job.attempts == 2
         assert "SIGKILL" in failed.value.message and "out-of-memory" in failed.value.message
-        assert any(a.kind == "lora" and a.step == 5 for a in failed.value.job.artifacts)  # kept
+        assert "started 2 times" in failed.value.message and "FLUXLORA_MAX_JOB_ATTEMPTS=2" in failed.value.message
+        assert any(a.kind == "lora" and a.step == 10 for a in failed.value.job.artifacts)  # kept
 
         with grpc.insecure_channel(server.address) as channel:
             health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""), timeout=5)
         assert health.status == health_pb2.HealthCheckResponse.SERVING
-        after = client.wait(train(client, dataset, tiny_models, max_steps=1, checkpoint_every=0))
-        assert after.state == S.JOB_STATE_SUCCEEDED
+        # the failed run goes on from its last checkpoint, in the same run (and with its own spec)
+        with pytest.raises(FluxloraClientError) as refused:
+            client.resume_training(job.job_id, rank=64)
+        assert refused.value.code == "INVALID_ARGUMENT" and "spec.rank is 64" in refused.value.message
+        resumed = client.wait(client.resume_training(job.job_id))
+        with pytest.raises(FluxloraClientError) as refused:
+            client.resume_training(job.job_id)
+        assert refused.value.code == "FAILED_PRECONDITION" and "finished already" in refused.value.message
+    assert resumed.state == S.JOB_STATE_SUCCEEDED and resumed.job_id != job.job_id
+    assert 10 <= resumed.metrics["resumed_from_step"] < KILLED_STEPS
+    result = client.result(resumed)
+    assert result.run_id == job.job_id and result.steps_done == KILLED_STEPS
+    assert [c.step for c in result.checkpoints] == list(range(5, KILLED_STEPS + 1, 5)), "each checkpoint once"
+    steps = [int(r.split(",")[0]) for r in store.get_bytes(result.loss_csv_key).decode().split()[1:]]
+    assert steps == list(range(1, KILLED_STEPS + 1)), "each step trained once"
+    assert result.loss_csv_key.startswith(f"runs/{job.job_id}/")
 
 
 def test_cancel_stops_the_worker_within_a_step_and_keeps_its_checkpoint(store, tmp_path, dataset, tiny_models):

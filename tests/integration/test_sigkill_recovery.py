@@ -15,74 +15,22 @@ from __future__ import annotations
 import csv
 import hashlib
 import io
-import os
-import signal
-import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 
 from fluxlora.common import keys
 from fluxlora.common.storage import ArtifactStore, LocalStore
-from fluxlora.server.local import free_port, wait_healthy
 from fluxlora_api.v1 import jobs_pb2
-from fluxlora_client import FluxloraClient
-from support import services_and_client
+from fluxlora_client import FluxloraClient, JobFailed
+from support import ServiceProcess, services_and_client
 
 pytestmark = pytest.mark.timeout(240)  # a regression that hangs a wait fails here, not after 10 minutes
 S = jobs_pb2.JobState
 TERMINAL = (S.JOB_STATE_SUCCEEDED, S.JOB_STATE_FAILED, S.JOB_STATE_CANCELLED)
 MAX_STEPS = 100
 EVERY = 10
-
-
-class ServiceProcess:
-    """One service as `fluxlora serve` in its own process group, on a port kept across restarts."""
-
-    def __init__(self, service: str, store: ArtifactStore, tmp_path: Path):
-        self.service = service
-        self.port = free_port()
-        self.address = f"127.0.0.1:{self.port}"
-        self.log = tmp_path / f"{service}.log"
-        self.env = {**os.environ, **store_env(store), "FLUXLORA_CACHE_DIR": str(tmp_path / "cache"),
-                    "FLUXLORA_WORKERS": "1", "FLUXLORA_PREPROCESS_WORKERS": "1", "OMP_NUM_THREADS": "1"}
-        self.process: subprocess.Popen | None = None
-
-    def start(self) -> ServiceProcess:
-        with open(self.log, "ab") as log:
-            self.process = subprocess.Popen(
-                [sys.executable, "-m", "fluxlora_client.cli", "serve", self.service,
-                 "--host", "127.0.0.1", "--port", str(self.port)],
-                env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-            )
-        wait_healthy(self.address, timeout=120, alive=lambda: self.process.poll() is None)
-        return self
-
-    def kill(self) -> None:
-        """SIGKILL to the whole process group, as a container runtime or the OOM killer does it."""
-        os.killpg(self.process.pid, signal.SIGKILL)
-        self.process.wait(30)
-
-    def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(30)
-            except subprocess.TimeoutExpired:
-                self.kill()
-
-    def logs(self) -> str:
-        return self.log.read_text(errors="replace")[-4000:]
-
-
-def store_env(store: ArtifactStore) -> dict[str, str]:
-    """The settings that point a server process at `store` (a directory, or a bucket on moto)."""
-    if isinstance(store, LocalStore):
-        return {"FLUXLORA_STORE": str(store.root)}
-    return {"FLUXLORA_STORE": store.uri, "FLUXLORA_S3_ENDPOINT": store.endpoint,
-            "FLUXLORA_S3_ACCESS_KEY": "test", "FLUXLORA_S3_SECRET_KEY": "test"}
 
 
 @pytest.fixture
@@ -124,7 +72,7 @@ def test_a_killed_preprocessing_server_finds_its_running_and_queued_jobs_again(s
 
     server = ServiceProcess("preprocessing", store, tmp_path)
     processes.append(server.start())
-    client = FluxloraClient(store, preprocessing=server.address)
+    client = FluxloraClient(preprocessing=server.address)
     many, few = tmp_path / "many", tmp_path / "few"
     write_sample_photos(many, count=24, seed=3)
     write_sample_photos(few, count=3, seed=4)
@@ -170,7 +118,7 @@ def test_a_killed_training_server_resumes_the_run_from_its_last_checkpoint(tmp_p
         setup.wait(setup.caption(dataset.dataset_id, "fluxone", model=str(tiny_models["florence2"])))
     server = ServiceProcess("training", store, tmp_path)
     processes.append(server.start())
-    client = FluxloraClient(store, training=server.address)
+    client = FluxloraClient(training=server.address)
     options = dict(base_model=str(tiny_models["flux"]), resolution=64, max_steps=MAX_STEPS,
                    checkpoint_every=EVERY, sample_every=0, request_id="req-train")
     job = client.train(dataset.dataset_id, **options)
@@ -230,7 +178,7 @@ def kill_mid_stage(server: ServiceProcess, client: FluxloraClient, job: jobs_pb2
 
     wait_until(midway, f"the job midway through {stage!r}", logs=server.logs)
     server.kill()
-    assert stored_state(client.store, server.service, job.job_id) == S.JOB_STATE_RUNNING
+    assert stored_state(server.store, server.service, job.job_id) == S.JOB_STATE_RUNNING
 
 
 def test_a_killed_captioning_server_captions_the_dataset_again_once(tmp_path, tiny_models, processes):
@@ -238,7 +186,7 @@ def test_a_killed_captioning_server_captions_the_dataset_again_once(tmp_path, ti
     stems = store_dataset(store, "ds-sigkill000001", count=24)
     server = ServiceProcess("captioning", store, tmp_path)
     processes.append(server.start())
-    client = FluxloraClient(store, captioning=server.address)
+    client = FluxloraClient(captioning=server.address)
     # batch 1 and longer captions: the job takes a few seconds, so the kill lands mid-caption
     options = dict(model=str(tiny_models["florence2"]), batch_size=1, max_new_tokens=128, request_id="req-caption")
     job = client.caption("ds-sigkill000001", "fluxone", **options)
@@ -271,7 +219,7 @@ def test_a_killed_evaluation_server_renders_the_grid_again_once(tmp_path, tiny_m
     run = store_random_run(store, tiny_models["flux"])
     server = ServiceProcess("evaluation", store, tmp_path)
     processes.append(server.start())
-    client = FluxloraClient(store, evaluation=server.address)
+    client = FluxloraClient(evaluation=server.address)
     # 3 checkpoints x 6 strengths; enough sampling steps that rendering takes a few seconds
     options = dict(steps=24, image_text_model="none", skip_convergence=True, request_id="req-grid")
     job = client.evaluate(run["run_id"], **options)
@@ -292,4 +240,52 @@ def test_a_killed_evaluation_server_renders_the_grid_again_once(tmp_path, tiny_m
     stored = {o.key for o in store.list(keys.grid_prefix(result.grid_id))}
     assert stored == set(referenced), "nothing half-written or left over from the killed run"
     assert {c.image_key for c in result.cells} | {result.report_key, result.grid_key} <= stored
+    client.close()
+
+
+
+# A preprocessing server whose jobs never end (as one that grows until the kernel kills it).
+HANGING_SERVER = """
+import dataclasses, sys, threading
+from fluxlora.common.config import Settings
+from fluxlora.server.bootstrap import RunningServer, load_definition
+
+def handler(ctx, spec):
+    ctx.progress("growing", 1)
+    threading.Event().wait()
+
+definition = dataclasses.replace(load_definition("preprocessing"), handler=handler)
+RunningServer(definition, Settings(), port=int(sys.argv[-1])).start()
+threading.Event().wait()
+"""
+
+
+def test_a_job_that_kills_its_server_twice_fails_as_poison_instead_of_running_forever(tmp_path, photos, processes):
+    """FLUXLORA_MAX_JOB_ATTEMPTS (default 2): each start is counted in the record before the work starts;
+    the third server start fails the job as poison, says why, and serves on."""
+    from fluxlora.server.healthcheck import serving
+
+    store = LocalStore(tmp_path / "store")
+    server = ServiceProcess("preprocessing", store, tmp_path, command=[sys.executable, "-c", HANGING_SERVER])
+    processes.append(server.start())
+    client = FluxloraClient(preprocessing=server.address)
+    source = client.upload_photos(photos)
+    job = client.preprocess(source, base_size=64, request_id="req-poison")
+
+    def record() -> dict:
+        return store.get_json(f"jobs/preprocessing/{job.job_id}.json")
+
+    for attempt in (1, 2):
+        wait_until(lambda a=attempt: record().get("attempts") == a and record()["state"] == "JOB_STATE_RUNNING",
+                   f"start {attempt} of the job in its record", logs=server.logs)
+        server.kill()  # as the out-of-memory killer ends a server that a request makes grow
+        server.start()
+    with pytest.raises(JobFailed) as failed:
+        client.wait(job)
+    assert failed.value.code == "ABORTED" and failed.value.job.attempts == 2
+    assert "started 2 times" in failed.value.message and "FLUXLORA_MAX_JOB_ATTEMPTS=2" in failed.value.message
+    wait_until(lambda: record()["state"] == "JOB_STATE_FAILED", "the FAILED record", logs=server.logs)
+    assert serving(server.address)[0]
+    again = client.preprocess(source, base_size=64, request_id="req-poison")  # the same request: that job
+    assert again.job_id == job.job_id and again.state == S.JOB_STATE_FAILED
     client.close()

@@ -22,7 +22,7 @@ import pytest
 from fluxlora.common.config import Settings
 from fluxlora.common.s3_retry import RetryPolicy
 from fluxlora.common.storage import S3Store
-from fluxlora.jobs import runtime
+from fluxlora.jobs import recorder
 from fluxlora.server.bootstrap import start_server
 from fluxlora.server.local import free_port
 from fluxlora_api.shared.errors import Unavailable, status_of
@@ -213,11 +213,11 @@ def test_every_call_gives_up_unavailable_naming_the_store_and_the_key(s3, tmp_pa
 @pytest.fixture
 def preprocessing(s3, tmp_path, monkeypatch):
     """A preprocessing server over an OutageStore, and an SDK client; yields (client, store)."""
-    monkeypatch.setattr(runtime, "RESAVE_INTERVAL_S", 0.1)
+    monkeypatch.setattr(recorder, "RESAVE_INTERVAL_S", 0.1)
     store = connect(s3, PATIENT)
     settings = Settings(store="unused", cache_dir=tmp_path / "cache", preprocess_workers=1)
     with start_server("preprocessing", settings, store=store, port=0) as server:
-        with FluxloraClient(store, preprocessing=server.address) as client:
+        with FluxloraClient(preprocessing=server.address) as client:
             yield client, store
 
 
@@ -304,3 +304,56 @@ def test_a_submit_while_the_store_is_down_answers_unavailable(s3, preprocessing,
     s3.start()
     assert client.list_jobs("preprocessing") == []
     assert not list(store.list("jobs/preprocessing/"))
+
+
+
+def test_getjob_and_listjobs_answer_from_memory_while_a_record_write_waits_out_the_outage(s3, tmp_path, photos,
+                                                                                       monkeypatch):
+    """A job's own record write waits out the outage (minutes with this policy); GetJob and ListJobs
+    neither wait for it nor retry the store for long: the 10 s deadline of these calls would expire."""
+    import dataclasses
+
+    import grpc
+
+    from fluxlora.server.bootstrap import RunningServer, load_definition
+    from fluxlora_api.v1 import jobs_pb2_grpc, preprocessing_pb2
+
+    monkeypatch.setattr(recorder, "RESAVE_INTERVAL_S", 0.1)
+    store = connect(s3, RetryPolicy(retries=3000, base_s=0.1, max_s=0.1))
+    gate = threading.Event()
+
+    def handler(ctx, spec):
+        assert gate.wait(60)
+        ctx.warn("written while the store is down")  # a record write (persist now): it waits for the store
+        return preprocessing_pb2.PreprocessResult(dataset_id="ds-outage")
+
+    definition = dataclasses.replace(load_definition("preprocessing"), handler=handler)
+    settings = Settings(store="unused", cache_dir=tmp_path / "cache")
+    with RunningServer(definition, settings, store, port=0).start() as server, \
+            FluxloraClient(preprocessing=server.address, timeout=10) as client, \
+            grpc.insecure_channel(server.address) as channel:
+        jobs = jobs_pb2_grpc.JobServiceStub(channel)
+        source = client.upload_photos(photos)
+        gate.set()
+        done = client.wait(client.preprocess(source, base_size=64))
+        gate.clear()
+        job = client.preprocess(source, base_size=128)
+        s3.stop()
+        gate.set()
+        deadline = time.monotonic() + 30
+        while not client.get_job(job.job_id).warnings:  # memory has the change the store does not
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        assert client.get_job(done.job_id).state == S.JOB_STATE_SUCCEEDED
+        assert client.get_job(job.job_id).state == S.JOB_STATE_RUNNING
+        listed = jobs.ListJobs(jobs_pb2.ListJobsRequest(), timeout=10)
+        assert listed.from_memory and [j.job_id for j in listed.jobs] == [job.job_id, done.job_id]
+
+        s3.start()  # the write lands, the job ends, and ListJobs reads the store again
+        assert client.wait(job).state == S.JOB_STATE_SUCCEEDED
+        listed = jobs.ListJobs(jobs_pb2.ListJobsRequest(), timeout=10)
+        assert not listed.from_memory and [j.job_id for j in listed.jobs] == [job.job_id, done.job_id]
+        deadline = time.monotonic() + 30  # (a watcher may see the end from memory a moment before the store)
+        while store.get_json(f"jobs/preprocessing/{job.job_id}.json")["state"] != "JOB_STATE_SUCCEEDED":
+            assert time.monotonic() < deadline
+            time.sleep(0.02)

@@ -180,3 +180,54 @@ def test_bad_plan_requests_get_clear_statuses(captioned, tiny_models, options, c
     with pytest.raises(FluxloraClientError) as err:
         client.plan_training(**options)
     assert err.value.code == code and words in err.value.message
+
+
+@pytest.mark.parametrize("store", ["local"], indirect=True)
+@pytest.mark.slow
+def test_memory_mode_auto_fits_1024_on_a_24gib_card_by_itself_and_manual_still_refuses(
+    captioned, flux1_dev_config, monkeypatch, capsys
+):
+    """Two fake steps of the 12B-parameter model: bf16 and fp8 bases, both with checkpointing."""
+    client, dataset_id = captioned
+    plan = client.plan_training(str(flux1_dev_config), resolution=1024)  # the defaults: a bf16 base
+    assert plan.fits and "fp8 base + gradient checkpointing, 1024px" in plan.mode
+    assert dict(plan.picked) == {"gradient_checkpointing": "true", "base_quantization": "fp8", "blocks_to_swap": "0"}
+    assert plan.memory_choice.startswith("memory_mode auto picked fp8 base + gradient checkpointing")
+    assert "bf16 base + gradient checkpointing would need" in plan.memory_choice
+
+    with pytest.raises(FluxloraClientError) as err:  # manual: the options as given, as before
+        client.train(dataset_id, base_model=str(flux1_dev_config), resolution=1024, memory_mode="manual")
+    assert err.value.code == "RESOURCE_EXHAUSTED" and "base_quantization=fp8" in err.value.message
+    with pytest.raises(FluxloraClientError) as err:
+        client.train(dataset_id, base_model=str(flux1_dev_config), resolution=1024, memory_mode="fastest")
+    assert err.value.code == "INVALID_ARGUMENT" and "spec.memory_mode" in err.value.message
+    assert client.list_jobs("training") == []
+
+    monkeypatch.setenv("FLUXLORA_TRAINING_ADDR", client.addresses["training"])
+    monkeypatch.setenv("COLUMNS", "80")
+    monkeypatch.setattr(sys, "argv", ["fluxlora", "train", dataset_id, "--base-model", str(flux1_dev_config),
+                                      "--resolution", "1024", "--plan"])
+    with pytest.raises(SystemExit) as exit_:
+        cli.main()
+    assert exit_.value.code == 0
+    out = capsys.readouterr().out
+    assert "as flags: --base-quantization fp8 --blocks-to-swap 0 --gradient-checkpointing" in out
+
+
+@pytest.mark.parametrize("store", ["local"], indirect=True)
+def test_an_auto_run_records_its_memory_options_and_resolution_and_says_so_before_it_starts(captioned, tiny_models):
+    client, dataset_id = captioned  # preprocessed at base size 64: the run's resolution when unset
+    assert "64px" in client.plan_training(str(tiny_models["flux"]), dataset_id=dataset_id).mode
+    job = client.train(dataset_id, base_model=str(tiny_models["flux"]), max_steps=1, checkpoint_every=0,
+                       sample_every=0)
+    assert client.spec(job).resolution == 64
+    [said] = job.notes  # in the reply to the submit: before the run starts
+    assert said.startswith("memory_mode auto picked bf16 base + gradient checkpointing")
+    assert "the fastest combination, and it fits" in said and "of the target GPU's 24.0 GiB" in said
+    done = client.wait(job)
+    assert list(done.notes) == [said]
+    spec = client.spec(done)
+    assert spec.memory_mode == "auto" and spec.HasField("gradient_checkpointing") and spec.gradient_checkpointing
+    assert spec.base_quantization == "none"
+    run = client.result(done)
+    assert client.store.get_json(f"runs/{run.run_id}/spec.json")["baseQuantization"] == "none"

@@ -1,17 +1,22 @@
 """A training run interrupted by a server restart continues from its last checkpoint: the new
-server picks the job up from the store and neither repeats finished steps nor loses them."""
+server picks the job up from the store and neither repeats finished steps nor loses them. A cancelled
+run continues when asked (`fluxlora train --resume-from`)."""
 
 from __future__ import annotations
 
 import csv
 import io
+import json
 import time
+
+import pytest
 
 from fluxlora.common.config import Settings
 from fluxlora.common.storage import LocalStore
 from fluxlora.server.bootstrap import start_server
 from fluxlora_api.v1 import jobs_pb2
-from support import services_and_client
+from fluxlora_client import JobCancelled
+from support import fluxlora, services_and_client
 
 MAX_STEPS = 60
 EVERY = 10
@@ -56,3 +61,32 @@ def test_a_restarted_training_server_resumes_the_run(tmp_path, photos, tiny_mode
     assert steps[-1] == MAX_STEPS and result.steps_done == MAX_STEPS
     rows = list(csv.DictReader(io.StringIO(store.get_bytes(f"runs/{job.job_id}/loss.csv").decode())))
     assert [int(r["step"]) for r in rows] == list(range(1, MAX_STEPS + 1))
+
+
+def test_fluxlora_train_resume_from_continues_a_cancelled_run_without_its_dataset(cli_env, photos, tiny_models):
+    """`fluxlora train --resume-from <run> --max-steps N`: no dataset argument (the run knows its own);
+    the new job goes on in the cancelled run from its checkpoint and raises its steps."""
+    client = cli_env
+    dataset = client.result(client.wait(client.preprocess(client.upload_photos(photos), base_size=64)))
+    client.wait(client.caption(dataset.dataset_id, "fluxone", model=str(tiny_models["florence2"])))
+    job = client.train(dataset.dataset_id, base_model=str(tiny_models["flux"]), resolution=64, max_steps=40,
+                       checkpoint_every=0, sample_every=0)
+    for event in client.watch(job.job_id):
+        if event.job.progress.stage == "training" and event.job.progress.done >= 2:
+            break
+    client.cancel(job.job_id)
+    with pytest.raises(JobCancelled) as cancelled:
+        client.wait(job)
+    stopped_at = cancelled.value.job.progress.done
+    assert 2 <= stopped_at < 40
+
+    refused = fluxlora("train")
+    assert refused.exit_code == 2 and "--resume-from RUN_ID" in refused.output
+
+    resumed = fluxlora("train", "--resume-from", job.job_id, "--max-steps", "44")
+    assert resumed.exit_code == 0, resumed.output
+    result = json.loads(resumed.output[resumed.output.index("{"):])
+    assert result["runId"] == job.job_id and int(result["stepsDone"]) == 44
+    [second] = [j for j in client.list_jobs("training") if j.job_id != job.job_id]
+    assert client.spec(second).resume_from_run == job.job_id and second.state == jobs_pb2.JOB_STATE_SUCCEEDED
+    assert stopped_at <= second.metrics["resumed_from_step"] < 44

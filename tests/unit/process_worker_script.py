@@ -59,6 +59,14 @@ def killed(ctx, spec):
     os.kill(os.getpid(), signal.SIGKILL)  # what the out-of-memory killer does
 
 
+def loading(ctx, spec):
+    """Stands for loading a base model: one long call that never looks at should_stop."""
+    ctx.progress("loading base model", 0)
+    with ctx.interruptible():
+        time.sleep(60)  # never outlive a test run that was itself killed
+    return preprocessing_pb2.PreprocessResult(dataset_id="ds-loaded")
+
+
 def segfault(ctx, spec):
     os.kill(os.getpid(), signal.SIGSEGV)
 
@@ -67,7 +75,7 @@ def exits(ctx, spec):
     os._exit(7)
 
 
-HANDLERS = {f.__name__: f for f in (ok, steps, deaf, bad_request, killed, segfault, exits)}
+HANDLERS = {f.__name__: f for f in (ok, steps, deaf, bad_request, killed, segfault, exits, loading)}
 
 if __name__ == "__main__":
     sys.exit(main(handler=HANDLERS[os.environ["FLUXLORA_TEST_HANDLER"]]))

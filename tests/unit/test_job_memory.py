@@ -10,7 +10,7 @@ import threading
 import pytest
 
 from fluxlora.common.storage import LocalStore
-from fluxlora.jobs import runtime as runtime_module
+from fluxlora.jobs import listing
 from fluxlora.jobs.records import JobRecords
 from fluxlora.jobs.runtime import JobRuntime
 from fluxlora_api.shared.errors import FailedPrecondition, InvalidArgument, Unavailable
@@ -156,13 +156,13 @@ def test_list_pages_cover_every_job_exactly_once_newest_first(store, runtimes, m
 
     assert sum(all_pages(runtime, 4, [S.JOB_STATE_FAILED]), []) == failed
 
-    monkeypatch.setattr(runtime_module, "MAX_PAGE_SIZE", 6)  # a page_size beyond it gets pages of it
+    monkeypatch.setattr(listing, "MAX_PAGE_SIZE", 6)  # a page_size beyond it gets pages of it
     jobs, token = runtime.page(page_size=10_000)
     assert [j.job_id for j in jobs] == newest_first[:6] and token
 
     # Filtered by state, a page reads at most MAX_SCANNED records: pages come back short, even
     # empty, with a token to go on, and still cover every matching job once.
-    monkeypatch.setattr(runtime_module, "MAX_SCANNED", 2)
+    monkeypatch.setattr(listing, "MAX_SCANNED", 2)
     pages = all_pages(runtime, 4, [S.JOB_STATE_FAILED])
     assert [] in pages and all(len(p) <= 2 for p in pages)
     assert sum(pages, []) == failed

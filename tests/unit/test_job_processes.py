@@ -13,6 +13,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -136,6 +137,20 @@ def test_cancel_stops_the_worker_at_its_next_step_and_keeps_what_it_stored(start
     assert not alive(int(running.metrics["worker_pid"]))
     checkpoint = [a for a in job.artifacts if a.kind == "checkpoint"]
     assert checkpoint and int(store.get_bytes(checkpoint[0].key)) >= 3
+
+
+def test_cancel_while_loading_a_model_takes_effect_within_seconds(start):
+    runtime = start("loading", stop_grace_s=30.0)  # far longer than the cancel may take
+    job_id = runtime.submit(spec()).job_id
+    for event in runtime.watch(job_id):
+        if event.job.progress.stage == "loading base model":
+            break
+    time.sleep(0.5)  # inside the long call
+    asked = time.monotonic()
+    runtime.cancel(job_id)
+    job, _ = finish(runtime, job_id)
+    assert job.state == S.JOB_STATE_CANCELLED
+    assert time.monotonic() - asked < 5
 
 
 def test_a_worker_that_ignores_sigterm_is_killed_after_the_grace_period(start):

@@ -187,9 +187,9 @@ def test_list_is_newest_first_and_filters_by_state(local_store):
 
 
 def test_finished_jobs_keep_only_their_last_event(local_store, monkeypatch):
-    import fluxlora.jobs.runtime as runtime_module
+    import fluxlora.jobs.memory as memory_module
 
-    monkeypatch.setattr(runtime_module, "FINISHED_EVENTS_KEPT_S", -1.0)
+    monkeypatch.setattr(memory_module, "FINISHED_EVENTS_KEPT_S", -1.0)
     runtime = make_runtime(local_store)
     first = runtime.submit(SPEC)
     wait_terminal(runtime, first.job_id)

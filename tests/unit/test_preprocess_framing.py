@@ -96,12 +96,13 @@ def test_square_modes_through_the_pipeline(tmp_path, mode):
 def test_pad_mode_flags_upscaling_and_extreme_aspect(tmp_path):
     path = tmp_path / "strip.png"
     scene((400, 100), 3).save(path)
-    manifest = preprocess_files([("strip.png", path)], tmp_path / "out", PreprocessOptions(base_size=512, mode="pad",
-                                                                                           min_side=64))
+    # blur off: a drawing has less detail than a photo
+    options = PreprocessOptions(base_size=512, mode="pad", min_side=64, blur_threshold=0)
+    manifest = preprocess_files([("strip.png", path)], tmp_path / "out", options)
     [entry] = manifest.images
     assert entry.pad_box == (0, 192, 512, 320)
     assert set(entry.flags) == {"upscaled", "extreme_aspect"}
-    assert any("upscaled 1.3x (whole 400x100 to 512x128)" in w for w in entry.warnings)
+    assert any("upscaled 1.28x (whole 400x100 to 512x128)" in w for w in entry.warnings)
     assert any("extreme aspect ratio 4.0:1 leaves the photo 25% of the padded square" in w for w in entry.warnings)
 
 

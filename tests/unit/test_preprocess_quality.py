@@ -65,8 +65,8 @@ def test_blurry_images_are_flagged_with_their_score(tmp_path):
     assert by_stem["sharp"].flags == [] and by_stem["sharp"].blur_score > OPTIONS.blur_threshold
     soft = by_stem["soft"]
     assert soft.flags == ["blurry"] and soft.blur_score < OPTIONS.blur_threshold
-    assert any(f"blur score {soft.blur_score:.1f} is under 20" in w for w in soft.warnings)
-    assert any("blurry" in w and "soft" in w for w in manifest.warnings)
+    assert any(f"blur score {soft.blur_score:.1f} is under 18" in w for w in soft.warnings)
+    assert any("blurry" in w and "soft.png" in w for w in manifest.warnings)
     assert manifest.flagged_count == 1
 
     off = preprocess_files(files, tmp_path / "off", OPTIONS.model_copy(update={"blur_threshold": 0}))
@@ -139,7 +139,7 @@ def test_near_duplicates_are_grouped_flagged_and_all_kept(tmp_path):
         assert ("near_duplicate" in entry.flags) == grouped
         assert (entry.near_duplicate_group == 0) == grouped
     first = next(e for e in manifest.images if e.stem == "shot_00")
-    assert any("near duplicate of shot_00_copy0, shot_00_copy1" in w for w in first.warnings)
+    assert any("near duplicate of shot_00_copy0.jpg, shot_00_copy1.jpg" in w for w in first.warnings)
     assert any("1 group(s) of near duplicates (3 images)" in w for w in manifest.warnings)
     assert not any(w.startswith("Too uniform") for w in manifest.warnings)
 
@@ -160,4 +160,4 @@ def test_style_sets_warn_when_one_cluster_takes_too_large_a_share(tmp_path, lora
     share = [w for w in manifest.warnings if w.startswith("One cluster of near-identical images holds 3 of 10 (30%)")]
     assert bool(share) == warned
     if warned:
-        assert "shot_00, shot_00_copy0, shot_00_copy1" in share[0]
+        assert "shot_00.png, shot_00_copy0.jpg, shot_00_copy1.jpg" in share[0]

@@ -69,7 +69,9 @@ def test_contact_sheet_shows_every_file_marked_by_outcome(processed):
     columns = sheet.width // (sheet_module.THUMB + 2 * sheet_module.PAD)
     assert columns == sheet_module.MIN_COLUMNS
     rows = -(-len(keys) // columns)
-    assert sheet.height == sheet_module.HEADER + rows * (sheet_module.THUMB + 2 * sheet_module.PAD + sheet_module.LABEL)
+    grid = sheet_module.HEADER + rows * (sheet_module.THUMB + 2 * sheet_module.PAD + sheet_module.LABEL)
+    # Under the grid: a heading and every rejected file's reason in full.
+    assert sheet.height > grid + sheet_module.LINE * (1 + manifest.rejected_count)
 
     def inside(key):  # a pixel inside the thumbnail area, clear of the labels drawn on rejected tiles
         left, top = tile_origin(keys.index(key), columns)
@@ -94,3 +96,25 @@ def test_contact_sheet_caps_its_tiles(monkeypatch, tmp_path):
     sheet.paste(5, (2, 2), bytes(12))  # past the cap: ignored, no error
     image = sheet.finish([sheet_module.TileMark(f"t{i}", "ok") for i in range(10)], "title")
     assert image.height == sheet_module.HEADER + sheet.cell[1]
+
+
+def test_rejection_reasons_are_never_cut_off():
+    reason = ("could not be decoded: a TIFF file the decoder cannot read (SyntaxError: unknown pixel mode); "
+              "open it in an image editor and save it again as JPEG or PNG")
+    marks = [
+        sheet_module.TileMark("scan.tif", "rejected", reason, "scans/2024/scan.tif"),
+        sheet_module.TileMark("a", "ok"),
+    ]
+    sheet = sheet_module.ContactSheet(2)
+    font = sheet_module.label_font(11)
+    lines = sheet._reason_lines(marks, font)
+    assert lines[0] == "Rejected (1):"
+    assert " ".join(line.strip() for line in lines[1:]) == f"scans/2024/scan.tif: {reason}"
+    assert all(font.getlength(line) <= sheet.canvas.width - 2 * sheet_module.PAD for line in lines)
+    # The tile shows the gist, whole words, within the thumbnail.
+    assert sheet_module.gist(reason) == "could not be decoded"
+    assert sheet_module.gist("too small: 40x30; the short side must be 64") == "too small"
+    tile = sheet_module.wrap_to_width("not an image in a supported format", font, sheet_module.THUMB - 8)
+    assert " ".join(tile) == "not an image in a supported format" and len(tile) > 1
+    image = sheet.finish(marks, "title")
+    assert image.height == sheet_module.HEADER + sheet.cell[1] + 2 * sheet_module.PAD + sheet_module.LINE * len(lines)

@@ -7,7 +7,7 @@ import threading
 import time
 
 from fluxlora.common.storage import LocalStore
-from fluxlora.jobs import runtime as runtime_module
+from fluxlora.jobs import recorder
 from fluxlora.jobs.runtime import JobRuntime
 from fluxlora_api.shared.errors import Unavailable
 from fluxlora_api.v1 import jobs_pb2, preprocessing_pb2
@@ -29,7 +29,7 @@ class FlakyRecords(LocalStore):
 
 
 def test_a_job_outlives_record_writes_the_store_refuses_and_its_record_is_written_later(tmp_path, monkeypatch):
-    monkeypatch.setattr(runtime_module, "RESAVE_INTERVAL_S", 0.05)
+    monkeypatch.setattr(recorder, "RESAVE_INTERVAL_S", 0.05)
     store = FlakyRecords(tmp_path / "store")
     started, finish = threading.Event(), threading.Event()
 

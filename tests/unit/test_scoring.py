@@ -166,3 +166,24 @@ def test_probe_subset_is_evenly_spread_and_stable():
     stems = [f"img{i:02d}" for i in range(10)]
     assert probe_subset(reversed(stems), 4) == ["img00", "img02", "img05", "img07"]
     assert probe_subset(stems[:3], 8) == stems[:3]
+
+
+@pytest.mark.parametrize(("strengths", "picked", "words"), [
+    ([0.0, 0.5, 1.0], 1.0, "strength 1.0, the weight the LoRA was trained at"),
+    ([0.0, 0.4, 0.8], 0.8, "strength 0.8, the nearest to 1.0 (the weight the LoRA was trained at) of those asked "
+                           "(0, 0.4, 0.8): 1.0 is not in the grid"),
+    ([1.2, 1.5], 1.2, "1.0 is not in the grid"),
+    ([-1.0], -1.0, "no strength above 0 was asked: a negative strength applies the LoRA inverted"),
+    ([0.0, -1.0, -0.5], -0.5, "strength -0.5"),
+    ([0.0], 0.0, "strength 0 is the base model alone: add strengths above 0"),
+])
+def test_the_reason_states_the_strength_rule_for_any_strengths_asked(strengths, picked, words):
+    for converged in (None, 200):
+        found = recommend([100, 200], strengths, converged_step=converged)
+        assert found.strength == picked and words in found.reason, found.reason
+        assert "nearest 1.0" not in found.reason or picked == 1.0
+
+
+def test_image_text_picks_on_negative_strengths_say_what_they_mean():
+    found = recommend([100], [0.0, -1.0], fidelity=[[0.2, 0.3]], flexibility=[[0.5, 0.1]])
+    assert found.strength == -1.0 and "applies the LoRA inverted" in found.reason

@@ -219,6 +219,29 @@ def test_stop_before_the_first_step_writes_nothing(tiny_flux_dir, circle_dataset
     assert not (tmp_path / "checkpoints").exists()
 
 
+@pytest.mark.parametrize("stage", ["load_flux_pipeline", "cache_dataset", "prepare_transformer"])
+def test_a_stop_while_preparing_takes_effect_at_the_next_stage(tiny_flux_dir, circle_dataset, tmp_path,
+                                                               monkeypatch, stage):
+    """A cancel during 'loading base model' stops before the next stage, not after all of them."""
+    from fluxlora.training.trainer import loop
+
+    asked = []
+    real = getattr(loop, stage)
+
+    def then_cancel(*args, **kwargs):
+        out = real(*args, **kwargs)
+        asked.append(stage)  # the cancel arrives during this stage
+        return out
+
+    monkeypatch.setattr(loop, stage, then_cancel)
+    later = {"load_flux_pipeline": "cache_dataset", "cache_dataset": "prepare_transformer",
+             "prepare_transformer": "make_optimizer"}[stage]
+    monkeypatch.setattr(loop, later, lambda *a, **k: pytest.fail(f"{later} ran after the cancel"))
+    outcome = train(quick(), tiny_flux_dir, circle_dataset, tmp_path, TrainCallbacks(should_stop=lambda: bool(asked)))
+    assert asked == [stage] and outcome.stopped and outcome.steps_done == 0 and outcome.checkpoints == []
+    assert not (tmp_path / "checkpoints").exists()
+
+
 def test_same_seed_repeats_the_run_exactly(tiny_flux_dir, circle_dataset, tmp_path):
     first = train(quick(), tiny_flux_dir, circle_dataset, tmp_path / "a")
     second = train(quick(), tiny_flux_dir, circle_dataset, tmp_path / "b")

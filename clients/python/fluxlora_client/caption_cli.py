@@ -21,7 +21,9 @@ from rich.markup import escape
 from rich.table import Table
 from typer.core import TyperGroup
 
-Store = Annotated[str | None, typer.Option(help="Artifact store: a directory or s3://bucket (default FLUXLORA_STORE).")]
+from fluxlora_api.v1 import captioning_pb2
+from fluxlora_client.spec_options import SpecCommand, spec_options
+
 Version = Annotated[int, typer.Option(help="Caption version (0: the latest).")]
 Comment = Annotated[str, typer.Option(help="Why: kept in the version history.")]
 
@@ -44,9 +46,9 @@ caption_app = typer.Typer(
 
 
 def _cli():
-    from fluxlora_client import cli
+    from fluxlora_client import cli_support
 
-    return cli
+    return cli_support
 
 
 def _print_change(change, what: str) -> None:
@@ -64,41 +66,27 @@ def _print_change(change, what: str) -> None:
         console.print(f"[yellow]warning[/yellow] {escape(warning)}")
 
 
-@caption_app.command("run")
-def run(
-    dataset_id: str,
-    trigger: Annotated[str, typer.Option(help="The unique trigger word.")],
-    model: Annotated[str, typer.Option(help="Captioning model directory or store://prefix.")] = "",
-    remove: Annotated[list[str] | None, typer.Option(help="Phrase to remove from captions (repeatable).")] = None,
-    task: str = "<CAPTION>",
-    captioner: Annotated[str, typer.Option(
-        help="florence2, blip, or import (existing .txt/.csv/.jsonl captions, also inside uploaded zips).")]
-    = "florence2",
-    captions_source: Annotated[str, typer.Option(
-        help="import: object key of a caption file or zip, or a prefix (default: the photos' upload).")] = "",
-    style: Annotated[str, typer.Option(help="natural (sentences) or tags (comma-separated).")] = "natural",
-    position: Annotated[str, typer.Option(help="Where the trigger goes: start, end or keep.")] = "start",
-    base_model: Annotated[str, typer.Option(help="FLUX model whose tokenizers count caption tokens.")] = "",
-    store: Store = None,
-) -> None:
-    """Auto-caption a dataset and bind it to a trigger word (a draft version to review and approve)."""
+@caption_app.command("run", cls=SpecCommand)
+@spec_options(captioning_pb2.CaptionSpec, exclude={"dataset_id"}, aliases={
+    "trigger_word": ["--trigger"], "remove_phrases": ["--remove"], "trigger_position": ["--position"]})
+def run(dataset_id: str, json_output: Annotated[bool, typer.Option(
+        "--json", help="Print the result as JSON (camelCase, as every command's --json) instead of a table.")] = False,
+        spec: dict | None = None) -> None:
+    """Auto-caption a dataset and bind it to a trigger word (a draft version to review and approve).
+    Options left out take the server's defaults."""
     cli = _cli()
-    client = cli._client(store)
-    job = client.caption(dataset_id, trigger, model=model, remove_phrases=remove or [], task=task,
-                         captioner=captioner, captions_source=captions_source, style=style,
-                         trigger_position=position, base_model=base_model)
-    result = cli._run_job(client, "caption", job)
-    cli._print_result(result)
-    for warning in client.get_job(job.job_id).warnings:
-        cli.console.print(f"[yellow]warning[/yellow] {escape(warning)}")
+    client = cli._client()
+    job = client.caption(dataset_id, **(spec or {}))
+    result = cli._run_job(client, "caption", job)  # its warnings: once each, on stderr
+    cli._print_result(result, json_output)
 
 
 @caption_app.command("list")
 def list_(dataset_id: str, version: Version = 0, urls: Annotated[bool, typer.Option(
-        help="Print a download URL per image.")] = False, store: Store = None) -> None:
+        help="Print a download URL per image.")] = False) -> None:
     """Captions of a version with their images and trigger counts."""
     cli = _cli()
-    listing = cli._client(store).captions.list(dataset_id, version, include_urls=urls)
+    listing = cli._client().captions.list(dataset_id, version, include_urls=urls)
     info = listing.version
     title = (f"{dataset_id} version {info.version} ({info.kind}{', approved' if info.approved else ''}); "
              f"latest {listing.head_version}, approved {listing.approved_version or 'none'}")
@@ -110,10 +98,9 @@ def list_(dataset_id: str, version: Version = 0, urls: Annotated[bool, typer.Opt
 
 
 @caption_app.command("edit")
-def edit(dataset_id: str, stem: str, caption: str, base_version: Version = 0, comment: Comment = "",
-         store: Store = None) -> None:
+def edit(dataset_id: str, stem: str, caption: str, base_version: Version = 0, comment: Comment = "") -> None:
     """Change one caption (stored as a new version)."""
-    change = _cli()._client(store).captions.edit(dataset_id, {stem: caption}, base_version=base_version,
+    change = _cli()._client().captions.edit(dataset_id, {stem: caption}, base_version=base_version,
                                                   comment=comment)
     _print_change(change, "edit")
 
@@ -129,10 +116,9 @@ def replace(
     stem: Annotated[list[str] | None, typer.Option(help="Only this caption (repeatable).")] = None,
     dry_run: Annotated[bool, typer.Option(help="Show what would change; store nothing.")] = False,
     comment: Comment = "",
-    store: Store = None,
 ) -> None:
     """Find/replace across all captions (stored as a new version)."""
-    change = _cli()._client(store).captions.replace(
+    change = _cli()._client().captions.replace(
         dataset_id, find, replacement, regex=regex, substring=substring, case_sensitive=case_sensitive,
         stems=stem or [], dry_run=dry_run, comment=comment,
     )
@@ -146,18 +132,17 @@ def approve(
     fix_triggers: Annotated[bool, typer.Option(help="Put the trigger exactly once where it is missing or repeated.")]
     = False,
     comment: Comment = "",
-    store: Store = None,
 ) -> None:
     """Approve a version: training then trains on exactly these captions."""
-    change = _cli()._client(store).captions.approve(dataset_id, version, fix_triggers=fix_triggers, comment=comment)
+    change = _cli()._client().captions.approve(dataset_id, version, fix_triggers=fix_triggers, comment=comment)
     _print_change(change, "approve")
 
 
 @caption_app.command("history")
-def history(dataset_id: str, store: Store = None) -> None:
+def history(dataset_id: str) -> None:
     """Every caption version, oldest first."""
     cli = _cli()
-    found = cli._client(store).captions.history(dataset_id)
+    found = cli._client().captions.history(dataset_id)
     table = Table("version", "parent", "kind", "approved", "changed", "author", "created", "comment",
                   title=f"{dataset_id}: latest {found.head_version}, approved {found.approved_version or 'none'}")
     for v in found.versions:
@@ -172,20 +157,19 @@ def review(
     out: Annotated[Path, typer.Option(help="The HTML page to write.")] = Path("review.html"),
     version: Version = 0,
     image_size: Annotated[int, typer.Option(help="Longest thumbnail side in px (0: full images).")] = 512,
-    store: Store = None,
 ) -> None:
     """Write a self-contained HTML page: images beside editable captions, and a Download edits button."""
     cli = _cli()
-    path = cli._client(store).captions.write_review_page(dataset_id, out, version=version, image_size=image_size)
+    path = cli._client().captions.write_review_page(dataset_id, out, version=version, image_size=image_size)
     cli.console.print(f"wrote {escape(str(path))}: open it in a browser, edit, press Download edits, then run\n"
                       f"  fluxlora caption import-review {dataset_id} <the downloaded .json>")
 
 
 @caption_app.command("import-review")
 def import_review(dataset_id: str, edits: Annotated[Path, typer.Argument(help="JSON saved by the review page.")],
-                  comment: Comment = "", store: Store = None) -> None:
+                  comment: Comment = "") -> None:
     """Store the edits saved from a review page as a new version."""
-    change = _cli()._client(store).captions.import_review(dataset_id, edits, comment=comment)
+    change = _cli()._client().captions.import_review(dataset_id, edits, comment=comment)
     _print_change(change, "import-review")
 
 
@@ -196,9 +180,8 @@ def export(
     version: Annotated[int, typer.Option(help="Caption version (0: the approved one).")] = 0,
     as_zip: Annotated[bool, typer.Option("--zip", help="Download the zip instead of unpacking it.")] = False,
     repeats: Annotated[int, typer.Option(help="kohya '<repeats>_<trigger>' folder inside the export.")] = 0,
-    store: Store = None,
 ) -> None:
     """Export images with same-stem .txt captions, kohya-style (a folder or a zip)."""
     cli = _cli()
-    path = cli._client(store).captions.export(dataset_id, out, version=version, as_zip=as_zip, repeats=repeats)
+    path = cli._client().captions.export(dataset_id, out, version=version, as_zip=as_zip, repeats=repeats)
     cli.console.print(f"exported to {escape(str(path))}")

@@ -82,9 +82,9 @@ class CaptionReview:
                                                                           repeats=repeats))
         dest = Path(dest)
         if as_zip:
-            return self._client.download(response.zip_key, dest)[0]
+            return self._client.download(response.zip_key, dest, service="captioning")[0]
         with tempfile.TemporaryDirectory(prefix="fluxlora-export-") as tmp:
-            [zip_path] = self._client.download(response.zip_key, tmp)
+            [zip_path] = self._client.download(response.zip_key, tmp, service="captioning")
             extract_kohya_zip(zip_path, dest)
         return dest
 
@@ -97,7 +97,7 @@ class CaptionReview:
             for entry in listing.entries:
                 if not entry.image_key:
                     continue  # a caption whose image is gone: approval reports it
-                local = self._client.store.get_file(entry.image_key, Path(tmp) / entry.image_key.rsplit("/", 1)[-1])
+                [local] = self._client.download(entry.image_key, tmp, service="captioning")
                 items.append(ReviewItem(entry.stem, entry.caption, image_data_uri(local, image_size)))
         page = render_review_page(dataset_id, listing.version.version, listing.version.trigger_word, items)
         out = Path(out)

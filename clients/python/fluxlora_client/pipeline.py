@@ -13,7 +13,6 @@ and a person edits and approves the captions before continue_pipeline trains on 
 
 from __future__ import annotations
 
-import shlex
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,9 +30,10 @@ class PipelineOptions:
     trigger_word: str
     base_model: str = ""  # diffusers-layout directory or store://<prefix>; "" = the server default
     caption_model: str = ""  # transformers-layout directory or store://<prefix>
-    base_size: int = 1024
-    crop_mode: str = "bucket"
-    lora_type: str = "concrete"
+    # Unset (0, "") options take the server's defaults (docs/api.md): base size 1024, bucket, concrete.
+    base_size: int = 0
+    crop_mode: str = ""
+    lora_type: str = ""
     remove_phrases: list[str] = field(default_factory=list)
     caption: dict[str, Any] = field(default_factory=dict)  # CaptionSpec fields: task, max_new_tokens, ...
     train: dict[str, Any] = field(default_factory=dict)  # TrainSpec fields
@@ -131,15 +131,13 @@ def continue_pipeline(
                                _stages(client, outputs, on_event))
 
 
-def review_steps(dataset_id: str, version: int, page: Path, store: str = "",
-                 continue_command: str = "") -> list[str]:
+def review_steps(dataset_id: str, version: int, page: Path, continue_command: str = "") -> list[str]:
     """What a person does after a review stop, as commands to copy."""
-    flag = f" --store {shlex.quote(store)}" if store else ""
     edits = f"{dataset_id}-v{version}-edits.json"
     return [
         f"open {page} in a browser, fix the captions and press Download edits (it saves {edits})",
-        f"fluxlora caption import-review {dataset_id} {edits}{flag}    # if you changed any",
-        f"fluxlora caption approve {dataset_id}{flag}",
+        f"fluxlora caption import-review {dataset_id} {edits}    # if you changed any",
+        f"fluxlora caption approve {dataset_id}",
         continue_command or f"continue_pipeline(client, {dataset_id!r}, options)    # train on the approved version",
     ]
 
@@ -172,6 +170,10 @@ def _train_and_evaluate(client: FluxloraClient, outputs: PipelineOutputs, captio
         }
         client.download(f"datasets/{dataset_id}/images/", outputs.local["dataset"] / "images")
         client.download(f"datasets/{dataset_id}/manifest.json", outputs.local["dataset"])
+        preprocessed = outputs.results.get("preprocess")
+        sheet = getattr(preprocessed, "contact_sheet_key", "") or f"datasets/{dataset_id}/contact_sheet.png"
+        for path in client.download(sheet, outputs.local["dataset"]):  # none for a dataset made before them
+            outputs.local["contact_sheet"] = path
         client.download(f"runs/{run.run_id}/", outputs.local["run"])
         client.download(f"grids/{grid.grid_id}/", outputs.local["grid"])
     return outputs

@@ -6,6 +6,8 @@ them into gRPC statuses and job errors with `status_of`. Stack traces go to the 
 
 from __future__ import annotations
 
+import errno
+
 
 class FluxloraError(Exception):
     code = "INTERNAL"
@@ -23,12 +25,20 @@ class NotFound(FluxloraError):
     code = "NOT_FOUND"
 
 
+class PermissionDenied(FluxloraError):
+    code = "PERMISSION_DENIED"
+
+
 class FailedPrecondition(FluxloraError):
     code = "FAILED_PRECONDITION"
 
 
 class ResourceExhausted(FluxloraError):
     code = "RESOURCE_EXHAUSTED"
+
+
+class AlreadyExists(FluxloraError):
+    code = "ALREADY_EXISTS"
 
 
 class Unavailable(FluxloraError):
@@ -43,6 +53,13 @@ def status_of(exc: BaseException) -> tuple[str, str]:
     """(gRPC code name, message) for any exception."""
     if isinstance(exc, FluxloraError):
         return exc.code, exc.message
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        where = f"the disk holding {exc.filename}" if exc.filename else "a disk this server writes to"
+        return (
+            "RESOURCE_EXHAUSTED",
+            f"no space left on {where} ({exc.strerror or 'ENOSPC'}): free space there (old runs, datasets, "
+            "caches) or point FLUXLORA_STORE / TMPDIR at a bigger disk, then resubmit",
+        )
     if isinstance(exc, FileNotFoundError):
         return "NOT_FOUND", str(exc)
     if isinstance(exc, (ValueError, TypeError)):

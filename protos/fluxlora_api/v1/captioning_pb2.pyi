@@ -44,9 +44,9 @@ class CaptionSpec(_message.Message):
     trigger_word: _builtins.str
     """The unique word the LoRA's concept is bound to; it appears exactly once in every caption."""
     captioner: _builtins.str
-    """Captioner backend: "florence2" (the default), "blip" (BLIP through transformers), or "import"
-    (existing captions: .txt sidecars, a .csv of file,caption rows or a .jsonl of {"file","caption"}
-    objects; see captions_source).
+    """Captioner backend: "florence2", "blip" (BLIP through transformers), or "import" (existing
+    captions: .txt sidecars, a .csv of file,caption rows or a .jsonl of {"file","caption"} objects;
+    see captions_source); default: "florence2".
     """
     model: _builtins.str
     """The captioning model: a local directory, or "store://<prefix>" for an object-store prefix,
@@ -54,18 +54,20 @@ class CaptionSpec(_message.Message):
     Not used by the "import" captioner.
     """
     task: _builtins.str
-    """Florence-2 task prompt: "<CAPTION>" (default), "<DETAILED_CAPTION>" or "<MORE_DETAILED_CAPTION>".
-    Other captioners take only "<CAPTION>" (a plain caption).
+    """Florence-2 task prompt: "<CAPTION>", "<DETAILED_CAPTION>" or "<MORE_DETAILED_CAPTION>";
+    default: "<CAPTION>". Other captioners take only "<CAPTION>" (a plain caption).
     """
     batch_size: _builtins.int
-    """Images per generate() call; 0 means 8."""
+    """Images per generate() call; default: 8."""
     trigger_position: _builtins.str
-    """Where the trigger goes: "start" (default), "end" or "keep" (keep an existing one in place)."""
+    """Where the trigger goes: "start", "end" or "keep" (keep an existing one in place);
+    default: "start".
+    """
     max_new_tokens: _builtins.int
-    """Upper bound on generated tokens per caption; 0 means 64."""
+    """Upper bound on generated tokens per caption; default: 64."""
     style: _builtins.str
-    """Caption style: "natural" (default; sentences as the captioner writes them) or "tags"
-    (comma-separated tags, deduplicated, the trigger first).
+    """Caption style: "natural" (sentences as the captioner writes them) or "tags" (comma-separated
+    tags, deduplicated, the trigger first); default: "natural".
     """
     captions_source: _builtins.str
     """"import" captioner only: the object key of a .csv / .jsonl / .txt file or of a .zip holding
@@ -79,8 +81,8 @@ class CaptionSpec(_message.Message):
     """
     @_builtins.property
     def remove_phrases(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
-        """Words or phrases removed from every caption because the LoRA should learn them
-        (case and plural variants included), e.g. ["bottle", "label"].
+        """Words or phrases removed from every caption because the LoRA should learn them (case and
+        plural variants included), e.g. ["bottle", "label"]; repeat the option for several.
         """
 
     def __init__(
@@ -181,21 +183,27 @@ class SubmitCaptionRequest(_message.Message):
 
     SPEC_FIELD_NUMBER: _builtins.int
     REQUEST_ID_FIELD_NUMBER: _builtins.int
+    WEBHOOK_URLS_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     """Idempotency key: resubmitting with the same key returns the existing job."""
     @_builtins.property
     def spec(self) -> Global___CaptionSpec:
         """What to caption."""
 
+    @_builtins.property
+    def webhook_urls(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """URLs that receive the job's events as signed Standard Webhooks (http or https, at most 5)."""
+
     def __init__(
         self,
         *,
         spec: Global___CaptionSpec | None = ...,
         request_id: _builtins.str = ...,
+        webhook_urls: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["spec", b"spec"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["request_id", b"request_id", "spec", b"spec"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["request_id", b"request_id", "spec", b"spec", "webhook_urls", b"webhook_urls"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -84,16 +84,17 @@ class GridSpec(_message.Message):
     Set this or `prompts`, not both.
     """
     seed: _builtins.int
-    """Seed used for every cell; default 42. Set this or `seeds`, not both."""
+    """Seed used for every cell; default: 42. Set this or `seeds`, not both."""
     width: _builtins.int
-    """Cell width and height in pixels (multiples of 16); default the run's resolution."""
+    """Cell width in pixels (a multiple of 16); default: the run's resolution."""
     height: _builtins.int
+    """Cell height in pixels (a multiple of 16); default: the run's resolution."""
     steps: _builtins.int
-    """Denoising steps per cell; default 20."""
+    """Denoising steps per cell; default: 20."""
     guidance: _builtins.float
-    """Guidance for a guidance-distilled base; default the run's guidance, else 3.5."""
+    """Guidance for a guidance-distilled base; default: the run's guidance, else 3.5."""
     base_model: _builtins.str
-    """Base model; empty means the run's base model."""
+    """Base model (directory or store://prefix); default: the run's base model."""
     rows_per_page: _builtins.int
     """Checkpoint rows per grid image; a grid with more rows is split into pages. 0 means as many
     as the server's FLUXLORA_GRID_PAGE_CELLS allows.
@@ -106,20 +107,26 @@ class GridSpec(_message.Message):
     """Skip the held-out flow-matching loss per checkpoint (the convergence score)."""
     @_builtins.property
     def checkpoint_steps(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
-        """Only these checkpoint steps; empty means every checkpoint of the run."""
+        """Only these checkpoint steps (comma-separated or repeated); default: every checkpoint of the run."""
 
     @_builtins.property
     def strengths(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]:
-        """LoRA strengths for the columns, each in [-2, 2]; empty means 0.0, 0.2, 0.4, 0.6, 0.8, 1.0."""
-
-    @_builtins.property
-    def prompts(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
-        """Third axis: one grid per prompt and seed (every prompt with every seed). Empty means the
-        single `prompt` / `seed`. All grids together count against the server's cell limit.
+        """LoRA strengths for the columns, each in [-2, 2] (comma-separated or repeated); default:
+        [0.0, 0.2, 0.4, 0.6, 0.8, 1.0].
         """
 
     @_builtins.property
-    def seeds(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
+    def prompts(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Third axis: one grid per prompt (repeat the option), every prompt with every seed; instead of
+        `prompt`. All grids together count against the server's cell limit.
+        """
+
+    @_builtins.property
+    def seeds(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """Third axis: one grid per seed (comma-separated or repeated), every seed with every prompt;
+        instead of `seed`.
+        """
+
     @_builtins.property
     def loras(self) -> _containers.RepeatedCompositeFieldContainer[Global___GridLora]:
         """Rows from any list of LoRA files, in this order, instead of one run's checkpoints. Then
@@ -448,21 +455,27 @@ class SubmitGridRequest(_message.Message):
 
     SPEC_FIELD_NUMBER: _builtins.int
     REQUEST_ID_FIELD_NUMBER: _builtins.int
+    WEBHOOK_URLS_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     """Idempotency key: resubmitting with the same key returns the existing job."""
     @_builtins.property
     def spec(self) -> Global___GridSpec:
         """What to render."""
 
+    @_builtins.property
+    def webhook_urls(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """URLs that receive the job's events as signed Standard Webhooks (http or https, at most 5)."""
+
     def __init__(
         self,
         *,
         spec: Global___GridSpec | None = ...,
         request_id: _builtins.str = ...,
+        webhook_urls: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["spec", b"spec"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["request_id", b"request_id", "spec", b"spec"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["request_id", b"request_id", "spec", b"spec", "webhook_urls", b"webhook_urls"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -517,16 +530,17 @@ class GenerateSpec(_message.Message):
     BASE_MODEL_FIELD_NUMBER: _builtins.int
     LORAS_FIELD_NUMBER: _builtins.int
     seed: _builtins.int
-    """Seed of each prompt's first image; image i uses seed + i. Default 42."""
+    """Seed of each prompt's first image; image i uses seed + i; default: 42."""
     images_per_prompt: _builtins.int
-    """Images per prompt; default 1."""
+    """Images per prompt; default: 1."""
     width: _builtins.int
-    """Image size in pixels (multiples of 16); default the first LoRA run's resolution, else 1024."""
+    """Image width in pixels (a multiple of 16); default: the first LoRA run's resolution, else 1024."""
     height: _builtins.int
+    """Image height in pixels (a multiple of 16); default: the first LoRA run's resolution, else 1024."""
     steps: _builtins.int
-    """Denoising steps; default 20."""
+    """Denoising steps; default: 20."""
     guidance: _builtins.float
-    """Guidance for a guidance-distilled base; default 3.5."""
+    """Guidance for a guidance-distilled base; default: 3.5."""
     base_model: _builtins.str
     """Base model; empty means the first LoRA run's base model, else the server's default."""
     @_builtins.property
@@ -633,19 +647,25 @@ class SubmitGenerateRequest(_message.Message):
 
     SPEC_FIELD_NUMBER: _builtins.int
     REQUEST_ID_FIELD_NUMBER: _builtins.int
+    WEBHOOK_URLS_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     """Idempotency key: resubmitting with the same key returns the existing job."""
     @_builtins.property
     def spec(self) -> Global___GenerateSpec: ...
+    @_builtins.property
+    def webhook_urls(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """URLs that receive the job's events as signed Standard Webhooks (http or https, at most 5)."""
+
     def __init__(
         self,
         *,
         spec: Global___GenerateSpec | None = ...,
         request_id: _builtins.str = ...,
+        webhook_urls: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["spec", b"spec"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["request_id", b"request_id", "spec", b"spec"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["request_id", b"request_id", "spec", b"spec", "webhook_urls", b"webhook_urls"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

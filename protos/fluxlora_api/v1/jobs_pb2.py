@@ -26,7 +26,7 @@ from google.protobuf import any_pb2 as google_dot_protobuf_dot_any__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x66luxlora_api/v1/jobs.proto\x12\x0b\x66luxlora.v1\x1a\x19google/protobuf/any.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"Z\n\x0b\x41rtifactRef\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12\x12\n\nsize_bytes\x18\x03 \x01(\x03\x12\x0e\n\x06sha256\x18\x04 \x01(\t\x12\x0c\n\x04step\x18\x05 \x01(\x03\",\n\x0b\x45rrorDetail\x12\x0c\n\x04\x63ode\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\"g\n\x08Progress\x12\r\n\x05stage\x18\x01 \x01(\t\x12\x0c\n\x04\x64one\x18\x02 \x01(\x03\x12\r\n\x05total\x18\x03 \x01(\x03\x12\x0c\n\x04unit\x18\x04 \x01(\t\x12\x0c\n\x04rate\x18\x05 \x01(\x01\x12\x13\n\x0b\x65ta_seconds\x18\x06 \x01(\x01\"\xc6\x04\n\x03Job\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0f\n\x07service\x18\x02 \x01(\t\x12\x12\n\nrequest_id\x18\x03 \x01(\t\x12$\n\x05state\x18\x04 \x01(\x0e\x32\x15.fluxlora.v1.JobState\x12.\n\ncreated_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nstarted_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x66inished_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\'\n\x08progress\x18\x08 \x01(\x0b\x32\x15.fluxlora.v1.Progress\x12.\n\x07metrics\x18\t \x03(\x0b\x32\x1d.fluxlora.v1.Job.MetricsEntry\x12+\n\tartifacts\x18\n \x03(\x0b\x32\x18.fluxlora.v1.ArtifactRef\x12\'\n\x05\x65rror\x18\x0b \x01(\x0b\x32\x18.fluxlora.v1.ErrorDetail\x12\"\n\x04spec\x18\x0c \x01(\x0b\x32\x14.google.protobuf.Any\x12$\n\x06result\x18\r \x01(\x0b\x32\x14.google.protobuf.Any\x12\x18\n\x10\x63\x61ncel_requested\x18\x0e \x01(\x08\x12\x10\n\x08warnings\x18\x0f \x03(\t\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"v\n\x08JobEvent\x12\x10\n\x08sequence\x18\x01 \x01(\x03\x12\x1d\n\x03job\x18\x02 \x01(\x0b\x32\x10.fluxlora.v1.Job\x12\x0f\n\x07message\x18\x03 \x01(\t\x12(\n\x04time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x1f\n\rGetJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"_\n\x0fListJobsRequest\x12%\n\x06states\x18\x01 \x03(\x0e\x32\x15.fluxlora.v1.JobState\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"K\n\x10ListJobsResponse\x12\x1e\n\x04jobs\x18\x01 \x03(\x0b\x32\x10.fluxlora.v1.Job\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\"\n\x10\x43\x61ncelJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"!\n\x0fWatchJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t*\x9a\x01\n\x08JobState\x12\x19\n\x15JOB_STATE_UNSPECIFIED\x10\x00\x12\x14\n\x10JOB_STATE_QUEUED\x10\x01\x12\x15\n\x11JOB_STATE_RUNNING\x10\x02\x12\x17\n\x13JOB_STATE_SUCCEEDED\x10\x03\x12\x14\n\x10JOB_STATE_FAILED\x10\x04\x12\x17\n\x13JOB_STATE_CANCELLED\x10\x05\x32\x8e\x02\n\nJobService\x12\x36\n\x06GetJob\x12\x1a.fluxlora.v1.GetJobRequest\x1a\x10.fluxlora.v1.Job\x12G\n\x08ListJobs\x12\x1c.fluxlora.v1.ListJobsRequest\x1a\x1d.fluxlora.v1.ListJobsResponse\x12<\n\tCancelJob\x12\x1d.fluxlora.v1.CancelJobRequest\x1a\x10.fluxlora.v1.Job\x12\x41\n\x08WatchJob\x12\x1c.fluxlora.v1.WatchJobRequest\x1a\x15.fluxlora.v1.JobEvent0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x66luxlora_api/v1/jobs.proto\x12\x0b\x66luxlora.v1\x1a\x19google/protobuf/any.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"Z\n\x0b\x41rtifactRef\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12\x12\n\nsize_bytes\x18\x03 \x01(\x03\x12\x0e\n\x06sha256\x18\x04 \x01(\t\x12\x0c\n\x04step\x18\x05 \x01(\x03\",\n\x0b\x45rrorDetail\x12\x0c\n\x04\x63ode\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\"g\n\x08Progress\x12\r\n\x05stage\x18\x01 \x01(\t\x12\x0c\n\x04\x64one\x18\x02 \x01(\x03\x12\r\n\x05total\x18\x03 \x01(\x03\x12\x0c\n\x04unit\x18\x04 \x01(\t\x12\x0c\n\x04rate\x18\x05 \x01(\x01\x12\x13\n\x0b\x65ta_seconds\x18\x06 \x01(\x01\"\xa4\x05\n\x03Job\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0f\n\x07service\x18\x02 \x01(\t\x12\x12\n\nrequest_id\x18\x03 \x01(\t\x12$\n\x05state\x18\x04 \x01(\x0e\x32\x15.fluxlora.v1.JobState\x12.\n\ncreated_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nstarted_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x66inished_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\'\n\x08progress\x18\x08 \x01(\x0b\x32\x15.fluxlora.v1.Progress\x12.\n\x07metrics\x18\t \x03(\x0b\x32\x1d.fluxlora.v1.Job.MetricsEntry\x12+\n\tartifacts\x18\n \x03(\x0b\x32\x18.fluxlora.v1.ArtifactRef\x12\'\n\x05\x65rror\x18\x0b \x01(\x0b\x32\x18.fluxlora.v1.ErrorDetail\x12\"\n\x04spec\x18\x0c \x01(\x0b\x32\x14.google.protobuf.Any\x12$\n\x06result\x18\r \x01(\x0b\x32\x14.google.protobuf.Any\x12\x18\n\x10\x63\x61ncel_requested\x18\x0e \x01(\x08\x12\x10\n\x08warnings\x18\x0f \x03(\t\x12\x10\n\x08\x61ttempts\x18\x10 \x01(\x05\x12\x14\n\x0cwebhook_urls\x18\x11 \x03(\t\x12\x10\n\x08trace_id\x18\x12 \x01(\t\x12\x13\n\x0btraceparent\x18\x13 \x01(\t\x12\r\n\x05notes\x18\x14 \x03(\t\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"v\n\x08JobEvent\x12\x10\n\x08sequence\x18\x01 \x01(\x03\x12\x1d\n\x03job\x18\x02 \x01(\x0b\x32\x10.fluxlora.v1.Job\x12\x0f\n\x07message\x18\x03 \x01(\t\x12(\n\x04time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x1f\n\rGetJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"_\n\x0fListJobsRequest\x12%\n\x06states\x18\x01 \x03(\x0e\x32\x15.fluxlora.v1.JobState\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"`\n\x10ListJobsResponse\x12\x1e\n\x04jobs\x18\x01 \x03(\x0b\x32\x10.fluxlora.v1.Job\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\x12\x13\n\x0b\x66rom_memory\x18\x03 \x01(\x08\"\"\n\x10\x43\x61ncelJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"9\n\x0fWatchJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x16\n\x0e\x61\x66ter_sequence\x18\x02 \x01(\x03\"x\n\x0eWebhookAttempt\x12(\n\x04time\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x13\n\x0bstatus_code\x18\x02 \x01(\x05\x12\r\n\x05\x65rror\x18\x03 \x01(\t\x12\x18\n\x10\x64uration_seconds\x18\x04 \x01(\x01\"\x95\x01\n\x0fWebhookDelivery\x12\x10\n\x08\x65vent_id\x18\x01 \x01(\t\x12\x12\n\nevent_type\x18\x02 \x01(\t\x12\x0b\n\x03url\x18\x03 \x01(\t\x12\x10\n\x08sequence\x18\x04 \x01(\x03\x12\x0e\n\x06status\x18\x05 \x01(\t\x12-\n\x08\x61ttempts\x18\x06 \x03(\x0b\x32\x1b.fluxlora.v1.WebhookAttempt\".\n\x1cListWebhookDeliveriesRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"Q\n\x1dListWebhookDeliveriesResponse\x12\x30\n\ndeliveries\x18\x01 \x03(\x0b\x32\x1c.fluxlora.v1.WebhookDelivery*\x9a\x01\n\x08JobState\x12\x19\n\x15JOB_STATE_UNSPECIFIED\x10\x00\x12\x14\n\x10JOB_STATE_QUEUED\x10\x01\x12\x15\n\x11JOB_STATE_RUNNING\x10\x02\x12\x17\n\x13JOB_STATE_SUCCEEDED\x10\x03\x12\x14\n\x10JOB_STATE_FAILED\x10\x04\x12\x17\n\x13JOB_STATE_CANCELLED\x10\x05\x32\xfe\x02\n\nJobService\x12\x36\n\x06GetJob\x12\x1a.fluxlora.v1.GetJobRequest\x1a\x10.fluxlora.v1.Job\x12G\n\x08ListJobs\x12\x1c.fluxlora.v1.ListJobsRequest\x1a\x1d.fluxlora.v1.ListJobsResponse\x12<\n\tCancelJob\x12\x1d.fluxlora.v1.CancelJobRequest\x1a\x10.fluxlora.v1.Job\x12\x41\n\x08WatchJob\x12\x1c.fluxlora.v1.WatchJobRequest\x1a\x15.fluxlora.v1.JobEvent0\x01\x12n\n\x15ListWebhookDeliveries\x12).fluxlora.v1.ListWebhookDeliveriesRequest\x1a*.fluxlora.v1.ListWebhookDeliveriesResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,8 +35,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_JOB_METRICSENTRY']._loaded_options = None
   _globals['_JOB_METRICSENTRY']._serialized_options = b'8\001'
-  _globals['_JOBSTATE']._serialized_start=1330
-  _globals['_JOBSTATE']._serialized_end=1484
+  _globals['_JOBSTATE']._serialized_start=1874
+  _globals['_JOBSTATE']._serialized_end=2028
   _globals['_ARTIFACTREF']._serialized_start=103
   _globals['_ARTIFACTREF']._serialized_end=193
   _globals['_ERRORDETAIL']._serialized_start=195
@@ -44,21 +44,29 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_PROGRESS']._serialized_start=241
   _globals['_PROGRESS']._serialized_end=344
   _globals['_JOB']._serialized_start=347
-  _globals['_JOB']._serialized_end=929
-  _globals['_JOB_METRICSENTRY']._serialized_start=883
-  _globals['_JOB_METRICSENTRY']._serialized_end=929
-  _globals['_JOBEVENT']._serialized_start=931
-  _globals['_JOBEVENT']._serialized_end=1049
-  _globals['_GETJOBREQUEST']._serialized_start=1051
-  _globals['_GETJOBREQUEST']._serialized_end=1082
-  _globals['_LISTJOBSREQUEST']._serialized_start=1084
-  _globals['_LISTJOBSREQUEST']._serialized_end=1179
-  _globals['_LISTJOBSRESPONSE']._serialized_start=1181
-  _globals['_LISTJOBSRESPONSE']._serialized_end=1256
-  _globals['_CANCELJOBREQUEST']._serialized_start=1258
-  _globals['_CANCELJOBREQUEST']._serialized_end=1292
-  _globals['_WATCHJOBREQUEST']._serialized_start=1294
-  _globals['_WATCHJOBREQUEST']._serialized_end=1327
-  _globals['_JOBSERVICE']._serialized_start=1487
-  _globals['_JOBSERVICE']._serialized_end=1757
+  _globals['_JOB']._serialized_end=1023
+  _globals['_JOB_METRICSENTRY']._serialized_start=977
+  _globals['_JOB_METRICSENTRY']._serialized_end=1023
+  _globals['_JOBEVENT']._serialized_start=1025
+  _globals['_JOBEVENT']._serialized_end=1143
+  _globals['_GETJOBREQUEST']._serialized_start=1145
+  _globals['_GETJOBREQUEST']._serialized_end=1176
+  _globals['_LISTJOBSREQUEST']._serialized_start=1178
+  _globals['_LISTJOBSREQUEST']._serialized_end=1273
+  _globals['_LISTJOBSRESPONSE']._serialized_start=1275
+  _globals['_LISTJOBSRESPONSE']._serialized_end=1371
+  _globals['_CANCELJOBREQUEST']._serialized_start=1373
+  _globals['_CANCELJOBREQUEST']._serialized_end=1407
+  _globals['_WATCHJOBREQUEST']._serialized_start=1409
+  _globals['_WATCHJOBREQUEST']._serialized_end=1466
+  _globals['_WEBHOOKATTEMPT']._serialized_start=1468
+  _globals['_WEBHOOKATTEMPT']._serialized_end=1588
+  _globals['_WEBHOOKDELIVERY']._serialized_start=1591
+  _globals['_WEBHOOKDELIVERY']._serialized_end=1740
+  _globals['_LISTWEBHOOKDELIVERIESREQUEST']._serialized_start=1742
+  _globals['_LISTWEBHOOKDELIVERIESREQUEST']._serialized_end=1788
+  _globals['_LISTWEBHOOKDELIVERIESRESPONSE']._serialized_start=1790
+  _globals['_LISTWEBHOOKDELIVERIESRESPONSE']._serialized_end=1871
+  _globals['_JOBSERVICE']._serialized_start=2031
+  _globals['_JOBSERVICE']._serialized_end=2413
 # @@protoc_insertion_point(module_scope)

@@ -217,6 +217,11 @@ class Job(_message.Message):
     RESULT_FIELD_NUMBER: _builtins.int
     CANCEL_REQUESTED_FIELD_NUMBER: _builtins.int
     WARNINGS_FIELD_NUMBER: _builtins.int
+    ATTEMPTS_FIELD_NUMBER: _builtins.int
+    WEBHOOK_URLS_FIELD_NUMBER: _builtins.int
+    TRACE_ID_FIELD_NUMBER: _builtins.int
+    TRACEPARENT_FIELD_NUMBER: _builtins.int
+    NOTES_FIELD_NUMBER: _builtins.int
     job_id: _builtins.str
     """Server-assigned id, unique in the store, prefixed with the service ("pre-", "cap-", "trn-", "evl-")."""
     service: _builtins.str
@@ -227,6 +232,17 @@ class Job(_message.Message):
     """Where the job is in its lifecycle."""
     cancel_requested: _builtins.bool
     """True once CancelJob was called; the worker stops at its next safe point."""
+    attempts: _builtins.int
+    """Starts of this job whose end was not recorded: counted in the stored record before each start,
+    given back when a shutdown interrupts the job cleanly. A job whose server or worker process died
+    FLUXLORA_MAX_JOB_ATTEMPTS times (default 2) is failed as poison rather than run again.
+    """
+    trace_id: _builtins.str
+    """The W3C trace id (32 hex) of the request that submitted the job, when the server traces
+    (OpenTelemetry); the job's worker and store calls are spans of that trace.
+    """
+    traceparent: _builtins.str
+    """The W3C traceparent of the submit request's span: the job's worker continues the trace from it."""
     @_builtins.property
     def created_at(self) -> _timestamp_pb2.Timestamp:
         """When the job was accepted."""
@@ -270,6 +286,19 @@ class Job(_message.Message):
     def warnings(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Human-readable warnings collected while running (e.g. "only 12 images; a concrete LoRA wants about 30")."""
 
+    @_builtins.property
+    def webhook_urls(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """URLs that receive this job's events as Standard Webhooks (signed POSTs of the WatchJob event as
+        JSON: accepted, started, progress, checkpoint, artifact, succeeded/failed/cancelled), from
+        the Submit request's webhook_urls and the server's FLUXLORA_WEBHOOK_URLS. See docs/observability.md.
+        """
+
+    @_builtins.property
+    def notes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """What the service decided for this job that its caller should know, said before the job starts
+        (e.g. the memory options memory_mode "auto" picked for a training run, and why); each once.
+        """
+
     def __init__(
         self,
         *,
@@ -288,10 +317,15 @@ class Job(_message.Message):
         result: _any_pb2.Any | None = ...,
         cancel_requested: _builtins.bool = ...,
         warnings: _abc.Iterable[_builtins.str] | None = ...,
+        attempts: _builtins.int = ...,
+        webhook_urls: _abc.Iterable[_builtins.str] | None = ...,
+        trace_id: _builtins.str = ...,
+        traceparent: _builtins.str = ...,
+        notes: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "error", b"error", "finished_at", b"finished_at", "progress", b"progress", "result", b"result", "spec", b"spec", "started_at", b"started_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["artifacts", b"artifacts", "cancel_requested", b"cancel_requested", "created_at", b"created_at", "error", b"error", "finished_at", b"finished_at", "job_id", b"job_id", "metrics", b"metrics", "progress", b"progress", "request_id", b"request_id", "result", b"result", "service", b"service", "spec", b"spec", "started_at", b"started_at", "state", b"state", "warnings", b"warnings"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["artifacts", b"artifacts", "attempts", b"attempts", "cancel_requested", b"cancel_requested", "created_at", b"created_at", "error", b"error", "finished_at", b"finished_at", "job_id", b"job_id", "metrics", b"metrics", "notes", b"notes", "progress", b"progress", "request_id", b"request_id", "result", b"result", "service", b"service", "spec", b"spec", "started_at", b"started_at", "state", b"state", "trace_id", b"trace_id", "traceparent", b"traceparent", "warnings", b"warnings", "webhook_urls", b"webhook_urls"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -308,7 +342,9 @@ class JobEvent(_message.Message):
     MESSAGE_FIELD_NUMBER: _builtins.int
     TIME_FIELD_NUMBER: _builtins.int
     sequence: _builtins.int
-    """Increasing per job within one server process; lets a client notice gaps."""
+    """Increasing per job within one server process; lets a client notice gaps and resume a dropped
+    stream (WatchJobRequest.after_sequence).
+    """
     message: _builtins.str
     """A log line that came with the change, if any."""
     @_builtins.property
@@ -393,9 +429,14 @@ class ListJobsResponse(_message.Message):
 
     JOBS_FIELD_NUMBER: _builtins.int
     NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    FROM_MEMORY_FIELD_NUMBER: _builtins.int
     next_page_token: _builtins.str
     """Pass as page_token for the next page; empty when this is the last page. Jobs submitted after the
     first page was read are not in the later ones (they are newer than all of them).
+    """
+    from_memory: _builtins.bool
+    """True when the object store could not be read: the page then holds only the jobs this server
+    has in memory (unfinished and recently finished ones), newest first.
     """
     @_builtins.property
     def jobs(self) -> _containers.RepeatedCompositeFieldContainer[Global___Job]:
@@ -406,10 +447,11 @@ class ListJobsResponse(_message.Message):
         *,
         jobs: _abc.Iterable[Global___Job] | None = ...,
         next_page_token: _builtins.str = ...,
+        from_memory: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["jobs", b"jobs", "next_page_token", b"next_page_token"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["from_memory", b"from_memory", "jobs", b"jobs", "next_page_token", b"next_page_token"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -440,8 +482,119 @@ class WatchJobRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     JOB_ID_FIELD_NUMBER: _builtins.int
+    AFTER_SEQUENCE_FIELD_NUMBER: _builtins.int
     job_id: _builtins.str
     """The job to watch. The stream starts with the current state and ends after a terminal state."""
+    after_sequence: _builtins.int
+    """Resume after this event: the `sequence` of the last JobEvent a dropped stream delivered (0: from
+    the current state). A server that still holds the events after it sends those instead of the
+    current state; a finished job's final state comes whatever the value. Sequences number a job's
+    events within one server process: a restarted server that has not numbered this far starts with
+    the current state (each event carries the whole Job, so nothing but log lines is missed).
+    """
+    def __init__(
+        self,
+        *,
+        job_id: _builtins.str = ...,
+        after_sequence: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["after_sequence", b"after_sequence", "job_id", b"job_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WatchJobRequest: _TypeAlias = WatchJobRequest  # noqa: Y015
+
+@_typing.final
+class WebhookAttempt(_message.Message):
+    """One try at delivering a webhook event."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TIME_FIELD_NUMBER: _builtins.int
+    STATUS_CODE_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
+    DURATION_SECONDS_FIELD_NUMBER: _builtins.int
+    status_code: _builtins.int
+    """The receiver's HTTP status; 0 when no answer came (error says why)."""
+    error: _builtins.str
+    """Why the attempt failed without a status ("timed out", "connection refused"); empty otherwise."""
+    duration_seconds: _builtins.float
+    """Seconds the attempt took."""
+    @_builtins.property
+    def time(self) -> _timestamp_pb2.Timestamp:
+        """When the attempt started."""
+
+    def __init__(
+        self,
+        *,
+        time: _timestamp_pb2.Timestamp | None = ...,
+        status_code: _builtins.int = ...,
+        error: _builtins.str = ...,
+        duration_seconds: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["time", b"time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["duration_seconds", b"duration_seconds", "error", b"error", "status_code", b"status_code", "time", b"time"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WebhookAttempt: _TypeAlias = WebhookAttempt  # noqa: Y015
+
+@_typing.final
+class WebhookDelivery(_message.Message):
+    """One event of a job on its way to one URL."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EVENT_ID_FIELD_NUMBER: _builtins.int
+    EVENT_TYPE_FIELD_NUMBER: _builtins.int
+    URL_FIELD_NUMBER: _builtins.int
+    SEQUENCE_FIELD_NUMBER: _builtins.int
+    STATUS_FIELD_NUMBER: _builtins.int
+    ATTEMPTS_FIELD_NUMBER: _builtins.int
+    event_id: _builtins.str
+    """The `webhook-id` header: the same for every attempt, so receivers can deduplicate."""
+    event_type: _builtins.str
+    """"job.accepted", "job.started", "job.progress", "job.checkpoint", "job.artifact", "job.succeeded",
+    "job.failed" or "job.cancelled".
+    """
+    url: _builtins.str
+    """Where it goes."""
+    sequence: _builtins.int
+    """The JobEvent's sequence."""
+    status: _builtins.str
+    """"pending" (being tried), "delivered" (a 2xx answer) or "failed" (not delivered within the retry time)."""
+    @_builtins.property
+    def attempts(self) -> _containers.RepeatedCompositeFieldContainer[Global___WebhookAttempt]:
+        """Every attempt so far, oldest first."""
+
+    def __init__(
+        self,
+        *,
+        event_id: _builtins.str = ...,
+        event_type: _builtins.str = ...,
+        url: _builtins.str = ...,
+        sequence: _builtins.int = ...,
+        status: _builtins.str = ...,
+        attempts: _abc.Iterable[Global___WebhookAttempt] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempts", b"attempts", "event_id", b"event_id", "event_type", b"event_type", "sequence", b"sequence", "status", b"status", "url", b"url"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WebhookDelivery: _TypeAlias = WebhookDelivery  # noqa: Y015
+
+@_typing.final
+class ListWebhookDeliveriesRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    JOB_ID_FIELD_NUMBER: _builtins.int
+    job_id: _builtins.str
+    """The job whose deliveries to list."""
     def __init__(
         self,
         *,
@@ -453,4 +606,26 @@ class WatchJobRequest(_message.Message):
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-Global___WatchJobRequest: _TypeAlias = WatchJobRequest  # noqa: Y015
+Global___ListWebhookDeliveriesRequest: _TypeAlias = ListWebhookDeliveriesRequest  # noqa: Y015
+
+@_typing.final
+class ListWebhookDeliveriesResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DELIVERIES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def deliveries(self) -> _containers.RepeatedCompositeFieldContainer[Global___WebhookDelivery]:
+        """The job's deliveries in the order its events happened (the most recent 500)."""
+
+    def __init__(
+        self,
+        *,
+        deliveries: _abc.Iterable[Global___WebhookDelivery] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["deliveries", b"deliveries"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListWebhookDeliveriesResponse: _TypeAlias = ListWebhookDeliveriesResponse  # noqa: Y015

@@ -55,6 +55,11 @@ class JobServiceStub:
                 request_serializer=fluxlora__api_dot_v1_dot_jobs__pb2.WatchJobRequest.SerializeToString,
                 response_deserializer=fluxlora__api_dot_v1_dot_jobs__pb2.JobEvent.FromString,
                 _registered_method=True)
+        self.ListWebhookDeliveries = channel.unary_unary(
+                '/fluxlora.v1.JobService/ListWebhookDeliveries',
+                request_serializer=fluxlora__api_dot_v1_dot_jobs__pb2.ListWebhookDeliveriesRequest.SerializeToString,
+                response_deserializer=fluxlora__api_dot_v1_dot_jobs__pb2.ListWebhookDeliveriesResponse.FromString,
+                _registered_method=True)
 
 
 class JobServiceServicer:
@@ -89,6 +94,13 @@ class JobServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListWebhookDeliveries(self, request, context):
+        """The webhook delivery log of a job: every event sent to its URLs, with each attempt's status code.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_JobServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -111,6 +123,11 @@ def add_JobServiceServicer_to_server(servicer, server):
                     servicer.WatchJob,
                     request_deserializer=fluxlora__api_dot_v1_dot_jobs__pb2.WatchJobRequest.FromString,
                     response_serializer=fluxlora__api_dot_v1_dot_jobs__pb2.JobEvent.SerializeToString,
+            ),
+            'ListWebhookDeliveries': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListWebhookDeliveries,
+                    request_deserializer=fluxlora__api_dot_v1_dot_jobs__pb2.ListWebhookDeliveriesRequest.FromString,
+                    response_serializer=fluxlora__api_dot_v1_dot_jobs__pb2.ListWebhookDeliveriesResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -222,6 +239,33 @@ class JobService:
             '/fluxlora.v1.JobService/WatchJob',
             fluxlora__api_dot_v1_dot_jobs__pb2.WatchJobRequest.SerializeToString,
             fluxlora__api_dot_v1_dot_jobs__pb2.JobEvent.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListWebhookDeliveries(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fluxlora.v1.JobService/ListWebhookDeliveries',
+            fluxlora__api_dot_v1_dot_jobs__pb2.ListWebhookDeliveriesRequest.SerializeToString,
+            fluxlora__api_dot_v1_dot_jobs__pb2.ListWebhookDeliveriesResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -47,6 +47,8 @@ class JobServiceStub:
     """Asks a job to stop; returns the job with cancel_requested set (or CANCELLED if it was queued)."""
     WatchJob: _grpc.UnaryStreamMultiCallable[_jobs_pb2.WatchJobRequest, _jobs_pb2.JobEvent]
     """Streams the job's current state, then every change, and ends after a terminal state."""
+    ListWebhookDeliveries: _grpc.UnaryUnaryMultiCallable[_jobs_pb2.ListWebhookDeliveriesRequest, _jobs_pb2.ListWebhookDeliveriesResponse]
+    """The webhook delivery log of a job: every event sent to its URLs, with each attempt's status code."""
 
 @_typing.type_check_only
 class JobServiceAsyncStub(JobServiceStub):
@@ -61,6 +63,8 @@ class JobServiceAsyncStub(JobServiceStub):
     """Asks a job to stop; returns the job with cancel_requested set (or CANCELLED if it was queued)."""
     WatchJob: _aio.UnaryStreamMultiCallable[_jobs_pb2.WatchJobRequest, _jobs_pb2.JobEvent]  # type: ignore[assignment]
     """Streams the job's current state, then every change, and ends after a terminal state."""
+    ListWebhookDeliveries: _aio.UnaryUnaryMultiCallable[_jobs_pb2.ListWebhookDeliveriesRequest, _jobs_pb2.ListWebhookDeliveriesResponse]  # type: ignore[assignment]
+    """The webhook delivery log of a job: every event sent to its URLs, with each attempt's status code."""
 
 class JobServiceServicer(metaclass=_abc_1.ABCMeta):
     """Served by every fluxlora server for the jobs that server owns."""
@@ -96,5 +100,13 @@ class JobServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_jobs_pb2.JobEvent], _abc.AsyncIterator[_jobs_pb2.JobEvent]]:
         """Streams the job's current state, then every change, and ends after a terminal state."""
+
+    @_abc_1.abstractmethod
+    def ListWebhookDeliveries(
+        self,
+        request: _jobs_pb2.ListWebhookDeliveriesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_jobs_pb2.ListWebhookDeliveriesResponse, _abc.Awaitable[_jobs_pb2.ListWebhookDeliveriesResponse]]:
+        """The webhook delivery log of a job: every event sent to its URLs, with each attempt's status code."""
 
 def add_JobServiceServicer_to_server(servicer: JobServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from fluxlora_api.v1 import jobs_pb2 as fluxlora__api_dot_v1_dot_jobs__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#fluxlora_api/v1/preprocessing.proto\x12\x0b\x66luxlora.v1\x1a\x1a\x66luxlora_api/v1/jobs.proto\"\xe4\x01\n\x0ePreprocessSpec\x12\x15\n\rsource_prefix\x18\x01 \x01(\t\x12\x11\n\tbase_size\x18\x02 \x01(\x05\x12(\n\tcrop_mode\x18\x03 \x01(\x0e\x32\x15.fluxlora.v1.CropMode\x12(\n\tlora_type\x18\x04 \x01(\x0e\x32\x15.fluxlora.v1.LoraType\x12\x12\n\nbackground\x18\x05 \x01(\t\x12\x10\n\x08min_side\x18\x06 \x01(\x05\x12\x1b\n\x0e\x62lur_threshold\x18\x07 \x01(\x02H\x00\x88\x01\x01\x42\x11\n\x0f_blur_threshold\"2\n\x0cRejectedFile\x12\x12\n\nsource_key\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"V\n\x0e\x44uplicateGroup\x12\x17\n\x0fkept_source_key\x18\x01 \x01(\t\x12\x0c\n\x04stem\x18\x02 \x01(\t\x12\x1d\n\x15\x64uplicate_source_keys\x18\x03 \x03(\t\"N\n\x12NearDuplicateGroup\x12\r\n\x05stems\x18\x01 \x03(\t\x12\x13\n\x0bsource_keys\x18\x02 \x03(\t\x12\x14\n\x0cmax_distance\x18\x03 \x01(\x05\"e\n\x0c\x46laggedImage\x12\x0c\n\x04stem\x18\x01 \x01(\t\x12\x12\n\nsource_key\x18\x02 \x01(\t\x12\r\n\x05\x66lags\x18\x03 \x03(\t\x12\x10\n\x08warnings\x18\x04 \x03(\t\x12\x12\n\nblur_score\x18\x05 \x01(\x02\"\x94\x05\n\rDatasetReport\x12\x12\n\ndataset_id\x18\x01 \x01(\t\x12\x11\n\tlora_type\x18\x02 \x01(\t\x12\x11\n\tcrop_mode\x18\x03 \x01(\t\x12\x11\n\tbase_size\x18\x04 \x01(\x05\x12\x1a\n\x12recommended_images\x18\x05 \x01(\x05\x12\x12\n\nfile_count\x18\x06 \x01(\x05\x12\x13\n\x0bimage_count\x18\x07 \x01(\x05\x12\x16\n\x0erejected_count\x18\x08 \x01(\x05\x12\x17\n\x0f\x64uplicate_count\x18\t \x01(\x05\x12\x1c\n\x14near_duplicate_count\x18\n \x01(\x05\x12\x15\n\rflagged_count\x18\x0b \x01(\x05\x12\x14\n\x0c\x62lurry_count\x18\x0c \x01(\x05\x12\x16\n\x0eupscaled_count\x18\r \x01(\x05\x12\x38\n\x07\x62uckets\x18\x0e \x03(\x0b\x32\'.fluxlora.v1.DatasetReport.BucketsEntry\x12\x10\n\x08warnings\x18\x0f \x03(\t\x12+\n\x08rejected\x18\x10 \x03(\x0b\x32\x19.fluxlora.v1.RejectedFile\x12\x35\n\x10\x64uplicate_groups\x18\x11 \x03(\x0b\x32\x1b.fluxlora.v1.DuplicateGroup\x12>\n\x15near_duplicate_groups\x18\x12 \x03(\x0b\x32\x1f.fluxlora.v1.NearDuplicateGroup\x12*\n\x07\x66lagged\x18\x13 \x03(\x0b\x32\x19.fluxlora.v1.FlaggedImage\x12\x11\n\ttruncated\x18\x14 \x01(\x08\x1a.\n\x0c\x42ucketsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x05:\x02\x38\x01\"\xef\x01\n\x10PreprocessResult\x12\x12\n\ndataset_id\x18\x01 \x01(\t\x12\x13\n\x0bimage_count\x18\x02 \x01(\x05\x12\x16\n\x0erejected_count\x18\x03 \x01(\x05\x12\x14\n\x0cmanifest_key\x18\x04 \x01(\t\x12\x10\n\x08warnings\x18\x05 \x03(\t\x12*\n\x06report\x18\x06 \x01(\x0b\x32\x1a.fluxlora.v1.DatasetReport\x12\x12\n\nreport_key\x18\x07 \x01(\t\x12\x19\n\x11\x63ontact_sheet_key\x18\x08 \x01(\t\x12\x17\n\x0f\x64uplicate_count\x18\t \x01(\x05\"X\n\x17SubmitPreprocessRequest\x12)\n\x04spec\x18\x01 \x01(\x0b\x32\x1b.fluxlora.v1.PreprocessSpec\x12\x12\n\nrequest_id\x18\x02 \x01(\t*{\n\x08\x43ropMode\x12\x19\n\x15\x43ROP_MODE_UNSPECIFIED\x10\x00\x12\x14\n\x10\x43ROP_MODE_SQUARE\x10\x01\x12\x14\n\x10\x43ROP_MODE_BUCKET\x10\x02\x12\x15\n\x11\x43ROP_MODE_SUBJECT\x10\x03\x12\x11\n\rCROP_MODE_PAD\x10\x04*R\n\x08LoraType\x12\x19\n\x15LORA_TYPE_UNSPECIFIED\x10\x00\x12\x16\n\x12LORA_TYPE_CONCRETE\x10\x01\x12\x13\n\x0fLORA_TYPE_STYLE\x10\x02\x32\x62\n\x14PreprocessingService\x12J\n\x10SubmitPreprocess\x12$.fluxlora.v1.SubmitPreprocessRequest\x1a\x10.fluxlora.v1.Jobb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#fluxlora_api/v1/preprocessing.proto\x12\x0b\x66luxlora.v1\x1a\x1a\x66luxlora_api/v1/jobs.proto\"\xe2\x02\n\x0ePreprocessSpec\x12\x15\n\rsource_prefix\x18\x01 \x01(\t\x12\x11\n\tbase_size\x18\x02 \x01(\x05\x12(\n\tcrop_mode\x18\x03 \x01(\x0e\x32\x15.fluxlora.v1.CropMode\x12(\n\tlora_type\x18\x04 \x01(\x0e\x32\x15.fluxlora.v1.LoraType\x12\x12\n\nbackground\x18\x05 \x01(\t\x12\x10\n\x08min_side\x18\x06 \x01(\x05\x12\x1b\n\x0e\x62lur_threshold\x18\x07 \x01(\x02H\x00\x88\x01\x01\x12$\n\x17near_duplicate_distance\x18\x08 \x01(\x05H\x01\x88\x01\x01\x12!\n\x14monochrome_threshold\x18\t \x01(\x02H\x02\x88\x01\x01\x42\x11\n\x0f_blur_thresholdB\x1a\n\x18_near_duplicate_distanceB\x17\n\x15_monochrome_threshold\"2\n\x0cRejectedFile\x12\x12\n\nsource_key\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"V\n\x0e\x44uplicateGroup\x12\x17\n\x0fkept_source_key\x18\x01 \x01(\t\x12\x0c\n\x04stem\x18\x02 \x01(\t\x12\x1d\n\x15\x64uplicate_source_keys\x18\x03 \x03(\t\"N\n\x12NearDuplicateGroup\x12\r\n\x05stems\x18\x01 \x03(\t\x12\x13\n\x0bsource_keys\x18\x02 \x03(\t\x12\x14\n\x0cmax_distance\x18\x03 \x01(\x05\"e\n\x0c\x46laggedImage\x12\x0c\n\x04stem\x18\x01 \x01(\t\x12\x12\n\nsource_key\x18\x02 \x01(\t\x12\r\n\x05\x66lags\x18\x03 \x03(\t\x12\x10\n\x08warnings\x18\x04 \x03(\t\x12\x12\n\nblur_score\x18\x05 \x01(\x02\"\x94\x05\n\rDatasetReport\x12\x12\n\ndataset_id\x18\x01 \x01(\t\x12\x11\n\tlora_type\x18\x02 \x01(\t\x12\x11\n\tcrop_mode\x18\x03 \x01(\t\x12\x11\n\tbase_size\x18\x04 \x01(\x05\x12\x1a\n\x12recommended_images\x18\x05 \x01(\x05\x12\x12\n\nfile_count\x18\x06 \x01(\x05\x12\x13\n\x0bimage_count\x18\x07 \x01(\x05\x12\x16\n\x0erejected_count\x18\x08 \x01(\x05\x12\x17\n\x0f\x64uplicate_count\x18\t \x01(\x05\x12\x1c\n\x14near_duplicate_count\x18\n \x01(\x05\x12\x15\n\rflagged_count\x18\x0b \x01(\x05\x12\x14\n\x0c\x62lurry_count\x18\x0c \x01(\x05\x12\x16\n\x0eupscaled_count\x18\r \x01(\x05\x12\x38\n\x07\x62uckets\x18\x0e \x03(\x0b\x32\'.fluxlora.v1.DatasetReport.BucketsEntry\x12\x10\n\x08warnings\x18\x0f \x03(\t\x12+\n\x08rejected\x18\x10 \x03(\x0b\x32\x19.fluxlora.v1.RejectedFile\x12\x35\n\x10\x64uplicate_groups\x18\x11 \x03(\x0b\x32\x1b.fluxlora.v1.DuplicateGroup\x12>\n\x15near_duplicate_groups\x18\x12 \x03(\x0b\x32\x1f.fluxlora.v1.NearDuplicateGroup\x12*\n\x07\x66lagged\x18\x13 \x03(\x0b\x32\x19.fluxlora.v1.FlaggedImage\x12\x11\n\ttruncated\x18\x14 \x01(\x08\x1a.\n\x0c\x42ucketsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x05:\x02\x38\x01\"\xef\x01\n\x10PreprocessResult\x12\x12\n\ndataset_id\x18\x01 \x01(\t\x12\x13\n\x0bimage_count\x18\x02 \x01(\x05\x12\x16\n\x0erejected_count\x18\x03 \x01(\x05\x12\x14\n\x0cmanifest_key\x18\x04 \x01(\t\x12\x10\n\x08warnings\x18\x05 \x03(\t\x12*\n\x06report\x18\x06 \x01(\x0b\x32\x1a.fluxlora.v1.DatasetReport\x12\x12\n\nreport_key\x18\x07 \x01(\t\x12\x19\n\x11\x63ontact_sheet_key\x18\x08 \x01(\t\x12\x17\n\x0f\x64uplicate_count\x18\t \x01(\x05\"n\n\x17SubmitPreprocessRequest\x12)\n\x04spec\x18\x01 \x01(\x0b\x32\x1b.fluxlora.v1.PreprocessSpec\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12\x14\n\x0cwebhook_urls\x18\x03 \x03(\t*{\n\x08\x43ropMode\x12\x19\n\x15\x43ROP_MODE_UNSPECIFIED\x10\x00\x12\x14\n\x10\x43ROP_MODE_SQUARE\x10\x01\x12\x14\n\x10\x43ROP_MODE_BUCKET\x10\x02\x12\x15\n\x11\x43ROP_MODE_SUBJECT\x10\x03\x12\x11\n\rCROP_MODE_PAD\x10\x04*R\n\x08LoraType\x12\x19\n\x15LORA_TYPE_UNSPECIFIED\x10\x00\x12\x16\n\x12LORA_TYPE_CONCRETE\x10\x01\x12\x13\n\x0fLORA_TYPE_STYLE\x10\x02\x32\x62\n\x14PreprocessingService\x12J\n\x10SubmitPreprocess\x12$.fluxlora.v1.SubmitPreprocessRequest\x1a\x10.fluxlora.v1.Jobb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,28 +34,28 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_DATASETREPORT_BUCKETSENTRY']._loaded_options = None
   _globals['_DATASETREPORT_BUCKETSENTRY']._serialized_options = b'8\001'
-  _globals['_CROPMODE']._serialized_start=1629
-  _globals['_CROPMODE']._serialized_end=1752
-  _globals['_LORATYPE']._serialized_start=1754
-  _globals['_LORATYPE']._serialized_end=1836
+  _globals['_CROPMODE']._serialized_start=1777
+  _globals['_CROPMODE']._serialized_end=1900
+  _globals['_LORATYPE']._serialized_start=1902
+  _globals['_LORATYPE']._serialized_end=1984
   _globals['_PREPROCESSSPEC']._serialized_start=81
-  _globals['_PREPROCESSSPEC']._serialized_end=309
-  _globals['_REJECTEDFILE']._serialized_start=311
-  _globals['_REJECTEDFILE']._serialized_end=361
-  _globals['_DUPLICATEGROUP']._serialized_start=363
-  _globals['_DUPLICATEGROUP']._serialized_end=449
-  _globals['_NEARDUPLICATEGROUP']._serialized_start=451
-  _globals['_NEARDUPLICATEGROUP']._serialized_end=529
-  _globals['_FLAGGEDIMAGE']._serialized_start=531
-  _globals['_FLAGGEDIMAGE']._serialized_end=632
-  _globals['_DATASETREPORT']._serialized_start=635
-  _globals['_DATASETREPORT']._serialized_end=1295
-  _globals['_DATASETREPORT_BUCKETSENTRY']._serialized_start=1249
-  _globals['_DATASETREPORT_BUCKETSENTRY']._serialized_end=1295
-  _globals['_PREPROCESSRESULT']._serialized_start=1298
-  _globals['_PREPROCESSRESULT']._serialized_end=1537
-  _globals['_SUBMITPREPROCESSREQUEST']._serialized_start=1539
-  _globals['_SUBMITPREPROCESSREQUEST']._serialized_end=1627
-  _globals['_PREPROCESSINGSERVICE']._serialized_start=1838
-  _globals['_PREPROCESSINGSERVICE']._serialized_end=1936
+  _globals['_PREPROCESSSPEC']._serialized_end=435
+  _globals['_REJECTEDFILE']._serialized_start=437
+  _globals['_REJECTEDFILE']._serialized_end=487
+  _globals['_DUPLICATEGROUP']._serialized_start=489
+  _globals['_DUPLICATEGROUP']._serialized_end=575
+  _globals['_NEARDUPLICATEGROUP']._serialized_start=577
+  _globals['_NEARDUPLICATEGROUP']._serialized_end=655
+  _globals['_FLAGGEDIMAGE']._serialized_start=657
+  _globals['_FLAGGEDIMAGE']._serialized_end=758
+  _globals['_DATASETREPORT']._serialized_start=761
+  _globals['_DATASETREPORT']._serialized_end=1421
+  _globals['_DATASETREPORT_BUCKETSENTRY']._serialized_start=1375
+  _globals['_DATASETREPORT_BUCKETSENTRY']._serialized_end=1421
+  _globals['_PREPROCESSRESULT']._serialized_start=1424
+  _globals['_PREPROCESSRESULT']._serialized_end=1663
+  _globals['_SUBMITPREPROCESSREQUEST']._serialized_start=1665
+  _globals['_SUBMITPREPROCESSREQUEST']._serialized_end=1775
+  _globals['_PREPROCESSINGSERVICE']._serialized_start=1986
+  _globals['_PREPROCESSINGSERVICE']._serialized_end=2084
 # @@protoc_insertion_point(module_scope)

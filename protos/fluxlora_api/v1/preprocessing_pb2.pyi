@@ -96,6 +96,8 @@ class PreprocessSpec(_message.Message):
     BACKGROUND_FIELD_NUMBER: _builtins.int
     MIN_SIDE_FIELD_NUMBER: _builtins.int
     BLUR_THRESHOLD_FIELD_NUMBER: _builtins.int
+    NEAR_DUPLICATE_DISTANCE_FIELD_NUMBER: _builtins.int
+    MONOCHROME_THRESHOLD_FIELD_NUMBER: _builtins.int
     source_prefix: _builtins.str
     """Object-store prefix holding the original photos, e.g. "uploads/u-3f2a.../". Every object
     under it is considered; files that are not images are reported, never silently dropped.
@@ -103,20 +105,33 @@ class PreprocessSpec(_message.Message):
     and its photos are keyed "<zip key>/<entry path>".
     """
     base_size: _builtins.int
-    """Training base size in pixels, a positive multiple of 64 (512 for SD1.5; 1024 for Flux). 0 means 1024."""
+    """Training base size in pixels, a positive multiple of 64 (512 for SD1.5; 1024 for Flux);
+    default: 1024.
+    """
     crop_mode: Global___CropMode.ValueType
-    """How to crop; unspecified means CROP_MODE_BUCKET."""
+    """How each photo is cropped to the training size (see CropMode); default: bucket."""
     lora_type: Global___LoraType.ValueType
-    """What kind of LoRA the dataset is for; unspecified means LORA_TYPE_CONCRETE."""
+    """What kind of LoRA the dataset is for: concrete (~30 images) or style (50+); default: concrete."""
     background: _builtins.str
-    """Colour that transparency is flattened onto, "#rrggbb"; empty means white."""
+    """Colour that transparency is flattened onto, "#rrggbb"; default: white."""
     min_side: _builtins.int
-    """Shortest side accepted, in px; 0 means max(64, base_size / 4). Shorter photos are rejected;
+    """Shortest side accepted, in px; default: max(64, base_size / 4). Shorter photos are rejected;
     photos between this and base_size are upscaled with a warning.
     """
     blur_threshold: _builtins.float
-    """Images whose blur score (variance of the Laplacian where they have detail, at training size)
-    is below this are flagged "blurry"; unset means 20, 0 turns the check off.
+    """Images whose blur score (detail in their least sharp direction where they have detail, at
+    training size) is below this are flagged "blurry"; default: 18 (0 turns the check off).
+    Calibrated on real photos (bench/gate.py): sharp ones score 26 and up, defocus and camera
+    shake under 14; the old Laplacian score (default 20) is not comparable.
+    """
+    near_duplicate_distance: _builtins.int
+    """Largest perceptual-hash distance (bits of 64, on both the DCT and the gradient hash) at
+    which two images count as near duplicates; default: 13 (-1 turns the check off). Burst frames
+    and stereo pairs land at 2-13, different real photos at 18+.
+    """
+    monochrome_threshold: _builtins.float
+    """Images whose colour spread (chroma away from one tint, 0 for grey) is below this are flagged
+    "monochrome" (greyscale or toned, e.g. sepia); default: 9 (0 turns the check off).
     """
     def __init__(
         self,
@@ -128,14 +143,25 @@ class PreprocessSpec(_message.Message):
         background: _builtins.str = ...,
         min_side: _builtins.int = ...,
         blur_threshold: _builtins.float | None = ...,
+        near_duplicate_distance: _builtins.int | None = ...,
+        monochrome_threshold: _builtins.float | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_blur_threshold", b"_blur_threshold", "blur_threshold", b"blur_threshold"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_blur_threshold", b"_blur_threshold", "_monochrome_threshold", b"_monochrome_threshold", "_near_duplicate_distance", b"_near_duplicate_distance", "blur_threshold", b"blur_threshold", "monochrome_threshold", b"monochrome_threshold", "near_duplicate_distance", b"near_duplicate_distance"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_blur_threshold", b"_blur_threshold", "background", b"background", "base_size", b"base_size", "blur_threshold", b"blur_threshold", "crop_mode", b"crop_mode", "lora_type", b"lora_type", "min_side", b"min_side", "source_prefix", b"source_prefix"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_blur_threshold", b"_blur_threshold", "_monochrome_threshold", b"_monochrome_threshold", "_near_duplicate_distance", b"_near_duplicate_distance", "background", b"background", "base_size", b"base_size", "blur_threshold", b"blur_threshold", "crop_mode", b"crop_mode", "lora_type", b"lora_type", "min_side", b"min_side", "monochrome_threshold", b"monochrome_threshold", "near_duplicate_distance", b"near_duplicate_distance", "source_prefix", b"source_prefix"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__blur_threshold: _TypeAlias = _typing.Literal["blur_threshold"]  # noqa: Y015
     _WhichOneofArgType__blur_threshold: _TypeAlias = _typing.Literal["_blur_threshold", b"_blur_threshold"]  # noqa: Y015
+    _WhichOneofReturnType__monochrome_threshold: _TypeAlias = _typing.Literal["monochrome_threshold"]  # noqa: Y015
+    _WhichOneofArgType__monochrome_threshold: _TypeAlias = _typing.Literal["_monochrome_threshold", b"_monochrome_threshold"]  # noqa: Y015
+    _WhichOneofReturnType__near_duplicate_distance: _TypeAlias = _typing.Literal["near_duplicate_distance"]  # noqa: Y015
+    _WhichOneofArgType__near_duplicate_distance: _TypeAlias = _typing.Literal["_near_duplicate_distance", b"_near_duplicate_distance"]  # noqa: Y015
+    @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__blur_threshold) -> _WhichOneofReturnType__blur_threshold | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__monochrome_threshold) -> _WhichOneofReturnType__monochrome_threshold | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__near_duplicate_distance) -> _WhichOneofReturnType__near_duplicate_distance | None: ...
 
 Global___PreprocessSpec: _TypeAlias = PreprocessSpec  # noqa: Y015
 
@@ -148,6 +174,7 @@ class RejectedFile(_message.Message):
     SOURCE_KEY_FIELD_NUMBER: _builtins.int
     REASON_FIELD_NUMBER: _builtins.int
     source_key: _builtins.str
+    """The file's path relative to the uploaded folder (inside a zip: "<zip>/<entry path>")."""
     reason: _builtins.str
     def __init__(
         self,
@@ -238,7 +265,7 @@ class FlaggedImage(_message.Message):
     blur_score: _builtins.float
     @_builtins.property
     def flags(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
-        """"upscaled", "blurry", "near_duplicate", "extreme_aspect"."""
+        """"upscaled", "blurry", "near_duplicate", "extreme_aspect", "monochrome"."""
 
     @_builtins.property
     def warnings(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
@@ -429,21 +456,27 @@ class SubmitPreprocessRequest(_message.Message):
 
     SPEC_FIELD_NUMBER: _builtins.int
     REQUEST_ID_FIELD_NUMBER: _builtins.int
+    WEBHOOK_URLS_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     """Idempotency key: resubmitting with the same key returns the existing job."""
     @_builtins.property
     def spec(self) -> Global___PreprocessSpec:
         """What to preprocess."""
 
+    @_builtins.property
+    def webhook_urls(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """URLs that receive the job's events as signed Standard Webhooks (http or https, at most 5)."""
+
     def __init__(
         self,
         *,
         spec: Global___PreprocessSpec | None = ...,
         request_id: _builtins.str = ...,
+        webhook_urls: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["spec", b"spec"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["request_id", b"request_id", "spec", b"spec"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["request_id", b"request_id", "spec", b"spec", "webhook_urls", b"webhook_urls"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

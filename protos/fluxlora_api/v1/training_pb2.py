@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from fluxlora_api.v1 import jobs_pb2 as fluxlora__api_dot_v1_dot_jobs__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1e\x66luxlora_api/v1/training.proto\x12\x0b\x66luxlora.v1\x1a\x1a\x66luxlora_api/v1/jobs.proto\"\xd3\x04\n\tTrainSpec\x12\x12\n\ndataset_id\x18\x01 \x01(\t\x12\x12\n\nbase_model\x18\x02 \x01(\t\x12\x12\n\nresolution\x18\x03 \x01(\x05\x12\x11\n\tmax_steps\x18\x04 \x01(\x05\x12\x15\n\rlearning_rate\x18\x05 \x01(\x01\x12\x0c\n\x04rank\x18\x06 \x01(\x05\x12\r\n\x05\x61lpha\x18\x07 \x01(\x01\x12\x12\n\nbatch_size\x18\x08 \x01(\x05\x12\x11\n\x04seed\x18\t \x01(\x03H\x00\x88\x01\x01\x12\x18\n\x10\x63heckpoint_every\x18\n \x01(\x05\x12\x14\n\x0csample_every\x18\x0b \x01(\x05\x12\x16\n\x0esample_prompts\x18\x0c \x03(\t\x12\x15\n\x08guidance\x18\r \x01(\x01H\x01\x88\x01\x01\x12\x11\n\tprecision\x18\x0e \x01(\t\x12#\n\x16gradient_checkpointing\x18\x0f \x01(\x08H\x02\x88\x01\x01\x12\x16\n\x0etarget_modules\x18\x10 \x03(\t\x12\x14\n\x0clr_scheduler\x18\x11 \x01(\t\x12\x19\n\x11timestep_sampling\x18\x12 \x01(\t\x12\x14\n\x0csample_steps\x18\x13 \x01(\x05\x12\x19\n\x11\x62\x61se_quantization\x18\x14 \x01(\t\x12\x16\n\x0e\x62locks_to_swap\x18\x15 \x01(\x05\x12\x17\n\x0f\x63\x61ption_version\x18\x16 \x01(\x05\x12\x16\n\x0e\x63ompile_blocks\x18\x17 \x01(\t\x12\x11\n\toptimizer\x18\x18 \x01(\tB\x07\n\x05_seedB\x0b\n\t_guidanceB\x19\n\x17_gradient_checkpointing\"R\n\nCheckpoint\x12\x0c\n\x04step\x18\x01 \x01(\x03\x12\x10\n\x08lora_key\x18\x02 \x01(\t\x12\x0c\n\x04loss\x18\x03 \x01(\x01\x12\x16\n\x0ekohya_lora_key\x18\x04 \x01(\t\"\x9a\x02\n\x0bTrainResult\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12,\n\x0b\x63heckpoints\x18\x02 \x03(\x0b\x32\x17.fluxlora.v1.Checkpoint\x12\x14\n\x0closs_csv_key\x18\x03 \x01(\t\x12\x15\n\rloss_plot_key\x18\x04 \x01(\t\x12\x13\n\x0bsample_keys\x18\x05 \x03(\t\x12\x12\n\nfinal_loss\x18\x06 \x01(\x01\x12\x18\n\x10seconds_per_step\x18\x07 \x01(\x01\x12\x12\n\nsteps_done\x18\x08 \x01(\x03\x12\x14\n\x0ctrigger_word\x18\t \x01(\t\x12\x1a\n\x12\x65stimated_peak_gib\x18\n \x01(\x01\x12\x17\n\x0fpeak_memory_gib\x18\x0b \x01(\x01\"Q\n\x15SubmitTrainingRequest\x12$\n\x04spec\x18\x01 \x01(\x0b\x32\x16.fluxlora.v1.TrainSpec\x12\x12\n\nrequest_id\x18\x02 \x01(\t\"O\n\x13PlanTrainingRequest\x12$\n\x04spec\x18\x01 \x01(\x0b\x32\x16.fluxlora.v1.TrainSpec\x12\x12\n\ntarget_gib\x18\x02 \x01(\x01\"\xa5\x01\n\x0fPlanAlternative\x12:\n\x07\x63hanges\x18\x01 \x03(\x0b\x32).fluxlora.v1.PlanAlternative.ChangesEntry\x12\x11\n\ttotal_gib\x18\x02 \x01(\x01\x12\x13\n\x0bunavailable\x18\x03 \x03(\t\x1a.\n\x0c\x43hangesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xdc\x01\n\x0cTrainingPlan\x12\x11\n\ttotal_gib\x18\x01 \x01(\x01\x12\x15\n\rstep_peak_gib\x18\x02 \x01(\x01\x12\x13\n\x0bweights_gib\x18\x03 \x01(\x01\x12\x14\n\x0coverhead_gib\x18\x04 \x01(\x01\x12\x0c\n\x04mode\x18\x05 \x01(\t\x12\x12\n\ntarget_gib\x18\x06 \x01(\x01\x12\x0c\n\x04\x66its\x18\x07 \x01(\x08\x12\x13\n\x0b\x65xplanation\x18\x08 \x01(\t\x12\x32\n\x0c\x61lternatives\x18\t \x03(\x0b\x32\x1c.fluxlora.v1.PlanAlternative2\xa6\x01\n\x0fTrainingService\x12\x46\n\x0eSubmitTraining\x12\".fluxlora.v1.SubmitTrainingRequest\x1a\x10.fluxlora.v1.Job\x12K\n\x0cPlanTraining\x12 .fluxlora.v1.PlanTrainingRequest\x1a\x19.fluxlora.v1.TrainingPlanb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1e\x66luxlora_api/v1/training.proto\x12\x0b\x66luxlora.v1\x1a\x1a\x66luxlora_api/v1/jobs.proto\"\xf8\x06\n\tTrainSpec\x12\x12\n\ndataset_id\x18\x01 \x01(\t\x12\x12\n\nbase_model\x18\x02 \x01(\t\x12\x12\n\nresolution\x18\x03 \x01(\x05\x12\x11\n\tmax_steps\x18\x04 \x01(\x05\x12\x15\n\rlearning_rate\x18\x05 \x01(\x01\x12\x0c\n\x04rank\x18\x06 \x01(\x05\x12\r\n\x05\x61lpha\x18\x07 \x01(\x01\x12\x12\n\nbatch_size\x18\x08 \x01(\x05\x12\x11\n\x04seed\x18\t \x01(\x03H\x00\x88\x01\x01\x12\x18\n\x10\x63heckpoint_every\x18\n \x01(\x05\x12\x14\n\x0csample_every\x18\x0b \x01(\x05\x12\x16\n\x0esample_prompts\x18\x0c \x03(\t\x12\x15\n\x08guidance\x18\r \x01(\x01H\x01\x88\x01\x01\x12\x11\n\tprecision\x18\x0e \x01(\t\x12#\n\x16gradient_checkpointing\x18\x0f \x01(\x08H\x02\x88\x01\x01\x12\x16\n\x0etarget_modules\x18\x10 \x03(\t\x12\x14\n\x0clr_scheduler\x18\x11 \x01(\t\x12\x19\n\x11timestep_sampling\x18\x12 \x01(\t\x12\x14\n\x0csample_steps\x18\x13 \x01(\x05\x12\x19\n\x11\x62\x61se_quantization\x18\x14 \x01(\t\x12\x16\n\x0e\x62locks_to_swap\x18\x15 \x01(\x05\x12\x17\n\x0f\x63\x61ption_version\x18\x16 \x01(\x05\x12\x16\n\x0e\x63ompile_blocks\x18\x17 \x01(\t\x12\x11\n\toptimizer\x18\x18 \x01(\t\x12\x17\n\x0fresume_from_run\x18\x19 \x01(\t\x12\x17\n\x0flr_warmup_steps\x18\x1a \x01(\x05\x12\x1d\n\x15gradient_accumulation\x18\x1b \x01(\x05\x12\x17\n\x0f\x63\x61ption_dropout\x18\x1c \x01(\x01\x12\x15\n\rsigmoid_scale\x18\x1d \x01(\x01\x12\x16\n\x0etimestep_shift\x18\x1e \x01(\x01\x12\x1b\n\x13max_sequence_length\x18\x1f \x01(\x05\x12\x19\n\x0cweight_decay\x18  \x01(\x01H\x03\x88\x01\x01\x12\x1a\n\rmax_grad_norm\x18! \x01(\x01H\x04\x88\x01\x01\x12\x13\n\x0bmemory_mode\x18\" \x01(\tB\x07\n\x05_seedB\x0b\n\t_guidanceB\x19\n\x17_gradient_checkpointingB\x0f\n\r_weight_decayB\x10\n\x0e_max_grad_norm\"R\n\nCheckpoint\x12\x0c\n\x04step\x18\x01 \x01(\x03\x12\x10\n\x08lora_key\x18\x02 \x01(\t\x12\x0c\n\x04loss\x18\x03 \x01(\x01\x12\x16\n\x0ekohya_lora_key\x18\x04 \x01(\t\"\x9a\x02\n\x0bTrainResult\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12,\n\x0b\x63heckpoints\x18\x02 \x03(\x0b\x32\x17.fluxlora.v1.Checkpoint\x12\x14\n\x0closs_csv_key\x18\x03 \x01(\t\x12\x15\n\rloss_plot_key\x18\x04 \x01(\t\x12\x13\n\x0bsample_keys\x18\x05 \x03(\t\x12\x12\n\nfinal_loss\x18\x06 \x01(\x01\x12\x18\n\x10seconds_per_step\x18\x07 \x01(\x01\x12\x12\n\nsteps_done\x18\x08 \x01(\x03\x12\x14\n\x0ctrigger_word\x18\t \x01(\t\x12\x1a\n\x12\x65stimated_peak_gib\x18\n \x01(\x01\x12\x17\n\x0fpeak_memory_gib\x18\x0b \x01(\x01\"g\n\x15SubmitTrainingRequest\x12$\n\x04spec\x18\x01 \x01(\x0b\x32\x16.fluxlora.v1.TrainSpec\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12\x14\n\x0cwebhook_urls\x18\x03 \x03(\t\"O\n\x13PlanTrainingRequest\x12$\n\x04spec\x18\x01 \x01(\x0b\x32\x16.fluxlora.v1.TrainSpec\x12\x12\n\ntarget_gib\x18\x02 \x01(\x01\"\xa5\x01\n\x0fPlanAlternative\x12:\n\x07\x63hanges\x18\x01 \x03(\x0b\x32).fluxlora.v1.PlanAlternative.ChangesEntry\x12\x11\n\ttotal_gib\x18\x02 \x01(\x01\x12\x13\n\x0bunavailable\x18\x03 \x03(\t\x1a.\n\x0c\x43hangesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xd9\x02\n\x0cTrainingPlan\x12\x11\n\ttotal_gib\x18\x01 \x01(\x01\x12\x15\n\rstep_peak_gib\x18\x02 \x01(\x01\x12\x13\n\x0bweights_gib\x18\x03 \x01(\x01\x12\x14\n\x0coverhead_gib\x18\x04 \x01(\x01\x12\x0c\n\x04mode\x18\x05 \x01(\t\x12\x12\n\ntarget_gib\x18\x06 \x01(\x01\x12\x0c\n\x04\x66its\x18\x07 \x01(\x08\x12\x13\n\x0b\x65xplanation\x18\x08 \x01(\t\x12\x32\n\x0c\x61lternatives\x18\t \x03(\x0b\x32\x1c.fluxlora.v1.PlanAlternative\x12\x15\n\rmemory_choice\x18\n \x01(\t\x12\x35\n\x06picked\x18\x0b \x03(\x0b\x32%.fluxlora.v1.TrainingPlan.PickedEntry\x1a-\n\x0bPickedEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x32\xa6\x01\n\x0fTrainingService\x12\x46\n\x0eSubmitTraining\x12\".fluxlora.v1.SubmitTrainingRequest\x1a\x10.fluxlora.v1.Job\x12K\n\x0cPlanTraining\x12 .fluxlora.v1.PlanTrainingRequest\x1a\x19.fluxlora.v1.TrainingPlanb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,22 +34,26 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_PLANALTERNATIVE_CHANGESENTRY']._loaded_options = None
   _globals['_PLANALTERNATIVE_CHANGESENTRY']._serialized_options = b'8\001'
+  _globals['_TRAININGPLAN_PICKEDENTRY']._loaded_options = None
+  _globals['_TRAININGPLAN_PICKEDENTRY']._serialized_options = b'8\001'
   _globals['_TRAINSPEC']._serialized_start=76
-  _globals['_TRAINSPEC']._serialized_end=671
-  _globals['_CHECKPOINT']._serialized_start=673
-  _globals['_CHECKPOINT']._serialized_end=755
-  _globals['_TRAINRESULT']._serialized_start=758
-  _globals['_TRAINRESULT']._serialized_end=1040
-  _globals['_SUBMITTRAININGREQUEST']._serialized_start=1042
-  _globals['_SUBMITTRAININGREQUEST']._serialized_end=1123
-  _globals['_PLANTRAININGREQUEST']._serialized_start=1125
-  _globals['_PLANTRAININGREQUEST']._serialized_end=1204
-  _globals['_PLANALTERNATIVE']._serialized_start=1207
-  _globals['_PLANALTERNATIVE']._serialized_end=1372
-  _globals['_PLANALTERNATIVE_CHANGESENTRY']._serialized_start=1326
-  _globals['_PLANALTERNATIVE_CHANGESENTRY']._serialized_end=1372
-  _globals['_TRAININGPLAN']._serialized_start=1375
-  _globals['_TRAININGPLAN']._serialized_end=1595
-  _globals['_TRAININGSERVICE']._serialized_start=1598
-  _globals['_TRAININGSERVICE']._serialized_end=1764
+  _globals['_TRAINSPEC']._serialized_end=964
+  _globals['_CHECKPOINT']._serialized_start=966
+  _globals['_CHECKPOINT']._serialized_end=1048
+  _globals['_TRAINRESULT']._serialized_start=1051
+  _globals['_TRAINRESULT']._serialized_end=1333
+  _globals['_SUBMITTRAININGREQUEST']._serialized_start=1335
+  _globals['_SUBMITTRAININGREQUEST']._serialized_end=1438
+  _globals['_PLANTRAININGREQUEST']._serialized_start=1440
+  _globals['_PLANTRAININGREQUEST']._serialized_end=1519
+  _globals['_PLANALTERNATIVE']._serialized_start=1522
+  _globals['_PLANALTERNATIVE']._serialized_end=1687
+  _globals['_PLANALTERNATIVE_CHANGESENTRY']._serialized_start=1641
+  _globals['_PLANALTERNATIVE_CHANGESENTRY']._serialized_end=1687
+  _globals['_TRAININGPLAN']._serialized_start=1690
+  _globals['_TRAININGPLAN']._serialized_end=2035
+  _globals['_TRAININGPLAN_PICKEDENTRY']._serialized_start=1990
+  _globals['_TRAININGPLAN_PICKEDENTRY']._serialized_end=2035
+  _globals['_TRAININGSERVICE']._serialized_start=2038
+  _globals['_TRAININGSERVICE']._serialized_end=2204
 # @@protoc_insertion_point(module_scope)

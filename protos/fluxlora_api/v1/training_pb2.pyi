@@ -20,7 +20,11 @@ DESCRIPTOR: _descriptor.FileDescriptor
 
 @_typing.final
 class TrainSpec(_message.Message):
-    """Every numeric field left at 0 (or unset) takes the documented default."""
+    """What a training run is told. Every field left unset (0, "", false, empty) takes the default its
+    comment states ("default: X"); the training server's TrainConfig holds those defaults, and
+    tests/unit/test_option_agreement.py checks that the two agree. A plain numeric field cannot ask
+    for 0 where its default is not 0; `optional` fields can.
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -48,6 +52,16 @@ class TrainSpec(_message.Message):
     CAPTION_VERSION_FIELD_NUMBER: _builtins.int
     COMPILE_BLOCKS_FIELD_NUMBER: _builtins.int
     OPTIMIZER_FIELD_NUMBER: _builtins.int
+    RESUME_FROM_RUN_FIELD_NUMBER: _builtins.int
+    LR_WARMUP_STEPS_FIELD_NUMBER: _builtins.int
+    GRADIENT_ACCUMULATION_FIELD_NUMBER: _builtins.int
+    CAPTION_DROPOUT_FIELD_NUMBER: _builtins.int
+    SIGMOID_SCALE_FIELD_NUMBER: _builtins.int
+    TIMESTEP_SHIFT_FIELD_NUMBER: _builtins.int
+    MAX_SEQUENCE_LENGTH_FIELD_NUMBER: _builtins.int
+    WEIGHT_DECAY_FIELD_NUMBER: _builtins.int
+    MAX_GRAD_NORM_FIELD_NUMBER: _builtins.int
+    MEMORY_MODE_FIELD_NUMBER: _builtins.int
     dataset_id: _builtins.str
     """The captioned dataset to train on."""
     base_model: _builtins.str
@@ -55,45 +69,57 @@ class TrainSpec(_message.Message):
     object-store prefix (e.g. "store://models/flux1-dev"). Empty means the service's default.
     """
     resolution: _builtins.int
-    """Training resolution (long side, pixels): a multiple of 16; 512, 768 or 1024 for FLUX.1; default 512."""
+    """Training resolution (long side, pixels), a positive multiple of 16: 512, 768 or 1024 for
+    FLUX.1. Unset, the accepted spec records the base size the dataset was preprocessed at (512
+    where its manifest does not say); default: the dataset's base size.
+    """
     max_steps: _builtins.int
-    """Optimiser steps; default 3000."""
+    """Optimiser steps, at least 1; default: 3000."""
     learning_rate: _builtins.float
-    """AdamW learning rate; default 1e-4."""
+    """Learning rate, in (0, 1]; default: 1e-4 (1.0 with the prodigy optimizer, where it multiplies
+    the step size Prodigy finds).
+    """
     rank: _builtins.int
-    """LoRA rank; default 16."""
+    """LoRA rank, 1 to 1024; default: 16."""
     alpha: _builtins.float
-    """LoRA alpha; default equal to rank."""
+    """LoRA alpha (the update is scaled by alpha / rank); default: rank."""
     batch_size: _builtins.int
-    """Images per step; default 1."""
+    """Images per step (a batch never mixes image sizes); default: 1."""
     seed: _builtins.int
-    """Seed for noise, timesteps and LoRA initialisation; default 42."""
+    """Seed for noise, timesteps and LoRA initialisation; default: 42."""
     checkpoint_every: _builtins.int
-    """Save a checkpoint every N steps (and always at the last step); default 750."""
+    """Save a checkpoint every N steps (the last step always gets one); default: 750."""
     sample_every: _builtins.int
-    """Render validation samples every N steps; default 750."""
+    """Render validation samples every N steps (and at the last step); default: 750."""
     guidance: _builtins.float
-    """Guidance value fed to a guidance-distilled base (FLUX.1-dev); default 3.5."""
+    """Guidance value fed to a guidance-distilled base (FLUX.1-dev), >= 0; default: 3.5."""
     precision: _builtins.str
-    """"auto" (default: bf16 on a GPU, fp32 on a CPU), "bf16", "fp16" or "fp32"."""
+    """Numeric precision of the base weights and the step: "auto" (bf16 on a GPU, fp32 on a CPU),
+    "bf16", "fp16" or "fp32"; default: "auto".
+    """
     gradient_checkpointing: _builtins.bool
-    """Recompute activations in the backward pass to save memory; default true."""
+    """Recompute activations in the backward pass to save memory; default: true."""
     lr_scheduler: _builtins.str
-    """Learning-rate schedule: "constant" (default), "constant_with_warmup", "cosine", "linear"."""
+    """Learning-rate schedule: "constant", "constant_with_warmup", "cosine" or "linear" (warmup:
+    lr_warmup_steps); default: "constant".
+    """
     timestep_sampling: _builtins.str
-    """Timestep sampling: "sigmoid" (default), "uniform", "shift", "flux_shift"."""
+    """How the noise level is drawn each step: "sigmoid" (mid levels, as kohya for FLUX), "uniform",
+    "shift" (sigmoid shifted by timestep_shift) or "flux_shift" (FLUX's resolution-dependent
+    shift); default: "sigmoid".
+    """
     sample_steps: _builtins.int
-    """Denoising steps for validation samples; default 20."""
+    """Denoising steps for validation samples, at least 1; default: 20."""
     base_quantization: _builtins.str
-    """Frozen base weights of the transformer blocks in 8 bits: "none" (default), "fp8" or "int8"
-    (weight-only, per-channel scales, upcast to bf16 for each matmul). With gradient checkpointing
-    this is what fits FLUX.1-dev at 1024 in 24 GB (docs/performance.md).
+    """Frozen base weights of the transformer blocks in 8 bits: "none", "fp8" or "int8" (weight-only,
+    per-channel scales, upcast to bf16 for each matmul); default: "none". With gradient
+    checkpointing this is what fits FLUX.1-dev at 1024 in 24 GB (docs/performance.md).
     """
     blocks_to_swap: _builtins.int
-    """Transformer blocks whose linear weights stay in CPU memory and are copied to the GPU for each
-    use, counted as kohya sd-scripts counts them (N // 2 double and 2 * (N - N // 2) single blocks,
-    the last ones; at most 35 on FLUX.1); default 0. Saves the weights of those blocks at the cost
-    of two transfers of them per step. More than the model allows is INVALID_ARGUMENT.
+    """Transformer blocks whose weights stay in CPU memory, copied to the GPU for each use (kohya's
+    count: N // 2 double and 2 * (N - N // 2) single blocks, the last ones; at most 35 on
+    FLUX.1); default: 0. Saves their weights' GPU memory at the cost of two transfers of them per
+    step. More than the model allows is INVALID_ARGUMENT.
     """
     caption_version: _builtins.int
     """The approved caption version to train on (see CaptioningService.ApproveCaptions); 0 means the
@@ -101,22 +127,56 @@ class TrainSpec(_message.Message):
     spec records the version actually used when the dataset has versions.
     """
     compile_blocks: _builtins.str
-    """Compile the transformer blocks with torch.compile (regional: one graph per block type):
-    "auto" (default: on a CUDA GPU, where it measured 1.6x faster steps; off on the CPU),
-    "on" or "off". The first steps of a run (and of each new image size) wait for compilation.
+    """torch.compile the transformer blocks (one graph per block type): "auto" (on a CUDA GPU, where
+    it measured 1.6x faster steps; off on the CPU), "on" or "off"; default: "auto". The first steps
+    of a run (and of each new image size) wait for compilation.
     """
     optimizer: _builtins.str
-    """"adamw" (default), "adamw8bit" (bitsandbytes on a CUDA training node: a quarter of AdamW's
-    optimizer state) or "prodigy" (adapts its own step size; learning_rate then defaults to 1.0,
-    a multiplier). An optimizer whose package the server lacks is FAILED_PRECONDITION.
+    """Optimizer: "adamw", "adamw8bit" (bitsandbytes on a CUDA training node: a quarter of AdamW's
+    optimizer state) or "prodigy" (adapts its own step size; learning_rate then defaults to 1.0, a
+    multiplier); default: "adamw". An optimizer whose package the server lacks is FAILED_PRECONDITION.
+    """
+    resume_from_run: _builtins.str
+    """Continue the FAILED or CANCELLED training job <run_id> (such as "trn-0123456789ab") from its last
+    stored checkpoint instead of starting a new run: the new job takes that run's spec, writes into
+    runs/<run_id>/ and its result names that run. Other fields may be left empty; set ones must equal
+    the run's, except max_steps, which may be raised. FAILED_PRECONDITION while another job works on
+    the run, or when it succeeded already; NOT_FOUND for an unknown run.
+    """
+    lr_warmup_steps: _builtins.int
+    """Steps over which the learning rate rises from 0 (with "constant_with_warmup", "cosine" or
+    "linear"), at most max_steps; default: 0.
+    """
+    gradient_accumulation: _builtins.int
+    """Batches whose gradients are summed before each optimiser step, at least 1; default: 1."""
+    caption_dropout: _builtins.float
+    """Fraction of steps trained with an empty caption, in [0, 1); default: 0.0."""
+    sigmoid_scale: _builtins.float
+    """Spread of the "sigmoid" and "shift" timestep sampling (the normal's standard deviation), > 0;
+    default: 1.0.
+    """
+    timestep_shift: _builtins.float
+    """How far "shift" timestep sampling moves noise levels toward noise, > 0; default: 3.0."""
+    max_sequence_length: _builtins.int
+    """T5 tokens read from each caption, 1 to 512; default: 512."""
+    weight_decay: _builtins.float
+    """AdamW weight decay, >= 0; default: 1e-4."""
+    max_grad_norm: _builtins.float
+    """Gradient-norm clipping threshold, >= 0 (0 turns clipping off); default: 1.0."""
+    memory_mode: _builtins.str
+    """"auto": the planner picks the fastest memory options (gradient_checkpointing, base_quantization,
+    blocks_to_swap) that fit the GPU, keeping those set, and records them; the job's notes say which
+    and why. "manual": as given, or refused; default: "auto".
     """
     @_builtins.property
     def sample_prompts(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
-        """Prompts for validation samples; default: the trigger word alone."""
+        """Prompts for validation samples (repeat the option for several); default: the trigger word alone."""
 
     @_builtins.property
     def target_modules(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
-        """Transformer modules that get LoRA layers; default ["to_k", "to_q", "to_v", "to_out.0"]."""
+        """Transformer modules that get LoRA layers (repeat the option for several); default:
+        ["to_k", "to_q", "to_v", "to_out.0"].
+        """
 
     def __init__(
         self,
@@ -145,23 +205,41 @@ class TrainSpec(_message.Message):
         caption_version: _builtins.int = ...,
         compile_blocks: _builtins.str = ...,
         optimizer: _builtins.str = ...,
+        resume_from_run: _builtins.str = ...,
+        lr_warmup_steps: _builtins.int = ...,
+        gradient_accumulation: _builtins.int = ...,
+        caption_dropout: _builtins.float = ...,
+        sigmoid_scale: _builtins.float = ...,
+        timestep_shift: _builtins.float = ...,
+        max_sequence_length: _builtins.int = ...,
+        weight_decay: _builtins.float | None = ...,
+        max_grad_norm: _builtins.float | None = ...,
+        memory_mode: _builtins.str = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_gradient_checkpointing", b"_gradient_checkpointing", "_guidance", b"_guidance", "_seed", b"_seed", "gradient_checkpointing", b"gradient_checkpointing", "guidance", b"guidance", "seed", b"seed"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_gradient_checkpointing", b"_gradient_checkpointing", "_guidance", b"_guidance", "_max_grad_norm", b"_max_grad_norm", "_seed", b"_seed", "_weight_decay", b"_weight_decay", "gradient_checkpointing", b"gradient_checkpointing", "guidance", b"guidance", "max_grad_norm", b"max_grad_norm", "seed", b"seed", "weight_decay", b"weight_decay"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_gradient_checkpointing", b"_gradient_checkpointing", "_guidance", b"_guidance", "_seed", b"_seed", "alpha", b"alpha", "base_model", b"base_model", "base_quantization", b"base_quantization", "batch_size", b"batch_size", "blocks_to_swap", b"blocks_to_swap", "caption_version", b"caption_version", "checkpoint_every", b"checkpoint_every", "compile_blocks", b"compile_blocks", "dataset_id", b"dataset_id", "gradient_checkpointing", b"gradient_checkpointing", "guidance", b"guidance", "learning_rate", b"learning_rate", "lr_scheduler", b"lr_scheduler", "max_steps", b"max_steps", "optimizer", b"optimizer", "precision", b"precision", "rank", b"rank", "resolution", b"resolution", "sample_every", b"sample_every", "sample_prompts", b"sample_prompts", "sample_steps", b"sample_steps", "seed", b"seed", "target_modules", b"target_modules", "timestep_sampling", b"timestep_sampling"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_gradient_checkpointing", b"_gradient_checkpointing", "_guidance", b"_guidance", "_max_grad_norm", b"_max_grad_norm", "_seed", b"_seed", "_weight_decay", b"_weight_decay", "alpha", b"alpha", "base_model", b"base_model", "base_quantization", b"base_quantization", "batch_size", b"batch_size", "blocks_to_swap", b"blocks_to_swap", "caption_dropout", b"caption_dropout", "caption_version", b"caption_version", "checkpoint_every", b"checkpoint_every", "compile_blocks", b"compile_blocks", "dataset_id", b"dataset_id", "gradient_accumulation", b"gradient_accumulation", "gradient_checkpointing", b"gradient_checkpointing", "guidance", b"guidance", "learning_rate", b"learning_rate", "lr_scheduler", b"lr_scheduler", "lr_warmup_steps", b"lr_warmup_steps", "max_grad_norm", b"max_grad_norm", "max_sequence_length", b"max_sequence_length", "max_steps", b"max_steps", "memory_mode", b"memory_mode", "optimizer", b"optimizer", "precision", b"precision", "rank", b"rank", "resolution", b"resolution", "resume_from_run", b"resume_from_run", "sample_every", b"sample_every", "sample_prompts", b"sample_prompts", "sample_steps", b"sample_steps", "seed", b"seed", "sigmoid_scale", b"sigmoid_scale", "target_modules", b"target_modules", "timestep_sampling", b"timestep_sampling", "timestep_shift", b"timestep_shift", "weight_decay", b"weight_decay"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__gradient_checkpointing: _TypeAlias = _typing.Literal["gradient_checkpointing"]  # noqa: Y015
     _WhichOneofArgType__gradient_checkpointing: _TypeAlias = _typing.Literal["_gradient_checkpointing", b"_gradient_checkpointing"]  # noqa: Y015
     _WhichOneofReturnType__guidance: _TypeAlias = _typing.Literal["guidance"]  # noqa: Y015
     _WhichOneofArgType__guidance: _TypeAlias = _typing.Literal["_guidance", b"_guidance"]  # noqa: Y015
+    _WhichOneofReturnType__max_grad_norm: _TypeAlias = _typing.Literal["max_grad_norm"]  # noqa: Y015
+    _WhichOneofArgType__max_grad_norm: _TypeAlias = _typing.Literal["_max_grad_norm", b"_max_grad_norm"]  # noqa: Y015
     _WhichOneofReturnType__seed: _TypeAlias = _typing.Literal["seed"]  # noqa: Y015
     _WhichOneofArgType__seed: _TypeAlias = _typing.Literal["_seed", b"_seed"]  # noqa: Y015
+    _WhichOneofReturnType__weight_decay: _TypeAlias = _typing.Literal["weight_decay"]  # noqa: Y015
+    _WhichOneofArgType__weight_decay: _TypeAlias = _typing.Literal["_weight_decay", b"_weight_decay"]  # noqa: Y015
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__gradient_checkpointing) -> _WhichOneofReturnType__gradient_checkpointing | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__guidance) -> _WhichOneofReturnType__guidance | None: ...
     @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__max_grad_norm) -> _WhichOneofReturnType__max_grad_norm | None: ...
+    @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__seed) -> _WhichOneofReturnType__seed | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__weight_decay) -> _WhichOneofReturnType__weight_decay | None: ...
 
 Global___TrainSpec: _TypeAlias = TrainSpec  # noqa: Y015
 
@@ -271,21 +349,27 @@ class SubmitTrainingRequest(_message.Message):
 
     SPEC_FIELD_NUMBER: _builtins.int
     REQUEST_ID_FIELD_NUMBER: _builtins.int
+    WEBHOOK_URLS_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     """Idempotency key: resubmitting with the same key returns the existing job."""
     @_builtins.property
     def spec(self) -> Global___TrainSpec:
         """What to train."""
 
+    @_builtins.property
+    def webhook_urls(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """URLs that receive the job's events as signed Standard Webhooks (http or https, at most 5)."""
+
     def __init__(
         self,
         *,
         spec: Global___TrainSpec | None = ...,
         request_id: _builtins.str = ...,
+        webhook_urls: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["spec", b"spec"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["request_id", b"request_id", "spec", b"spec"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["request_id", b"request_id", "spec", b"spec", "webhook_urls", b"webhook_urls"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -380,6 +464,26 @@ Global___PlanAlternative: _TypeAlias = PlanAlternative  # noqa: Y015
 class TrainingPlan(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
+    @_typing.final
+    class PickedEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     TOTAL_GIB_FIELD_NUMBER: _builtins.int
     STEP_PEAK_GIB_FIELD_NUMBER: _builtins.int
     WEIGHTS_GIB_FIELD_NUMBER: _builtins.int
@@ -389,6 +493,8 @@ class TrainingPlan(_message.Message):
     FITS_FIELD_NUMBER: _builtins.int
     EXPLANATION_FIELD_NUMBER: _builtins.int
     ALTERNATIVES_FIELD_NUMBER: _builtins.int
+    MEMORY_CHOICE_FIELD_NUMBER: _builtins.int
+    PICKED_FIELD_NUMBER: _builtins.int
     total_gib: _builtins.float
     """Estimated peak GPU memory of the run (GiB): step peak + CUDA overhead."""
     step_peak_gib: _builtins.float
@@ -405,9 +511,17 @@ class TrainingPlan(_message.Message):
     """Whether total_gib <= target_gib."""
     explanation: _builtins.str
     """One sentence a person can act on (the message SubmitTraining would refuse with)."""
+    memory_choice: _builtins.str
+    """With memory_mode "auto": what the planner picked and why, in words; the plan above is the picked
+    run's. Empty in "manual" mode, or when nothing fits.
+    """
     @_builtins.property
     def alternatives(self) -> _containers.RepeatedCompositeFieldContainer[Global___PlanAlternative]:
         """When it does not fit: option changes that would, runnable ones first."""
+
+    @_builtins.property
+    def picked(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """With memory_mode "auto": the picked memory options, TrainSpec field name -> value."""
 
     def __init__(
         self,
@@ -421,10 +535,12 @@ class TrainingPlan(_message.Message):
         fits: _builtins.bool = ...,
         explanation: _builtins.str = ...,
         alternatives: _abc.Iterable[Global___PlanAlternative] | None = ...,
+        memory_choice: _builtins.str = ...,
+        picked: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["alternatives", b"alternatives", "explanation", b"explanation", "fits", b"fits", "mode", b"mode", "overhead_gib", b"overhead_gib", "step_peak_gib", b"step_peak_gib", "target_gib", b"target_gib", "total_gib", b"total_gib", "weights_gib", b"weights_gib"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["alternatives", b"alternatives", "explanation", b"explanation", "fits", b"fits", "memory_choice", b"memory_choice", "mode", b"mode", "overhead_gib", b"overhead_gib", "picked", b"picked", "step_peak_gib", b"step_peak_gib", "target_gib", b"target_gib", "total_gib", b"total_gib", "weights_gib", b"weights_gib"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -11,6 +11,8 @@ import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
+from fluxlora.captioning.defaults import DEFAULTS
+
 POSITIONS = ("start", "end", "keep")
 # "natural": sentences as the captioner writes them. "tags": comma-separated tags (booru style),
 # deduplicated, which some trainers and base models prefer.
@@ -72,7 +74,7 @@ def validate_trigger(trigger: str) -> str:
     return text
 
 
-def apply_trigger(caption: str, trigger: str, position: str = "start") -> str:
+def apply_trigger(caption: str, trigger: str, position: str = DEFAULTS.trigger_position) -> str:
     """The caption with the trigger exactly once.
 
     Occurrences are found case-insensitively and only as whole tokens. "start" and "end" remove
@@ -149,8 +151,8 @@ def clean_caption(
     caption: str,
     trigger: str,
     remove: Iterable[str] = (),
-    position: str = "start",
-    style: str = "natural",
+    position: str = DEFAULTS.trigger_position,
+    style: str = DEFAULTS.style,
 ) -> str:
     """remove_phrases, then normalize, then apply_trigger (or apply_tags): the caption as it is trained on."""
     trigger = validate_trigger(trigger)
@@ -162,7 +164,7 @@ def clean_caption(
     return apply_trigger(text, trigger, position)
 
 
-def apply_tags(caption: str, trigger: str, position: str = "start") -> str:
+def apply_tags(caption: str, trigger: str, position: str = DEFAULTS.trigger_position) -> str:
     """The caption as comma-separated tags with the trigger exactly once.
 
     Tags are split on commas, semicolons and line breaks, tidied (no trailing full stop), and
@@ -248,8 +250,8 @@ def clean_captions(
     raw: Mapping[str, str],
     trigger: str,
     remove: Iterable[str] = (),
-    position: str = "start",
-    style: str = "natural",
+    position: str = DEFAULTS.trigger_position,
+    style: str = DEFAULTS.style,
 ) -> CleanedCaptions:
     """clean_caption for every caption of a set, counting what each remove phrase changed."""
     trigger = validate_trigger(trigger)

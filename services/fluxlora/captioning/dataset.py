@@ -9,6 +9,7 @@ from PIL import Image, ImageOps
 
 from fluxlora.captioning.captioners.base import Captioner, PathCaptioner
 from fluxlora.captioning.cleaning import check_position, check_style, clean_captions, validate_trigger
+from fluxlora.captioning.defaults import DEFAULTS
 
 CAPTION_SUFFIX = ".txt"
 
@@ -18,11 +19,11 @@ def caption_images(
     captioner: Captioner,
     trigger: str,
     remove_phrases: Iterable[str] = (),
-    position: str = "start",
-    batch_size: int = 8,
+    position: str = DEFAULTS.trigger_position,
+    batch_size: int = DEFAULTS.batch_size,
     progress: Callable[[int, int], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
-    style: str = "natural",
+    style: str = DEFAULTS.style,
 ) -> dict[str, str]:
     """Caption images and clean the captions: {stem: caption}, in the order of image_paths.
 
@@ -40,7 +41,7 @@ def caption_images(
 def generate_captions(
     image_paths: Sequence[Path],
     captioner: Captioner,
-    batch_size: int = 8,
+    batch_size: int = DEFAULTS.batch_size,
     progress: Callable[[int, int], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
 ) -> dict[str, str]:

@@ -11,6 +11,7 @@ from fluxlora.captioning.captioners.base import Captioner, load_captioner
 from fluxlora.captioning.captioners.imported import CAPTION_SUFFIXES, unpack_caption_files
 from fluxlora.captioning.cleaning import clean_captions
 from fluxlora.captioning.dataset import generate_captions, write_sidecars
+from fluxlora.captioning.defaults import DEFAULTS
 from fluxlora.captioning.model_tokenizers import counters_for
 from fluxlora.captioning.review import open_versions
 from fluxlora.captioning.text_encoders import length_warnings, over_length, trigger_warnings
@@ -77,7 +78,7 @@ def run_caption(ctx: JobContext, spec: pb.CaptionSpec) -> pb.CaptionResult:
         for entry in captioner.unmatched():
             ctx.warn(f"imported caption {entry} matches no image of the dataset and was not used")
 
-    style = spec.style or "natural"
+    style = spec.style or DEFAULTS.style
     cleaned = clean_captions(raw, spec.trigger_word, list(spec.remove_phrases), spec.trigger_position, style)
     captions = cleaned.captions
     limit = getattr(ctx.settings, "max_caption_chars", None)

@@ -8,9 +8,10 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from fluxlora.captioning import review
 from fluxlora.captioning.captioners.base import known_captioners
 from fluxlora.captioning.cleaning import POSITIONS, STYLES, validate_trigger
+from fluxlora.captioning.defaults import DEFAULTS
 from fluxlora.captioning.model_tokenizers import counters_for
 from fluxlora.common.grpc_status import grpc_errors
-from fluxlora.common.limits import check_caption_lengths, check_text_length
+from fluxlora.common.limits import Bound, check_caption_lengths, check_numbers, check_text_length
 from fluxlora.common.models import check_model_ref
 from fluxlora.domain.caption_versions import CaptionVersion, version_key
 from fluxlora.domain.datasets import require_dataset
@@ -20,6 +21,13 @@ from fluxlora_api.v1 import captioning_pb2 as pb
 from fluxlora_api.v1 import captioning_pb2_grpc
 
 TASKS = ("<CAPTION>", "<DETAILED_CAPTION>", "<MORE_DETAILED_CAPTION>")
+# Every numeric CaptionSpec field (fluxlora.common.limits.check_numbers).
+BOUNDS = {
+    "batch_size": Bound(0, 64, f"0 means {DEFAULTS.batch_size}; every image of a batch and its activations are "
+                        "in memory at once"),
+    "max_new_tokens": Bound(0, 512, f"0 means {DEFAULTS.max_new_tokens}; FLUX's T5 text encoder reads at most "
+                            "512 tokens of a caption"),
+}
 
 
 class CaptioningServicer(captioning_pb2_grpc.CaptioningServiceServicer):
@@ -34,31 +42,32 @@ class CaptioningServicer(captioning_pb2_grpc.CaptioningServiceServicer):
     def SubmitCaption(self, request, context):
         spec = pb.CaptionSpec()
         spec.CopyFrom(request.spec)
+        check_numbers(spec, BOUNDS)
         require_dataset(self.store, spec.dataset_id)
         try:
             spec.trigger_word = validate_trigger(spec.trigger_word)
         except ValueError as exc:
             raise InvalidArgument(f"spec.trigger_word: {exc}") from exc
-        spec.captioner = spec.captioner or "florence2"
+        spec.captioner = spec.captioner or DEFAULTS.captioner
         if spec.captioner not in known_captioners():
             raise InvalidArgument(f"unknown captioner {spec.captioner!r}; choose one of {known_captioners()}")
-        spec.task = spec.task or "<CAPTION>"
+        spec.task = spec.task or DEFAULTS.task
         if spec.task not in TASKS:
             raise InvalidArgument(f"unknown task {spec.task!r}; choose one of {TASKS}")
         if spec.captioner != "florence2" and spec.task != "<CAPTION>":
             raise InvalidArgument(
                 f"task {spec.task!r} is a Florence-2 prompt; the {spec.captioner} captioner takes none"
             )
-        spec.trigger_position = spec.trigger_position or "start"
+        spec.trigger_position = spec.trigger_position or DEFAULTS.trigger_position
         if spec.trigger_position not in POSITIONS:
             raise InvalidArgument(f"trigger_position must be one of {POSITIONS}, not {spec.trigger_position!r}")
-        spec.style = spec.style or "natural"
+        spec.style = spec.style or DEFAULTS.style
         if spec.style not in STYLES:
             raise InvalidArgument(f"spec.style must be one of {STYLES}, not {spec.style!r}")
         if spec.batch_size < 0 or spec.max_new_tokens < 0:
             raise InvalidArgument("batch_size and max_new_tokens must be >= 0")
-        spec.batch_size = spec.batch_size or 8
-        spec.max_new_tokens = spec.max_new_tokens or 64
+        spec.batch_size = spec.batch_size or DEFAULTS.batch_size
+        spec.max_new_tokens = spec.max_new_tokens or DEFAULTS.max_new_tokens
         if spec.captioner == "import":
             self._check_captions_source(spec.captions_source)
         else:
@@ -69,7 +78,7 @@ class CaptioningServicer(captioning_pb2_grpc.CaptioningServiceServicer):
         spec.base_model = spec.base_model or self.runtime.settings.base_model
         if spec.base_model:
             check_model_ref(spec.base_model, self.store, "base model (for its tokenizers)")
-        return self.runtime.submit(spec, request.request_id)
+        return self.runtime.submit(spec, request.request_id, request.webhook_urls)
 
     def _check_captions_source(self, source: str) -> None:
         if not source:

@@ -21,6 +21,7 @@ import math
 
 import grpc
 
+from fluxlora.common import metrics
 from fluxlora.common.auth_lockout import FailedAuthLimiter, peer_key
 from fluxlora.common.config import Settings
 from fluxlora_api.shared.auth import (
@@ -75,13 +76,16 @@ class TokenAuthInterceptor(grpc.ServerInterceptor):
         """Returns when the call may run; aborts it otherwise. Needs the context: only it knows the peer."""
         key = peer_key(context.peer()) if self._limiter else ""
         if self._limiter and (left := self._limiter.locked_for(key)):
+            metrics.AUTH_LOCKED_REFUSED.inc()
             context.abort(LOCKED_OUT, f"too many failed authentications from this address: its calls are refused "
                                       f"for {math.ceil(left)} s more; {HOW_TO} and retry after that")
         problem = self._check(metadata)
         if problem is None:
             return
         log.warning("rejected %s: %s", method, problem.split(":", 1)[0])
+        metrics.AUTH_FAILURES.labels(problem.split(" ", 1)[0]).inc()  # "no" or "invalid" (credentials)
         if self._limiter and self._limiter.failed(key):
+            metrics.AUTH_LOCKOUTS.inc()
             limiter = self._limiter
             log.warning("%d failed authentications from %s within %gs: refusing its calls for %gs "
                         "(FLUXLORA_AUTH_MAX_FAILURES, FLUXLORA_AUTH_LOCKOUT_S)", limiter.max_failures, key,

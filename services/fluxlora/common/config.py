@@ -29,6 +29,18 @@ class Settings(BaseSettings):
     s3_secret_key: SecretStr = Field(SecretStr(""), description="S3 secret key.")
     s3_secure: bool = Field(False, description="Use HTTPS for the S3 endpoint.")
     s3_region: str = Field("us-east-1", description="S3 region.")
+    # Clients never hold the S3 keys: the servers hand them presigned URLs (fluxlora.common.transfers),
+    # signed for the endpoint the clients reach, which in Compose or Kubernetes is not the one the servers use.
+    s3_public_endpoint: str = Field(
+        "", description="host:port or http(s)://host:port clients reach S3 at, for presigned URLs; empty: s3_endpoint."
+    )
+    presign_expiry_s: int = Field(
+        900, ge=1, le=7 * 24 * 3600, description="Seconds a presigned upload or download URL stays valid."
+    )
+    transfer_mode: Literal["auto", "stream"] = Field(
+        "auto", description="Client uploads/downloads: auto (presigned URLs where the store has them) or stream "
+                            "(always over gRPC through the server, for clients that cannot reach the store)."
+    )
     # A transient S3 failure (connection refused/reset, timeout, 5xx, SlowDown) is retried after a delay
     # drawn from [0, min(max, base * 2^n)] (fluxlora.common.s3_retry); the defaults wait up to ~55 s
     # (~28 s on average) before the call fails with UNAVAILABLE.
@@ -65,6 +77,28 @@ class Settings(BaseSettings):
     health_port: int = Field(
         0, ge=0, description="Extra plaintext port serving only gRPC health (probes of TLS servers); 0: none."
     )
+    # Observability (fluxlora.common.metrics, fluxlora.server.telemetry, fluxlora.jobs.webhooks).
+    metrics_port: int | None = Field(
+        None, ge=0, le=65535,
+        description="Port serving Prometheus /metrics over HTTP; unset: off (0: any free port, for tests).",
+    )
+    metrics_host: str = Field("", description="Address /metrics binds to; empty: the server's host.")
+    webhook_urls: list[str] = Field(
+        default_factory=list, description="URLs (JSON list) that receive every job's events as Standard Webhooks."
+    )
+    webhook_secret: SecretStr = Field(
+        SecretStr(""), description="Standard Webhooks signing secret (whsec_<base64>); needed for any webhook."
+    )
+    webhook_timeout_s: float = Field(10.0, gt=0, description="Seconds a webhook receiver may take to answer.")
+    webhook_retry_for_s: float = Field(
+        3600.0, gt=0, description="Seconds after an event within which its failed deliveries are retried."
+    )
+    webhook_retry_base_s: float = Field(1.0, gt=0, description="Backoff cap of the first webhook retry (doubles).")
+    webhook_retry_max_s: float = Field(60.0, gt=0, description="Largest backoff cap between two webhook retries.")
+    webhook_progress_interval_s: float = Field(
+        10.0, ge=0, description="Least seconds between two job.progress webhooks of one job."
+    )
+    webhook_workers: int = Field(4, ge=1, description="Threads delivering webhooks (one job and URL at a time each).")
     host: str = Field("127.0.0.1", description="Address the server binds to.")
     port: int = Field(0, description="Port; 0 means the service's default port.")
     workers: int = Field(1, ge=1, description="Jobs a server runs at once (GPU services: 1).")
@@ -83,6 +117,14 @@ class Settings(BaseSettings):
         4000, ge=1, description="Longest caption (characters) an edit, a replace or an import may store."
     )
     max_train_steps: int = Field(100_000, ge=1, description="Largest TrainSpec.max_steps a training server accepts.")
+    # Fault limits of the job runtime (fluxlora.jobs.runtime).
+    max_job_attempts: int = Field(
+        2, ge=1, description="Starts of a job whose server or worker process died before it is failed as poison."
+    )
+    min_free_bytes: int = Field(
+        256 * 1024**2, ge=0,
+        description="Free bytes a server's scratch and local store disks need before a job is accepted or started.",
+    )
     preprocess_workers: int = Field(
         0, ge=0, description="Processes a preprocessing job uses; 0 means the CPUs this process may use."
     )

@@ -18,6 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TypeVar
 
+from fluxlora.common import metrics, tracing
 from fluxlora_api.shared.errors import Unavailable
 
 log = logging.getLogger(__name__)
@@ -104,15 +105,31 @@ def with_retries(call: Callable[[], T], action: str, where: str, policy: RetryPo
 
     action: what the call does, for people ("writing 'datasets/x/manifest.json'"); where: the store
     ("s3://bucket at minio:9000")."""
+    operation = metrics.store_operation(action)
+    with tracing.store_span(operation, where):
+        return _with_retries(call, action, where, policy, sleep, rng, operation)
+
+
+def _with_retries(call: Callable[[], T], action: str, where: str, policy: RetryPolicy,
+                  sleep: Callable[[float], None], rng: Callable[[], float], operation: str) -> T:
     started = time.monotonic()
     for retry in range(policy.retries + 1):
+        attempt = time.monotonic()
         try:
-            return call()
+            result = call()
+            metrics.STORE_SECONDS.labels(operation, "ok").observe(time.monotonic() - attempt)
+            return result
         except Exception as exc:  # noqa: BLE001 - classified below; the rest propagate unchanged
             reason = transient_reason(exc)
+            missing = getattr(exc, "code", "") in ("NoSuchKey", "NoSuchUpload")  # an answer, not a failure
+            metrics.STORE_SECONDS.labels(operation, "not_found" if missing else "error").observe(
+                time.monotonic() - attempt)
             if reason is None:
+                if not missing:
+                    metrics.STORE_FAILURES.labels(operation, "permanent").inc()
                 raise
             if retry == policy.retries:
+                metrics.STORE_FAILURES.labels(operation, "unavailable").inc()
                 raise Unavailable(
                     f"object store {where} unreachable while {action}: {reason}; gave up after "
                     f"{retry + 1} attempts over {time.monotonic() - started:.1f}s. Nothing half-written is kept: "
@@ -120,6 +137,7 @@ def with_retries(call: Callable[[], T], action: str, where: str, policy: RetryPo
                     "(FLUXLORA_S3_RETRIES and FLUXLORA_S3_RETRY_MAX_S set how long to wait)"
                 ) from exc
             delay = policy.delay(retry, rng)
+            metrics.STORE_RETRIES.labels(operation).inc()
             log.warning("object store %s: %s while %s; retry %d of %d in %.2fs",
                         where, reason, action, retry + 1, policy.retries, delay)
             sleep(delay)

@@ -24,3 +24,13 @@ def require_captions(store: ArtifactStore, dataset_id: str) -> dict:
             "run caption first"
         )
     return store.get_json(keys.dataset_captions(dataset_id))
+
+
+def dataset_base_size(store: ArtifactStore, dataset_id: str) -> int | None:
+    """The base size a dataset was preprocessed at (its manifest's options), None when unknown."""
+    try:
+        manifest = store.get_json(keys.dataset_manifest(dataset_id))
+    except Exception:  # noqa: BLE001 - no manifest or an unreadable one: the caller keeps its default
+        return None
+    size = (manifest.get("options") or {}).get("base_size") if isinstance(manifest, dict) else None
+    return size if isinstance(size, int) and not isinstance(size, bool) and size > 0 else None

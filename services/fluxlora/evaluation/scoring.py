@@ -17,14 +17,17 @@ training photos?).
 
 The rule (RULE below, also written into report.json):
 1. Rows: checkpoints at or after the converged step (every row when convergence was skipped).
-2. Columns: strengths above 0 (strength 0 is the base model, the reference, never the answer).
+2. Columns: strengths above 0 (strength 0 is the base model, the reference, never the answer); a grid
+   with none above 0 falls back to its negative strengths (the LoRA applied inverted), then to 0,
+   and the reason says so.
 3. With image-text scores: fidelity and flexibility are each min-max normalised over all cells of
    the grid (strength 0 included) so the two similarities share a scale, and
    score = (1 - w) * fidelity + w * flexibility with w = 0.5. The eligible cell with the highest
    score wins; near-ties go to the earlier checkpoint, then the lower strength (less over-fitting
    risk for the same result).
 4. Without them: the converged checkpoint (later ones only risk over-fitting for no loss gain) at
-   the strength nearest 1.0, the weight the LoRA was trained at.
+   the strength nearest 1.0, the weight the LoRA was trained at; when 1.0 is not in the grid the
+   reason says so and names the strength picked instead.
 """
 
 from __future__ import annotations
@@ -43,7 +46,8 @@ RULE = (
     "held-out loss improvement of the best later loss); columns: strengths > 0; with image-text scores, "
     "fidelity and flexibility min-max normalised over the grid, score = 0.5*fidelity + 0.5*flexibility, "
     "highest wins, ties to the earlier checkpoint then the lower strength; without them, the converged "
-    "checkpoint at the strength nearest 1.0"
+    "checkpoint at the strength nearest 1.0, the weight the LoRA was trained at (when 1.0 is not in the grid, "
+    "the reason says so); a grid with no strength above 0 falls back to its negative strengths, then to 0"
 )
 
 Table = Sequence[Sequence[float]]
@@ -122,7 +126,7 @@ def recommend(
 
     rows = [r for r, s in enumerate(steps) if converged_step is None or s >= converged_step]
     rows = rows or list(range(len(steps)))
-    cols = [c for c, s in enumerate(strengths) if s > 0] or list(range(len(strengths)))
+    cols = eligible_columns(strengths)
 
     if fidelity is not None and flexibility is not None:
         f, x = normalise(fidelity), normalise(flexibility)
@@ -139,18 +143,41 @@ def recommend(
             f"highest combined score {scores[row][col]:.3f} (fidelity {fidelity[row][col]:.3f}, "
             f"flexibility {flexibility[row][col]:.3f})"
             + (f" among checkpoints from the converged step {converged_step}" if converged_step is not None else "")
+            + ("" if strengths[col] > 0 else "; " + strength_reason(strengths, col))
         )
         return Recommendation(row, col, steps[row], strengths[col], basis, reason, scores)
 
     col = min(cols, key=lambda c: (abs(strengths[c] - 1.0), strengths[c]))
     if converged_step is not None:
         row = rows[0]
-        reason = (f"held-out loss stops improving at step {steps[row]}; strength nearest 1.0, "
-                  "the weight the LoRA was trained at (no image-text model to compare strengths)")
+        reason = (f"held-out loss stops improving at step {steps[row]}; {strength_reason(strengths, col)} "
+                  "(no image-text model to compare strengths)")
         return Recommendation(row, col, steps[row], strengths[col], "convergence", reason)
     row = len(steps) - 1
-    reason = "no convergence or image-text scores: the last checkpoint at the strength nearest 1.0"
+    reason = f"no convergence or image-text scores: the last checkpoint; {strength_reason(strengths, col)}"
     return Recommendation(row, col, steps[row], strengths[col], "default", reason)
+
+
+def eligible_columns(strengths: Sequence[float]) -> list[int]:
+    """Strengths above 0; without any, the negative ones; without those, every column (all 0)."""
+    return ([c for c, s in enumerate(strengths) if s > 0] or [c for c, s in enumerate(strengths) if s != 0]
+            or list(range(len(strengths))))
+
+
+def strength_reason(strengths: Sequence[float], col: int) -> str:
+    """Why the strength of column `col`, in words that hold for any strengths a grid was asked for."""
+    picked = strengths[col]
+    if picked == 1.0:
+        return "strength 1.0, the weight the LoRA was trained at"
+    asked = ", ".join(f"{s:g}" for s in strengths)
+    if picked > 0:
+        return (f"strength {picked:g}, the nearest to 1.0 (the weight the LoRA was trained at) of those asked "
+                f"({asked}): 1.0 is not in the grid")
+    if picked < 0:
+        return (f"strength {picked:g}, the nearest to 1.0 of those asked ({asked}), but no strength above 0 was "
+                "asked: a negative strength applies the LoRA inverted (away from its subject); add strengths "
+                "above 0, e.g. --strengths 0,0.5,1, for a strength to use")
+    return "strength 0 is the base model alone: add strengths above 0, e.g. --strengths 0,0.5,1, for a strength to use"
 
 
 def strip_trigger(prompt: str, trigger_word: str) -> str:

@@ -17,9 +17,9 @@ class EvaluationServicer(evaluation_pb2_grpc.EvaluationServiceServicer):
     @grpc_errors
     def SubmitGrid(self, request, context):
         spec = grid_spec(request.spec, self.runtime.store, self.settings)
-        return self.runtime.submit(spec, request.request_id)
+        return self.runtime.submit(spec, request.request_id, request.webhook_urls)
 
     @grpc_errors
     def SubmitGenerate(self, request, context):
         spec = generate_spec(request.spec, self.runtime.store, self.settings)
-        return self.runtime.submit(spec, request.request_id)
+        return self.runtime.submit(spec, request.request_id, request.webhook_urls)

@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import PurePosixPath
 
 from fluxlora.common.config import Settings
+from fluxlora.common.limits import INT64_MAX, Bound, check_numbers
 from fluxlora.common.models import check_model_ref
 from fluxlora.common.storage import ArtifactStore
 from fluxlora.domain.runs import list_checkpoints, require_run, select_checkpoints
@@ -25,12 +26,32 @@ DEFAULT_SIZE = 1024
 MAX_SIDE = 4096
 MAX_STEPS = 500
 NO_MODEL = "none"
+MAX_GUIDANCE = 100
+MAX_STEP = 10**9  # a checkpoint step: far beyond FLUXLORA_MAX_TRAIN_STEPS, below any overflow
+
+
+def bounds(settings: Settings) -> dict[str, Bound]:
+    """Every numeric GridSpec and GenerateSpec field (fluxlora.common.limits.check_numbers)."""
+    side = Bound(0, MAX_SIDE, f"0 means the run's resolution, else {DEFAULT_SIZE}; a multiple of 16")
+    strength = Bound(-MAX_STRENGTH, MAX_STRENGTH)
+    seed = Bound(0, INT64_MAX)
+    step = Bound(0, MAX_STEP, "0 means the run's latest checkpoint")
+    cells = f"FLUXLORA_GRID_MAX_CELLS={settings.grid_max_cells}"
+    return {
+        "checkpoint_steps": Bound(1, MAX_STEP), "strengths": strength, "seed": seed, "seeds": seed,
+        "width": side, "height": side, "steps": Bound(0, MAX_STEPS, f"0 means {DEFAULT_STEPS}"),
+        "guidance": Bound(0, MAX_GUIDANCE, "FLUX.1-dev is distilled around 3.5"),
+        "rows_per_page": Bound(0, settings.grid_max_cells, f"0 means the server's page size; {cells}"),
+        "images_per_prompt": Bound(0, settings.grid_max_cells, f"0 means 1; {cells}"),
+        "loras.step": step, "loras.strength": strength,
+    }
 
 
 def grid_spec(request: pb.GridSpec, store: ArtifactStore, settings: Settings) -> pb.GridSpec:
     """The request with every default filled in, or an error naming the field and the fix."""
     spec = pb.GridSpec()
     spec.CopyFrom(request)
+    check_numbers(spec, bounds(settings))
     if spec.loras:
         run = _grid_loras(spec, store)
     else:
@@ -130,6 +151,7 @@ def generate_spec(request: pb.GenerateSpec, store: ArtifactStore, settings: Sett
     """The request with every default filled in and each LoRA resolved to a key in the store."""
     spec = pb.GenerateSpec()
     spec.CopyFrom(request)
+    check_numbers(spec, bounds(settings))
     if not spec.prompts:
         raise InvalidArgument("spec.prompts is empty: pass at least one prompt")
     _check_prompts("spec.prompts", list(spec.prompts))

@@ -3,11 +3,14 @@ progress, metrics, artifacts, warnings and to notice cancellation."""
 
 from __future__ import annotations
 
+import contextlib
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, Protocol
 
+from fluxlora.common.config import Settings
 from fluxlora.common.storage import ArtifactStore, ObjectInfo
 from fluxlora_api.v1 import jobs_pb2
 
@@ -16,7 +19,9 @@ class JobHost(Protocol):
     """Where a handler's reports go: the server's JobRuntime, or a worker process's WorkerReport."""
 
     store: ArtifactStore
-    settings: Any
+
+    @property
+    def settings(self) -> Settings | None: ...
 
     def update(self, job_id: str, mutate: Callable[[jobs_pb2.Job], Any], message: str = "",
                persist: bool | str = True) -> Any: ...
@@ -28,6 +33,14 @@ class JobInterrupted(Exception):
     """Raised inside a handler when the job was cancelled or the server is shutting down."""
 
 
+_interruptible_depth = 0  # the main thread is inside JobContext.interruptible()
+
+
+def interruptible_now() -> bool:
+    """Whether a stop may interrupt the main thread where it is (a worker's SIGTERM handler asks)."""
+    return _interruptible_depth > 0 and threading.current_thread() is threading.main_thread()
+
+
 class JobContext:
     def __init__(self, runtime: JobHost, job_id: str, spec: Any, scratch: Path):
         self._runtime = runtime
@@ -35,7 +48,7 @@ class JobContext:
         self.spec = spec
         self.scratch = scratch
         self.store: ArtifactStore = runtime.store
-        self.settings = runtime.settings
+        self.settings: Settings | None = runtime.settings
         self._stage = ""
         self._stage_started = time.monotonic()
 
@@ -58,9 +71,9 @@ class JobContext:
         return ref
 
     def upload(self, path: Path, key: str, kind: str, step: int = 0) -> jobs_pb2.ArtifactRef:
-        from fluxlora.common.storage import _content_type
+        from fluxlora.common.storage import content_type
 
-        return self.add_artifact(self.store.put_file(key, path, _content_type(Path(path))), kind, step)
+        return self.add_artifact(self.store.put_file(key, path, content_type(Path(path))), kind, step)
 
     def log(self, message: str) -> None:
         self._runtime.update(self.job_id, lambda job: None, message=message, persist=False)
@@ -75,3 +88,21 @@ class JobContext:
     def check_cancelled(self) -> None:
         if self.should_stop:
             raise JobInterrupted(self.job_id)
+
+    @contextlib.contextmanager
+    def interruptible(self) -> Iterator[None]:
+        """Work with nothing to save if it stops half-way (downloading or loading a model, encoding
+        the dataset): a stop is checked before and after it, and in a worker process (the process and
+        Kubernetes runners) a SIGTERM interrupts it where it is, raising JobInterrupted, so a cancel
+        takes seconds instead of waiting for the model to load."""
+        global _interruptible_depth
+        self.check_cancelled()
+        main = threading.current_thread() is threading.main_thread()
+        if main:
+            _interruptible_depth += 1
+        try:
+            yield
+        finally:
+            if main:
+                _interruptible_depth -= 1
+        self.check_cancelled()

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 from google.protobuf.message import Message
 
+from fluxlora.common.config import Settings
 from fluxlora.jobs.context import JobInterrupted
 from fluxlora.jobs.reports import FINISHED, RemoteJobFailed, ReportMirror, finished_outcome
 from fluxlora.jobs.worker import EXIT_PERMANENT, load_report
@@ -57,7 +58,7 @@ def _set_stage(job: jobs_pb2.Job, stage: str) -> None:
     job.progress.stage = stage
 
 
-def job_manifest(job_id: str, service: str, settings: Any) -> dict:
+def job_manifest(job_id: str, service: str, settings: Settings) -> dict:
     """The batch/v1 Job for one fluxlora job (a plain manifest: tests validate it against the
     Kubernetes schemas)."""
     labels = {
@@ -129,7 +130,7 @@ def job_manifest(job_id: str, service: str, settings: Any) -> dict:
 class JobLauncher:
     """The Kubernetes API calls, through the kubernetes client: create, status, delete, list."""
 
-    def __init__(self, api_client: Any, namespace: str, service: str, settings: Any):
+    def __init__(self, api_client: Any, namespace: str, service: str, settings: Settings):
         from kubernetes import client
 
         self.batch = client.BatchV1Api(api_client)
@@ -207,7 +208,7 @@ class JobLauncher:
 
 
 class KubernetesRunner:
-    def __init__(self, settings: Any, service: str, api_client: Any, namespace: str):
+    def __init__(self, settings: Settings, service: str, api_client: Any, namespace: str):
         if not settings.k8s_image:
             image = own_image(api_client, namespace, settings.k8s_pod_name, service) if settings.k8s_pod_name else ""
             if not image:
@@ -223,7 +224,7 @@ class KubernetesRunner:
         self.poll_s = settings.k8s_poll_s
 
     @classmethod
-    def from_settings(cls, settings: Any, service: str) -> KubernetesRunner:
+    def from_settings(cls, settings: Settings, service: str) -> KubernetesRunner:
         from kubernetes import client, config
 
         try:

@@ -36,8 +36,9 @@ from typing import TYPE_CHECKING, Any, NoReturn
 from google.protobuf.message import Message
 from pydantic import SecretStr
 
+from fluxlora.common.config import Settings
 from fluxlora.jobs.context import JobInterrupted
-from fluxlora.jobs.reports import FINISHED, RemoteJobFailed, ReportMirror, finished_outcome
+from fluxlora.jobs.reports import FINISHED, RemoteJobFailed, ReportMirror, WorkerDied, finished_outcome
 from fluxlora.jobs.worker import EXIT_INTERRUPTED, EXIT_SUCCEEDED, load_report
 from fluxlora_api.shared.errors import Unavailable
 from fluxlora_api.v1 import jobs_pb2
@@ -65,7 +66,7 @@ _CRASH_SIGNALS = {
 
 
 class ProcessRunner:
-    def __init__(self, settings: Any, service: str, command: list[str] | None = None,
+    def __init__(self, settings: Settings, service: str, command: list[str] | None = None,
                  stop_grace_s: float | None = None, poll_s: float = REPORT_POLL_S):
         self.settings = settings
         self.service = service
@@ -75,7 +76,7 @@ class ProcessRunner:
         self.poll_s = poll_s
 
     @classmethod
-    def from_settings(cls, settings: Any, service: str) -> ProcessRunner:
+    def from_settings(cls, settings: Settings, service: str) -> ProcessRunner:
         return cls(settings, service)
 
     # --- the Runner protocol ------------------------------------------------------------------
@@ -183,6 +184,8 @@ class ProcessRunner:
                     raise JobInterrupted(job_id)
                 time.sleep(STOP_CHECK_S)
         code, message = exit_status(returncode, pid, job_id)
+        if returncode < 0 and (-returncode == signal.SIGKILL or -returncode in _CRASH_SIGNALS):
+            raise WorkerDied(code, message)  # the runtime runs it again, up to FLUXLORA_MAX_JOB_ATTEMPTS
         raise RemoteJobFailed(code, message)
 
     def _wait_for_leftover(self, runtime: JobRuntime, job_id: str) -> None:
@@ -241,7 +244,7 @@ def _no_result(job_id: str, pid: int, returncode: int | None) -> NoReturn:
                                       f"(pid {pid}, exit {returncode}); the server log has the worker's lines")
 
 
-def worker_env(settings: Any, store: ArtifactStore) -> dict[str, str]:
+def worker_env(settings: Settings, store: ArtifactStore) -> dict[str, str]:
     """The child's environment: this process's, with every FLUXLORA_* setting as this server has it
     (flags and code-given settings included) and the store the server actually uses. For an S3 store
     the endpoint and keys are the server's S3 settings."""

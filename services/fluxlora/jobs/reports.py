@@ -30,6 +30,12 @@ class RemoteJobFailed(FluxloraError):
         self.code = code
 
 
+class WorkerDied(RemoteJobFailed):
+    """The worker process died without storing an outcome (the out-of-memory killer's SIGKILL, a
+    crash): the job runtime runs the job again, from its last checkpoint, until it has been started
+    FLUXLORA_MAX_JOB_ATTEMPTS times, then fails it with this status."""
+
+
 class ReportMirror:
     """Keeps a job's record in step with its worker's report.
 

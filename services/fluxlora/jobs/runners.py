@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from google.protobuf.message import Message
 
+from fluxlora.common.config import Settings
 from fluxlora.jobs.context import JobContext
 
 if TYPE_CHECKING:
@@ -45,8 +46,10 @@ class LocalRunner:
         pass
 
 
-def runner_for(settings: Any, service: str, handler: Callable[[JobContext, Any], Message]) -> Runner:
-    runner = getattr(settings, "runner", "local")
+def runner_for(settings: Settings | None, service: str, handler: Callable[[JobContext, Any], Message]) -> Runner:
+    if settings is None:
+        return LocalRunner(handler)
+    runner = settings.runner
     if runner == "kubernetes":
         # Imported only here: the kubernetes client is not needed (nor installed in every image) otherwise.
         from fluxlora.jobs.kubernetes import KubernetesRunner

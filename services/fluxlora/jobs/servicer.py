@@ -6,6 +6,7 @@ import grpc
 
 from fluxlora.common.grpc_status import grpc_errors
 from fluxlora.jobs.runtime import JobRuntime
+from fluxlora.jobs.webhooks import WebhookDispatcher, stored_deliveries
 from fluxlora_api.shared.errors import InvalidArgument
 from fluxlora_api.v1 import jobs_pb2, jobs_pb2_grpc
 
@@ -17,8 +18,9 @@ def _job_id(request) -> str:
 
 
 class JobServicer(jobs_pb2_grpc.JobServiceServicer):
-    def __init__(self, runtime: JobRuntime):
+    def __init__(self, runtime: JobRuntime, webhooks: WebhookDispatcher | None = None):
         self.runtime = runtime
+        self.webhooks = webhooks
 
     @grpc_errors
     def GetJob(self, request, context):
@@ -28,8 +30,9 @@ class JobServicer(jobs_pb2_grpc.JobServiceServicer):
     def ListJobs(self, request, context):
         if request.page_size < 0:
             raise InvalidArgument("page_size must be >= 0")
-        jobs, token = self.runtime.page(list(request.states), request.page_size, request.page_token)
-        return jobs_pb2.ListJobsResponse(jobs=jobs, next_page_token=token)
+        jobs, token, from_memory = self.runtime.page_or_memory(list(request.states), request.page_size,
+                                                               request.page_token)
+        return jobs_pb2.ListJobsResponse(jobs=jobs, next_page_token=token, from_memory=from_memory)
 
     @grpc_errors
     def CancelJob(self, request, context):
@@ -37,4 +40,13 @@ class JobServicer(jobs_pb2_grpc.JobServiceServicer):
 
     @grpc_errors
     def WatchJob(self, request, context: grpc.ServicerContext):
-        yield from self.runtime.watch(_job_id(request), is_active=context.is_active)
+        if request.after_sequence < 0:
+            raise InvalidArgument("after_sequence must be >= 0 (the sequence of the last event seen, or 0)")
+        yield from self.runtime.watch(_job_id(request), is_active=context.is_active, after=request.after_sequence)
+
+    @grpc_errors
+    def ListWebhookDeliveries(self, request, context):
+        job = self.runtime.get(_job_id(request))  # NOT_FOUND for an unknown job
+        if self.webhooks is not None:
+            return self.webhooks.deliveries(job.job_id)
+        return stored_deliveries(self.runtime.store, self.runtime.service, job.job_id)

@@ -23,14 +23,17 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 from google.protobuf import descriptor_pool, json_format, message_factory
 from google.protobuf.message import Message
 
+from fluxlora.common import tracing
+from fluxlora.common.config import Settings
 from fluxlora.common.storage import ArtifactStore
-from fluxlora.jobs.context import JobContext, JobInterrupted
+from fluxlora.jobs.context import JobContext, JobInterrupted, interruptible_now
 from fluxlora.jobs.records import JobRecords, mark_finished
 from fluxlora_api.shared.errors import NotFound, status_of
 from fluxlora_api.v1 import jobs_pb2
@@ -69,7 +72,7 @@ def unpack_any(any_msg: Any) -> Message:
 class WorkerReport:
     """The one-job runtime a worker's JobContext reports to: everything lands in the report."""
 
-    def __init__(self, store: ArtifactStore, settings: Any, service: str, job_id: str,
+    def __init__(self, store: ArtifactStore, settings: Settings, service: str, job_id: str,
                  stop: threading.Event | None = None):
         self.store = store
         self.settings = settings
@@ -121,7 +124,7 @@ class WorkerReport:
                     log.warning("could not save the report %s: %s", self.key, exc)
 
 
-def run_worker(service: str, job_id: str, settings: Any, store: ArtifactStore | None = None,
+def run_worker(service: str, job_id: str, settings: Settings, store: ArtifactStore | None = None,
                stop: threading.Event | None = None, *, handler: Callable[[JobContext, Any], Message]) -> int:
     """Runs the stored job `job_id` of `service` once with `handler` (the service's own:
     fluxlora.server.worker finds it); returns the process exit code."""
@@ -140,7 +143,8 @@ def run_worker(service: str, job_id: str, settings: Any, store: ArtifactStore | 
         report.job.artifacts.extend(earlier.artifacts)
         report.job.warnings.extend(earlier.warnings)
     try:
-        return _run_reported(report, handler, record, job_id)
+        return tracing.in_span(record.traceparent, f"{service} worker", partial(
+            _run_reported, report, handler, record, job_id), **{"fluxlora.job_id": job_id})
     finally:
         report.close()
 
@@ -171,8 +175,11 @@ def stop_on_sigterm() -> threading.Event:
     stop = threading.Event()
     if threading.current_thread() is threading.main_thread():
         def on_signal(signum, frame) -> None:
-            log.info("worker received %s; stopping at the next safe point", signal.Signals(signum).name)
             stop.set()
+            if interruptible_now():  # loading a model or the like: nothing to save, stop right here
+                log.info("worker received %s while loading; stopping now", signal.Signals(signum).name)
+                raise JobInterrupted(f"{signal.Signals(signum).name} while loading")
+            log.info("worker received %s; stopping at the next safe point", signal.Signals(signum).name)
 
         signal.signal(signal.SIGTERM, on_signal)
         signal.signal(signal.SIGINT, on_signal)

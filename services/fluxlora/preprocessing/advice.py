@@ -71,11 +71,18 @@ def dataset_warnings(
             "`near_duplicate_groups`: all are trained, but near-identical shots teach the model less than "
             "varied ones; keep the best of each group."
         )
-    blurry = [entry.stem for entry in images if "blurry" in entry.flags]
+    blurry = [entry.source_key for entry in images if "blurry" in entry.flags]
     if blurry:
         warnings.append(
             f"{len(blurry)} image(s) look blurry or low on detail (blur score under "
             f"{options.blur_threshold:g}): {some(blurry)}; replace them with sharp photos."
+        )
+    monochrome = [entry.source_key for entry in images if "monochrome" in entry.flags]
+    if monochrome:
+        warnings.append(
+            f"{len(monochrome)} of {count} images are greyscale or toned monochrome (sepia-like): {some(monochrome)}. "
+            "A LoRA trained on them learns monochrome, and its images come out without colour; use colour "
+            "photos unless that look is the point."
         )
     upscaled = sum(1 for entry in images if "upscaled" in entry.flags)
     if upscaled and upscaled * 2 >= count:
@@ -102,8 +109,8 @@ def _uniformity_warnings(
         if share > STYLE_CLUSTER_SHARE:
             warnings.append(
                 f"One cluster of near-identical images holds {len(largest.stems)} of {count} ({share:.0%}) of this "
-                f"style dataset ({some(largest.stems)}): the LoRA would learn that picture rather than the style. "
-                "Keep one or two of them and add different images in the style."
+                f"style dataset ({some(largest.source_keys)}): the LoRA would learn that picture rather than the "
+                "style. Keep one or two of them and add different images in the style."
             )
     return warnings
 

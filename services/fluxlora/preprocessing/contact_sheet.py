@@ -1,7 +1,8 @@
 """One PNG showing the whole dataset, so a person can look at every photo at once.
 
 Tiles are in source-key order, each a thumbnail of the training image (what the trainer sees,
-crop included) with its stem underneath. Rejected files are dark tiles with the reason,
+crop included) with the user's file name underneath. Rejected files are dark tiles with the
+gist of the reason, and every reason is written out in full under the grid,
 exact duplicates are dimmed with the stem they duplicate, flagged images (blurry, upscaled, near
 duplicate, extreme aspect) get an orange frame and their flags. Thumbnails are pasted as they
 arrive, so memory is the canvas (bounded by MAX_TILES), not the dataset.
@@ -10,7 +11,6 @@ arrive, so memory is the canvas (bounded by MAX_TILES), not the dataset.
 from __future__ import annotations
 
 import math
-import textwrap
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -28,6 +28,8 @@ HEADER = 40
 MIN_COLUMNS = 6
 MAX_COLUMNS = 12
 MAX_TILES = 1000
+LINE = 14
+MAX_REASON_LINES = 300
 
 BACKGROUND = (246, 246, 246)
 INK = (30, 30, 30)
@@ -44,6 +46,8 @@ class TileMark:
     label: str
     status: Status
     note: str = ""
+    key: str = ""
+    """The file's path relative to the upload, for the full reasons under the grid."""
 
 
 class ContactSheet:
@@ -69,9 +73,20 @@ class ContactSheet:
         self._pasted.add(position)
 
     def finish(self, marks: list[TileMark], title: str, subtitle: str = "") -> Image.Image:
-        """Draw the marks (one per position, in order) and the header; returns the sheet."""
-        draw = ImageDraw.Draw(self.canvas)
+        """Draw the marks (one per position, in order), the header and, under the grid, every
+        rejected file's reason in full; returns the sheet."""
         small, bold = label_font(11), label_font(13)
+        reasons = self._reason_lines(marks, small)
+        if reasons:
+            grown = Image.new("RGB", (self.canvas.width, self.canvas.height + PAD + LINE * len(reasons) + PAD),
+                              BACKGROUND)
+            grown.paste(self.canvas, (0, 0))
+            top = self.canvas.height + PAD
+            self.canvas = grown
+            draw = ImageDraw.Draw(self.canvas)
+            for i, line in enumerate(reasons):
+                draw.text((PAD, top + LINE * i), line, fill=REJECT if i else INK, font=bold if i == 0 else small)
+        draw = ImageDraw.Draw(self.canvas)
         if self.shown < self.count:
             subtitle = f"first {self.shown} of {self.count} files shown; {subtitle}"
         draw.text((PAD, 5), title, fill=INK, font=bold)
@@ -87,6 +102,18 @@ class ContactSheet:
         image.save(path, format="PNG", compress_level=1)  # a preview: fast beats 20% smaller
         return path
 
+    def _reason_lines(self, marks: list[TileMark], font) -> list[str]:
+        rejected = [mark for mark in marks if mark.status == "rejected"]
+        if not rejected:
+            return []
+        lines = [f"Rejected ({len(rejected)}):"]
+        width = self.canvas.width - 2 * PAD
+        for mark in rejected:
+            lines.extend(wrap_to_width(f"{mark.key or mark.label}: {mark.note}", font, width, indent="    "))
+        if len(lines) > MAX_REASON_LINES:
+            lines = [*lines[: MAX_REASON_LINES - 1], "... and more: report.json lists every rejected file"]
+        return lines
+
     def _origin(self, position: int) -> tuple[int, int]:
         row, column = divmod(position, self.columns)
         return column * self.cell[0], HEADER + row * self.cell[1]
@@ -97,7 +124,10 @@ class ContactSheet:
         if mark.status == "rejected":
             draw.rectangle(box, fill=REJECT)
             draw.text((left + PAD + 4, top + PAD + 4), "REJECTED", fill=REJECT_INK, font=font)
-            for i, line in enumerate(textwrap.wrap(mark.note, 16)[:5]):
+            lines = wrap_to_width(gist(mark.note), font, THUMB - 8)
+            if len(lines) > 5:
+                lines = [*lines[:4], "(see below)"]
+            for i, line in enumerate(lines):
                 draw.text((left + PAD + 4, top + PAD + 20 + 14 * i), line, fill=(235, 235, 235), font=font)
         elif mark.status == "duplicate":
             if position in self._pasted:
@@ -111,6 +141,35 @@ class ContactSheet:
         draw.text((left + PAD, label_top), _fit(mark.label, 17), fill=INK if mark.status == "ok" else ink, font=font)
         if mark.status in ("flagged", "duplicate"):
             draw.text((left + PAD, label_top + 13), _fit(mark.note, 17), fill=ink, font=font)
+
+
+def gist(reason: str) -> str:
+    """The part of a rejection reason before its details: "could not be decoded", "too small"."""
+    for stop in (":", " (", ";"):
+        head = reason.split(stop, 1)[0]
+        if head and head != reason:
+            reason = head
+    return reason
+
+
+def wrap_to_width(text: str, font, width: int, indent: str = "") -> list[str]:
+    """Lines of `text` no wider than `width` px in `font`, broken at spaces (a word wider than the
+    line is broken inside it); nothing is dropped."""
+    lines: list[str] = []
+    for word in text.split():
+        candidate = f"{lines[-1]} {word}" if lines else word
+        if lines and font.getlength(candidate) <= width:
+            lines[-1] = candidate
+            continue
+        piece = (indent if lines else "") + word
+        while font.getlength(piece) > width and len(piece) > 1:
+            cut = len(piece) - 1
+            while cut > 1 and font.getlength(piece[:cut]) > width:
+                cut -= 1
+            lines.append(piece[:cut])
+            piece = indent + piece[cut:]
+        lines.append(piece)
+    return lines
 
 
 def _fit(text: str, limit: int) -> str:
@@ -128,13 +187,15 @@ def tile_marks(manifest: Manifest, positions: dict[str, int]) -> list[TileMark]:
     marks: list[TileMark | None] = [None] * len(positions)
     for entry in manifest.images:
         flags = ", ".join(flag.replace("_", "-") for flag in entry.flags)
-        marks[positions[entry.source_key]] = TileMark(entry.stem, "flagged" if flags else "ok", flags)
+        status: Status = "flagged" if flags else "ok"
+        marks[positions[entry.source_key]] = TileMark(_name(entry.source_key), status, flags)
     for duplicate in manifest.duplicates:
         marks[positions[duplicate.source_key]] = TileMark(
-            _name(duplicate.source_key), "duplicate", f"= {duplicate.stem}"
+            _name(duplicate.source_key), "duplicate", f"= {_name(duplicate.duplicate_of)}"
         )
     for entry in manifest.rejected:
-        marks[positions[entry.source_key]] = TileMark(_name(entry.source_key), "rejected", entry.reason)
+        key = entry.source_key
+        marks[positions[key]] = TileMark(_name(key), "rejected", entry.reason, key)
     return [mark or TileMark("", "ok") for mark in marks]
 
 

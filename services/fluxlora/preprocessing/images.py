@@ -46,6 +46,21 @@ _KNOWN_UNSUPPORTED: tuple[tuple[bytes, int, str], ...] = (
 )
 
 
+# Magic numbers of the formats we do decode: a file that starts like one yet cannot be opened is a
+# variant the decoder does not handle (e.g. a planar multipage TIFF), not "not an image".
+_OURS: tuple[tuple[bytes, int, str], ...] = (
+    (b"\xff\xd8\xff", 0, "JPEG"),
+    (b"\x89PNG\r\n\x1a\n", 0, "PNG"),
+    (b"WEBP", 8, "WebP"),
+    (b"II*\x00", 0, "TIFF"),
+    (b"MM\x00*", 0, "TIFF"),
+    (b"II+\x00", 0, "BigTIFF"),
+    (b"MM\x00+", 0, "BigTIFF"),
+    (b"BM", 0, "BMP"),
+)
+_PLUGIN = {"WebP": "WEBP", "BigTIFF": "TIFF"}
+
+
 class ImageRejected(Exception):
     """A file that cannot become a training image; `reason` is meant for the user."""
 
@@ -114,7 +129,7 @@ def decode_image(
         except UnidentifiedImageError as exc:
             raise ImageRejected(_not_an_image(path)) from exc
         except Exception as exc:  # any decoder failure on untrusted bytes
-            raise ImageRejected(f"truncated or corrupt image data ({_describe(exc)})") from exc
+            raise ImageRejected(f"could not be decoded: truncated or corrupt image data ({_describe(exc)})") from exc
 
     if image.width == 0 or image.height == 0:
         raise ImageRejected("image has no pixels")
@@ -234,7 +249,27 @@ def _not_an_image(path: Path) -> str:
     for magic, offset, name in _KNOWN_UNSUPPORTED:
         if head[offset : offset + len(magic)] == magic:
             return f"{name} files are not supported; export the photo as {_SUPPORTED}"
+    for magic, offset, name in _OURS:
+        if head[offset : offset + len(magic)] == magic:
+            return (
+                f"could not be decoded: a {name} file the decoder cannot read ({_decoder_reason(path, name)}); "
+                "open it in an image editor and save it again as JPEG or PNG"
+            )
     return f"not an image in a supported format ({_SUPPORTED})"
+
+
+def _decoder_reason(path: Path, name: str) -> str:
+    """Why Pillow's plugin for `name` refuses the file: Image.open only says it cannot identify
+    it (it tries every plugin and keeps no reason), so open it once more with that plugin alone."""
+    factory = Image.OPEN.get(_PLUGIN.get(name, name), (None, None))[0]
+    if factory is None:
+        return "no reason given"
+    try:
+        with path.open("rb") as fh, factory(fh, str(path)) as opened:
+            opened.load()
+    except Exception as exc:  # noqa: BLE001 - we want the decoder's own words, whatever they are
+        return _describe(exc)
+    return "no reason given"
 
 
 def _describe(exc: BaseException) -> str:

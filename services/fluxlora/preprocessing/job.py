@@ -14,45 +14,70 @@ from pathlib import Path
 from google.protobuf import json_format
 
 from fluxlora.common import keys
-from fluxlora.common.limits import check_upload_bytes
+from fluxlora.common.limits import Bound, check_numbers, check_upload_bytes
 from fluxlora.domain.archives import ArchiveRejected, expand_archive, is_archive
 from fluxlora.jobs.context import JobContext
-from fluxlora.preprocessing.manifest import DEFAULT_BLUR_THRESHOLD, PreprocessOptions, RejectedFile
+from fluxlora.preprocessing.defaults import COLOURS, DEFAULTS
+from fluxlora.preprocessing.manifest import (
+    PreprocessOptions,
+    RejectedFile,
+)
+from fluxlora.preprocessing.naming import folder_name
 from fluxlora.preprocessing.pipeline import preprocess_files
 from fluxlora.preprocessing.report import build_report, truncated_for_proto
 from fluxlora_api.shared.errors import FailedPrecondition, InvalidArgument
 from fluxlora_api.v1 import preprocessing_pb2 as pb
 
 CROP_MODES = {
-    pb.CROP_MODE_UNSPECIFIED: "bucket",
+    pb.CROP_MODE_UNSPECIFIED: DEFAULTS.crop_mode,
     pb.CROP_MODE_BUCKET: "bucket",
     pb.CROP_MODE_SQUARE: "square",
     pb.CROP_MODE_SUBJECT: "subject",
     pb.CROP_MODE_PAD: "pad",
 }
-LORA_TYPES = {pb.LORA_TYPE_UNSPECIFIED: "concrete", pb.LORA_TYPE_CONCRETE: "concrete", pb.LORA_TYPE_STYLE: "style"}
+LORA_TYPES = {
+    pb.LORA_TYPE_UNSPECIFIED: DEFAULTS.lora_type,
+    pb.LORA_TYPE_CONCRETE: "concrete",
+    pb.LORA_TYPE_STYLE: "style",
+}
 _HEX_COLOUR = re.compile(r"^#?([0-9a-fA-F]{6})$")
+# Every numeric PreprocessSpec field (fluxlora.common.limits.check_numbers). A 4096 px square training
+# image is 48 MiB of pixels per worker; FLUX trains at 512-1024.
+MAX_BASE_SIZE = 4096
+BOUNDS = {
+    "base_size": Bound(0, MAX_BASE_SIZE, f"0 means {DEFAULTS.base_size}; a multiple of 64; FLUX trains at 512 to 1024"),
+    "min_side": Bound(0, MAX_BASE_SIZE, "0 means max(64, base_size / 4)"),
+    "blur_threshold": Bound(0, 100_000, "0 turns the check off, the default is 18; sharp photos score 26 and up"),
+    "near_duplicate_distance": Bound(-1, 32, "-1 turns the check off, the default is 13; other photos are 18+ apart"),
+    "monochrome_threshold": Bound(0, 255, "0 turns the check off, the default is 9; colour photos score 10 and up"),
+}
 
 
 def options_from_spec(spec: pb.PreprocessSpec) -> PreprocessOptions:
     """The pipeline's options for a spec; InvalidArgument naming the field when one is wrong."""
+    check_numbers(spec, BOUNDS)
     if spec.crop_mode not in CROP_MODES:
         raise InvalidArgument(f"spec.crop_mode {spec.crop_mode} is not a CropMode; use {', '.join(pb.CropMode.keys())}")
     if spec.lora_type not in LORA_TYPES:
         raise InvalidArgument(f"spec.lora_type {spec.lora_type} is not a LoraType; use {', '.join(pb.LoraType.keys())}")
     if spec.min_side < 0:
         raise InvalidArgument(f"spec.min_side must be 0 (the default) or positive, got {spec.min_side}")
-    blur = spec.blur_threshold if spec.HasField("blur_threshold") else DEFAULT_BLUR_THRESHOLD
+    blur = spec.blur_threshold if spec.HasField("blur_threshold") else DEFAULTS.blur_threshold
     if not blur >= 0:  # also catches NaN
         raise InvalidArgument(f"spec.blur_threshold must be 0 (off) or positive, got {blur}")
+    near = (spec.near_duplicate_distance if spec.HasField("near_duplicate_distance")
+            else DEFAULTS.near_duplicate_distance)
+    mono = spec.monochrome_threshold if spec.HasField("monochrome_threshold") else DEFAULTS.monochrome_threshold
     return PreprocessOptions(
-        base_size=spec.base_size or 1024,
+        base_size=spec.base_size or DEFAULTS.base_size,
         mode=CROP_MODES[spec.crop_mode],
         lora_type=LORA_TYPES[spec.lora_type],
         background=_colour(spec.background),
         min_side=spec.min_side or None,
         # float32 on the wire: round so 20.1 stays 20.1 in the manifest and the dataset id.
         blur_threshold=round(float(blur), 4),
+        near_duplicate_distance=near,
+        monochrome_threshold=round(float(mono), 4),
     )
 
 
@@ -81,7 +106,7 @@ def run_preprocess(ctx: JobContext, spec: pb.PreprocessSpec) -> pb.PreprocessRes
     sources = list(ctx.store.list(spec.source_prefix))
     limit = getattr(ctx.settings, "max_upload_bytes", None)
     if limit:  # again here: files may have been added under the prefix since the submit was checked
-        check_upload_bytes([o.size for o in sources], limit, f"spec.source_prefix {spec.source_prefix!r}")
+        check_upload_bytes([o.size for o in sources], limit, folder_name(spec.source_prefix))
     originals: list[tuple[str, Path]] = []
     for i, obj in enumerate(sources, 1):
         ctx.check_cancelled()
@@ -103,8 +128,8 @@ def run_preprocess(ctx: JobContext, spec: pb.PreprocessSpec) -> pb.PreprocessRes
     if manifest.image_count == 0:
         reasons = "; ".join(f"{r.source_key}: {r.reason}" for r in manifest.rejected[:5])
         raise FailedPrecondition(
-            f"none of the {manifest.file_count} files under {spec.source_prefix!r} is a usable image ({reasons}); "
-            "upload JPEG, PNG, WebP, TIFF or BMP photos"
+            f"none of the {manifest.file_count} files in {folder_name(spec.source_prefix)} is a usable image "
+            f"({reasons}); upload JPEG, PNG, WebP, TIFF or BMP photos"
         )
 
     prefix = keys.dataset_prefix(dataset_id)
@@ -178,7 +203,7 @@ def _unpack_archives(
 
 def _colour(text: str) -> tuple[int, int, int]:
     if not text.strip():
-        return (255, 255, 255)
+        return COLOURS[DEFAULTS.background]
     match = _HEX_COLOUR.match(text.strip())
     if match is None:
         raise InvalidArgument(f"spec.background {text!r} is not a colour; use '#rrggbb', e.g. '#ffffff' for white")

@@ -10,17 +10,26 @@ from fluxlora.preprocessing.buckets import validate_base_size
 
 Channel = Annotated[int, Field(ge=0, le=255)]
 Box = tuple[int, int, int, int]
-Flag = Literal["upscaled", "blurry", "near_duplicate", "extreme_aspect"]
+Flag = Literal["upscaled", "blurry", "near_duplicate", "extreme_aspect", "monochrome"]
 
 MANIFEST_VERSION = 2
 
-# Mean of the top quarter of tile Laplacian variances on the training image (see quality.py).
-# Sharp photos at 512-1024 px score 50 to several thousand; a 1-2 px defocus drops them below 10.
-DEFAULT_BLUR_THRESHOLD = 20.0
-# Hamming distance out of 64 bits on both the DCT and the gradient hash (and close mean colours,
-# quality.near_duplicate_clusters): re-encodes, resizes and light edits of one shot land at 0-3,
-# different shots of one product on one backdrop at 4-12.
-DEFAULT_NEAR_DUPLICATE_DISTANCE = 5
+# The defaults below are calibrated on real photographs and their hard cases (bench/gate.py, which
+# prints precision and recall for each check; tests/unit/test_preprocess_calibration.py holds them).
+#
+# quality.blur_score of the training image (detail in its least sharp direction). On the bench,
+# sharp photos score 26 and up (most in the hundreds), a 2.5 px defocus or a 13 px camera shake
+# at 512 px 1 to 13, the real motion-blurred photo 3.
+DEFAULT_BLUR_THRESHOLD = 18.0
+# Hamming distance out of 64 bits on both the DCT and the gradient hash (and close chroma,
+# quality.near_duplicate_clusters). Re-encodes and resizes land at 0-4, burst frames, a stereo
+# pair (DCT 4, gradient 13), overexposed and captioned copies at 2-13; different real photos at
+# 18+ on the DCT hash. The largest value whose precision stays >= 0.995 on the bench.
+DEFAULT_NEAR_DUPLICATE_DISTANCE = 13
+# quality.colour_spread of the training image: grey photos score 0, toned ones (sepia,
+# cyanotype, nearly desaturated) up to about 8.5, colour photos 9.5 and more (one colour photo
+# of mostly sky scored 5).
+DEFAULT_MONOCHROME_THRESHOLD = 9.0
 
 
 def default_min_side(base_size: int) -> int:
@@ -46,6 +55,8 @@ class PreprocessOptions(BaseModel):
     """Images whose blur score is below this are flagged "blurry"; 0 turns the check off."""
     near_duplicate_distance: int = Field(default=DEFAULT_NEAR_DUPLICATE_DISTANCE, ge=-1, le=32)
     """Largest perceptual-hash distance that counts as a near duplicate; -1 turns the check off."""
+    monochrome_threshold: float = Field(default=DEFAULT_MONOCHROME_THRESHOLD, ge=0)
+    """Images whose colour spread is below this are flagged "monochrome"; 0 turns the check off."""
 
     @field_validator("base_size")
     @classmethod
@@ -87,6 +98,8 @@ class ImageEntry(BaseModel):
     """Mean RGB of each quarter of the training image, hex (near duplicates share it closely)."""
     blur_score: float = 0.0
     """Detail at training size: mean of the top quarter of tile Laplacian variances; low is blurry."""
+    colour_spread: float = 0.0
+    """How far the colours stray from one tint (quality.colour_spread): 0 grey, low toned, 10+ colour."""
     pad_box: Box | None = None
     """"pad" mode: where the photo sits inside the output; the rest is filled with pad_color."""
     pad_color: tuple[int, int, int] | None = None

@@ -12,6 +12,8 @@ import unicodedata
 from collections.abc import Iterable
 from pathlib import PurePosixPath
 
+from fluxlora.common.transfers import UPLOADS
+
 MAX_STEM_LENGTH = 80
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 
@@ -23,6 +25,13 @@ def safe_stem(source_key: str) -> str:
     ascii_stem = unicodedata.normalize("NFKD", stem).encode("ascii", "ignore").decode("ascii")
     cleaned = _UNSAFE.sub("_", ascii_stem).strip("._-")[:MAX_STEM_LENGTH].rstrip("._-")
     return cleaned or "image"
+
+
+def folder_name(prefix: str) -> str:
+    """How messages name a source prefix: "the uploaded folder" for an upload (the user knows it by
+    their own folder's name, which the SDK can put back: fluxlora_client.uploads), else the prefix.
+    Files under it are named by their path relative to it, which is the user's own relative path."""
+    return "the uploaded folder" if prefix.startswith(UPLOADS) else f"the folder {prefix!r}"
 
 
 class StemAllocator:

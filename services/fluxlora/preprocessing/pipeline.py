@@ -34,13 +34,13 @@ from fluxlora.preprocessing.manifest import (
 )
 from fluxlora.preprocessing.naming import StemAllocator
 from fluxlora.preprocessing.pool import run_tasks
-from fluxlora.preprocessing.quality import near_duplicate_clusters
+from fluxlora.preprocessing.quality import Cluster, near_duplicate_clusters
 from fluxlora.preprocessing.worker import Outcome, Task, file_sha256
 
 __all__ = ["PIPELINE_VERSION", "dataset_fingerprint", "dataset_warnings", "preprocess_files", "recommended_images"]
 
 # Part of the fingerprint: bump when the same inputs and options would give different outputs.
-PIPELINE_VERSION = 2
+PIPELINE_VERSION = 3
 
 Progress = Callable[[int, int], None]
 """progress(done, total) after each file; raising from it (e.g. on cancel) aborts the run."""
@@ -163,11 +163,16 @@ def _assemble(
     )
 
 
+def near_duplicate_groups(images: Sequence[ImageEntry], options: PreprocessOptions) -> list[Cluster]:
+    """Groups of images that look alike under `options` (indices into `images`); the colour of a
+    monochrome image is not compared, so a grey or sepia copy groups with its colour original."""
+    hashes = [(e.phash, e.dhash, "" if e.colour_spread < options.monochrome_threshold else e.colour) for e in images]
+    return near_duplicate_clusters(hashes, options.near_duplicate_distance)
+
+
 def _near_duplicates(images: list[ImageEntry], options: PreprocessOptions) -> list[NearDuplicateGroup]:
-    hashes = [(e.phash, e.dhash, e.colour) for e in images]
-    clusters = near_duplicate_clusters(hashes, options.near_duplicate_distance)
     groups: list[NearDuplicateGroup] = []
-    for number, cluster in enumerate(clusters):
+    for number, cluster in enumerate(near_duplicate_groups(images, options)):
         members = [images[i] for i in cluster.members]
         groups.append(
             NearDuplicateGroup(
@@ -176,7 +181,7 @@ def _near_duplicates(images: list[ImageEntry], options: PreprocessOptions) -> li
             )
         )
         for member in members:
-            others = [m.stem for m in members if m is not member]
+            others = [m.source_key for m in members if m is not member]
             member.near_duplicate_group = number
             member.flags.append("near_duplicate")
             member.warnings.append(

@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import itertools
 import multiprocessing
+import os
+import signal
 import threading
 from collections.abc import Iterable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 
+from fluxlora.common.lifetime import die_with_process
 from fluxlora.preprocessing.worker import Outcome, Task, process_file
 from fluxlora_api.shared.errors import ResourceExhausted
 
@@ -63,7 +66,8 @@ _pool_size = 0
 
 def _shared_pool(workers: int) -> ProcessPoolExecutor:
     """One pool per process, kept between jobs: starting one costs 0.1-0.5 s (5-10% of a
-    200-photo job on 2 cores), and idle workers cost only their memory (~80 MB each)."""
+    200-photo job on 2 cores), and idle workers cost only their memory (~80 MB each); they die with
+    the server however it ends."""
     global _pool, _pool_size
     with _pool_lock:
         if _pool is None or _pool_size != workers:
@@ -72,7 +76,13 @@ def _shared_pool(workers: int) -> ProcessPoolExecutor:
             # forkserver, not fork: the gRPC server's threads must not be forked mid-call.
             context = multiprocessing.get_context("forkserver")
             context.set_forkserver_preload(["fluxlora.preprocessing.worker"])
-            _pool, _pool_size = ProcessPoolExecutor(max_workers=workers, mp_context=context), workers
+            # Workers die with the server: killed without its shutdown code (SIGKILL, OOM) it would leave
+            # them blocked on their task queue for good (~80 MB each), and the forkserver with them (each
+            # worker holds the pipe whose end tells the forkserver to exit). Their parent is the
+            # forkserver, not the server: they watch the server's pid.
+            _pool = ProcessPoolExecutor(max_workers=workers, mp_context=context, initializer=die_with_process,
+                                        initargs=(os.getpid(), signal.SIGKILL))
+            _pool_size = workers
         return _pool
 
 

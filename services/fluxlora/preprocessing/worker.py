@@ -24,11 +24,14 @@ from fluxlora.preprocessing.buckets import bucket_label, target_size
 from fluxlora.preprocessing.framing import Framing, frame
 from fluxlora.preprocessing.images import ImageRejected, decode_image
 from fluxlora.preprocessing.manifest import PreprocessOptions
-from fluxlora.preprocessing.quality import blur_score, colour_signature, perceptual_hashes
+from fluxlora.preprocessing.quality import blur_score, colour_signature, colour_spread, perceptual_hashes
 
 log = logging.getLogger(__name__)
 
 EXTREME_ASPECT = 3.0
+# A photo enlarged by up to 5% is not flagged: Lanczos at that ratio loses nothing a person or the
+# trainer would notice (a 1000 px crop brought to 1024 is 1.024x).
+UPSCALE_TOLERANCE = 1.05
 # zlib level 1: on photos 4-5x faster than Pillow's default 6 for ~15% larger files. Encoding is
 # most of the per-image cost, and a training image is read once (to cache its latents).
 PNG_COMPRESS_LEVEL = 1
@@ -105,6 +108,7 @@ def _process(task: Task, outcome: Outcome) -> None:
     grey = fitted.convert("L")
     phash, dhash = perceptual_hashes(grey)
     score = blur_score(grey)
+    spread = colour_spread(fitted)
     warnings = list(decoded.notes)
     flags: list[str] = []
     _check_scale(framing, (width, height), size, warnings, flags)
@@ -114,6 +118,15 @@ def _process(task: Task, outcome: Outcome) -> None:
         warnings.append(
             f"blurry or low detail: blur score {score:.1f} is under {options.blur_threshold:g} (variance of "
             "the Laplacian at training size); a sharper photo would train better"
+        )
+
+    if spread < options.monochrome_threshold:
+        flags.append("monochrome")
+        tone = "greyscale" if spread < 1 else "nearly greyscale or toned (one tint, e.g. sepia)"
+        warnings.append(
+            f"{tone}: colour spread {spread:.1f} is under {options.monochrome_threshold:g}; a LoRA trained on "
+            "monochrome photos learns monochrome and its images come out without colour; use colour photos "
+            "unless that look is the point"
         )
 
     outcome.staged = f"{task.index:07d}.png"
@@ -132,6 +145,7 @@ def _process(task: Task, outcome: Outcome) -> None:
         "dhash": dhash,
         "colour": colour_signature(fitted),
         "blur_score": score,
+        "colour_spread": spread,
         "pad_box": framing.pad_box,
         "pad_color": framing.pad_color,
         "flags": flags,
@@ -144,7 +158,7 @@ def _process(task: Task, outcome: Outcome) -> None:
 def _check_scale(
     framing: Framing, original: tuple[int, int], size: tuple[int, int], warnings: list[str], flags: list[str]
 ) -> None:
-    if framing.scale <= 1:
+    if framing.scale <= UPSCALE_TOLERANCE:
         return
     flags.append("upscaled")
     if framing.pad_box is not None:
@@ -154,8 +168,13 @@ def _check_scale(
         left, top, right, bottom = framing.crop_box
         what = f"crop {right - left}x{bottom - top} to {size[0]}x{size[1]}"
     warnings.append(
-        f"upscaled {framing.scale:.1f}x ({what}): detail will be soft; a higher-resolution photo would train better"
+        f"upscaled {_times(framing.scale)} ({what}): detail will be soft; a higher-resolution photo would train better"
     )
+
+
+def _times(scale: float) -> str:
+    """1.3 -> "1.3x", 1.06 -> "1.06x", 2.0 -> "2x": never a "1.0x" upscale."""
+    return f"{scale:.2f}".rstrip("0").rstrip(".") + "x"
 
 
 def _check_aspect(

@@ -13,21 +13,29 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from fluxlora.common import tracing
 from fluxlora.common.auth import is_loopback, server_credentials, server_interceptors
 from fluxlora.common.config import Settings
+from fluxlora.common.lifetime import die_with_parent_from_env
 from fluxlora.common.offline import configure_hf_offline
 from fluxlora.common.storage import ArtifactStore, open_store
 from fluxlora.jobs.definition import ServiceDefinition
 from fluxlora.jobs.runtime import JobRuntime
 from fluxlora.jobs.servicer import JobServicer
+from fluxlora.jobs.webhooks import WebhookDispatcher, secret_of, webhook_urls
+from fluxlora.server import telemetry
+from fluxlora.server.ports import SERVER_OPTIONS, bind
 from fluxlora.server.services import load_definition
-from fluxlora_api.v1 import jobs_pb2, jobs_pb2_grpc
+from fluxlora.server.transfers import SERVICE_NAME as TRANSFER_SERVICE_NAME
+from fluxlora.server.transfers import TransferServicer
+from fluxlora_api.v1 import jobs_pb2, jobs_pb2_grpc, transfers_pb2_grpc
 
 log = logging.getLogger(__name__)
 
 configure_hf_offline()
 
 JOB_SERVICE_NAME = jobs_pb2.DESCRIPTOR.services_by_name["JobService"].full_name
+_STATUS = {True: health_pb2.HealthCheckResponse.SERVING, False: health_pb2.HealthCheckResponse.NOT_SERVING}
 RPC_THREADS = 16  # server threads beyond the watch streams' (FLUXLORA_MAX_WATCHERS)
 
 
@@ -48,24 +56,36 @@ class RunningServer:
             max_watchers=settings.max_watchers,
         )
         interceptors = server_interceptors(settings)
+        names = (definition.grpc_name, JOB_SERVICE_NAME, TRANSFER_SERVICE_NAME, health.SERVICE_NAME,
+                 reflection.SERVICE_NAME)
+        # Metrics outermost: refused calls (auth, lockout) are counted too.
+        self.observed = settings.metrics_port is not None
+        observers = [telemetry.MetricsInterceptor(definition.name, names)] if self.observed else []
+        observers += tracing.server_interceptors()  # OpenTelemetry: the caller's trace continues here
         credentials = server_credentials(settings)
         # A watch stream holds its thread while the job runs; at most max_watchers do (the runtime refuses
         # more), so the other RPC_THREADS always answer submits, GetJob and health checks.
         threads = settings.max_watchers + RPC_THREADS
+        # grpc.so_reuseport=0 (SERVER_OPTIONS): a second server on this port fails to bind rather than
+        # sharing the port's connections with this one.
         self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=threads, thread_name_prefix=definition.name),
-                                  interceptors=interceptors)
+                                  interceptors=observers + interceptors, options=SERVER_OPTIONS)
         definition.add_servicer(self.server, self.runtime)
-        jobs_pb2_grpc.add_JobServiceServicer_to_server(JobServicer(self.runtime), self.server)
+        # Job events as signed webhooks, delivered by threads of their own (fluxlora.jobs.webhooks).
+        if settings.webhook_urls:
+            webhook_urls((), settings)  # a bad FLUXLORA_WEBHOOK_URLS or no secret: refused at start
+        self.webhooks = WebhookDispatcher(definition.name, self.store, settings) if secret_of(settings) else None
+        if self.webhooks is not None:
+            self.runtime.add_event_listener(self.webhooks)
+        jobs_pb2_grpc.add_JobServiceServicer_to_server(JobServicer(self.runtime, self.webhooks), self.server)
+        # Clients upload and download through the server, which alone holds the store's credentials.
+        transfers_pb2_grpc.add_TransferServiceServicer_to_server(TransferServicer(self.store, settings), self.server)
         self.health = health.HealthServicer(experimental_non_blocking=True)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
-        names = (definition.grpc_name, JOB_SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME)
         reflection.enable_server_reflection(names, self.server)
         bind_port = settings.port_for(definition.name) if port is None else port
         target = f"{settings.host}:{bind_port}"
-        self.port = (self.server.add_secure_port(target, credentials) if credentials
-                     else self.server.add_insecure_port(target))
-        if self.port == 0:
-            raise OSError(f"could not bind {target} for the {definition.name} service")
+        self.port = bind(self.server, target, credentials, f"the {definition.name} service")
         self.address = f"{settings.host}:{self.port}"
         self.tls = credentials is not None
         self.authenticated = bool(interceptors)
@@ -80,22 +100,28 @@ class RunningServer:
         # answer health, and nothing else, in plaintext on FLUXLORA_HEALTH_PORT.
         self.health_server = None
         if settings.health_port:
-            self.health_server = grpc.server(futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="health"))
+            self.health_server = grpc.server(futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="health"),
+                                             options=SERVER_OPTIONS)
             health_pb2_grpc.add_HealthServicer_to_server(self.health, self.health_server)
-            if not self.health_server.add_insecure_port(f"{settings.host}:{settings.health_port}"):
-                raise OSError(f"could not bind {settings.host}:{settings.health_port} (FLUXLORA_HEALTH_PORT)")
+            bind(self.health_server, f"{settings.host}:{settings.health_port}", None,
+                 f"the {definition.name} health checks (FLUXLORA_HEALTH_PORT)")
+        self.metrics_port: int | None = None
         self.started = False
 
     def start(self) -> RunningServer:
         if self.started:
             return self
         self.started = True
+        if self.observed:
+            telemetry.watch_runtime(self.runtime)
+            self.metrics_port = telemetry.serve(self.settings)
         self.runtime.start()
         self.server.start()
         if self.health_server:
             self.health_server.start()
-        for name in ("", self.definition.grpc_name, JOB_SERVICE_NAME):
-            self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        # SERVING while the runtime can run jobs: NOT_SERVING while the store refuses job records or a worker stopped.
+        self.runtime.add_health_listener(lambda ok, why: [self.health.set(name, _STATUS[ok]) for name in (
+            "", self.definition.grpc_name, JOB_SERVICE_NAME, TRANSFER_SERVICE_NAME)])
         log.info("%s serving on %s (store %s, tls %s, auth %s)", self.definition.name, self.address, self.store.uri,
                  "on" if self.tls else "off", "token" if self.authenticated else "off")
         return self
@@ -108,6 +134,9 @@ class RunningServer:
         if self.health_server:
             self.health_server.stop(grace)
         self.runtime.shutdown()
+        telemetry.forget_runtime(self.runtime)
+        if self.webhooks is not None:
+            self.webhooks.stop()
         stopped.wait(grace)
         log.info("%s stopped", self.definition.name)
 
@@ -124,15 +153,23 @@ def start_server(name: str, settings: Settings, store: ArtifactStore | None = No
 
 
 def serve(name: str, settings: Settings) -> None:
-    """Runs one service until SIGTERM or SIGINT."""
-    running = start_server(name, settings)
+    """Runs one service until SIGTERM or SIGINT. Started by a parent that set FLUXLORA_DIE_WITH_PARENT
+    (`fluxlora up`), it also stops gracefully when that parent dies, however it died. A port another
+    process holds ends it at once with exit code 1 and a message naming the port and that process."""
+    die_with_parent_from_env(signal.SIGTERM)
     done = threading.Event()
 
     def on_signal(signum, frame) -> None:
         log.info("%s received %s; shutting down gracefully", name, signal.Signals(signum).name)
         done.set()
 
-    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)  # before starting: a SIGTERM during the start stops it, too
     signal.signal(signal.SIGINT, on_signal)
+    tracing.configure_from_env(f"fluxlora-{name}")  # OTEL_* set: traces over OTLP
+    try:
+        running = start_server(name, settings)
+    except OSError as err:
+        log.error("%s", err)
+        raise SystemExit(1) from None
     done.wait()
     running.stop()

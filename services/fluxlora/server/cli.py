@@ -56,24 +56,54 @@ def worker(
     raise typer.Exit(run_worker(service, job_id, settings, handler=load_definition(service).handler))
 
 
-def up(store: Store = None, host: str = "127.0.0.1") -> None:
-    """Start all four services on localhost (default ports) until Ctrl-C."""
-    import time
+def up(
+    store: Store = None,
+    host: str = "127.0.0.1",
+    log_dir: Annotated[Path | None, typer.Option(help="The servers' logs (default: a new temp folder).")] = None,
+    grace: Annotated[float, typer.Option(help="Seconds the servers get to stop before they are killed.")] = 30.0,
+    base_port: Annotated[int, typer.Option(help="Ports N..N+3 for the four services (0: 50051-50054).")] = 0,
+) -> None:
+    """Start all four services on localhost (default ports) until Ctrl-C or SIGTERM, which stop them
+    gracefully. If one of them dies, this says which (exit code, end of its log), stops the others and
+    exits with code 1: restarting is a supervisor's job (systemd, Compose, Kubernetes). The servers
+    also stop when this process is killed."""
+    import signal
+    import tempfile
+    import threading
 
-    from fluxlora.common.config import DEFAULT_PORTS, Settings
+    from rich.markup import escape
+
+    from fluxlora.common.config import DEFAULT_PORTS, SERVICES, Settings
     from fluxlora.server.local import LocalServices
 
+    def on_sigterm(signum, frame) -> None:
+        raise KeyboardInterrupt  # what Ctrl-C does: leaves the `with` below, which stops the servers
+
+    signal.signal(signal.SIGTERM, on_sigterm)
     settings = Settings(store=store) if store else Settings()
-    with LocalServices(settings.store, host=host, ports=dict(DEFAULT_PORTS)) as services:
-        for name, address in services.addresses.items():
-            health = services.health_ports.get(name)
-            console.print(f"{name:14} {address}" + (f"  (health, plaintext: {host}:{health})" if health else ""))
-        console.print(f"store          {settings.store}\nCtrl-C stops them.")
-        try:
-            while all(p.poll() is None for p in services.processes.values()):
-                time.sleep(1)
-        except KeyboardInterrupt:
-            pass
+    logs = log_dir or Path(tempfile.mkdtemp(prefix="fluxlora-up-"))
+    ports = {name: base_port + i for i, name in enumerate(SERVICES)} if base_port else dict(DEFAULT_PORTS)
+    services = LocalServices(settings.store, host=host, ports=ports, log_dir=logs, stop_grace_s=grace)
+    died = None
+    try:
+        with services:
+            for name, address in services.addresses.items():
+                health = services.health_ports.get(name)
+                console.print(f"{name:14} {address}" + (f"  (health, plaintext: {host}:{health})" if health else ""))
+            console.print(f"store          {settings.store}\nlogs           {logs}\nCtrl-C stops them.")
+            died = services.supervise(threading.Event())
+            if died:
+                others = [name for name, p in services.processes.items() if p.poll() is None]
+                console.print(f"[red]error[/red] the {died} server exited{escape(services.exit_report(died))}",
+                              highlight=False)
+                console.print(f"stopping {', '.join(others) or 'nothing else'}")
+    except KeyboardInterrupt:
+        console.print("stopping the servers")
+    except RuntimeError as err:  # one exited at start (a port in use, an unusable store): the others are stopped
+        console.print(f"[red]error[/red] {escape(str(err))}", highlight=False)
+        raise typer.Exit(1) from None
+    if died:
+        raise typer.Exit(1)
 
 
 def demo(

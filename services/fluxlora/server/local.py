@@ -1,11 +1,20 @@
-"""Starting the four services on this machine as separate processes (the embedded default)."""
+"""Starting the four services on this machine as separate processes (the embedded default).
+
+Lifetimes: the servers die with this process (fluxlora.common.lifetime: they stop gracefully when
+it dies, even by SIGKILL), `stop` sends them SIGTERM and kills what has not stopped after a grace
+period, and `supervise` returns when one of them dies, saying which, with its exit code and the end
+of its log. One dead server stops them all rather than being restarted: a half-running set would hide
+the failure, and a supervisor (systemd, Compose, Kubernetes) is the place for restart policies.
+"""
 
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -16,10 +25,15 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from fluxlora.common.auth import AuthConfigError, channel_credentials
 from fluxlora.common.config import SERVICES, Settings
+from fluxlora.common.lifetime import PARENT_ENV
+from fluxlora.server.ports import check_free
 from fluxlora_client.errors import FluxloraClientError
 
 if TYPE_CHECKING:
     from fluxlora_client.client import FluxloraClient
+
+
+PORTS_HINT = "choose other ports (fluxlora up --base-port; FLUXLORA_HEALTH_PORT)"
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -92,21 +106,25 @@ def service_environment(name: str, env: dict[str, str]) -> dict[str, str]:
 
 
 class LocalServices:
-    """The four servers as child processes sharing one store; stopped with SIGTERM on exit."""
+    """The four servers as child processes sharing one store; stopped with SIGTERM on exit (SIGKILL
+    after a grace period), and stopping by themselves when this process dies. Start them from a thread
+    that lives as long as they should (on Linux a child's parent-death signal follows that thread)."""
 
     def __init__(self, store: str | Path, host: str = "127.0.0.1", ports: dict[str, int] | None = None,
                  env: dict[str, str] | None = None, log_dir: Path | None = None,
-                 health_ports: dict[str, int] | None = None):
+                 health_ports: dict[str, int] | None = None, stop_grace_s: float = 30.0):
         """env: settings for the servers on top of this process's environment. TLS servers
         (FLUXLORA_TLS_CERT_FILE/_KEY_FILE) are waited for on their plaintext health ports (`health_ports`,
         or FLUXLORA_HEALTH_PORT=N: N..N+3) when there are any, else over TLS trusting FLUXLORA_TLS_CA_FILE;
-        their certificate must then name `host`."""
+        their certificate must then name `host`. stop_grace_s: how long the servers get to stop on exit
+        before they are killed."""
         self.store = str(store)
         self.host = host
         self.ports = ports or {name: free_port(host) for name in SERVICES}
         self.env = env or {}
         self.health_ports = health_ports or health_ports_from({**os.environ, **self.env})
         self.log_dir = log_dir
+        self.stop_grace_s = stop_grace_s
         self.processes: dict[str, subprocess.Popen] = {}
 
     @property
@@ -118,12 +136,19 @@ class LocalServices:
         credentials = None if self.health_ports else health_credentials(env)  # (refuses before starting any)
         probes = ({name: f"{self.host}:{port}" for name, port in self.health_ports.items()} if self.health_ports
                   else self.addresses)
+        for name in SERVICES:  # a port in use: said at once, before any server starts
+            try:
+                check_free(self.host, self.ports[name], f"the {name} service", PORTS_HINT)
+                if name in self.health_ports:
+                    check_free(self.host, self.health_ports[name], f"the {name} health checks", PORTS_HINT)
+            except OSError as err:
+                raise RuntimeError(str(err)) from None
         for name in SERVICES:
             log = None
             if self.log_dir:
                 self.log_dir.mkdir(parents=True, exist_ok=True)
                 log = open(self.log_dir / f"{name}.log", "ab")
-            server_env = service_environment(name, env)
+            server_env = {**service_environment(name, env), PARENT_ENV: str(os.getpid())}
             if self.health_ports:
                 server_env["FLUXLORA_HEALTH_PORT"] = str(self.health_ports[name])
             self.processes[name] = subprocess.Popen(
@@ -138,34 +163,58 @@ class LocalServices:
                 try:
                     wait_healthy(address, timeout, alive=lambda p=process: p.poll() is None, credentials=credentials)
                 except RuntimeError:
-                    log_hint = f"; see {self.log_dir / (name + '.log')}" if self.log_dir else ""
-                    raise RuntimeError(
-                        f"the {name} server exited at start (code {process.returncode}){log_hint}"
-                    ) from None
+                    raise RuntimeError(f"the {name} server exited at start{self.exit_report(name)}") from None
         except BaseException:
             self.stop()
             raise
         return self
 
     def client(self) -> FluxloraClient:
-        """An SDK client for these servers and their store, with the token and TLS settings of this
-        process's environment (FluxloraClient.from_env): the servers inherited the same ones."""
+        """An SDK client for these servers, with the token and TLS settings the servers were started
+        with (this process's environment under `env`; FluxloraClient.from_env). It needs no store."""
         from fluxlora_client.client import FluxloraClient
 
-        return FluxloraClient.from_env(Settings(store=self.store), **self.addresses)
+        return FluxloraClient.from_env({**os.environ, **self.env}, **self.addresses)
 
     def stop(self, timeout: float = 30.0) -> None:
+        """SIGTERM to every server still running (each stops gracefully), SIGKILL to those that have
+        not stopped `timeout` seconds later."""
         for process in self.processes.values():
             if process.poll() is None:
                 process.terminate()
+        deadline = time.monotonic() + timeout
         for process in self.processes.values():
             try:
-                process.wait(timeout)
+                process.wait(max(0.0, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
                 process.kill()
+                process.wait()
+
+    def supervise(self, stop: threading.Event, poll_s: float = 0.5) -> str | None:
+        """Waits until `stop` is set (None) or a server exits (its name: see exit_report)."""
+        while not stop.wait(poll_s):
+            for name, process in self.processes.items():
+                if process.poll() is not None:
+                    return name
+        return None
+
+    def exit_report(self, name: str, lines: int = 20) -> str:
+        """' with code N (what it means)' and the last lines of the server's log, for a server that exited."""
+        code = self.processes[name].returncode
+        how = f" with code {code}"
+        if code is not None and code < 0:
+            how += f" (killed by {signal.Signals(-code).name})" if -code in signal.valid_signals() else ""
+        if not self.log_dir:
+            return how + " (its output went to this terminal; pass log_dir to keep it)"
+        path = self.log_dir / f"{name}.log"
+        try:
+            tail = path.read_text(errors="replace").splitlines()[-lines:]
+        except OSError:
+            return f"{how}; no log at {path}"
+        return f"{how}; the end of {path}:\n" + "\n".join(f"  {line}" for line in tail)
 
     def __enter__(self) -> LocalServices:
         return self.start()
 
     def __exit__(self, *exc) -> None:
-        self.stop()
+        self.stop(self.stop_grace_s)

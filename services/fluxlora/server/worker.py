@@ -13,6 +13,7 @@ from typing import Any
 
 from google.protobuf.message import Message
 
+from fluxlora.common import tracing
 from fluxlora.jobs.context import JobContext
 from fluxlora.jobs.worker import (
     EXIT_FAILED,
@@ -53,6 +54,7 @@ def main(argv: list[str] | None = None, handler: Callable[[JobContext, Any], Mes
     if args.watch_parent:
         stop_when_stdin_closes(stop)
     log.info("worker process %d running %s job %s", os.getpid(), args.service, args.job_id)
+    tracing.configure_from_env(f"fluxlora-{args.service}-worker")  # continues the job's trace (its record)
     return run_worker(args.service, args.job_id, settings, stop=stop,
                       handler=handler or load_definition(args.service).handler)
 

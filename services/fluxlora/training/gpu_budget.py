@@ -6,12 +6,13 @@ from __future__ import annotations
 import logging
 import threading
 from pathlib import Path
-from typing import Any
 
 import torch
 
+from fluxlora.common.config import Settings
 from fluxlora.common.storage import ArtifactStore
 from fluxlora.training.memory import MemoryPlan, MemoryPlanner, read_model_shape
+from fluxlora.training.memory.auto import AutoChoice, pick_memory_options
 from fluxlora.training.trainer.config import TrainConfig
 
 log = logging.getLogger(__name__)
@@ -23,7 +24,7 @@ _planners: dict[Path, MemoryPlanner] = {}
 _planners_lock = threading.Lock()
 
 
-def target_gib(settings: Any) -> float | None:
+def target_gib(settings: Settings) -> float | None:
     """GPU memory a run must fit: FLUXLORA_GPU_MEMORY_GIB, else the server's own GPU, else 24;
     None when the setting is 0 (no check)."""
     configured = getattr(settings, "gpu_memory_gib", None)
@@ -35,7 +36,7 @@ def target_gib(settings: Any) -> float | None:
     return DEFAULT_TARGET_GIB
 
 
-def planner_for(settings: Any) -> MemoryPlanner:
+def planner_for(settings: Settings) -> MemoryPlanner:
     """A planner caching its estimates under <cache_dir>/memory-plans (shared by every job)."""
     cache_dir = Path(settings.cache_dir) / "memory-plans"
     with _planners_lock:
@@ -44,10 +45,21 @@ def planner_for(settings: Any) -> MemoryPlanner:
         return _planners[cache_dir]
 
 
-def plan_run(base_model: str, store: ArtifactStore, cfg: TrainConfig, settings: Any) -> MemoryPlan | None:
+def plan_run(base_model: str, store: ArtifactStore, cfg: TrainConfig, settings: Settings) -> MemoryPlan | None:
     """The memory plan of training `cfg` on `base_model`; None when the check is off."""
     target = target_gib(settings)
     if target is None:
         return None
     shape = read_model_shape(base_model, store)
     return planner_for(settings).plan(shape, cfg, target)
+
+
+def pick_for_run(base_model: str, store: ArtifactStore, cfg: TrainConfig, settings: Settings,
+                 given: set[str]) -> AutoChoice | None:
+    """memory_mode auto: the fastest memory options for `cfg` that fit the target GPU, keeping the
+    `given` ones; None when nothing fits or the check is off."""
+    target = target_gib(settings)
+    if target is None:
+        return None
+    shape = read_model_shape(base_model, store)
+    return pick_memory_options(planner_for(settings), shape, cfg, target, given)

@@ -35,7 +35,7 @@ from fluxlora_api.v1 import training_pb2 as pb
 log = logging.getLogger(__name__)
 
 # TrainSpec fields that are not part of the trainer's config.
-_NOT_CONFIG = {"dataset_id", "base_model", "caption_version"}
+_NOT_CONFIG = {"dataset_id", "base_model", "caption_version", "resume_from_run", "memory_mode"}
 
 
 def config_from_spec(spec: pb.TrainSpec) -> TrainConfig:
@@ -57,7 +57,8 @@ def config_from_spec(spec: pb.TrainSpec) -> TrainConfig:
 
 def run_training(ctx: JobContext, spec: pb.TrainSpec) -> pb.TrainResult:
     cfg = config_from_spec(spec)
-    run_id = ctx.job_id
+    # A resumed run (TrainSpec.resume_from_run) goes on in the run it continues, from its last checkpoint.
+    run_id = spec.resume_from_run or ctx.job_id
     prefix = keys.run_prefix(run_id)
     captions_bytes = ctx.store.get_bytes(keys.dataset_captions(spec.dataset_id))
     captions = json.loads(captions_bytes)
@@ -95,7 +96,8 @@ def run_training(ctx: JobContext, spec: pb.TrainSpec) -> pb.TrainResult:
         for stem, text in chosen.captions.items():
             (ctx.scratch / "dataset" / f"{stem}.txt").write_text(text + "\n", encoding="utf-8")
     ctx.progress("loading base model", 0)
-    model_dir = resolve_model(spec.base_model, ctx.store, ctx.settings.cache_dir, "base model")
+    with ctx.interruptible():  # a cancel while the model downloads stops it there
+        model_dir = resolve_model(spec.base_model, ctx.store, ctx.settings.cache_dir, "base model")
     out_dir = ctx.scratch / "run"
 
     checkpoints, resume_from = _stored_checkpoints(ctx, run_id, out_dir, cfg.max_steps)
@@ -140,8 +142,9 @@ def run_training(ctx: JobContext, spec: pb.TrainSpec) -> pb.TrainResult:
     if resume_from is not None:
         ctx.log(f"resuming run {run_id} from its checkpoint at step {checkpoints[-1].step}")
         ctx.metrics(resumed_from_step=checkpoints[-1].step)
-    encodings, encodings_key, reused = fetch_encodings(ctx.store, ctx.scratch / "dataset", model_dir, cfg,
-                                                       ctx.scratch)
+    with ctx.interruptible():
+        encodings, encodings_key, reused = fetch_encodings(ctx.store, ctx.scratch / "dataset", model_dir, cfg,
+                                                           ctx.scratch)
     if reused:
         ctx.log(f"using the encoded dataset {encodings_key}: the text encoders are not loaded")
     ctx.metrics(encodings_reused=float(reused))
@@ -149,7 +152,7 @@ def run_training(ctx: JobContext, spec: pb.TrainSpec) -> pb.TrainResult:
         cfg, model_dir, ctx.scratch / "dataset", out_dir,
         TrainCallbacks(on_step=on_step, on_checkpoint=on_checkpoint, on_sample=on_sample, on_memory=on_memory,
                        on_encoded=lambda path: store_encodings(ctx.store, path, encodings_key),
-                       should_stop=lambda: ctx.should_stop),
+                       should_stop=lambda: ctx.should_stop, preparing=ctx.interruptible),
         resume_from=resume_from,
         encoding_cache=encodings,
         export_name=run_id,

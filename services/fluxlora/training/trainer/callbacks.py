@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -19,6 +21,10 @@ def _never() -> bool:
     return False
 
 
+class TrainingStopped(Exception):
+    """should_stop() said so while the run was being prepared (loading, encoding): nothing to save."""
+
+
 @dataclass
 class TrainCallbacks:
     """All optional. Called from the training thread, so they should return quickly.
@@ -28,8 +34,11 @@ class TrainCallbacks:
     on_sample(step, paths): after the sample images of a step are written.
     on_memory(step, peak): after every optimizer step, the run's peak memory so far (PeakMemory).
     on_encoded(path): the encoded dataset was written to the encoding_cache path (a new cache).
-    should_stop(): polled before every step; True ends the run cleanly (with a checkpoint of
-        the steps done) and the outcome says stopped=True.
+    should_stop(): polled before every step, and between the stages of preparing the run (model
+        loaded, each image encoded, LoRA added, blocks compiled); True ends the run cleanly (with a
+        checkpoint of the steps done, if any) and the outcome says stopped=True.
+    preparing(): a context manager around loading the model and encoding the dataset (a job's
+        JobContext.interruptible: a stop may interrupt it anywhere, raising its own exception).
     """
 
     on_step: Callable[[int, int, float, float], None] = field(default=_ignore)
@@ -38,3 +47,4 @@ class TrainCallbacks:
     on_memory: Callable[[int, PeakMemory], None] = field(default=_ignore)
     on_encoded: Callable[[Path], None] = field(default=_ignore)
     should_stop: Callable[[], bool] = field(default=_never)
+    preparing: Callable[[], AbstractContextManager] = field(default=contextlib.nullcontext)

@@ -8,7 +8,7 @@ then has the device to itself.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,6 +17,7 @@ from diffusers import FluxPipeline
 from PIL import Image, ImageOps
 
 from fluxlora.models.latents import encode_latents, image_to_pixels
+from fluxlora.training.trainer.callbacks import TrainingStopped
 from fluxlora.training.trainer.config import SIDE_MULTIPLE
 
 log = logging.getLogger(__name__)
@@ -135,11 +136,13 @@ def cache_dataset(
     *,
     max_sequence_length: int = 512,
     extra_prompts: Sequence[str] = (),
+    should_stop: Callable[[], bool] = lambda: False,
 ) -> CachedDataset:
     """Encode every caption (plus "" and extra_prompts) and every image, then free the encoders.
 
     The pipeline may live on the CPU: each encoder visits `device` only while it works. On
-    return the text encoders are gone and the VAE is on the CPU.
+    return the text encoders are gone and the VAE is on the CPU. should_stop() is asked after the
+    captions and before each image: True raises TrainingStopped.
     """
     pairs = find_pairs(dataset_dir)
 
@@ -154,6 +157,9 @@ def cache_dataset(
     pipe.vae.to(device)
     samples = []
     for pair in pairs:
+        if should_stop():
+            pipe.vae.to("cpu")
+            raise TrainingStopped(f"stopped while encoding the dataset ({len(samples)} of {len(pairs)} images)")
         pixels = image_to_pixels(pipe, load_image(pair.image, resolution))
         latents = encode_latents(pipe.vae, pixels)[0].float().cpu()
         samples.append(Sample(pair, latents, texts[pair.caption]))

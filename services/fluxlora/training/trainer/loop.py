@@ -19,7 +19,7 @@ from diffusers import FluxPipeline
 from diffusers.optimization import get_scheduler
 
 from fluxlora.models.loading import load_flux_pipeline, pick_device_dtype
-from fluxlora.training.trainer.callbacks import TrainCallbacks
+from fluxlora.training.trainer.callbacks import TrainCallbacks, TrainingStopped
 from fluxlora.training.trainer.checkpoint import (
     LORA_WEIGHTS_NAME,
     checkpoint_dir,
@@ -129,7 +129,14 @@ def train_lora(
     find_pairs(dataset_dir)  # an unusable dataset should fail before minutes of model loading
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    run = _prepare(cfg, Path(model_dir), Path(dataset_dir), device, encoding_cache, callbacks)
+    try:
+        with callbacks.preparing():
+            run = _prepare(cfg, Path(model_dir), Path(dataset_dir), device, encoding_cache, callbacks)
+    except TrainingStopped as stopped:  # a cancel while loading: nothing trained, nothing to save
+        log.info("%s", stopped)
+        gc.collect()
+        return TrainOutcome(steps_done=0, checkpoints=[], final_loss=0.0, losses=[], seconds_per_step=0.0,
+                            stopped=True)
     run.export_name, run.lora_metadata = export_name, dict(lora_metadata or {})
     try:
         start_step = _resume(run, Path(resume_from)) if resume_from is not None else 0
@@ -200,11 +207,17 @@ def _prepare(
     cfg: TrainConfig, model_dir: Path, dataset_dir: Path, device: torch.device | str | None,
     encoding_cache: Path | None, callbacks: TrainCallbacks,
 ) -> _Run:
+    def stage_done(what: str) -> None:  # a cancel takes effect between stages, not after all of them
+        if callbacks.should_stop():
+            raise TrainingStopped(f"stopped after {what}, before training")
+
     device, dtype = pick_device_dtype(cfg.precision, device)
+    stage_done("nothing")
     data = _cached_encodings(encoding_cache, dataset_dir)
     # Loaded on the CPU: encoders and VAE visit the device one at a time, then the transformer
     # moves there alone. FLUX.1-dev as a whole would not fit a 24 GB GPU.
     pipe = load_flux_pipeline(model_dir, torch.device("cpu"), dtype, text_encoders=data is None)
+    stage_done("loading the base model")
     if data is None:
         data = cache_dataset(
             pipe,
@@ -213,15 +226,19 @@ def _prepare(
             device,
             max_sequence_length=cfg.max_sequence_length,
             extra_prompts=cfg.sample_prompts,
+            should_stop=callbacks.should_stop,
         )
         if encoding_cache is not None:
             save_encodings(data, encoding_cache)
             callbacks.on_encoded(encoding_cache)
+    stage_done("encoding the dataset")
     params = prepare_transformer(pipe.transformer, cfg, device)
     pipe.transformer.to(device)
+    stage_done("adding the LoRA")
     use_trainable_attention(device)
     if compile_blocks(pipe.transformer, cfg.compile_blocks, device):
         log.info("transformer blocks compiled (torch.compile); the first steps wait for compilation")
+    stage_done("compiling the blocks")
     optimizer = make_optimizer(params, cfg)
     lr_scheduler = get_scheduler(
         cfg.lr_scheduler,

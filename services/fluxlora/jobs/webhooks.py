@@ -1,0 +1,311 @@
+"""Job events as Standard Webhooks (https://www.standardwebhooks.com, the `standardwebhooks` package).
+
+A job names URLs (Submit*Request.webhook_urls) and the server may add its own (FLUXLORA_WEBHOOK_URLS);
+they are stored in the job's record. Each of the job's events worth telling (accepted, started,
+progress at most every FLUXLORA_WEBHOOK_PROGRESS_INTERVAL_S, checkpoint and artifact writes, the
+terminal state) is POSTed to each URL as JSON, `{"type", "timestamp", "data"}` with `data` the
+WatchJob event as protobuf JSON, signed with FLUXLORA_WEBHOOK_SECRET (`webhook-id`,
+`webhook-timestamp`, `webhook-signature` headers; receivers check them with
+`fluxlora_client.webhooks.verify`).
+
+- At least once: an event is retried (exponential backoff with full jitter, capped at
+  FLUXLORA_WEBHOOK_RETRY_MAX_S) until a 2xx answer or FLUXLORA_WEBHOOK_RETRY_FOR_S after the event;
+  every attempt carries the same `webhook-id`, so receivers deduplicate on it.
+- In order per job and URL: the next event waits for the one before it to be delivered or given up.
+- Never in the job's way: the runtime only enqueues (under its lock); delivery threads of their own
+  do the HTTP, and nothing they meet (a slow, failing or missing receiver) reaches the job.
+- A delivery log per job (every attempt and its status code) in memory and in the store
+  (`jobs/webhooks/<service>/<job_id>.json`), read by JobService.ListWebhookDeliveries.
+- Limits: pending events are lost when the server stops (the log says "pending").
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import logging
+import random
+import threading
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from google.protobuf import json_format
+from standardwebhooks import Webhook
+
+from fluxlora.common import metrics
+from fluxlora.common.storage import ArtifactStore
+from fluxlora_api.shared.errors import FailedPrecondition, InvalidArgument, NotFound
+from fluxlora_api.v1 import jobs_pb2
+
+log = logging.getLogger(__name__)
+
+S = jobs_pb2.JobState
+TERMINAL = frozenset({S.JOB_STATE_SUCCEEDED, S.JOB_STATE_FAILED, S.JOB_STATE_CANCELLED})
+MAX_URLS = 5
+MAX_URL_CHARS = 2048
+DELIVERIES_KEPT = 500  # per job
+JOBS_KEPT = 1000  # jobs whose delivery log stays in memory once every delivery of theirs is over
+CHECKPOINT_KINDS = frozenset({"lora", "lora-kohya", "checkpoint-state"})
+
+
+def webhook_urls(requested: Sequence[str], settings: Any) -> list[str]:
+    """The URLs a new job's events go to: the request's and the server's, checked. INVALID_ARGUMENT
+    names a bad URL; FAILED_PRECONDITION when the server has no secret to sign with."""
+    urls = list(dict.fromkeys([*(u.strip() for u in requested), *getattr(settings, "webhook_urls", ())]))
+    if len(requested) > MAX_URLS:
+        raise InvalidArgument(f"webhook_urls has {len(requested)} URLs, at most {MAX_URLS} are allowed")
+    for url in urls:
+        parsed = urllib.parse.urlsplit(url)
+        if parsed.scheme not in ("http", "https") or not parsed.hostname or len(url) > MAX_URL_CHARS:
+            raise InvalidArgument(f"webhook_urls: {url[:100]!r} is not an http(s) URL of at most {MAX_URL_CHARS} "
+                                  "characters")
+    if urls and not secret_of(settings):
+        raise FailedPrecondition("this server has no webhook secret to sign events with: set "
+                                 "FLUXLORA_WEBHOOK_SECRET (whsec_<base64>) on the server, or submit without "
+                                 "webhook_urls")
+    return urls
+
+
+def secret_of(settings: Any) -> str:
+    secret = getattr(settings, "webhook_secret", None)
+    return secret.get_secret_value() if secret is not None and hasattr(secret, "get_secret_value") else (secret or "")
+
+
+@dataclass
+class _Delivery:
+    record: jobs_pb2.WebhookDelivery
+    body: bytes
+    created: float  # time.monotonic() of the event
+    job_id: str
+    timestamp: datetime = field(default_factory=lambda: datetime.now(UTC))
+
+
+class WebhookDispatcher:
+    """A JobRuntime event listener that delivers the job's events to its webhook URLs."""
+
+    def __init__(self, service: str, store: ArtifactStore, settings: Any):
+        self.service = service
+        self.store = store
+        self.signer = Webhook(secret_of(settings)) if secret_of(settings) else None
+        self.timeout_s = float(getattr(settings, "webhook_timeout_s", 10.0))
+        self.retry_for_s = float(getattr(settings, "webhook_retry_for_s", 3600.0))
+        self.base_s = float(getattr(settings, "webhook_retry_base_s", 1.0))
+        self.max_s = float(getattr(settings, "webhook_retry_max_s", 60.0))
+        self.progress_every_s = float(getattr(settings, "webhook_progress_interval_s", 10.0))
+        self._lock = threading.Condition()
+        self._streams: dict[tuple[str, str], collections.deque[_Delivery]] = {}
+        self._ready: collections.deque[tuple[str, str]] = collections.deque()
+        self._busy: set[tuple[str, str]] = set()
+        self._log: collections.OrderedDict[str, collections.deque[jobs_pb2.WebhookDelivery]] = \
+            collections.OrderedDict()
+        self._state: dict[str, int] = {}  # unfinished job -> its last state seen
+        self._progress_at: dict[str, float] = {}
+        self._finished: collections.OrderedDict[str, None] = collections.OrderedDict()
+        self._stopping = threading.Event()
+        self._threads = [threading.Thread(target=self._work, name=f"{service}-webhooks-{i}", daemon=True)
+                         for i in range(max(1, int(getattr(settings, "webhook_workers", 4))))]
+        for thread in self._threads:
+            thread.start()
+
+    # --- the runtime's listener: classify and enqueue, nothing slow --------------------------------
+    def __call__(self, event: jobs_pb2.JobEvent) -> None:
+        job = event.job
+        if not job.webhook_urls or self.signer is None:
+            return
+        with self._lock:
+            kind = self._kind(event)
+            if kind is None:
+                return
+        data = json.loads(json_format.MessageToJson(event))
+        now = time.monotonic()
+        with self._lock:
+            for url in job.webhook_urls:
+                record = jobs_pb2.WebhookDelivery(event_id=f"msg_{uuid.uuid4().hex}", event_type=kind, url=url,
+                                                  sequence=event.sequence, status="pending")
+                delivery = _Delivery(record, b"", now, job.job_id)
+                delivery.body = json.dumps({"type": kind, "timestamp": delivery.timestamp.isoformat(),
+                                            "data": data}, separators=(",", ":")).encode()
+                key = (job.job_id, url)
+                self._streams.setdefault(key, collections.deque()).append(delivery)
+                self._deliveries(job.job_id).append(record)
+                if key not in self._busy and key not in self._ready:
+                    self._ready.append(key)
+            metrics.WEBHOOK_QUEUE.labels(self.service).set(sum(len(q) for q in self._streams.values()))
+            self._lock.notify_all()
+
+    def _kind(self, event: jobs_pb2.JobEvent) -> str | None:
+        job = event.job
+        before = self._state.get(job.job_id, S.JOB_STATE_UNSPECIFIED)
+        if job.state in TERMINAL:
+            self._state.pop(job.job_id, None)
+            self._progress_at.pop(job.job_id, None)
+            if job.job_id in self._finished:  # a later change of a finished job is no news
+                return None
+            self._finished[job.job_id] = None
+            while len(self._finished) > JOBS_KEPT:
+                self._finished.popitem(last=False)
+            return "job." + S.Name(S.ValueType(job.state)).removeprefix("JOB_STATE_").lower()
+        self._state[job.job_id] = job.state
+        if job.state == S.JOB_STATE_QUEUED and event.message == "queued" and not job.attempts:
+            return "job.accepted"
+        if job.state == S.JOB_STATE_RUNNING and before != S.JOB_STATE_RUNNING:
+            return "job.started"
+        if event.message.startswith("wrote "):
+            written = set(event.message[len("wrote "):].split(", "))
+            kinds = {a.kind for a in job.artifacts if a.key in written}
+            return "job.checkpoint" if kinds & CHECKPOINT_KINDS else "job.artifact"
+        if job.state == S.JOB_STATE_RUNNING and job.progress.stage:
+            now = time.monotonic()
+            if now - self._progress_at.get(job.job_id, 0.0) >= self.progress_every_s:
+                self._progress_at[job.job_id] = now
+                return "job.progress"
+        return None
+
+    def _deliveries(self, job_id: str) -> collections.deque[jobs_pb2.WebhookDelivery]:
+        log_ = self._log.get(job_id)
+        if log_ is None:
+            log_ = self._log[job_id] = collections.deque(maxlen=DELIVERIES_KEPT)
+            while len(self._log) > JOBS_KEPT:
+                oldest = next(iter(self._log))
+                if any(k[0] == oldest for k in self._streams):
+                    break
+                del self._log[oldest]
+        self._log.move_to_end(job_id)
+        return log_
+
+    # --- the delivery threads ----------------------------------------------------------------------
+    def _work(self) -> None:
+        while True:
+            with self._lock:
+                while not self._ready and not self._stopping.is_set():
+                    self._lock.wait()
+                if self._stopping.is_set():
+                    return
+                key = self._ready.popleft()
+                self._busy.add(key)
+            try:
+                while not self._stopping.is_set():
+                    with self._lock:
+                        stream = self._streams.get(key)
+                        if not stream:
+                            self._streams.pop(key, None)
+                            break
+                        delivery = stream[0]
+                    self._deliver(delivery)
+                    with self._lock:
+                        stream.popleft()
+                        metrics.WEBHOOK_QUEUE.labels(self.service).set(
+                            sum(len(q) for q in self._streams.values()))
+            except Exception:  # noqa: BLE001 - a delivery thread outlives any surprise
+                log.exception("webhook delivery to %s failed", _safe(key[1]))
+            finally:
+                with self._lock:
+                    self._busy.discard(key)
+                    if self._streams.get(key):
+                        self._ready.append(key)
+                        self._lock.notify()
+
+    def _deliver(self, delivery: _Delivery) -> None:
+        """Tries until a 2xx answer or the retry time is spent; every attempt in the record."""
+        record, retry = delivery.record, 0
+        while not self._stopping.is_set():
+            attempt = jobs_pb2.WebhookAttempt()
+            attempt.time.GetCurrentTime()
+            started = time.monotonic()
+            attempt.status_code, attempt.error = self._post(delivery)
+            attempt.duration_seconds = time.monotonic() - started
+            ok = 200 <= attempt.status_code < 300
+            metrics.WEBHOOK_ATTEMPTS.labels(self.service, "delivered" if ok else (
+                f"http_{attempt.status_code // 100}xx" if attempt.status_code else "no_answer")).inc()
+            delay = random.random() * min(self.max_s, self.base_s * 2 ** min(retry, 30))
+            with self._lock:
+                record.attempts.append(attempt)
+                if ok:
+                    record.status = "delivered"
+                elif time.monotonic() + delay - delivery.created > self.retry_for_s:
+                    record.status = "failed"
+                    metrics.WEBHOOK_GIVEN_UP.labels(self.service).inc()
+                    log.warning("webhook %s of job %s not delivered to %s after %d attempts over %.0fs (last: %s)",
+                                record.event_type, delivery.job_id, _safe(record.url), len(record.attempts),
+                                time.monotonic() - delivery.created,
+                                attempt.error or f"HTTP {attempt.status_code}")
+            self._save(delivery.job_id)
+            if record.status != "pending":
+                return
+            retry += 1
+            self._stopping.wait(delay)
+
+    def _post(self, delivery: _Delivery) -> tuple[int, str]:
+        assert self.signer is not None
+        record = delivery.record
+        headers = {"content-type": "application/json", "user-agent": "fluxlora-webhooks/1",
+                   "webhook-id": record.event_id, "webhook-timestamp": str(int(delivery.timestamp.timestamp())),
+                   "webhook-signature": self.signer.sign(record.event_id, delivery.timestamp, delivery.body)}
+        request = urllib.request.Request(record.url, data=delivery.body, headers=headers, method="POST")
+        try:
+            with urllib.request.urlopen(request, timeout=self.timeout_s) as answer:  # noqa: S310 - http(s) only
+                return answer.status, ""
+        except urllib.error.HTTPError as exc:
+            return exc.code, ""
+        except (urllib.error.URLError, OSError, ValueError) as exc:
+            reason = getattr(exc, "reason", exc)
+            return 0, ("timed out" if isinstance(reason, TimeoutError) or "timed out" in str(reason)
+                       else str(reason)[:200])
+
+    def _save(self, job_id: str) -> None:
+        """The job's delivery log into the store; a store error only costs the stored copy."""
+        try:
+            self.store.put_bytes(log_key(self.service, job_id), self._log_json(job_id), "application/json")
+        except Exception as exc:  # noqa: BLE001
+            log.warning("job %s: webhook delivery log not stored (%s)", job_id, type(exc).__name__)
+
+    def _log_json(self, job_id: str) -> bytes:
+        with self._lock:
+            response = jobs_pb2.ListWebhookDeliveriesResponse(deliveries=list(self._log.get(job_id, ())))
+        return json_format.MessageToJson(response).encode()
+
+    # --- reading the log ---------------------------------------------------------------------------
+    def deliveries(self, job_id: str) -> jobs_pb2.ListWebhookDeliveriesResponse:
+        with self._lock:
+            held = self._log.get(job_id)
+            if held is not None:
+                return jobs_pb2.ListWebhookDeliveriesResponse(deliveries=list(held))
+        return stored_deliveries(self.store, self.service, job_id)
+
+    def idle(self) -> bool:
+        """True when no event waits for delivery."""
+        with self._lock:
+            return not self._streams and not self._busy
+
+    def stop(self) -> None:
+        self._stopping.set()
+        with self._lock:
+            self._lock.notify_all()
+        for thread in self._threads:
+            thread.join(self.timeout_s + 1)
+
+
+def log_key(service: str, job_id: str) -> str:
+    return f"jobs/webhooks/{service}/{job_id}.json"
+
+
+def stored_deliveries(store: ArtifactStore, service: str, job_id: str) -> jobs_pb2.ListWebhookDeliveriesResponse:
+    """A job's stored delivery log (empty when none of its events had webhooks)."""
+    try:
+        data = store.get_bytes(log_key(service, job_id))
+    except (NotFound, FileNotFoundError):
+        return jobs_pb2.ListWebhookDeliveriesResponse()
+    return json_format.Parse(data, jobs_pb2.ListWebhookDeliveriesResponse())
+
+
+def _safe(url: str) -> str:
+    """A URL for logs: scheme, host and path, never its query (which may hold a token)."""
+    parts = urllib.parse.urlsplit(url)
+    return f"{parts.scheme}://{parts.hostname}{':' + str(parts.port) if parts.port else ''}{parts.path}"

@@ -1,0 +1,222 @@
+"""What a server tells operators: Prometheus metrics of its RPCs and jobs (fluxlora.common.metrics).
+
+- `MetricsInterceptor`: every RPC by service, method and status code, with a latency histogram.
+  Methods are those the server registered; any other name counts as "unknown", so a caller cannot
+  grow the label set.
+- `JobMetrics`: a JobRuntime event listener. Jobs submitted, started and finished (by state and
+  error code), job duration and time waiting in the queue, and the running training run's steps,
+  steps/s, loss and peak GPU memory, read from the job's events. Those events carry what a worker
+  in its own process or Kubernetes Job reported into the record, so the numbers survive the worker.
+- `fluxlora_jobs{service,state}`: queued and running jobs, counted from the runtime at scrape time.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any
+
+import grpc
+from google.protobuf import descriptor_pool
+from prometheus_client import REGISTRY
+from prometheus_client.core import GaugeMetricFamily
+
+from fluxlora.common import metrics
+from fluxlora_api.v1 import jobs_pb2
+
+if TYPE_CHECKING:
+    from fluxlora.jobs.runtime import JobRuntime
+
+S = jobs_pb2.JobState
+TERMINAL = frozenset({S.JOB_STATE_SUCCEEDED, S.JOB_STATE_FAILED, S.JOB_STATE_CANCELLED})
+GIB = 2**30
+
+
+def state_name(state: int) -> str:
+    return S.Name(S.ValueType(state)).removeprefix("JOB_STATE_").lower()
+
+
+def known_methods(service_names: Iterable[str]) -> dict[str, tuple[str, str, str]]:
+    """'/pkg.Service/Method' -> (grpc_service, grpc_method, grpc_type) for every method of the services."""
+    known = {}
+    pool = descriptor_pool.Default()
+    for name in service_names:
+        try:
+            service = pool.FindServiceByName(name)
+        except KeyError:
+            continue
+        for method in service.methods:
+            kind = {(False, False): "unary", (False, True): "server_stream", (True, False): "client_stream",
+                    (True, True): "bidi_stream"}[(method.client_streaming, method.server_streaming)]
+            known[f"/{service.full_name}/{method.name}"] = (service.full_name, method.name, kind)
+    return known
+
+
+class MetricsInterceptor(grpc.ServerInterceptor):
+    def __init__(self, service: str, service_names: Iterable[str]):
+        self.service = service
+        self.known = known_methods(service_names)
+
+    def intercept_service(self, continuation, handler_call_details):
+        handler = continuation(handler_call_details)
+        if handler is None:
+            return None
+        labels = (self.service, *self.known.get(handler_call_details.method, ("unknown", "unknown", "unknown")))
+        return _timed(handler, labels)
+
+
+def _finish(labels: tuple[str, ...], context: Any, started: float, code: grpc.StatusCode | None) -> None:
+    code = code or context.code() or grpc.StatusCode.OK
+    metrics.GRPC_HANDLED.labels(*labels, code.name).inc()
+    metrics.GRPC_SECONDS.labels(*labels).observe(time.perf_counter() - started)
+
+
+def _timed(handler: grpc.RpcMethodHandler, labels: tuple[str, ...]) -> grpc.RpcMethodHandler:
+    serializers = {"request_deserializer": handler.request_deserializer,
+                   "response_serializer": handler.response_serializer}
+
+    def unary(call):
+        def run(request_or_iterator, context):
+            metrics.GRPC_STARTED.labels(*labels).inc()
+            started, code = time.perf_counter(), None
+            try:
+                return call(request_or_iterator, context)
+            except Exception:
+                code = context.code() or grpc.StatusCode.UNKNOWN
+                raise
+            finally:
+                _finish(labels, context, started, code)
+        return run
+
+    def streaming(call):
+        def run(request_or_iterator, context):
+            metrics.GRPC_STARTED.labels(*labels).inc()
+            started, code = time.perf_counter(), None
+            try:
+                yield from call(request_or_iterator, context)
+            except GeneratorExit:  # the client went away
+                code = grpc.StatusCode.CANCELLED
+                raise
+            except Exception:
+                code = context.code() or grpc.StatusCode.UNKNOWN
+                raise
+            finally:
+                _finish(labels, context, started, code)
+        return run
+
+    if handler.unary_unary:
+        return grpc.unary_unary_rpc_method_handler(unary(handler.unary_unary), **serializers)
+    if handler.unary_stream:
+        return grpc.unary_stream_rpc_method_handler(streaming(handler.unary_stream), **serializers)
+    if handler.stream_unary:
+        return grpc.stream_unary_rpc_method_handler(unary(handler.stream_unary), **serializers)
+    return grpc.stream_stream_rpc_method_handler(streaming(handler.stream_stream), **serializers)
+
+
+class JobMetrics:
+    """Turns one runtime's JobEvents into metrics; called under the runtime's lock, so it only counts."""
+
+    def __init__(self, service: str):
+        self.service = service
+        self._seen: dict[str, tuple[int, int]] = {}  # unfinished job -> (state, steps done)
+
+    def __call__(self, event: jobs_pb2.JobEvent) -> None:
+        job, service = event.job, self.service
+        state, steps = self._seen.get(job.job_id, (S.JOB_STATE_UNSPECIFIED, -1))
+        if job.state == S.JOB_STATE_QUEUED and event.message == "queued" and not job.attempts:
+            metrics.JOBS_SUBMITTED.labels(service).inc()
+        if job.state == S.JOB_STATE_RUNNING and state != S.JOB_STATE_RUNNING:
+            metrics.JOBS_STARTED.labels(service).inc()
+            if job.attempts <= 1 and job.HasField("started_at"):
+                waited = (job.started_at.ToNanoseconds() - job.created_at.ToNanoseconds()) / 1e9
+                metrics.JOB_WAIT_SECONDS.labels(service).observe(max(0.0, waited))
+        progress = job.progress
+        if job.state == S.JOB_STATE_RUNNING and progress.unit == "step" and progress.stage == "training":
+            if steps < 0:  # the first steps seen of this run: those since its start or its resume
+                steps = int(job.metrics.get("resumed_from_step", 0))
+            if progress.done > steps:
+                metrics.TRAINING_STEPS.labels(service).inc(progress.done - steps)
+            steps = progress.done
+            metrics.TRAINING_RATE.labels(service).set(progress.rate)
+            if "loss" in job.metrics:
+                metrics.TRAINING_LOSS.labels(service).set(job.metrics["loss"])
+            if "peak_memory_gib" in job.metrics:
+                metrics.TRAINING_PEAK.labels(service).set(job.metrics["peak_memory_gib"] * GIB)
+        if job.state == S.JOB_STATE_RUNNING:
+            metrics.JOB_ETA.labels(service).set(progress.eta_seconds)
+        if job.state in TERMINAL:
+            self._seen.pop(job.job_id, None)
+            if state in TERMINAL:
+                return
+            metrics.JOBS_FINISHED.labels(service, state_name(job.state), job.error.code).inc()
+            if job.HasField("started_at") and job.HasField("finished_at"):
+                ran = (job.finished_at.ToNanoseconds() - job.started_at.ToNanoseconds()) / 1e9
+                metrics.JOB_SECONDS.labels(service, state_name(job.state)).observe(max(0.0, ran))
+            if state == S.JOB_STATE_RUNNING:
+                for gauge in (metrics.TRAINING_RATE, metrics.JOB_ETA):
+                    gauge.labels(service).set(0)
+            return
+        self._seen[job.job_id] = (job.state, steps)
+
+
+class _JobsCollector:
+    """fluxlora_jobs{service,state}: the unfinished jobs of every runtime of this process, at scrape time."""
+
+    def __init__(self) -> None:
+        self.runtimes: dict[int, JobRuntime] = {}
+        self.lock = threading.Lock()
+
+    def collect(self):
+        family = GaugeMetricFamily("fluxlora_jobs", "Unfinished jobs held by the server, by state.",
+                                   labels=["service", "state"])
+        with self.lock:
+            runtimes = list(self.runtimes.values())
+        oldest = GaugeMetricFamily("fluxlora_oldest_queued_job_age_seconds",
+                                   "Seconds the longest-waiting queued job has waited (0: none queued).",
+                                   labels=["service"])
+        serving = GaugeMetricFamily("fluxlora_server_serving",
+                                    "1 while the server can run jobs; 0 while the store refuses job records or a "
+                                    "worker stopped (gRPC health NOT_SERVING).", labels=["service"])
+        counts: dict[tuple[str, str], int] = {}
+        now = time.time()
+        for runtime in runtimes:
+            waited = 0.0
+            for state in (S.JOB_STATE_QUEUED, S.JOB_STATE_RUNNING):
+                counts.setdefault((runtime.service, state_name(state)), 0)
+            for job in runtime.list([S.JOB_STATE_QUEUED, S.JOB_STATE_RUNNING], limit=0):
+                key = (runtime.service, state_name(job.state))
+                counts[key] = counts.get(key, 0) + 1
+                if job.state == S.JOB_STATE_QUEUED:
+                    waited = max(waited, now - job.created_at.ToNanoseconds() / 1e9)
+            oldest.add_metric([runtime.service], waited)
+            serving.add_metric([runtime.service], 1.0 if runtime.healthy()[0] else 0.0)
+        for (service, state), count in sorted(counts.items()):
+            family.add_metric([service, state], count)
+        yield family
+        yield oldest
+        yield serving
+
+    def describe(self):
+        return []  # collected lazily: runtimes come and go
+
+
+_JOBS = _JobsCollector()
+REGISTRY.register(_JOBS)
+
+
+def watch_runtime(runtime: JobRuntime) -> None:
+    """Feeds the job metrics from this runtime's events, and counts its unfinished jobs at scrapes."""
+    runtime.add_event_listener(JobMetrics(runtime.service))
+    with _JOBS.lock:
+        _JOBS.runtimes[id(runtime)] = runtime
+
+
+def forget_runtime(runtime: JobRuntime) -> None:
+    with _JOBS.lock:
+        _JOBS.runtimes.pop(id(runtime), None)
+
+
+def serve(settings: Any) -> int:
+    """Starts (once per address) the HTTP server of /metrics; returns its port."""
+    return metrics.serve_metrics(settings.metrics_host or settings.host, settings.metrics_port or 0)
