@@ -33,18 +33,9 @@ INVARIANTS = {
     "memory_bounded": "no server process (or worker) exceeds the RSS bound",
 }
 
-# Invariants main does not guarantee yet: fixes are in flight on other branches. Their violations are
-# reported but do not fail the run (or the test) unless --strict. The lead empties an entry once the
-# fix named here is merged.
-EXPECTED_FAILURES: dict[str, str] = {
-    "terminal_is_final": "a job once seen terminal (by GetJob or a watcher) never changes state again",
-    "watchers_saw_terminal": "SDK watch reconnection across server restarts",
-    "hostile_refused": "numeric bounds on spec fields; request_id reuse with another spec",
-    "ports_not_shared": "ports shared between server generations (grpc SO_REUSEPORT)",
-    "no_orphans": "orphaned worker processes after a server SIGKILL",
-    "every_job_terminal": "store errors killing worker threads; poison jobs and attempt limits",
-    "failures_deliberate": "store errors (a full disk at submit is answered INTERNAL 'OSError: [Errno 28]')",
-}
+# Invariants the product does not guarantee yet, with why: their violations are reported but fail a
+# run (or the test) only with --strict. Empty: every invariant above must hold.
+EXPECTED_FAILURES: dict[str, str] = {}
 
 
 def sha256(data: bytes) -> str:

@@ -47,12 +47,10 @@ class StoreRun:
                 self.disk = SmallDisk(root, args.disk_mib)
             (root / "store").mkdir(parents=True, exist_ok=True)
             self.store = LocalStore(root / "store")
-            self.client_store = lambda: LocalStore(root / "store")
             store_env = {"FLUXLORA_STORE": str(root / "store")}
         else:
             self.proxy = S3Proxy()
             self.store = S3Store.connect(self.proxy.direct, BUCKET, S3_KEY, S3_SECRET, secure=False)
-            self.client_store = lambda: S3Store.connect(self.proxy.address, BUCKET, S3_KEY, S3_SECRET, secure=False)
             store_env = {"FLUXLORA_STORE": f"s3://{BUCKET}", "FLUXLORA_S3_ENDPOINT": self.proxy.address,
                          "FLUXLORA_S3_ACCESS_KEY": S3_KEY, "FLUXLORA_S3_SECRET_KEY": S3_SECRET}
         env = {**os.environ, **store_env, "FLUXLORA_CACHE_DIR": str(work / f"cache-{kind}"),
@@ -66,8 +64,8 @@ class StoreRun:
         self.running = threading.Event()
 
     def client(self) -> FluxloraClient:
-        return FluxloraClient(self.client_store(), **{n: s.address for n, s in self.servers.items()},
-                              timeout=30.0)
+        # No store: like any client, the harness uploads and downloads through the servers.
+        return FluxloraClient(**{n: s.address for n, s in self.servers.items()}, timeout=30.0)
 
     def violation(self, name: str, example: str) -> None:
         self.violations[name].append(example)
