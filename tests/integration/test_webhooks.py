@@ -19,8 +19,8 @@ from fluxlora.common.config import SERVICES, Settings
 from fluxlora.server.bootstrap import start_server
 from fluxlora.server.local import free_port
 from fluxlora.training.trainer.config import ATTENTION_AND_MLP_TARGETS
-from fluxlora_api.v1 import jobs_pb2, jobs_pb2_grpc, preprocessing_pb2, preprocessing_pb2_grpc
-from fluxlora_client import PipelineOptions, run_pipeline, webhooks
+from fluxlora_api.v1 import jobs_pb2, jobs_pb2_grpc
+from fluxlora_client import FluxloraClient, PipelineOptions, run_pipeline, webhooks
 from support import StoreClient, preprocessing_server, put_photos
 
 SECRET = "whsec_" + base64.b64encode(b"fluxlora-test-secret-0123456789ab").decode()
@@ -136,9 +136,8 @@ def submitted(tmp_path, urls, gate=None, **settings):
     config = dict(webhook_secret=SECRET, webhook_retry_base_s=0.05, webhook_retry_max_s=0.2, webhook_timeout_s=0.3)
     with preprocessing_server(tmp_path, store=store, gate=gate, **{**config, **settings}) as server:
         channel = grpc.insecure_channel(server.address)
-        stub = preprocessing_pb2_grpc.PreprocessingServiceStub(channel)
-        job = stub.SubmitPreprocess(preprocessing_pb2.SubmitPreprocessRequest(
-            spec=preprocessing_pb2.PreprocessSpec(source_prefix=prefix, base_size=64), webhook_urls=urls), timeout=10)
+        with FluxloraClient(preprocessing=server.address) as client:  # per-job URLs through the SDK
+            job = client.preprocess(prefix, base_size=64, webhook_urls=urls)
         try:
             yield server, job, jobs_pb2_grpc.JobServiceStub(channel)
         finally:

@@ -1,9 +1,12 @@
 """Submitting jobs: typed calls whose options are the spec messages' fields (unset ones take the
-server's defaults), each with a fresh request_id unless one is given (a retried submit is one job)."""
+server's defaults), each with a fresh request_id unless one is given (a retried submit is one job),
+and optionally webhook_urls: URLs that receive the job's events as signed Standard Webhooks (the
+server must hold FLUXLORA_WEBHOOK_SECRET; receivers check them with fluxlora_client.webhooks.verify)."""
 
 from __future__ import annotations
 
 import uuid
+from collections.abc import Sequence
 from typing import Any
 
 from fluxlora_api.shared.options import build_message
@@ -15,7 +18,8 @@ from fluxlora_client.errors import FluxloraClientError
 
 class JobSubmits(ServiceConnections):
     def preprocess(self, source_prefix: str, base_size: int = 0, crop_mode: str = "", lora_type: str = "",
-                   request_id: str | None = None, **options: Any) -> jobs_pb2.Job:
+                   request_id: str | None = None, *, webhook_urls: Sequence[str] = (),
+                   **options: Any) -> jobs_pb2.Job:
         """Options are PreprocessSpec fields; unset ones (0, "", None) take the server's defaults.
         crop_mode: bucket, square, subject (square on the salient region) or pad (whole photo,
         padded square). lora_type: concrete or style. background: "#rrggbb" behind transparency.
@@ -24,7 +28,8 @@ class JobSubmits(ServiceConnections):
         errors about the uploaded folder name the local folder upload_photos sent (uploads.localize)."""
         values = {"base_size": base_size, "crop_mode": crop_mode, "lora_type": lora_type, **options}
         spec = _spec(preprocessing_pb2.PreprocessSpec, source_prefix=source_prefix, **values)
-        request = preprocessing_pb2.SubmitPreprocessRequest(spec=spec, request_id=request_id or _new_id())
+        request = preprocessing_pb2.SubmitPreprocessRequest(spec=spec, request_id=request_id or _new_id(),
+                                   webhook_urls=list(webhook_urls))
         try:
             return self._call(self._preprocessing.SubmitPreprocess, request)
         except FluxloraClientError as exc:  # "the uploaded folder holds ..." -> "your folder /home/... holds ..."
@@ -32,8 +37,8 @@ class JobSubmits(ServiceConnections):
             exc.args = (f"{exc.code}: {exc.message}",)
             raise
 
-    def caption(self, dataset_id: str, trigger_word: str = "", request_id: str | None = None,
-                **options: Any) -> jobs_pb2.Job:
+    def caption(self, dataset_id: str, trigger_word: str = "", request_id: str | None = None, *,
+                webhook_urls: Sequence[str] = (), **options: Any) -> jobs_pb2.Job:
         """Auto-caption a dataset (a draft caption version; review and approve it with `captions`).
 
         Options are CaptionSpec fields (model, captioner, task, remove_phrases, batch_size,
@@ -42,25 +47,29 @@ class JobSubmits(ServiceConnections):
         with the photos, or the object key / prefix captions_source. style: "natural" or "tags".
         base_model: a FLUX model whose tokenizers count caption tokens (default: the service's)."""
         spec = _spec(captioning_pb2.CaptionSpec, dataset_id=dataset_id, trigger_word=trigger_word, **options)
-        request = captioning_pb2.SubmitCaptionRequest(spec=spec, request_id=request_id or _new_id())
+        request = captioning_pb2.SubmitCaptionRequest(spec=spec, request_id=request_id or _new_id(),
+                                   webhook_urls=list(webhook_urls))
         return self._call(self._captioning.SubmitCaption, request)
 
-    def train(self, dataset_id: str, base_model: str = "", request_id: str | None = None,
-              **options: Any) -> jobs_pb2.Job:
+    def train(self, dataset_id: str, base_model: str = "", request_id: str | None = None, *,
+              webhook_urls: Sequence[str] = (), **options: Any) -> jobs_pb2.Job:
         """Options are TrainSpec fields: resolution, max_steps, learning_rate, rank, alpha,
         batch_size, seed, checkpoint_every, sample_every, sample_prompts, guidance, precision,
         gradient_checkpointing, ... A run too big for the server's GPU raises FluxloraClientError
         RESOURCE_EXHAUSTED naming the options that would fit."""
         spec = _spec(training_pb2.TrainSpec, dataset_id=dataset_id, base_model=base_model, **options)
-        request = training_pb2.SubmitTrainingRequest(spec=spec, request_id=request_id or _new_id())
+        request = training_pb2.SubmitTrainingRequest(spec=spec, request_id=request_id or _new_id(),
+                                   webhook_urls=list(webhook_urls))
         return self._call(self._training.SubmitTraining, request)
 
-    def resume_training(self, run_id: str, request_id: str | None = None, **options: Any) -> jobs_pb2.Job:
+    def resume_training(self, run_id: str, request_id: str | None = None, *, webhook_urls: Sequence[str] = (),
+                        **options: Any) -> jobs_pb2.Job:
         """A new job that continues the FAILED or CANCELLED training run `run_id` (a job id such as
         "trn-0123456789ab") from its last stored checkpoint, with that run's spec, in the same run
         (its result names `run_id`). Options may raise max_steps; others must equal the run's."""
         spec = training_pb2.TrainSpec(resume_from_run=run_id, **options)
-        request = training_pb2.SubmitTrainingRequest(spec=spec, request_id=request_id or _new_id())
+        request = training_pb2.SubmitTrainingRequest(spec=spec, request_id=request_id or _new_id(),
+                                   webhook_urls=list(webhook_urls))
         return self._call(self._training.SubmitTraining, request)
 
     def plan_training(self, base_model: str = "", target_gib: float = 0.0, dataset_id: str = "",
@@ -72,19 +81,20 @@ class JobSubmits(ServiceConnections):
         request = training_pb2.PlanTrainingRequest(spec=spec, target_gib=target_gib)
         return self._call(self._training.PlanTraining, request)
 
-    def evaluate(self, run_id: str, strengths: list[float] | None = None, request_id: str | None = None,
-                 **options: Any) -> jobs_pb2.Job:
+    def evaluate(self, run_id: str, strengths: list[float] | None = None, request_id: str | None = None, *,
+                 webhook_urls: Sequence[str] = (), **options: Any) -> jobs_pb2.Job:
         """Options are GridSpec fields: checkpoint_steps, prompt, seed, width, height, steps, guidance,
         prompts / seeds (one grid per prompt and seed), rows_per_page, image_text_model ("none" to
         skip fidelity scores), skip_convergence, base_model, and loras=[{"key": "<.safetensors key>",
         "label": "v1"}, {"run_id": "trn-...", "step": 1500}] for rows of LoRA files instead of one
         run's checkpoints (run_id "" then). The result's `recommendation` is the pick."""
         spec = _spec(evaluation_pb2.GridSpec, run_id=run_id, strengths=strengths or [], **options)
-        request = evaluation_pb2.SubmitGridRequest(spec=spec, request_id=request_id or _new_id())
+        request = evaluation_pb2.SubmitGridRequest(spec=spec, request_id=request_id or _new_id(),
+                                   webhook_urls=list(webhook_urls))
         return self._call(self._evaluation.SubmitGrid, request)
 
     def generate(self, prompts: str | list[str], loras: list[dict[str, Any]] | None = None,
-                 request_id: str | None = None, **options: Any) -> jobs_pb2.Job:
+                 request_id: str | None = None, *, webhook_urls: Sequence[str] = (), **options: Any) -> jobs_pb2.Job:
         """Images from the base model with LoRAs applied; the job's result is a GenerateResult.
 
         loras: [{"key": "<.safetensors key>", "strength": 0.8}] or [{"run_id": "trn-...", "step": 1500}]
@@ -92,7 +102,8 @@ class JobSubmits(ServiceConnections):
         fields: seed, images_per_prompt, width, height, steps, guidance, base_model."""
         spec = _spec(evaluation_pb2.GenerateSpec, prompts=[prompts] if isinstance(prompts, str) else list(prompts),
                      loras=loras or [], **options)
-        request = evaluation_pb2.SubmitGenerateRequest(spec=spec, request_id=request_id or _new_id())
+        request = evaluation_pb2.SubmitGenerateRequest(spec=spec, request_id=request_id or _new_id(),
+                                   webhook_urls=list(webhook_urls))
         return self._call(self._evaluation.SubmitGenerate, request)
 
 
