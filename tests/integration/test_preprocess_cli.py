@@ -10,6 +10,7 @@ from typer.testing import CliRunner
 
 from fluxlora_client import cli
 from photo_corpus import write_bad_inputs
+from support import run_main
 
 
 def test_preprocess_prints_the_report_tables_at_80_columns_with_each_warning_once(cli_env, tmp_path, monkeypatch):
@@ -46,3 +47,14 @@ def test_preprocess_json_is_the_only_thing_on_stdout(cli_env, tmp_path):
     printed = json.loads(result.stdout)
     assert printed["imageCount"] == 2 and printed["report"]["cropMode"] == "pad"
     assert "128x128" in printed["report"]["buckets"]
+
+
+def test_a_failed_preprocess_names_the_users_own_folder(cli_env, tmp_path, monkeypatch, capsys):
+    folder = tmp_path / "my holiday photos"
+    folder.mkdir()
+    (folder / "broken.jpg").write_bytes(b"\xff\xd8\xff not really a jpeg")
+    code, output = run_main(monkeypatch, capsys, "preprocess", str(folder), "--base-size", "128")
+    assert code != 0
+    text = " ".join(output.split())
+    assert f"your folder {folder}" in text and "broken.jpg" in text
+    assert "uploads/u-" not in text  # never the internal prefix

@@ -33,15 +33,31 @@ def _client():
 def _run_job(client, label: str, job, warnings: list[str] | None = None):
     """Follows a job with a progress line on stderr (each warning printed once, also appended to
     `warnings`) and returns its result."""
+    from fluxlora_client.errors import JobFailed
     from fluxlora_client.progress import JobProgress
 
     with JobProgress() as progress:
-        final = client.wait(job, on_event=lambda e: progress.on_event(label, e))
+        try:
+            final = client.wait(job, on_event=lambda e: progress.on_event(label, e))
+        except JobFailed as failed:  # "the uploaded folder ..." names the user's own folder
+            failed.message = _localized(client, failed.job, failed.message)
+            failed.args = (f"{failed.code}: {failed.message}",)
+            raise
         for warning in final.warnings:
-            progress.warn(label, warning)
+            progress.warn(label, _localized(client, final, warning))
     if warnings is not None:
         warnings.extend(progress.warnings)
     return client.result(final)
+
+
+def _localized(client, job, message: str) -> str:
+    """A preprocessing job's message with the uploaded folder named as the local folder it came from
+    (fluxlora_client.uploads: this process uploaded it); other messages as they are."""
+    from fluxlora_client import uploads
+
+    if job is None or job.service != "preprocessing":
+        return message
+    return uploads.localize(message, client.spec(job).source_prefix)
 
 
 @contextlib.contextmanager
