@@ -47,7 +47,9 @@ class StoreRun:
                 self.disk = SmallDisk(root, args.disk_mib)
             (root / "store").mkdir(parents=True, exist_ok=True)
             self.store = LocalStore(root / "store")
-            store_env = {"FLUXLORA_STORE": str(root / "store")}
+            # The store's disk is small on purpose (--disk-mib): the servers' free-space floor must sit
+            # below it, or every submit is refused before any disk_full fault (FLUXLORA_MIN_FREE_BYTES).
+            store_env = {"FLUXLORA_STORE": str(root / "store"), "FLUXLORA_MIN_FREE_BYTES": str(4 * 1024**2)}
         else:
             self.proxy = S3Proxy()
             self.store = S3Store.connect(self.proxy.direct, BUCKET, S3_KEY, S3_SECRET, secure=False)

@@ -109,6 +109,7 @@ def test_normalize(caption: str, expected: str) -> None:
         ("ohwx!", "letters and digits"),
         ("a.b", "letters and digits"),
         ("__", "letters and digits"),
+        ("x" * 1_000_000, "1000000 characters, over the limit of 64"),  # found by the chaos run
     ],
 )
 def test_bad_triggers_are_rejected_with_a_clear_message(trigger: str, message: str) -> None:

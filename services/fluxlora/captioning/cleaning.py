@@ -53,9 +53,18 @@ _SOFT_STARTS = frozenset(
 )
 
 
+MAX_TRIGGER_CHARS = 64  # a trigger is one rare word of a few tokens; anything longer is a mistake
+
+
 def validate_trigger(trigger: str) -> str:
-    """The trigger, stripped; ValueError if it is empty or not a single word."""
+    """The trigger, stripped; ValueError if it is empty, longer than MAX_TRIGGER_CHARS or not a
+    single word."""
     text = (trigger or "").strip()
+    if len(text) > MAX_TRIGGER_CHARS:
+        raise ValueError(
+            f"trigger word is {len(text)} characters, over the limit of {MAX_TRIGGER_CHARS}: use a short, "
+            "rare word (for example 'ohwx')"
+        )
     if not text:
         raise ValueError(
             "trigger word is empty: pass a short, rare word (for example 'ohwx') that the LoRA will "
