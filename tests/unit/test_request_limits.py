@@ -8,10 +8,11 @@ import threading
 import pytest
 
 from fluxlora.common.config import Settings
-from fluxlora.common.limits import check_caption_lengths, check_text_length, check_train_steps, check_upload_bytes
+from fluxlora.common.limits import check_caption_lengths, check_text_length, check_train_steps
 from fluxlora.common.storage import LocalStore
 from fluxlora.jobs.runtime import JobRuntime
 from fluxlora_api.shared.errors import InvalidArgument, ResourceExhausted
+from fluxlora_api.shared.files import check_upload_bytes
 from fluxlora_api.v1 import preprocessing_pb2
 
 

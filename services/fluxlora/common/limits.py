@@ -26,10 +26,6 @@ from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import Message
 
 from fluxlora_api.shared.errors import InvalidArgument
-from fluxlora_api.shared.files import check_upload_bytes, human_bytes
-
-__all__ = ["check_upload_bytes", "human_bytes", "check_caption_lengths", "check_text_length", "check_train_steps",
-           "normalised_caption"]
 
 
 def normalised_caption(text: str) -> str:

@@ -23,7 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
-from fluxlora.common.limits import human_bytes
+from fluxlora_api.shared.files import human_bytes
 
 ARCHIVE_SUFFIXES = frozenset({".zip"})
 _DRIVE = re.compile(r"^[A-Za-z]:")

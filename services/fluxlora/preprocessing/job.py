@@ -15,7 +15,7 @@ from pathlib import Path
 from google.protobuf import json_format
 
 from fluxlora.common import keys
-from fluxlora.common.limits import Bound, check_numbers, check_upload_bytes
+from fluxlora.common.limits import Bound, check_numbers
 from fluxlora.domain.archives import ArchiveRejected, expand_archive, is_archive
 from fluxlora.jobs.context import JobContext
 from fluxlora.preprocessing.defaults import COLOURS, DEFAULTS
@@ -27,6 +27,7 @@ from fluxlora.preprocessing.naming import folder_name
 from fluxlora.preprocessing.pipeline import preprocess_files
 from fluxlora.preprocessing.report import build_report, truncated_for_proto
 from fluxlora_api.shared.errors import FailedPrecondition, InvalidArgument
+from fluxlora_api.shared.files import check_upload_bytes
 from fluxlora_api.v1 import preprocessing_pb2 as pb
 
 log = logging.getLogger(__name__)

@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import PurePosixPath
 
 from fluxlora.common.grpc_status import grpc_errors
-from fluxlora.common.limits import check_upload_bytes
 from fluxlora.common.storage import validate_prefix
 from fluxlora.common.transfers import upload_incomplete
 from fluxlora.domain.archives import ARCHIVE_SUFFIXES
@@ -14,6 +13,7 @@ from fluxlora.preprocessing.defaults import DEFAULTS
 from fluxlora.preprocessing.job import options_from_spec
 from fluxlora.preprocessing.naming import folder_name
 from fluxlora_api.shared.errors import FailedPrecondition, InvalidArgument, NotFound
+from fluxlora_api.shared.files import check_upload_bytes
 from fluxlora_api.v1 import preprocessing_pb2 as pb
 from fluxlora_api.v1 import preprocessing_pb2_grpc
 
