@@ -338,6 +338,10 @@ def test_getjob_and_listjobs_answer_from_memory_while_a_record_write_waits_out_t
         done = client.wait(client.preprocess(source, base_size=64))
         gate.clear()
         job = client.preprocess(source, base_size=128)
+        deadline = time.monotonic() + 30  # the outage begins once the RUNNING record is stored (handler at the gate)
+        while (store.get_json(f"jobs/preprocessing/{job.job_id}.json") or {}).get("state") != "JOB_STATE_RUNNING":
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
         s3.stop()
         gate.set()
         deadline = time.monotonic() + 30
