@@ -17,10 +17,12 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from fluxlora.common.config import SERVICES, Settings
+from fluxlora.common.config import Settings
 from fluxlora.common.storage import ArtifactStore, LocalStore, S3Store
-from fluxlora.server.bootstrap import RunningServer, load_definition, start_server
+from fluxlora.server.bootstrap import RunningServer, start_server
 from fluxlora.server.local import free_port, wait_healthy
+from fluxlora.server.services import load_definition
+from fluxlora_api.shared.ports import SERVICES
 from fluxlora_client import FluxloraClient, cli
 
 

@@ -16,10 +16,10 @@ from google.protobuf.message import Message
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from fluxlora.common.config import SERVICES
 from fluxlora.common.storage import LocalStore
 from fluxlora.demo.sample_data import write_sample_photos
 from fluxlora.server.healthcheck import serving
+from fluxlora_api.shared.ports import SERVICES
 from fluxlora_api.v1 import captioning_pb2, evaluation_pb2, jobs_pb2, preprocessing_pb2, training_pb2, transfers_pb2
 from support import services_and_client
 

@@ -14,10 +14,11 @@ from google.protobuf import message_factory
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2
 
-from fluxlora.common.config import SERVICES, Settings
+from fluxlora.common.config import Settings
 from fluxlora.common.storage import LocalStore
 from fluxlora.server.bootstrap import start_server
 from fluxlora.server.healthcheck import serving
+from fluxlora_api.shared.ports import SERVICES
 from fluxlora_api.v1 import captioning_pb2, evaluation_pb2, jobs_pb2, preprocessing_pb2, training_pb2
 from fluxlora_client import FluxloraClient
 from fluxlora_client.errors import FluxloraClientError

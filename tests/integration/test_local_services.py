@@ -11,8 +11,8 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from fluxlora.common.config import SERVICES
 from fluxlora.server.local import LocalServices, free_port
+from fluxlora_api.shared.ports import SERVICES
 from fluxlora_api.v1 import jobs_pb2
 from fluxlora_client import FluxloraClient
 from fluxlora_client.errors import FluxloraClientError

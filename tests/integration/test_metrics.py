@@ -9,9 +9,10 @@ import contextlib
 import pytest
 from metrics_support import scrape, total
 
-from fluxlora.common.config import SERVICES, Settings
+from fluxlora.common.config import Settings
 from fluxlora.server.bootstrap import start_server
 from fluxlora.training.trainer.config import ATTENTION_AND_MLP_TARGETS
+from fluxlora_api.shared.ports import SERVICES
 from fluxlora_api.v1 import jobs_pb2
 from fluxlora_client import PipelineOptions, run_pipeline
 from support import StoreClient, make_s3_store

@@ -22,12 +22,13 @@ from pathlib import Path
 
 import pytest
 
-from fluxlora.common.config import SERVICES
 from fluxlora.common.lifetime import exists
 from fluxlora.common.storage import LocalStore
 from fluxlora.demo.sample_data import write_sample_photos
-from fluxlora.server.bootstrap import RunningServer, load_definition
+from fluxlora.server.bootstrap import RunningServer
 from fluxlora.server.local import wait_healthy
+from fluxlora.server.services import load_definition
+from fluxlora_api.shared.ports import SERVICES
 from fluxlora_api.v1 import jobs_pb2
 from fluxlora_client import FluxloraClient
 from support import ServiceProcess, preprocessing_server

@@ -248,7 +248,8 @@ def test_a_killed_evaluation_server_renders_the_grid_again_once(tmp_path, tiny_m
 HANGING_SERVER = """
 import dataclasses, sys, threading
 from fluxlora.common.config import Settings
-from fluxlora.server.bootstrap import RunningServer, load_definition
+from fluxlora.server.bootstrap import RunningServer
+from fluxlora.server.services import load_definition
 
 def handler(ctx, spec):
     ctx.progress("growing", 1)

@@ -315,7 +315,8 @@ def test_getjob_and_listjobs_answer_from_memory_while_a_record_write_waits_out_t
 
     import grpc
 
-    from fluxlora.server.bootstrap import RunningServer, load_definition
+    from fluxlora.server.bootstrap import RunningServer
+    from fluxlora.server.services import load_definition
     from fluxlora_api.v1 import jobs_pb2_grpc, preprocessing_pb2
 
     monkeypatch.setattr(recorder, "RESAVE_INTERVAL_S", 0.1)

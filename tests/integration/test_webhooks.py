@@ -15,10 +15,11 @@ import grpc
 import pytest
 from PIL import Image
 
-from fluxlora.common.config import SERVICES, Settings
+from fluxlora.common.config import Settings
 from fluxlora.server.bootstrap import start_server
 from fluxlora.server.local import free_port
 from fluxlora.training.trainer.config import ATTENTION_AND_MLP_TARGETS
+from fluxlora_api.shared.ports import SERVICES
 from fluxlora_api.v1 import jobs_pb2, jobs_pb2_grpc
 from fluxlora_client import FluxloraClient, FluxloraClientError, PipelineOptions, run_pipeline, webhooks
 from support import StoreClient, preprocessing_server, put_photos

@@ -70,7 +70,8 @@ def test_loopback_addresses(host, loopback):
 
 def test_binding_a_wide_address_without_a_token_warns(tmp_path, caplog):
     from fluxlora.common.storage import LocalStore
-    from fluxlora.server.bootstrap import RunningServer, load_definition
+    from fluxlora.server.bootstrap import RunningServer
+    from fluxlora.server.services import load_definition
 
     settings = Settings(store=str(tmp_path), cache_dir=tmp_path / "cache", host="0.0.0.0")
     with caplog.at_level(logging.WARNING):

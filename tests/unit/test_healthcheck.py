@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from fluxlora.server.healthcheck import DEFAULT_PORTS, addresses
+from fluxlora.server.healthcheck import addresses
+from fluxlora_api.shared.ports import DEFAULT_PORTS
 
 
 def test_an_explicit_address_wins(monkeypatch):
@@ -19,6 +20,6 @@ def test_the_health_port_comes_before_the_service_port(monkeypatch):
 def test_without_settings_every_default_port_is_asked(monkeypatch):
     monkeypatch.delenv("FLUXLORA_PORT", raising=False)
     monkeypatch.delenv("FLUXLORA_HEALTH_PORT", raising=False)
-    assert addresses(None) == [f"127.0.0.1:{p}" for p in DEFAULT_PORTS]
+    assert addresses(None) == [f"127.0.0.1:{p}" for p in DEFAULT_PORTS.values()]
     monkeypatch.setenv("FLUXLORA_PORT", "50052")
     assert addresses(None) == ["127.0.0.1:50052"]

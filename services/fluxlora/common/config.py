@@ -12,9 +12,7 @@ from typing import Literal
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from fluxlora_api.shared.ports import DEFAULT_PORTS, SERVICES
-
-__all__ = ["DEFAULT_PORTS", "SERVICES", "Settings"]
+from fluxlora_api.shared.ports import DEFAULT_PORTS
 
 
 class Settings(BaseSettings):

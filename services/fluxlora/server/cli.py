@@ -43,10 +43,11 @@ def worker(
 ) -> None:
     """Run one stored job in this process, then exit (what a Kubernetes Job's pod runs).
     Exit codes: 0 succeeded, 1 failed (a retry may help), 3 bad request, 75 interrupted."""
-    from fluxlora.common.config import SERVICES, Settings
+    from fluxlora.common.config import Settings
     from fluxlora.common.logs import configure_logging
     from fluxlora.jobs.worker import EXIT_PERMANENT, run_worker
     from fluxlora.server.services import load_definition
+    from fluxlora_api.shared.ports import SERVICES
 
     if service not in SERVICES:
         console.print(f"[red]error[/red] unknown service {service!r}; choose one of {', '.join(SERVICES)}")
@@ -73,8 +74,9 @@ def up(
 
     from rich.markup import escape
 
-    from fluxlora.common.config import DEFAULT_PORTS, SERVICES, Settings
+    from fluxlora.common.config import Settings
     from fluxlora.server.local import LocalServices
+    from fluxlora_api.shared.ports import DEFAULT_PORTS, SERVICES
 
     def on_sigterm(signum, frame) -> None:
         raise KeyboardInterrupt  # what Ctrl-C does: leaves the `with` below, which stops the servers

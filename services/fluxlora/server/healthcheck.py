@@ -16,7 +16,7 @@ import sys
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-DEFAULT_PORTS = (50051, 50052, 50053, 50054)  # fluxlora.common.config.DEFAULT_PORTS, without pydantic's import time
+from fluxlora_api.shared.ports import DEFAULT_PORTS  # (not common.config: no pydantic import for a probe)
 
 
 def serving(address: str, service: str = "", timeout: float = 3.0) -> tuple[bool, str]:
@@ -38,7 +38,7 @@ def addresses(explicit: str | None) -> list[str]:
     if health_port not in ("", "0"):
         ports = [int(health_port)]
     else:
-        ports = [int(port)] if port not in ("", "0") else DEFAULT_PORTS
+        ports = [int(port)] if port not in ("", "0") else list(DEFAULT_PORTS.values())
     return [f"127.0.0.1:{p}" for p in ports]
 
 

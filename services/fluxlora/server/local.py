@@ -24,9 +24,10 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from fluxlora.common.auth import AuthConfigError, channel_credentials
-from fluxlora.common.config import SERVICES, Settings
+from fluxlora.common.config import Settings
 from fluxlora.common.lifetime import PARENT_ENV
 from fluxlora.server.ports import check_free
+from fluxlora_api.shared.ports import SERVICES
 from fluxlora_client.errors import FluxloraClientError
 
 if TYPE_CHECKING:

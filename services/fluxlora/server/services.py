@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import importlib
 
-from fluxlora.common.config import SERVICES
 from fluxlora.jobs.definition import ServiceDefinition
+from fluxlora_api.shared.ports import SERVICES
 
 
 def load_definition(name: str) -> ServiceDefinition:

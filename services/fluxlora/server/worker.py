@@ -32,8 +32,9 @@ log = logging.getLogger("fluxlora.jobs.worker")
 def main(argv: list[str] | None = None, handler: Callable[[JobContext, Any], Message] | None = None) -> int:
     """Runs the job with the FLUXLORA_* settings from the environment and the service's handler (or
     `handler`: tests run their own); returns the exit code."""
-    from fluxlora.common.config import SERVICES, Settings
+    from fluxlora.common.config import Settings
     from fluxlora.common.logs import configure_logging
+    from fluxlora_api.shared.ports import SERVICES
 
     parser = argparse.ArgumentParser(
         prog="python -m fluxlora.server.worker",
