@@ -25,6 +25,8 @@ from urllib.parse import parse_qs, urlparse
 JOBS = re.compile(r"^/apis/batch/v1/namespaces/(?P<ns>[^/]+)/jobs(?:/(?P<name>[^/]+))?$")
 WORKLOADS = re.compile(r"^/apis/kueue.x-k8s.io/v1beta1/namespaces/(?P<ns>[^/]+)/workloads$")
 LOCAL_QUEUES = re.compile(r"^/apis/kueue.x-k8s.io/v1beta1/namespaces/(?P<ns>[^/]+)/localqueues/(?P<name>[^/]+)$")
+CLUSTER_OBJECTS = re.compile(
+    r"^/apis/kueue.x-k8s.io/v1beta1/(?P<kind>clusterqueues|resourceflavors)/(?P<name>[^/]+)$")
 PODS = re.compile(r"^/api/v1/namespaces/(?P<ns>[^/]+)/pods(?:/(?P<name>[^/]+))?$")
 
 
@@ -58,6 +60,8 @@ class FakeKubeAPI:
         self.on_unsuspend: Callable[[str, dict], None] = lambda namespace, job: None  # pods may start
         self.local_queues: dict[tuple[str, str], str] = {}  # (namespace, LocalQueue) -> ClusterQueue
         self.workloads: dict[tuple[str, str], dict] = {}  # (namespace, Job name) -> its Workload
+        # Kueue's cluster-scoped objects as applied: ("clusterqueues" | "resourceflavors", name) -> object
+        self.cluster_objects: dict[tuple[str, str], dict] = {}
         self.lock = threading.RLock()
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler_class())
         self._server.daemon_threads = True
@@ -234,6 +238,11 @@ class FakeKubeAPI:
             return 200, {"apiVersion": "kueue.x-k8s.io/v1beta1", "kind": "LocalQueue",
                          "metadata": {"name": m["name"], "namespace": m["ns"]},
                          "spec": {"clusterQueue": cluster_queue}}, None
+        if (m := CLUSTER_OBJECTS.match(path)) and method == "GET":
+            found = self.cluster_objects.get((m["kind"], m["name"]))
+            if found is None:
+                return 404, _status(404, "NotFound", f'{m["kind"]}.kueue.x-k8s.io "{m["name"]}" not found'), None
+            return 200, found, None
         if (m := WORKLOADS.match(path)) and method == "GET":
             items = [w for (n, _), w in self.workloads.items()
                      if n == m["ns"] and matches(w["metadata"]["labels"], query.get("labelSelector", ""))]

@@ -30,7 +30,8 @@ RTX4090 = {"nvidia.com/gpu.product": "NVIDIA-GeForce-RTX-4090"}
 GPU_TOLERATION = {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
 LAUNCHERS = {"captioning": "fluxlora-captioning", "training": "fluxlora-training",
              "evaluation": "fluxlora-interactive"}
-CLUSTER_SCOPED = {"ClusterQueue", "ResourceFlavor", "WorkloadPriorityClass", "Namespace"}
+CLUSTER_SCOPED = {"ClusterQueue", "ResourceFlavor", "WorkloadPriorityClass", "Namespace", "ClusterRole",
+                  "ClusterRoleBinding"}
 
 
 def strict(schema: dict) -> dict:

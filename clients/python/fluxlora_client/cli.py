@@ -171,7 +171,15 @@ def _print_plan(plan) -> None:
     verdict = "[green]fits[/green]" if plan.fits else "[red]does not fit[/red]"
     console.print(f"{plan.mode}: {plan.total_gib:.1f} GiB estimated ({plan.step_peak_gib:.1f} step peak, "
                   f"{plan.weights_gib:.1f} weights, {plan.overhead_gib:.1f} overhead): {verdict} "
-                  f"in {plan.target_gib:.1f} GiB")
+                  f"in {plan.target_gib:.1f} GiB" + (f" ({escape(plan.target_source)})" if plan.target_source else ""))
+    if plan.cluster_queue:
+        flavors = table("flavor", "GPU", "GiB", "GPU quota", "fits",
+                        title=f"ClusterQueue {plan.cluster_queue}: where Kueue may admit the run")
+        for f in plan.flavors:
+            flavors.add_row(escape(f.name), escape(f.gpu_product or "?"),
+                            f"{f.gpu_memory_gib:g}" if f.gpu_memory_gib else "unknown", str(f.gpu_quota),
+                            "[green]yes[/green]" if f.fits else "[red]no[/red]")
+        console.print(flavors)
     if plan.alternatives:
         options = table("options that fit", "GiB", "runnable here", title="fluxlora train options that fit")
         for alt in plan.alternatives:

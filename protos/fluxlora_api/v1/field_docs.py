@@ -234,6 +234,14 @@ COMMENTS: dict[str, dict[str, str]] = {
         'warnings': '',
         'blur_score': '',
     },
+    'fluxlora.v1.FlavorFit': {
+        '': 'One Kueue ResourceFlavor a run could be admitted to, and whether the run fits its GPU.',
+        'name': '',
+        'gpu_product': 'The flavor\'s nvidia.com/gpu.product node label ("" when it has none).',
+        'gpu_memory_gib': "From the flavor's nvidia.com/gpu.memory label, or the known memory of its product; 0: unknown.",
+        'gpu_quota': "The ClusterQueue's nominal nvidia.com/gpu quota in this flavor.",
+        'fits': 'Whether total_gib fits gpu_memory_gib (false when the memory is unknown).',
+    },
     'fluxlora.v1.GenerateResult': {
         '': '',
         'generation_id': 'Id of the generation; its images live under generations/<generation_id>/.',
@@ -604,6 +612,9 @@ COMMENTS: dict[str, dict[str, str]] = {
         'alternatives': 'When it does not fit: option changes that would, runnable ones first.',
         'memory_choice': 'With memory_mode "auto": what the planner picked and why, in words; the plan above is the picked\nrun\'s. Empty in "manual" mode, or when nothing fits.',
         'picked': 'With memory_mode "auto": the picked memory options, TrainSpec field name -> value.',
+        'target_source': "Where target_gib comes from, in words: the request, FLUXLORA_GPU_MEMORY_GIB, the server's GPU, or,\nbehind Kueue, the smallest GPU among the ClusterQueue's flavors (Kueue may place the run on any).",
+        'cluster_queue': 'Behind Kueue (FLUXLORA_K8S_QUEUE_NAME): the ClusterQueue that would admit the run.',
+        'flavors': "And its flavors with GPU quota, in its order: whether the run fits each flavor's GPU.",
     },
     'fluxlora.v1.TrainingPlan.PickedEntry': {
         '': '',

@@ -499,6 +499,9 @@ class TrainingPlan(_message.Message):
     ALTERNATIVES_FIELD_NUMBER: _builtins.int
     MEMORY_CHOICE_FIELD_NUMBER: _builtins.int
     PICKED_FIELD_NUMBER: _builtins.int
+    TARGET_SOURCE_FIELD_NUMBER: _builtins.int
+    CLUSTER_QUEUE_FIELD_NUMBER: _builtins.int
+    FLAVORS_FIELD_NUMBER: _builtins.int
     total_gib: _builtins.float
     """Estimated peak GPU memory of the run (GiB): step peak + CUDA overhead."""
     step_peak_gib: _builtins.float
@@ -519,6 +522,12 @@ class TrainingPlan(_message.Message):
     """With memory_mode "auto": what the planner picked and why, in words; the plan above is the picked
     run's. Empty in "manual" mode, or when nothing fits.
     """
+    target_source: _builtins.str
+    """Where target_gib comes from, in words: the request, FLUXLORA_GPU_MEMORY_GIB, the server's GPU, or,
+    behind Kueue, the smallest GPU among the ClusterQueue's flavors (Kueue may place the run on any).
+    """
+    cluster_queue: _builtins.str
+    """Behind Kueue (FLUXLORA_K8S_QUEUE_NAME): the ClusterQueue that would admit the run."""
     @_builtins.property
     def alternatives(self) -> _containers.RepeatedCompositeFieldContainer[Global___PlanAlternative]:
         """When it does not fit: option changes that would, runnable ones first."""
@@ -526,6 +535,10 @@ class TrainingPlan(_message.Message):
     @_builtins.property
     def picked(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
         """With memory_mode "auto": the picked memory options, TrainSpec field name -> value."""
+
+    @_builtins.property
+    def flavors(self) -> _containers.RepeatedCompositeFieldContainer[Global___FlavorFit]:
+        """And its flavors with GPU quota, in its order: whether the run fits each flavor's GPU."""
 
     def __init__(
         self,
@@ -541,11 +554,51 @@ class TrainingPlan(_message.Message):
         alternatives: _abc.Iterable[Global___PlanAlternative] | None = ...,
         memory_choice: _builtins.str = ...,
         picked: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        target_source: _builtins.str = ...,
+        cluster_queue: _builtins.str = ...,
+        flavors: _abc.Iterable[Global___FlavorFit] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["alternatives", b"alternatives", "explanation", b"explanation", "fits", b"fits", "memory_choice", b"memory_choice", "mode", b"mode", "overhead_gib", b"overhead_gib", "picked", b"picked", "step_peak_gib", b"step_peak_gib", "target_gib", b"target_gib", "total_gib", b"total_gib", "weights_gib", b"weights_gib"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["alternatives", b"alternatives", "cluster_queue", b"cluster_queue", "explanation", b"explanation", "fits", b"fits", "flavors", b"flavors", "memory_choice", b"memory_choice", "mode", b"mode", "overhead_gib", b"overhead_gib", "picked", b"picked", "step_peak_gib", b"step_peak_gib", "target_gib", b"target_gib", "target_source", b"target_source", "total_gib", b"total_gib", "weights_gib", b"weights_gib"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___TrainingPlan: _TypeAlias = TrainingPlan  # noqa: Y015
+
+@_typing.final
+class FlavorFit(_message.Message):
+    """One Kueue ResourceFlavor a run could be admitted to, and whether the run fits its GPU."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    GPU_PRODUCT_FIELD_NUMBER: _builtins.int
+    GPU_MEMORY_GIB_FIELD_NUMBER: _builtins.int
+    GPU_QUOTA_FIELD_NUMBER: _builtins.int
+    FITS_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    gpu_product: _builtins.str
+    """The flavor's nvidia.com/gpu.product node label ("" when it has none)."""
+    gpu_memory_gib: _builtins.float
+    """From the flavor's nvidia.com/gpu.memory label, or the known memory of its product; 0: unknown."""
+    gpu_quota: _builtins.int
+    """The ClusterQueue's nominal nvidia.com/gpu quota in this flavor."""
+    fits: _builtins.bool
+    """Whether total_gib fits gpu_memory_gib (false when the memory is unknown)."""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        gpu_product: _builtins.str = ...,
+        gpu_memory_gib: _builtins.float = ...,
+        gpu_quota: _builtins.int = ...,
+        fits: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["fits", b"fits", "gpu_memory_gib", b"gpu_memory_gib", "gpu_product", b"gpu_product", "gpu_quota", b"gpu_quota", "name", b"name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FlavorFit: _TypeAlias = FlavorFit  # noqa: Y015

@@ -34,6 +34,7 @@ from google.protobuf.message import Message
 
 from fluxlora.common.config import Settings
 from fluxlora.jobs.context import JobInterrupted
+from fluxlora.jobs.kueue_flavors import KUEUE, ClusterQueueGpus, read_cluster_queue_gpus
 from fluxlora.jobs.reports import FINISHED, RemoteJobFailed, ReportMirror, finished_outcome
 from fluxlora.jobs.worker import EXIT_PERMANENT, load_report
 from fluxlora_api.shared.errors import FailedPrecondition, FluxloraError, Unavailable
@@ -47,13 +48,13 @@ log = logging.getLogger(__name__)
 S = jobs_pb2.JobState
 LABEL_SERVICE = "fluxlora/service"
 LABEL_JOB_ID = "fluxlora/job-id"
-KUEUE = ("kueue.x-k8s.io", "v1beta1")
 LABEL_QUEUE = "kueue.x-k8s.io/queue-name"
 LABEL_PRIORITY = "kueue.x-k8s.io/priority-class"
 LABEL_WORKLOAD_JOB_UID = "kueue.x-k8s.io/job-uid"  # on the Workload Kueue makes for a Job
 WORKER_CONTAINER = "worker"
 SA_NAMESPACE_FILE = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
 REQUEST_TIMEOUT_S = 30
+GPU_FLAVORS_TTL_S = 300  # an operator's change of flavors or quotas reaches the planner within this
 STOP_CHECK_S = 0.2
 UNREACHABLE = object()  # what _call answers when the API could not be asked this time
 
@@ -297,6 +298,18 @@ class KubernetesRunner:
         self.poll_s = settings.k8s_poll_s
         # With Kueue the cluster admits: the server hands every job to it at once, with no queue of its own.
         self.cluster_admits = bool(settings.k8s_queue_name)
+        self._gpus: tuple[float, ClusterQueueGpus | None] | None = None  # (read at, what was read)
+
+    def gpu_flavors(self) -> ClusterQueueGpus | None:
+        """The GPUs of the ClusterQueue behind FLUXLORA_K8S_QUEUE_NAME (read at most every GPU_FLAVORS_TTL_S);
+        None without Kueue. The memory planner plans against them."""
+        if not self.settings.k8s_queue_name:
+            return None
+        now = time.monotonic()
+        if self._gpus is None or now - self._gpus[0] > GPU_FLAVORS_TTL_S:
+            self._gpus = (now, read_cluster_queue_gpus(self.launcher.custom, self.namespace,
+                                                       self.settings.k8s_queue_name, REQUEST_TIMEOUT_S))
+        return self._gpus[1]
 
     @classmethod
     def from_settings(cls, settings: Settings, service: str) -> KubernetesRunner:

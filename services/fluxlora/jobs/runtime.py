@@ -49,6 +49,7 @@ from fluxlora.common.storage import ArtifactStore
 from fluxlora.jobs import listing, webhooks
 from fluxlora.jobs.admission import check_same_spec
 from fluxlora.jobs.execution import Handler, JobExecution
+from fluxlora.jobs.kueue_flavors import ClusterQueueGpus
 from fluxlora.jobs.memory import ACTIVE, EVENTS_KEPT, copy_job
 from fluxlora.jobs.records import TERMINAL
 from fluxlora.jobs.runners import Runner
@@ -125,6 +126,11 @@ class JobRuntime(JobExecution, JobWatching):
         shutil.rmtree(self._scratch_root, ignore_errors=True)
 
     # --- the public surface (servicers call these) ----------------------------------------
+    def cluster_gpus(self) -> ClusterQueueGpus | None:
+        """The GPUs Kueue may give this service's jobs, when its runner submits through Kueue."""
+        flavors = getattr(self._runner, "gpu_flavors", None)
+        return flavors() if flavors else None
+
     def submit(self, spec: Message, request_id: str = "", webhook_urls: Sequence[str] = ()) -> jobs_pb2.Job:
         self._check_free_space()
         urls = webhooks.webhook_urls(webhook_urls, self.settings)

@@ -11,8 +11,9 @@ from fluxlora.common.limits import INT64_MAX, Bound, check_numbers, check_train_
 from fluxlora.common.models import check_model_ref, is_store_ref
 from fluxlora.domain.caption_versions import CaptionVersions
 from fluxlora.domain.datasets import dataset_base_size, require_captions
+from fluxlora.jobs.kueue_flavors import ClusterQueueGpus
 from fluxlora.jobs.runtime import JobRuntime
-from fluxlora.training.gpu_budget import pick_for_run, plan_run
+from fluxlora.training.gpu_budget import gpu_target, pick_for_run, plan_run
 from fluxlora.training.job import config_from_spec
 from fluxlora.training.memory import MemoryPlan
 from fluxlora.training.memory.auto import MEMORY_OPTIONS, AutoChoice
@@ -126,18 +127,25 @@ class TrainingServicer(training_pb2_grpc.TrainingServiceServicer):
                 "plan with a store:// base model, or on a server that sees the directory"
             )
         settings = self.runtime.settings
+        cluster = self.runtime.cluster_gpus()
         if request.target_gib:
             settings = settings.model_copy(update={"gpu_memory_gib": request.target_gib})
         choice = None
         if _memory_mode(spec) == "auto":
-            choice = pick_for_run(spec.base_model, self.runtime.store, cfg, settings, _given_memory_options(spec))
+            choice = pick_for_run(spec.base_model, self.runtime.store, cfg, settings, _given_memory_options(spec),
+                                  cluster)
             if choice is not None:
                 cfg = cfg.model_copy(update=choice.changes)
-        plan = plan_run(spec.base_model, self.runtime.store, cfg, settings)
-        if plan is None:
+        plan = plan_run(spec.base_model, self.runtime.store, cfg, settings, cluster)
+        target = gpu_target(settings, cluster)
+        if plan is None or target is None:
             raise FailedPrecondition("the memory check is off on this server (FLUXLORA_GPU_MEMORY_GIB=0): "
                                      "pass target_gib to plan for a GPU")
         message = plan_message(plan)
+        message.target_source = "the request's target_gib" if request.target_gib else target.source
+        if cluster is not None:
+            message.cluster_queue = cluster.cluster_queue
+            message.flavors.extend(flavor_fits(plan, cluster))
         if choice is not None:
             message.memory_choice = choice.describe()
             message.picked.update({k: _text(v) for k, v in choice.changes.items()})
@@ -215,7 +223,7 @@ class TrainingServicer(training_pb2_grpc.TrainingServiceServicer):
         check then refuses the run with the options that would fit) or the planner cannot say."""
         try:
             return pick_for_run(spec.base_model, self.runtime.store, cfg, self.runtime.settings,
-                                _given_memory_options(spec))
+                                _given_memory_options(spec), self.runtime.cluster_gpus())
         except FluxloraError:
             raise
         except ValueError as exc:  # an option the model cannot take, e.g. too many blocks to swap
@@ -228,8 +236,9 @@ class TrainingServicer(training_pb2_grpc.TrainingServiceServicer):
     def _check_memory(self, base_model: str, cfg: TrainConfig) -> None:
         """RESOURCE_EXHAUSTED for a run the memory planner says would not fit the target GPU:
         refused in seconds at submit rather than out of memory minutes into loading the model."""
+        cluster = self.runtime.cluster_gpus()
         try:
-            plan = plan_run(base_model, self.runtime.store, cfg, self.runtime.settings)
+            plan = plan_run(base_model, self.runtime.store, cfg, self.runtime.settings, cluster)
         except FluxloraError:
             raise
         except ValueError as exc:  # an option the model cannot take, e.g. too many blocks to swap
@@ -237,8 +246,9 @@ class TrainingServicer(training_pb2_grpc.TrainingServiceServicer):
         except Exception:  # noqa: BLE001 - the planner is advice: its own failure must not block a run
             log.warning("memory planner failed for base model %s; submitting unchecked", base_model, exc_info=True)
             return
-        if plan is not None and not plan.fits:
-            raise ResourceExhausted(f"{plan.explain()}. The target is FLUXLORA_GPU_MEMORY_GIB on the training server")
+        target = gpu_target(self.runtime.settings, cluster)
+        if plan is not None and target is not None and not plan.fits:
+            raise ResourceExhausted(f"{plan.explain()}. The target is {target.source}")
 
 
 def plan_message(plan: MemoryPlan) -> pb.TrainingPlan:
@@ -252,6 +262,13 @@ def plan_message(plan: MemoryPlan) -> pb.TrainingPlan:
             for a in plan.alternatives
         ],
     )
+
+
+def flavor_fits(plan: MemoryPlan, cluster: ClusterQueueGpus) -> list[pb.FlavorFit]:
+    total = plan.estimate.total_gib
+    return [pb.FlavorFit(name=f.name, gpu_product=f.gpu_product, gpu_memory_gib=f.gpu_memory_gib or 0.0,
+                         gpu_quota=f.gpu_quota, fits=f.gpu_memory_gib is not None and total <= f.gpu_memory_gib)
+            for f in cluster.flavors]
 
 
 def _memory_mode(spec: pb.TrainSpec) -> str:
