@@ -155,7 +155,11 @@ class WebhookDispatcher:
         now, wall = time.monotonic(), time.time()
         self._outboxed.update(pending)
         for job_id, entries in pending.items():
-            held = {d.event_id: d for d in stored_deliveries(self.store, self.service, job_id).deliveries}
+            try:
+                held = {d.event_id: d for d in stored_deliveries(self.store, self.service, job_id).deliveries}
+            except Exception as exc:  # noqa: BLE001 - the log's history is lost, the events are not
+                log.warning("job %s: webhook delivery log not read (%s)", job_id, type(exc).__name__)
+                held = {}
             log_ = self._deliveries(job_id)
             log_.extend(held.values())
             for entry in entries:
