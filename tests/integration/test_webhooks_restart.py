@@ -1,7 +1,8 @@
 """Webhook events outlive the server that had them: with the receiver down, a job's events wait in the
 store's outbox; a SIGTERM, a SIGKILL while the receiver is down and a SIGKILL in the middle of a
-delivery later, the next server generation delivers every event, in order, with its original id
-(the one cut off comes again: at least once). The job itself finished long before, untouched."""
+delivery later, the next server generation (on a local store and on S3) delivers every event, in
+order, with its original id (the one cut off comes again: at least once). The job itself finished
+long before, untouched."""
 
 from __future__ import annotations
 
@@ -12,11 +13,11 @@ import pytest
 from PIL import Image
 from test_webhooks import SECRET, Receiver
 
-from fluxlora.common.storage import LocalStore
+from fluxlora.common.storage import ArtifactStore, LocalStore
 from fluxlora.server.local import free_port
 from fluxlora_api.v1 import jobs_pb2
 from fluxlora_client import FluxloraClient, webhooks
-from support import ServiceProcess, put_photos
+from support import ServiceProcess, make_s3_store, put_photos
 
 pytestmark = pytest.mark.timeout(300)
 S = jobs_pb2.JobState
@@ -30,13 +31,15 @@ def wait_until(condition, what: str, timeout: float = 60.0, logs=lambda: ""):
     return value
 
 
-def outbox(store: LocalStore, job_id: str) -> list[dict]:
+def outbox(store: ArtifactStore, job_id: str) -> list[dict]:
     key = f"jobs/webhooks/preprocessing/outbox/{job_id}.json"
     return store.get_json(key)["events"] if store.exists(key) else []
 
 
-def test_undelivered_events_survive_sigterm_and_sigkill_and_arrive_in_order_with_their_ids(tmp_path):
-    store = LocalStore(tmp_path / "store")
+@pytest.mark.parametrize("kind", ["local", "s3"])
+def test_undelivered_events_survive_sigterm_and_sigkill_and_arrive_in_order_with_their_ids(tmp_path, kind, request):
+    store = LocalStore(tmp_path / "store") if kind == "local" else make_s3_store(request.getfixturevalue(
+        "moto_endpoint"))
     folder = tmp_path / "photos"
     folder.mkdir()
     for k in range(2):
@@ -64,9 +67,12 @@ def test_undelivered_events_survive_sigterm_and_sigkill_and_arrive_in_order_with
         # 2. SIGTERM, a new generation, SIGKILL while it retries: nothing delivered, nothing lost
         server.stop()
         assert [e["event_id"] for e in outbox(store, job.job_id)] == ids
+        def attempts() -> int:
+            return len(store.get_json(f"jobs/webhooks/preprocessing/{job.job_id}.json")["deliveries"][0]["attempts"])
+
+        tried = attempts()
         server.start()
-        wait_until(lambda: len(store.get_json(f"jobs/webhooks/preprocessing/{job.job_id}.json")["deliveries"][0]
-                               ["attempts"]) >= 2, "the new generation to retry", logs=server.logs)
+        wait_until(lambda: attempts() >= tried + 2, "the new generation to retry", logs=server.logs)
         server.kill()
         assert [e["event_id"] for e in outbox(store, job.job_id)] == ids
 
