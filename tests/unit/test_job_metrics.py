@@ -49,3 +49,24 @@ def test_two_running_runs_are_exported_together_and_a_finished_one_leaves_the_ot
     assert value("fluxlora_training_peak_gpu_memory_bytes") == 0
     assert value("fluxlora_training_loss") == 0.4  # kept: the last loss a run reported
     assert value("fluxlora_training_steps_total") == 16
+
+
+def test_the_cli_shows_the_steps_per_second_and_eta_the_metrics_export():
+    import io
+
+    from rich.console import Console
+
+    from fluxlora_client.progress import JobProgress
+
+    service = f"unit-{uuid.uuid4().hex[:6]}"
+    running = event("c", S.JOB_STATE_RUNNING, done=150, rate=2.5, eta=3661.0, loss=0.5)
+    JobMetrics(service)(running)
+    console = Console(file=io.StringIO(), width=200, force_terminal=False, color_system=None)
+    progress = JobProgress(console)  # what `fluxlora jobs watch` and the SDK's CLI helpers draw
+    progress.on_event("train", running)
+    console.print(progress.progress.get_renderable())
+    line = console.file.getvalue()
+    rate = REGISTRY.get_sample_value("fluxlora_training_steps_per_second", {"service": service})
+    eta = REGISTRY.get_sample_value("fluxlora_job_eta_seconds", {"service": service})
+    assert (rate, eta) == (2.5, 3661.0)
+    assert "step/s 2.5" in line and "1:01:01" in line, line
