@@ -31,7 +31,7 @@ S = jobs_pb2.JobState
 class Receiver:
     """An HTTP server that records every POST; `answer(n)` gives the status (and delay) of the n-th."""
 
-    def __init__(self, answer=lambda n: (204, 0.0)):
+    def __init__(self, answer=lambda n: (204, 0.0), port: int = 0):
         self.requests: list[tuple[dict[str, str], bytes, float]] = []
         self.lock = threading.Lock()
         receiver = self
@@ -51,7 +51,7 @@ class Receiver:
             def log_message(self, *args):
                 pass
 
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", port), Handler)
         self.url = f"http://127.0.0.1:{self.server.server_port}/hook?token=abc"
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
@@ -204,3 +204,38 @@ def test_bad_webhook_urls_and_a_server_without_a_secret_are_refused_at_submit(tm
         pass
     assert unsigned.value.code == "FAILED_PRECONDITION"
     assert "FLUXLORA_WEBHOOK_SECRET" in unsigned.value.message
+
+
+def test_metadata_addresses_and_hosts_outside_the_allowed_list_are_refused_at_submit(tmp_path):
+    with pytest.raises(FluxloraClientError) as metadata, submitted(tmp_path, ["http://169.254.169.254/latest/"]):
+        pass
+    assert metadata.value.code == "INVALID_ARGUMENT"
+    assert "http://169.254.169.254/latest/" in metadata.value.message
+    assert "FLUXLORA_WEBHOOK_ALLOWED_HOSTS" in metadata.value.message
+    with pytest.raises(FluxloraClientError) as outside, submitted(tmp_path / "2", ["http://127.0.0.1:1/x"],
+                                                                 webhook_allowed_hosts=["*.example.com"]):
+        pass
+    assert outside.value.code == "INVALID_ARGUMENT" and "*.example.com" in outside.value.message
+
+
+def test_a_name_rebound_to_the_metadata_address_after_submit_gets_nothing(tmp_path, monkeypatch):
+    from fluxlora.jobs import webhook_targets
+
+    resolve = webhook_targets.socket.getaddrinfo
+    asked: list[str] = []
+
+    def rebound(host, *args, **kwargs):  # the allowed name points at the metadata service by delivery time
+        if kwargs.get("flags", 0) & webhook_targets.socket.AI_NUMERICHOST:  # "is it an address?": no
+            return resolve(host, *args, **kwargs)
+        asked.append(host)
+        return resolve("169.254.169.254" if host == "hooks.example.com" else host, *args, **kwargs)
+
+    monkeypatch.setattr(webhook_targets.socket, "getaddrinfo", rebound)
+    with submitted(tmp_path, ["http://hooks.example.com/hook"], webhook_allowed_hosts=["hooks.example.com"]) as (
+            server, job, jobs):
+        assert wait_job(server, job.job_id).state == S.JOB_STATE_SUCCEEDED
+        wait_for(server.webhooks.idle, what="webhooks given up")
+        log = jobs.ListWebhookDeliveries(jobs_pb2.ListWebhookDeliveriesRequest(job_id=job.job_id), timeout=10)
+    assert "hooks.example.com" in asked
+    assert log.deliveries and all(d.status == "failed" and len(d.attempts) == 1 for d in log.deliveries)
+    assert "169.254.169.254" in log.deliveries[0].attempts[0].error

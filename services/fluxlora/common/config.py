@@ -87,6 +87,11 @@ class Settings(BaseSettings):
     webhook_secret: SecretStr = Field(
         SecretStr(""), description="Standard Webhooks signing secret (whsec_<base64>); needed for any webhook."
     )
+    webhook_allowed_hosts: list[str] = Field(
+        default_factory=list,
+        description="Where webhooks may go (JSON list of host patterns like *.example.com and networks like "
+        "10.0.0.0/8); empty: anywhere but link-local and cloud-metadata addresses, which are always refused.",
+    )
     webhook_timeout_s: float = Field(10.0, gt=0, description="Seconds a webhook receiver may take to answer.")
     webhook_retry_for_s: float = Field(
         3600.0, gt=0, description="Seconds after an event within which its failed deliveries are retried."

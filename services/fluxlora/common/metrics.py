@@ -48,13 +48,15 @@ JOB_WAIT_SECONDS = Histogram("fluxlora_job_queue_wait_seconds",
                              ["service"], buckets=JOB_BUCKETS)
 TRAINING_STEPS = Counter("fluxlora_training_steps_total", "Training steps done by runs of this server.",
                          ["service"])
-TRAINING_RATE = Gauge("fluxlora_training_steps_per_second", "Steps per second of the running training run.",
+TRAINING_RATE = Gauge("fluxlora_training_steps_per_second",
+                      "Steps per second of the running training runs together (0: none runs).", ["service"])
+TRAINING_LOSS = Gauge("fluxlora_training_loss", "Latest loss a training run reported (kept after the run).",
                       ["service"])
-TRAINING_LOSS = Gauge("fluxlora_training_loss", "Latest loss of the running training run.", ["service"])
 TRAINING_PEAK = Gauge("fluxlora_training_peak_gpu_memory_bytes",
-                      "Peak GPU memory of the running training run (CUDA tensors; 0 off CUDA).", ["service"])
-JOB_ETA = Gauge("fluxlora_job_eta_seconds", "Estimated seconds left of the running job's stage (the longest).",
-                ["service"])
+                      "Largest peak GPU memory of the running training runs (CUDA tensors; 0 off CUDA or none "
+                      "runs).", ["service"])
+JOB_ETA = Gauge("fluxlora_job_eta_seconds", "Estimated seconds left of the running jobs' stages (the longest; "
+                "0: none runs).", ["service"])
 
 # --- object store (fluxlora.common.s3_retry) ----------------------------------------------------------
 STORE_SECONDS = Histogram("fluxlora_store_request_duration_seconds", "One object-store request attempt.",

@@ -14,22 +14,26 @@ WatchJob event as protobuf JSON, signed with FLUXLORA_WEBHOOK_SECRET (`webhook-i
 - In order per job and URL: the next event waits for the one before it to be delivered or given up.
 - Never in the job's way: the runtime only enqueues (under its lock); delivery threads of their own
   do the HTTP, and nothing they meet (a slow, failing or missing receiver) reaches the job.
+- Across restarts: undelivered events are kept in the store (fluxlora.jobs.webhook_outbox) and the
+  next server generation delivers them first, with their ids, before the job's newer events.
+- Only where allowed (fluxlora.jobs.webhook_targets): http(s), never link-local or cloud-metadata
+  addresses, FLUXLORA_WEBHOOK_ALLOWED_HOSTS when set; checked at submit and on the addresses resolved
+  at each delivery, which is what the connection then goes to.
 - A delivery log per job (every attempt and its status code) in memory and in the store
-  (`jobs/webhooks/<service>/<job_id>.json`), read by JobService.ListWebhookDeliveries.
-- Limits: pending events are lost when the server stops (the log says "pending").
+  (`jobs/webhooks/<service>/<job_id>.json`), read by JobService.ListWebhookDeliveries. A thread of its
+  own writes the log and the outbox, so a slow store holds up neither the job nor the deliveries.
 """
 
 from __future__ import annotations
 
 import collections
+import http.client
 import json
 import logging
 import random
 import threading
 import time
-import urllib.error
 import urllib.parse
-import urllib.request
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -41,6 +45,8 @@ from standardwebhooks import Webhook
 
 from fluxlora.common import metrics
 from fluxlora.common.storage import ArtifactStore
+from fluxlora.jobs import webhook_outbox
+from fluxlora.jobs.webhook_targets import SETTING, Refused, WebhookTargets, connection
 from fluxlora_api.shared.errors import FailedPrecondition, InvalidArgument, NotFound
 from fluxlora_api.v1 import jobs_pb2
 
@@ -52,6 +58,7 @@ MAX_URLS = 5
 MAX_URL_CHARS = 2048
 DELIVERIES_KEPT = 500  # per job
 JOBS_KEPT = 1000  # jobs whose delivery log stays in memory once every delivery of theirs is over
+TERMINAL_TYPES = frozenset({"job.succeeded", "job.failed", "job.cancelled"})
 CHECKPOINT_KINDS = frozenset({"lora", "lora-kohya", "checkpoint-state"})
 
 
@@ -61,16 +68,28 @@ def webhook_urls(requested: Sequence[str], settings: Any) -> list[str]:
     urls = list(dict.fromkeys([*(u.strip() for u in requested), *getattr(settings, "webhook_urls", ())]))
     if len(requested) > MAX_URLS:
         raise InvalidArgument(f"webhook_urls has {len(requested)} URLs, at most {MAX_URLS} are allowed")
+    targets = targets_of(settings)
     for url in urls:
         parsed = urllib.parse.urlsplit(url)
         if parsed.scheme not in ("http", "https") or not parsed.hostname or len(url) > MAX_URL_CHARS:
             raise InvalidArgument(f"webhook_urls: {url[:100]!r} is not an http(s) URL of at most {MAX_URL_CHARS} "
                                   "characters")
+        try:
+            targets.check_url(url)
+        except Refused as exc:
+            raise InvalidArgument(
+                f"webhook_urls: {_safe(url)!r} is refused: {exc} ({targets.describe()}). Use a receiver this "
+                f"server may reach, or have the operator add its host or network to {SETTING} (a JSON list "
+                'such as ["hooks.example.com", "*.example.com", "10.0.0.0/8"])') from None
     if urls and not secret_of(settings):
         raise FailedPrecondition("this server has no webhook secret to sign events with: set "
                                  "FLUXLORA_WEBHOOK_SECRET (whsec_<base64>) on the server, or submit without "
                                  "webhook_urls")
     return urls
+
+
+def targets_of(settings: Any) -> WebhookTargets:
+    return WebhookTargets(getattr(settings, "webhook_allowed_hosts", ()) or ())
 
 
 def secret_of(settings: Any) -> str:
@@ -84,7 +103,12 @@ class _Delivery:
     body: bytes
     created: float  # time.monotonic() of the event
     job_id: str
-    timestamp: datetime = field(default_factory=lambda: datetime.now(UTC))
+    timestamp: datetime = field(default_factory=lambda: datetime.now(UTC))  # of the event, kept across restarts
+
+    def outbox_entry(self) -> dict[str, Any]:
+        record = self.record
+        return {"event_id": record.event_id, "event_type": record.event_type, "url": record.url,
+                "sequence": record.sequence, "timestamp": self.timestamp.timestamp(), "body": self.body.decode()}
 
 
 class WebhookDispatcher:
@@ -99,6 +123,7 @@ class WebhookDispatcher:
         self.base_s = float(getattr(settings, "webhook_retry_base_s", 1.0))
         self.max_s = float(getattr(settings, "webhook_retry_max_s", 60.0))
         self.progress_every_s = float(getattr(settings, "webhook_progress_interval_s", 10.0))
+        self.targets = targets_of(settings)  # a bad FLUXLORA_WEBHOOK_ALLOWED_HOSTS stops the start here
         self._lock = threading.Condition()
         self._streams: dict[tuple[str, str], collections.deque[_Delivery]] = {}
         self._ready: collections.deque[tuple[str, str]] = collections.deque()
@@ -108,11 +133,54 @@ class WebhookDispatcher:
         self._state: dict[str, int] = {}  # unfinished job -> its last state seen
         self._progress_at: dict[str, float] = {}
         self._finished: collections.OrderedDict[str, None] = collections.OrderedDict()
+        self._dirty: set[str] = set()  # jobs whose log and outbox the store has not seen yet
+        self._outboxed: set[str] = set()  # jobs with an outbox in the store (to delete once empty)
         self._stopping = threading.Event()
+        self._closed = False  # the saver's last round: set once the delivery threads are gone
+        self._recover()
         self._threads = [threading.Thread(target=self._work, name=f"{service}-webhooks-{i}", daemon=True)
                          for i in range(max(1, int(getattr(settings, "webhook_workers", 4))))]
-        for thread in self._threads:
+        self._saver = threading.Thread(target=self._save_loop, name=f"{service}-webhooks-store", daemon=True)
+        for thread in [*self._threads, self._saver]:
             thread.start()
+
+    def _recover(self) -> None:
+        """The previous generation's undelivered events, queued before any event of this one (the
+        runtime starts after the dispatcher), so each job's events still go out in order."""
+        try:
+            pending = webhook_outbox.load(self.store, self.service)
+        except Exception as exc:  # noqa: BLE001 - a store outage at start costs these events, not the server
+            log.warning("webhook outbox not read (%s): earlier undelivered events are not sent", exc)
+            return
+        now, wall = time.monotonic(), time.time()
+        self._outboxed.update(pending)
+        for job_id, entries in pending.items():
+            try:
+                held = {d.event_id: d for d in stored_deliveries(self.store, self.service, job_id).deliveries}
+            except Exception as exc:  # noqa: BLE001 - the log's history is lost, the events are not
+                log.warning("job %s: webhook delivery log not read (%s)", job_id, type(exc).__name__)
+                held = {}
+            log_ = self._deliveries(job_id)
+            log_.extend(held.values())
+            for entry in entries:
+                record = held.get(entry["event_id"])
+                if record is None:  # killed between the outbox's write and the log's
+                    record = jobs_pb2.WebhookDelivery(event_id=entry["event_id"], event_type=entry["event_type"],
+                                                      url=entry["url"], sequence=int(entry["sequence"]))
+                    log_.append(record)
+                record.status = "pending"
+                if entry["event_type"] in TERMINAL_TYPES:  # told already: the new runtime's view is no news
+                    self._finished[job_id] = None
+                delivery = _Delivery(record, entry["body"].encode(), now - max(0.0, wall - entry["timestamp"]),
+                                     job_id, datetime.fromtimestamp(entry["timestamp"], UTC))
+                key = (job_id, record.url)
+                self._streams.setdefault(key, collections.deque()).append(delivery)
+                if key not in self._ready:
+                    self._ready.append(key)
+        if pending:
+            log.info("%d undelivered webhook events of %d jobs from before the restart", sum(
+                len(q) for q in self._streams.values()), len(pending))
+        metrics.WEBHOOK_QUEUE.labels(self.service).set(sum(len(q) for q in self._streams.values()))
 
     # --- the runtime's listener: classify and enqueue, nothing slow --------------------------------
     def __call__(self, event: jobs_pb2.JobEvent) -> None:
@@ -137,6 +205,7 @@ class WebhookDispatcher:
                 self._deliveries(job.job_id).append(record)
                 if key not in self._busy and key not in self._ready:
                     self._ready.append(key)
+            self._dirty.add(job.job_id)
             metrics.WEBHOOK_QUEUE.labels(self.service).set(sum(len(q) for q in self._streams.values()))
             self._lock.notify_all()
 
@@ -200,6 +269,8 @@ class WebhookDispatcher:
                         delivery = stream[0]
                     self._deliver(delivery)
                     with self._lock:
+                        if delivery.record.status == "pending":  # stopping: the next generation sends it
+                            break
                         stream.popleft()
                         metrics.WEBHOOK_QUEUE.labels(self.service).set(
                             sum(len(q) for q in self._streams.values()))
@@ -208,7 +279,7 @@ class WebhookDispatcher:
             finally:
                 with self._lock:
                     self._busy.discard(key)
-                    if self._streams.get(key):
+                    if self._streams.get(key) and not self._stopping.is_set():
                         self._ready.append(key)
                         self._lock.notify()
 
@@ -219,57 +290,92 @@ class WebhookDispatcher:
             attempt = jobs_pb2.WebhookAttempt()
             attempt.time.GetCurrentTime()
             started = time.monotonic()
-            attempt.status_code, attempt.error = self._post(delivery)
+            refused = False
+            try:
+                attempt.status_code, attempt.error = self._post(delivery)
+            except Refused as exc:  # where the name points now is not allowed: no retry changes that
+                attempt.error, refused = f"refused: {exc}"[:200], True
             attempt.duration_seconds = time.monotonic() - started
             ok = 200 <= attempt.status_code < 300
-            metrics.WEBHOOK_ATTEMPTS.labels(self.service, "delivered" if ok else (
+            metrics.WEBHOOK_ATTEMPTS.labels(self.service, "delivered" if ok else "refused" if refused else (
                 f"http_{attempt.status_code // 100}xx" if attempt.status_code else "no_answer")).inc()
             delay = random.random() * min(self.max_s, self.base_s * 2 ** min(retry, 30))
             with self._lock:
                 record.attempts.append(attempt)
                 if ok:
                     record.status = "delivered"
-                elif time.monotonic() + delay - delivery.created > self.retry_for_s:
+                elif refused or time.monotonic() + delay - delivery.created > self.retry_for_s:
                     record.status = "failed"
                     metrics.WEBHOOK_GIVEN_UP.labels(self.service).inc()
                     log.warning("webhook %s of job %s not delivered to %s after %d attempts over %.0fs (last: %s)",
                                 record.event_type, delivery.job_id, _safe(record.url), len(record.attempts),
                                 time.monotonic() - delivery.created,
                                 attempt.error or f"HTTP {attempt.status_code}")
-            self._save(delivery.job_id)
+                self._dirty.add(delivery.job_id)
+                self._lock.notify_all()
             if record.status != "pending":
                 return
             retry += 1
             self._stopping.wait(delay)
 
     def _post(self, delivery: _Delivery) -> tuple[int, str]:
+        """One POST; Refused when the URL's host now resolves where webhooks may not go. Signed at the
+        attempt's time: receivers refuse timestamps over five minutes old, and retries last an hour."""
         assert self.signer is not None
-        record = delivery.record
+        record, now = delivery.record, datetime.now(UTC)
         headers = {"content-type": "application/json", "user-agent": "fluxlora-webhooks/1",
-                   "webhook-id": record.event_id, "webhook-timestamp": str(int(delivery.timestamp.timestamp())),
-                   "webhook-signature": self.signer.sign(record.event_id, delivery.timestamp, delivery.body)}
-        request = urllib.request.Request(record.url, data=delivery.body, headers=headers, method="POST")
+                   "webhook-id": record.event_id, "webhook-timestamp": str(int(now.timestamp())),
+                   "webhook-signature": self.signer.sign(record.event_id, now, delivery.body)}
+        parts = urllib.parse.urlsplit(record.url)
         try:
-            with urllib.request.urlopen(request, timeout=self.timeout_s) as answer:  # noqa: S310 - http(s) only
-                return answer.status, ""
-        except urllib.error.HTTPError as exc:
-            return exc.code, ""
-        except (urllib.error.URLError, OSError, ValueError) as exc:
-            reason = getattr(exc, "reason", exc)
-            return 0, ("timed out" if isinstance(reason, TimeoutError) or "timed out" in str(reason)
-                       else str(reason)[:200])
+            port = parts.port or (443 if parts.scheme == "https" else 80)
+            addresses = self.targets.resolve(parts.hostname or "", port)
+            conn = connection(record.url, addresses, self.timeout_s)
+            try:
+                conn.request("POST", (parts.path or "/") + (f"?{parts.query}" if parts.query else ""),
+                             body=delivery.body, headers=headers)
+                return conn.getresponse().status, ""
+            finally:
+                conn.close()
+        except Refused:
+            raise
+        except (OSError, ValueError, http.client.HTTPException) as exc:
+            return 0, "timed out" if isinstance(exc, TimeoutError) or "timed out" in str(exc) else str(exc)[:200]
+
+    # --- the store: one thread writes every job's log and outbox ---------------------------------------
+    def _save_loop(self) -> None:
+        while True:
+            with self._lock:
+                while not self._dirty and not self._closed:
+                    self._lock.wait()
+                if not self._dirty:
+                    return
+                jobs, self._dirty = list(self._dirty), set()
+            for job_id in jobs:
+                self._save(job_id)
 
     def _save(self, job_id: str) -> None:
-        """The job's delivery log into the store; a store error only costs the stored copy."""
+        """The job's outbox, then its delivery log, into the store; a store error is retried with the
+        job's next change (the copy in memory goes on)."""
+        with self._lock:
+            entries = [d.outbox_entry() for (job, _), stream in self._streams.items() if job == job_id
+                       for d in stream if d.record.status == "pending"]
+            response = jobs_pb2.ListWebhookDeliveriesResponse(deliveries=list(self._log.get(job_id, ())))
         try:
-            self.store.put_bytes(log_key(self.service, job_id), self._log_json(job_id), "application/json")
+            if entries or job_id in self._outboxed:  # the saver alone touches _outboxed
+                webhook_outbox.save(self.store, self.service, job_id, entries)
+                if entries:
+                    self._outboxed.add(job_id)
+                else:
+                    self._outboxed.discard(job_id)
+            self.store.put_bytes(log_key(self.service, job_id), json_format.MessageToJson(response).encode(),
+                                 "application/json")
         except Exception as exc:  # noqa: BLE001
             log.warning("job %s: webhook delivery log not stored (%s)", job_id, type(exc).__name__)
-
-    def _log_json(self, job_id: str) -> bytes:
-        with self._lock:
-            response = jobs_pb2.ListWebhookDeliveriesResponse(deliveries=list(self._log.get(job_id, ())))
-        return json_format.MessageToJson(response).encode()
+            with self._lock:
+                if not self._closed:  # at stop, one try: a dead store must not hold the shutdown
+                    self._dirty.add(job_id)
+            self._stopping.wait(1.0)
 
     # --- reading the log ---------------------------------------------------------------------------
     def deliveries(self, job_id: str) -> jobs_pb2.ListWebhookDeliveriesResponse:
@@ -280,16 +386,21 @@ class WebhookDispatcher:
         return stored_deliveries(self.store, self.service, job_id)
 
     def idle(self) -> bool:
-        """True when no event waits for delivery."""
+        """True when no event waits for delivery and the store has the last of it."""
         with self._lock:
-            return not self._streams and not self._busy
+            return not self._streams and not self._busy and not self._dirty
 
     def stop(self) -> None:
+        """Ends the deliveries after their current attempt and stores what is left for the next start."""
         self._stopping.set()
         with self._lock:
             self._lock.notify_all()
         for thread in self._threads:
             thread.join(self.timeout_s + 1)
+        with self._lock:
+            self._closed = True
+            self._lock.notify_all()
+        self._saver.join(self.timeout_s + 5)
 
 
 def log_key(service: str, job_id: str) -> str:

@@ -115,11 +115,17 @@ def _timed(handler: grpc.RpcMethodHandler, labels: tuple[str, ...]) -> grpc.RpcM
 
 
 class JobMetrics:
-    """Turns one runtime's JobEvents into metrics; called under the runtime's lock, so it only counts."""
+    """Turns one runtime's JobEvents into metrics; called under the runtime's lock, so it only counts.
+
+    A server may run several jobs at once (FLUXLORA_WORKERS), and a gauge has no job label, so the
+    running jobs' figures are kept per job and exported together: steps/s summed (the server's
+    throughput), ETA and peak GPU memory the largest, 0 once nothing runs. The loss is the latest any
+    run reported and stays after the run, so a finished run's last loss can still be read."""
 
     def __init__(self, service: str):
         self.service = service
         self._seen: dict[str, tuple[int, int]] = {}  # unfinished job -> (state, steps done)
+        self._running: dict[str, tuple[float, float, float]] = {}  # running job -> (steps/s, ETA s, peak bytes)
 
     def __call__(self, event: jobs_pb2.JobEvent) -> None:
         job, service = event.job, self.service
@@ -138,13 +144,9 @@ class JobMetrics:
             if progress.done > steps:
                 metrics.TRAINING_STEPS.labels(service).inc(progress.done - steps)
             steps = progress.done
-            metrics.TRAINING_RATE.labels(service).set(progress.rate)
             if "loss" in job.metrics:
                 metrics.TRAINING_LOSS.labels(service).set(job.metrics["loss"])
-            if "peak_memory_gib" in job.metrics:
-                metrics.TRAINING_PEAK.labels(service).set(job.metrics["peak_memory_gib"] * GIB)
-        if job.state == S.JOB_STATE_RUNNING:
-            metrics.JOB_ETA.labels(service).set(progress.eta_seconds)
+        self._running_figures(job)
         if job.state in TERMINAL:
             self._seen.pop(job.job_id, None)
             if state in TERMINAL:
@@ -153,11 +155,21 @@ class JobMetrics:
             if job.HasField("started_at") and job.HasField("finished_at"):
                 ran = (job.finished_at.ToNanoseconds() - job.started_at.ToNanoseconds()) / 1e9
                 metrics.JOB_SECONDS.labels(service, state_name(job.state)).observe(max(0.0, ran))
-            if state == S.JOB_STATE_RUNNING:
-                for gauge in (metrics.TRAINING_RATE, metrics.JOB_ETA):
-                    gauge.labels(service).set(0)
             return
         self._seen[job.job_id] = (job.state, steps)
+
+    def _running_figures(self, job: jobs_pb2.Job) -> None:
+        progress, before = job.progress, self._running.pop(job.job_id, None)
+        if job.state == S.JOB_STATE_RUNNING:
+            training = progress.unit == "step" and progress.stage == "training"
+            self._running[job.job_id] = (progress.rate if training else 0.0, progress.eta_seconds,
+                                         job.metrics.get("peak_memory_gib", 0.0) * GIB)
+        elif before is None:
+            return  # neither running nor ran: nothing changes
+        figures = list(self._running.values())
+        metrics.TRAINING_RATE.labels(self.service).set(sum(f[0] for f in figures))
+        metrics.JOB_ETA.labels(self.service).set(max((f[1] for f in figures), default=0.0))
+        metrics.TRAINING_PEAK.labels(self.service).set(max((f[2] for f in figures), default=0.0))
 
 
 class _JobsCollector:
