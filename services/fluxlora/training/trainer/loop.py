@@ -311,9 +311,11 @@ def _train_step(run: _Run) -> tuple[float, float]:
     total = 0.0
     for _ in range(cfg.gradient_accumulation):
         loss = _micro_batch_loss(run, run.batcher.next())
-        if loss is not None:  # None: this rank's slice of a short batch was empty
-            run.scaler.scale(loss / cfg.gradient_accumulation).backward()
-            total += loss.item()
+        if loss is None:  # this rank's slice of a short batch was empty: it adds zero gradients
+            run.scaler.scale(torch.zeros((), device=run.device))  # fp16: the scaler starts on its first scale()
+            continue
+        run.scaler.scale(loss / cfg.gradient_accumulation).backward()
+        total += loss.item()
     total = distributed.reduce_gradients(run.dp, run.params, total)
     lr = run.lr_scheduler.get_last_lr()[0]
     apply_gradients(run.params, run.optimizer, run.scaler, cfg.max_grad_norm)
