@@ -80,7 +80,7 @@ def run_training(ctx: JobContext, spec: pb.TrainSpec) -> pb.TrainResult:
             "config": cfg.model_dump(),
         })
         ctx.store.put_json(prefix + "spec.json", json_format.MessageToDict(spec))
-    plan = _memory_plan(ctx, spec, cfg)
+    plan = _memory_plan(ctx, spec, cfg) if main else None  # for the report, which rank 0 writes
     lora_metadata = {
         "fluxlora.run_id": run_id,
         "fluxlora.base_model": spec.base_model,
