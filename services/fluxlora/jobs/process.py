@@ -117,10 +117,7 @@ class ProcessRunner:
             if child.stdin:
                 child.stdin.close()
         report = self._final_report(runtime, job_id, mirror)
-        if processes > 1 and returncode > 0 and returncode != EXIT_INTERRUPTED and (
-                report is None or report.state not in FINISHED) and not asked_to_stop:
-            raise RemoteJobFailed("INTERNAL", ranks_failed(pid, job_id, processes, returncode))
-        return self._outcome(runtime, job_id, pid, returncode, report, asked_to_stop)
+        return self._outcome(runtime, job_id, pid, returncode, report, asked_to_stop, processes)
 
     def recover(self, runtime: JobRuntime) -> None:
         """Nothing to adopt: a leftover child of a dead server stops by itself (its stdin closed),
@@ -187,13 +184,15 @@ class ProcessRunner:
                 time.sleep(self.poll_s)
 
     def _outcome(self, runtime: JobRuntime, job_id: str, pid: int, returncode: int,
-                 report: jobs_pb2.Job | None, asked_to_stop: bool) -> Message:
+                 report: jobs_pb2.Job | None, asked_to_stop: bool, processes: int = 1) -> Message:
         if report is not None and report.state in FINISHED:
             # What the worker stored wins, whatever happened after: its result, or its own error.
             return finished_outcome(report) or _no_result(job_id, pid, returncode)
         if asked_to_stop:
             raise JobInterrupted(job_id)
-        if returncode in (EXIT_INTERRUPTED, -signal.SIGTERM, -signal.SIGINT):
+        # torchrun exits 1 for a signal as for a failed rank.
+        torchrun_ended = processes > 1 and returncode == 1
+        if returncode in (EXIT_INTERRUPTED, -signal.SIGTERM, -signal.SIGINT) or torchrun_ended:
             # Stopped by a signal we did not send: part of this machine shutting down (and this server
             # with it, which then re-queues the job), or someone's `kill`.
             deadline = time.monotonic() + UNASKED_STOP_WAIT_S
@@ -201,6 +200,8 @@ class ProcessRunner:
                 if runtime.should_stop(job_id):
                     raise JobInterrupted(job_id)
                 time.sleep(STOP_CHECK_S)
+        if processes > 1 and returncode > 0:
+            raise RemoteJobFailed("INTERNAL", ranks_failed(pid, job_id, processes, returncode))
         code, message = exit_status(returncode, pid, job_id)
         if returncode < 0 and (-returncode == signal.SIGKILL or -returncode in _CRASH_SIGNALS):
             raise WorkerDied(code, message)  # the runtime runs it again, up to FLUXLORA_MAX_JOB_ATTEMPTS
