@@ -123,9 +123,8 @@ def reduce_gradients(dp: DataParallel, params: list[torch.nn.Parameter], loss: f
     if dp.world_size == 1:
         return loss
     device = params[0].device
-    # One flat buffer, one all-reduce: LoRA gradients are small, and the latency of one call per
-    # parameter (hundreds of layers) would cost more than the sum. A rank whose slice was empty
-    # adds zeros.
+    # One flat buffer, one all-reduce per step instead of one per LoRA tensor (hundreds of them, each
+    # small): the loss rides along. A rank whose slice was empty adds zeros.
     grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
     flat = torch.cat([g.reshape(-1) for g in grads] + [torch.tensor([loss], dtype=grads[0].dtype, device=device)])
     comm = flat.to(_comm_device(device))
