@@ -241,3 +241,49 @@ def test_a_restarted_server_resumes_the_run_in_a_new_worker_from_its_last_checkp
     assert result.steps_done == STEPS and result.checkpoints[-1].step == STEPS
     assert [int(r.split(",")[0]) for r in store.get_bytes(f"runs/{job.job_id}/loss.csv").decode().split()[1:]] == \
         list(range(1, STEPS + 1))
+
+
+def test_a_run_on_two_gpus_is_two_torchrun_ranks_equal_to_one_process_at_the_same_global_batch(
+        store, tmp_path, dataset, tiny_models):
+    """spec.gpus=2 on this CPU: torchrun starts two worker processes (gloo), rank 0 alone stores; the
+    LoRA equals an in-thread run of batch 2 (each rank trains batch_size 1 of the global batch of 2)."""
+    with training_server(store, tmp_path) as (_, client):
+        job = client.wait(train(client, dataset, tiny_models, gpus=2))
+    with training_server(store, tmp_path, runner="local") as (_, client):
+        reference = client.wait(train(client, dataset, tiny_models, batch_size=2))
+
+    assert job.state == reference.state == S.JOB_STATE_SUCCEEDED, job.error
+    assert relative_keys(job) == relative_keys(reference)  # each artifact once: no second writer
+    result, expected = client.result(job), client.result(reference)
+    assert result.steps_done == 4 and [c.step for c in result.checkpoints] == [2, 4]
+    assert result.final_loss == pytest.approx(expected.final_loss, rel=1e-5)
+    ours, theirs = load_file(store.root / result.checkpoints[-1].lora_key), load_file(
+        store.root / expected.checkpoints[-1].lora_key)
+    assert ours.keys() == theirs.keys()
+    for key in ours:
+        torch.testing.assert_close(ours[key], theirs[key], rtol=1e-5, atol=1e-6)
+
+
+PARALLEL_STEPS = 30
+
+
+def test_a_cancelled_two_gpu_run_resumes_to_the_lora_of_an_uninterrupted_one(store, tmp_path, dataset, tiny_models):
+    """The cancel's SIGTERM reaches both ranks through torchrun: they stop at the same step, rank 0
+    stores that checkpoint, and resume_from_run continues exactly (the LoRA is bit for bit the one of
+    an uninterrupted 2-GPU run)."""
+    with training_server(store, tmp_path) as (_, client):
+        whole = client.wait(train(client, dataset, tiny_models, gpus=2, max_steps=PARALLEL_STEPS, checkpoint_every=0))
+        job = train(client, dataset, tiny_models, gpus=2, max_steps=PARALLEL_STEPS, checkpoint_every=0)
+        running = wait_for_step(client, job.job_id, 3)
+        client.cancel(job.job_id)
+        with pytest.raises(JobCancelled) as cancelled:
+            client.wait(job)
+        stopped = cancelled.value.job
+        [checkpoint] = [a for a in stopped.artifacts if a.kind == "lora"]
+        assert 3 <= checkpoint.step < PARALLEL_STEPS and not alive(int(running.metrics["worker_pid"]))
+        resumed = client.wait(client.resume_training(job.job_id))
+
+    assert whole.state == resumed.state == S.JOB_STATE_SUCCEEDED, resumed.error
+    assert resumed.metrics["resumed_from_step"] == checkpoint.step
+    a, b = (load_file(store.root / client.result(j).checkpoints[-1].lora_key) for j in (whole, resumed))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

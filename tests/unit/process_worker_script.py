@@ -12,7 +12,7 @@ import time
 from fluxlora.jobs.context import JobInterrupted
 from fluxlora.server.worker import main
 from fluxlora_api.shared.errors import InvalidArgument
-from fluxlora_api.v1 import preprocessing_pb2
+from fluxlora_api.v1 import preprocessing_pb2, training_pb2  # noqa: F401 - the worker unpacks TrainSpecs too
 
 STEP_S = 0.05
 
@@ -75,7 +75,23 @@ def exits(ctx, spec):
     os._exit(7)
 
 
-HANDLERS = {f.__name__: f for f in (ok, steps, deaf, bad_request, killed, segfault, exits, loading)}
+def ranks(ctx, spec):
+    """One rank of a torchrun job (TrainSpec.gpus): rank 0 reports; FLUXLORA_TEST_FAILING_RANK exits 7
+    after a moment, as a rank that dies would."""
+    rank = os.environ["RANK"]
+    ctx.progress("ranks", 1, 2, "step")
+    ctx.metrics(**{f"rank{rank}_pid": os.getpid()})
+    deadline = time.monotonic() + 1.0
+    while time.monotonic() < deadline:
+        if rank == os.environ.get("FLUXLORA_TEST_FAILING_RANK"):
+            os._exit(7)
+        if ctx.should_stop:
+            raise JobInterrupted(ctx.job_id)
+        time.sleep(STEP_S)
+    return training_pb2.TrainResult(run_id=ctx.job_id, steps_done=int(os.environ["WORLD_SIZE"]))
+
+
+HANDLERS = {f.__name__: f for f in (ok, steps, deaf, bad_request, killed, segfault, exits, loading, ranks)}
 
 if __name__ == "__main__":
     sys.exit(main(handler=HANDLERS[os.environ["FLUXLORA_TEST_HANDLER"]]))

@@ -24,7 +24,7 @@ from fluxlora.jobs.process import ProcessRunner, exit_status, is_worker_of, work
 from fluxlora.jobs.runners import LocalRunner, runner_for
 from fluxlora.jobs.runtime import JobRuntime
 from fluxlora.jobs.worker import EXIT_INTERRUPTED, load_report
-from fluxlora_api.v1 import jobs_pb2, preprocessing_pb2
+from fluxlora_api.v1 import jobs_pb2, preprocessing_pb2, training_pb2
 from support import make_s3_store
 
 S = jobs_pb2.JobState
@@ -260,3 +260,42 @@ def test_how_a_worker_ended_becomes_a_status(returncode, code, words):
     got_code, message = exit_status(returncode, 4242, "trn-0123456789ab")
     assert got_code == code and all(w in message for w in words)
     assert "pid 4242" in message and "trn-0123456789ab" in message
+
+
+@pytest.fixture
+def start_training(store, tmp_path, monkeypatch):
+    """start_training() -> a started training runtime whose jobs run the `ranks` handler, under
+    torchrun for TrainSpec.gpus > 1."""
+    runtimes = []
+
+    def start() -> JobRuntime:
+        monkeypatch.setenv("FLUXLORA_TEST_HANDLER", "ranks")
+        settings = Settings(store=str(tmp_path / "unused"), cache_dir=tmp_path / "cache", runner="process")
+        runner = ProcessRunner(settings, "training", command=[sys.executable, str(SCRIPT)], stop_grace_s=10,
+                               poll_s=0.05)
+        runtimes.append(JobRuntime("training", "trn", store, handler=None, settings=settings, runner=runner))
+        runtimes[-1].start()
+        return runtimes[-1]
+
+    yield start
+    for runtime in runtimes:
+        runtime.shutdown()
+
+
+def test_a_job_on_two_gpus_runs_two_ranks_under_torchrun_and_rank_0_alone_reports(start_training):
+    runtime = start_training()
+    job, _ = finish(runtime, runtime.submit(training_pb2.TrainSpec(dataset_id="ds-1", gpus=2)).job_id)
+    assert job.state == S.JOB_STATE_SUCCEEDED, job.error
+    result = training_pb2.TrainResult()
+    assert job.result.Unpack(result) and result.steps_done == 2  # rank 0 saw WORLD_SIZE=2
+    assert "rank0_pid" in job.metrics and "rank1_pid" not in job.metrics  # the follower's report stays unstored
+    assert job.metrics["worker_pid"] not in (job.metrics["rank0_pid"], os.getpid())  # torchrun's pid
+
+
+def test_a_failed_rank_fails_the_job_naming_torchrun_and_where_to_look(start_training, monkeypatch):
+    monkeypatch.setenv("FLUXLORA_TEST_FAILING_RANK", "1")
+    runtime = start_training()
+    job, _ = finish(runtime, runtime.submit(training_pb2.TrainSpec(dataset_id="ds-1", gpus=2)).job_id)
+    assert job.state == S.JOB_STATE_FAILED and job.error.code == "INTERNAL", job.error
+    assert all(w in job.error.message for w in ("a rank of job", "torchrun", "2 worker processes",
+                                                 "resume_from_run")), job.error.message

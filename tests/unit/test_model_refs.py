@@ -4,6 +4,8 @@ mirror was interrupted. Runs on both store backends (local directory and S3)."""
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 
 from fluxlora.common.models import check_model_ref, is_store_ref, resolve_model
@@ -155,3 +157,17 @@ def test_files_deleted_from_the_store_leave_the_cache(store, tmp_path):
     store.delete("models/m/old.bin")
     local = resolve_model("store://models/m/", store, tmp_path / "cache")
     assert sorted(p.name for p in local.iterdir() if not p.name.startswith(".")) == ["a.bin"]
+
+
+def test_processes_fetching_one_model_at_once_download_it_once(stored_model, downloads, tmp_path):
+    """The ranks of a data-parallel run resolve the same model together: the second waits for the
+    first's copy instead of swapping in its own under it (flock, so threads stand in for processes)."""
+    results: list = []
+    threads = [threading.Thread(target=lambda: results.append(
+        resolve_model("store://models/tiny", stored_model, tmp_path / "cache"))) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(set(results)) == 1 and (results[0] / "model_index.json").is_file()
+    assert sorted(downloads) == sorted(f"models/tiny/{name}" for name in MODEL_FILES)  # each file once

@@ -4,6 +4,8 @@ same code loads the tiny demo models and the real FLUX.1 / Florence-2 weights.""
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import re
@@ -47,6 +49,15 @@ def resolve_model(ref: str, store: ArtifactStore, cache_dir: Path, what: str = "
     marker = target / _COMPLETE
     if marker.exists() and json.loads(marker.read_text()) == [list(x) for x in listing]:
         return target
+    # One download per model at a time: the ranks of a data-parallel run start together, and a second
+    # process swapping in its copy would delete the one the first is already loading from.
+    with _locked(target.with_name(f"{target.name}.lock")):
+        if marker.exists() and json.loads(marker.read_text()) == [list(x) for x in listing]:
+            return target  # fetched by the process that held the lock before us
+        return _mirror(store, prefix, listing, target)
+
+
+def _mirror(store: ArtifactStore, prefix: str, listing: list, target: Path) -> Path:
     # Mirror into a private directory and swap it in: files deleted from the store disappear from
     # the cache too, and two processes fetching at once never read a half-written model.
     staging = target.with_name(f"{target.name}.partial-{os.getpid()}-{threading.get_ident()}")
@@ -60,3 +71,15 @@ def resolve_model(ref: str, store: ArtifactStore, cache_dir: Path, what: str = "
     except OSError:  # another process swapped in its copy first; it holds the same listing
         shutil.rmtree(staging, ignore_errors=True)
     return target
+
+
+@contextlib.contextmanager
+def _locked(path: Path):
+    """An exclusive lock on `path` between processes (flock; released when the process dies, too)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)

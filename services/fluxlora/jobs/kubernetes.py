@@ -18,10 +18,14 @@ watchers; each job's work runs in a pod of a batch/v1 Job running `fluxlora work
   count stops being admission control). A preemption suspends the Job again: its pod gets SIGTERM,
   the worker exits 75, and on re-admission a new pod resumes from the last stored checkpoint, in the
   same Job (never a second one). Needs get localqueues and list workloads (kueue.x-k8s.io) as well.
+- Several GPUs (TrainSpec.gpus > 1): one pod asks for that many GPUs (the GPU resource of
+  FLUXLORA_K8S_RESOURCES, scaled) and runs the worker under torchrun, one rank per GPU, with a
+  memory-backed /dev/shm for NCCL. Across nodes (TrainSpec.nodes > 1) is refused at submit for now.
 """
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 import time
@@ -35,6 +39,7 @@ from google.protobuf.message import Message
 from fluxlora.common.config import Settings
 from fluxlora.jobs.context import JobInterrupted
 from fluxlora.jobs.kueue_flavors import KUEUE, ClusterQueueGpus, read_cluster_queue_gpus
+from fluxlora.jobs.launch import gpus_of, torchrun_options
 from fluxlora.jobs.reports import FINISHED, RemoteJobFailed, ReportMirror, finished_outcome
 from fluxlora.jobs.worker import EXIT_PERMANENT, load_report
 from fluxlora_api.shared.errors import FailedPrecondition, FluxloraError, Unavailable
@@ -55,6 +60,7 @@ WORKER_CONTAINER = "worker"
 SA_NAMESPACE_FILE = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
 REQUEST_TIMEOUT_S = 30
 GPU_FLAVORS_TTL_S = 300  # an operator's change of flavors or quotas reaches the planner within this
+STOP_GRACE_S = 120  # the pod's terminationGracePeriodSeconds: time to stop at a step boundary after SIGTERM
 STOP_CHECK_S = 0.2
 UNREACHABLE = object()  # what _call answers when the API could not be asked this time
 
@@ -72,9 +78,9 @@ def _set_stage(job: jobs_pb2.Job, stage: str) -> None:
     job.progress.stage = stage
 
 
-def job_manifest(job_id: str, service: str, settings: Settings) -> dict:
+def job_manifest(job_id: str, service: str, settings: Settings, gpus: int = 1) -> dict:
     """The batch/v1 Job for one fluxlora job (a plain manifest: tests validate it against the
-    Kubernetes schemas)."""
+    Kubernetes schemas); gpus > 1: one pod with that many GPUs, the worker under torchrun."""
     labels = {
         "app.kubernetes.io/name": "fluxlora",
         "app.kubernetes.io/component": f"{service}-worker",
@@ -92,10 +98,10 @@ def job_manifest(job_id: str, service: str, settings: Settings) -> dict:
         env_from.append({"configMapRef" if kind == "configmap" else "secretRef": {"name": name}})
     cache = ({"persistentVolumeClaim": {"claimName": settings.k8s_cache_claim}} if settings.k8s_cache_claim
              else {"emptyDir": {}})
-    pod = {
+    pod: dict[str, Any] = {
         "restartPolicy": "Never",
         "automountServiceAccountToken": False,  # the worker talks to the store, never to the API
-        "terminationGracePeriodSeconds": 120,  # time to stop at a step boundary after SIGTERM
+        "terminationGracePeriodSeconds": STOP_GRACE_S,
         "securityContext": {
             "runAsNonRoot": True, "runAsUser": 10001, "runAsGroup": 10001, "fsGroup": 10001,
             "seccompProfile": {"type": "RuntimeDefault"},
@@ -103,12 +109,12 @@ def job_manifest(job_id: str, service: str, settings: Settings) -> dict:
         "containers": [{
             "name": WORKER_CONTAINER,
             "image": settings.k8s_image,
-            "command": ["fluxlora", "worker", service, job_id],
+            "command": _worker_command(service, job_id, gpus),
             "envFrom": env_from,
             # The server's own device setting: cuda on GPU nodes, cpu where the overlay has no GPUs.
             "env": [{"name": "FLUXLORA_CACHE_DIR", "value": "/cache"}, {"name": "HOME", "value": "/tmp"},
                     {"name": "FLUXLORA_DEVICE", "value": settings.device}],
-            "resources": settings.k8s_resources,
+            "resources": _resources(settings.k8s_resources, gpus),
             "securityContext": {
                 "allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True,
                 "capabilities": {"drop": ["ALL"]},
@@ -117,6 +123,11 @@ def job_manifest(job_id: str, service: str, settings: Settings) -> dict:
         }],
         "volumes": [{"name": "cache", **cache}, {"name": "tmp", "emptyDir": {}}],
     }
+    if gpus > 1:
+        # NCCL passes data between the ranks of one pod through /dev/shm, which a container gets
+        # only 64 MiB of: a memory-backed volume instead (it counts against the memory limit).
+        pod["volumes"].append({"name": "dshm", "emptyDir": {"medium": "Memory"}})
+        pod["containers"][0]["volumeMounts"].append({"name": "dshm", "mountPath": "/dev/shm"})
     if settings.k8s_service_account:
         pod["serviceAccountName"] = settings.k8s_service_account
     if settings.k8s_node_selector:
@@ -149,6 +160,28 @@ def job_manifest(job_id: str, service: str, settings: Settings) -> dict:
             "metadata": {"name": job_id, "labels": job_labels}, "spec": spec}
 
 
+def _worker_command(service: str, job_id: str, gpus: int) -> list[str]:
+    worker = ["fluxlora", "worker", service, job_id]
+    if gpus == 1:
+        return worker
+    # --no-python: the `fluxlora` entry point is run as it is, once per rank.
+    return ["torchrun", *torchrun_options(gpus, STOP_GRACE_S), "--no-python", *worker]
+
+
+def _resources(configured: dict, gpus: int) -> dict:
+    """FLUXLORA_K8S_RESOURCES with its GPU resource (nvidia.com/gpu or another vendor's */gpu) set to
+    `gpus`. Configured without one (a CPU-only overlay), the ranks are CPU processes and nothing is
+    added. Host memory is left as configured: each rank loads its own copy of the base model, so
+    raise it for runs on several GPUs (docs/deploy.md)."""
+    resources = copy.deepcopy(configured)
+    if gpus > 1:
+        for section in ("limits", "requests"):
+            for name in resources.get(section, {}):
+                if name.endswith("/gpu"):
+                    resources[section][name] = str(gpus)
+    return resources
+
+
 class JobLauncher:
     """The Kubernetes API calls, through the kubernetes client: create, status, delete, list."""
 
@@ -163,12 +196,12 @@ class JobLauncher:
         self.service = service
         self.settings = settings
 
-    def create(self, job_id: str) -> bool:
+    def create(self, job_id: str, gpus: int = 1) -> bool:
         """Creates the Job; False when one of that name exists already (it is then adopted)."""
         from kubernetes.client import V1Job
         from kubernetes.client.exceptions import ApiException
 
-        body = V1Job.from_dict(job_manifest(job_id, self.service, self.settings))
+        body = V1Job.from_dict(job_manifest(job_id, self.service, self.settings, gpus))
         try:
             self.batch.create_namespaced_job(self.namespace, body, _request_timeout=REQUEST_TIMEOUT_S)
         except ApiException as exc:
@@ -345,7 +378,7 @@ class KubernetesRunner:
             if earlier is not None and earlier.state in FINISHED:
                 # Finished (and its Job cleaned up) while this server was down: never run it twice.
                 return _outcome(earlier, job_id, JobStatus("succeeded"))
-            created = self._call(self.launcher.create, job_id, retry_while=keep_trying)
+            created = self._call(self.launcher.create, job_id, gpus_of(spec), retry_while=keep_trying)
             if created is UNREACHABLE:
                 raise JobInterrupted(job_id)
             if created:

@@ -18,6 +18,9 @@ process, with all the memory the dead one held given back.
   SIGTERM. The next start re-queues the job, and its new child waits for such a leftover to exit
   first, so two processes never work on one run; a leftover that finished the job meanwhile gives
   its result and nothing runs again.
+- Several GPUs (TrainSpec.gpus > 1): the child is torchrun (`python -m torch.distributed.run`,
+  fluxlora.jobs.launch), which starts one worker per GPU; rank 0 writes the report. SIGTERM reaches
+  every rank through torchrun; when one rank fails, torchrun stops the others and exits 1.
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ from pydantic import SecretStr
 
 from fluxlora.common.config import Settings
 from fluxlora.jobs.context import JobInterrupted
+from fluxlora.jobs.launch import TORCHRUN_MODULE, gpus_of, torchrun_options
 from fluxlora.jobs.reports import FINISHED, RemoteJobFailed, ReportMirror, WorkerDied, finished_outcome
 from fluxlora.jobs.worker import EXIT_INTERRUPTED, EXIT_SUCCEEDED, load_report
 from fluxlora_api.shared.errors import Unavailable
@@ -90,16 +94,19 @@ class ProcessRunner:
         if runtime.should_stop(job_id):
             raise JobInterrupted(job_id)
 
+        processes = gpus_of(spec)
         child = subprocess.Popen(
-            [*self.command, self.service, job_id, "--watch-parent"],
+            self._command(job_id, processes),
+            # torchrun's workers inherit the pipe too: each of them watches for the server's end.
             stdin=subprocess.PIPE, env=worker_env(self.settings, runtime.store),
             # Its own session: a Ctrl-C in the server's terminal reaches the server, which stops the
             # child itself (and records the job as interrupted), rather than both at once.
             start_new_session=True,
         )
         pid = child.pid
+        how = f"torchrun with {processes} worker processes" if processes > 1 else "worker process"
         runtime.update(job_id, lambda job: job.metrics.__setitem__(PID_METRIC, pid),
-                       message=f"started worker process {pid}: {WORKER_MODULE} {self.service} {job_id}")
+                       message=f"started {how} {pid}: {WORKER_MODULE} {self.service} {job_id}")
         mirror = ReportMirror(runtime, self.service, job_id, seen=earlier, extra_metrics={PID_METRIC: pid})
         try:
             returncode, asked_to_stop = self._supervise(runtime, job_id, child, mirror)
@@ -110,13 +117,21 @@ class ProcessRunner:
             if child.stdin:
                 child.stdin.close()
         report = self._final_report(runtime, job_id, mirror)
-        return self._outcome(runtime, job_id, pid, returncode, report, asked_to_stop)
+        return self._outcome(runtime, job_id, pid, returncode, report, asked_to_stop, processes)
 
     def recover(self, runtime: JobRuntime) -> None:
         """Nothing to adopt: a leftover child of a dead server stops by itself (its stdin closed),
         and the job's next attempt waits for it (run)."""
 
     # --- internals ----------------------------------------------------------------------------
+    def _command(self, job_id: str, processes: int) -> list[str]:
+        """The worker's command line; for several GPUs, under torchrun (self.command starts with the
+        interpreter: torchrun runs the rest, a module after -m or a script, once per rank)."""
+        command = [*self.command, self.service, job_id, "--watch-parent"]
+        if processes == 1:
+            return command
+        return [command[0], "-m", TORCHRUN_MODULE, *torchrun_options(processes, self.stop_grace_s), *command[1:]]
+
     def _supervise(self, runtime: JobRuntime, job_id: str, child: subprocess.Popen,
                    mirror: ReportMirror) -> tuple[int, bool]:
         """Mirrors the report until the child exits; passes cancel and shutdown on as SIGTERM, then
@@ -169,13 +184,15 @@ class ProcessRunner:
                 time.sleep(self.poll_s)
 
     def _outcome(self, runtime: JobRuntime, job_id: str, pid: int, returncode: int,
-                 report: jobs_pb2.Job | None, asked_to_stop: bool) -> Message:
+                 report: jobs_pb2.Job | None, asked_to_stop: bool, processes: int = 1) -> Message:
         if report is not None and report.state in FINISHED:
             # What the worker stored wins, whatever happened after: its result, or its own error.
             return finished_outcome(report) or _no_result(job_id, pid, returncode)
         if asked_to_stop:
             raise JobInterrupted(job_id)
-        if returncode in (EXIT_INTERRUPTED, -signal.SIGTERM, -signal.SIGINT):
+        # torchrun exits 1 for a signal as for a failed rank.
+        torchrun_ended = processes > 1 and returncode == 1
+        if returncode in (EXIT_INTERRUPTED, -signal.SIGTERM, -signal.SIGINT) or torchrun_ended:
             # Stopped by a signal we did not send: part of this machine shutting down (and this server
             # with it, which then re-queues the job), or someone's `kill`.
             deadline = time.monotonic() + UNASKED_STOP_WAIT_S
@@ -183,6 +200,8 @@ class ProcessRunner:
                 if runtime.should_stop(job_id):
                     raise JobInterrupted(job_id)
                 time.sleep(STOP_CHECK_S)
+        if processes > 1 and returncode > 0:
+            raise RemoteJobFailed("INTERNAL", ranks_failed(pid, job_id, processes, returncode))
         code, message = exit_status(returncode, pid, job_id)
         if returncode < 0 and (-returncode == signal.SIGKILL or -returncode in _CRASH_SIGNALS):
             raise WorkerDied(code, message)  # the runtime runs it again, up to FLUXLORA_MAX_JOB_ATTEMPTS
@@ -237,6 +256,14 @@ def exit_status(returncode: int, pid: int, job_id: str) -> tuple[str, str]:
     return ("INTERNAL",
             f"{process} exited with code {returncode} before it stored a result or an error; the server log has "
             f"the worker's lines (logger names end in -worker); {kept}")
+
+
+def ranks_failed(pid: int, job_id: str, processes: int, returncode: int) -> str:
+    """The message of a data-parallel job whose torchrun exited non-zero with no result or error stored."""
+    return (f"a rank of job {job_id} failed: torchrun (pid {pid}) stopped its {processes} worker processes and "
+            f"exited with code {returncode}; the server log has torchrun's summary (which rank, its exit code or "
+            "signal: -9 is usually the out-of-memory killer) and that rank's last lines; the checkpoints it stored "
+            "are kept: resume with resume_from_run")
 
 
 def _no_result(job_id: str, pid: int, returncode: int | None) -> NoReturn:

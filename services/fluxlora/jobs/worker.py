@@ -10,6 +10,9 @@ overwrites the other.
 
 Exit codes tell Kubernetes whether a retry can help (the Job's podFailurePolicy reads them).
 SIGTERM (and, with --watch-parent, stdin closing) stops the job at its next safe point.
+
+Under torchrun (a data-parallel training job: fluxlora.jobs.launch) every rank runs the handler;
+only rank 0 stores its report, so the report keeps one writer. The other ranks log instead.
 """
 
 from __future__ import annotations
@@ -73,7 +76,8 @@ class WorkerReport:
     """The one-job runtime a worker's JobContext reports to: everything lands in the report."""
 
     def __init__(self, store: ArtifactStore, settings: Settings, service: str, job_id: str,
-                 stop: threading.Event | None = None):
+                 stop: threading.Event | None = None, stored: bool = True):
+        self.stored = stored  # False: a follower rank, whose report stays in memory
         self.store = store
         self.settings = settings
         self.key = report_key(service, job_id)
@@ -109,6 +113,8 @@ class WorkerReport:
         self._closed.set()
 
     def _save(self) -> None:
+        if not self.stored:
+            return
         self.store.put_bytes(self.key, json_format.MessageToJson(self.job).encode(), "application/json")
         self._saved_at = time.monotonic()
         self._pending = False
@@ -137,7 +143,8 @@ def run_worker(service: str, job_id: str, settings: Settings, store: ArtifactSto
         log.error("no %s job %s in %s: the server's record is missing", service, job_id, store.uri)
         return EXIT_PERMANENT
     stop = stop or stop_on_sigterm()
-    report = WorkerReport(store, settings, service, job_id, stop)
+    follower = launched_rank() > 0
+    report = WorkerReport(store, settings, service, job_id, stop, stored=not follower)
     earlier = load_report(store, service, job_id)
     if earlier is not None:  # a retry: what the earlier attempt stored is still in the store
         report.job.artifacts.extend(earlier.artifacts)
@@ -161,14 +168,19 @@ def _run_reported(report: WorkerReport, handler: Callable[[JobContext, Any], Mes
         return EXIT_INTERRUPTED
     except BaseException as exc:  # noqa: BLE001 - every failure must end up in the report
         code, message = status_of(exc)
-        if code == "INTERNAL":
-            log.exception("job %s failed", job_id)
+        if code == "INTERNAL" or not report.stored:  # a follower's error is seen in its log alone
+            log.exception("job %s failed (rank %d): %s", job_id, launched_rank(), message)
         report.finish(S.JOB_STATE_FAILED, error=(code, message))
         return EXIT_PERMANENT if code in PERMANENT_CODES else EXIT_FAILED
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     report.finish(S.JOB_STATE_SUCCEEDED, result=result)
     return EXIT_SUCCEEDED
+
+
+def launched_rank() -> int:
+    """This process's rank among the processes torchrun started for one job (0 when it started none)."""
+    return int(os.environ.get("RANK", "0"))
 
 
 def stop_on_sigterm() -> threading.Event:

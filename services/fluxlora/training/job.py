@@ -18,6 +18,7 @@ from fluxlora.jobs.context import JobContext, JobInterrupted
 from fluxlora.training.encodings import fetch_encodings, store_encodings
 from fluxlora.training.gpu_budget import plan_run
 from fluxlora.training.memory import MemoryPlan
+from fluxlora.training.trainer import distributed
 from fluxlora.training.trainer.callbacks import TrainCallbacks
 from fluxlora.training.trainer.checkpoint import (
     LORA_WEIGHTS_NAME,
@@ -35,7 +36,8 @@ from fluxlora_api.v1 import training_pb2 as pb
 log = logging.getLogger(__name__)
 
 # TrainSpec fields that are not part of the trainer's config.
-_NOT_CONFIG = {"dataset_id", "base_model", "caption_version", "resume_from_run", "memory_mode"}
+# gpus and nodes: the launcher's (jobs/launch.py); the trainer reads its world size from torchrun.
+_NOT_CONFIG = {"dataset_id", "base_model", "caption_version", "resume_from_run", "memory_mode", "gpus", "nodes"}
 
 
 def config_from_spec(spec: pb.TrainSpec) -> TrainConfig:
@@ -56,7 +58,10 @@ def config_from_spec(spec: pb.TrainSpec) -> TrainConfig:
 
 
 def run_training(ctx: JobContext, spec: pb.TrainSpec) -> pb.TrainResult:
+    """Every rank of a data-parallel run (spec.gpus > 1) runs this, each with its own scratch copy of
+    the inputs; rank 0 alone writes to the store (the trainer calls back on rank 0 only)."""
     cfg = config_from_spec(spec)
+    main = distributed.from_env().main
     # A resumed run (TrainSpec.resume_from_run) goes on in the run it continues, from its last checkpoint.
     run_id = spec.resume_from_run or ctx.job_id
     prefix = keys.run_prefix(run_id)
@@ -66,15 +71,16 @@ def run_training(ctx: JobContext, spec: pb.TrainSpec) -> pb.TrainResult:
     if chosen is not None:
         captions = {"trigger_word": chosen.trigger_word, "captions": chosen.captions}
         captions_bytes = json.dumps(chosen.to_json(), sort_keys=True).encode()
-    ctx.store.put_json(keys.run_info(run_id), {
-        "run_id": run_id,
-        "dataset_id": spec.dataset_id,
-        "base_model": spec.base_model,
-        "trigger_word": captions["trigger_word"],
-        "config": cfg.model_dump(),
-    })
-    ctx.store.put_json(prefix + "spec.json", json_format.MessageToDict(spec))
-    plan = _memory_plan(ctx, spec, cfg)
+    if main:
+        ctx.store.put_json(keys.run_info(run_id), {
+            "run_id": run_id,
+            "dataset_id": spec.dataset_id,
+            "base_model": spec.base_model,
+            "trigger_word": captions["trigger_word"],
+            "config": cfg.model_dump(),
+        })
+        ctx.store.put_json(prefix + "spec.json", json_format.MessageToDict(spec))
+    plan = _memory_plan(ctx, spec, cfg) if main else None  # for the report, which rank 0 writes
     lora_metadata = {
         "fluxlora.run_id": run_id,
         "fluxlora.base_model": spec.base_model,
@@ -158,9 +164,13 @@ def run_training(ctx: JobContext, spec: pb.TrainSpec) -> pb.TrainResult:
         export_name=run_id,
         lora_metadata=lora_metadata,
     )
-    upload_loss(outcome.steps_done)
     if outcome.stopped:
+        if main:
+            upload_loss(outcome.steps_done)
         raise JobInterrupted(run_id)
+    if not main:  # rank 0 reports the run; a follower's worker stores nothing (jobs.worker)
+        return pb.TrainResult(run_id=run_id, steps_done=outcome.steps_done, final_loss=outcome.final_loss)
+    upload_loss(outcome.steps_done)
     result = pb.TrainResult(
         run_id=run_id,
         checkpoints=checkpoints,

@@ -17,6 +17,7 @@ from fluxlora.training.gpu_budget import gpu_target, pick_for_run, plan_run
 from fluxlora.training.job import config_from_spec
 from fluxlora.training.memory import MemoryPlan
 from fluxlora.training.memory.auto import MEMORY_OPTIONS, AutoChoice
+from fluxlora.training.parallelism import MAX_GPUS, MAX_NODES, check_parallelism
 from fluxlora.training.trainer.config import TrainConfig, not_yet_runnable
 from fluxlora_api.shared.errors import FailedPrecondition, FluxloraError, InvalidArgument, ResourceExhausted
 from fluxlora_api.v1 import jobs_pb2, training_pb2_grpc
@@ -58,6 +59,8 @@ def bounds(settings) -> dict[str, Bound]:
         "max_sequence_length": Bound(0, 512, "0 means 512, T5's limit"),
         "weight_decay": Bound(0, 10, "AdamW's decoupled decay; 1e-4 by default"),
         "max_grad_norm": Bound(0, 1e6, "0 turns clipping off"),
+        "gpus": Bound(0, MAX_GPUS, "0 means 1; the GPUs of one node, one training process each"),
+        "nodes": Bound(0, MAX_NODES, "0 means 1"),
     }
 
 
@@ -73,6 +76,7 @@ class TrainingServicer(training_pb2_grpc.TrainingServiceServicer):
         check_numbers(spec, bounds(self.runtime.settings))
         if spec.resume_from_run:
             self._resume(spec, request.request_id)
+        check_parallelism(spec, self.runtime.settings)
         captions = require_captions(self.runtime.store, spec.dataset_id)
         if spec.caption_version < 0:
             raise InvalidArgument("spec.caption_version must be >= 0 (0: the dataset's current captions)")

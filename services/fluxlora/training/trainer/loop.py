@@ -19,6 +19,7 @@ from diffusers import FluxPipeline
 from diffusers.optimization import get_scheduler
 
 from fluxlora.models.loading import load_flux_pipeline, pick_device_dtype
+from fluxlora.training.trainer import distributed
 from fluxlora.training.trainer.callbacks import TrainCallbacks, TrainingStopped
 from fluxlora.training.trainer.checkpoint import (
     LORA_WEIGHTS_NAME,
@@ -90,6 +91,7 @@ class _Run:
     device: torch.device
     dtype: torch.dtype
     params: list[torch.nn.Parameter]
+    dp: distributed.DataParallel = field(default_factory=distributed.DataParallel)
     export_name: str = "lora"
     lora_metadata: dict[str, str] = field(default_factory=dict)
     history: list[tuple[int, float, float]] = field(default_factory=list)
@@ -121,17 +123,36 @@ def train_lora(
     checkpoint directory of an earlier run with the same config; training continues after its
     step, and repeats what the uninterrupted run would have done. device: where to train
     (default: CUDA when present, else the CPU); the base weights' dtype follows cfg.precision.
+
+    Started by torchrun (WORLD_SIZE > 1), each process trains its slice of every global batch of
+    cfg.batch_size x WORLD_SIZE images (distributed.py); rank 0 alone writes and calls back, and the
+    other ranks' outcomes list no checkpoints or samples.
     """
     callbacks = callbacks or TrainCallbacks()
+    dp = distributed.from_env()
+    if not dp.main:
+        callbacks = distributed.follower_callbacks(callbacks)
     missing = not_yet_runnable(cfg)
     if missing:
         raise ValueError(f"this trainer cannot run {'; '.join(missing)}")
     find_pairs(dataset_dir)  # an unusable dataset should fail before minutes of model loading
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    device, created = distributed.join(dp, device)
+    try:
+        return _train(cfg, Path(model_dir), Path(dataset_dir), out_dir, callbacks, dp, resume_from,
+                      encoding_cache, device, export_name, lora_metadata)
+    finally:
+        distributed.leave(created)
+
+
+def _train(cfg: TrainConfig, model_dir: Path, dataset_dir: Path, out_dir: Path, callbacks: TrainCallbacks,
+           dp: distributed.DataParallel, resume_from: Path | None, encoding_cache: Path | None,
+           device: torch.device | str | None, export_name: str, lora_metadata: Mapping[str, str] | None,
+           ) -> TrainOutcome:
     try:
         with callbacks.preparing():
-            run = _prepare(cfg, Path(model_dir), Path(dataset_dir), device, encoding_cache, callbacks)
+            run = _prepare(cfg, model_dir, dataset_dir, device, encoding_cache, callbacks, dp)
     except TrainingStopped as stopped:  # a cancel while loading: nothing trained, nothing to save
         log.info("%s", stopped)
         gc.collect()
@@ -140,6 +161,7 @@ def train_lora(
     run.export_name, run.lora_metadata = export_name, dict(lora_metadata or {})
     try:
         start_step = _resume(run, Path(resume_from)) if resume_from is not None else 0
+        distributed.broadcast_parameters(dp, run.params)
         return _loop(run, out_dir, callbacks, start_step)
     finally:
         # Also on errors: a traceback keeps frames alive, and with them the GPU memory.
@@ -154,7 +176,7 @@ def _loop(run: _Run, out_dir: Path, callbacks: TrainCallbacks, start_step: int) 
     step, stopped = start_step, False
     reset_peak_memory(run.device)
     while step < cfg.max_steps:
-        if callbacks.should_stop():
+        if distributed.any_rank(run.dp, callbacks.should_stop(), run.device):
             stopped = True
             break
         started = time.perf_counter()
@@ -165,15 +187,15 @@ def _loop(run: _Run, out_dir: Path, callbacks: TrainCallbacks, start_step: int) 
         callbacks.on_memory(step, peak_memory(run.device))
 
         final = step == cfg.max_steps
-        if final or _due(step, cfg.checkpoint_every):
+        if run.dp.main and (final or _due(step, cfg.checkpoint_every)):
             checkpoints.append((step, _checkpoint(run, out_dir, step)))
             callbacks.on_checkpoint(step, checkpoints[-1][1])
-        if cfg.sample_prompts and (final or _due(step, cfg.sample_every)):
+        if run.dp.main and cfg.sample_prompts and (final or _due(step, cfg.sample_every)):
             paths = _samples(run, out_dir, step)
             samples.append((step, paths))
             callbacks.on_sample(step, paths)
 
-    if stopped and step > start_step and (not checkpoints or checkpoints[-1][0] != step):
+    if run.dp.main and stopped and step > start_step and (not checkpoints or checkpoints[-1][0] != step):
         # A cancelled run keeps what it learned: usable as a LoRA and resumable.
         checkpoints.append((step, _checkpoint(run, out_dir, step)))
         callbacks.on_checkpoint(step, checkpoints[-1][1])
@@ -205,7 +227,7 @@ def _due(step: int, every: int) -> bool:
 
 def _prepare(
     cfg: TrainConfig, model_dir: Path, dataset_dir: Path, device: torch.device | str | None,
-    encoding_cache: Path | None, callbacks: TrainCallbacks,
+    encoding_cache: Path | None, callbacks: TrainCallbacks, dp: distributed.DataParallel,
 ) -> _Run:
     def stage_done(what: str) -> None:  # a cancel takes effect between stages, not after all of them
         if callbacks.should_stop():
@@ -250,8 +272,9 @@ def _prepare(
     scaler = torch.amp.GradScaler(
         device.type, enabled=dtype == torch.float16 and device.type == "cuda"
     )
+    # Global batches: every rank deals the same ones and trains its slice.
     batcher = BucketBatcher(
-        [tuple(s.latents.shape) for s in data.samples], cfg.batch_size, cfg.seed
+        [tuple(s.latents.shape) for s in data.samples], cfg.batch_size * dp.world_size, cfg.seed
     )
     return _Run(
         cfg=cfg,
@@ -265,6 +288,7 @@ def _prepare(
         device=device,
         dtype=dtype,
         params=params,
+        dp=dp,
     )
 
 
@@ -287,8 +311,12 @@ def _train_step(run: _Run) -> tuple[float, float]:
     total = 0.0
     for _ in range(cfg.gradient_accumulation):
         loss = _micro_batch_loss(run, run.batcher.next())
+        if loss is None:  # this rank's slice of a short batch was empty: it adds zero gradients
+            run.scaler.scale(torch.zeros((), device=run.device))  # fp16: the scaler starts on its first scale()
+            continue
         run.scaler.scale(loss / cfg.gradient_accumulation).backward()
         total += loss.item()
+    total = distributed.reduce_gradients(run.dp, run.params, total)
     lr = run.lr_scheduler.get_last_lr()[0]
     apply_gradients(run.params, run.optimizer, run.scaler, cfg.max_grad_norm)
     run.lr_scheduler.step()
@@ -297,18 +325,16 @@ def _train_step(run: _Run) -> tuple[float, float]:
     return mean, lr
 
 
-def _micro_batch_loss(run: _Run, indices: list[int]) -> torch.Tensor:
+def _micro_batch_loss(run: _Run, indices: list[int]) -> torch.Tensor | None:
+    """This rank's share of the mean loss of the global batch `indices` (the whole of it in one
+    process); None when its slice is empty. Random draws cover the global batch on every rank."""
     cfg, device, dtype, g = run.cfg, run.device, run.dtype, run.generator
     samples = [run.data.samples[i] for i in indices]
-    latents = torch.stack([s.latents for s in samples]).to(device, torch.float32)
-    batch, _, height, width = latents.shape
+    batch, (_, height, width) = len(samples), samples[0].latents.shape
 
     drop = torch.rand(batch, generator=g) < cfg.caption_dropout
     texts = [run.data.empty_text if d else s.text for s, d in zip(samples, drop.tolist(), strict=True)]
-    prompt_embeds = torch.stack([t.prompt_embeds for t in texts]).to(device, dtype)
-    pooled = torch.stack([t.pooled for t in texts]).to(device, dtype)
-
-    noise = torch.randn(latents.shape, generator=g).to(device)
+    noise = torch.randn((batch, *samples[0].latents.shape), generator=g)
     sigmas = sample_sigmas(
         cfg.timestep_sampling,
         batch,
@@ -317,11 +343,20 @@ def _micro_batch_loss(run: _Run, indices: list[int]) -> torch.Tensor:
         shift=cfg.timestep_shift,
         image_seq_len=(height // 2) * (width // 2),
         scheduler_config=run.pipe.scheduler.config,
-    ).to(device)
-    return flow_matching_loss(
-        run.transformer, latents, noise, sigmas, prompt_embeds, pooled,
+    )
+    mine = run.dp.shard(batch)
+    samples, texts = samples[mine], texts[mine]
+    if not samples:
+        return None
+    latents = torch.stack([s.latents for s in samples]).to(device, torch.float32)
+    prompt_embeds = torch.stack([t.prompt_embeds for t in texts]).to(device, dtype)
+    pooled = torch.stack([t.pooled for t in texts]).to(device, dtype)
+    loss = flow_matching_loss(
+        run.transformer, latents, noise[mine].to(device), sigmas[mine].to(device), prompt_embeds, pooled,
         run.data.text_ids.to(device, dtype), cfg.guidance, dtype,
     )
+    # The slice's mean, weighted so that the ranks' shares sum to the global batch's mean.
+    return loss if len(samples) == batch else loss * (len(samples) / batch)
 
 
 def _training_state(run: _Run, step: int) -> dict:
@@ -334,6 +369,7 @@ def _training_state(run: _Run, step: int) -> dict:
         "generator": run.generator.get_state(),
         "batcher": run.batcher.state_dict(),
         "history": list(run.history),
+        "world_size": run.dp.world_size,
     }
 
 
@@ -372,6 +408,13 @@ def _resume(run: _Run, directory: Path) -> int:
     if changed:
         raise ValueError(
             f"cannot resume from {directory}: {', '.join(changed)} differ from the checkpoint's run"
+        )
+    world = state.get("world_size", 1)  # checkpoints from before data-parallel training: one process
+    if world != run.dp.world_size:
+        raise ValueError(
+            f"cannot resume from {directory}: it was trained by {world} process(es) and this run has "
+            f"{run.dp.world_size}; the global batch (batch_size x processes) and its data order would change: "
+            f"resume with {world} GPU(s)"
         )
     if state["step"] >= run.cfg.max_steps:
         raise ValueError(

@@ -1,0 +1,28 @@
+"""Jobs whose work runs as several processes: a training spec's `gpus` (one process per GPU, training
+one LoRA data-parallel: fluxlora.training.trainer.distributed). Torch's own launcher starts them
+(`torchrun`, i.e. `python -m torch.distributed.run`): it sets RANK / WORLD_SIZE / LOCAL_RANK /
+MASTER_ADDR / MASTER_PORT, hosts the rendezvous, forwards SIGTERM to every rank and, when one rank
+fails, stops the others and exits non-zero. Both the process runner and a Kubernetes Job's pod run
+it; this module only builds its command line (the job runtime's floor imports no torch)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+TORCHRUN_MODULE = "torch.distributed.run"
+
+
+def gpus_of(spec: Any) -> int:
+    """The processes (GPUs) one job's work asks for: its spec's `gpus` field (TrainSpec), 1 for
+    specs without one or with it unset."""
+    fields = getattr(getattr(spec, "DESCRIPTOR", None), "fields_by_name", {})
+    return max(1, int(spec.gpus)) if "gpus" in fields else 1
+
+
+def torchrun_options(processes: int, stop_grace_s: float) -> list[str]:
+    """torchrun's options for `processes` ranks on this machine. --standalone: a rendezvous of its
+    own on a free local port, no other party involved. --shutdown-timeout: after SIGTERM, the ranks
+    get the caller's stop grace (less a margin for torchrun itself) to stop at a step boundary and
+    save a checkpoint before it kills them."""
+    grace = max(1, int(stop_grace_s) - 5)
+    return ["--standalone", f"--nproc-per-node={processes}", f"--shutdown-timeout={grace}"]
