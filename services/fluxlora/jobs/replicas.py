@@ -71,9 +71,26 @@ class JobReplicas(JobExecution, JobWatching):
 
     def update(self, job_id: str, mutate: Callable[[jobs_pb2.Job], object], message: str = "",
                persist: bool | str = True) -> bool:
+        if job_id not in self._let_go and not self._leases.holds(job_id) and self._would_finish(job_id, mutate):
+            # A lapsed lease (renewals failed, or this process was paused): before a job is finished here,
+            # learn whether another replica took it meanwhile (then it is theirs to finish).
+            try:
+                if not self._leases.renew(job_id):
+                    self._lose(job_id)
+            except Exception as exc:  # noqa: BLE001 - unreachable: finished in memory, written once it can be
+                log.warning("job %s: lease not confirmed before finishing (%s)", job_id, status_of(exc)[1])
         if job_id in self._let_go:
             return True  # another replica works on it now: no change, no event, no record from here
         return super().update(job_id, mutate, message, persist)
+
+    def _would_finish(self, job_id: str, mutate: Callable[[jobs_pb2.Job], object]) -> bool:
+        with self._cond:
+            job = self._jobs.get(job_id)
+            if job is None or job.state in TERMINAL:
+                return False
+            probe = copy_job(job)
+        mutate(probe)
+        return probe.state in TERMINAL
 
     def _persist(self, job_id: str) -> bool:
         if job_id in self._let_go:
