@@ -189,7 +189,8 @@ def test_a_replica_cut_off_loses_its_job_and_lets_go_once_it_is_back(store, repl
 
 
 def test_a_paused_replica_that_finishes_a_job_taken_over_meanwhile_records_nothing(store, replicas, monkeypatch):
-    a, b = replicas("a"), replicas("b")
+    a = replicas("a")
+    replicas("b")
     replicas.handler.close("a")
     job = a.submit(spec())
     eventually(lambda: replicas.handler.started, "a to start the job")

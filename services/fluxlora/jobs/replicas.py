@@ -43,6 +43,7 @@ log = logging.getLogger(__name__)
 S = jobs_pb2.JobState
 FOLLOW_INTERVAL_S = 1.0  # how often a watch of a job owned elsewhere reads its record
 CANCEL_CHECK_S = 2.0  # how often the owner looks for cancels left by other replicas
+SUBMIT_WAIT_S = 10.0  # how long a submit waits for another replica's submit of the same request_id
 # Lease I/O must answer well within a lease: a few quick retries, then the next round tries again.
 LEASE_RETRY = RetryPolicy(retries=2, base_s=0.1, max_s=0.5)
 
@@ -221,20 +222,42 @@ class JobReplicas(JobExecution, JobWatching):
             raise Unavailable(f"job id {job_id} is taken already: submit again")
 
     def orphan_or_job(self, job_id: str) -> jobs_pb2.Job | None:
-        """For a request_id claimed by `job_id` that has no record: the job, when its submit finished
-        meanwhile; None when that submit died (this replica then takes the claim over); UNAVAILABLE while
-        another replica's submit of it may still be under way (a retry finds the job)."""
-        held = self._leases.lease(job_id)
-        if held is not None:  # this replica's own earlier submit of it failed before storing the record
+        """For a request_id claimed by `job_id` that has no record: the job, once another replica's submit
+        of it stored it; None when that submit died (this replica then takes the claim over)."""
+        if self._leases.lease(job_id) is not None:  # this replica's own earlier submit of it failed
             self._leases.forget(job_id)
             return None
+        job = self.await_submit(job_id)
+        if job is not None:
+            return job
         newest = self._leases.book.newest(job_id)
         if newest is not None:
-            if not self._leases.book.takeable(newest) or self._leases.take(job_id, newest) is None:
+            if self._leases.take(job_id, newest) is None:  # of replicas taking the claim over, one does
                 raise Unavailable(f"replica {newest.owner} of {self.service} is submitting job {job_id} for this "
                                   "request_id: retry with the same request_id")
-            self._leases.forget(job_id)  # taken only to be the one replica that replaces the claim
-        job = self._records.load(job_id)
+            self._leases.forget(job_id)
+        return self._records.load(job_id)
+
+    def claimed_job(self, request_id: str) -> jobs_pb2.Job:
+        """The job of a request_id another replica claimed while this one was submitting it too."""
+        job_id = self._records.claimed(request_id)
+        job = self.await_submit(job_id) if job_id else None
+        if job is None:
+            raise Unavailable(f"another {self.service} replica was submitting request_id {request_id!r} and "
+                              "stopped: retry with the same request_id")
+        return job
+
+    def await_submit(self, job_id: str) -> jobs_pb2.Job | None:
+        """The job another replica is submitting, once it stored its record (a few store writes away);
+        None when that submit died (its lease is free or expired)."""
+        deadline = time.monotonic() + SUBMIT_WAIT_S
+        while (job := self._records.load(job_id)) is None:
+            if self._leases.book.takeable(self._leases.book.newest(job_id)):
+                return None
+            if time.monotonic() > deadline:
+                raise Unavailable(f"another {self.service} replica is still submitting job {job_id} for this "
+                                  "request_id: retry with the same request_id")
+            time.sleep(0.05)
         return job
 
     def _scan(self, at_start: bool = False) -> None:

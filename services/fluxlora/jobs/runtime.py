@@ -156,10 +156,10 @@ class JobRuntime(JobReplicas):
             job.trace_id = tracing.trace_id_of(job.traceparent)
             self.lease_new(job.job_id)  # first: a job is never in the store without its lease
             if request_id and not self._records.claim(request_id, job.job_id, replace=orphan):
-                # Another replica's submit of this request_id claimed it first; a retry finds its job.
-                self._leases.forget(job.job_id)
-                raise Unavailable(f"another {self.service} replica is submitting request_id {request_id!r}: "
-                                  "retry with the same request_id")
+                self._leases.forget(job.job_id)  # another replica's submit of it claimed it first: its job
+                found = self.claimed_job(request_id)
+                check_same_spec(found, spec, request_id)
+                return found
             self._records.mark_active(job.job_id)
             self._records.add_to_index(job)
             self._records.save(job)  # last: the job exists once its record does
