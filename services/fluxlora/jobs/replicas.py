@@ -58,6 +58,7 @@ class JobReplicas(JobExecution, JobWatching):
         self._leases = leases.JobLeases(book)
         self._let_go: set[str] = set()  # jobs still in memory whose lease another replica took
         self._expires_seen: dict[str, float] = {}  # jobs leased elsewhere -> when that lease ends
+        self._submitting: dict[str, float] = {}  # jobs leased by a submit here, not in memory yet -> since
         self._cancels_prefix = f"jobs/cancels/{service}/"
         self._replica_thread: threading.Thread | None = None
 
@@ -220,6 +221,7 @@ class JobReplicas(JobExecution, JobWatching):
         """Epoch 1 of a job being submitted here: taken before anything of it is stored."""
         if self._leases.take(job_id, None) is None:
             raise Unavailable(f"job id {job_id} is taken already: submit again")
+        self._submitting[job_id] = time.monotonic()
 
     def orphan_or_job(self, job_id: str) -> jobs_pb2.Job | None:
         """For a request_id claimed by `job_id` that has no record: the job, once another replica's submit
@@ -334,8 +336,12 @@ class JobReplicas(JobExecution, JobWatching):
         for job_id in self._leases.held():
             with self._cond:
                 job = self._jobs.get(job_id)
-                done = job is None or (job.state in TERMINAL and job_id not in self._unsaved)
-            if done:  # finished and stored: no one needs to take it over
+                done = job is not None and job.state in TERMINAL and job_id not in self._unsaved
+            since = self._submitting.get(job_id)
+            if job is not None or since is None or time.monotonic() - since > self.lease_seconds:
+                self._submitting.pop(job_id, None)  # stored, or a submit that failed (a retry takes it over)
+                done = done or job is None
+            if done:  # finished and stored (or never stored): no one needs to take it over
                 self._leases.forget(job_id)
             elif not self._leases.renew(job_id):
                 self._lose(job_id)
