@@ -17,7 +17,7 @@ from fluxlora.common.config import Settings
 from fluxlora.common.storage import LocalStore
 from fluxlora.jobs.context import JobInterrupted
 from fluxlora.jobs.runtime import JobRuntime
-from fluxlora_api.shared.errors import Unavailable
+from fluxlora_api.shared.errors import FailedPrecondition, Unavailable
 from fluxlora_api.v1 import jobs_pb2, preprocessing_pb2
 
 pytestmark = pytest.mark.timeout(120)
@@ -151,7 +151,9 @@ def test_each_replica_answers_for_the_others_jobs_and_cancels_them_through_it(st
     assert [e.job.state for e in events if e.job.state in TERMINAL] == [S.JOB_STATE_CANCELLED]
     assert stored(store, job.job_id).state == S.JOB_STATE_CANCELLED
     assert replicas.handler.interrupted == [("a", job.job_id)]
-    assert list(store.list("jobs/cancels/")) == []  # honoured, then removed
+    eventually(lambda: list(store.list("jobs/cancels/")) == [], "the cancel marker to be removed once honoured")
+    with pytest.raises(FailedPrecondition):
+        b.cancel(job.job_id)
 
 
 def cut_off(runtime: JobRuntime, monkeypatch) -> threading.Event:

@@ -35,7 +35,7 @@ from fluxlora.jobs.memory import ACTIVE, copy_job
 from fluxlora.jobs.records import TERMINAL
 from fluxlora.jobs.runners import Runner
 from fluxlora.jobs.watching import JobWatching
-from fluxlora_api.shared.errors import NotFound, ResourceExhausted, Unavailable, status_of
+from fluxlora_api.shared.errors import FailedPrecondition, NotFound, ResourceExhausted, Unavailable, status_of
 from fluxlora_api.v1 import jobs_pb2
 
 log = logging.getLogger(__name__)
@@ -153,8 +153,8 @@ class JobReplicas(JobExecution, JobWatching):
         """Every unfinished job of the service, whichever replica runs it: those held here from memory,
         the others from their records."""
         prefix = self._quick.active_prefix
-        names = [info.key[len(prefix):] for info in self._quick.store.list(prefix)]
-        jobs = [job for job in map(self._peek, names) if job is not None and job.state in ACTIVE]
+        names = {info.key[len(prefix):] for info in self._quick.store.list(prefix)}
+        jobs = [job for job in map(self._peek, sorted(names)) if job is not None and job.state in ACTIVE]
         with self._cond:
             jobs += [copy_job(j) for j in self._jobs.values() if j.state in ACTIVE and j.job_id not in names]
         return jobs
@@ -212,6 +212,8 @@ class JobReplicas(JobExecution, JobWatching):
     def cancel_elsewhere(self, job_id: str) -> jobs_pb2.Job:
         """Cancel of an unfinished job another replica owns: a marker its owner honours."""
         job = self._load(job_id)
+        if job.state in TERMINAL:
+            raise FailedPrecondition(f"job {job_id} already finished ({S.Name(job.state)}); there is nothing to cancel")
         self.store.put_bytes(self._cancels_prefix + job_id, b"")
         job.cancel_requested = True
         return job
@@ -265,8 +267,11 @@ class JobReplicas(JobExecution, JobWatching):
     def _scan(self, at_start: bool = False) -> None:
         """Takes the unfinished jobs no live replica holds and queues them, oldest first."""
         taken: list[tuple[jobs_pb2.Job, leases.Lease | None]] = []
-        for info in list(self._quick.store.list(self._quick.active_prefix)):
-            job_id = info.key[len(self._quick.active_prefix):]
+        prefix = self._quick.active_prefix
+        unfinished = [info.key[len(prefix):] for info in self._quick.store.list(prefix)]
+        for job_id in set(self._expires_seen) - set(unfinished):  # finished elsewhere: forget when it ended
+            del self._expires_seen[job_id]
+        for job_id in unfinished:
             with self._cond:
                 if job_id in self._jobs:  # ours, or let go and still stopping
                     continue
