@@ -101,8 +101,7 @@ class JobReplicas(JobExecution, JobWatching):
             job = self._jobs.get(job_id)
             leased = job is not None and not (job.state in TERMINAL and job_id not in self._unsaved)
         if leased and not self._leases.holds(job_id):
-            self._recorder_wake.set()
-            return False  # lapsed: kept in memory, written once the renewal thread takes the lease again
+            return False  # lapsed: kept in memory; the recorder writes it once the lease is taken again
         return super()._persist(job_id)
 
     def _run(self, job_id: str) -> None:
@@ -126,13 +125,15 @@ class JobReplicas(JobExecution, JobWatching):
             self._cond.notify_all()
 
     def _lose(self, job_id: str) -> None:
+        """Lets go of a job another replica took: its handler stops at the next safe point, and the job
+        leaves memory when its run (or, queued, its turn) ends: a worker may be about to start it."""
         log.warning("job %s: another %s replica took it over; this replica (%s) stops working on it",
                     job_id, self.service, self.identity.replica)
         with self._cond:
             self._let_go.add(job_id)
-            running = job_id in self._jobs and self._jobs[job_id].state == S.JOB_STATE_RUNNING
+            finished = job_id in self._jobs and self._jobs[job_id].state in TERMINAL  # its record still unsaved
             self._cond.notify_all()
-        if not running:  # a queued job: nothing of it runs here
+        if finished:  # no worker will come back to it
             self._drop(job_id)
 
     # --- reads of jobs owned elsewhere -----------------------------------------------------------
