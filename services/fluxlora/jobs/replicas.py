@@ -11,8 +11,10 @@ holding its lease (fluxlora.jobs.leases), and every replica answers for every jo
   plus one safe point later). That is safe because a re-run writes the same keys with the same bytes
   (datasets are content-addressed, captions and grids are rewritten whole, training resumes from its
   last complete checkpoint) and completion markers and records are written last: a record is written
-  only while its lease is valid on the owner's own clock (`_persist`), so no late record of the old
-  owner overwrites the new owner's.
+  only while its lease is valid on the owner's own clock (`_persist`; a write begun in time must land
+  within the lease's last quarter, see leases.py), so no late record of the old owner overwrites the
+  new owner's. A job about to finish on a lapsed lease checks it first (`update`); if the store cannot
+  be reached for that, the end is announced here and written once the lease is taken again, or never.
 - Reads: GetJob / ListJobs answer a job this replica does not own from its stored record; WatchJob
   follows the stored record (FOLLOW_INTERVAL_S) until it ends, switching between memory and the store as
   the job comes and goes; CancelJob of a job owned elsewhere leaves a marker, jobs/cancels/<service>/<id>,

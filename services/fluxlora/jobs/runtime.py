@@ -2,8 +2,8 @@
 persists every record in the store, streams changes to watchers, and cancels on request.
 
 State machine: QUEUED -> RUNNING -> SUCCEEDED | FAILED | CANCELLED; QUEUED -> CANCELLED.
-A job interrupted by a shutdown goes back to QUEUED in the store, so the next server start runs it
-again (training then resumes from its last checkpoint).
+A job interrupted by a shutdown goes back to QUEUED in the store, so another replica or the next server
+start runs it again (training then resumes from its last checkpoint).
 
 While the store is unreachable (past its retries) a job's record lives only here: the job goes on or
 fails UNAVAILABLE, watchers still see every change, and an idle worker writes the record again once
@@ -130,7 +130,7 @@ class JobRuntime(JobReplicas):
                 if known:
                     try:
                         found: jobs_pb2.Job | None = self.get(known)
-                    except NotFound:  # UNAVAILABLE while another replica's submit of it may be under way
+                    except NotFound:  # another replica's submit still storing it (waited for), or one that died
                         found = self.orphan_or_job(known)
                         orphan = found is None
                     if found is not None:
