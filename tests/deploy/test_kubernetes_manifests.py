@@ -70,7 +70,7 @@ def training_job(docs, monkeypatch) -> dict:
 def test_every_object_of_every_overlay_is_valid_for_kubernetes_1_30(rendered, overlay):
     kinds = sorted(d["kind"] for d in rendered[overlay])
     assert kinds == sorted(["Namespace", "ConfigMap", "ServiceAccount", "ServiceAccount", "Role", "RoleBinding",
-                            "Service", "StatefulSet", "Job", *["Deployment", "Service"] * 4])
+                            "Service", "StatefulSet", "Job", *["Deployment", "Service", "PodDisruptionBudget"] * 4])
     for doc in rendered[overlay]:
         kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
         if doc["kind"] != "Namespace":
@@ -136,8 +136,16 @@ def test_each_service_is_a_hardened_deployment_with_native_grpc_probes_resources
     assert service["spec"]["ports"][0]["port"] == port
     assert service["spec"]["selector"] == deployment["spec"]["selector"]["matchLabels"]
     assert pod["automountServiceAccountToken"] is (name == "training")  # only training talks to the API
-    # One server per service, never two side by side (a starting server re-runs unfinished jobs).
-    assert deployment["spec"]["replicas"] == 1 and deployment["spec"]["strategy"] == {"type": "Recreate"}
+    # Two replicas sharing the jobs through leases (fluxlora.jobs.replicas), each named after its pod; a
+    # rolling update never surges a GPU workload (it would need a GPU more) and keeps one pod up otherwise.
+    assert deployment["spec"]["replicas"] >= 2
+    gpu = name in GPU_DEPLOYMENTS
+    assert deployment["spec"]["strategy"] == {"type": "RollingUpdate", "rollingUpdate": {
+        "maxSurge": 0 if gpu else 1, "maxUnavailable": 1 if gpu else 0}}
+    assert env_of(deployment)["FLUXLORA_REPLICA_ID"] == {"fieldRef": {"fieldPath": "metadata.name"}}
+    budget = by_kind(docs, "PodDisruptionBudget")[name]
+    assert budget["spec"]["minAvailable"] == 1
+    assert budget["spec"]["selector"]["matchLabels"] == deployment["spec"]["selector"]["matchLabels"]
 
 
 @pytest.mark.parametrize("overlay", [o for o, product in OVERLAYS.items() if product])

@@ -219,4 +219,5 @@ def test_the_services_stay_hardened_deployments_with_grpc_probes_and_resources(r
                                         "capabilities": {"drop": ["ALL"]}}, name
         assert all(c[p]["grpc"]["port"] for p in ("startupProbe", "readinessProbe", "livenessProbe")), name
         assert c["resources"]["requests"]["cpu"] and c["resources"]["limits"]["memory"], name
-        assert deployment["spec"]["strategy"] == {"type": "Recreate"}, name
+        # replicas share the jobs through leases: rolling updates, one pod at a time at most
+        assert deployment["spec"]["replicas"] >= 2 and deployment["spec"]["strategy"]["type"] == "RollingUpdate", name

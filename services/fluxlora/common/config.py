@@ -124,6 +124,15 @@ class Settings(BaseSettings):
     max_job_attempts: int = Field(
         2, ge=1, description="Starts of a job whose server or worker process died before it is failed as poison."
     )
+    # Replicas of one service on one store (fluxlora.jobs.leases): each job's work is leased to one of them.
+    lease_seconds: float = Field(
+        30.0, ge=1.0, description="Seconds a job's lease lasts unrenewed (renewed every third); a replica takes "
+        "over the jobs of one that died this long after its last renewal.",
+    )
+    replica_id: str = Field(
+        "", description="This server's name among replicas of its service (the pod name); empty: hostname-pid. "
+        "Must be unique among live replicas.",
+    )
     min_free_bytes: int = Field(
         256 * 1024**2, ge=0,
         description="Free bytes a server's scratch and local store disks need before a job is accepted or started.",

@@ -10,7 +10,7 @@ for every job it ever ran while it holds only its unfinished and recently finish
 
 A submit writes the request claim (create-only), the active marker, the index entry and then the record:
 the record is the commit point. A submit that fails or crashes before it leaves only objects that point
-at no record, which the next start (repair, load_active) removes and the next submit of the same
+at no record, which a later start (repair, the replicas' scan) removes and the next submit of the same
 request_id takes over (a claim whose record is missing).
 """
 
@@ -20,7 +20,7 @@ import hashlib
 import json
 import logging
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from google.protobuf import json_format
 from google.protobuf.message import Message
@@ -123,13 +123,15 @@ class JobRecords:
             if name > after and INDEX_NAME.match(name):
                 yield name
 
-    def repair(self) -> int:
+    def repair(self, in_flight: Callable[[str], bool] = lambda job_id: False) -> int:
         """Indexes records that have no index entry (a store written before the index existed), reading
         only those records, one at a time, and drops index entries of submits that never stored their
-        record. Returns how many records were indexed."""
+        record (unless `in_flight` says another replica may still be storing it). Returns how many
+        records were indexed."""
         recorded = self.recorded_ids()
         for info in list(self.store.list(self.index_prefix)):
-            if job_id_of(info.key[len(self.index_prefix):]) not in recorded:
+            job_id = job_id_of(info.key[len(self.index_prefix):])
+            if job_id not in recorded and not in_flight(job_id):
                 self.store.delete(info.key)
         missing = sorted(recorded - self.indexed_ids())
         del recorded

@@ -2,8 +2,8 @@
 persists every record in the store, streams changes to watchers, and cancels on request.
 
 State machine: QUEUED -> RUNNING -> SUCCEEDED | FAILED | CANCELLED; QUEUED -> CANCELLED.
-A job interrupted by a shutdown goes back to QUEUED in the store, so the next server start runs it
-again (training then resumes from its last checkpoint).
+A job interrupted by a shutdown goes back to QUEUED in the store, so another replica or the next server
+start runs it again (training then resumes from its last checkpoint).
 
 While the store is unreachable (past its retries) a job's record lives only here: the job goes on or
 fails UNAVAILABLE, watchers still see every change, and an idle worker writes the record again once
@@ -27,7 +27,8 @@ so a server's memory does not grow with the number of jobs it ever ran.
 
 JobRuntime is built in floors, one concern each: memory.JobMemory (the jobs, LRU and event logs held),
 recorder.JobRecorder (record writes, the recorder thread, health), execution.JobExecution (worker
-threads, attempts, runners), watching.JobWatching (WatchJob); here: lifecycle, submit, list, cancel.
+threads, attempts, runners), watching.JobWatching (WatchJob), replicas.JobReplicas (a lease per job, so
+several replicas share one store); here: lifecycle, submit, list, cancel.
 listing.py pages ListJobs, admission.py holds the submit checks.
 """
 
@@ -48,12 +49,12 @@ from fluxlora.common.config import Settings
 from fluxlora.common.storage import ArtifactStore
 from fluxlora.jobs import listing, webhooks
 from fluxlora.jobs.admission import check_same_spec
-from fluxlora.jobs.execution import Handler, JobExecution
+from fluxlora.jobs.execution import Handler
 from fluxlora.jobs.kueue_flavors import ClusterQueueGpus
 from fluxlora.jobs.memory import ACTIVE, EVENTS_KEPT, copy_job
 from fluxlora.jobs.records import TERMINAL
+from fluxlora.jobs.replicas import JobReplicas
 from fluxlora.jobs.runners import Runner
-from fluxlora.jobs.watching import JobWatching
 from fluxlora_api.shared.errors import FailedPrecondition, NotFound, ResourceExhausted, Unavailable
 from fluxlora_api.v1 import jobs_pb2
 
@@ -64,7 +65,7 @@ log = logging.getLogger(__name__)
 S = jobs_pb2.JobState
 
 
-class JobRuntime(JobExecution, JobWatching):
+class JobRuntime(JobReplicas):
     def __init__(
         self,
         service: str,
@@ -86,19 +87,10 @@ class JobRuntime(JobExecution, JobWatching):
 
     # --- lifecycle -------------------------------------------------------------------------
     def start(self) -> None:
-        """Queues this service's unfinished jobs again; finished records stay in the store, unread."""
-        self._records.repair()
-        for job in sorted(self._records.load_active(), key=lambda j: j.created_at.ToNanoseconds()):
-            self._remember(job)
-            if job.cancel_requested:
-                self._finish(job.job_id, S.JOB_STATE_CANCELLED)
-                continue
-            # A RUNNING record means its server died mid-job: `attempts` counted that start, and
-            # _run fails the job as poison once it reaches FLUXLORA_MAX_JOB_ATTEMPTS.
-            job.state = S.JOB_STATE_QUEUED
-            self._records.save(job)
-            log.info("job %s picked up again after a restart (started %d times before)", job.job_id, job.attempts)
-            self._queue.put(job.job_id)
+        """Queues this service's unfinished jobs no other live replica holds (replicas.py); finished
+        records stay in the store, unread."""
+        self._records.repair(in_flight=self.submit_in_flight)
+        self.start_replica()
         self._runner.recover(self)
         # A runner whose cluster admits jobs (Kubernetes with Kueue) gets one in flight per job the
         # server may hold: the cluster's queue, not this server's, decides what runs when.
@@ -121,6 +113,7 @@ class JobRuntime(JobExecution, JobWatching):
         self._recorder_wake.set()
         if self._recorder is not None:
             self._recorder.join(max(0.0, deadline - time.monotonic()))
+        self.stop_replica()
         with self._cond:
             self._cond.notify_all()
         shutil.rmtree(self._scratch_root, ignore_errors=True)
@@ -142,12 +135,13 @@ class JobRuntime(JobExecution, JobWatching):
                 known = known or self._quick.claimed(request_id)
                 if known:
                     try:
-                        existing = self.get(known)
-                    except NotFound:
-                        orphan = True
-                    else:
-                        check_same_spec(existing, spec, request_id)
-                        return existing
+                        found: jobs_pb2.Job | None = self.get(known)
+                    except NotFound:  # another replica's submit still storing it (waited for), or one that died
+                        found = self.orphan_or_job(known)
+                        orphan = found is None
+                    if found is not None:
+                        check_same_spec(found, spec, request_id)
+                        return found
             with self._cond:
                 queued = sum(1 for j in self._jobs.values() if j.state == S.JOB_STATE_QUEUED)
             if queued >= self._max_queued:
@@ -166,11 +160,12 @@ class JobRuntime(JobExecution, JobWatching):
             job.webhook_urls.extend(urls)
             job.traceparent = tracing.current_traceparent()  # the submit's trace, continued by the job's work
             job.trace_id = tracing.trace_id_of(job.traceparent)
+            self.lease_new(job.job_id)  # first: a job is never in the store without its lease
             if request_id and not self._records.claim(request_id, job.job_id, replace=orphan):
-                # Only another server on the same store gets here (one server per service is the
-                # supported set-up): its submit of this request_id is under way; a retry finds the job.
-                raise Unavailable(f"another {self.service} server is submitting request_id {request_id!r}: "
-                                  "retry with the same request_id")
+                self._leases.forget(job.job_id)  # another replica's submit of it claimed it first: its job
+                found = self.claimed_job(request_id)
+                check_same_spec(found, spec, request_id)
+                return found
             self._records.mark_active(job.job_id)
             self._records.add_to_index(job)
             self._records.save(job)  # last: the job exists once its record does
@@ -205,9 +200,9 @@ class JobRuntime(JobExecution, JobWatching):
         size = listing.page_size(page_size)
         after = listing.decode_token(page_token)
         wanted: set[int] = set(states or ())
-        if wanted and wanted <= ACTIVE:  # every unfinished job is in memory: no store listing needed
-            return (*self._memory_page(wanted, size, after), False)
         try:
+            if wanted and wanted <= ACTIVE:  # every unfinished job has an active marker: no index scan
+                return (*listing.memory_page(self.active_jobs(), wanted, size, after), False)
             return (*listing.store_page(self._quick.index_after(after), self._peek, wanted, size, after), False)
         except Unavailable as exc:
             if not fallback:
@@ -228,11 +223,8 @@ class JobRuntime(JobExecution, JobWatching):
             raise FailedPrecondition(
                 f"job {job_id} already finished ({S.Name(state)}); there is nothing to cancel"
             )
-        if job is None:  # an unfinished record this server does not run (it was not picked up)
-            raise FailedPrecondition(
-                f"job {job_id} is {S.Name(state)} in the store but not queued on this server: "
-                f"restart the {self.service} server to pick it up, then cancel it"
-            )
+        if job is None or not self.owns(job_id):  # another replica runs it: it honours the request
+            return self.cancel_elsewhere(job_id)
         with self._cond:
             # The record is written by the recorder thread: a slow store never holds up this answer.
             if job.state == S.JOB_STATE_QUEUED:
