@@ -7,6 +7,7 @@ import logging
 from pathlib import Path
 
 import torch
+
 from fluxlora.models.base_layers import freeze_base
 from fluxlora.models.families import Family, family_for_model
 

@@ -13,6 +13,7 @@ from fluxlora.domain.caption_versions import CaptionVersions
 from fluxlora.domain.datasets import dataset_base_size, require_captions
 from fluxlora.jobs.kueue_flavors import ClusterQueueGpus
 from fluxlora.jobs.runtime import JobRuntime
+from fluxlora.training.families import check_family
 from fluxlora.training.gpu_budget import gpu_target, pick_for_run, plan_run
 from fluxlora.training.job import config_from_spec
 from fluxlora.training.memory import MemoryPlan
@@ -220,6 +221,7 @@ class TrainingServicer(training_pb2_grpc.TrainingServiceServicer):
             raise FailedPrecondition(
                 f"base model {spec.base_model!r} is not a diffusers-layout directory (no model_index.json)"
             )
+        check_family(spec.base_model, spec.family, self.runtime.store)
         return True
 
     def _pick_memory(self, spec: pb.TrainSpec, cfg: TrainConfig) -> AutoChoice | None:

@@ -13,10 +13,13 @@ from pathlib import Path
 
 from fluxlora.models.families.base import Family, PromptEncoding
 from fluxlora.models.families.chroma import Chroma
+from fluxlora.models.families.flux2 import Flux2, Flux2Klein
 
 FLUX1_DEV = Family()
 CHROMA = Chroma()
 FAMILIES: dict[str, Family] = {f.name: f for f in (FLUX1_DEV, CHROMA)}
+# Families the planner can estimate from their configs but the trainer cannot train yet.
+PLANNED: dict[str, Family] = {f.name: f for f in (Flux2(), Flux2Klein())}
 # Recognised in model folders and configs, not trainable yet (issue 16).
 NOT_YET_TRAINABLE = ("flux1-kontext", "flux2-dev", "flux2-klein")
 FAMILY_NAMES = (*FAMILIES, *NOT_YET_TRAINABLE)
@@ -37,7 +40,7 @@ _BY_TRANSFORMER = {
 }
 
 __all__ = ["CHROMA", "FAMILIES", "FAMILY_NAMES", "FLUX1_DEV", "Family", "PromptEncoding", "detect_family", "family_of",
-           "family_for_model", "get_family"]
+           "agreed_family", "family_for_model", "get_family", "planning_family"]
 
 
 def get_family(name: str) -> Family:
@@ -48,6 +51,15 @@ def get_family(name: str) -> Family:
         raise ValueError(f"model family {name!r} is recognised but cannot be trained yet (issue 16); "
                          f"trainable families: {', '.join(FAMILIES)}")
     raise ValueError(f"unknown model family {name!r}: use one of {', '.join(FAMILY_NAMES)}")
+
+
+def planning_family(name: str) -> Family:
+    """The family object the memory planner uses for `name`: the trainable ones and FLUX.2's two."""
+    if name == "flux1-kontext":
+        # FLUX.1's transformer, but every step also carries the reference image's tokens: an
+        # estimate without them would be too low.
+        raise ValueError("flux1-kontext cannot be planned yet: its reference-image tokens are not modelled")
+    return FAMILIES.get(name) or PLANNED.get(name) or get_family(name)
 
 
 def detect_family(model_index: dict | None, transformer_config: dict | None) -> str | None:
@@ -66,17 +78,23 @@ def family_for_model(model_dir: Path, named: str = "") -> Family:
     """The family to train `model_dir` as: `named` when given (it must agree with the model),
     else the detected one. ValueError naming the folder and the fix when they disagree or when the
     model's family is unknown."""
-    found = detect_family_in(model_dir)
+    return get_family(agreed_family(detect_family_in(model_dir), named, str(model_dir)))
+
+
+def agreed_family(found: str | None, named: str, where: str) -> str:
+    """The family name to use for a model at `where` whose files say `found` (None: they do not
+    say) when the run names `named` ("" for none); ValueError naming the model and the fix."""
     if named:
-        family = get_family(named)
+        if named not in FAMILY_NAMES:
+            raise ValueError(f"unknown model family {named!r}: use one of {', '.join(FAMILY_NAMES)}")
         if found is not None and found != named:
-            raise ValueError(f"the base model in {model_dir} is a {found} model, not {named}: set family to "
+            raise ValueError(f"the base model {where} is a {found} model, not {named}: set family to "
                              f"{found!r} (or leave it unset to detect it), or choose a {named} model")
-        return family
+        return named
     if found is None:
-        raise ValueError(f"cannot tell the model family of {model_dir}: its model_index.json names no known "
+        raise ValueError(f"cannot tell the model family of {where}: its model_index.json names no known "
                          f"pipeline class; set family to one of {', '.join(FAMILY_NAMES)}")
-    return get_family(found)
+    return found
 
 
 def _read_json(path: Path) -> dict | None:

@@ -39,6 +39,9 @@ class Family:
     # What kohya sd-scripts writes as ss_base_model_version, for tools that sort LoRAs by base.
     kohya_base_model_version = "flux1"
     trainable = True
+    # LoRA targets of the "attention" preset where the trainer's names (to_q, to_k, to_v, to_out.0)
+    # miss layers of this family; None: the trainer's preset fits (FLUX.1, Chroma).
+    attention_targets: tuple[str, ...] | None = None
 
     def __repr__(self) -> str:
         return f"<family {self.name}>"
