@@ -182,8 +182,8 @@ class TrainSpec(_message.Message):
     """
     family: _builtins.str
     """The base model's family: "flux1-dev" (any FluxPipeline model) or "chroma"; "flux1-kontext",
-    "flux2-dev" and "flux2-klein" are recognised but not trainable yet. Default: detected from the
-    model (model_index.json). A family that disagrees with the model is INVALID_ARGUMENT.
+    "flux2-dev" and "flux2-klein" are recognised but not trainable yet. A family that disagrees
+    with the model is INVALID_ARGUMENT; default: "" (detected from the model's model_index.json).
     """
     @_builtins.property
     def sample_prompts(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
