@@ -1,6 +1,7 @@
 """Chroma as a second model family: its tiny model trains through the same trainer (loss falls
 when overfitting one image, a resume repeats the run exactly) and its LoRA renders through
-ChromaPipeline, pulling generations toward the training image."""
+ChromaPipeline, pulling generations toward the training image; its kohya (ComfyUI) file renders
+as its diffusers file does."""
 
 from __future__ import annotations
 
@@ -16,8 +17,10 @@ from fluxlora.evaluation.render import latent_distances_to_image
 from fluxlora.models.families import CHROMA, FLUX1_DEV, detect_family_in, family_for_model
 from fluxlora.models.loading import load_flux_pipeline
 from fluxlora.models.tiny_chroma import write_tiny_chroma
-from fluxlora.training.trainer import TrainConfig, train_lora
+from fluxlora.training.trainer import LORA_WEIGHTS_NAME, TrainConfig, train_lora
+from fluxlora.training.trainer.checkpoint import save_lora
 from fluxlora.training.trainer.config import ATTENTION_AND_MLP_TARGETS
+from fluxlora.training.trainer.lora import add_lora
 
 CAPTION = "a photo of a red circle"
 
@@ -95,3 +98,31 @@ def test_resuming_repeats_the_uninterrupted_run(tiny_chroma_dir, make_dataset, s
     assert resumed.losses == whole.losses
     a, b = load_file(whole.final_checkpoint), load_file(resumed.final_checkpoint)
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_the_comfyui_file_renders_as_the_diffusers_file_through_chroma_pipeline(tiny_chroma_dir, tmp_path):
+    # Every kind of layer the presets train in Chroma's blocks (single blocks' fused linear1 is
+    # left out: diffusers splits it at full-size widths only, as for FLUX.1 in test_lora_export).
+    targets = [r"transformer_blocks\.0\.(attn\.(to_q|to_k|to_v|add_q_proj|add_k_proj|add_v_proj|to_out\.0|to_add_out)"
+               r"|ff\.net\.(0\.proj|2)|ff_context\.net\.(0\.proj|2))", r"single_transformer_blocks\.0\.proj_out"]
+    pipe = load_flux_pipeline(tiny_chroma_dir, "cpu", torch.float32)
+    add_lora(pipe.transformer, TrainConfig(rank=4, alpha=8.0, target_modules=targets))
+    generator = torch.Generator().manual_seed(0)
+    for name, param in pipe.transformer.named_parameters():
+        if "lora_B" in name:  # a fresh LoRA's B is zero: make it matter
+            param.data = torch.randn(param.shape, generator=generator) * 0.2
+    save_lora(pipe.transformer, tmp_path, kohya_name="chroma-step-000001.safetensors")
+
+    def render(lora: Path | None) -> torch.Tensor:
+        fresh = load_flux_pipeline(tiny_chroma_dir, "cpu", torch.float32)
+        if lora is not None:
+            fresh.load_lora_weights(lora, adapter_name="trained")
+        text = torch.Generator().manual_seed(1)
+        return fresh(prompt_embeds=torch.randn(1, 8, 32, generator=text), prompt_attention_mask=torch.ones(1, 8),
+                     guidance_scale=1.0, height=64, width=64, num_inference_steps=2, output_type="latent",
+                     generator=torch.Generator().manual_seed(0)).images
+
+    base, from_peft = render(None), render(tmp_path / LORA_WEIGHTS_NAME)
+    from_kohya = render(tmp_path / "chroma-step-000001.safetensors")
+    assert (from_peft - base).abs().max() > 0.1
+    torch.testing.assert_close(from_kohya, from_peft, atol=1e-5, rtol=1e-5)
