@@ -17,9 +17,10 @@ from fluxlora.evaluation.render import latent_distances_to_image
 from fluxlora.models.families import CHROMA, FLUX1_DEV, detect_family_in, family_for_model
 from fluxlora.models.loading import load_flux_pipeline
 from fluxlora.models.tiny_chroma import write_tiny_chroma
-from fluxlora.training.trainer import LORA_WEIGHTS_NAME, TrainConfig, train_lora
+from fluxlora.training.trainer import LORA_WEIGHTS_NAME, TrainCallbacks, TrainConfig, train_lora
 from fluxlora.training.trainer.checkpoint import save_lora
 from fluxlora.training.trainer.config import ATTENTION_AND_MLP_TARGETS
+from fluxlora.training.trainer.encoding_cache import load_encodings
 from fluxlora.training.trainer.lora import add_lora
 
 CAPTION = "a photo of a red circle"
@@ -126,3 +127,16 @@ def test_the_comfyui_file_renders_as_the_diffusers_file_through_chroma_pipeline(
     from_kohya = render(tmp_path / "chroma-step-000001.safetensors")
     assert (from_peft - base).abs().max() > 0.1
     torch.testing.assert_close(from_kohya, from_peft, atol=1e-5, rtol=1e-5)
+
+
+def test_a_run_from_the_encoding_cache_trains_as_the_run_that_wrote_it(tiny_chroma_dir, circle, tmp_path):
+    cache = tmp_path / "encodings.safetensors"
+    first = train(quick(), tiny_chroma_dir, circle, tmp_path / "a", encoding_cache=cache)
+    stored = load_encodings(cache, circle)
+    assert stored.samples[0].text.mask is not None and stored.samples[0].text.pooled.numel() == 0
+    # Chroma attends to the caption's tokens and the first padding token only.
+    assert stored.samples[0].text.mask.sum() == len(CAPTION.split()) + 2  # words, </s>, one pad
+    encoded_again = []
+    second = train_lora(quick(), tiny_chroma_dir, circle, tmp_path / "b", TrainCallbacks(on_encoded=encoded_again.append),
+                        device="cpu", encoding_cache=cache)
+    assert encoded_again == [] and second.losses == first.losses
