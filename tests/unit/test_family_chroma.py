@@ -137,6 +137,6 @@ def test_a_run_from_the_encoding_cache_trains_as_the_run_that_wrote_it(tiny_chro
     # Chroma attends to the caption's tokens and the first padding token only.
     assert stored.samples[0].text.mask.sum() == len(CAPTION.split()) + 2  # words, </s>, one pad
     encoded_again = []
-    second = train_lora(quick(), tiny_chroma_dir, circle, tmp_path / "b", TrainCallbacks(on_encoded=encoded_again.append),
-                        device="cpu", encoding_cache=cache)
+    second = train_lora(quick(), tiny_chroma_dir, circle, tmp_path / "b",
+                        TrainCallbacks(on_encoded=encoded_again.append), device="cpu", encoding_cache=cache)
     assert encoded_again == [] and second.losses == first.losses
