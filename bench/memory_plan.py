@@ -1,8 +1,14 @@
-"""Estimated peak GPU memory of training a LoRA on the full-size FLUX.1-dev transformer, per
-resolution and memory mode, computed on the CPU by the memory planner (no weights, no GPU).
+"""Estimated peak GPU memory of training a LoRA on a full-size transformer (FLUX.1-dev by default,
+or any family with --family), per resolution and memory mode, computed on the CPU by the memory
+planner (no weights, no GPU).
 
-    .venv/bin/python bench/memory_plan.py [--resolutions 512,768,1024] [--rank 16] [--batch-size 1]
+    .venv/bin/python bench/memory_plan.py [--family flux1-dev|chroma|flux2-dev|flux2-klein]
+                                          [--modes "bf16 + checkpointing,..."]
+                                          [--resolutions 512,768,1024] [--rank 16] [--batch-size 1]
                                           [--target-gib 24] [--json out.json]
+
+The full-size configs are models/families/configs.py's (`fluxlora models write-config`). FLUX.2's
+attention LoRA also covers its single blocks' fused layers (Family.attention_targets).
 
 Each planned mode runs one fake training step (~5 s on one core); block swapping is arithmetic on
 top of a fake step, so its rows cost nothing more. Totals include the planner's fixed CUDA
@@ -17,7 +23,10 @@ import json
 import sys
 import time
 
-from fluxlora.training.memory import CUDA_OVERHEAD_GIB, FLUX1_DEV, MemoryPlanner
+from fluxlora.models.families import planning_family
+from fluxlora.models.families.configs import FULL_SIZE
+from fluxlora.training.memory import CUDA_OVERHEAD_GIB, MemoryPlanner
+from fluxlora.training.memory.architecture import shape_from_configs
 from fluxlora.training.trainer.config import TrainConfig
 
 MODES = {
@@ -34,6 +43,8 @@ MODES = {
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--family", default="flux1-dev", choices=[f for f in FULL_SIZE if f != "flux1-kontext"])
+    parser.add_argument("--modes", default=",".join(MODES), help="comma-separated names of MODES")
     parser.add_argument("--resolutions", default="512,768,1024")
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--batch-size", type=int, default=1)
@@ -41,26 +52,31 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", help="also write the table here")
     args = parser.parse_args(argv)
     resolutions = [int(r) for r in args.resolutions.split(",")]
+    modes = {name: MODES[name] for name in args.modes.split(",")}
+    pipeline, transformer, vae = FULL_SIZE[args.family]
+    shape = shape_from_configs(transformer, vae, {"_class_name": pipeline})
+    targets = planning_family(args.family).attention_targets
+    extra = {"target_modules": list(targets)} if targets else {}
 
     planner = MemoryPlanner()
     rows = []
     started = time.perf_counter()
-    for mode, options in MODES.items():
+    for mode, options in modes.items():
         for resolution in resolutions:
             cfg = TrainConfig(resolution=resolution, rank=args.rank, alpha=args.rank, batch_size=args.batch_size,
-                              **options)
+                              **options, **extra)
             case_started = time.perf_counter()
-            estimate = planner.estimate(FLUX1_DEV, cfg)
+            estimate = planner.estimate(shape, cfg)
             rows.append({**estimate.as_dict(), "mode": mode, "resolution": resolution,
                          "seconds": round(time.perf_counter() - case_started, 1)})
 
-    print(f"FLUX.1-dev transformer, batch {args.batch_size}, rank {args.rank}, 512 text tokens; GiB, "
+    print(f"{args.family} transformer, batch {args.batch_size}, rank {args.rank}, 512 text tokens; GiB, "
           f"totals include {CUDA_OVERHEAD_GIB} GiB CUDA overhead; * = fits {args.target_gib:g} GiB")
-    width = max(len(m) for m in MODES)
+    width = max(len(m) for m in modes)
     header = "".join(f"{r:>26}" for r in resolutions)
     print(f"{'mode':<{width}}{header}")
     print(f"{'':<{width}}" + "".join(f"{'total (step, weights)':>26}" for _ in resolutions))
-    for mode in MODES:
+    for mode in modes:
         cells = []
         for row in (r for r in rows if r["mode"] == mode):
             mark = "*" if row["total_gib"] <= args.target_gib else " "

@@ -20,10 +20,10 @@ import math
 from dataclasses import dataclass
 
 import torch
-from diffusers import FluxPipeline
 from PIL import Image
 
-from fluxlora.models.latents import encode_latents, image_ids, image_to_pixels, pack
+from fluxlora.models.families import PromptEncoding, family_of
+from fluxlora.models.latents import encode_latents, image_to_pixels
 
 SIGMAS = (0.25, 0.5, 0.75)
 MAX_IMAGES = 4
@@ -35,9 +35,7 @@ SIDE_MULTIPLE = 16  # VAE factor 8 x 2x2 packing for FLUX.1
 class ProbeItem:
     latents: torch.Tensor  # (1, C, h, w), normalised
     noise: torch.Tensor  # same shape
-    prompt_embeds: torch.Tensor  # (1, seq, dim)
-    pooled: torch.Tensor  # (1, dim)
-    text_ids: torch.Tensor  # (seq, 3)
+    text: PromptEncoding  # the caption, a batch of one, as the pipeline's family encodes it
 
 
 @dataclass(frozen=True)
@@ -56,7 +54,7 @@ def probe_size(width: int, height: int, resolution: int, multiple: int = SIDE_MU
 
 @torch.no_grad()
 def prepare_probe(
-    pipe: FluxPipeline,
+    pipe,
     images: list[tuple[Image.Image, str]],
     resolution: int,
     *,
@@ -74,22 +72,20 @@ def prepare_probe(
         resized = image.convert("RGB").resize(size, Image.Resampling.LANCZOS)
         latents = encode_latents(pipe.vae, image_to_pixels(pipe, resized)).float()
         noise = torch.randn(latents.shape, generator=torch.Generator("cpu").manual_seed(NOISE_SEED + i))
-        prompt_embeds, pooled, text_ids = pipe.encode_prompt(
-            prompt=caption, prompt_2=None, device=device, max_sequence_length=max_sequence_length
-        )
-        items.append(ProbeItem(latents.cpu(), noise, prompt_embeds, pooled, text_ids))
-    use_guidance = bool(getattr(pipe.transformer.config, "guidance_embeds", False))
+        text = family_of(pipe).encode_prompts(pipe, [caption], device, max_sequence_length)
+        items.append(ProbeItem(latents.cpu(), noise, text))
+    use_guidance = family_of(pipe).uses_guidance_embedding(pipe.transformer)
     return Probe(items, tuple(sigmas), guidance if use_guidance else None)
 
 
 @torch.no_grad()
-def probe_loss(pipe: FluxPipeline, probe: Probe) -> float:
+def probe_loss(pipe, probe: Probe) -> float:
     """Mean flow-matching MSE over the probe's images and sigmas, with whatever adapters are active.
 
     Same objective as training: noisy = (1 - s) x0 + s noise, the transformer predicts the
     velocity noise - x0 on packed latent tokens, timestep = s.
     """
-    transformer = pipe.transformer
+    transformer, family = pipe.transformer, family_of(pipe)
     # The execution device, not the weights' one: under model CPU offload they wait on the CPU.
     device, dtype = pipe._execution_device, next(transformer.parameters()).dtype
     sigmas = torch.tensor(probe.sigmas, dtype=torch.float32)
@@ -101,19 +97,15 @@ def probe_loss(pipe: FluxPipeline, probe: Probe) -> float:
         latents = item.latents.expand(n, -1, -1, -1)
         noise = item.noise.expand(n, -1, -1, -1)
         noisy = (1 - s) * latents + s * noise
-        guidance = None
-        if probe.guidance is not None:
-            guidance = torch.full((n,), probe.guidance, device=device, dtype=torch.float32)
-        prediction = transformer(
-            hidden_states=pack(noisy).to(device, dtype),
-            timestep=sigmas.to(device),
-            guidance=guidance,
-            pooled_projections=item.pooled.expand(n, -1).to(device, dtype),
-            encoder_hidden_states=item.prompt_embeds.expand(n, -1, -1).to(device, dtype),
-            txt_ids=item.text_ids.to(device, dtype),
-            img_ids=image_ids(height, width, device, dtype),
-            return_dict=False,
-        )[0]
-        target = pack(noise - latents).to(device)
+        t = item.text
+        text = PromptEncoding(t.embeds.expand(n, -1, -1).to(device, dtype), t.pooled.expand(n, -1).to(device, dtype),
+                              None if t.mask is None else t.mask.expand(n, -1).to(device, dtype),
+                              t.text_ids.to(device, dtype))
+        prediction = transformer(**family.transformer_kwargs(
+            transformer, hidden_states=family.pack(noisy).to(device, dtype), sigmas=sigmas.to(device), text=text,
+            img_ids=family.image_ids(height, width, device, dtype),
+            guidance=probe.guidance if probe.guidance is not None else 0.0,
+        ))[0]
+        target = family.pack(noise - latents).to(device)
         total += torch.nn.functional.mse_loss(prediction.float(), target).item()
     return total / len(probe.items)

@@ -13,14 +13,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from diffusers import FluxPipeline
 from PIL import Image
 
+from fluxlora.models.families import PromptEncoding, family_of
 from fluxlora.models.latents import packed_image_latents
 from fluxlora.models.loading import load_flux_pipeline, pick_device_dtype
 
 OUTPUT_TYPES = ("pil", "latent")
-DEFAULT_GUIDANCE = 3.5  # FLUX.1-dev's usual distilled guidance; models without it ignore it
+# FLUX.1-dev's usual distilled guidance (FLUX.1 models without the embedding ignore it); Chroma's
+# classifier-free guidance scale.
+DEFAULT_GUIDANCE = 3.5
 Progress = Callable[[int, int], None]
 
 
@@ -33,7 +35,7 @@ class Panel:
 
 
 def render_cells(
-    pipe: FluxPipeline,
+    pipe,
     loras: list[tuple[str, Path]],
     strengths: list[float],
     prompt: str,
@@ -56,7 +58,7 @@ def render_cells(
 
 
 def render_panels(
-    pipe: FluxPipeline,
+    pipe,
     loras: list[tuple[str, Path]],
     strengths: list[float],
     panels: list[Panel],
@@ -129,7 +131,7 @@ def render_panels(
 
 
 def generate_images(
-    pipe: FluxPipeline,
+    pipe,
     loras: list[tuple[Path, float]],
     prompts: list[str],
     seeds: list[int],
@@ -168,18 +170,15 @@ def generate_images(
     return images
 
 
-def encode(pipe: FluxPipeline, prompt: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """(prompt_embeds, pooled_prompt_embeds) for one prompt."""
-    with torch.no_grad():
-        prompt_embeds, pooled, _ = pipe.encode_prompt(
-            prompt=prompt, prompt_2=None, device=pipe._execution_device
-        )
-    return prompt_embeds, pooled
+def encode(pipe, prompt: str) -> tuple[PromptEncoding, PromptEncoding | None]:
+    """The prompt (and, for families with classifier-free guidance, the empty negative prompt)
+    encoded by the pipeline's family."""
+    return family_of(pipe).encode_for_pipeline(pipe, prompt)
 
 
 def render_image(
-    pipe: FluxPipeline,
-    embedding: tuple[torch.Tensor, torch.Tensor],
+    pipe,
+    embedding: tuple[PromptEncoding, PromptEncoding | None],
     seed: int,
     width: int,
     height: int,
@@ -188,13 +187,12 @@ def render_image(
     output_type: str,
 ) -> Any:
     # A CPU generator: the same seed gives the same noise on every device.
+    guidance = DEFAULT_GUIDANCE if guidance is None else guidance
     result = pipe(
-        prompt_embeds=embedding[0],
-        pooled_prompt_embeds=embedding[1],
+        **family_of(pipe).pipeline_prompt_kwargs(*embedding, guidance),
         width=width,
         height=height,
         num_inference_steps=steps,
-        guidance_scale=DEFAULT_GUIDANCE if guidance is None else guidance,
         generator=torch.Generator("cpu").manual_seed(seed),
         output_type=output_type,
     )

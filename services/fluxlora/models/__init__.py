@@ -1,1 +1,2 @@
-"""Base-model handling: loading diffusers-layout FLUX.1 directories and writing tiny test ones."""
+"""Base-model handling: the model families (families/), loading diffusers-layout directories of any
+of them, and writing tiny test models."""

@@ -1,4 +1,5 @@
-"""Loading a diffusers-layout FLUX.1 directory: the tiny test model and FLUX.1-dev alike."""
+"""Loading a diffusers-layout directory of any trainable family (models.families): the tiny test
+models and the full-size ones alike."""
 
 from __future__ import annotations
 
@@ -6,9 +7,9 @@ import logging
 from pathlib import Path
 
 import torch
-from diffusers import FluxPipeline
 
 from fluxlora.models.base_layers import freeze_base
+from fluxlora.models.families import Family, family_for_model
 
 log = logging.getLogger(__name__)
 
@@ -53,14 +54,17 @@ def load_flux_pipeline(
     cpu_offload: bool = False,
     text_encoders: bool = True,
     base_quantization: str = "none",
-) -> FluxPipeline:
-    """Load a local diffusers-layout FLUX.1 directory, frozen and in eval mode, on `device`.
+    family: Family | None = None,
+):
+    """Load a local diffusers-layout directory of `family` (default: the family detected from the
+    model), frozen and in eval mode, on `device`, with that family's diffusers pipeline class.
 
     Never touches the network. Modules are put in eval mode because models built from a config
     come up in train mode and T5's dropout would make outputs random. cpu_offload keeps each
     model on the CPU until it runs (diffusers' model offload): the full FLUX.1-dev pipeline is
     ~33 GB in bf16 and does not fit a 24 GB GPU at once. text_encoders=False skips loading CLIP
-    and T5 (and their tokenizers): for callers that have the prompt embeddings already.
+    and T5 (and their tokenizers; whatever encodes text in the family): for callers that have the
+    prompt embeddings already.
     base_quantization "fp8"/"int8" stores the transformer blocks' linear weights in 8 bits
     (fluxlora.models.base_layers): FLUX.1-dev's transformer then takes ~12 GB instead of ~24 GB.
     """
@@ -69,8 +73,9 @@ def load_flux_pipeline(
         raise FileNotFoundError(
             f"{model_dir} is not a diffusers pipeline directory (no model_index.json)"
         )
-    skipped = {} if text_encoders else dict(text_encoder=None, text_encoder_2=None, tokenizer=None, tokenizer_2=None)
-    pipe = FluxPipeline.from_pretrained(model_dir, dtype=dtype, local_files_only=True, **skipped)
+    family = family or family_for_model(model_dir)
+    skipped = {} if text_encoders else dict.fromkeys(family.text_components)
+    pipe = family.pipeline_class.from_pretrained(model_dir, dtype=dtype, local_files_only=True, **skipped)
     for component in pipe.components.values():
         if isinstance(component, torch.nn.Module):
             component.eval()

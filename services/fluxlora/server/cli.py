@@ -1,4 +1,4 @@
-"""The server half of the `fluxlora` command: serve, worker, up, demo and models write-tiny.
+"""The server half of the `fluxlora` command: serve, worker, up, demo and models write-tiny/write-config.
 
 The client distribution (fluxlora-client) owns the `fluxlora` command; this distribution adds its
 commands through the `fluxlora.cli` entry point group (pyproject.toml), so a machine with only the
@@ -120,8 +120,22 @@ def demo(
     print_outputs(outputs)
 
 
-def write_tiny(out: Path, seed: int = 0) -> None:
+def write_tiny(
+    out: Path,
+    seed: int = 0,
+    family: Annotated[str, typer.Option(help="Write only this family's tiny model (flux1-dev or chroma), "
+                                             "as <out>/tiny-<family>.")] = "",
+) -> None:
     """Write a tiny random FLUX pipeline and Florence-2 and BLIP captioners (for demos and tests)."""
+    if family:
+        from fluxlora.models.tiny_family import write_tiny_family
+
+        try:
+            console.print(f"{family} {write_tiny_family(family, out / f'tiny-{family}', seed=seed)}")
+        except ValueError as err:
+            console.print(f"[red]error[/red] {err}", highlight=False)
+            raise typer.Exit(2) from None
+        return
     from fluxlora.models.tiny_blip import write_tiny_blip
     from fluxlora.models.tiny_captioner import write_tiny_florence2
     from fluxlora.models.tiny_flux import write_tiny_flux
@@ -129,6 +143,21 @@ def write_tiny(out: Path, seed: int = 0) -> None:
     console.print(f"flux      {write_tiny_flux(out / 'tiny-flux', seed=seed)}")
     console.print(f"florence2 {write_tiny_florence2(out / 'tiny-florence2', seed=seed)}")
     console.print(f"blip      {write_tiny_blip(out / 'tiny-blip', seed=seed)}")
+
+
+def write_config(
+    out: Path,
+    family: Annotated[str, typer.Option(help="flux1-dev, flux1-kontext, chroma, flux2-dev or flux2-klein.")],
+) -> None:
+    """Write the full-size configs of a family's model (model_index.json, transformer and VAE
+    config.json; no weights) for memory estimates: `fluxlora models write-config --family chroma DIR`."""
+    from fluxlora.models.families.configs import write_config as write
+
+    try:
+        console.print(f"{family} {write(family, out)}")
+    except ValueError as err:
+        console.print(f"[red]error[/red] {err}", highlight=False)
+        raise typer.Exit(2) from None
 
 
 def register(app: typer.Typer) -> None:
@@ -140,6 +169,7 @@ def register(app: typer.Typer) -> None:
         app.command()(command)
     models = typer.Typer(help="Model helpers.", no_args_is_help=True)
     models.command("write-tiny")(write_tiny)
+    models.command("write-config")(write_config)
     app.add_typer(models, name="models")
 
 

@@ -13,6 +13,7 @@ from fluxlora.domain.caption_versions import CaptionVersions
 from fluxlora.domain.datasets import dataset_base_size, require_captions
 from fluxlora.jobs.kueue_flavors import ClusterQueueGpus
 from fluxlora.jobs.runtime import JobRuntime
+from fluxlora.training.families import check_family
 from fluxlora.training.gpu_budget import gpu_target, pick_for_run, plan_run
 from fluxlora.training.job import config_from_spec
 from fluxlora.training.memory import MemoryPlan
@@ -125,7 +126,7 @@ class TrainingServicer(training_pb2_grpc.TrainingServiceServicer):
         if spec.dataset_id:
             self._default_resolution(spec)
         cfg = config_from_spec(spec)
-        if not self._resolve_base_model(spec):
+        if not self._resolve_base_model(spec, to_train=False):
             raise FailedPrecondition(
                 f"base model {spec.base_model!r} is a path in the training pods, which this server cannot read: "
                 "plan with a store:// base model, or on a server that sees the directory"
@@ -205,8 +206,9 @@ class TrainingServicer(training_pb2_grpc.TrainingServiceServicer):
             if size:
                 spec.resolution = min(size, MAX_RESOLUTION)
 
-    def _resolve_base_model(self, spec: pb.TrainSpec) -> bool:
-        """Fill in the default base model and check it exists; False when it cannot be checked here."""
+    def _resolve_base_model(self, spec: pb.TrainSpec, to_train: bool = True) -> bool:
+        """Fill in the default base model and check it exists and its family (trainable when
+        `to_train`); False when it cannot be checked here."""
         spec.base_model = spec.base_model or self.runtime.settings.base_model
         local = bool(spec.base_model) and not is_store_ref(spec.base_model)
         if local:
@@ -220,6 +222,7 @@ class TrainingServicer(training_pb2_grpc.TrainingServiceServicer):
             raise FailedPrecondition(
                 f"base model {spec.base_model!r} is not a diffusers-layout directory (no model_index.json)"
             )
+        check_family(spec.base_model, spec.family, self.runtime.store, to_train=to_train)
         return True
 
     def _pick_memory(self, spec: pb.TrainSpec, cfg: TrainConfig) -> AutoChoice | None:

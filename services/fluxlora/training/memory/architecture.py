@@ -10,6 +10,7 @@ from typing import Any
 
 from fluxlora.common.models import STORE_SCHEME, is_store_ref
 from fluxlora.common.storage import ArtifactStore, validate_prefix
+from fluxlora.models.families import detect_family
 from fluxlora_api.shared.errors import FailedPrecondition
 
 # black-forest-labs/FLUX.1-dev transformer/config.json (public), so the full-size architecture
@@ -29,13 +30,14 @@ FLUX1_DEV_TRANSFORMER: dict[str, Any] = {
 }
 FLUX1_VAE_SCALE_FACTOR = 8  # FLUX.1's VAE has four blocks: 2 ** (4 - 1)
 
-_CONFIG_KEYS = ("transformer/config.json", "vae/config.json")
+_CONFIG_KEYS = ("transformer/config.json", "vae/config.json", "model_index.json")
 
 
 @dataclass(frozen=True)
 class ModelShape:
-    transformer: dict[str, Any]  # FluxTransformer2DModel config
+    transformer: dict[str, Any]  # the family's transformer config
     vae_scale_factor: int = FLUX1_VAE_SCALE_FACTOR
+    family: str = "flux1-dev"  # models.families: which transformer class and inputs
 
     @property
     def latent_channels(self) -> int:
@@ -45,21 +47,23 @@ class ModelShape:
         return {
             "transformer": {k: v for k, v in sorted(self.transformer.items()) if not k.startswith("_")},
             "vae_scale_factor": self.vae_scale_factor,
+            "family": self.family,
         }
 
 
 FLUX1_DEV = ModelShape(FLUX1_DEV_TRANSFORMER)
 
 
-def shape_from_configs(transformer: dict[str, Any], vae: dict[str, Any] | None) -> ModelShape:
+def shape_from_configs(transformer: dict[str, Any], vae: dict[str, Any] | None,
+                       model_index: dict[str, Any] | None = None) -> ModelShape:
     scale = FLUX1_VAE_SCALE_FACTOR
     if vae and vae.get("block_out_channels"):
         scale = 2 ** (len(vae["block_out_channels"]) - 1)
-    return ModelShape(dict(transformer), scale)
+    return ModelShape(dict(transformer), scale, detect_family(model_index, transformer) or "flux1-dev")
 
 
 def read_model_shape(ref: str, store: ArtifactStore | None = None) -> ModelShape:
-    """The shape of a diffusers-layout FLUX.1 base model: a local directory or store://<prefix>."""
+    """The shape of a diffusers-layout base model of any family: a local directory or store://<prefix>."""
     configs: list[dict[str, Any] | None] = []
     for name in _CONFIG_KEYS:
         if is_store_ref(ref):
@@ -70,9 +74,9 @@ def read_model_shape(ref: str, store: ArtifactStore | None = None) -> ModelShape
         else:
             path = Path(ref).expanduser() / name
             configs.append(json.loads(path.read_text()) if path.is_file() else None)
-    transformer, vae = configs
+    transformer, vae, model_index = configs
     if transformer is None:
         raise FailedPrecondition(
             f"base model {ref!r} has no {_CONFIG_KEYS[0]}: a diffusers-layout FLUX.1 model is needed"
         )
-    return shape_from_configs(transformer, vae)
+    return shape_from_configs(transformer, vae, model_index)

@@ -19,10 +19,10 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from diffusers import FluxTransformer2DModel
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from fluxlora.models.base_layers import BLOCK_LISTS
+from fluxlora.models.families import planning_family
 from fluxlora.training.memory.architecture import ModelShape
 from fluxlora.training.memory.live_bytes import CUDA_BLOCK_BYTES, LiveBytes
 from fluxlora.training.trainer.config import TrainConfig
@@ -74,7 +74,8 @@ def measure_step(shape: ModelShape, cfg: TrainConfig, dtype: torch.dtype,
         _create_optimizer_state(params, optimizer)
         tracker.reset_peak()
 
-        loss = flow_matching_loss(transformer, *step_inputs(shape, cfg, dtype), cfg.guidance, dtype)
+        loss = flow_matching_loss(transformer, *step_inputs(shape, cfg, dtype), cfg.guidance, dtype,
+                                  family=planning_family(shape.family))
         loss.backward()
         apply_gradients(params, optimizer, scaler, cfg.max_grad_norm)
         peak = tracker.peak
@@ -85,9 +86,9 @@ def measure_step(shape: ModelShape, cfg: TrainConfig, dtype: torch.dtype,
                       trainable_bytes)
 
 
-def _meta_transformer(shape: ModelShape, dtype: torch.dtype) -> FluxTransformer2DModel:
+def _meta_transformer(shape: ModelShape, dtype: torch.dtype) -> torch.nn.Module:
     with torch.device("meta"):
-        transformer = FluxTransformer2DModel.from_config(shape.transformer)
+        transformer = planning_family(shape.family).transformer_class.from_config(shape.transformer)
     for param in transformer.parameters():
         param.data = param.data.to(dtype)
     transformer.requires_grad_(False)  # frozen, as load_flux_pipeline leaves the base model
@@ -142,6 +143,9 @@ def step_inputs(shape: ModelShape, cfg: TrainConfig, dtype: torch.dtype) -> tupl
     noise = torch.randn(batch, shape.latent_channels, side, side)
     sigmas = torch.rand(batch)
     prompt_embeds = torch.randn(batch, seq, config["joint_attention_dim"], dtype=dtype)
-    pooled = torch.randn(batch, config["pooled_projection_dim"], dtype=dtype)
+    # Families without a pooled text vector (Chroma, FLUX.2) get an empty one. Chroma's text mask is
+    # left out: with it CPU attention takes the math kernel and stores the L x L scores, which CUDA's
+    # memory-efficient kernel never does; the mask itself is L x L per block (~40 MB at 1024).
+    pooled = torch.randn(batch, config.get("pooled_projection_dim", 0), dtype=dtype)
     text_ids = torch.zeros(seq, 3, dtype=dtype)
     return latents, noise, sigmas, prompt_embeds, pooled, text_ids

@@ -1,7 +1,8 @@
 """The training set: image/caption pairs, encoded once into latents and text embeddings.
 
 FLUX's text encoders (T5-XXL alone is ~9.5 GB in bf16) and VAE are needed only to encode the
-dataset, so everything is encoded before the loop and the encoders are dropped: the transformer
+dataset (each family encodes text its own way: models.families), so everything is encoded before
+the loop and the encoders are dropped: the transformer
 then has the device to itself.
 """
 
@@ -13,9 +14,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from diffusers import FluxPipeline
 from PIL import Image, ImageOps
 
+from fluxlora.models.families import family_of
 from fluxlora.models.latents import encode_latents, image_to_pixels
 from fluxlora.training.trainer.callbacks import TrainingStopped
 from fluxlora.training.trainer.config import SIDE_MULTIPLE
@@ -35,7 +36,8 @@ class Pair:
 @dataclass(frozen=True)
 class TextEmbedding:
     prompt_embeds: torch.Tensor  # (seq, dim)
-    pooled: torch.Tensor  # (dim,)
+    pooled: torch.Tensor  # (dim,); (0,) for families without a pooled vector (Chroma)
+    mask: torch.Tensor | None = None  # (seq,) text attention mask, for families that use one
 
 
 @dataclass(frozen=True)
@@ -106,30 +108,32 @@ def load_image(path: Path, resolution: int) -> Image.Image:
 
 @torch.no_grad()
 def encode_texts(
-    pipe: FluxPipeline, texts: list[str], device: torch.device, max_sequence_length: int
+    pipe, texts: list[str], device: torch.device, max_sequence_length: int
 ) -> tuple[dict[str, TextEmbedding], torch.Tensor]:
     """Each distinct text encoded once with the pipeline's own encode_prompt; also text_ids."""
+    family = family_of(pipe)
     unique = list(dict.fromkeys(texts))
     encoded: dict[str, TextEmbedding] = {}
     text_ids = None
     for start in range(0, len(unique), _TEXT_BATCH):
         chunk = unique[start : start + _TEXT_BATCH]
-        prompt_embeds, pooled, text_ids = pipe.encode_prompt(
-            prompt=chunk, prompt_2=chunk, device=device, max_sequence_length=max_sequence_length
-        )
+        batch = family.encode_prompts(pipe, chunk, device, max_sequence_length)
+        text_ids = batch.text_ids
         for i, text in enumerate(chunk):
-            encoded[text] = TextEmbedding(prompt_embeds[i].cpu(), pooled[i].cpu())
+            mask = None if batch.mask is None else batch.mask[i].cpu()
+            encoded[text] = TextEmbedding(batch.embeds[i].cpu(), batch.pooled[i].cpu(), mask)
     return encoded, text_ids.cpu()
 
 
-def drop_text_encoders(pipe: FluxPipeline) -> None:
-    """Release both text encoders; the pipeline still runs from prompt_embeds."""
-    pipe.text_encoder = None
-    pipe.text_encoder_2 = None
+def drop_text_encoders(pipe) -> None:
+    """Release the text encoders; the pipeline still runs from prompt_embeds."""
+    for name in family_of(pipe).text_components:
+        if name.startswith("text_encoder"):
+            setattr(pipe, name, None)
 
 
 def cache_dataset(
-    pipe: FluxPipeline,
+    pipe,
     dataset_dir: Path,
     resolution: int,
     device: torch.device,
@@ -146,7 +150,7 @@ def cache_dataset(
     """
     pairs = find_pairs(dataset_dir)
 
-    for encoder in (pipe.text_encoder, pipe.text_encoder_2):
+    for encoder in family_of(pipe).text_encoders(pipe):
         encoder.to(device)
     texts, text_ids = encode_texts(
         pipe, [p.caption for p in pairs] + [""] + list(extra_prompts), device, max_sequence_length

@@ -49,6 +49,8 @@ def save_encodings(cached: CachedDataset, path: Path) -> Path:
     for text, name in text_names.items():
         tensors[f"{name}.embeds"] = texts[text].prompt_embeds.contiguous()
         tensors[f"{name}.pooled"] = texts[text].pooled.contiguous()
+        if texts[text].mask is not None:  # families that attend with a text mask (Chroma)
+            tensors[f"{name}.mask"] = texts[text].mask.contiguous()
     for i, sample in enumerate(cached.samples):
         tensors[f"latents{i}"] = sample.latents.contiguous()
     layout = {
@@ -79,7 +81,8 @@ def load_encodings(path: Path, dataset_dir: Path) -> CachedDataset:
     if layout.get("format") != FORMAT_VERSION:
         raise ValueError(f"{path} is an encoding cache of format {layout.get('format')}, not {FORMAT_VERSION}")
     tensors = load_file(str(path))
-    texts = {text: TextEmbedding(tensors[f"text{i}.embeds"], tensors[f"text{i}.pooled"])
+    texts = {text: TextEmbedding(tensors[f"text{i}.embeds"], tensors[f"text{i}.pooled"],
+                                 tensors.get(f"text{i}.mask"))
              for i, text in enumerate(layout["texts"])}
     samples = [Sample(Pair(Path(dataset_dir) / s["image"], s["caption"]), tensors[f"latents{i}"], texts[s["caption"]])
                for i, s in enumerate(layout["samples"])]

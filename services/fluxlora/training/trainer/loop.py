@@ -15,9 +15,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from diffusers import FluxPipeline
 from diffusers.optimization import get_scheduler
 
+from fluxlora.models.families import Family, family_for_model
 from fluxlora.models.loading import load_flux_pipeline, pick_device_dtype
 from fluxlora.training.trainer import distributed
 from fluxlora.training.trainer.callbacks import TrainCallbacks, TrainingStopped
@@ -81,7 +81,8 @@ class _Run:
     """What the step functions share; built once by train_lora."""
 
     cfg: TrainConfig
-    pipe: FluxPipeline
+    family: Family
+    pipe: object  # the family's diffusers pipeline
     data: CachedDataset
     batcher: BucketBatcher
     optimizer: torch.optim.Optimizer
@@ -234,11 +235,12 @@ def _prepare(
             raise TrainingStopped(f"stopped after {what}, before training")
 
     device, dtype = pick_device_dtype(cfg.precision, device)
+    family = family_for_model(model_dir, cfg.family)
     stage_done("nothing")
     data = _cached_encodings(encoding_cache, dataset_dir)
     # Loaded on the CPU: encoders and VAE visit the device one at a time, then the transformer
     # moves there alone. FLUX.1-dev as a whole would not fit a 24 GB GPU.
-    pipe = load_flux_pipeline(model_dir, torch.device("cpu"), dtype, text_encoders=data is None)
+    pipe = load_flux_pipeline(model_dir, torch.device("cpu"), dtype, text_encoders=data is None, family=family)
     stage_done("loading the base model")
     if data is None:
         data = cache_dataset(
@@ -278,6 +280,7 @@ def _prepare(
     )
     return _Run(
         cfg=cfg,
+        family=family,
         pipe=pipe,
         data=data,
         batcher=batcher,
@@ -351,9 +354,10 @@ def _micro_batch_loss(run: _Run, indices: list[int]) -> torch.Tensor | None:
     latents = torch.stack([s.latents for s in samples]).to(device, torch.float32)
     prompt_embeds = torch.stack([t.prompt_embeds for t in texts]).to(device, dtype)
     pooled = torch.stack([t.pooled for t in texts]).to(device, dtype)
+    mask = None if texts[0].mask is None else torch.stack([t.mask for t in texts]).to(device, dtype)
     loss = flow_matching_loss(
         run.transformer, latents, noise[mine].to(device), sigmas[mine].to(device), prompt_embeds, pooled,
-        run.data.text_ids.to(device, dtype), cfg.guidance, dtype,
+        run.data.text_ids.to(device, dtype), cfg.guidance, dtype, mask=mask, family=run.family,
     )
     # The slice's mean, weighted so that the ranks' shares sum to the global batch's mean.
     return loss if len(samples) == batch else loss * (len(samples) / batch)
@@ -392,6 +396,7 @@ def _samples(run: _Run, out_dir: Path, step: int) -> list[Path]:
     return render_samples(
         run.pipe,
         [run.data.prompts[p] for p in cfg.sample_prompts],
+        run.data.empty_text,
         out_dir / "samples",
         step,
         resolution=cfg.resolution,

@@ -5,15 +5,16 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from diffusers import FluxPipeline
 
+from fluxlora.models.families import PromptEncoding, family_of
 from fluxlora.training.trainer.data import TextEmbedding
 
 
 @torch.no_grad()
 def render_samples(
-    pipe: FluxPipeline,
+    pipe,
     prompts: list[TextEmbedding],
+    negative: TextEmbedding,
     out_dir: Path,
     step: int,
     *,
@@ -24,20 +25,21 @@ def render_samples(
     device: torch.device,
 ) -> list[Path]:
     """samples/step-NNNNNN-<i>.png, one per prompt, with the same seed at every step so that
-    samples of different steps differ only by what the LoRA learned."""
+    samples of different steps differ only by what the LoRA learned. `negative` (the empty caption)
+    is the negative prompt of families whose guidance is classifier-free (Chroma)."""
+    family = family_of(pipe)
     out_dir.mkdir(parents=True, exist_ok=True)
     pipe.transformer.eval()
     pipe.vae.to(device)
     paths = []
     try:
         for index, text in enumerate(prompts):
+            encoded = [_batch_of_one(t, device, pipe.transformer.dtype) for t in (text, negative)]
             image = pipe(
-                prompt_embeds=text.prompt_embeds[None].to(device, pipe.transformer.dtype),
-                pooled_prompt_embeds=text.pooled[None].to(device, pipe.transformer.dtype),
+                **family.pipeline_prompt_kwargs(*encoded, guidance),
                 height=resolution,
                 width=resolution,
                 num_inference_steps=num_steps,
-                guidance_scale=guidance,
                 generator=torch.Generator("cpu").manual_seed(seed),
             ).images[0]
             path = out_dir / f"step-{step:06d}-{index}.png"
@@ -47,3 +49,10 @@ def render_samples(
         pipe.vae.to("cpu")
         pipe.transformer.train()
     return paths
+
+
+def _batch_of_one(text: TextEmbedding, device: torch.device, dtype: torch.dtype) -> PromptEncoding:
+    mask = None if text.mask is None else text.mask[None].to(device, dtype)
+    # text_ids: the pipelines make their own from prompt_embeds.
+    return PromptEncoding(text.prompt_embeds[None].to(device, dtype), text.pooled[None].to(device, dtype), mask,
+                          None)

@@ -10,7 +10,7 @@ import contextlib
 
 import torch
 
-from fluxlora.models.latents import image_ids, pack
+from fluxlora.models.families import FLUX1_DEV, Family, PromptEncoding
 from fluxlora.training.trainer.config import TrainConfig
 
 HALF_PRECISION = (torch.bfloat16, torch.float16)
@@ -55,33 +55,29 @@ def flow_matching_loss(
     text_ids: torch.Tensor,
     guidance: float,
     dtype: torch.dtype,
+    *,
+    mask: torch.Tensor | None = None,
+    family: Family = FLUX1_DEV,
 ) -> torch.Tensor:
     """Rectified-flow loss of one micro-batch: noisy = (1 - s) x0 + s noise, the transformer
-    predicts the velocity noise - x0 on packed 2x2 latent tokens.
+    predicts the velocity noise - x0 on the family's packed latent tokens.
 
     latents, noise: (B, C, h, w) float32 on the device; sigmas: (B,); prompt_embeds (B, seq, dim),
-    pooled (B, dim) and text_ids (seq, 3) in `dtype` on the device.
+    pooled (B, dim), text_ids (seq, 3) and mask (B, seq; families with a text mask) in `dtype` on
+    the device. The family decides what the transformer is given (guidance, pooled text, mask).
     """
-    batch, _, height, width = latents.shape
+    _, _, height, width = latents.shape
     device = latents.device
-    s = sigmas.view(batch, 1, 1, 1)
+    s = sigmas.view(-1, 1, 1, 1)
     noisy = (1 - s) * latents + s * noise
-    guidance_input = None
-    if transformer.config.guidance_embeds:
-        guidance_input = torch.full((batch,), guidance, device=device, dtype=torch.float32)
+    text = PromptEncoding(prompt_embeds, pooled, mask, text_ids)
     with autocast(device, dtype):
-        prediction = transformer(
-            hidden_states=pack(noisy).to(dtype),
-            timestep=sigmas,  # the transformer wants t/1000, i.e. sigma itself
-            guidance=guidance_input,
-            pooled_projections=pooled,
-            encoder_hidden_states=prompt_embeds,
-            txt_ids=text_ids,
-            img_ids=image_ids(height, width, device, dtype),
-            return_dict=False,
-        )[0]
+        prediction = transformer(**family.transformer_kwargs(
+            transformer, hidden_states=family.pack(noisy).to(dtype), sigmas=sigmas, text=text,
+            img_ids=family.image_ids(height, width, device, dtype), guidance=guidance,
+        ))[0]
     # MSE ignores token order, so the target is packed rather than the prediction unpacked.
-    return torch.nn.functional.mse_loss(prediction.float(), pack(noise - latents))
+    return torch.nn.functional.mse_loss(prediction.float(), family.pack(noise - latents))
 
 
 def apply_gradients(

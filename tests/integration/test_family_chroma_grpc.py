@@ -1,0 +1,90 @@
+"""Chroma through gRPC: a run names no family (detected from the model) or the right one; a wrong
+one is refused at submit naming the model and the fix; the run's checkpoints (diffusers and kohya
+files) render in a grid through ChromaPipeline, the convergence probe included. A FLUX.2 model is
+planned from its config and refused for training."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from PIL import Image, ImageDraw
+
+from fluxlora.common import keys
+from fluxlora.common.storage import LocalStore
+from fluxlora.models.families.configs import write_config
+from fluxlora.models.tiny_chroma import write_tiny_chroma
+from fluxlora_api.v1 import jobs_pb2
+from fluxlora_client.errors import FluxloraClientError
+
+DATASET = "ds-chroma0000001"
+COLOURS = ("red", "blue", "green")
+
+
+@pytest.fixture
+def store(tmp_path):
+    """One store is enough here: the families change the model code, not the storage."""
+    return LocalStore(tmp_path / "store")
+
+
+@pytest.fixture(scope="module")
+def chroma(tmp_path_factory):
+    return write_tiny_chroma(tmp_path_factory.mktemp("tiny-chroma"))
+
+
+def put_dataset(store, tmp_path) -> str:
+    captions = {}
+    for i, colour in enumerate(COLOURS):
+        image = Image.new("RGB", (64, 64), "white")
+        ImageDraw.Draw(image).ellipse((12, 8, 52, 56), fill=colour)
+        image.save(tmp_path / f"img{i}.png")
+        captions[f"img{i}"] = f"sks, a {colour} circle"
+        store.put_file(keys.dataset_images(DATASET) + f"img{i}.png", tmp_path / f"img{i}.png")
+        store.put_bytes(keys.dataset_images(DATASET) + f"img{i}.txt", captions[f"img{i}"].encode())
+    store.put_json(keys.dataset_manifest(DATASET), {"dataset_id": DATASET,
+                                                    "images": [{"stem": s} for s in captions]})
+    store.put_json(keys.dataset_captions(DATASET), {"trigger_word": "sks", "captions": captions})
+    return DATASET
+
+
+def test_a_chroma_run_trains_checkpoints_and_renders_a_grid(running, chroma, tmp_path):
+    client = running
+    dataset = put_dataset(client.store, tmp_path)
+    options = dict(resolution=64, max_steps=4, checkpoint_every=2, sample_every=0, rank=4, learning_rate=1e-3)
+
+    with pytest.raises(FluxloraClientError) as refused:
+        client.train(dataset, base_model=str(chroma), family="flux1-dev", **options)
+    assert refused.value.code == "INVALID_ARGUMENT"
+    assert str(chroma) in refused.value.message and "set family to 'chroma'" in refused.value.message
+
+    job = client.wait(client.train(dataset, base_model=str(chroma), **options))
+    assert job.state == jobs_pb2.JOB_STATE_SUCCEEDED, job.error
+    result = client.result(job)
+    assert [c.step for c in result.checkpoints] == [2, 4]
+    for checkpoint in result.checkpoints:
+        assert client.store.exists(checkpoint.lora_key) and client.store.exists(checkpoint.kohya_lora_key)
+
+    grid = client.wait(client.evaluate(job.job_id, [0.0, 1.0], steps=2, width=64, height=64,
+                                       image_text_model="none"))
+    assert grid.state == jobs_pb2.JOB_STATE_SUCCEEDED, grid.error
+    cells = client.result(grid).cells
+    assert len(cells) == 4 and all(client.store.exists(c.image_key) for c in cells)
+
+
+def test_flux2_is_planned_from_its_config_and_refused_for_training(running, tmp_path):
+    """FLUX.2 [klein]'s config directory (`fluxlora models write-config`, shrunk here so the fake
+    step takes a second) is planned through PlanTraining; training it is FAILED_PRECONDITION."""
+    client = running
+    model = write_config("flux2-klein", tmp_path / "klein")
+    config = json.loads((model / "transformer" / "config.json").read_text())
+    config.update(num_layers=1, num_single_layers=1, num_attention_heads=2, attention_head_dim=16,
+                  joint_attention_dim=32, axes_dims_rope=[4, 4, 4, 4], timestep_guidance_channels=32)
+    (model / "transformer" / "config.json").write_text(json.dumps(config))
+
+    plan = client.plan_training(base_model=str(model), resolution=512, target_gib=24)
+    assert plan.fits and 0 < plan.total_gib < 24
+
+    dataset = put_dataset(client.store, tmp_path)
+    with pytest.raises(FluxloraClientError) as refused:
+        client.train(dataset, base_model=str(model), resolution=64, max_steps=1)
+    assert refused.value.code == "FAILED_PRECONDITION" and "flux2-klein model" in refused.value.message

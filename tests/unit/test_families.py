@@ -1,0 +1,95 @@
+"""The model families: named or detected from a model's files, a named one that disagrees with the
+model refused with the fix, and each family's full-size config written without weights and
+planned by the memory planner."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from fluxlora.models.families import (
+    FAMILY_NAMES,
+    agreed_family,
+    detect_family,
+    detect_family_in,
+    get_family,
+    planning_family,
+)
+from fluxlora.models.families.configs import FULL_SIZE, write_config
+from fluxlora.training.memory import MemoryPlanner, read_model_shape
+from fluxlora.training.trainer import TrainConfig
+
+# Full-size configs shrunk to a few thousand parameters: same classes and inputs, a fake step in a second.
+TINY = {"num_layers": 1, "num_single_layers": 1, "num_attention_heads": 2, "attention_head_dim": 16}
+TINY_BY_CLASS = {
+    "FluxTransformer2DModel": {"joint_attention_dim": 32, "pooled_projection_dim": 32, "axes_dims_rope": [4, 4, 8]},
+    "ChromaTransformer2DModel": {"joint_attention_dim": 32, "axes_dims_rope": [4, 4, 8], "approximator_hidden_dim": 32,
+                                 "approximator_num_channels": 8, "approximator_layers": 1},
+    "Flux2Transformer2DModel": {"joint_attention_dim": 32, "axes_dims_rope": [4, 4, 4, 4],
+                                "timestep_guidance_channels": 32},
+}
+
+
+@pytest.mark.parametrize("family", FULL_SIZE)
+def test_each_family_is_detected_from_its_model_index(family, tmp_path):
+    write_config(family, tmp_path)
+    assert detect_family_in(tmp_path) == family
+    index = json.loads((tmp_path / "model_index.json").read_text())
+    assert not any(tmp_path.rglob("*.safetensors")) and index["transformer"][1] == FULL_SIZE[family][1]["_class_name"]
+
+
+def test_the_transformer_class_decides_when_model_index_says_nothing():
+    assert detect_family(None, {"_class_name": "ChromaTransformer2DModel"}) == "chroma"
+    assert detect_family({"_class_name": "SomethingElse"}, {"_class_name": "FluxTransformer2DModel"}) == "flux1-dev"
+    assert detect_family(None, None) is None
+
+
+def test_a_named_family_must_agree_with_the_model_and_unknown_ones_are_explained():
+    assert agreed_family("chroma", "", "/models/c") == "chroma"
+    assert agreed_family(None, "chroma", "/models/c") == "chroma"
+    with pytest.raises(ValueError, match=r"/models/c is a chroma model, not flux1-dev: set family to 'chroma'"):
+        agreed_family("chroma", "flux1-dev", "/models/c")
+    with pytest.raises(ValueError, match="cannot tell the model family of /models/x"):
+        agreed_family(None, "", "/models/x")
+    with pytest.raises(ValueError, match="unknown model family 'flux3'"):
+        agreed_family(None, "flux3", "/models/x")
+    with pytest.raises(ValueError, match="recognised but cannot be trained yet"):
+        get_family("flux2-klein")
+    assert set(FAMILY_NAMES) == set(FULL_SIZE)
+
+
+@pytest.mark.parametrize("family", ["flux1-dev", "chroma", "flux2-dev", "flux2-klein"])
+def test_the_planner_estimates_each_family_from_its_config_alone(family, tmp_path):
+    write_config(family, tmp_path)
+    config_path = tmp_path / "transformer" / "config.json"
+    config = json.loads(config_path.read_text())
+    config_path.write_text(json.dumps({**config, **TINY, **TINY_BY_CLASS[config["_class_name"]]}))
+    shape = read_model_shape(str(tmp_path))
+    assert shape.family == family and shape.vae_scale_factor == 8
+    cfg = TrainConfig(resolution=64, precision="bf16", rank=4)
+    step = MemoryPlanner().step_memory(shape, cfg)
+    assert 0 < step.trainable_bytes < step.weight_bytes < step.peak_bytes
+    targets = planning_family(family).attention_targets
+    if targets:  # FLUX.2's single blocks fuse q/k/v: its attention LoRA names them separately
+        wider = MemoryPlanner().step_memory(shape, cfg.model_copy(update={"target_modules": list(targets)}))
+        assert wider.trainable_bytes > step.trainable_bytes
+
+
+def test_write_config_and_write_tiny_commands(tmp_path):
+    import typer
+
+    from fluxlora.server.cli import register
+
+    app = typer.Typer()
+    register(app)
+    runner = CliRunner()
+    done = runner.invoke(app, ["models", "write-config", "--family", "flux2-klein", str(tmp_path / "klein")])
+    assert done.exit_code == 0, done.output
+    assert detect_family_in(tmp_path / "klein") == "flux2-klein"
+    done = runner.invoke(app, ["models", "write-tiny", "--family", "chroma", str(tmp_path)])
+    assert done.exit_code == 0, done.output
+    assert detect_family_in(tmp_path / "tiny-chroma") == "chroma"
+    refused = runner.invoke(app, ["models", "write-tiny", "--family", "flux2-dev", str(tmp_path)])
+    assert refused.exit_code == 2 and "no tiny model for family 'flux2-dev'" in refused.output
