@@ -61,6 +61,7 @@ __all__ = ["EVENTS_KEPT", "Handler", "JobRuntime"]
 log = logging.getLogger(__name__)
 
 S = jobs_pb2.JobState
+CANCEL_ANSWER_S = 5.0  # how long CancelJob of a queued job waits for its CANCELLED record to be stored
 
 
 class JobRuntime(JobExecution, JobWatching):
@@ -222,16 +223,22 @@ class JobRuntime(JobExecution, JobWatching):
             raise FailedPrecondition(
                 f"job {job_id} already finished ({S.Name(state)}); there is nothing to cancel"
             )
+        if self.finishing(job_id):
+            raise FailedPrecondition(
+                f"job {job_id} already finished and its result is being recorded; there is nothing to cancel"
+            )
         if job is None:  # an unfinished record this server does not run (it was not picked up)
             raise FailedPrecondition(
                 f"job {job_id} is {S.Name(state)} in the store but not queued on this server: "
                 f"restart the {self.service} server to pick it up, then cancel it"
             )
         with self._cond:
-            # The record is written by the recorder thread: a slow store never holds up this answer.
+            # The record is written by the recorder thread: a slow store holds up this answer at most
+            # CANCEL_ANSWER_S, then it says QUEUED with cancel_requested (CANCELLED once stored).
             if job.state == S.JOB_STATE_QUEUED:
                 job.cancel_requested = True
                 self._finish(job_id, S.JOB_STATE_CANCELLED, message="cancelled while queued", persist="later")
+                self._cond.wait_for(lambda: job.state in TERMINAL, timeout=CANCEL_ANSWER_S)
             elif job.state not in TERMINAL:
                 self.update(job_id, lambda j: setattr(j, "cancel_requested", True), message="cancel requested",
                             persist="later")
