@@ -6,8 +6,9 @@ A job interrupted by a shutdown goes back to QUEUED in the store, so the next se
 again (training then resumes from its last checkpoint).
 
 While the store is unreachable (past its retries) a job's record lives only here: the job goes on or
-fails UNAVAILABLE, watchers still see every change, and an idle worker writes the record again once
-the store answers. A server killed meanwhile finds the last record it did write and runs the job again.
+fails UNAVAILABLE, watchers still see every change but its end (shown once its record is stored), and
+the recorder thread writes the record again once the store answers. A server killed meanwhile finds the
+last record it did write and runs the job again.
 
 Faults (fluxlora issue 12): a store error of any kind while a record is written (unreachable, a full
 disk, a missing bucket, access denied) never stops a worker thread: the in-memory record is the truth
