@@ -287,10 +287,11 @@ def test_a_request_id_resent_with_another_spec_is_already_exists_and_with_the_sa
 def test_a_disk_under_the_free_space_minimum_refuses_submits_and_starts_naming_the_path(tmp_path, runtimes,
                                                                                         monkeypatch):
     store = LocalStore(tmp_path / "store")
-    gate = threading.Event()
-    runtime = runtimes(store, gated(gate), min_free_bytes=10**9)
+    gate, started = threading.Event(), threading.Event()
+    runtime = runtimes(store, gated(gate, started), min_free_bytes=10**9)
     running = runtime.submit(SPEC)  # takes the only worker
     queued = runtime.submit(SPEC)
+    assert started.wait(30)  # past its own free-space check before the disk "fills" (a loaded machine lags)
     monkeypatch.setattr(admission, "free_bytes", lambda path: 10**6 if path == store.root else 10**12)
     with pytest.raises(ResourceExhausted) as err:
         runtime.submit(SPEC)
