@@ -35,13 +35,7 @@ INVARIANTS = {
 
 # Invariants the product does not guarantee yet, with why: their violations are reported but fail a
 # run (or the test) only with --strict. Each names an open bug the chaos run found (issue 12's note).
-EXPECTED_FAILURES: dict[str, str] = {
-    "every_job_terminal": "open: a job whose final record never reached the store (RUNNING there, FAILED in "
-                          "memory) or that stays QUEUED, seen around server restarts during store faults",
-    "watchers_saw_terminal": "open: follows from every_job_terminal (a watcher of a job that never ends)",
-    "terminal_is_final": "open: a job FAILED in memory whose record the store refused runs again after its "
-                         "server is killed (needs a local journal of terminal states)",
-}
+EXPECTED_FAILURES: dict[str, str] = {}
 
 
 def sha256(data: bytes) -> str:

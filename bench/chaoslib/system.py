@@ -218,6 +218,7 @@ class S3Proxy:
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.address = f"127.0.0.1:{self.listener.getsockname()[1]}"
         self._live: set[socket.socket] = set()
+        self._lost: set[socket.socket] = set()  # connections answered NoSuchBucket
         self._lock = threading.Lock()
         threading.Thread(target=self._accept, daemon=True, name="s3-proxy").start()
 
@@ -227,6 +228,15 @@ class S3Proxy:
             with self._lock:
                 live, self._live = list(self._live), set()
             for sock in live:
+                _close(sock)
+        if mode != "lost_bucket":
+            # The bucket is back for every connection, as on S3: a keep-alive connection opened during the
+            # fault would otherwise answer NoSuchBucket for good (the client's pool reuses it), and a
+            # server would read its records as missing long after the fault (issue 12: GetJob NOT_FOUND
+            # for every job of the last preprocessing generation at the final check).
+            with self._lock:
+                lost, self._lost = list(self._lost), set()
+            for sock in lost:
                 _close(sock)
 
     def close(self) -> None:
@@ -245,6 +255,8 @@ class S3Proxy:
                 client.close()  # RST: connection reset by peer
                 continue
             if self.mode == "lost_bucket":
+                with self._lock:
+                    self._lost.add(client)
                 threading.Thread(target=self._no_such_bucket, args=(client,), daemon=True).start()
                 continue
             try:
@@ -291,6 +303,8 @@ class S3Proxy:
                     if not chunk:
                         return
                     body += chunk
+                if self.mode != "lost_bucket":
+                    return  # the fault ended while this request came: dropped, and retried on a new connection
                 is_head = header.startswith(b"HEAD ")
                 client.sendall(b"HTTP/1.1 404 Not Found\r\nContent-Type: application/xml\r\n"
                                b"Content-Length: %d\r\nx-amz-request-id: chaos\r\n\r\n" % len(NO_SUCH_BUCKET)
@@ -299,6 +313,8 @@ class S3Proxy:
             pass
         finally:
             _close(client)
+            with self._lock:
+                self._lost.discard(client)
 
 
 def _close(sock: socket.socket) -> None:

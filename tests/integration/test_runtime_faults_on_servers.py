@@ -53,12 +53,12 @@ def test_a_bucket_deleted_under_a_running_job_ends_it_for_every_watcher_and_heal
         for watcher in watchers:
             watcher.start()
         gate.set()
-        with pytest.raises(JobFailed) as failed:
-            client.wait(job)
-        for watcher in watchers:
-            watcher.join(30)
-        assert [j.state for j in ended] == [S.JOB_STATE_FAILED] * 2  # every watcher saw the one end
-        assert failed.value.code == "NOT_FOUND" and "NoSuchBucket" in failed.value.message
+        # it failed, but nobody is told before the store holds the FAILED record (there is no bucket for it)
+        wait_until(lambda: "recording the result" in client.get_job(job.job_id).progress.stage,
+                   "the job to say it is recording its result")
+        now = client.get_job(job.job_id)
+        assert now.state == S.JOB_STATE_RUNNING and "the store refuses it (NOT_FOUND: " in now.progress.stage
+        assert not ended
         wait_until(lambda: not serving(server.address)[0], "health to say NOT_SERVING")
         assert serving(server.address) == (False, f"{server.address}: NOT_SERVING")
         # ... but alive: a liveness probe must not restart a server that only waits for its store
@@ -66,8 +66,13 @@ def test_a_bucket_deleted_under_a_running_job_ends_it_for_every_watcher_and_heal
         with pytest.raises(FluxloraClientError):  # a submit is refused, not queued forever
             client.preprocess(source, base_size=64, request_id="req-2")
 
-        store.client.make_bucket(store.bucket)  # the bucket back: the record lands, the server serves
-        wait_until(lambda: store.exists(f"jobs/preprocessing/{job.job_id}.json"), "the record to land")
+        store.client.make_bucket(store.bucket)  # the bucket back: the record lands, then the end is told
+        with pytest.raises(JobFailed) as failed:
+            client.wait(job)
+        for watcher in watchers:
+            watcher.join(30)
+        assert [j.state for j in ended] == [S.JOB_STATE_FAILED] * 2  # every watcher saw the one end
+        assert failed.value.code == "NOT_FOUND" and "NoSuchBucket" in failed.value.message
         assert store.get_json(f"jobs/preprocessing/{job.job_id}.json")["state"] == "JOB_STATE_FAILED"
         wait_until(lambda: serving(server.address)[0], "health to say SERVING again")
         assert client.get_job(job.job_id).state == S.JOB_STATE_FAILED

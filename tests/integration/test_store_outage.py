@@ -4,8 +4,8 @@ the same port (its buckets live in this process, so they survive like a real ser
 - an outage shorter than the retries costs nothing: calls wait (backoff with jitter, a WARNING per
   retry) and then land whole;
 - a longer one fails the call, and the job, with UNAVAILABLE and a message naming the store, the
-  key and what to do; nothing half-written is ever referenced, and the job's record reaches the
-  store once it is back.
+  key and what to do; nothing half-written is ever referenced, and the job's FAILED record reaches
+  the store once it is back, before anyone is told the job failed.
 """
 
 from __future__ import annotations
@@ -261,19 +261,21 @@ def test_a_store_that_stays_down_fails_the_job_unavailable_and_nothing_half_writ
     store.retry = IMPATIENT
     fired = stop_before_image(s3, store, 2, back_after=None)
     job = client.preprocess(source, base_size=64)
+    deadline = time.monotonic() + 60  # the job failed, but says so only once the store holds its FAILED record
+    while not (now := client.get_job(job.job_id)).progress.stage.startswith("finished; recording the result"):
+        assert time.monotonic() < deadline, "the job never said it waits to record its result"
+        time.sleep(0.05)
+    assert fired.is_set() and now.state == S.JOB_STATE_RUNNING
+    assert "the store is unavailable, retrying" in now.progress.stage
+
+    s3.start()
     with pytest.raises(JobFailed) as failure:
         client.wait(job)
-    assert fired.is_set()
     assert failure.value.code == "UNAVAILABLE"
     message = failure.value.message
     assert f"object store {store.uri} at {s3.address} unreachable while writing 'datasets/ds-" in message
     assert "/images/" in message and "resubmit the job" in message
-
-    s3.start()
-    deadline = time.monotonic() + 30
-    while store.get_json(f"jobs/preprocessing/{job.job_id}.json")["state"] != "JOB_STATE_FAILED":
-        assert time.monotonic() < deadline, "the record never reached the store after it came back"
-        time.sleep(0.05)
+    assert store.get_json(f"jobs/preprocessing/{job.job_id}.json")["state"] == "JOB_STATE_FAILED"  # stored first
     record = client.get_job(job.job_id)
     dataset_prefix = message.split("'")[1].split("images/")[0]
     assert not store.exists(dataset_prefix + "manifest.json"), "an incomplete dataset must have no manifest"

@@ -24,6 +24,7 @@ from fluxlora.jobs.process import ProcessRunner, exit_status, is_worker_of, work
 from fluxlora.jobs.runners import LocalRunner, runner_for
 from fluxlora.jobs.runtime import JobRuntime
 from fluxlora.jobs.worker import EXIT_INTERRUPTED, load_report
+from fluxlora_api.shared.errors import NotFound
 from fluxlora_api.v1 import jobs_pb2, preprocessing_pb2, training_pb2
 from support import make_s3_store
 
@@ -299,3 +300,37 @@ def test_a_failed_rank_fails_the_job_naming_torchrun_and_where_to_look(start_tra
     assert job.state == S.JOB_STATE_FAILED and job.error.code == "INTERNAL", job.error
     assert all(w in job.error.message for w in ("a rank of job", "torchrun", "2 worker processes",
                                                  "resume_from_run")), job.error.message
+
+
+class ReportLostForAWhile(LocalStore):
+    """The server's view of the store: for LOST_S after a worker's report first reads as SUCCEEDED, it
+    reads as missing, as S3 answers NoSuchBucket while a bucket is lost and not yet restored."""
+
+    LOST_S = 2.0
+    lost_since: float | None = None
+
+    def get_bytes(self, key: str) -> bytes:
+        data = super().get_bytes(key)
+        if key.startswith("jobs/workers/") and b"JOB_STATE_SUCCEEDED" in data:
+            self.lost_since = self.lost_since or time.monotonic()
+            if time.monotonic() - self.lost_since < self.LOST_S:
+                raise NotFound(f"object {key!r} not found (NoSuchBucket)")
+        return data
+
+
+def test_a_worker_that_exited_0_is_not_failed_while_its_report_reads_as_missing(tmp_path, monkeypatch):
+    """Found by the chaos run: a lost bucket right as a training worker finished failed its job INTERNAL
+    ("exited 0 but stored no result") although the result was stored."""
+    monkeypatch.setenv("FLUXLORA_TEST_HANDLER", "ok")
+    store = ReportLostForAWhile(tmp_path / "store")
+    settings = Settings(store=str(tmp_path / "unused"), cache_dir=tmp_path / "cache", runner="process")
+    runner = ProcessRunner(settings, "preprocessing", command=[sys.executable, str(SCRIPT)], poll_s=0.05)
+    runtime = JobRuntime("preprocessing", "pre", store, handler=None, settings=settings, runner=runner)
+    runtime.start()
+    try:
+        job, _ = finish(runtime, runtime.submit(spec()).job_id)
+    finally:
+        runtime.shutdown()
+    assert store.lost_since is not None
+    assert job.state == S.JOB_STATE_SUCCEEDED, job.error
+    assert job.result.Is(preprocessing_pb2.PreprocessResult.DESCRIPTOR)

@@ -1,9 +1,10 @@
 """The job runtime under faults (issue 12): a store error of any kind while a record is written never
-stops a worker thread and every watcher sees the job's one terminal state, with health saying
-NOT_SERVING until the store takes records again; starts are counted in the record before the work
-starts and a job whose server died FLUXLORA_MAX_JOB_ATTEMPTS times fails as poison; a request_id
-resent with another spec is ALREADY_EXISTS; a full disk is RESOURCE_EXHAUSTED naming the path; every
-numeric field of every spec has a bound, refused with the field, the value and the range."""
+stops a worker thread, every watcher sees the job's one terminal state, and nobody is told it before
+the store holds it, with health saying NOT_SERVING until the store takes records again; starts are
+counted in the record before the work starts and a job whose server died FLUXLORA_MAX_JOB_ATTEMPTS
+times fails as poison; a request_id resent with another spec is ALREADY_EXISTS; a full disk is
+RESOURCE_EXHAUSTED naming the path; every numeric field of every spec has a bound, refused with the
+field, the value and the range."""
 
 from __future__ import annotations
 
@@ -18,9 +19,17 @@ from fluxlora.common.config import Settings
 from fluxlora.common.limits import Bound, check_numbers, numeric_fields
 from fluxlora.common.storage import LocalStore
 from fluxlora.jobs import admission, recorder
+from fluxlora.jobs import runtime as runtime_module
 from fluxlora.jobs.records import JobRecords
 from fluxlora.jobs.runtime import JobRuntime
-from fluxlora_api.shared.errors import AlreadyExists, InvalidArgument, NotFound, ResourceExhausted, status_of
+from fluxlora_api.shared.errors import (
+    AlreadyExists,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+    status_of,
+)
 from fluxlora_api.v1 import captioning_pb2, evaluation_pb2, jobs_pb2, preprocessing_pb2, training_pb2
 
 S = jobs_pb2.JobState
@@ -89,8 +98,10 @@ def eventually(condition, what: str) -> None:
     (NotFound("object 'jobs/preprocessing/x.json' not found (NoSuchBucket)"), "NOT_FOUND"),
     (AccessDenied("Access Denied"), "INTERNAL"),
 ])
-def test_a_store_error_of_any_kind_at_the_end_of_a_job_leaves_the_worker_and_every_watcher_the_final_state(
+def test_a_store_error_of_any_kind_at_the_end_of_a_job_holds_its_end_back_until_the_record_is_stored(
         tmp_path, runtimes, monkeypatch, error, code):
+    """Nobody is told a terminal state the store does not hold: a server killed before the write would run
+    the job again, and a watcher could see FAILED, then SUCCEEDED."""
     monkeypatch.setattr(recorder, "RESAVE_INTERVAL_S", 0.02)
     store = RefusingStore(tmp_path / "store")
     gate, started = threading.Event(), threading.Event()
@@ -102,19 +113,67 @@ def test_a_store_error_of_any_kind_at_the_end_of_a_job_leaves_the_worker_and_eve
     watchers = [runtime.watch(job.job_id) for _ in range(3)]
     store.error = error
     gate.set()
-    for watcher in watchers:  # every watcher ends with the one terminal state
-        assert list(watcher)[-1].job.state == S.JOB_STATE_SUCCEEDED
-    assert runtime.get(job.job_id).state == S.JOB_STATE_SUCCEEDED  # memory is the truth meanwhile
+    eventually(lambda: "recording the result" in runtime.get(job.job_id).progress.stage, "the recording notice")
+    seen = runtime.get(job.job_id)
+    assert seen.state == S.JOB_STATE_RUNNING  # what the store holds, and all anyone is told
+    assert f"the store refuses it ({code}: " in seen.progress.stage and "retrying" in seen.progress.stage
     assert stored(store, job.job_id).state == S.JOB_STATE_RUNNING
+    assert [j.state for j in runtime.list()] == [S.JOB_STATE_RUNNING]
     ok, why = runtime.healthy()
     assert not ok and f"({code}: " in why and store.uri in why
     assert health[0] == (True, "") and health[-1] == (False, why)
 
-    store.error = None  # the disk freed, the bucket back, the key restored: the record lands
+    store.error = None  # the disk freed, the bucket back, the key restored: the record lands, then it is told
+    for watcher in watchers:  # every watcher ends with the one terminal state, never one before it
+        states = [event.job.state for event in watcher]
+        assert states[-1] == S.JOB_STATE_SUCCEEDED and S.JOB_STATE_SUCCEEDED not in states[:-1]
+        assert not {S.JOB_STATE_FAILED, S.JOB_STATE_CANCELLED} & set(states)
+    assert stored(store, job.job_id).state == S.JOB_STATE_SUCCEEDED
     second = runtime.submit(SPEC, request_id="r2")  # the worker thread is alive and runs the next job
     assert list(runtime.watch(second.job_id))[-1].job.state == S.JOB_STATE_SUCCEEDED
-    eventually(lambda: stored(store, job.job_id).state == S.JOB_STATE_SUCCEEDED, "the record to land")
     assert runtime.healthy() == (True, "") and health[-1] == (True, "")
+
+
+def test_a_shutdown_before_the_end_is_stored_leaves_the_job_to_run_again_and_nobody_saw_it_end(
+        tmp_path, runtimes, monkeypatch):
+    monkeypatch.setattr(recorder, "RESAVE_INTERVAL_S", 0.02)
+    store = RefusingStore(tmp_path / "store")
+    gate, started = threading.Event(), threading.Event()
+    first = runtimes(store, gated(gate, started))
+    job = first.submit(SPEC)
+    assert started.wait(30)
+    store.error = OSError(errno.ENOSPC, "No space left on device", "x")
+    gate.set()
+    eventually(lambda: "recording the result" in first.get(job.job_id).progress.stage, "the recording notice")
+    with pytest.raises(FailedPrecondition, match="being recorded"):
+        first.cancel(job.job_id)
+    first.shutdown()
+    assert stored(store, job.job_id).state == S.JOB_STATE_RUNNING
+    store.error = None
+    second = runtimes(store, gated(gate))
+    final = list(second.watch(job.job_id))[-1].job
+    assert final.state == S.JOB_STATE_SUCCEEDED and final.attempts == 2
+
+
+def test_cancelling_a_queued_job_while_the_store_refuses_answers_queued_then_ends_cancelled(
+        tmp_path, runtimes, monkeypatch):
+    monkeypatch.setattr(recorder, "RESAVE_INTERVAL_S", 0.02)
+    monkeypatch.setattr(runtime_module, "CANCEL_ANSWER_S", 0.2)
+    store = RefusingStore(tmp_path / "store")
+    gate, started = threading.Event(), threading.Event()
+    runtime = runtimes(store, gated(gate, started))
+    running = runtime.submit(SPEC)
+    queued = runtime.submit(SPEC)
+    assert started.wait(30)
+    store.error = OSError(errno.ENOSPC, "No space left on device", "x")
+    answer = runtime.cancel(queued.job_id)
+    assert answer.state == S.JOB_STATE_QUEUED and answer.cancel_requested  # not CANCELLED before it is stored
+    store.error = None
+    gate.set()
+    assert list(runtime.watch(running.job_id))[-1].job.state == S.JOB_STATE_SUCCEEDED
+    final = list(runtime.watch(queued.job_id))[-1].job
+    assert final.state == S.JOB_STATE_CANCELLED and final.attempts == 0  # it never ran
+    assert stored(store, queued.job_id).state == S.JOB_STATE_CANCELLED
 
 
 def test_a_worker_thread_survives_a_runtime_failure_around_a_job_and_the_job_still_ends(tmp_path, runtimes,
@@ -233,6 +292,7 @@ def test_a_disk_under_the_free_space_minimum_refuses_submits_and_starts_naming_t
     running = runtime.submit(SPEC)  # takes the only worker
     assert started.wait(30)  # before the disk fills: a busy machine may start it late
     queued = runtime.submit(SPEC)
+    assert started.wait(30)  # past its own free-space check before the disk "fills" (a loaded machine lags)
     monkeypatch.setattr(admission, "free_bytes", lambda path: 10**6 if path == store.root else 10**12)
     with pytest.raises(ResourceExhausted) as err:
         runtime.submit(SPEC)

@@ -1,5 +1,5 @@
 """The job runtime while the store refuses its record writes: the job is not stopped by it, watchers
-see every change, and the record reaches the store once it answers again."""
+see every change but its end, and the end is told once its record reaches the store."""
 
 from __future__ import annotations
 
@@ -44,16 +44,23 @@ def test_a_job_outlives_record_writes_the_store_refuses_and_its_record_is_writte
     try:
         job = runtime.submit(preprocessing_pb2.PreprocessSpec(source_prefix="uploads/x/"), request_id="r1")
         assert started.wait(30)
+        watcher = runtime.watch(job.job_id)
+        first = next(watcher)  # a watcher following the job from here
         store.down.set()
         finish.set()
-        events = list(runtime.watch(job.job_id))
-        assert events[-1].job.state == S.JOB_STATE_SUCCEEDED  # watchers saw the end the store did not
+        deadline = time.monotonic() + 30
+        while not runtime.get(job.job_id).progress.stage.startswith("finished; recording the result"):
+            assert time.monotonic() < deadline, "the job never said it waits to record its result"
+            time.sleep(0.02)
+        now = runtime.get(job.job_id)  # the end is not told before the store holds it
+        assert now.state == S.JOB_STATE_RUNNING and "the store is unavailable, retrying" in now.progress.stage
         assert store.get_json(f"jobs/preprocessing/{job.job_id}.json")["state"] == "JOB_STATE_RUNNING"
 
         store.down.clear()
-        deadline = time.monotonic() + 30
-        while store.get_json(f"jobs/preprocessing/{job.job_id}.json")["state"] != "JOB_STATE_SUCCEEDED":
-            assert time.monotonic() < deadline, "the record was never written again"
-            time.sleep(0.02)
+        events = [first, *watcher]
+        assert events[-1].job.state == S.JOB_STATE_SUCCEEDED
+        assert events[-1].job.progress.stage == "working"  # the job's own progress, not the notice
+        assert any("recording the result" in e.message for e in events)  # watchers were told why they wait
+        assert store.get_json(f"jobs/preprocessing/{job.job_id}.json")["state"] == "JOB_STATE_SUCCEEDED"
     finally:
         runtime.shutdown()

@@ -85,7 +85,7 @@ class JobExecution(recorder.JobRecorder):
         try:
             with self._cond:
                 job = self._jobs.get(job_id)
-                if job is None or job.state in TERMINAL:
+                if job is None or job.state in TERMINAL or job_id in self._finals:
                     return
             code, message = status_of(exc)
             self._finish(job_id, S.JOB_STATE_FAILED, message=message, error=(code, message))
@@ -95,7 +95,7 @@ class JobExecution(recorder.JobRecorder):
     def _run(self, job_id: str) -> None:
         with self._cond:
             job = self._jobs[job_id]
-            if job.state != S.JOB_STATE_QUEUED:
+            if job.state != S.JOB_STATE_QUEUED or job_id in self._finals:  # ended (cancelled) while queued
                 return
             attempts = job.attempts
         if attempts >= self._max_attempts:

@@ -57,6 +57,7 @@ WORKER_MODULE = "fluxlora.server.worker"
 REPORT_POLL_S = 1.0  # the worker writes its report about as often (worker.PERSIST_INTERVAL_S)
 STOP_CHECK_S = 0.1  # how soon a cancel or shutdown reaches the child
 UNASKED_STOP_WAIT_S = 2.0  # a child stopped by someone else's SIGTERM: time for our own shutdown to show
+EXITED_0_READ_S = 60.0  # how long the report of a worker that exited 0 is read again while it reads as unfinished
 PID_METRIC = "worker_pid"
 # The worker serves no RPCs: it gets neither the token nor TLS keys.
 _SERVER_ONLY_PREFIXES = ("auth_", "tls_")
@@ -117,6 +118,8 @@ class ProcessRunner:
             if child.stdin:
                 child.stdin.close()
         report = self._final_report(runtime, job_id, mirror)
+        if returncode == EXIT_SUCCEEDED and (report is None or report.state not in FINISHED):
+            report = self._read_again(runtime, job_id, mirror)
         return self._outcome(runtime, job_id, pid, returncode, report, asked_to_stop, processes)
 
     def recover(self, runtime: JobRuntime) -> None:
@@ -182,6 +185,20 @@ class ProcessRunner:
                 if runtime.stopping:
                     raise JobInterrupted(job_id) from exc
                 time.sleep(self.poll_s)
+
+    def _read_again(self, runtime: JobRuntime, job_id: str, mirror: ReportMirror) -> jobs_pb2.Job | None:
+        """A worker exits 0 only once its report holds its result: one that reads as missing or unfinished
+        then is a store answering wrongly for a while (a lost bucket's NoSuchBucket reads as a missing
+        object), so it is read again for up to EXITED_0_READ_S before the job fails for want of a result."""
+        log.warning("the worker of %s exited 0 but its report reads as unfinished; reading it again", job_id)
+        deadline = time.monotonic() + EXITED_0_READ_S
+        while True:
+            if runtime.stopping:
+                raise JobInterrupted(job_id)  # the next start reads the report again, and takes its result
+            time.sleep(self.poll_s)
+            report = self._final_report(runtime, job_id, mirror)
+            if (report is not None and report.state in FINISHED) or time.monotonic() > deadline:
+                return report
 
     def _outcome(self, runtime: JobRuntime, job_id: str, pid: int, returncode: int,
                  report: jobs_pb2.Job | None, asked_to_stop: bool, processes: int = 1) -> Message:

@@ -6,6 +6,13 @@ full disk, a missing bucket, access denied) never stops a worker thread: the in-
 truth until the store takes it, the recorder thread writes it again every RESAVE_INTERVAL_S, and the
 server reports NOT_SERVING through `healthy()` / `add_health_listener` until a write succeeds again.
 Store writes happen outside the lock GetJob/ListJobs take.
+
+A terminal state is the exception: `_finish` tells nobody (GetJob, ListJobs, WatchJob, webhooks) before
+the store holds it. Told first, a server killed before the write left a RUNNING record, the next
+generation ran the job again, and a watcher saw FAILED, then SUCCEEDED. Until the write lands the job
+keeps its last state, its progress stage saying the result is being recorded and why it waits; a server
+killed meanwhile runs it again, which nobody can tell from one run. (Not a local journal: it would be a
+second truth beside the store, lost anyway when a pod moves to another node.)
 """
 
 from __future__ import annotations
@@ -46,6 +53,8 @@ class JobRecorder(JobMemory):
         self._store_lock = threading.Lock()
         self._recorder_wake = threading.Event()
         self._store_error = ""  # why the last record write failed; "" once one succeeds
+        # Terminal records not in the store yet -> (the record, its event's message); told once stored.
+        self._finals: dict[str, tuple[jobs_pb2.Job, str]] = {}
         self._health_listeners: builtins.list[Callable[[bool, str], None]] = []
         self._last_health: tuple[bool, str] | None = None
         self._threads: builtins.list[threading.Thread] = []  # the worker threads
@@ -135,11 +144,14 @@ class JobRecorder(JobMemory):
                 job = self._jobs.get(job_id)
                 if job is None:
                     return True
-                snapshot, generation = copy_job(job), self._unsaved.get(job_id)
+                final = self._finals.get(job_id)
+                snapshot, generation = copy_job(final[0] if final else job), self._unsaved.get(job_id)
             try:
                 self._records.save(snapshot)
             except Exception as exc:  # noqa: BLE001 - every store error, see above
                 self._store_failed(job_id, exc)
+                if final:
+                    self._still_recording(job_id, exc)
                 return False
             if snapshot.state in TERMINAL:
                 try:
@@ -149,6 +161,8 @@ class JobRecorder(JobMemory):
             with self._cond:
                 if self._unsaved.get(job_id) == generation:
                     self._unsaved.pop(job_id, None)
+                if final and self._finals.get(job_id) is final:
+                    self._tell_final(job_id)
                 if job_id in self._warned_unsaved:
                     self._warned_unsaved.discard(job_id)
                     log.info("job %s: record saved again after the store refused it", job_id)
@@ -189,8 +203,51 @@ class JobRecorder(JobMemory):
         with self._cond:
             self._evict()
 
+    # --- terminal states: stored before anyone is told ------------------------------------------------
     def _finish(self, job_id: str, state: int, message: str = "", error: tuple[str, str] | None = None,
                 result: Message | None = None, persist: bool | str = True) -> None:
-        self.update(job_id, lambda job: mark_finished(job, state, error, result),
-                    message=message or S.Name(S.ValueType(state)).removeprefix("JOB_STATE_").lower(),
-                    persist=persist)
+        """Ends a job: its terminal record is written first (now, or by the recorder with persist="later")
+        and only then shown; refused, the recorder writes it again every RESAVE_INTERVAL_S."""
+        with self._cond:
+            job = self._jobs[job_id]
+            if job.state in TERMINAL or job_id in self._finals:
+                return  # ended already, or ending: a job has one terminal state
+            final = copy_job(job)
+            mark_finished(final, state, error, result)
+            self._finals[job_id] = (final, message or S.Name(S.ValueType(state)).removeprefix("JOB_STATE_").lower())
+            self._generation += 1
+            self._unsaved[job_id] = self._generation
+        if persist == "later":
+            self._recorder_wake.set()
+        else:
+            self._persist(job_id)
+
+    def finishing(self, job_id: str) -> bool:
+        """True while the job's terminal record waits for the store (it must not run, nor end again)."""
+        with self._cond:
+            return job_id in self._finals
+
+    def _tell_final(self, job_id: str) -> None:
+        """The stored terminal record becomes the job everyone sees (under _cond)."""
+        final, message = self._finals.pop(job_id)
+        job = self._jobs[job_id]
+        final.cancel_requested |= job.cancel_requested  # a cancel that came while it was being recorded
+        job.CopyFrom(final)
+        self._finished[job_id] = None
+        self._persisted_at.pop(job_id, None)
+        self._emit(job, message)
+        self._evict()
+
+    def _still_recording(self, job_id: str, exc: Exception) -> None:
+        """Says on the job (its progress stage, and an event) why its end is not shown yet; once per reason."""
+        code, message = status_of(exc)
+        why = ("the store is unavailable" if code == "UNAVAILABLE"
+               else f"the store refuses it ({code}: {message})")
+        stage = (f"finished; recording the result: {why}, retrying every {RESAVE_INTERVAL_S:g} s "
+                 "(the result is shown once it is stored)")
+        with self._cond:
+            job = self._jobs.get(job_id)
+            if job is None or job_id not in self._finals or job.progress.stage == stage:
+                return
+            job.progress.stage = stage
+            self._emit(job, stage)

@@ -28,6 +28,8 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 
+from google.protobuf.message import Message
+
 from fluxlora.common.config import Settings
 from fluxlora.common.s3_retry import RetryPolicy
 from fluxlora.common.storage import ArtifactStore
@@ -75,17 +77,31 @@ class JobReplicas(JobExecution, JobWatching):
 
     def update(self, job_id: str, mutate: Callable[[jobs_pb2.Job], object], message: str = "",
                persist: bool | str = True) -> bool:
-        if job_id not in self._let_go and not self._leases.holds(job_id) and self._would_finish(job_id, mutate):
-            # A lapsed lease (renewals failed, or this process was paused): before a job is finished here,
-            # learn whether another replica took it meanwhile (then it is theirs to finish).
-            try:
-                if not self._leases.renew(job_id):
-                    self._lose(job_id)
-            except Exception as exc:  # noqa: BLE001 - unreachable: finished in memory, written once it can be
-                log.warning("job %s: lease not confirmed before finishing (%s)", job_id, status_of(exc)[1])
+        if self._would_finish(job_id, mutate):
+            self._confirm_lease(job_id)
         if job_id in self._let_go:
             return True  # another replica works on it now: no change, no event, no record from here
         return super().update(job_id, mutate, message, persist)
+
+    def _finish(self, job_id: str, state: int, message: str = "", error: tuple[str, str] | None = None,
+                result: Message | None = None, persist: bool | str = True) -> None:
+        self._confirm_lease(job_id)
+        with self._cond:
+            elsewhere = job_id in self._let_go or job_id not in self._jobs
+        if elsewhere:
+            return  # another replica works on it now: the job ends there
+        super()._finish(job_id, state, message, error, result, persist)
+
+    def _confirm_lease(self, job_id: str) -> None:
+        """A lapsed lease (renewals failed, or this process was paused): before a job is finished here,
+        learn whether another replica took it meanwhile (then it is theirs to finish)."""
+        if job_id in self._let_go or self._leases.holds(job_id):
+            return
+        try:
+            if not self._leases.renew(job_id):
+                self._lose(job_id)
+        except Exception as exc:  # noqa: BLE001 - unreachable: its end waits in memory until it can be written
+            log.warning("job %s: lease not confirmed before finishing (%s)", job_id, status_of(exc)[1])
 
     def _would_finish(self, job_id: str, mutate: Callable[[jobs_pb2.Job], object]) -> bool:
         with self._cond:
@@ -121,6 +137,7 @@ class JobReplicas(JobExecution, JobWatching):
             self._finished.pop(job_id, None)
             self._logs.pop(job_id, None)
             self._unsaved.pop(job_id, None)
+            self._finals.pop(job_id, None)  # an end recorded there, not here
             if job is not None and job.request_id and self._by_request.get(job.request_id) == job_id:
                 del self._by_request[job.request_id]
             self._let_go.discard(job_id)
@@ -133,7 +150,8 @@ class JobReplicas(JobExecution, JobWatching):
                     job_id, self.service, self.identity.replica)
         with self._cond:
             self._let_go.add(job_id)
-            finished = job_id in self._jobs and self._jobs[job_id].state in TERMINAL  # its record still unsaved
+            finished = job_id in self._jobs and (self._jobs[job_id].state in TERMINAL  # its record still unsaved
+                                                 or job_id in self._finals)
             self._cond.notify_all()
         if finished:  # no worker will come back to it
             self._drop(job_id)

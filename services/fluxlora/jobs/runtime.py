@@ -6,8 +6,9 @@ A job interrupted by a shutdown goes back to QUEUED in the store, so another rep
 start runs it again (training then resumes from its last checkpoint).
 
 While the store is unreachable (past its retries) a job's record lives only here: the job goes on or
-fails UNAVAILABLE, watchers still see every change, and an idle worker writes the record again once
-the store answers. A server killed meanwhile finds the last record it did write and runs the job again.
+fails UNAVAILABLE, watchers still see every change but its end (shown once its record is stored), and
+the recorder thread writes the record again once the store answers. A server killed meanwhile finds the
+last record it did write and runs the job again.
 
 Faults (fluxlora issue 12): a store error of any kind while a record is written (unreachable, a full
 disk, a missing bucket, access denied) never stops a worker thread: the in-memory record is the truth
@@ -63,6 +64,7 @@ __all__ = ["EVENTS_KEPT", "Handler", "JobRuntime"]
 log = logging.getLogger(__name__)
 
 S = jobs_pb2.JobState
+CANCEL_ANSWER_S = 5.0  # how long CancelJob of a queued job waits for its CANCELLED record to be stored
 
 
 class JobRuntime(JobReplicas):
@@ -223,13 +225,19 @@ class JobRuntime(JobReplicas):
             raise FailedPrecondition(
                 f"job {job_id} already finished ({S.Name(state)}); there is nothing to cancel"
             )
+        if self.finishing(job_id):
+            raise FailedPrecondition(
+                f"job {job_id} already finished and its result is being recorded; there is nothing to cancel"
+            )
         if job is None or not self.owns(job_id):  # another replica runs it: it honours the request
             return self.cancel_elsewhere(job_id)
         with self._cond:
-            # The record is written by the recorder thread: a slow store never holds up this answer.
+            # The record is written by the recorder thread: a slow store holds up this answer at most
+            # CANCEL_ANSWER_S, then it says QUEUED with cancel_requested (CANCELLED once stored).
             if job.state == S.JOB_STATE_QUEUED:
                 job.cancel_requested = True
                 self._finish(job_id, S.JOB_STATE_CANCELLED, message="cancelled while queued", persist="later")
+                self._cond.wait_for(lambda: job.state in TERMINAL, timeout=CANCEL_ANSWER_S)
             elif job.state not in TERMINAL:
                 self.update(job_id, lambda j: setattr(j, "cancel_requested", True), message="cancel requested",
                             persist="later")
