@@ -124,24 +124,29 @@ def test_a_run_in_a_worker_process_streams_like_an_in_thread_run_and_stores_the_
 
 def test_the_training_gauges_move_while_a_worker_process_runs_and_settle_when_it_ends(store, tmp_path, dataset,
                                                                                      tiny_models):
-    """Scraped during the run: what the worker process reports reaches /metrics through the record."""
+    """Scraped during the run: what the worker process reports reaches /metrics through the record.
+    (A long run, cancelled after the scrapes: a short one may end between two of them.)"""
     during: list[dict] = []
     with training_server(store, tmp_path) as (server, client):
         before = scrape(server.metrics_port)
-        job = train(client, dataset, tiny_models, max_steps=10, checkpoint_every=10)
-        for step in (3, 7):
+        job = train(client, dataset, tiny_models, max_steps=50_000, checkpoint_every=0)
+        step = 3
+        for _ in range(2):  # (worker reports are throttled: the second waits for a step past the first scrape)
             wait_for_step(client, job.job_id, step)
             during.append(scrape(server.metrics_port))
-        job = client.wait(job)
+            step = int(total(during[-1], "fluxlora_training_steps_total", service="training")
+                       - total(before, "fluxlora_training_steps_total", service="training")) + 1
+        client.cancel(job.job_id)
+        with pytest.raises(JobCancelled):
+            client.wait(job)
         after = scrape(server.metrics_port)
-    assert job.state == S.JOB_STATE_SUCCEEDED
 
     def value(samples, name, **labels):
         return total(samples, name, service="training", **labels)
 
     steps = [value(s, "fluxlora_training_steps_total") - value(before, "fluxlora_training_steps_total")
              for s in (*during, after)]
-    assert 3 <= steps[0] < steps[1] < steps[2] == 10 and steps[1] >= 7
+    assert 3 <= steps[0] < steps[1] <= steps[2]
     for samples in during:
         assert value(samples, "fluxlora_jobs", state="running") == 1
         assert value(samples, "fluxlora_training_steps_per_second") > 0
