@@ -1,12 +1,13 @@
 # The two commands a new user needs:
 #   make demo   - the whole pipeline end to end on generated photos and tiny models; it starts the four
 #                 services itself, on localhost (nothing external needed)
-#   make test   - the test suite (what CI runs)
+#   make test   - the test suite's fast default (under 15 minutes on 2 cores); CI runs it and then
+#                 `make test-slow`: the tests marked slow (chaos runs, multi-process training, full-size plans)
 PYTHON ?= python3.11
 VENV   ?= .venv
 BIN     = $(VENV)/bin
 
-.PHONY: demo test env protos check-protos lint layers types clean
+.PHONY: demo test test-slow env protos check-protos lint layers types clean
 
 # Three distributions from this repository: fluxlora-api (protos/: the contract and the shared floor),
 # fluxlora-client (clients/python: SDK and CLI, no torch) and fluxlora (the servers). The servers name the
@@ -25,7 +26,10 @@ demo: env
 	$(BIN)/fluxlora demo --workdir demo-output
 
 test: env check-protos lint layers types
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q -m "not slow"
+
+test-slow: env
+	$(BIN)/pytest -q -m slow
 
 protos: env
 	$(BIN)/python protos/generate.py
