@@ -11,25 +11,14 @@ from pathlib import Path
 import torch
 from diffusers import ChromaPipeline, ChromaTransformer2DModel
 
-from fluxlora.models.tiny_flux import TEXT_DIM, _scheduler, _t5_encoder, _vae
+from fluxlora.models.tiny_flux import TINY_TRANSFORMER, _scheduler, _t5_encoder, _vae
 from fluxlora.models.tiny_tokenizers import build_t5_tokenizer
 
 
 def _transformer() -> ChromaTransformer2DModel:
     # in_channels is 4 x latent_channels (2x2 packing), as for the tiny FLUX.1.
-    return ChromaTransformer2DModel(
-        patch_size=1,
-        in_channels=16,
-        num_layers=1,
-        num_single_layers=1,
-        attention_head_dim=16,
-        num_attention_heads=2,
-        joint_attention_dim=TEXT_DIM,
-        axes_dims_rope=(4, 4, 8),
-        approximator_num_channels=8,
-        approximator_hidden_dim=32,
-        approximator_layers=1,
-    )
+    return ChromaTransformer2DModel(**TINY_TRANSFORMER, approximator_num_channels=8, approximator_hidden_dim=32,
+                                    approximator_layers=1)
 
 
 def build_tiny_chroma(seed: int = 0) -> ChromaPipeline:

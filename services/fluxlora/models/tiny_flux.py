@@ -24,6 +24,9 @@ from fluxlora.models.tiny_tokenizers import (
 )
 
 TEXT_DIM = 32
+# The tiny transformer's shape, shared by the families built on FLUX.1's blocks (FLUX.1, Chroma).
+TINY_TRANSFORMER = dict(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16,
+                        num_attention_heads=2, joint_attention_dim=TEXT_DIM, axes_dims_rope=(4, 4, 8))
 VOCAB_SIZE = 1000
 
 
@@ -61,18 +64,7 @@ def _vae() -> AutoencoderKL:
 
 def _transformer(guidance_embeds: bool) -> FluxTransformer2DModel:
     # in_channels is 4 x latent_channels because the pipeline packs 2x2 latent patches.
-    return FluxTransformer2DModel(
-        patch_size=1,
-        in_channels=16,
-        num_layers=1,
-        num_single_layers=1,
-        attention_head_dim=16,
-        num_attention_heads=2,
-        joint_attention_dim=TEXT_DIM,
-        pooled_projection_dim=TEXT_DIM,
-        guidance_embeds=guidance_embeds,
-        axes_dims_rope=(4, 4, 8),
-    )
+    return FluxTransformer2DModel(**TINY_TRANSFORMER, pooled_projection_dim=TEXT_DIM, guidance_embeds=guidance_embeds)
 
 
 def _clip_text_encoder(bos_id: int, eos_id: int, pad_id: int) -> CLIPTextModel:

@@ -67,13 +67,16 @@ class Family:
     def uses_guidance_embedding(self, transformer) -> bool:
         return bool(getattr(transformer.config, "guidance_embeds", False))
 
+    def guidance_input(self, transformer, hidden_states: torch.Tensor, guidance: float) -> torch.Tensor | None:
+        """The distilled guidance value per sample, for a transformer with a guidance embedding."""
+        if not self.uses_guidance_embedding(transformer):
+            return None
+        return torch.full((hidden_states.shape[0],), guidance, device=hidden_states.device, dtype=torch.float32)
+
     def transformer_kwargs(self, transformer, *, hidden_states: torch.Tensor, sigmas: torch.Tensor,
                            text: PromptEncoding, img_ids: torch.Tensor, guidance: float) -> dict[str, Any]:
         """Keyword arguments of one training forward pass (hidden_states already packed)."""
-        batch = hidden_states.shape[0]
-        guidance_input = None
-        if self.uses_guidance_embedding(transformer):
-            guidance_input = torch.full((batch,), guidance, device=hidden_states.device, dtype=torch.float32)
+        guidance_input = self.guidance_input(transformer, hidden_states, guidance)
         return dict(
             hidden_states=hidden_states,
             timestep=sigmas,  # the transformer wants t/1000, i.e. sigma itself

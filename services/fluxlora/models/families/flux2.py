@@ -39,9 +39,7 @@ class Flux2(Family):
     def transformer_kwargs(self, transformer, *, hidden_states: torch.Tensor, sigmas: torch.Tensor,
                            text: PromptEncoding, img_ids: torch.Tensor, guidance: float) -> dict[str, Any]:
         batch = hidden_states.shape[0]
-        guidance_input = None
-        if self.uses_guidance_embedding(transformer):
-            guidance_input = torch.full((batch,), guidance, device=hidden_states.device, dtype=torch.float32)
+        guidance_input = self.guidance_input(transformer, hidden_states, guidance)
         return dict(
             hidden_states=hidden_states,
             timestep=sigmas,
