@@ -57,7 +57,7 @@ def test_a_bucket_deleted_under_a_running_job_ends_it_for_every_watcher_and_heal
         wait_until(lambda: "recording the result" in client.get_job(job.job_id).progress.stage,
                    "the job to say it is recording its result")
         now = client.get_job(job.job_id)
-        assert now.state == S.JOB_STATE_RUNNING and "the store refuses it (NOT_FOUND: " in now.progress.stage
+        assert now.state == S.JOB_STATE_RUNNING and "the store is unavailable" in now.progress.stage
         assert not ended
         wait_until(lambda: not serving(server.address)[0], "health to say NOT_SERVING")
         assert serving(server.address) == (False, f"{server.address}: NOT_SERVING")
@@ -72,7 +72,7 @@ def test_a_bucket_deleted_under_a_running_job_ends_it_for_every_watcher_and_heal
         for watcher in watchers:
             watcher.join(30)
         assert [j.state for j in ended] == [S.JOB_STATE_FAILED] * 2  # every watcher saw the one end
-        assert failed.value.code == "NOT_FOUND" and "NoSuchBucket" in failed.value.message
+        assert failed.value.code == "UNAVAILABLE" and "NoSuchBucket" in failed.value.message
         assert store.get_json(f"jobs/preprocessing/{job.job_id}.json")["state"] == "JOB_STATE_FAILED"
         wait_until(lambda: serving(server.address)[0], "health to say SERVING again")
         assert client.get_job(job.job_id).state == S.JOB_STATE_FAILED

@@ -7,7 +7,7 @@ import hashlib
 import pytest
 
 from fluxlora.common.storage import LocalStore
-from fluxlora_api.shared.errors import InvalidArgument, NotFound
+from fluxlora_api.shared.errors import InvalidArgument, NotFound, Unavailable
 
 
 def test_put_and_get_file_round_trip_with_size_and_sha256(store, tmp_path):
@@ -68,3 +68,18 @@ def test_local_store_never_leaves_a_half_written_object(tmp_path):
         store.put_file("k/obj", unreadable)
     assert store.get_bytes("k/obj") == b"old"
     assert sorted(p.name for p in (tmp_path / "store" / "k").iterdir()) == ["obj"]
+
+
+@pytest.mark.parametrize("store", ["s3"], indirect=True)
+def test_a_lost_bucket_is_unavailable_not_a_missing_object(store):
+    """Every key of a deleted bucket would read as missing: a job that exists must not be answered
+    NOT_FOUND while its bucket is gone, so a read says UNAVAILABLE and names the bucket."""
+    store.put_json("jobs/preprocessing/pre-1.json", {"state": "JOB_STATE_RUNNING"})
+    store.delete("jobs/preprocessing/pre-1.json")
+    store.client.remove_bucket(store.bucket)
+    with pytest.raises(Unavailable) as lost:
+        store.get_json("jobs/preprocessing/pre-1.json")
+    assert "NoSuchBucket" in lost.value.message and store.bucket in lost.value.message
+    store.client.make_bucket(store.bucket)
+    with pytest.raises(NotFound):  # the bucket back: a missing object is NOT_FOUND again
+        store.get_json("jobs/preprocessing/pre-1.json")

@@ -7,6 +7,7 @@ import copy
 import glob
 import hashlib
 import os
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,8 @@ from fluxlora.common.s3_retry import RetryPolicy, with_retries
 from fluxlora.common.storage.base import ArtifactStore, ObjectInfo, validate_key
 from fluxlora_api.shared.errors import InvalidArgument, NotFound, Unavailable
 from fluxlora_api.shared.files import sha256_file
+
+BUCKET_SEEN_S = 2.0  # how long a bucket seen is trusted to be there when a key reads as missing
 
 
 class S3Store(ArtifactStore):
@@ -29,6 +32,7 @@ class S3Store(ArtifactStore):
         self.bucket = bucket
         self.retry = retry or RetryPolicy()
         self.endpoint = endpoint
+        self._bucket_seen_at = -BUCKET_SEEN_S
         if create_bucket:
             self._call(f"creating bucket {bucket!r}", self._ensure_bucket)
 
@@ -83,8 +87,27 @@ class S3Store(ArtifactStore):
     def _call(self, action: str, call: Any, what: str = "") -> Any:
         """`call()` with retries on transient failures; errors mapped to NotFound / Unavailable."""
         where = f"{self.uri} at {self.endpoint}" if self.endpoint else self.uri
-        with _s3_errors(what or action):
-            return with_retries(call, action, where, self.retry)
+        try:
+            with _s3_errors(what or action):
+                return with_retries(call, action, where, self.retry)
+        except NotFound:
+            self._check_bucket(what or action)
+            raise
+
+    def _check_bucket(self, what: str) -> None:
+        """A missing object, or a missing bucket? S3 answers a HEAD of any key of a deleted bucket with a
+        bodiless 404, which reads as a missing object: so a miss asks whether the bucket is there (at most
+        once per BUCKET_SEEN_S while it is), lest a job that exists be answered NOT_FOUND."""
+        if time.monotonic() - self._bucket_seen_at < BUCKET_SEEN_S:
+            return
+        try:
+            exists = self.client.bucket_exists(self.bucket)
+        except Exception:  # noqa: BLE001 - cannot tell now: the miss stands as it was answered
+            return
+        if not exists:
+            raise Unavailable(f"bucket {self.bucket!r} does not exist (NoSuchBucket) while accessing {what!r}: "
+                              "restore it, or point FLUXLORA_STORE at the right s3://<bucket>")
+        self._bucket_seen_at = time.monotonic()
 
     @property
     def uri(self) -> str:
@@ -189,7 +212,13 @@ class _s3_errors:
         from minio.error import S3Error
         from urllib3.exceptions import HTTPError
 
-        if isinstance(exc, S3Error) and exc.code in ("NoSuchKey", "NoSuchBucket", "NoSuchObject"):
+        if isinstance(exc, S3Error) and exc.code == "NoSuchBucket":
+            # The bucket, not the object, is missing (deleted, or the store is misconfigured): every key
+            # would read as missing, so a job that exists must not be answered NOT_FOUND. (A HEAD request
+            # cannot tell the two apart: minio names its bodiless 404 NoSuchKey.)
+            raise Unavailable(f"bucket {exc.bucket_name or ''!r} does not exist (NoSuchBucket) while accessing "
+                              f"{self.what!r}: restore it, or point FLUXLORA_STORE at the right s3://<bucket>") from exc
+        if isinstance(exc, S3Error) and exc.code in ("NoSuchKey", "NoSuchObject"):
             raise NotFound(f"object {self.what!r} not found ({exc.code})") from exc
         if isinstance(exc, (HTTPError, ConnectionError)):
             raise Unavailable(f"object store unreachable while accessing {self.what!r}: {exc}") from exc
