@@ -679,7 +679,7 @@ COMMENTS: dict[str, dict[str, str]] = {
         'event_type': '"job.accepted", "job.started", "job.progress", "job.checkpoint", "job.artifact", "job.succeeded",\n"job.failed" or "job.cancelled".',
         'url': 'Where it goes.',
         'sequence': "The JobEvent's sequence.",
-        'status': '"pending" (being tried), "delivered" (a 2xx answer) or "failed" (not delivered within the retry time).',
+        'status': '"pending" (being tried), "delivered" (a 2xx answer) or "failed" (not delivered within the retry time,\nor refused: its URL resolved to an address FLUXLORA_WEBHOOK_ALLOWED_HOSTS or the metadata rule forbids).',
         'attempts': 'Every attempt so far, oldest first.',
     },
 }

@@ -565,7 +565,9 @@ class WebhookDelivery(_message.Message):
     sequence: _builtins.int
     """The JobEvent's sequence."""
     status: _builtins.str
-    """"pending" (being tried), "delivered" (a 2xx answer) or "failed" (not delivered within the retry time)."""
+    """"pending" (being tried), "delivered" (a 2xx answer) or "failed" (not delivered within the retry time,
+    or refused: its URL resolved to an address FLUXLORA_WEBHOOK_ALLOWED_HOSTS or the metadata rule forbids).
+    """
     @_builtins.property
     def attempts(self) -> _containers.RepeatedCompositeFieldContainer[Global___WebhookAttempt]:
         """Every attempt so far, oldest first."""
