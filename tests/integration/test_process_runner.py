@@ -272,20 +272,23 @@ def test_a_run_on_two_gpus_is_two_torchrun_ranks_equal_to_one_process_at_the_sam
 PARALLEL_STEPS = 30
 
 
+CANCELLED_STEPS = 150  # long enough that a cancel at step 3 lands mid-run on a fast idle machine
+
+
 def test_a_cancelled_two_gpu_run_resumes_to_the_lora_of_an_uninterrupted_one(store, tmp_path, dataset, tiny_models):
     """The cancel's SIGTERM reaches both ranks through torchrun: they stop at the same step, rank 0
     stores that checkpoint, and resume_from_run continues exactly (the LoRA is bit for bit the one of
     an uninterrupted 2-GPU run)."""
     with training_server(store, tmp_path) as (_, client):
-        whole = client.wait(train(client, dataset, tiny_models, gpus=2, max_steps=PARALLEL_STEPS, checkpoint_every=0))
-        job = train(client, dataset, tiny_models, gpus=2, max_steps=PARALLEL_STEPS, checkpoint_every=0)
+        whole = client.wait(train(client, dataset, tiny_models, gpus=2, max_steps=CANCELLED_STEPS, checkpoint_every=0))
+        job = train(client, dataset, tiny_models, gpus=2, max_steps=CANCELLED_STEPS, checkpoint_every=0)
         running = wait_for_step(client, job.job_id, 3)
         client.cancel(job.job_id)
         with pytest.raises(JobCancelled) as cancelled:
             client.wait(job)
         stopped = cancelled.value.job
         [checkpoint] = [a for a in stopped.artifacts if a.kind == "lora"]
-        assert 3 <= checkpoint.step < PARALLEL_STEPS and not alive(int(running.metrics["worker_pid"]))
+        assert 3 <= checkpoint.step < CANCELLED_STEPS and not alive(int(running.metrics["worker_pid"]))
         resumed = client.wait(client.resume_training(job.job_id))
 
     assert whole.state == resumed.state == S.JOB_STATE_SUCCEEDED, resumed.error
