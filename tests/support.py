@@ -32,6 +32,31 @@ def make_s3_store(endpoint: str, public_endpoint: str = "") -> S3Store:
                            public_endpoint=public_endpoint)
 
 
+class S3Endpoint:
+    """moto's S3 server on one port, stopped and started like a real endpoint (its buckets live in
+    this process, so they survive a stop like a real server's disks)."""
+
+    def __init__(self):
+        self.port = free_port()
+        self.address = f"127.0.0.1:{self.port}"
+        self.server = None
+
+    def start(self) -> None:
+        from moto.server import ThreadedMotoServer
+
+        self.server = ThreadedMotoServer(ip_address="127.0.0.1", port=self.port, verbose=False)
+        self.server.start()
+
+    def stop(self) -> None:
+        self.server.stop()  # werkzeug closes the socket: connections are refused from here on
+        self.server = None
+
+    def back_in(self, seconds: float) -> threading.Timer:
+        timer = threading.Timer(seconds, self.start)
+        timer.start()
+        return timer
+
+
 class StoreClient(FluxloraClient):
     """An SDK client beside the servers' store, which tests read to check what the servers wrote.
     The SDK itself has no store: everything it moves goes through the servers."""

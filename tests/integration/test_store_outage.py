@@ -24,40 +24,16 @@ from fluxlora.common.s3_retry import RetryPolicy
 from fluxlora.common.storage import S3Store
 from fluxlora.jobs import recorder
 from fluxlora.server.bootstrap import start_server
-from fluxlora.server.local import free_port
 from fluxlora_api.shared.errors import Unavailable, status_of
 from fluxlora_api.v1 import jobs_pb2
 from fluxlora_client import FluxloraClient, FluxloraClientError, JobFailed
+from support import S3Endpoint
 
 pytestmark = pytest.mark.timeout(120)  # a regression that hangs a wait fails here, not after 10 minutes
 S = jobs_pb2.JobState
 PATIENT = RetryPolicy(retries=200, base_s=0.02, max_s=0.1)  # rides out outages of a few seconds
 IMPATIENT = RetryPolicy(retries=3, base_s=0.01, max_s=0.02)  # gives up within a fraction of a second
 SECRET = "outage-test-secret-key"
-
-
-class S3Endpoint:
-    """moto's S3 server on one port, stopped and started like a real endpoint."""
-
-    def __init__(self):
-        self.port = free_port()
-        self.address = f"127.0.0.1:{self.port}"
-        self.server = None
-
-    def start(self) -> None:
-        from moto.server import ThreadedMotoServer
-
-        self.server = ThreadedMotoServer(ip_address="127.0.0.1", port=self.port, verbose=False)
-        self.server.start()
-
-    def stop(self) -> None:
-        self.server.stop()  # werkzeug closes the socket: connections are refused from here on
-        self.server = None
-
-    def back_in(self, seconds: float) -> threading.Timer:
-        timer = threading.Timer(seconds, self.start)
-        timer.start()
-        return timer
 
 
 class CuttingProxy:

@@ -18,10 +18,9 @@ import uuid
 import pytest
 
 from fluxlora.common.storage import S3Store
-from fluxlora.server.local import free_port
 from fluxlora_api.v1 import jobs_pb2
 from fluxlora_client import FluxloraClient
-from support import ServiceProcess
+from support import S3Endpoint, ServiceProcess
 
 pytestmark = pytest.mark.timeout(240)
 S = jobs_pb2.JobState
@@ -56,26 +55,6 @@ definition = dataclasses.replace(load_definition("preprocessing"), handler=handl
 RunningServer(definition, Settings(), port=int(sys.argv[-1])).start()
 threading.Event().wait()
 """
-
-
-class S3Endpoint:
-    """moto's S3 server on one port, stopped and started like a real endpoint (its buckets live in
-    this process, so they survive like a real server's disks)."""
-
-    def __init__(self):
-        self.port = free_port()
-        self.address = f"127.0.0.1:{self.port}"
-        self.server = None
-
-    def start(self) -> None:
-        from moto.server import ThreadedMotoServer
-
-        self.server = ThreadedMotoServer(ip_address="127.0.0.1", port=self.port, verbose=False)
-        self.server.start()
-
-    def stop(self) -> None:
-        self.server.stop()
-        self.server = None
 
 
 @pytest.fixture
