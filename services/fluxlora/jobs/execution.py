@@ -100,8 +100,9 @@ class JobExecution(recorder.JobRecorder):
             attempts = job.attempts
         if attempts >= self._max_attempts:
             message = (
-                f"job {job_id} was started {attempts} times and each time its server or worker process died before "
-                f"it finished (FLUXLORA_MAX_JOB_ATTEMPTS={self._max_attempts}), so it is not run again: the usual "
+                f"job {job_id} was started {attempts} times and each time its server or worker process died, or "
+                "stopped while the store was unreachable, before its result was recorded "
+                f"(FLUXLORA_MAX_JOB_ATTEMPTS={self._max_attempts}), so it is not run again: the usual "
                 "cause is running out of memory (`dmesg` or `journalctl -k` names the process the kernel killed); "
                 "lower the request's sizes or steps and resubmit with a new request_id"
                 + (" (a training run can continue from its last checkpoint with resume_from_run)"
