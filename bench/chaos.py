@@ -4,6 +4,7 @@ while a seeded fault schedule injects faults; then the invariants are checked.
     python bench/chaos.py --minutes 30 --seed 7 --store both    # the standing run (15 min per store)
     python bench/chaos.py --seconds 180 --seed 3 --store s3     # a short one
     python bench/chaos.py ... --json out.json --strict          # figures as JSON; every violation fails
+    python bench/chaos.py --seconds 300 --replicas 2            # two server processes per service, one store
 
 Per store: the four servers as `python -m fluxlora.server.cli serve <service>` processes (training
 with FLUXLORA_RUNNER=process, as `fluxlora up`), each on a port kept across its generations; a local
@@ -46,6 +47,7 @@ def parse(argv=None) -> argparse.Namespace:
     parser.add_argument("--seconds", type=float, default=180.0, help="seconds of faults in all (if no --minutes)")
     parser.add_argument("--seed", type=int, default=None, help="fault schedule seed (default: from the clock)")
     parser.add_argument("--store", choices=["local", "s3", "both"], default="both")
+    parser.add_argument("--replicas", type=int, default=1, help="server processes per service on one store")
     parser.add_argument("--clients", type=int, default=2, help="client threads running pipelines")
     parser.add_argument("--mean-gap", type=float, default=20.0, help="mean seconds between faults")
     parser.add_argument("--settle", type=float, default=240.0, help="seconds for the system to settle afterwards")

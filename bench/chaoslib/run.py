@@ -59,15 +59,33 @@ class StoreRun:
                "OMP_NUM_THREADS": "1", "FLUXLORA_PREPROCESS_WORKERS": "1"}
         logs = work / f"logs-{kind}"
         logs.mkdir(parents=True, exist_ok=True)
-        self.servers = {name: ServerProcess(name, {**env, **({"FLUXLORA_RUNNER": "process"} if name == "training"
-                                                             else {})}, logs) for name in SERVICES}
+        # With --replicas N, each service runs N server processes on one store (replica labels "training",
+        # "training-2", ...); a client reaches them as one address list and fails over between them.
+        # Shorter leases, so that a killed replica's jobs move to a survivor within the run.
+        replica_env = {"FLUXLORA_LEASE_SECONDS": "10"} if args.replicas > 1 else {}
+        self.servers = {}
+        for name in SERVICES:
+            for r in range(args.replicas):
+                label = name if r == 0 else f"{name}-{r + 1}"
+                self.servers[label] = ServerProcess(
+                    name, {**env, **replica_env, "FLUXLORA_REPLICA_ID": label,
+                           **({"FLUXLORA_RUNNER": "process"} if name == "training" else {})}, logs, label)
         self.load = Load(self.client, photos, models, random.Random(f"{seed}-{kind}-load"), f"{kind}{seed}")
         self.orphans: list[tuple[float, int, str]] = []  # (killed at, pid, service)
         self.running = threading.Event()
 
     def client(self) -> FluxloraClient:
         # No store: like any client, the harness uploads and downloads through the servers.
-        return FluxloraClient(**{n: s.address for n, s in self.servers.items()}, timeout=30.0)
+        return FluxloraClient(**{n: self.address_of(n) for n in SERVICES}, timeout=30.0)
+
+    def replicas_of(self, service: str) -> list[ServerProcess]:
+        return [s for s in self.servers.values() if s.service == service]
+
+    def address_of(self, service: str) -> str:
+        replicas = self.replicas_of(service)
+        if len(replicas) == 1:
+            return replicas[0].address
+        return "ipv4:" + ",".join(s.address for s in replicas)
 
     def violation(self, name: str, example: str) -> None:
         self.violations[name].append(example)
@@ -75,7 +93,9 @@ class StoreRun:
     # --- faults ------------------------------------------------------------------------------
     def inject(self, fault: Fault) -> None:
         if fault.kind in ("sigkill_server", "sigterm_server"):
-            server = self.servers[fault.target]
+            server = self.rng.choice(self.replicas_of(fault.target))
+            if server.label != fault.target:
+                fault.target = server.label
             if not server.alive():
                 fault.outcome = "skipped: down already"
                 return
@@ -99,11 +119,11 @@ class StoreRun:
             time.sleep(fault.duration)
             server.start()
         elif fault.kind == "sigkill_worker":
-            server = self.servers["training"]
             deadline = time.monotonic() + 15
             while time.monotonic() < deadline:
                 from .system import children
-                kids = children(server.process.pid) if server.alive() else []
+                kids = [kid for server in self.replicas_of("training") if server.alive()
+                        for kid in children(server.process.pid)]
                 if kids:
                     os.kill(kids[0], 9)
                     fault.outcome = f"killed worker {kids[0]}"
@@ -326,7 +346,7 @@ def report(results: list[dict], seed: int, args, elapsed: float) -> int:
     print(f"chaos run: seed {seed}, stores {', '.join(r['store'] for r in results)}, "
           f"{sum(r['faults_s'] for r in results) / 60:.1f} min of faults, {elapsed / 60:.1f} min in all")
     print(f"replay: python bench/chaos.py --seed {seed} --seconds {args.seconds:.0f} --store {args.store} "
-          f"--clients {args.clients} --mean-gap {args.mean_gap:g}")
+          f"--clients {args.clients} --mean-gap {args.mean_gap:g} --replicas {args.replicas}")
     totals: Counter = Counter()
     unexpected = 0
     for r in results:

@@ -93,8 +93,9 @@ def listeners() -> dict[int, set[int]]:
 class ServerProcess:
     """One service on a fixed port across its generations; each generation in its own session."""
 
-    def __init__(self, service: str, env: dict[str, str], log_dir: Path):
+    def __init__(self, service: str, env: dict[str, str], log_dir: Path, label: str = ""):
         self.service = service
+        self.label = label or service  # "training-2" for a second replica
         self.port = free_port()
         self.address = f"127.0.0.1:{self.port}"
         self.env = env
@@ -107,7 +108,7 @@ class ServerProcess:
 
     def spawn(self) -> subprocess.Popen:
         """A new generation (not waited for)."""
-        with open(self.log_dir / f"{self.service}.log", "ab") as log:
+        with open(self.log_dir / f"{self.label}.log", "ab") as log:
             log.write(f"\n=== generation {len(self.generations) + 1} at {time.time():.1f}\n".encode())
             log.flush()
             process = subprocess.Popen(
@@ -131,7 +132,7 @@ class ServerProcess:
             except RuntimeError:
                 self.failed_starts += 1
                 time.sleep(1.0)
-        raise RuntimeError(f"{self.service} did not start in {attempts} attempts; see {self.log_dir}")
+        raise RuntimeError(f"{self.label} did not start in {attempts} attempts; see {self.log_dir}")
 
     def rolling_restart(self, wait_s: float = 60.0) -> tuple[bool, str]:
         """A new generation on the same port while the old one still serves, then SIGTERM to the old one
