@@ -27,15 +27,12 @@ WatchJob event as protobuf JSON, signed with FLUXLORA_WEBHOOK_SECRET (`webhook-i
 from __future__ import annotations
 
 import collections
-import http.client
 import json
 import logging
 import random
 import threading
 import time
-import urllib.parse
 import uuid
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -44,57 +41,23 @@ from google.protobuf import json_format
 from standardwebhooks import Webhook
 
 from fluxlora.common import metrics
+from fluxlora.common.config import Settings
 from fluxlora.common.storage import ArtifactStore
-from fluxlora.jobs import webhook_outbox
-from fluxlora.jobs.webhook_targets import SETTING, Refused, WebhookTargets, connection
-from fluxlora_api.shared.errors import FailedPrecondition, InvalidArgument, NotFound
+from fluxlora.jobs import webhook_http, webhook_outbox
+from fluxlora.jobs.webhook_config import secret_of, targets_of, webhook_urls
+from fluxlora.jobs.webhook_log import log_key, safe_url, stored_deliveries
+from fluxlora.jobs.webhook_targets import Refused
 from fluxlora_api.v1 import jobs_pb2
 
 log = logging.getLogger(__name__)
+__all__ = ["WebhookDispatcher", "log_key", "secret_of", "stored_deliveries", "targets_of", "webhook_urls"]
 
 S = jobs_pb2.JobState
 TERMINAL = frozenset({S.JOB_STATE_SUCCEEDED, S.JOB_STATE_FAILED, S.JOB_STATE_CANCELLED})
-MAX_URLS = 5
-MAX_URL_CHARS = 2048
 DELIVERIES_KEPT = 500  # per job
 JOBS_KEPT = 1000  # jobs whose delivery log stays in memory once every delivery of theirs is over
 TERMINAL_TYPES = frozenset({"job.succeeded", "job.failed", "job.cancelled"})
 CHECKPOINT_KINDS = frozenset({"lora", "lora-kohya", "checkpoint-state"})
-
-
-def webhook_urls(requested: Sequence[str], settings: Any) -> list[str]:
-    """The URLs a new job's events go to: the request's and the server's, checked. INVALID_ARGUMENT
-    names a bad URL; FAILED_PRECONDITION when the server has no secret to sign with."""
-    urls = list(dict.fromkeys([*(u.strip() for u in requested), *getattr(settings, "webhook_urls", ())]))
-    if len(requested) > MAX_URLS:
-        raise InvalidArgument(f"webhook_urls has {len(requested)} URLs, at most {MAX_URLS} are allowed")
-    targets = targets_of(settings)
-    for url in urls:
-        parsed = urllib.parse.urlsplit(url)
-        if parsed.scheme not in ("http", "https") or not parsed.hostname or len(url) > MAX_URL_CHARS:
-            raise InvalidArgument(f"webhook_urls: {url[:100]!r} is not an http(s) URL of at most {MAX_URL_CHARS} "
-                                  "characters")
-        try:
-            targets.check_url(url)
-        except Refused as exc:
-            raise InvalidArgument(
-                f"webhook_urls: {_safe(url)!r} is refused: {exc} ({targets.describe()}). Use a receiver this "
-                f"server may reach, or have the operator add its host or network to {SETTING} (a JSON list "
-                'such as ["hooks.example.com", "*.example.com", "10.0.0.0/8"])') from None
-    if urls and not secret_of(settings):
-        raise FailedPrecondition("this server has no webhook secret to sign events with: set "
-                                 "FLUXLORA_WEBHOOK_SECRET (whsec_<base64>) on the server, or submit without "
-                                 "webhook_urls")
-    return urls
-
-
-def targets_of(settings: Any) -> WebhookTargets:
-    return WebhookTargets(getattr(settings, "webhook_allowed_hosts", ()) or ())
-
-
-def secret_of(settings: Any) -> str:
-    secret = getattr(settings, "webhook_secret", None)
-    return secret.get_secret_value() if secret is not None and hasattr(secret, "get_secret_value") else (secret or "")
 
 
 @dataclass
@@ -114,15 +77,15 @@ class _Delivery:
 class WebhookDispatcher:
     """A JobRuntime event listener that delivers the job's events to its webhook URLs."""
 
-    def __init__(self, service: str, store: ArtifactStore, settings: Any):
+    def __init__(self, service: str, store: ArtifactStore, settings: Settings):
         self.service = service
         self.store = store
         self.signer = Webhook(secret_of(settings)) if secret_of(settings) else None
-        self.timeout_s = float(getattr(settings, "webhook_timeout_s", 10.0))
-        self.retry_for_s = float(getattr(settings, "webhook_retry_for_s", 3600.0))
-        self.base_s = float(getattr(settings, "webhook_retry_base_s", 1.0))
-        self.max_s = float(getattr(settings, "webhook_retry_max_s", 60.0))
-        self.progress_every_s = float(getattr(settings, "webhook_progress_interval_s", 10.0))
+        self.timeout_s = settings.webhook_timeout_s
+        self.retry_for_s = settings.webhook_retry_for_s
+        self.base_s = settings.webhook_retry_base_s
+        self.max_s = settings.webhook_retry_max_s
+        self.progress_every_s = settings.webhook_progress_interval_s
         self.targets = targets_of(settings)  # a bad FLUXLORA_WEBHOOK_ALLOWED_HOSTS stops the start here
         self._lock = threading.Condition()
         self._streams: dict[tuple[str, str], collections.deque[_Delivery]] = {}
@@ -139,7 +102,7 @@ class WebhookDispatcher:
         self._closed = False  # the saver's last round: set once the delivery threads are gone
         self._recover()
         self._threads = [threading.Thread(target=self._work, name=f"{service}-webhooks-{i}", daemon=True)
-                         for i in range(max(1, int(getattr(settings, "webhook_workers", 4))))]
+                         for i in range(max(1, settings.webhook_workers))]
         self._saver = threading.Thread(target=self._save_loop, name=f"{service}-webhooks-store", daemon=True)
         for thread in [*self._threads, self._saver]:
             thread.start()
@@ -275,7 +238,7 @@ class WebhookDispatcher:
                         metrics.WEBHOOK_QUEUE.labels(self.service).set(
                             sum(len(q) for q in self._streams.values()))
             except Exception:  # noqa: BLE001 - a delivery thread outlives any surprise
-                log.exception("webhook delivery to %s failed", _safe(key[1]))
+                log.exception("webhook delivery to %s failed", safe_url(key[1]))
             finally:
                 with self._lock:
                     self._busy.discard(key)
@@ -308,7 +271,7 @@ class WebhookDispatcher:
                     record.status = "failed"
                     metrics.WEBHOOK_GIVEN_UP.labels(self.service).inc()
                     log.warning("webhook %s of job %s not delivered to %s after %d attempts over %.0fs (last: %s)",
-                                record.event_type, delivery.job_id, _safe(record.url), len(record.attempts),
+                                record.event_type, delivery.job_id, safe_url(record.url), len(record.attempts),
                                 time.monotonic() - delivery.created,
                                 attempt.error or f"HTTP {attempt.status_code}")
                 self._dirty.add(delivery.job_id)
@@ -319,28 +282,14 @@ class WebhookDispatcher:
             self._stopping.wait(delay)
 
     def _post(self, delivery: _Delivery) -> tuple[int, str]:
-        """One POST; Refused when the URL's host now resolves where webhooks may not go. Signed at the
-        attempt's time: receivers refuse timestamps over five minutes old, and retries last an hour."""
+        """One POST, signed at the attempt's time: receivers refuse timestamps over five minutes old,
+        and retries last an hour."""
         assert self.signer is not None
         record, now = delivery.record, datetime.now(UTC)
         headers = {"content-type": "application/json", "user-agent": "fluxlora-webhooks/1",
                    "webhook-id": record.event_id, "webhook-timestamp": str(int(now.timestamp())),
                    "webhook-signature": self.signer.sign(record.event_id, now, delivery.body)}
-        parts = urllib.parse.urlsplit(record.url)
-        try:
-            port = parts.port or (443 if parts.scheme == "https" else 80)
-            addresses = self.targets.resolve(parts.hostname or "", port)
-            conn = connection(record.url, addresses, self.timeout_s)
-            try:
-                conn.request("POST", (parts.path or "/") + (f"?{parts.query}" if parts.query else ""),
-                             body=delivery.body, headers=headers)
-                return conn.getresponse().status, ""
-            finally:
-                conn.close()
-        except Refused:
-            raise
-        except (OSError, ValueError, http.client.HTTPException) as exc:
-            return 0, "timed out" if isinstance(exc, TimeoutError) or "timed out" in str(exc) else str(exc)[:200]
+        return webhook_http.post(record.url, delivery.body, headers, self.targets, self.timeout_s)
 
     # --- the store: one thread writes every job's log and outbox ---------------------------------------
     def _save_loop(self) -> None:
@@ -401,22 +350,3 @@ class WebhookDispatcher:
             self._closed = True
             self._lock.notify_all()
         self._saver.join(self.timeout_s + 5)
-
-
-def log_key(service: str, job_id: str) -> str:
-    return f"jobs/webhooks/{service}/{job_id}.json"
-
-
-def stored_deliveries(store: ArtifactStore, service: str, job_id: str) -> jobs_pb2.ListWebhookDeliveriesResponse:
-    """A job's stored delivery log (empty when none of its events had webhooks)."""
-    try:
-        data = store.get_bytes(log_key(service, job_id))
-    except (NotFound, FileNotFoundError):
-        return jobs_pb2.ListWebhookDeliveriesResponse()
-    return json_format.Parse(data, jobs_pb2.ListWebhookDeliveriesResponse())
-
-
-def _safe(url: str) -> str:
-    """A URL for logs: scheme, host and path, never its query (which may hold a token)."""
-    parts = urllib.parse.urlsplit(url)
-    return f"{parts.scheme}://{parts.hostname}{':' + str(parts.port) if parts.port else ''}{parts.path}"
