@@ -15,6 +15,9 @@ holding its lease (fluxlora.jobs.leases), and every replica answers for every jo
   within the lease's last quarter, see leases.py), so no late record of the old owner overwrites the
   new owner's. A job about to finish on a lapsed lease checks it first (`update`); if the store cannot
   be reached for that, the end is announced here and written once the lease is taken again, or never.
+- Webhook events (fluxlora.jobs.webhooks) go out from the replica holding the job's lease, which it keeps
+  while any of them waits, even after the job ended; a replica taking a lease over takes the job's
+  outbox with it, and a finished job's outbox left by a dead owner is taken like a job (`_scan_outboxes`).
 - Reads of a job this replica does not own come from its stored record (fluxlora.jobs.replica_reads);
   a CancelJob of it leaves a marker, which the owner honours within a tick (CANCEL_CHECK_S).
 """
@@ -25,6 +28,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from typing import Protocol
 
 from google.protobuf.message import Message
 
@@ -49,6 +53,15 @@ SUBMIT_WAIT_S = 10.0  # how long a submit waits for another replica's submit of 
 LEASE_RETRY = RetryPolicy(retries=2, base_s=0.1, max_s=0.5)
 
 
+class Outbox(Protocol):
+    """What the replicas need of fluxlora.jobs.webhooks.WebhookDispatcher (a floor above)."""
+
+    def stored_jobs(self) -> list[str]: ...
+    def take_over(self, job_id: str) -> None: ...
+    def drop(self, job_id: str) -> None: ...
+    def holds(self, job_id: str) -> bool: ...
+
+
 class JobReplicas(ReplicaReads):
     def __init__(self, service: str, store: ArtifactStore, handler: Handler, settings: Settings | None,
                  runner: Runner | None, finished_in_memory: int | None, max_watchers: int):
@@ -62,6 +75,13 @@ class JobReplicas(ReplicaReads):
         self._submitting: dict[str, float] = {}  # jobs leased by a submit here, not in memory yet -> since
         self._cancels_prefix = f"jobs/cancels/{service}/"
         self._replica_thread: threading.Thread | None = None
+        self._outbox: Outbox | None = None
+        self._outbox_expires: dict[str, float] = {}  # finished jobs' outboxes leased elsewhere -> until when
+
+    def attach_outbox(self, outbox: Outbox) -> None:
+        """The webhook dispatcher: it sends the events of the jobs whose lease this replica holds, and
+        the lease stays held while any of them waits (before start)."""
+        self._outbox = outbox
 
     # --- ownership -------------------------------------------------------------------------------
     def owns(self, job_id: str) -> bool:
@@ -145,6 +165,8 @@ class JobReplicas(ReplicaReads):
         leaves memory when its run (or, queued, its turn) ends: a worker may be about to start it."""
         log.warning("job %s: another %s replica took it over; this replica (%s) stops working on it",
                     job_id, self.service, self.identity.replica)
+        if self._outbox is not None:
+            self._outbox.drop(job_id)
         with self._cond:
             self._let_go.add(job_id)
             finished = job_id in self._jobs and (self._jobs[job_id].state in TERMINAL  # its record still unsaved
@@ -219,14 +241,47 @@ class JobReplicas(ReplicaReads):
             if self._leases.take(job_id, newest) is None:
                 continue
             self._expires_seen.pop(job_id, None)
+            if self._outbox is not None:  # its earlier events go out before those of its adoption
+                self._outbox.take_over(job_id)
             job = self._records.load(job_id)
             if job is None or job.state in TERMINAL:  # a submit that died before its record, or a finished job
                 self._records.clear_active(job_id)
-                self._leases.release(job_id)
+                if not self._sends_events(job_id):
+                    self._leases.release(job_id)
                 continue
             taken.append((job, newest))
         for job, previous in sorted(taken, key=lambda t: t[0].created_at.ToNanoseconds()):
             self._adopt(job, previous, at_start)
+        self._scan_outboxes(set(unfinished), at_start)
+
+    def _scan_outboxes(self, unfinished: set[str], at_start: bool) -> None:
+        """Takes the lease of each finished job whose undelivered webhook events no live replica holds
+        (its owner died or stopped after the job ended), and with it the events (webhooks.py)."""
+        if self._outbox is None:
+            return
+        stored = self._outbox.stored_jobs()
+        for job_id in set(self._outbox_expires) - set(stored):
+            del self._outbox_expires[job_id]
+        for job_id in stored:
+            if job_id in unfinished or self._leases.lease(job_id) is not None or self._outbox.holds(job_id) \
+                    or time.time() < self._outbox_expires.get(job_id, 0.0):
+                continue  # an unfinished job's events go with the job (above)
+            with self._cond:
+                if job_id in self._jobs:
+                    continue
+            newest = self._leases.book.newest(job_id)
+            if not self._leases.book.takeable(newest, at_start):
+                self._outbox_expires[job_id] = newest.expires_at if newest else 0.0
+                continue
+            if self._leases.take(job_id, newest) is None:
+                continue
+            self._outbox_expires.pop(job_id, None)
+            self._outbox.take_over(job_id)
+            if not self._outbox.holds(job_id):  # delivered and deleted meanwhile by the one before
+                self._leases.release(job_id)
+
+    def _sends_events(self, job_id: str) -> bool:
+        return self._outbox is not None and self._outbox.holds(job_id)
 
     def _adopt(self, job: jobs_pb2.Job, previous: leases.Lease | None, at_start: bool) -> None:
         job_id = job.job_id
@@ -281,10 +336,13 @@ class JobReplicas(ReplicaReads):
             if job is not None or since is None or time.monotonic() - since > self.lease_seconds:
                 self._submitting.pop(job_id, None)  # stored, or a submit that failed (a retry takes it over)
                 done = done or job is None
-            if done:  # finished and stored (or never stored): no one needs to take it over
+            if done and not self._sends_events(job_id):  # finished, stored, told: no one needs to take it over
                 self._leases.forget(job_id)
             elif not self._leases.renew(job_id):
-                self._lose(job_id)
+                if job is not None:
+                    self._lose(job_id)
+                elif self._outbox is not None:  # held for its webhook events only
+                    self._outbox.drop(job_id)
 
     def _honour_cancels(self) -> None:
         for info in list(self._quick.store.list(self._cancels_prefix)):
