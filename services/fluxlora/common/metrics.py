@@ -20,6 +20,8 @@ from typing import Any
 
 from prometheus_client import REGISTRY, Counter, Gauge, Histogram, start_http_server
 
+from fluxlora.common import store_metrics
+
 log = logging.getLogger(__name__)
 
 # Request latencies from a health check (~1 ms) to a slow submit (seconds).
@@ -59,8 +61,10 @@ JOB_ETA = Gauge("fluxlora_job_eta_seconds", "Estimated seconds left of the runni
                 "0: none runs).", ["service"])
 
 # --- object store (fluxlora.common.s3_retry) ----------------------------------------------------------
-STORE_SECONDS = Histogram("fluxlora_store_request_duration_seconds", "One object-store request attempt.",
-                          ["operation", "outcome"], buckets=STORE_BUCKETS)
+# Workers in their own process add theirs through their reports (fluxlora.common.store_metrics).
+STORE_SECONDS = store_metrics.RequestHistogram("fluxlora_store_request_duration_seconds",
+                                               "One object-store request attempt.", STORE_BUCKETS)
+REGISTRY.register(STORE_SECONDS)
 STORE_RETRIES = Counter("fluxlora_store_retries_total", "Object-store requests retried after a transient failure.",
                         ["operation"])
 STORE_FAILURES = Counter("fluxlora_store_failures_total",
@@ -112,3 +116,13 @@ def stop_metrics(port: int) -> None:
             server = _servers.pop(key)
             server.shutdown()
             server.server_close()
+
+
+def store_snapshot() -> dict[str, float]:
+    """This process's object-store totals, for a worker's report."""
+    return store_metrics.snapshot(STORE_SECONDS, STORE_RETRIES, STORE_FAILURES)
+
+
+def add_worker_store_totals(grown: dict[str, float]) -> None:
+    """Adds what a worker's store totals grew by (store_metrics.growth) to this server's metrics."""
+    store_metrics.add(grown, STORE_SECONDS, STORE_RETRIES, STORE_FAILURES, OPERATIONS)
