@@ -5,7 +5,8 @@ processes, 3-second job leases): only the replica holding a job's lease sends it
   and leaves them alone (its owner is alive and keeps the lease while they wait). When the receiver
   comes up, every event arrives once, in order, all from the owner.
 - The owner is SIGKILLed with a finished job's events undelivered: the survivor takes the job's lease
-  once it expires, and with it the outbox, and delivers every event, in order, with its original id.
+  once it expires, and with it the outbox, and delivers every event, in order, with its original id;
+  its /metrics count the takeover (fluxlora_job_leases_taken_over_total{what="webhooks"}).
 
 The receiver names the process behind each connection (the server whose socket has its client port).
 """
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import psutil
 import pytest
+from metrics_support import scrape, total
 from test_replicas import lease_owners, replica, wait_until
 from test_webhooks import SECRET, Receiver
 from test_webhooks_restart import outbox
@@ -31,7 +33,9 @@ HOOKS = dict(FLUXLORA_WEBHOOK_SECRET=SECRET, FLUXLORA_WEBHOOK_RETRY_BASE_S="0.05
 
 def test_only_the_lease_holder_sends_a_jobs_events_and_a_dead_owners_are_sent_by_the_survivor(
         store, tmp_path, processes):
-    a, b = replica("replica-a", store, tmp_path, **HOOKS), replica("replica-b", store, tmp_path, **HOOKS)
+    b_metrics = free_port()
+    a = replica("replica-a", store, tmp_path, **HOOKS)
+    b = replica("replica-b", store, tmp_path, **HOOKS, FLUXLORA_METRICS_PORT=str(b_metrics))
     processes += [a.start(), b.start()]
     logs = lambda: f"--- a\n{a.logs()}\n--- b\n{b.logs()}"  # noqa: E731
 
@@ -66,6 +70,7 @@ def test_only_the_lease_holder_sends_a_jobs_events_and_a_dead_owners_are_sent_by
         assert [e.id for e in receiver.events()] == first_ids, "each event once, in order"
         assert set(receiver.senders) == {"replica-a"}, receiver.senders
         assert lease_owners(store, first.job_id) == ["replica-a"]
+        assert total(scrape(b_metrics), "fluxlora_job_leases_taken_over_total") == 0
     finally:
         receiver.close()
 
@@ -78,6 +83,9 @@ def test_only_the_lease_holder_sends_a_jobs_events_and_a_dead_owners_are_sent_by
         assert [e.id for e in receiver.events()] == second_ids, "each event once, in order, with its id"
         assert set(receiver.senders) == {"replica-b"}, receiver.senders
         assert lease_owners(store, second.job_id)[-1] == "replica-b"
+        taken = scrape(b_metrics)
+        assert total(taken, "fluxlora_job_leases_taken_over_total", service="preprocessing", what="webhooks") == 1
+        assert ("fluxlora_job_leases_held", (("service", "preprocessing"),)) in taken
         with FluxloraClient(preprocessing=b.address) as on_b:
             log = webhooks.deliveries(on_b, second.job_id)
         assert [(d.event_id, d.status) for d in log.deliveries] == [(i, "delivered") for i in second_ids]

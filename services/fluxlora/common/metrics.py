@@ -72,6 +72,15 @@ STORE_FAILURES = Counter("fluxlora_store_failures_total",
                          ["operation", "kind"])
 OPERATIONS = ("read", "write", "list", "delete", "create", "presign", "other")
 
+# --- job leases of replicas (fluxlora.jobs.replicas; the leases held: fluxlora.server.telemetry) ----
+LEASES_TAKEN_OVER = Counter("fluxlora_job_leases_taken_over_total",
+                            "Job leases this replica took from another (or an earlier process) whose lease "
+                            "expired or whose process is gone: `job`, an unfinished job; `webhooks`, a finished "
+                            "job's undelivered webhook events.", ["service", "what"])
+LEASES_LOST = Counter("fluxlora_job_leases_lost_total",
+                      "Job leases this replica found taken by another replica (it stopped working on the job).",
+                      ["service"])
+
 # --- auth (fluxlora.common.auth) ---------------------------------------------------------------------
 AUTH_FAILURES = Counter("fluxlora_auth_failures_total", "RPCs refused for missing or wrong credentials.",
                         ["reason"])

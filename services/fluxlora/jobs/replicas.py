@@ -32,6 +32,7 @@ from typing import Protocol
 
 from google.protobuf.message import Message
 
+from fluxlora.common import metrics
 from fluxlora.common.config import Settings
 from fluxlora.common.s3_retry import RetryPolicy
 from fluxlora.common.storage import ArtifactStore
@@ -165,6 +166,7 @@ class JobReplicas(ReplicaReads):
         leaves memory when its run (or, queued, its turn) ends: a worker may be about to start it."""
         log.warning("job %s: another %s replica took it over; this replica (%s) stops working on it",
                     job_id, self.service, self.identity.replica)
+        metrics.LEASES_LOST.labels(self.service).inc()
         if self._outbox is not None:
             self._outbox.drop(job_id)
         with self._cond:
@@ -240,6 +242,8 @@ class JobReplicas(ReplicaReads):
                 continue
             if self._leases.take(job_id, newest) is None:
                 continue
+            if newest is not None:
+                metrics.LEASES_TAKEN_OVER.labels(self.service, "job").inc()
             self._expires_seen.pop(job_id, None)
             if self._outbox is not None:  # its earlier events go out before those of its adoption
                 self._outbox.take_over(job_id)
@@ -276,9 +280,13 @@ class JobReplicas(ReplicaReads):
             if self._leases.take(job_id, newest) is None:
                 continue
             self._outbox_expires.pop(job_id, None)
+            metrics.LEASES_TAKEN_OVER.labels(self.service, "webhooks").inc()
             self._outbox.take_over(job_id)
             if not self._outbox.holds(job_id):  # delivered and deleted meanwhile by the one before
                 self._leases.release(job_id)
+
+    def leases_held(self) -> int:
+        return len(self._leases.held())
 
     def _sends_events(self, job_id: str) -> bool:
         return self._outbox is not None and self._outbox.holds(job_id)
@@ -342,6 +350,7 @@ class JobReplicas(ReplicaReads):
                 if job is not None:
                     self._lose(job_id)
                 elif self._outbox is not None:  # held for its webhook events only
+                    metrics.LEASES_LOST.labels(self.service).inc()
                     self._outbox.drop(job_id)
 
     def _honour_cancels(self) -> None:

@@ -192,6 +192,9 @@ class _JobsCollector:
         serving = GaugeMetricFamily("fluxlora_server_serving",
                                     "1 while the server can run jobs; 0 while the store refuses job records or a "
                                     "worker stopped (gRPC health NOT_SERVING).", labels=["service"])
+        leases = GaugeMetricFamily("fluxlora_job_leases_held",
+                                   "Job leases this replica holds (jobs it works on, and finished jobs whose "
+                                   "webhook events it still sends).", labels=["service"])
         counts: dict[tuple[str, str], int] = {}
         now = time.time()
         for runtime in runtimes:
@@ -205,11 +208,13 @@ class _JobsCollector:
                     waited = max(waited, now - job.created_at.ToNanoseconds() / 1e9)
             oldest.add_metric([runtime.service], waited)
             serving.add_metric([runtime.service], 1.0 if runtime.healthy()[0] else 0.0)
+            leases.add_metric([runtime.service], runtime.leases_held())
         for (service, state_label), count in sorted(counts.items()):
             family.add_metric([service, state_label], count)
         yield family
         yield oldest
         yield serving
+        yield leases
 
     def describe(self):
         return []  # collected lazily: runtimes come and go
