@@ -374,13 +374,16 @@ class JobReplicas(ReplicaReads):
 
     def stop_replica(self) -> None:
         """At shutdown, once the workers stopped: jobs sent back to the queue are handed to the other
-        replicas at once; a handler left running writes no record any more (its lease is dropped)."""
+        replicas at once (unless webhook events of theirs wait: this server's deliveries go on until
+        the server stops them, after this, so those leases expire instead); a handler left running
+        writes no record any more (its lease is dropped)."""
         if self._replica_thread is not None:
             self._replica_thread.join(5.0)
         for job_id in self._leases.held():
             with self._cond:
                 job = self._jobs.get(job_id)
                 queued = job is not None and job.state == S.JOB_STATE_QUEUED and job_id not in self._unsaved
+            queued = queued and not self._sends_events(job_id)
             try:
                 if queued:
                     self._leases.release(job_id)
