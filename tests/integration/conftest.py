@@ -43,3 +43,12 @@ def cli_env(monkeypatch, tmp_path):
         for service, address in client.addresses.items():
             monkeypatch.setenv(f"FLUXLORA_{service.upper()}_ADDR", address)
         yield client
+
+
+@pytest.fixture
+def processes():
+    """Server processes (tests/support.ServiceProcess) a test started: stopped at its end."""
+    started: list = []
+    yield started
+    for process in started:
+        process.stop()

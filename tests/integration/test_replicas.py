@@ -37,14 +37,6 @@ LEASE_S = "3"
 BIG = dict(count=64, base_size=512)  # a job that takes seconds on one core, so the kill lands mid-job
 
 
-@pytest.fixture
-def processes():
-    started: list[ServiceProcess] = []
-    yield started
-    for process in started:
-        process.stop()
-
-
 def wait_until(condition, what: str, timeout: float = 120.0, logs=lambda: ""):
     deadline = time.monotonic() + timeout
     while not (value := condition()):
@@ -53,10 +45,11 @@ def wait_until(condition, what: str, timeout: float = 120.0, logs=lambda: ""):
     return value
 
 
-def replica(name: str, store: ArtifactStore, tmp_path) -> ServiceProcess:
+def replica(name: str, store: ArtifactStore, tmp_path, **env: str) -> ServiceProcess:
     folder = tmp_path / name
     folder.mkdir()
-    return ServiceProcess("preprocessing", store, folder, FLUXLORA_REPLICA_ID=name, FLUXLORA_LEASE_SECONDS=LEASE_S)
+    return ServiceProcess("preprocessing", store, folder, FLUXLORA_REPLICA_ID=name, FLUXLORA_LEASE_SECONDS=LEASE_S,
+                          **env)
 
 
 def records(store: ArtifactStore) -> list[dict]:

@@ -29,17 +29,23 @@ S = jobs_pb2.JobState
 
 
 class Receiver:
-    """An HTTP server that records every POST; `answer(n)` gives the status (and delay) of the n-th."""
+    """An HTTP server that records every POST; `answer(n)` gives the status (and delay) of the n-th;
+    `identify(client_port)` names the sender of each (in `senders`) while its connection is open."""
 
-    def __init__(self, answer=lambda n: (204, 0.0), port: int = 0):
+    def __init__(self, answer=lambda n: (204, 0.0), port: int = 0, identify=lambda client_port: "",
+                 host: str = "127.0.0.1", tls=None):
+        """tls: an ssl.SSLContext to serve https with."""
         self.requests: list[tuple[dict[str, str], bytes, float]] = []
+        self.senders: list[str] = []
         self.lock = threading.Lock()
         receiver = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
             def do_POST(self):  # noqa: N802 - http.server's name
                 body = self.rfile.read(int(self.headers["content-length"]))
+                sender = identify(self.client_address[1])
                 with receiver.lock:
+                    receiver.senders.append(sender)
                     receiver.requests.append(({k.lower(): v for k, v in self.headers.items()}, body, time.monotonic()))
                     n = len(receiver.requests)
                 status, delay = answer(n)
@@ -51,8 +57,10 @@ class Receiver:
             def log_message(self, *args):
                 pass
 
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", port), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_port}/hook?token=abc"
+        self.server = http.server.ThreadingHTTPServer((host, port), Handler)
+        if tls is not None:
+            self.server.socket = tls.wrap_socket(self.server.socket, server_side=True)
+        self.url = f"{'https' if tls else 'http'}://{host}:{self.server.server_port}/hook?token=abc"
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
     def events(self) -> list[webhooks.WebhookEvent]:

@@ -104,3 +104,13 @@ def test_a_refused_url_at_submit_names_the_url_the_setting_and_the_fix():
     assert "http://169.254.169.254/latest/meta-data/" in message and "token=x" not in message
     assert "FLUXLORA_WEBHOOK_ALLOWED_HOSTS" in message and "link-local" in message
     assert webhook_urls(["https://a.example.com/h"], settings) == ["https://a.example.com/h"]
+
+
+def test_behind_a_proxy_a_name_this_server_cannot_resolve_passes_only_on_a_host_pattern():
+    targets = WebhookTargets(["*.invalid", "10.0.0.0/8"])
+    targets.check_behind_proxy("hooks.invalid", 443)  # matches a pattern: the proxy resolves it
+    with pytest.raises(Refused, match="does not resolve"):
+        WebhookTargets(["10.0.0.0/8"]).check_behind_proxy("hooks.invalid", 443)
+    WebhookTargets([]).check_behind_proxy("hooks.invalid", 443)  # no list: any name
+    with pytest.raises(Refused, match="metadata"):
+        targets.check_behind_proxy("169.254.169.254", 80)

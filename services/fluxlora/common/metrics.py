@@ -20,6 +20,8 @@ from typing import Any
 
 from prometheus_client import REGISTRY, Counter, Gauge, Histogram, start_http_server
 
+from fluxlora.common import store_metrics
+
 log = logging.getLogger(__name__)
 
 # Request latencies from a health check (~1 ms) to a slow submit (seconds).
@@ -59,14 +61,25 @@ JOB_ETA = Gauge("fluxlora_job_eta_seconds", "Estimated seconds left of the runni
                 "0: none runs).", ["service"])
 
 # --- object store (fluxlora.common.s3_retry) ----------------------------------------------------------
-STORE_SECONDS = Histogram("fluxlora_store_request_duration_seconds", "One object-store request attempt.",
-                          ["operation", "outcome"], buckets=STORE_BUCKETS)
+# Workers in their own process add theirs through their reports (fluxlora.common.store_metrics).
+STORE_SECONDS = store_metrics.RequestHistogram("fluxlora_store_request_duration_seconds",
+                                               "One object-store request attempt.", STORE_BUCKETS)
+REGISTRY.register(STORE_SECONDS)
 STORE_RETRIES = Counter("fluxlora_store_retries_total", "Object-store requests retried after a transient failure.",
                         ["operation"])
 STORE_FAILURES = Counter("fluxlora_store_failures_total",
                          "Object-store calls that failed after their retries (UNAVAILABLE) or at once.",
                          ["operation", "kind"])
 OPERATIONS = ("read", "write", "list", "delete", "create", "presign", "other")
+
+# --- job leases of replicas (fluxlora.jobs.replicas; the leases held: fluxlora.server.telemetry) ----
+LEASES_TAKEN_OVER = Counter("fluxlora_job_leases_taken_over_total",
+                            "Job leases this replica took from another (or an earlier process) whose lease "
+                            "expired or whose process is gone: `job`, an unfinished job; `webhooks`, a finished "
+                            "job's undelivered webhook events.", ["service", "what"])
+LEASES_LOST = Counter("fluxlora_job_leases_lost_total",
+                      "Job leases this replica found taken by another replica (it stopped working on the job).",
+                      ["service"])
 
 # --- auth (fluxlora.common.auth) ---------------------------------------------------------------------
 AUTH_FAILURES = Counter("fluxlora_auth_failures_total", "RPCs refused for missing or wrong credentials.",
@@ -112,3 +125,13 @@ def stop_metrics(port: int) -> None:
             server = _servers.pop(key)
             server.shutdown()
             server.server_close()
+
+
+def store_snapshot() -> dict[str, float]:
+    """This process's object-store totals, for a worker's report."""
+    return store_metrics.snapshot(STORE_SECONDS, STORE_RETRIES, STORE_FAILURES)
+
+
+def add_worker_store_totals(grown: dict[str, float]) -> None:
+    """Adds what a worker's store totals grew by (store_metrics.growth) to this server's metrics."""
+    store_metrics.add(grown, STORE_SECONDS, STORE_RETRIES, STORE_FAILURES, OPERATIONS)

@@ -15,10 +15,11 @@ holding its lease (fluxlora.jobs.leases), and every replica answers for every jo
   within the lease's last quarter, see leases.py), so no late record of the old owner overwrites the
   new owner's. A job about to finish on a lapsed lease checks it first (`update`); if the store cannot
   be reached for that, the end is announced here and written once the lease is taken again, or never.
-- Reads: GetJob / ListJobs answer a job this replica does not own from its stored record; WatchJob
-  follows the stored record (FOLLOW_INTERVAL_S) until it ends, switching between memory and the store as
-  the job comes and goes; CancelJob of a job owned elsewhere leaves a marker, jobs/cancels/<service>/<id>,
-  which the owner honours within a tick (CANCEL_CHECK_S).
+- Webhook events (fluxlora.jobs.webhooks) go out from the replica holding the job's lease, which it keeps
+  while any of them waits, even after the job ended; a replica taking a lease over takes the job's
+  outbox with it, and a finished job's outbox left by a dead owner is taken like a job (`_scan_outboxes`).
+- Reads of a job this replica does not own come from its stored record (fluxlora.jobs.replica_reads);
+  a CancelJob of it leaves a marker, which the owner honours within a tick (CANCEL_CHECK_S).
 """
 
 from __future__ import annotations
@@ -26,33 +27,43 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
+from typing import Protocol
 
 from google.protobuf.message import Message
 
+from fluxlora.common import metrics
 from fluxlora.common.config import Settings
 from fluxlora.common.s3_retry import RetryPolicy
 from fluxlora.common.storage import ArtifactStore
 from fluxlora.jobs import leases
-from fluxlora.jobs.execution import Handler, JobExecution
-from fluxlora.jobs.memory import ACTIVE, copy_job
+from fluxlora.jobs.execution import Handler
+from fluxlora.jobs.memory import copy_job
 from fluxlora.jobs.records import TERMINAL
+from fluxlora.jobs.replica_reads import ReplicaReads
 from fluxlora.jobs.runners import Runner
-from fluxlora.jobs.watching import JobWatching
-from fluxlora_api.shared.errors import FailedPrecondition, NotFound, ResourceExhausted, Unavailable, status_of
+from fluxlora_api.shared.errors import Unavailable, status_of
 from fluxlora_api.v1 import jobs_pb2
 
 log = logging.getLogger(__name__)
 
 S = jobs_pb2.JobState
-FOLLOW_INTERVAL_S = 1.0  # how often a watch of a job owned elsewhere reads its record
 CANCEL_CHECK_S = 2.0  # how often the owner looks for cancels left by other replicas
 SUBMIT_WAIT_S = 10.0  # how long a submit waits for another replica's submit of the same request_id
 # Lease I/O must answer well within a lease: a few quick retries, then the next round tries again.
 LEASE_RETRY = RetryPolicy(retries=2, base_s=0.1, max_s=0.5)
 
 
-class JobReplicas(JobExecution, JobWatching):
+class Outbox(Protocol):
+    """What the replicas need of fluxlora.jobs.webhooks.WebhookDispatcher (a floor above)."""
+
+    def stored_jobs(self) -> list[str]: ...
+    def take_over(self, job_id: str) -> None: ...
+    def drop(self, job_id: str) -> None: ...
+    def holds(self, job_id: str) -> bool: ...
+
+
+class JobReplicas(ReplicaReads):
     def __init__(self, service: str, store: ArtifactStore, handler: Handler, settings: Settings | None,
                  runner: Runner | None, finished_in_memory: int | None, max_watchers: int):
         super().__init__(service, store, handler, settings, runner, finished_in_memory, max_watchers)
@@ -65,6 +76,13 @@ class JobReplicas(JobExecution, JobWatching):
         self._submitting: dict[str, float] = {}  # jobs leased by a submit here, not in memory yet -> since
         self._cancels_prefix = f"jobs/cancels/{service}/"
         self._replica_thread: threading.Thread | None = None
+        self._outbox: Outbox | None = None
+        self._outbox_expires: dict[str, float] = {}  # finished jobs' outboxes leased elsewhere -> until when
+
+    def attach_outbox(self, outbox: Outbox) -> None:
+        """The webhook dispatcher: it sends the events of the jobs whose lease this replica holds, and
+        the lease stays held while any of them waits (before start)."""
+        self._outbox = outbox
 
     # --- ownership -------------------------------------------------------------------------------
     def owns(self, job_id: str) -> bool:
@@ -148,6 +166,9 @@ class JobReplicas(JobExecution, JobWatching):
         leaves memory when its run (or, queued, its turn) ends: a worker may be about to start it."""
         log.warning("job %s: another %s replica took it over; this replica (%s) stops working on it",
                     job_id, self.service, self.identity.replica)
+        metrics.LEASES_LOST.labels(self.service).inc()
+        if self._outbox is not None:
+            self._outbox.drop(job_id)
         with self._cond:
             self._let_go.add(job_id)
             finished = job_id in self._jobs and (self._jobs[job_id].state in TERMINAL  # its record still unsaved
@@ -155,89 +176,6 @@ class JobReplicas(JobExecution, JobWatching):
             self._cond.notify_all()
         if finished:  # no worker will come back to it
             self._drop(job_id)
-
-    # --- reads of jobs owned elsewhere -----------------------------------------------------------
-    def get(self, job_id: str) -> jobs_pb2.Job:
-        if job_id in self._let_go:
-            return self._load(job_id)
-        return super().get(job_id)
-
-    def _peek(self, job_id: str) -> jobs_pb2.Job | None:
-        if job_id in self._let_go:
-            try:
-                return self._load(job_id)
-            except NotFound:
-                return None
-        return super()._peek(job_id)
-
-    def active_jobs(self) -> list[jobs_pb2.Job]:
-        """Every unfinished job of the service, whichever replica runs it: those held here from memory,
-        the others from their records."""
-        prefix = self._quick.active_prefix
-        names = {info.key[len(prefix):] for info in self._quick.store.list(prefix)}
-        jobs = [job for job in map(self._peek, sorted(names)) if job is not None and job.state in ACTIVE]
-        with self._cond:
-            jobs += [copy_job(j) for j in self._jobs.values() if j.state in ACTIVE and j.job_id not in names]
-        return jobs
-
-    def watch(self, job_id: str, is_active: Callable[[], bool] = lambda: True,
-              after: int = 0) -> Iterator[jobs_pb2.JobEvent]:
-        """JobWatching.watch while this replica owns the job; else its stored record, followed."""
-        while True:
-            if self.owns(job_id):
-                last = None
-                for last in super().watch(job_id, lambda: is_active() and self.owns(job_id), after):
-                    yield last
-                if last is not None and last.job.state in TERMINAL:
-                    return
-            else:
-                last = None
-                for last in self._follow(job_id, is_active):
-                    yield last
-                if last is not None and last.job.state in TERMINAL:
-                    return
-            if not is_active() or self._stopping.is_set():
-                return
-            after = 0  # another process numbered the events so far
-
-    def _follow(self, job_id: str, is_active: Callable[[], bool]) -> Iterator[jobs_pb2.JobEvent]:
-        """The stored record whenever it changes, until it is terminal or this replica takes the job.
-        Events carry sequence 0 and no message: a reconnecting SDK then drops a repeat of the state."""
-        with self._cond:
-            if self._max_watchers and self._watchers >= self._max_watchers:
-                raise ResourceExhausted(
-                    f"{self.service} has {self._watchers} WatchJob streams open, the limit is {self._max_watchers} "
-                    "(FLUXLORA_MAX_WATCHERS): poll GetJob instead (the SDK does), or raise FLUXLORA_MAX_WATCHERS")
-            self._watchers += 1
-        try:
-            seen = None
-            while True:
-                job = self._load(job_id)
-                if job != seen:
-                    seen = job
-                    event = jobs_pb2.JobEvent(job=job)
-                    event.time.GetCurrentTime()
-                    yield event
-                if job.state in TERMINAL:
-                    return
-                deadline = time.monotonic() + FOLLOW_INTERVAL_S
-                while time.monotonic() < deadline:
-                    if not is_active() or self._stopping.is_set() or self.owns(job_id):
-                        return
-                    with self._cond:
-                        self._cond.wait(0.2)
-        finally:
-            with self._cond:
-                self._watchers -= 1
-
-    def cancel_elsewhere(self, job_id: str) -> jobs_pb2.Job:
-        """Cancel of an unfinished job another replica owns: a marker its owner honours."""
-        job = self._load(job_id)
-        if job.state in TERMINAL:
-            raise FailedPrecondition(f"job {job_id} already finished ({S.Name(job.state)}); there is nothing to cancel")
-        self.store.put_bytes(self._cancels_prefix + job_id, b"")
-        job.cancel_requested = True
-        return job
 
     # --- taking jobs -----------------------------------------------------------------------------
     def lease_new(self, job_id: str) -> None:
@@ -304,15 +242,54 @@ class JobReplicas(JobExecution, JobWatching):
                 continue
             if self._leases.take(job_id, newest) is None:
                 continue
+            if newest is not None:
+                metrics.LEASES_TAKEN_OVER.labels(self.service, "job").inc()
             self._expires_seen.pop(job_id, None)
+            if self._outbox is not None:  # its earlier events go out before those of its adoption
+                self._outbox.take_over(job_id)
             job = self._records.load(job_id)
             if job is None or job.state in TERMINAL:  # a submit that died before its record, or a finished job
                 self._records.clear_active(job_id)
-                self._leases.release(job_id)
+                if not self._sends_events(job_id):
+                    self._leases.release(job_id)
                 continue
             taken.append((job, newest))
         for job, previous in sorted(taken, key=lambda t: t[0].created_at.ToNanoseconds()):
             self._adopt(job, previous, at_start)
+        self._scan_outboxes(set(unfinished), at_start)
+
+    def _scan_outboxes(self, unfinished: set[str], at_start: bool) -> None:
+        """Takes the lease of each finished job whose undelivered webhook events no live replica holds
+        (its owner died or stopped after the job ended), and with it the events (webhooks.py)."""
+        if self._outbox is None:
+            return
+        stored = self._outbox.stored_jobs()
+        for job_id in set(self._outbox_expires) - set(stored):
+            del self._outbox_expires[job_id]
+        for job_id in stored:
+            if job_id in unfinished or self._leases.lease(job_id) is not None or self._outbox.holds(job_id) \
+                    or time.time() < self._outbox_expires.get(job_id, 0.0):
+                continue  # an unfinished job's events go with the job (above)
+            with self._cond:
+                if job_id in self._jobs:
+                    continue
+            newest = self._leases.book.newest(job_id)
+            if not self._leases.book.takeable(newest, at_start):
+                self._outbox_expires[job_id] = newest.expires_at if newest else 0.0
+                continue
+            if self._leases.take(job_id, newest) is None:
+                continue
+            self._outbox_expires.pop(job_id, None)
+            metrics.LEASES_TAKEN_OVER.labels(self.service, "webhooks").inc()
+            self._outbox.take_over(job_id)
+            if not self._outbox.holds(job_id):  # delivered and deleted meanwhile by the one before
+                self._leases.release(job_id)
+
+    def leases_held(self) -> int:
+        return len(self._leases.held())
+
+    def _sends_events(self, job_id: str) -> bool:
+        return self._outbox is not None and self._outbox.holds(job_id)
 
     def _adopt(self, job: jobs_pb2.Job, previous: leases.Lease | None, at_start: bool) -> None:
         job_id = job.job_id
@@ -367,10 +344,14 @@ class JobReplicas(JobExecution, JobWatching):
             if job is not None or since is None or time.monotonic() - since > self.lease_seconds:
                 self._submitting.pop(job_id, None)  # stored, or a submit that failed (a retry takes it over)
                 done = done or job is None
-            if done:  # finished and stored (or never stored): no one needs to take it over
+            if done and not self._sends_events(job_id):  # finished, stored, told: no one needs to take it over
                 self._leases.forget(job_id)
             elif not self._leases.renew(job_id):
-                self._lose(job_id)
+                if job is not None:
+                    self._lose(job_id)
+                elif self._outbox is not None:  # held for its webhook events only
+                    metrics.LEASES_LOST.labels(self.service).inc()
+                    self._outbox.drop(job_id)
 
     def _honour_cancels(self) -> None:
         for info in list(self._quick.store.list(self._cancels_prefix)):
@@ -393,13 +374,16 @@ class JobReplicas(JobExecution, JobWatching):
 
     def stop_replica(self) -> None:
         """At shutdown, once the workers stopped: jobs sent back to the queue are handed to the other
-        replicas at once; a handler left running writes no record any more (its lease is dropped)."""
+        replicas at once (unless webhook events of theirs wait: this server's deliveries go on until
+        the server stops them, after this, so those leases expire instead); a handler left running
+        writes no record any more (its lease is dropped)."""
         if self._replica_thread is not None:
             self._replica_thread.join(5.0)
         for job_id in self._leases.held():
             with self._cond:
                 job = self._jobs.get(job_id)
                 queued = job is not None and job.state == S.JOB_STATE_QUEUED and job_id not in self._unsaved
+            queued = queued and not self._sends_events(job_id)
             try:
                 if queued:
                     self._leases.release(job_id)

@@ -1,6 +1,8 @@
 """A worker's report as the server sees it, for the runners whose work happens outside the server's
 threads (fluxlora.jobs.process: a child process; fluxlora.jobs.kubernetes: a pod): copying the report
 into the job's record as it changes (and so to WatchJob), and the job's outcome once it is finished.
+The report also carries the worker's object-store totals, which go to this server's Prometheus
+metrics instead of the record (fluxlora.common.store_metrics).
 
 The worker writes the report (fluxlora.jobs.worker.WorkerReport); the server only reads it.
 """
@@ -11,6 +13,7 @@ from typing import TYPE_CHECKING
 
 from google.protobuf.message import Message
 
+from fluxlora.common import metrics, store_metrics
 from fluxlora.jobs.worker import load_report, unpack_any
 from fluxlora_api.shared.errors import FluxloraError
 from fluxlora_api.v1 import jobs_pb2
@@ -56,6 +59,8 @@ class ReportMirror:
         Unavailable when the store cannot be read this time."""
         report = load_report(self.runtime.store, self.service, self.job_id)
         if report is not None and report != self.seen:
+            # The worker's store calls, which no server counted: added here as they grow.
+            metrics.add_worker_store_totals(store_metrics.growth(dict(report.metrics), dict(self.seen.metrics)))
             self._mirror(report)
             self.seen = report
         return report
@@ -67,7 +72,7 @@ class ReportMirror:
             if report.progress.stage:
                 job.progress.CopyFrom(report.progress)
             job.metrics.clear()
-            job.metrics.update(report.metrics)
+            job.metrics.update(store_metrics.without_store(dict(report.metrics)))
             job.metrics.update(self.extra_metrics)
             del job.artifacts[:]
             job.artifacts.extend(report.artifacts)

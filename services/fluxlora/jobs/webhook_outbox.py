@@ -1,5 +1,6 @@
 """The webhook events of a job not yet delivered, in the store, so the next server generation delivers
-them after a stop or a SIGKILL (fluxlora.jobs.webhooks).
+them after a stop or a SIGKILL (fluxlora.jobs.webhooks), or, with replicas, the one that takes the
+job's lease over.
 
 One object per job with undelivered events, `jobs/webhooks/<service>/outbox/<job_id>.json`: the
 events in the order they happened, each with its id, URL, signed body and wall-clock time (the retry
@@ -39,18 +40,21 @@ def save(store: ArtifactStore, service: str, job_id: str, entries: list[dict[str
         pass
 
 
-def load(store: ArtifactStore, service: str) -> dict[str, list[dict[str, Any]]]:
-    """job id -> its undelivered events, oldest first. An unreadable object is skipped (and logged):
-    its events are lost rather than the server kept from starting."""
-    found: dict[str, list[dict[str, Any]]] = {}
-    for info in store.list(outbox_prefix(service)):
-        if not info.key.endswith(".json"):
-            continue
-        job_id = info.key.rsplit("/", 1)[-1].removesuffix(".json")
-        try:
-            found[job_id] = list(json.loads(store.get_bytes(info.key))["events"])
-        except (NotFound, FileNotFoundError):
-            continue
-        except (ValueError, KeyError, TypeError) as exc:
-            log.warning("webhook outbox %s unreadable (%s): its events are not delivered", info.key, exc)
-    return found
+def jobs(store: ArtifactStore, service: str) -> list[str]:
+    """The jobs with undelivered events."""
+    prefix = outbox_prefix(service)
+    return sorted(info.key[len(prefix):].removesuffix(".json") for info in store.list(prefix)
+                  if info.key.endswith(".json") and "/" not in info.key[len(prefix):])
+
+
+def load_job(store: ArtifactStore, service: str, job_id: str) -> list[dict[str, Any]]:
+    """The job's undelivered events, oldest first; none when it has no outbox. An unreadable object
+    is skipped (and logged): its events are lost rather than the job's newer ones held up."""
+    key = outbox_key(service, job_id)
+    try:
+        return list(json.loads(store.get_bytes(key))["events"])
+    except (NotFound, FileNotFoundError):
+        return []
+    except (ValueError, KeyError, TypeError) as exc:
+        log.warning("webhook outbox %s unreadable (%s): its events are not delivered", key, exc)
+        return []

@@ -93,6 +93,21 @@ class WebhookTargets:
             self.check_address(ipaddress.ip_address(address.split("%", 1)[0]), named)
         return addresses
 
+    def check_behind_proxy(self, host: str, port: int) -> None:
+        """The check when a proxy connects (fluxlora.jobs.webhook_http): the name, then the addresses it
+        resolves to here; a name this server cannot resolve (egress through the proxy alone) passes only
+        on a host pattern of the allowed list, or with no list."""
+        host = host.lower().rstrip(".")
+        self.check_url(f"http://[{host}]/" if ":" in host else f"http://{host}/")
+        try:
+            self.resolve(host, port)
+        except Refused:
+            raise
+        except OSError:
+            if self.allowed and not self.name_allowed(host):
+                raise Refused(f"{host} does not resolve on this server and matches no host pattern of "
+                              f"{SETTING}") from None
+
     def describe(self) -> str:
         return f"{SETTING}={self.allowed!r}" if self.allowed else f"{SETTING} unset"
 
@@ -108,7 +123,8 @@ def numeric(host: str) -> Address | None:
 
 def connection(url: str, addresses: Sequence[str], timeout: float) -> http.client.HTTPConnection:
     """An HTTP(S) connection to the URL's host that connects only to `addresses` (checked ones):
-    the Host header and TLS (SNI, certificate) still use the name. No proxy, no redirects."""
+    the Host header and TLS (SNI, certificate) still use the name. No redirects; proxies:
+    fluxlora.jobs.webhook_http."""
     parts = urllib.parse.urlsplit(url)
     base = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
 

@@ -16,6 +16,10 @@ WatchJob event as protobuf JSON, signed with FLUXLORA_WEBHOOK_SECRET (`webhook-i
   do the HTTP, and nothing they meet (a slow, failing or missing receiver) reaches the job.
 - Across restarts: undelivered events are kept in the store (fluxlora.jobs.webhook_outbox) and the
   next server generation delivers them first, with their ids, before the job's newer events.
+- One sender per job: only the replica holding the job's lease delivers its events (and keeps the
+  lease while any of them waits, finished job or not); a replica taking the lease over, from a
+  dead owner or for a finished job's leftover outbox, takes the outbox with it (`take_over`), and
+  an owner that loses the lease stops sending (`drop`). fluxlora.jobs.replica_outbox decides.
 - Only where allowed (fluxlora.jobs.webhook_targets): http(s), never link-local or cloud-metadata
   addresses, FLUXLORA_WEBHOOK_ALLOWED_HOSTS when set; checked at submit and on the addresses resolved
   at each delivery, which is what the connection then goes to.
@@ -27,15 +31,12 @@ WatchJob event as protobuf JSON, signed with FLUXLORA_WEBHOOK_SECRET (`webhook-i
 from __future__ import annotations
 
 import collections
-import http.client
 import json
 import logging
 import random
 import threading
 import time
-import urllib.parse
 import uuid
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -44,57 +45,23 @@ from google.protobuf import json_format
 from standardwebhooks import Webhook
 
 from fluxlora.common import metrics
+from fluxlora.common.config import Settings
 from fluxlora.common.storage import ArtifactStore
-from fluxlora.jobs import webhook_outbox
-from fluxlora.jobs.webhook_targets import SETTING, Refused, WebhookTargets, connection
-from fluxlora_api.shared.errors import FailedPrecondition, InvalidArgument, NotFound
+from fluxlora.jobs import webhook_http, webhook_outbox
+from fluxlora.jobs.webhook_config import secret_of, targets_of, webhook_urls
+from fluxlora.jobs.webhook_log import log_key, safe_url, stored_deliveries
+from fluxlora.jobs.webhook_targets import Refused
 from fluxlora_api.v1 import jobs_pb2
 
 log = logging.getLogger(__name__)
+__all__ = ["WebhookDispatcher", "log_key", "secret_of", "stored_deliveries", "targets_of", "webhook_urls"]
 
 S = jobs_pb2.JobState
 TERMINAL = frozenset({S.JOB_STATE_SUCCEEDED, S.JOB_STATE_FAILED, S.JOB_STATE_CANCELLED})
-MAX_URLS = 5
-MAX_URL_CHARS = 2048
 DELIVERIES_KEPT = 500  # per job
 JOBS_KEPT = 1000  # jobs whose delivery log stays in memory once every delivery of theirs is over
 TERMINAL_TYPES = frozenset({"job.succeeded", "job.failed", "job.cancelled"})
 CHECKPOINT_KINDS = frozenset({"lora", "lora-kohya", "checkpoint-state"})
-
-
-def webhook_urls(requested: Sequence[str], settings: Any) -> list[str]:
-    """The URLs a new job's events go to: the request's and the server's, checked. INVALID_ARGUMENT
-    names a bad URL; FAILED_PRECONDITION when the server has no secret to sign with."""
-    urls = list(dict.fromkeys([*(u.strip() for u in requested), *getattr(settings, "webhook_urls", ())]))
-    if len(requested) > MAX_URLS:
-        raise InvalidArgument(f"webhook_urls has {len(requested)} URLs, at most {MAX_URLS} are allowed")
-    targets = targets_of(settings)
-    for url in urls:
-        parsed = urllib.parse.urlsplit(url)
-        if parsed.scheme not in ("http", "https") or not parsed.hostname or len(url) > MAX_URL_CHARS:
-            raise InvalidArgument(f"webhook_urls: {url[:100]!r} is not an http(s) URL of at most {MAX_URL_CHARS} "
-                                  "characters")
-        try:
-            targets.check_url(url)
-        except Refused as exc:
-            raise InvalidArgument(
-                f"webhook_urls: {_safe(url)!r} is refused: {exc} ({targets.describe()}). Use a receiver this "
-                f"server may reach, or have the operator add its host or network to {SETTING} (a JSON list "
-                'such as ["hooks.example.com", "*.example.com", "10.0.0.0/8"])') from None
-    if urls and not secret_of(settings):
-        raise FailedPrecondition("this server has no webhook secret to sign events with: set "
-                                 "FLUXLORA_WEBHOOK_SECRET (whsec_<base64>) on the server, or submit without "
-                                 "webhook_urls")
-    return urls
-
-
-def targets_of(settings: Any) -> WebhookTargets:
-    return WebhookTargets(getattr(settings, "webhook_allowed_hosts", ()) or ())
-
-
-def secret_of(settings: Any) -> str:
-    secret = getattr(settings, "webhook_secret", None)
-    return secret.get_secret_value() if secret is not None and hasattr(secret, "get_secret_value") else (secret or "")
 
 
 @dataclass
@@ -104,6 +71,7 @@ class _Delivery:
     created: float  # time.monotonic() of the event
     job_id: str
     timestamp: datetime = field(default_factory=lambda: datetime.now(UTC))  # of the event, kept across restarts
+    dropped: bool = False  # the job's lease went to another replica: it sends this event now
 
     def outbox_entry(self) -> dict[str, Any]:
         record = self.record
@@ -114,15 +82,15 @@ class _Delivery:
 class WebhookDispatcher:
     """A JobRuntime event listener that delivers the job's events to its webhook URLs."""
 
-    def __init__(self, service: str, store: ArtifactStore, settings: Any):
+    def __init__(self, service: str, store: ArtifactStore, settings: Settings):
         self.service = service
         self.store = store
         self.signer = Webhook(secret_of(settings)) if secret_of(settings) else None
-        self.timeout_s = float(getattr(settings, "webhook_timeout_s", 10.0))
-        self.retry_for_s = float(getattr(settings, "webhook_retry_for_s", 3600.0))
-        self.base_s = float(getattr(settings, "webhook_retry_base_s", 1.0))
-        self.max_s = float(getattr(settings, "webhook_retry_max_s", 60.0))
-        self.progress_every_s = float(getattr(settings, "webhook_progress_interval_s", 10.0))
+        self.timeout_s = settings.webhook_timeout_s
+        self.retry_for_s = settings.webhook_retry_for_s
+        self.base_s = settings.webhook_retry_base_s
+        self.max_s = settings.webhook_retry_max_s
+        self.progress_every_s = settings.webhook_progress_interval_s
         self.targets = targets_of(settings)  # a bad FLUXLORA_WEBHOOK_ALLOWED_HOSTS stops the start here
         self._lock = threading.Condition()
         self._streams: dict[tuple[str, str], collections.deque[_Delivery]] = {}
@@ -137,31 +105,41 @@ class WebhookDispatcher:
         self._outboxed: set[str] = set()  # jobs with an outbox in the store (to delete once empty)
         self._stopping = threading.Event()
         self._closed = False  # the saver's last round: set once the delivery threads are gone
-        self._recover()
         self._threads = [threading.Thread(target=self._work, name=f"{service}-webhooks-{i}", daemon=True)
-                         for i in range(max(1, int(getattr(settings, "webhook_workers", 4))))]
+                         for i in range(max(1, settings.webhook_workers))]
         self._saver = threading.Thread(target=self._save_loop, name=f"{service}-webhooks-store", daemon=True)
         for thread in [*self._threads, self._saver]:
             thread.start()
 
-    def _recover(self) -> None:
-        """The previous generation's undelivered events, queued before any event of this one (the
-        runtime starts after the dispatcher), so each job's events still go out in order."""
+    # --- which jobs' events this replica sends (fluxlora.jobs.replicas decides) ----------------------
+    def stored_jobs(self) -> list[str]:
+        """The jobs with undelivered events in the store."""
+        return webhook_outbox.jobs(self.store, self.service)
+
+    def take_over(self, job_id: str) -> None:
+        """This replica now holds the job's lease: the job's undelivered events from the store are queued
+        before any newer event of it (the runtime emits those only after this), so they still go out
+        in order, with their ids."""
         try:
-            pending = webhook_outbox.load(self.store, self.service)
-        except Exception as exc:  # noqa: BLE001 - a store outage at start costs these events, not the server
-            log.warning("webhook outbox not read (%s): earlier undelivered events are not sent", exc)
+            entries = webhook_outbox.load_job(self.store, self.service, job_id)
+        except Exception as exc:  # noqa: BLE001 - a store outage at a takeover costs these events, not the job
+            log.warning("job %s: webhook outbox not read (%s): its earlier undelivered events are not sent",
+                        job_id, type(exc).__name__)
             return
+        if not entries:
+            return
+        try:
+            held = {d.event_id: d for d in stored_deliveries(self.store, self.service, job_id).deliveries}
+        except Exception as exc:  # noqa: BLE001 - the log's history is lost, the events are not
+            log.warning("job %s: webhook delivery log not read (%s)", job_id, type(exc).__name__)
+            held = {}
         now, wall = time.monotonic(), time.time()
-        self._outboxed.update(pending)
-        for job_id, entries in pending.items():
-            try:
-                held = {d.event_id: d for d in stored_deliveries(self.store, self.service, job_id).deliveries}
-            except Exception as exc:  # noqa: BLE001 - the log's history is lost, the events are not
-                log.warning("job %s: webhook delivery log not read (%s)", job_id, type(exc).__name__)
-                held = {}
+        with self._lock:
+            self._outboxed.add(job_id)
             log_ = self._deliveries(job_id)
+            log_.clear()
             log_.extend(held.values())
+            taken: dict[tuple[str, str], list[_Delivery]] = {}
             for entry in entries:
                 record = held.get(entry["event_id"])
                 if record is None:  # killed between the outbox's write and the log's
@@ -171,15 +149,41 @@ class WebhookDispatcher:
                 record.status = "pending"
                 if entry["event_type"] in TERMINAL_TYPES:  # told already: the new runtime's view is no news
                     self._finished[job_id] = None
-                delivery = _Delivery(record, entry["body"].encode(), now - max(0.0, wall - entry["timestamp"]),
-                                     job_id, datetime.fromtimestamp(entry["timestamp"], UTC))
-                key = (job_id, record.url)
-                self._streams.setdefault(key, collections.deque()).append(delivery)
-                if key not in self._ready:
+                taken.setdefault((job_id, record.url), []).append(_Delivery(
+                    record, entry["body"].encode(), now - max(0.0, wall - entry["timestamp"]), job_id,
+                    datetime.fromtimestamp(entry["timestamp"], UTC)))
+            for key, deliveries in taken.items():
+                stream = self._streams.setdefault(key, collections.deque())
+                stream.extendleft(reversed(deliveries))
+                if key not in self._busy and key not in self._ready:
                     self._ready.append(key)
-        if pending:
-            log.info("%d undelivered webhook events of %d jobs from before the restart", sum(
-                len(q) for q in self._streams.values()), len(pending))
+            self._queue_size()
+            self._lock.notify_all()
+        log.info("job %s: %d undelivered webhook events taken over", job_id, len(entries))
+
+    def drop(self, job_id: str) -> None:
+        """Another replica took the job's lease: it sends the job's events from now on (from the
+        outbox as it was stored); an attempt under way here ends with this one, unrecorded."""
+        with self._lock:
+            for key in [k for k in self._streams if k[0] == job_id]:
+                for delivery in self._streams.pop(key):
+                    delivery.dropped = True
+                if key in self._ready:
+                    self._ready.remove(key)
+            self._log.pop(job_id, None)
+            self._dirty.discard(job_id)
+            self._outboxed.discard(job_id)
+            self._queue_size()
+            self._lock.notify_all()
+
+    def holds(self, job_id: str) -> bool:
+        """Whether events of the job wait here for delivery or for the store (the outbox or the log):
+        the replica keeps the job's lease until they are done, so no other replica sends them too."""
+        with self._lock:
+            return (job_id in self._dirty or job_id in self._outboxed
+                    or any(k[0] == job_id for k in [*self._streams, *self._busy]))
+
+    def _queue_size(self) -> None:
         metrics.WEBHOOK_QUEUE.labels(self.service).set(sum(len(q) for q in self._streams.values()))
 
     # --- the runtime's listener: classify and enqueue, nothing slow --------------------------------
@@ -206,7 +210,7 @@ class WebhookDispatcher:
                 if key not in self._busy and key not in self._ready:
                     self._ready.append(key)
             self._dirty.add(job.job_id)
-            metrics.WEBHOOK_QUEUE.labels(self.service).set(sum(len(q) for q in self._streams.values()))
+            self._queue_size()
             self._lock.notify_all()
 
     def _kind(self, event: jobs_pb2.JobEvent) -> str | None:
@@ -272,10 +276,9 @@ class WebhookDispatcher:
                         if delivery.record.status == "pending":  # stopping: the next generation sends it
                             break
                         stream.popleft()
-                        metrics.WEBHOOK_QUEUE.labels(self.service).set(
-                            sum(len(q) for q in self._streams.values()))
+                        self._queue_size()
             except Exception:  # noqa: BLE001 - a delivery thread outlives any surprise
-                log.exception("webhook delivery to %s failed", _safe(key[1]))
+                log.exception("webhook delivery to %s failed", safe_url(key[1]))
             finally:
                 with self._lock:
                     self._busy.discard(key)
@@ -286,7 +289,7 @@ class WebhookDispatcher:
     def _deliver(self, delivery: _Delivery) -> None:
         """Tries until a 2xx answer or the retry time is spent; every attempt in the record."""
         record, retry = delivery.record, 0
-        while not self._stopping.is_set():
+        while not self._stopping.is_set() and not delivery.dropped:
             attempt = jobs_pb2.WebhookAttempt()
             attempt.time.GetCurrentTime()
             started = time.monotonic()
@@ -301,6 +304,8 @@ class WebhookDispatcher:
                 f"http_{attempt.status_code // 100}xx" if attempt.status_code else "no_answer")).inc()
             delay = random.random() * min(self.max_s, self.base_s * 2 ** min(retry, 30))
             with self._lock:
+                if delivery.dropped:
+                    return
                 record.attempts.append(attempt)
                 if ok:
                     record.status = "delivered"
@@ -308,7 +313,7 @@ class WebhookDispatcher:
                     record.status = "failed"
                     metrics.WEBHOOK_GIVEN_UP.labels(self.service).inc()
                     log.warning("webhook %s of job %s not delivered to %s after %d attempts over %.0fs (last: %s)",
-                                record.event_type, delivery.job_id, _safe(record.url), len(record.attempts),
+                                record.event_type, delivery.job_id, safe_url(record.url), len(record.attempts),
                                 time.monotonic() - delivery.created,
                                 attempt.error or f"HTTP {attempt.status_code}")
                 self._dirty.add(delivery.job_id)
@@ -319,28 +324,14 @@ class WebhookDispatcher:
             self._stopping.wait(delay)
 
     def _post(self, delivery: _Delivery) -> tuple[int, str]:
-        """One POST; Refused when the URL's host now resolves where webhooks may not go. Signed at the
-        attempt's time: receivers refuse timestamps over five minutes old, and retries last an hour."""
+        """One POST, signed at the attempt's time: receivers refuse timestamps over five minutes old,
+        and retries last an hour."""
         assert self.signer is not None
         record, now = delivery.record, datetime.now(UTC)
         headers = {"content-type": "application/json", "user-agent": "fluxlora-webhooks/1",
                    "webhook-id": record.event_id, "webhook-timestamp": str(int(now.timestamp())),
                    "webhook-signature": self.signer.sign(record.event_id, now, delivery.body)}
-        parts = urllib.parse.urlsplit(record.url)
-        try:
-            port = parts.port or (443 if parts.scheme == "https" else 80)
-            addresses = self.targets.resolve(parts.hostname or "", port)
-            conn = connection(record.url, addresses, self.timeout_s)
-            try:
-                conn.request("POST", (parts.path or "/") + (f"?{parts.query}" if parts.query else ""),
-                             body=delivery.body, headers=headers)
-                return conn.getresponse().status, ""
-            finally:
-                conn.close()
-        except Refused:
-            raise
-        except (OSError, ValueError, http.client.HTTPException) as exc:
-            return 0, "timed out" if isinstance(exc, TimeoutError) or "timed out" in str(exc) else str(exc)[:200]
+        return webhook_http.post(record.url, delivery.body, headers, self.targets, self.timeout_s)
 
     # --- the store: one thread writes every job's log and outbox ---------------------------------------
     def _save_loop(self) -> None:
@@ -358,16 +349,20 @@ class WebhookDispatcher:
         """The job's outbox, then its delivery log, into the store; a store error is retried with the
         job's next change (the copy in memory goes on)."""
         with self._lock:
+            if job_id not in self._log:  # dropped: another replica sends the job's events now
+                return
             entries = [d.outbox_entry() for (job, _), stream in self._streams.items() if job == job_id
                        for d in stream if d.record.status == "pending"]
             response = jobs_pb2.ListWebhookDeliveriesResponse(deliveries=list(self._log.get(job_id, ())))
+            outboxed = job_id in self._outboxed
         try:
-            if entries or job_id in self._outboxed:  # the saver alone touches _outboxed
+            if entries or outboxed:
                 webhook_outbox.save(self.store, self.service, job_id, entries)
-                if entries:
-                    self._outboxed.add(job_id)
-                else:
-                    self._outboxed.discard(job_id)
+                with self._lock:
+                    if entries and job_id in self._log:
+                        self._outboxed.add(job_id)
+                    elif not entries:
+                        self._outboxed.discard(job_id)
             self.store.put_bytes(log_key(self.service, job_id), json_format.MessageToJson(response).encode(),
                                  "application/json")
         except Exception as exc:  # noqa: BLE001
@@ -401,22 +396,3 @@ class WebhookDispatcher:
             self._closed = True
             self._lock.notify_all()
         self._saver.join(self.timeout_s + 5)
-
-
-def log_key(service: str, job_id: str) -> str:
-    return f"jobs/webhooks/{service}/{job_id}.json"
-
-
-def stored_deliveries(store: ArtifactStore, service: str, job_id: str) -> jobs_pb2.ListWebhookDeliveriesResponse:
-    """A job's stored delivery log (empty when none of its events had webhooks)."""
-    try:
-        data = store.get_bytes(log_key(service, job_id))
-    except (NotFound, FileNotFoundError):
-        return jobs_pb2.ListWebhookDeliveriesResponse()
-    return json_format.Parse(data, jobs_pb2.ListWebhookDeliveriesResponse())
-
-
-def _safe(url: str) -> str:
-    """A URL for logs: scheme, host and path, never its query (which may hold a token)."""
-    parts = urllib.parse.urlsplit(url)
-    return f"{parts.scheme}://{parts.hostname}{':' + str(parts.port) if parts.port else ''}{parts.path}"

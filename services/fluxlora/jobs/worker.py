@@ -33,7 +33,7 @@ from typing import Any
 from google.protobuf import descriptor_pool, json_format, message_factory
 from google.protobuf.message import Message
 
-from fluxlora.common import tracing
+from fluxlora.common import metrics, tracing
 from fluxlora.common.config import Settings
 from fluxlora.common.storage import ArtifactStore
 from fluxlora.jobs.context import JobContext, JobInterrupted, interruptible_now
@@ -115,6 +115,8 @@ class WorkerReport:
     def _save(self) -> None:
         if not self.stored:
             return
+        # This process's store calls so far: the server adds them to its metrics (nothing else would).
+        self.job.metrics.update(metrics.store_snapshot())
         self.store.put_bytes(self.key, json_format.MessageToJson(self.job).encode(), "application/json")
         self._saved_at = time.monotonic()
         self._pending = False

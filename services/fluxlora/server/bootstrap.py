@@ -81,6 +81,7 @@ class RunningServer:
         self.webhooks = WebhookDispatcher(definition.name, self.store, settings) if secret_of(settings) else None
         if self.webhooks is not None:
             self.runtime.add_event_listener(self.webhooks)
+            self.runtime.attach_outbox(self.webhooks)  # the lease holder alone sends a job's events
         jobs_pb2_grpc.add_JobServiceServicer_to_server(JobServicer(self.runtime, self.webhooks), self.server)
         # Clients upload and download through the server, which alone holds the store's credentials.
         transfers_pb2_grpc.add_TransferServiceServicer_to_server(TransferServicer(self.store, settings), self.server)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Iterable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import grpc
 from google.protobuf import descriptor_pool
@@ -23,6 +23,7 @@ from prometheus_client import REGISTRY
 from prometheus_client.core import GaugeMetricFamily
 
 from fluxlora.common import metrics
+from fluxlora.common.config import Settings
 from fluxlora_api.v1 import jobs_pb2
 
 if TYPE_CHECKING:
@@ -66,7 +67,8 @@ class MetricsInterceptor(grpc.ServerInterceptor):
         return _timed(handler, labels)
 
 
-def _finish(labels: tuple[str, ...], context: Any, started: float, code: grpc.StatusCode | None) -> None:
+def _finish(labels: tuple[str, ...], context: grpc.ServicerContext, started: float,
+            code: grpc.StatusCode | None) -> None:
     code = code or context.code() or grpc.StatusCode.OK
     metrics.GRPC_HANDLED.labels(*labels, code.name).inc()
     metrics.GRPC_SECONDS.labels(*labels).observe(time.perf_counter() - started)
@@ -190,6 +192,9 @@ class _JobsCollector:
         serving = GaugeMetricFamily("fluxlora_server_serving",
                                     "1 while the server can run jobs; 0 while the store refuses job records or a "
                                     "worker stopped (gRPC health NOT_SERVING).", labels=["service"])
+        leases = GaugeMetricFamily("fluxlora_job_leases_held",
+                                   "Job leases this replica holds (jobs it works on, and finished jobs whose "
+                                   "webhook events it still sends).", labels=["service"])
         counts: dict[tuple[str, str], int] = {}
         now = time.time()
         for runtime in runtimes:
@@ -203,11 +208,13 @@ class _JobsCollector:
                     waited = max(waited, now - job.created_at.ToNanoseconds() / 1e9)
             oldest.add_metric([runtime.service], waited)
             serving.add_metric([runtime.service], 1.0 if runtime.healthy()[0] else 0.0)
-        for (service, state), count in sorted(counts.items()):
-            family.add_metric([service, state], count)
+            leases.add_metric([runtime.service], runtime.leases_held())
+        for (service, state_label), count in sorted(counts.items()):
+            family.add_metric([service, state_label], count)
         yield family
         yield oldest
         yield serving
+        yield leases
 
     def describe(self):
         return []  # collected lazily: runtimes come and go
@@ -229,6 +236,6 @@ def forget_runtime(runtime: JobRuntime) -> None:
         _JOBS.runtimes.pop(id(runtime), None)
 
 
-def serve(settings: Any) -> int:
+def serve(settings: Settings) -> int:
     """Starts (once per address) the HTTP server of /metrics; returns its port."""
     return metrics.serve_metrics(settings.metrics_host or settings.host, settings.metrics_port or 0)
