@@ -28,6 +28,7 @@ from google.protobuf.message import Message
 
 from fluxlora.common.config import Settings
 from fluxlora.common.storage import ArtifactStore
+from fluxlora.jobs.artifact_refs import refresh_artifacts
 from fluxlora.jobs.memory import JobMemory, copy_job
 from fluxlora.jobs.records import TERMINAL, JobRecords, mark_finished
 from fluxlora_api.shared.errors import status_of
@@ -213,6 +214,11 @@ class JobRecorder(JobMemory):
             if job.state in TERMINAL or job_id in self._finals:
                 return  # ended already, or ending: a job has one terminal state
             final = copy_job(job)
+        if result is None and final.artifacts:
+            refresh_artifacts(self.store, final.artifacts)  # outside the lock: store calls
+        with self._cond:
+            if job.state in TERMINAL or job_id in self._finals:
+                return
             mark_finished(final, state, error, result)
             self._finals[job_id] = (final, message or S.Name(S.ValueType(state)).removeprefix("JOB_STATE_").lower())
             self._generation += 1

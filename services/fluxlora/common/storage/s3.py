@@ -88,7 +88,7 @@ class S3Store(ArtifactStore):
         """`call()` with retries on transient failures; errors mapped to NotFound / Unavailable."""
         where = f"{self.uri} at {self.endpoint}" if self.endpoint else self.uri
         try:
-            with _s3_errors(what or action):
+            with _s3_errors(what or action, self.bucket):
                 return with_retries(call, action, where, self.retry)
         except NotFound:
             self._check_bucket(what or action)
@@ -200,8 +200,8 @@ class S3Store(ArtifactStore):
 class _s3_errors:
     """Turns minio/urllib3 failures into NotFound / Unavailable with the key in the message."""
 
-    def __init__(self, what: str):
-        self.what = what
+    def __init__(self, what: str, bucket: str = ""):
+        self.what, self.bucket = what, bucket
 
     def __enter__(self) -> None:
         return None
@@ -216,7 +216,8 @@ class _s3_errors:
             # The bucket, not the object, is missing (deleted, or the store is misconfigured): every key
             # would read as missing, so a job that exists must not be answered NOT_FOUND. (A HEAD request
             # cannot tell the two apart: minio names its bodiless 404 NoSuchKey.)
-            raise Unavailable(f"bucket {exc.bucket_name or ''!r} does not exist (NoSuchBucket) while accessing "
+            bucket = exc.bucket_name or self.bucket
+            raise Unavailable(f"bucket {bucket!r} does not exist (NoSuchBucket) while accessing "
                               f"{self.what!r}: restore it, or point FLUXLORA_STORE at the right s3://<bucket>") from exc
         if isinstance(exc, S3Error) and exc.code in ("NoSuchKey", "NoSuchObject"):
             raise NotFound(f"object {self.what!r} not found ({exc.code})") from exc
