@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from fluxlora.common.storage import LocalStore
-from support import services_and_client
+from support import ServiceProcess, services_and_client
 
 
 @pytest.fixture(scope="session")
@@ -43,3 +43,13 @@ def cli_env(monkeypatch, tmp_path):
         for service, address in client.addresses.items():
             monkeypatch.setenv(f"FLUXLORA_{service.upper()}_ADDR", address)
         yield client
+
+
+@pytest.fixture
+def processes():
+    """Server processes a test appends once started (ServiceProcess.start()); each is stopped at the end."""
+    started: list[ServiceProcess] = []
+    yield started
+    for process in started:
+        process.stop()
+
