@@ -53,3 +53,15 @@ def processes():
     for process in started:
         process.stop()
 
+
+@pytest.fixture
+def kube(tmp_path, monkeypatch):
+    """A fake Kubernetes API with Kueue (LocalQueue fluxlora/fluxlora -> ClusterQueue fluxlora-gpu), which
+    the real kubernetes client reaches through a kubeconfig."""
+    from deploy.kube_fakes import FakeKubeAPI, use_kubeconfig
+
+    api = FakeKubeAPI().start()
+    api.local_queues[("fluxlora", "fluxlora")] = "fluxlora-gpu"
+    use_kubeconfig(api, tmp_path, monkeypatch, "fluxlora")
+    yield api
+    api.stop()
