@@ -11,9 +11,13 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 import uuid
+from collections.abc import Iterator
+from concurrent import futures
 from pathlib import Path
 
+import grpc
 import pytest
 from typer.testing import CliRunner
 
@@ -55,6 +59,30 @@ class S3Endpoint:
         timer = threading.Timer(seconds, self.start)
         timer.start()
         return timer
+
+
+def wait_until(condition, what: str, timeout: float = 120.0, logs=lambda: ""):
+    """Polls `condition` until it returns something true, and returns that; after `timeout` seconds the
+    test fails naming `what`, with `logs()` (a server's log tail) to show why."""
+    deadline = time.monotonic() + timeout
+    while not (value := condition()):
+        assert time.monotonic() < deadline, f"gave up waiting for {what}\n{logs()}"
+        time.sleep(0.02)
+    return value
+
+
+@contextlib.contextmanager
+def fake_server(add_to_server, servicer) -> Iterator[str]:
+    """`servicer` (a test's fake of one gRPC service, added by its generated `add_..._to_server`) served
+    on a free localhost port; yields the address."""
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    add_to_server(servicer, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        yield f"127.0.0.1:{port}"
+    finally:
+        server.stop(0)
 
 
 class StoreClient(FluxloraClient):

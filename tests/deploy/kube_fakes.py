@@ -326,3 +326,17 @@ class FakeKubelet:
         with self.lock:
             self.running.pop(name, None)
         self._schedule()
+
+
+def use_kubeconfig(api: FakeKubeAPI, folder, monkeypatch, namespace: str) -> None:
+    """Points the real kubernetes client at `api` through a kubeconfig in `folder`, as on a machine
+    outside the cluster (no in-cluster service account to find)."""
+    kubeconfig = folder / "kubeconfig"
+    kubeconfig.write_text(
+        "apiVersion: v1\nkind: Config\ncurrent-context: fake\n"
+        f"clusters: [{{name: fake, cluster: {{server: '{api.url}'}}}}]\n"
+        "users: [{name: fake, user: {token: fake-token}}]\n"
+        f"contexts: [{{name: fake, context: {{cluster: fake, user: fake, namespace: {namespace}}}}}]\n"
+    )
+    monkeypatch.setenv("KUBECONFIG", str(kubeconfig))
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from kube_fakes import FakeKubeAPI
+from kube_fakes import FakeKubeAPI, use_kubeconfig
 
 from fluxlora.common.config import Settings
 from fluxlora.common.storage import LocalStore
@@ -68,14 +68,7 @@ def kueue_cluster(tmp_path, monkeypatch):
     api.cluster_objects[("resourceflavors", "small")] = {
         "apiVersion": "kueue.x-k8s.io/v1beta1", "kind": "ResourceFlavor", "metadata": {"name": "small"},
         "spec": {"nodeLabels": {"nvidia.com/gpu.product": "NVIDIA-T4-MINI", "nvidia.com/gpu.memory": "512"}}}
-    kubeconfig = tmp_path / "kubeconfig"
-    kubeconfig.write_text(
-        "apiVersion: v1\nkind: Config\ncurrent-context: fake\n"
-        f"clusters: [{{name: fake, cluster: {{server: '{api.url}'}}}}]\n"
-        "users: [{name: fake, user: {token: fake-token}}]\n"
-        f"contexts: [{{name: fake, context: {{cluster: fake, user: fake, namespace: {NS}}}}}]\n")
-    monkeypatch.setenv("KUBECONFIG", str(kubeconfig))
-    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+    use_kubeconfig(api, tmp_path, monkeypatch, NS)
     monkeypatch.delenv("FLUXLORA_GPU_MEMORY_GIB", raising=False)
     yield api
     api.stop()

@@ -11,7 +11,7 @@ import threading
 
 import pytest
 from google.protobuf import json_format
-from kube_fakes import FakeKubeAPI, FakeKubelet
+from kube_fakes import FakeKubeAPI, FakeKubelet, use_kubeconfig
 
 from fluxlora.common.config import Settings
 from fluxlora.common.storage import LocalStore
@@ -85,15 +85,7 @@ def test_the_worker_exits_3_for_a_job_the_store_does_not_hold(tmp_path):
 @pytest.fixture
 def fake_cluster(tmp_path, monkeypatch):
     api = FakeKubeAPI().start()
-    kubeconfig = tmp_path / "kubeconfig"
-    kubeconfig.write_text(
-        "apiVersion: v1\nkind: Config\ncurrent-context: fake\n"
-        f"clusters: [{{name: fake, cluster: {{server: '{api.url}'}}}}]\n"
-        "users: [{name: fake, user: {token: fake-token}}]\n"
-        f"contexts: [{{name: fake, context: {{cluster: fake, user: fake, namespace: {NS}}}}}]\n"
-    )
-    monkeypatch.setenv("KUBECONFIG", str(kubeconfig))
-    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+    use_kubeconfig(api, tmp_path, monkeypatch, NS)
     yield api
     api.stop()
 

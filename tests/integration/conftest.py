@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from fluxlora.common.storage import LocalStore
-from support import services_and_client
+from support import ServiceProcess, services_and_client
 
 
 @pytest.fixture(scope="session")
@@ -47,8 +47,21 @@ def cli_env(monkeypatch, tmp_path):
 
 @pytest.fixture
 def processes():
-    """Server processes (tests/support.ServiceProcess) a test started: stopped at its end."""
-    started: list = []
+    """Server processes a test appends once started (ServiceProcess.start()); each is stopped at the end."""
+    started: list[ServiceProcess] = []
     yield started
     for process in started:
         process.stop()
+
+
+@pytest.fixture
+def kube(tmp_path, monkeypatch):
+    """A fake Kubernetes API with Kueue (LocalQueue fluxlora/fluxlora -> ClusterQueue fluxlora-gpu), which
+    the real kubernetes client reaches through a kubeconfig."""
+    from deploy.kube_fakes import FakeKubeAPI, use_kubeconfig
+
+    api = FakeKubeAPI().start()
+    api.local_queues[("fluxlora", "fluxlora")] = "fluxlora-gpu"
+    use_kubeconfig(api, tmp_path, monkeypatch, "fluxlora")
+    yield api
+    api.stop()

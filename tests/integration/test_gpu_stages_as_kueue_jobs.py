@@ -8,7 +8,7 @@ returned in-process they return from a Job: the captions, the grid and its repor
 from __future__ import annotations
 
 import pytest
-from deploy.kube_fakes import FakeKubeAPI, FakeKubelet
+from deploy.kube_fakes import FakeKubelet
 
 from fluxlora.common.config import Settings
 from fluxlora.common.storage import LocalStore
@@ -22,23 +22,6 @@ from fluxlora_client import FluxloraClient
 S = jobs_pb2.JobState
 NS = "fluxlora"
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture
-def kube(tmp_path, monkeypatch):
-    api = FakeKubeAPI().start()
-    api.local_queues[(NS, "fluxlora")] = "fluxlora-gpu"
-    kubeconfig = tmp_path / "kubeconfig"
-    kubeconfig.write_text(
-        "apiVersion: v1\nkind: Config\ncurrent-context: fake\n"
-        f"clusters: [{{name: fake, cluster: {{server: '{api.url}'}}}}]\n"
-        "users: [{name: fake, user: {token: fake-token}}]\n"
-        f"contexts: [{{name: fake, context: {{cluster: fake, user: fake, namespace: {NS}}}}}]\n"
-    )
-    monkeypatch.setenv("KUBECONFIG", str(kubeconfig))
-    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
-    yield api
-    api.stop()
 
 
 def test_caption_grid_and_generate_each_run_in_their_own_admitted_job(tmp_path, tiny_models, kube):

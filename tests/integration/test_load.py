@@ -25,7 +25,7 @@ from fluxlora.jobs.runtime import EVENTS_KEPT
 from fluxlora.server.bootstrap import RPC_THREADS, RunningServer
 from fluxlora_api.v1 import jobs_pb2, jobs_pb2_grpc
 from fluxlora_client import FluxloraClient, FluxloraClientError
-from support import preprocessing_server, put_photos
+from support import preprocessing_server, put_photos, wait_until
 
 S = jobs_pb2.JobState
 CLIENTS = 50
@@ -84,15 +84,6 @@ def stored_records(server: RunningServer) -> dict[str, jobs_pb2.Job]:
     return records
 
 
-def wait_until(condition, what: str) -> None:
-    done = threading.Event()
-    for _ in range(600):
-        if condition():
-            return
-        done.wait(0.05)
-    raise AssertionError(f"never: {what}")
-
-
 class Sampler:
     """Records the most server threads and open watch streams seen while the clients run."""
 
@@ -143,7 +134,7 @@ def test_fifty_clients_submit_and_watch_and_every_job_runs_exactly_once(store, t
         with Sampler(server) as sampled:
             errors = run_clients(CLIENTS, client)
         assert errors == []
-        wait_until(lambda: server.runtime.watchers == 0, "every watch stream released")
+        wait_until(lambda: server.runtime.watchers == 0, "every watch stream released", timeout=30.0)
 
         # None lost, none duplicated: one job per distinct request_id, duplicates answered with it.
         by_request: dict[str, set[str]] = {}
@@ -193,7 +184,8 @@ def test_a_full_queue_refuses_the_surplus_with_resource_exhausted_and_stores_not
     with preprocessing_server(tmp_path, gate=gate, workers=1, max_queued_jobs=limit) as server, \
             client_for(server) as sdk:
         blocker = sdk.preprocess(source, base_size=BASE_SIZE, request_id="blocker")
-        wait_until(lambda: sdk.get_job(blocker.job_id).state == S.JOB_STATE_RUNNING, "the first job running")
+        wait_until(lambda: sdk.get_job(blocker.job_id).state == S.JOB_STATE_RUNNING,
+                   "the first job running", timeout=30.0)
 
         accepted: dict[str, str] = {}
         refused: dict[str, FluxloraClientError] = {}
@@ -273,5 +265,5 @@ def test_watchers_beyond_the_limit_are_refused_while_submits_and_health_still_an
             assert list(stream)[-1].job.state == S.JOB_STATE_SUCCEEDED
         assert len(finals) == CLIENTS and all(f.state == S.JOB_STATE_SUCCEEDED for f in finals)
         assert sdk.wait(more).state == S.JOB_STATE_SUCCEEDED
-        wait_until(lambda: server.runtime.watchers == 0, "every watch stream released")
+        wait_until(lambda: server.runtime.watchers == 0, "every watch stream released", timeout=30.0)
         channel.close()

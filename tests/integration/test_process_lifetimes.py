@@ -17,7 +17,6 @@ import socket
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -31,7 +30,7 @@ from fluxlora.server.services import load_definition
 from fluxlora_api.shared.ports import SERVICES
 from fluxlora_api.v1 import jobs_pb2
 from fluxlora_client import FluxloraClient
-from support import ServiceProcess, preprocessing_server
+from support import ServiceProcess, preprocessing_server, wait_until
 
 pytestmark = [pytest.mark.timeout(240),
               pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads process trees from /proc")]
@@ -56,27 +55,11 @@ def descendants(pid: int) -> list[int]:
     return found
 
 
-def wait_until(condition, what: str, timeout: float = 120.0, logs=lambda: ""):
-    deadline = time.monotonic() + timeout
-    while not (value := condition()):
-        assert time.monotonic() < deadline, f"gave up waiting for {what}\n{logs()}"
-        time.sleep(0.05)
-    return value
-
-
-@pytest.fixture
-def server_process():
-    started: list[ServiceProcess] = []
-    yield started
-    for process in started:
-        process.stop()
-
-
-def test_a_wait_rides_out_a_restart_and_the_killed_servers_pool_goes_with_it(tmp_path, server_process):
+def test_a_wait_rides_out_a_restart_and_the_killed_servers_pool_goes_with_it(tmp_path, processes):
     store = LocalStore(tmp_path / "store")
     # two pool workers: 24 photos are enough to use the pool (and to take a few seconds)
     server = ServiceProcess("preprocessing", store, tmp_path, FLUXLORA_PREPROCESS_WORKERS="2")
-    server_process.append(server.start())
+    processes.append(server.start())
     client = FluxloraClient(preprocessing=server.address, reconnect_for_s=120)
     write_sample_photos(tmp_path / "photos", count=24, seed=5)
     job = client.preprocess(client.upload_photos(tmp_path / "photos"), base_size=256)

@@ -28,21 +28,13 @@ from fluxlora.common.storage import ArtifactStore
 from fluxlora.demo.sample_data import write_sample_photos
 from fluxlora_api.v1 import jobs_pb2
 from fluxlora_client import FluxloraClient
-from support import ServiceProcess
+from support import ServiceProcess, wait_until
 
 pytestmark = pytest.mark.timeout(300)
 S = jobs_pb2.JobState
 TERMINAL = (S.JOB_STATE_SUCCEEDED, S.JOB_STATE_FAILED, S.JOB_STATE_CANCELLED)
 LEASE_S = "3"
 BIG = dict(count=64, base_size=512)  # a job that takes seconds on one core, so the kill lands mid-job
-
-
-def wait_until(condition, what: str, timeout: float = 120.0, logs=lambda: ""):
-    deadline = time.monotonic() + timeout
-    while not (value := condition()):
-        assert time.monotonic() < deadline, f"gave up waiting for {what}\n{logs()}"
-        time.sleep(0.05)
-    return value
 
 
 def replica(name: str, store: ArtifactStore, tmp_path, **env: str) -> ServiceProcess:

@@ -5,7 +5,6 @@ disk under the free-space minimum."""
 from __future__ import annotations
 
 import threading
-import time
 
 import pytest
 
@@ -15,17 +14,10 @@ from fluxlora.server.bootstrap import LIVENESS
 from fluxlora.server.healthcheck import serving
 from fluxlora_api.v1 import jobs_pb2
 from fluxlora_client import FluxloraClient, FluxloraClientError, JobFailed
-from support import make_s3_store, preprocessing_server
+from support import make_s3_store, preprocessing_server, wait_until
 
 pytestmark = pytest.mark.timeout(120)
 S = jobs_pb2.JobState
-
-
-def wait_until(condition, what: str, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"gave up waiting for {what}"
-        time.sleep(0.02)
 
 
 def delete_bucket(store) -> None:
@@ -43,7 +35,7 @@ def test_a_bucket_deleted_under_a_running_job_ends_it_for_every_watcher_and_heal
             FluxloraClient(preprocessing=server.address) as client:
         source = client.upload_photos(photos)
         job = client.preprocess(source, base_size=64, request_id="req-1")
-        wait_until(lambda: client.get_job(job.job_id).state == S.JOB_STATE_RUNNING, "the job to run")
+        wait_until(lambda: client.get_job(job.job_id).state == S.JOB_STATE_RUNNING, "the job to run", timeout=30.0)
         assert serving(server.address) == (True, f"{server.address}: SERVING")
 
         delete_bucket(store)  # NoSuchBucket for the job's reads and for its record
@@ -55,11 +47,11 @@ def test_a_bucket_deleted_under_a_running_job_ends_it_for_every_watcher_and_heal
         gate.set()
         # it failed, but nobody is told before the store holds the FAILED record (there is no bucket for it)
         wait_until(lambda: "recording the result" in client.get_job(job.job_id).progress.stage,
-                   "the job to say it is recording its result")
+                   "the job to say it is recording its result", timeout=30.0)
         now = client.get_job(job.job_id)
         assert now.state == S.JOB_STATE_RUNNING and "the store is unavailable" in now.progress.stage
         assert not ended
-        wait_until(lambda: not serving(server.address)[0], "health to say NOT_SERVING")
+        wait_until(lambda: not serving(server.address)[0], "health to say NOT_SERVING", timeout=30.0)
         assert serving(server.address) == (False, f"{server.address}: NOT_SERVING")
         # ... but alive: a liveness probe must not restart a server that only waits for its store
         assert serving(server.address, LIVENESS) == (True, f"{server.address}: SERVING")
@@ -74,7 +66,7 @@ def test_a_bucket_deleted_under_a_running_job_ends_it_for_every_watcher_and_heal
         assert [j.state for j in ended] == [S.JOB_STATE_FAILED] * 2  # every watcher saw the one end
         assert failed.value.code == "UNAVAILABLE" and "NoSuchBucket" in failed.value.message
         assert store.get_json(f"jobs/preprocessing/{job.job_id}.json")["state"] == "JOB_STATE_FAILED"
-        wait_until(lambda: serving(server.address)[0], "health to say SERVING again")
+        wait_until(lambda: serving(server.address)[0], "health to say SERVING again", timeout=30.0)
         assert client.get_job(job.job_id).state == S.JOB_STATE_FAILED
 
 

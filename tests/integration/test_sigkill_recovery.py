@@ -16,7 +16,6 @@ import csv
 import hashlib
 import io
 import sys
-import time
 
 import pytest
 
@@ -24,29 +23,13 @@ from fluxlora.common import keys
 from fluxlora.common.storage import ArtifactStore, LocalStore
 from fluxlora_api.v1 import jobs_pb2
 from fluxlora_client import FluxloraClient, JobFailed
-from support import ServiceProcess, services_and_client
+from support import ServiceProcess, services_and_client, wait_until
 
 pytestmark = pytest.mark.timeout(240)  # a regression that hangs a wait fails here, not after 10 minutes
 S = jobs_pb2.JobState
 TERMINAL = (S.JOB_STATE_SUCCEEDED, S.JOB_STATE_FAILED, S.JOB_STATE_CANCELLED)
 MAX_STEPS = 100
 EVERY = 10
-
-
-@pytest.fixture
-def processes():
-    started: list[ServiceProcess] = []
-    yield started
-    for process in started:
-        process.stop()
-
-
-def wait_until(condition, what: str, timeout: float = 120.0, logs=lambda: ""):
-    deadline = time.monotonic() + timeout
-    while not (value := condition()):
-        assert time.monotonic() < deadline, f"gave up waiting for {what}\n{logs()}"
-        time.sleep(0.02)
-    return value
 
 
 def stored_state(store: ArtifactStore, service: str, job_id: str) -> int:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import sys
 import threading
-import time
 import uuid
 
 import pytest
@@ -20,7 +19,7 @@ import pytest
 from fluxlora.common.storage import S3Store
 from fluxlora_api.v1 import jobs_pb2
 from fluxlora_client import FluxloraClient
-from support import S3Endpoint, ServiceProcess
+from support import S3Endpoint, ServiceProcess, wait_until
 
 pytestmark = pytest.mark.timeout(240)
 S = jobs_pb2.JobState
@@ -66,14 +65,6 @@ def s3():
         endpoint.stop()
 
 
-def wait_until(condition, what: str, logs=lambda: "", timeout: float = 120.0):
-    deadline = time.monotonic() + timeout
-    while not (value := condition()):
-        assert time.monotonic() < deadline, f"gave up waiting for {what}\n{logs()}"
-        time.sleep(0.05)
-    return value
-
-
 def test_an_end_the_store_refused_is_shown_to_nobody_and_a_killed_server_runs_the_job_again(
         s3, tmp_path, photos):
     store = S3Store.connect(s3.address, f"durable-{uuid.uuid4().hex[:8]}", "test", "test", secure=False)
@@ -87,17 +78,17 @@ def test_an_end_the_store_refused_is_shown_to_nobody_and_a_killed_server_runs_th
     try:
         job = client.preprocess(client.upload_photos(photos), base_size=64)
         wait_until(lambda: (tmp_path / "runs").exists() and client.get_job(job.job_id).state == S.JOB_STATE_RUNNING,
-                   "the first run", server.logs)
+                   "the first run", logs=server.logs)
         seen: list[int] = []
         follower = threading.Thread(target=lambda: seen.extend(e.job.state for e in watching.watch(job.job_id)),
                                     daemon=True)
         follower.start()
-        wait_until(lambda: seen, "the watcher's first event", server.logs)
+        wait_until(lambda: seen, "the watcher's first event", logs=server.logs)
 
         s3.stop()
         (tmp_path / "go").touch()  # the first run fails now; its FAILED record cannot be stored
         now = wait_until(lambda: (j := client.get_job(job.job_id)).progress.stage.startswith(
-            "finished; recording the result") and j, "the job to say it is recording its result", server.logs)
+            "finished; recording the result") and j, "the job to say it is recording its result", logs=server.logs)
         assert now.state == S.JOB_STATE_RUNNING, server.logs()
         assert "the store is unavailable, retrying" in now.progress.stage
         assert not any(state in TERMINAL for state in seen)

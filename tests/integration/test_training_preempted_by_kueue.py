@@ -10,7 +10,7 @@ import shutil
 import threading
 
 import pytest
-from deploy.kube_fakes import FakeKubeAPI, FakeKubelet
+from deploy.kube_fakes import FakeKubelet
 from test_process_runner import dataset, train, wait_for_step  # noqa: F401 - dataset is a fixture
 
 from fluxlora.common.config import Settings
@@ -25,23 +25,6 @@ S = jobs_pb2.JobState
 NS = "fluxlora"
 STEPS, CHECKPOINT_EVERY = 40, 5
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture
-def kube(tmp_path, monkeypatch):
-    api = FakeKubeAPI().start()
-    api.local_queues[(NS, "fluxlora")] = "fluxlora-gpu"
-    kubeconfig = tmp_path / "kubeconfig"
-    kubeconfig.write_text(
-        "apiVersion: v1\nkind: Config\ncurrent-context: fake\n"
-        f"clusters: [{{name: fake, cluster: {{server: '{api.url}'}}}}]\n"
-        "users: [{name: fake, user: {token: fake-token}}]\n"
-        f"contexts: [{{name: fake, context: {{cluster: fake, user: fake, namespace: {NS}}}}}]\n"
-    )
-    monkeypatch.setenv("KUBECONFIG", str(kubeconfig))
-    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
-    yield api
-    api.stop()
 
 
 def test_a_preempted_training_run_resumes_from_its_checkpoint_in_the_same_job(tmp_path, dataset, tiny_models,  # noqa: F811

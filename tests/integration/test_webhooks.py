@@ -22,7 +22,7 @@ from fluxlora.training.trainer.config import ATTENTION_AND_MLP_TARGETS
 from fluxlora_api.shared.ports import SERVICES
 from fluxlora_api.v1 import jobs_pb2, jobs_pb2_grpc
 from fluxlora_client import FluxloraClient, FluxloraClientError, PipelineOptions, run_pipeline, webhooks
-from support import StoreClient, preprocessing_server, put_photos
+from support import StoreClient, preprocessing_server, put_photos, wait_until
 
 SECRET = "whsec_" + base64.b64encode(b"fluxlora-test-secret-0123456789ab").decode()
 S = jobs_pb2.JobState
@@ -72,13 +72,6 @@ class Receiver:
         self.server.server_close()
 
 
-def wait_for(condition, timeout=30.0, what="condition"):
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
-
-
 @pytest.mark.slow
 def test_a_pipeline_run_sends_every_event_signed_and_in_order(photos, tiny_models, tmp_path):
     from fluxlora.common.storage import LocalStore
@@ -96,7 +89,7 @@ def test_a_pipeline_run_sends_every_event_signed_and_in_order(photos, tiny_model
                                  "rank": 4, "sample_steps": 2, "target_modules": ATTENTION_AND_MLP_TARGETS},
             grid={"steps": 2})
         result = run_pipeline(client, photos, options, download_to=tmp_path / "out")
-        wait_for(lambda: all(s.webhooks.idle() for s in servers.values()), what="webhooks delivered")
+        wait_until(lambda: all(s.webhooks.idle() for s in servers.values()), "webhooks delivered", timeout=30.0)
         logs = {stage: webhooks.deliveries(client, job.job_id) for stage, job in result.jobs.items()}
     finally:
         client.close()
@@ -154,7 +147,7 @@ def submitted(tmp_path, urls, gate=None, **settings):
 
 
 def wait_job(server, job_id, timeout=30.0) -> jobs_pb2.Job:
-    wait_for(lambda: server.runtime.get(job_id).state in (S.JOB_STATE_SUCCEEDED, S.JOB_STATE_FAILED), timeout, "job")
+    wait_until(lambda: server.runtime.get(job_id).state in (S.JOB_STATE_SUCCEEDED, S.JOB_STATE_FAILED), "job", timeout)
     return server.runtime.get(job_id)
 
 
@@ -168,7 +161,7 @@ def test_a_failing_then_slow_receiver_gets_retries_with_backoff_and_the_job_is_n
             finished = wait_job(server, job.job_id)
             took = time.monotonic() - started
             assert finished.state == S.JOB_STATE_SUCCEEDED and list(finished.webhook_urls) == [receiver.url]
-            wait_for(server.webhooks.idle, what="webhooks delivered")
+            wait_until(server.webhooks.idle, "webhooks delivered", timeout=30.0)
             log = jobs.ListWebhookDeliveries(jobs_pb2.ListWebhookDeliveriesRequest(job_id=job.job_id), timeout=10)
     finally:
         receiver.close()
@@ -193,7 +186,7 @@ def test_a_receiver_down_for_the_whole_job_leaves_a_delivery_log_and_no_effect(t
         started = time.monotonic()
         finished = wait_job(server, job.job_id)
         assert finished.state == S.JOB_STATE_SUCCEEDED and time.monotonic() - started < 10
-        wait_for(server.webhooks.idle, what="webhooks given up")
+        wait_until(server.webhooks.idle, "webhooks given up", timeout=30.0)
         log = jobs.ListWebhookDeliveries(jobs_pb2.ListWebhookDeliveriesRequest(job_id=job.job_id), timeout=10)
         stored = server.store.get_json(f"jobs/webhooks/preprocessing/{job.job_id}.json")
     assert log.deliveries and all(d.status == "failed" for d in log.deliveries)
@@ -242,7 +235,7 @@ def test_a_name_rebound_to_the_metadata_address_after_submit_gets_nothing(tmp_pa
     with submitted(tmp_path, ["http://hooks.example.com/hook"], webhook_allowed_hosts=["hooks.example.com"]) as (
             server, job, jobs):
         assert wait_job(server, job.job_id).state == S.JOB_STATE_SUCCEEDED
-        wait_for(server.webhooks.idle, what="webhooks given up")
+        wait_until(server.webhooks.idle, "webhooks given up", timeout=30.0)
         log = jobs.ListWebhookDeliveries(jobs_pb2.ListWebhookDeliveriesRequest(job_id=job.job_id), timeout=10)
     assert "hooks.example.com" in asked
     assert log.deliveries and all(d.status == "failed" and len(d.attempts) == 1 for d in log.deliveries)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import psutil
 import pytest
 from metrics_support import scrape, total
-from test_replicas import lease_owners, replica, wait_until
+from test_replicas import lease_owners, replica
 from test_webhooks import SECRET, Receiver
 from test_webhooks_restart import outbox
 
@@ -24,6 +24,7 @@ from fluxlora.demo.sample_data import write_sample_photos
 from fluxlora.server.local import free_port
 from fluxlora_api.v1 import jobs_pb2
 from fluxlora_client import FluxloraClient, webhooks
+from support import wait_until
 
 pytestmark = pytest.mark.timeout(300)
 S = jobs_pb2.JobState

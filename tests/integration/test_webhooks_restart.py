@@ -6,7 +6,6 @@ long before, untouched."""
 
 from __future__ import annotations
 
-import time
 import uuid
 
 import pytest
@@ -18,18 +17,10 @@ from fluxlora.server.local import free_port
 from fluxlora_api.shared.errors import NotFound
 from fluxlora_api.v1 import jobs_pb2
 from fluxlora_client import FluxloraClient, webhooks
-from support import ServiceProcess, make_s3_store, put_photos
+from support import ServiceProcess, make_s3_store, put_photos, wait_until
 
 pytestmark = pytest.mark.timeout(300)
 S = jobs_pb2.JobState
-
-
-def wait_until(condition, what: str, timeout: float = 60.0, logs=lambda: ""):
-    deadline = time.monotonic() + timeout
-    while not (value := condition()):
-        assert time.monotonic() < deadline, f"gave up waiting for {what}\n{logs()}"
-        time.sleep(0.05)
-    return value
 
 
 def outbox(store: ArtifactStore, job_id: str) -> list[dict]:
@@ -60,10 +51,10 @@ def test_undelivered_events_survive_sigterm_and_sigkill_and_arrive_in_order_with
         with FluxloraClient(preprocessing=server.address) as client:
             job = client.preprocess(prefix, base_size=64, webhook_urls=[url])
             finished = wait_until(lambda: (j := client.get_job(job.job_id)).state in (
-                S.JOB_STATE_SUCCEEDED, S.JOB_STATE_FAILED) and j, "the job", logs=server.logs)
+                S.JOB_STATE_SUCCEEDED, S.JOB_STATE_FAILED) and j, "the job", logs=server.logs, timeout=60.0)
         assert finished.state == S.JOB_STATE_SUCCEEDED
         events = wait_until(lambda: (e := outbox(store, job.job_id)) and e[-1]["event_type"] == "job.succeeded"
-                            and e, "the outbox to hold the terminal event", logs=server.logs)
+                            and e, "the outbox to hold the terminal event", logs=server.logs, timeout=60.0)
         ids = [e["event_id"] for e in events]
         assert [e["event_type"] for e in events][:2] == ["job.accepted", "job.started"]
 
@@ -75,7 +66,7 @@ def test_undelivered_events_survive_sigterm_and_sigkill_and_arrive_in_order_with
 
         tried = attempts()
         server.start()
-        wait_until(lambda: attempts() >= tried + 2, "the new generation to retry", logs=server.logs)
+        wait_until(lambda: attempts() >= tried + 2, "the new generation to retry", logs=server.logs, timeout=60.0)
         server.kill()
         assert [e["event_id"] for e in outbox(store, job.job_id)] == ids
 
@@ -83,12 +74,12 @@ def test_undelivered_events_survive_sigterm_and_sigkill_and_arrive_in_order_with
         answers = {1: (204, 3.0)}
         receiver = Receiver(lambda n: answers.get(n, (204, 0.0)), port=port)
         server.start()
-        wait_until(lambda: receiver.requests, "a delivery to begin", logs=server.logs)
+        wait_until(lambda: receiver.requests, "a delivery to begin", logs=server.logs, timeout=60.0)
         server.kill()
 
         # 4. the next generation delivers everything, the cut-off event again, then the rest in order
         server.start()
-        wait_until(lambda: not outbox(store, job.job_id), "the outbox to empty", logs=server.logs)
+        wait_until(lambda: not outbox(store, job.job_id), "the outbox to empty", logs=server.logs, timeout=60.0)
         with FluxloraClient(preprocessing=server.address) as client:
             log = webhooks.deliveries(client, job.job_id)
             assert client.get_job(job.job_id).state == S.JOB_STATE_SUCCEEDED

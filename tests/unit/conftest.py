@@ -11,6 +11,18 @@ from PIL import Image, ImageDraw
 from fluxlora.models.tiny_flux import write_tiny_flux
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """torch on one thread for a module: a tiny model gains nothing from threads, and on a busy 2-core
+    machine OpenMP's spinning threads made each forward pass 100x slower."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def tiny_flux_dir(tmp_path_factory) -> Path:
     """A diffusers-layout tiny FLUX.1 (no guidance embedding, like FLUX.1-schnell), seed 0."""

@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import torch
 from PIL import Image
 
 from fluxlora.captioning.captioners import known_captioners, load_captioner
@@ -13,13 +12,7 @@ from fluxlora.captioning.cleaning import count_trigger
 from fluxlora.captioning.dataset import caption_images
 from fluxlora.models.tiny_blip import tiny_blip_vocab, write_tiny_blip
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -26,15 +26,7 @@ from fluxlora.captioning.dataset import (
 )
 from fluxlora.models.tiny_captioner import IMAGE_SEQ_LENGTH, write_tiny_florence2
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # A 65-token model gains nothing from threads, and on a busy 2-core machine OpenMP's
-    # spinning threads made each forward pass 100x slower.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -7,11 +7,9 @@ from __future__ import annotations
 import io
 import json
 import re
-from concurrent import futures
 from pathlib import Path
 from types import SimpleNamespace
 
-import grpc
 import pytest
 from rich.console import Console
 from typer.testing import CliRunner
@@ -20,6 +18,7 @@ from fluxlora_api.v1 import jobs_pb2, jobs_pb2_grpc, training_pb2
 from fluxlora_client import cli
 from fluxlora_client.errors import FluxloraClientError
 from fluxlora_client.progress import JobProgress, metrics_text
+from support import fake_server
 
 
 class FakeJobs(jobs_pb2_grpc.JobServiceServicer):
@@ -35,14 +34,10 @@ class FakeJobs(jobs_pb2_grpc.JobServiceServicer):
 
 @pytest.fixture
 def jobs(monkeypatch):
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
     fake = FakeJobs()
-    jobs_pb2_grpc.add_JobServiceServicer_to_server(fake, server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    server.start()
-    monkeypatch.setenv("FLUXLORA_TRAINING_ADDR", f"127.0.0.1:{port}")
-    yield fake
-    server.stop(0)
+    with fake_server(jobs_pb2_grpc.add_JobServiceServicer_to_server, fake) as address:
+        monkeypatch.setenv("FLUXLORA_TRAINING_ADDR", address)
+        yield fake
 
 
 def invoke(*args: str):

@@ -3,8 +3,6 @@ and a bad value is a usage error naming its flag. A fake TrainingService records
 
 from __future__ import annotations
 
-from concurrent import futures
-
 import grpc
 import pytest
 import typer
@@ -16,6 +14,7 @@ from fluxlora_api.v1 import captioning_pb2, evaluation_pb2, preprocessing_pb2, t
 from fluxlora_client import cli
 from fluxlora_client.errors import FluxloraClientError
 from fluxlora_client.spec_options import SpecCommand, spec_options
+from support import fake_server
 
 PLAN = training_pb2.TrainingPlan(total_gib=30, target_gib=24, fits=False, mode="bf16", alternatives=[
     training_pb2.PlanAlternative(changes={"gradient_checkpointing": "true", "blocks_to_swap": "12"}, total_gib=20),
@@ -39,15 +38,11 @@ class FakeTraining(training_pb2_grpc.TrainingServiceServicer):
 
 @pytest.fixture
 def training(monkeypatch, tmp_path):
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
     fake = FakeTraining()
-    training_pb2_grpc.add_TrainingServiceServicer_to_server(fake, server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    server.start()
-    monkeypatch.setenv("FLUXLORA_TRAINING_ADDR", f"127.0.0.1:{port}")
-    monkeypatch.setenv("FLUXLORA_STORE", str(tmp_path / "store"))
-    yield fake
-    server.stop(0)
+    with fake_server(training_pb2_grpc.add_TrainingServiceServicer_to_server, fake) as address:
+        monkeypatch.setenv("FLUXLORA_TRAINING_ADDR", address)
+        monkeypatch.setenv("FLUXLORA_STORE", str(tmp_path / "store"))
+        yield fake
 
 
 def invoke(*args: str, columns: int = 200):

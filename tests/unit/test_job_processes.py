@@ -30,6 +30,7 @@ from support import make_s3_store
 
 S = jobs_pb2.JobState
 SCRIPT = Path(__file__).with_name("process_worker_script.py")
+PREFIXES = {"preprocessing": "pre", "training": "trn"}
 
 
 def spec(steps: int = 2) -> preprocessing_pb2.PreprocessSpec:
@@ -43,15 +44,17 @@ def store(tmp_path):
 
 @pytest.fixture
 def start(store, tmp_path, monkeypatch):
-    """start(handler) -> a started runtime whose jobs run `handler` in worker processes."""
+    """start(handler) -> a started runtime whose jobs run `handler` in worker processes; `store` is the
+    one the server uses (the test's local store by default) and `settings` more of the server's settings."""
     runtimes = []
 
-    def start(handler: str, stop_grace_s: float = 30.0) -> JobRuntime:
+    def start(handler: str, stop_grace_s: float = 30.0, service: str = "preprocessing", store=store,
+              **settings) -> JobRuntime:
         monkeypatch.setenv("FLUXLORA_TEST_HANDLER", handler)
-        settings = Settings(store=str(tmp_path / "unused"), cache_dir=tmp_path / "cache", runner="process")
-        runner = ProcessRunner(settings, "preprocessing", command=[sys.executable, str(SCRIPT)],
-                               stop_grace_s=stop_grace_s, poll_s=0.05)
-        runtime = JobRuntime("preprocessing", "pre", store, handler=None, settings=settings, runner=runner)
+        config = Settings(store=str(tmp_path / "unused"), cache_dir=tmp_path / "cache", runner="process", **settings)
+        runner = ProcessRunner(config, service, command=[sys.executable, str(SCRIPT)], stop_grace_s=stop_grace_s,
+                               poll_s=0.05)
+        runtime = JobRuntime(service, PREFIXES[service], store, handler=None, settings=config, runner=runner)
         runtime.start()
         runtimes.append(runtime)
         return runtime
@@ -91,18 +94,10 @@ def test_a_job_runs_in_a_worker_process_and_everything_it_reports_reaches_the_jo
     assert any(e.message.startswith("started worker process ") for e in events)
 
 
-def test_a_worker_reaches_an_s3_store_with_the_servers_s3_settings(moto_endpoint, tmp_path, monkeypatch):
+def test_a_worker_reaches_an_s3_store_with_the_servers_s3_settings(start, moto_endpoint):
     store = make_s3_store(moto_endpoint)
-    monkeypatch.setenv("FLUXLORA_TEST_HANDLER", "ok")
-    settings = Settings(store="unused", s3_endpoint=moto_endpoint, s3_access_key="test", s3_secret_key="test",
-                        cache_dir=tmp_path / "cache", runner="process")
-    runner = ProcessRunner(settings, "preprocessing", command=[sys.executable, str(SCRIPT)], poll_s=0.05)
-    runtime = JobRuntime("preprocessing", "pre", store, handler=None, settings=settings, runner=runner)
-    runtime.start()
-    try:
-        job, _ = finish(runtime, runtime.submit(spec()).job_id)
-    finally:
-        runtime.shutdown()
+    runtime = start("ok", store=store, s3_endpoint=moto_endpoint, s3_access_key="test", s3_secret_key="test")
+    job, _ = finish(runtime, runtime.submit(spec()).job_id)
     assert job.state == S.JOB_STATE_SUCCEEDED, job.error
     assert store.get_bytes("datasets/d/manifest.json") == b"{}"
 
@@ -263,28 +258,8 @@ def test_how_a_worker_ended_becomes_a_status(returncode, code, words):
     assert "pid 4242" in message and "trn-0123456789ab" in message
 
 
-@pytest.fixture
-def start_training(store, tmp_path, monkeypatch):
-    """start_training() -> a started training runtime whose jobs run the `ranks` handler, under
-    torchrun for TrainSpec.gpus > 1."""
-    runtimes = []
-
-    def start() -> JobRuntime:
-        monkeypatch.setenv("FLUXLORA_TEST_HANDLER", "ranks")
-        settings = Settings(store=str(tmp_path / "unused"), cache_dir=tmp_path / "cache", runner="process")
-        runner = ProcessRunner(settings, "training", command=[sys.executable, str(SCRIPT)], stop_grace_s=10,
-                               poll_s=0.05)
-        runtimes.append(JobRuntime("training", "trn", store, handler=None, settings=settings, runner=runner))
-        runtimes[-1].start()
-        return runtimes[-1]
-
-    yield start
-    for runtime in runtimes:
-        runtime.shutdown()
-
-
-def test_a_job_on_two_gpus_runs_two_ranks_under_torchrun_and_rank_0_alone_reports(start_training):
-    runtime = start_training()
+def test_a_job_on_two_gpus_runs_two_ranks_under_torchrun_and_rank_0_alone_reports(start):
+    runtime = start("ranks", stop_grace_s=10, service="training")
     job, _ = finish(runtime, runtime.submit(training_pb2.TrainSpec(dataset_id="ds-1", gpus=2)).job_id)
     assert job.state == S.JOB_STATE_SUCCEEDED, job.error
     result = training_pb2.TrainResult()
@@ -293,9 +268,9 @@ def test_a_job_on_two_gpus_runs_two_ranks_under_torchrun_and_rank_0_alone_report
     assert job.metrics["worker_pid"] not in (job.metrics["rank0_pid"], os.getpid())  # torchrun's pid
 
 
-def test_a_failed_rank_fails_the_job_naming_torchrun_and_where_to_look(start_training, monkeypatch):
+def test_a_failed_rank_fails_the_job_naming_torchrun_and_where_to_look(start, monkeypatch):
     monkeypatch.setenv("FLUXLORA_TEST_FAILING_RANK", "1")
-    runtime = start_training()
+    runtime = start("ranks", stop_grace_s=10, service="training")
     job, _ = finish(runtime, runtime.submit(training_pb2.TrainSpec(dataset_id="ds-1", gpus=2)).job_id)
     assert job.state == S.JOB_STATE_FAILED and job.error.code == "INTERNAL", job.error
     assert all(w in job.error.message for w in ("a rank of job", "torchrun", "2 worker processes",
@@ -318,19 +293,12 @@ class ReportLostForAWhile(LocalStore):
         return data
 
 
-def test_a_worker_that_exited_0_is_not_failed_while_its_report_reads_as_missing(tmp_path, monkeypatch):
+def test_a_worker_that_exited_0_is_not_failed_while_its_report_reads_as_missing(start, tmp_path):
     """Found by the chaos run: a lost bucket right as a training worker finished failed its job INTERNAL
     ("exited 0 but stored no result") although the result was stored."""
-    monkeypatch.setenv("FLUXLORA_TEST_HANDLER", "ok")
-    store = ReportLostForAWhile(tmp_path / "store")
-    settings = Settings(store=str(tmp_path / "unused"), cache_dir=tmp_path / "cache", runner="process")
-    runner = ProcessRunner(settings, "preprocessing", command=[sys.executable, str(SCRIPT)], poll_s=0.05)
-    runtime = JobRuntime("preprocessing", "pre", store, handler=None, settings=settings, runner=runner)
-    runtime.start()
-    try:
-        job, _ = finish(runtime, runtime.submit(spec()).job_id)
-    finally:
-        runtime.shutdown()
+    store = ReportLostForAWhile(tmp_path / "lost")
+    runtime = start("ok", store=store)
+    job, _ = finish(runtime, runtime.submit(spec()).job_id)
     assert store.lost_since is not None
     assert job.state == S.JOB_STATE_SUCCEEDED, job.error
     assert job.result.Is(preprocessing_pb2.PreprocessResult.DESCRIPTOR)

@@ -19,6 +19,7 @@ from fluxlora.jobs.context import JobInterrupted
 from fluxlora.jobs.runtime import JobRuntime
 from fluxlora_api.shared.errors import FailedPrecondition, Unavailable
 from fluxlora_api.v1 import jobs_pb2, preprocessing_pb2
+from support import wait_until
 
 pytestmark = pytest.mark.timeout(120)
 S = jobs_pb2.JobState
@@ -92,14 +93,6 @@ def stored(store, job_id: str) -> jobs_pb2.Job:
     return json_format.Parse(store.get_bytes(f"jobs/preprocessing/{job_id}.json"), jobs_pb2.Job())
 
 
-def eventually(condition, what: str, timeout: float = 30.0):
-    deadline = time.monotonic() + timeout
-    while not (value := condition()):
-        assert time.monotonic() < deadline, f"gave up waiting for {what}"
-        time.sleep(0.02)
-    return value
-
-
 def submit_retrying(runtime: JobRuntime, request_id: str) -> jobs_pb2.Job:
     """As the SDK's channel does: UNAVAILABLE is retried."""
     for _ in range(200):
@@ -126,7 +119,8 @@ def test_a_request_id_submitted_to_both_replicas_at_once_makes_one_job(store, re
                 for info in store.list("jobs/preprocessing/") if info.key.count("/") == 2]
     assert sorted(j.request_id for j in recorded) == [f"req-{i}" for i in range(8)]
     for job in recorded:
-        eventually(lambda job=job: stored(store, job.job_id).state == S.JOB_STATE_SUCCEEDED, "every job done")
+        wait_until(lambda job=job: stored(store, job.job_id).state == S.JOB_STATE_SUCCEEDED,
+                   "every job done", timeout=30.0)
     handler = replicas.handler
     assert sorted(job for _, job in handler.finished) == sorted(j.job_id for j in recorded)  # each ran once
     assert len(handler.started) == len(recorded)
@@ -136,7 +130,7 @@ def test_each_replica_answers_for_the_others_jobs_and_cancels_them_through_it(st
     a, b = replicas("a"), replicas("b")
     replicas.handler.close("a", "b")
     job = a.submit(spec())
-    eventually(lambda: stored(store, job.job_id).state == S.JOB_STATE_RUNNING, "the job to run on a")
+    wait_until(lambda: stored(store, job.job_id).state == S.JOB_STATE_RUNNING, "the job to run on a", timeout=30.0)
     assert b.get(job.job_id).state == S.JOB_STATE_RUNNING
     assert [j.job_id for j in b.list(states=[S.JOB_STATE_RUNNING])] == [job.job_id]
     assert [j.job_id for j in b.list()] == [job.job_id]
@@ -151,7 +145,8 @@ def test_each_replica_answers_for_the_others_jobs_and_cancels_them_through_it(st
     assert [e.job.state for e in events if e.job.state in TERMINAL] == [S.JOB_STATE_CANCELLED]
     assert stored(store, job.job_id).state == S.JOB_STATE_CANCELLED
     assert replicas.handler.interrupted == [("a", job.job_id)]
-    eventually(lambda: list(store.list("jobs/cancels/")) == [], "the cancel marker to be removed once honoured")
+    wait_until(lambda: list(store.list("jobs/cancels/")) == [],
+               "the cancel marker to be removed once honoured", timeout=30.0)
     with pytest.raises(FailedPrecondition):
         b.cancel(job.job_id)
 
@@ -175,15 +170,16 @@ def test_a_replica_cut_off_loses_its_job_and_lets_go_once_it_is_back(store, repl
     a, b = replicas("a"), replicas("b")
     replicas.handler.close("a")
     job = a.submit(spec())
-    eventually(lambda: replicas.handler.started, "a to start the job")
+    wait_until(lambda: replicas.handler.started, "a to start the job", timeout=30.0)
     down = cut_off(a, monkeypatch)  # b takes the job once a's lease expired
-    eventually(lambda: stored(store, job.job_id).state == S.JOB_STATE_SUCCEEDED, "b to take the job over and finish")
+    wait_until(lambda: stored(store, job.job_id).state == S.JOB_STATE_SUCCEEDED,
+               "b to take the job over and finish", timeout=30.0)
     assert replicas.handler.finished == [("b", job.job_id)]
     final = stored(store, job.job_id)
     assert final.attempts == 2  # a's start and b's
     down.clear()  # a reaches the store again: its next renewal finds the newer epoch and lets go
-    eventually(lambda: ("a", job.job_id) in replicas.handler.interrupted, "a's handler to be stopped")
-    eventually(lambda: not a.owns(job.job_id), "a to let go")
+    wait_until(lambda: ("a", job.job_id) in replicas.handler.interrupted, "a's handler to be stopped", timeout=30.0)
+    wait_until(lambda: not a.owns(job.job_id), "a to let go", timeout=30.0)
     time.sleep(0.5)
     assert stored(store, job.job_id) == final  # nothing of a's overwrote it
     assert a.get(job.job_id) == final and b.get(job.job_id) == final
@@ -195,14 +191,15 @@ def test_a_paused_replica_that_finishes_a_job_taken_over_meanwhile_records_nothi
     replicas("b")
     replicas.handler.close("a")
     job = a.submit(spec())
-    eventually(lambda: replicas.handler.started, "a to start the job")
+    wait_until(lambda: replicas.handler.started, "a to start the job", timeout=30.0)
     monkeypatch.setattr(a, "_renew", lambda: None)  # a's renewals stop (a paused process, a stuck thread)
-    eventually(lambda: stored(store, job.job_id).state == S.JOB_STATE_SUCCEEDED, "b to take the job over and finish")
+    wait_until(lambda: stored(store, job.job_id).state == S.JOB_STATE_SUCCEEDED,
+               "b to take the job over and finish", timeout=30.0)
     final = stored(store, job.job_id)
     events: list[jobs_pb2.JobEvent] = []
     a.add_event_listener(events.append)
     replicas.handler.gate("a").set()  # a's handler returns a result: a checks its lease before finishing
-    eventually(lambda: not a.owns(job.job_id), "a to let go")
+    wait_until(lambda: not a.owns(job.job_id), "a to let go", timeout=30.0)
     assert ("a", job.job_id) in replicas.handler.finished
     assert stored(store, job.job_id) == final and final.result.value
     assert not [e for e in events if e.job.state in TERMINAL], "a announced an end it does not own"
@@ -213,10 +210,11 @@ def test_a_replica_shut_down_hands_its_queued_jobs_to_the_other_at_once(store, r
     a = replicas("a")
     replicas.handler.close("a")
     jobs = [a.submit(spec(64 + i)) for i in range(3)]
-    eventually(lambda: replicas.handler.started, "a to start the first job")
+    wait_until(lambda: replicas.handler.started, "a to start the first job", timeout=30.0)
     b = replicas("b")
     a.shutdown(timeout=5)  # the running job stops at its safe point and goes back to the queue
     for job in jobs:
-        eventually(lambda job=job: stored(store, job.job_id).state == S.JOB_STATE_SUCCEEDED, "b to run it")
+        wait_until(lambda job=job: stored(store, job.job_id).state == S.JOB_STATE_SUCCEEDED,
+                   "b to run it", timeout=30.0)
     assert sorted(job for name, job in replicas.handler.finished if name == "b") == sorted(j.job_id for j in jobs)
     assert b.get(jobs[0].job_id).state == S.JOB_STATE_SUCCEEDED

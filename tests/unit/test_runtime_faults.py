@@ -31,6 +31,7 @@ from fluxlora_api.shared.errors import (
     status_of,
 )
 from fluxlora_api.v1 import captioning_pb2, evaluation_pb2, jobs_pb2, preprocessing_pb2, training_pb2
+from support import wait_until
 
 S = jobs_pb2.JobState
 SPEC = preprocessing_pb2.PreprocessSpec(source_prefix="uploads/x/", base_size=512)
@@ -84,15 +85,6 @@ def stored(store, job_id) -> jobs_pb2.Job:
     return json_format.Parse(store.get_bytes(f"jobs/preprocessing/{job_id}.json"), jobs_pb2.Job())
 
 
-def eventually(condition, what: str) -> None:
-    """Memory is the truth first: a record reaches the store a moment after a watcher may see it."""
-    for _ in range(3000):
-        if condition():
-            return
-        threading.Event().wait(0.01)
-    raise AssertionError(f"gave up waiting for {what}")
-
-
 @pytest.mark.parametrize("error, code", [
     (OSError(errno.ENOSPC, "No space left on device", "/data/jobs/preprocessing/x.json"), "RESOURCE_EXHAUSTED"),
     (NotFound("object 'jobs/preprocessing/x.json' not found (NoSuchBucket)"), "NOT_FOUND"),
@@ -113,7 +105,8 @@ def test_a_store_error_of_any_kind_at_the_end_of_a_job_holds_its_end_back_until_
     watchers = [runtime.watch(job.job_id) for _ in range(3)]
     store.error = error
     gate.set()
-    eventually(lambda: "recording the result" in runtime.get(job.job_id).progress.stage, "the recording notice")
+    wait_until(lambda: "recording the result" in runtime.get(job.job_id).progress.stage,
+               "the recording notice", timeout=30.0)
     seen = runtime.get(job.job_id)
     assert seen.state == S.JOB_STATE_RUNNING  # what the store holds, and all anyone is told
     assert f"the store refuses it ({code}: " in seen.progress.stage and "retrying" in seen.progress.stage
@@ -144,7 +137,8 @@ def test_a_shutdown_before_the_end_is_stored_leaves_the_job_to_run_again_and_nob
     assert started.wait(30)
     store.error = OSError(errno.ENOSPC, "No space left on device", "x")
     gate.set()
-    eventually(lambda: "recording the result" in first.get(job.job_id).progress.stage, "the recording notice")
+    wait_until(lambda: "recording the result" in first.get(job.job_id).progress.stage,
+               "the recording notice", timeout=30.0)
     with pytest.raises(FailedPrecondition, match="being recorded"):
         first.cancel(job.job_id)
     first.shutdown()
@@ -253,7 +247,7 @@ def test_a_job_whose_server_died_max_attempts_times_fails_as_poison_and_never_ru
     assert final.error.code == "ABORTED"
     assert f"started {limit} times" in final.error.message
     assert f"FLUXLORA_MAX_JOB_ATTEMPTS={limit}" in final.error.message
-    eventually(lambda: stored(store, job_id).state == S.JOB_STATE_FAILED, "the FAILED record")
+    wait_until(lambda: stored(store, job_id).state == S.JOB_STATE_FAILED, "the FAILED record", timeout=30.0)
 
 
 def test_a_job_whose_server_died_fewer_times_runs_again_and_counts_the_attempt(tmp_path, runtimes):
