@@ -569,7 +569,7 @@ COMMENTS: dict[str, dict[str, str]] = {
     'fluxlora.v1.TrainSpec': {
         '': 'What a training run is told. Every field left unset (0, "", false, empty) takes the default its\ncomment states ("default: X"); the training server\'s TrainConfig holds those defaults, and\ntests/unit/test_option_agreement.py checks that the two agree. A plain numeric field cannot ask\nfor 0 where its default is not 0; `optional` fields can.',
         'dataset_id': 'The captioned dataset to train on.',
-        'base_model': 'The base model: a diffusers-layout directory (a local directory, or "store://<prefix>" for an\nobject-store prefix, e.g. "store://models/flux1-dev"), or a single .safetensors file of the\ntransformer (a local path or "store://<key>.safetensors"; BFL or ComfyUI key layout, bf16 or\nfp8) whose other components come from `base_components`. Empty means the service\'s default.',
+        'base_model': 'The base model: a diffusers-layout directory (local, or "store://<prefix>"), or one\n.safetensors transformer file (local or "store://<key>"; BFL or ComfyUI keys, bf16 or fp8)\ncompleted by base_components. Empty means the service\'s default.',
         'resolution': "Training resolution (long side, pixels), a positive multiple of 16: 512, 768 or 1024 for\nFLUX.1. Unset, the accepted spec records the base size the dataset was preprocessed at (512\nwhere its manifest does not say); default: the dataset's base size.",
         'max_steps': 'Optimiser steps, at least 1; default: 3000.',
         'learning_rate': 'Learning rate, in (0, 1]; default: 1e-4 (1.0 with the prodigy optimizer, where it multiplies\nthe step size Prodigy finds).',
@@ -605,7 +605,7 @@ COMMENTS: dict[str, dict[str, str]] = {
         'gpus': 'GPUs that train this one LoRA data-parallel (torchrun, one process per GPU), 1 to 8: each takes\nbatch_size images of every step, so the global batch is batch_size x gpus x nodes; learning_rate\nis not rescaled (docs/deploy.md). Needs FLUXLORA_RUNNER=process or kubernetes; default: 1.',
         'nodes': 'Nodes of `gpus` GPUs each, 1 to 16; more than 1 needs FLUXLORA_RUNNER=kubernetes and is refused\nuntil multi-node Jobs are implemented; default: 1.',
         'family': 'The base model\'s family: "flux1-dev" (any FluxPipeline model) or "chroma"; "flux1-kontext",\n"flux2-dev" and "flux2-klein" are recognised but not trainable yet. A family that disagrees\nwith the model is INVALID_ARGUMENT; default: "" (detected from the model\'s model_index.json).',
-        'base_components': "Only for a single-file base_model: the diffusers-layout directory (local or store://<prefix>)\nholding the family's other components (text encoders, tokenizers, VAE, scheduler and\ntransformer/config.json; its transformer weights are not needed and not read); default: the\nserver's FLUXLORA_BASE_COMPONENTS, else FLUXLORA_BASE_MODEL when that is a directory.",
+        'base_components': 'For a single-file base_model: a diffusers directory (local or store://<prefix>) with the text\nencoders, tokenizers, VAE, scheduler and transformer/config.json (no transformer weights);\ndefault: FLUXLORA_BASE_COMPONENTS, else a FLUXLORA_BASE_MODEL directory.',
     },
     'fluxlora.v1.TrainingPlan': {
         '': '',

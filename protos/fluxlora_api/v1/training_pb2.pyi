@@ -69,10 +69,9 @@ class TrainSpec(_message.Message):
     dataset_id: _builtins.str
     """The captioned dataset to train on."""
     base_model: _builtins.str
-    """The base model: a diffusers-layout directory (a local directory, or "store://<prefix>" for an
-    object-store prefix, e.g. "store://models/flux1-dev"), or a single .safetensors file of the
-    transformer (a local path or "store://<key>.safetensors"; BFL or ComfyUI key layout, bf16 or
-    fp8) whose other components come from `base_components`. Empty means the service's default.
+    """The base model: a diffusers-layout directory (local, or "store://<prefix>"), or one
+    .safetensors transformer file (local or "store://<key>"; BFL or ComfyUI keys, bf16 or fp8)
+    completed by base_components. Empty means the service's default.
     """
     resolution: _builtins.int
     """Training resolution (long side, pixels), a positive multiple of 16: 512, 768 or 1024 for
@@ -189,10 +188,9 @@ class TrainSpec(_message.Message):
     with the model is INVALID_ARGUMENT; default: "" (detected from the model's model_index.json).
     """
     base_components: _builtins.str
-    """Only for a single-file base_model: the diffusers-layout directory (local or store://<prefix>)
-    holding the family's other components (text encoders, tokenizers, VAE, scheduler and
-    transformer/config.json; its transformer weights are not needed and not read); default: the
-    server's FLUXLORA_BASE_COMPONENTS, else FLUXLORA_BASE_MODEL when that is a directory.
+    """For a single-file base_model: a diffusers directory (local or store://<prefix>) with the text
+    encoders, tokenizers, VAE, scheduler and transformer/config.json (no transformer weights);
+    default: FLUXLORA_BASE_COMPONENTS, else a FLUXLORA_BASE_MODEL directory.
     """
     @_builtins.property
     def sample_prompts(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
