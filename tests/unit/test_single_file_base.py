@@ -150,3 +150,15 @@ def test_a_bad_file_or_components_folder_is_refused_naming_it_and_the_fix(family
     with pytest.raises(InvalidArgument, match=rf"is a {family_models['family']} transformer but its components "
                                               rf"folder .* is a {other} model"):
         check_single_file_base(file, str(wrong), store)
+
+
+def test_a_single_file_server_default_counts_caption_tokens_with_its_components_tokenizers(family_models):
+    from fluxlora.common.config import Settings
+    from fluxlora.models.single_file import text_model_folder
+
+    file, components = str(family_models["comfyui"]), str(family_models["components"])
+    settings = Settings(base_model=file, base_components=components)
+    assert text_model_folder(file, settings) == components
+    assert text_model_folder(str(family_models["folder"]), settings) == str(family_models["folder"])
+    # Without FLUXLORA_BASE_COMPONENTS, a folder base model is its own components folder.
+    assert text_model_folder(file, Settings(base_model=str(family_models["folder"]))) == str(family_models["folder"])

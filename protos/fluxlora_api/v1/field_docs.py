@@ -81,7 +81,7 @@ COMMENTS: dict[str, dict[str, str]] = {
         'max_new_tokens': 'Upper bound on generated tokens per caption; default: 64.',
         'style': 'Caption style: "natural" (sentences as the captioner writes them) or "tags" (comma-separated\ntags, deduplicated, the trigger first); default: "natural".',
         'captions_source': '"import" captioner only: the object key of a .csv / .jsonl / .txt file or of a .zip holding\nsuch files, or a prefix ending in "/" holding them. Empty means the caption files uploaded with\nthe photos (the dataset\'s raw/), inside uploaded zips too.',
-        'base_model': "The FLUX base model (directory or store://prefix) whose tokenizer/ and tokenizer_2/ count\ncaption tokens and judge the trigger word. Empty means the service's default base model; with\nnone, a documented approximation and a built-in common-word list are used instead.",
+        'base_model': "The FLUX base model (directory or store://prefix) whose tokenizer/ and tokenizer_2/ count\ncaption tokens and judge the trigger word (a single-file base's: FLUXLORA_BASE_COMPONENTS).\nEmpty means the service's default base model; with none, a documented approximation and a\nbuilt-in common-word list are used instead.",
     },
     'fluxlora.v1.CaptionVersionInfo': {
         '': "One immutable version of a dataset's captions (without the captions themselves).",

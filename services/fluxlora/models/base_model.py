@@ -25,6 +25,7 @@ from fluxlora.models.families import detect_family
 from fluxlora.models.single_file import (
     SingleFileError,
     SingleFileModel,
+    default_components,
     describe,
     header_length,
     is_single_file,
@@ -40,13 +41,6 @@ _COMPONENTS_FIX = ("set base_components (or the server's FLUXLORA_BASE_COMPONENT
 
 __all__ = ["SINGLE_FILE_MARKER", "check_single_file_base", "default_components", "folder_family", "is_single_file",
            "resolve_base_model", "single_file_model"]
-
-
-def default_components(settings) -> str:
-    """The components folder a single-file base uses when the request names none."""
-    if settings.base_components:
-        return settings.base_components
-    return "" if is_single_file(settings.base_model or "") else settings.base_model
 
 
 def single_file_model(ref: str, store: ArtifactStore | None) -> SingleFileModel:

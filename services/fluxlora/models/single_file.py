@@ -52,6 +52,19 @@ def is_single_file(ref: str) -> bool:
     return ref.lower().endswith(".safetensors") or (not ref.startswith("store://") and Path(ref).expanduser().is_file())
 
 
+def default_components(settings) -> str:
+    """The components folder a single-file base uses when the request names none."""
+    if settings.base_components:
+        return settings.base_components
+    return "" if is_single_file(settings.base_model or "") else settings.base_model
+
+
+def text_model_folder(ref: str, settings) -> str:
+    """Where the tokenizers of the base model `ref` are: the model's own folder, or a single file's
+    default components folder (a file holds the transformer alone)."""
+    return default_components(settings) if ref and is_single_file(ref) else ref
+
+
 def read_header(source: Path | BinaryIO, where: str = "") -> dict[str, Any]:
     """The tensor entries ({name: {"dtype", "shape", ...}}) of a safetensors file's header."""
     where = where or str(source)
