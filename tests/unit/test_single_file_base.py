@@ -94,8 +94,8 @@ def test_the_planner_reads_the_same_shape_from_the_header_as_from_the_folder(fam
         assert shape.cache_key() == folder.cache_key()
 
 
-def test_a_store_file_is_read_by_its_header_and_fetched_once(family_models, tmp_path):
-    store = LocalStore(tmp_path / "store")
+def test_a_store_file_is_read_by_its_header_and_fetched_once(family_models, store, tmp_path):
+    """Both stores: the header is a ranged read (ArtifactStore.get_range), the weights one download."""
     store.put_file("models/flux.safetensors", family_models["comfyui"])
     store.upload_dir(family_models["components"], "models/components")
     ref, components = "store://models/flux.safetensors", "store://models/components"
@@ -103,7 +103,16 @@ def test_a_store_file_is_read_by_its_header_and_fetched_once(family_models, tmp_
     assert read_model_shape(ref, store, components).cache_key() == \
         read_model_shape(str(family_models["folder"])).cache_key()
     base = resolve_base_model(ref, components, store, tmp_path / "cache")
-    assert resolve_base_model(ref, components, store, tmp_path / "cache") == base
+    get_file = store.get_file
+
+    def get_small_file(key, path):  # the components' JSON configs are read at each check
+        assert not key.endswith(".safetensors"), f"{key} fetched again"
+        return get_file(key, path)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(store, "get_file", get_small_file)
+        patch.setattr(store, "download_prefix", lambda *a: pytest.fail(f"fetched again: {a}"))
+        assert resolve_base_model(ref, components, store, tmp_path / "cache") == base
     pipe = load_flux_pipeline(base, "cpu", torch.float32)
     assert type(pipe).__name__ == get_family(family_models["family"]).pipeline_class.__name__
 
