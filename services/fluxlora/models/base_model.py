@@ -19,7 +19,7 @@ import shutil
 import threading
 from pathlib import Path
 
-from fluxlora.common.models import STORE_SCHEME, check_model_ref, is_store_ref, resolve_model
+from fluxlora.common.models import STORE_SCHEME, cache_lock, check_model_ref, is_store_ref, resolve_model
 from fluxlora.common.storage import ArtifactStore, validate_key, validate_prefix
 from fluxlora.models.families import detect_family
 from fluxlora.models.single_file import (
@@ -142,8 +142,12 @@ def resolve_base_model(ref: str, components: str, store: ArtifactStore, cache_di
     digest = hashlib.sha256(json.dumps([str(file.resolve()), stat.st_size, stat.st_mtime_ns,
                                         str(folder.resolve())]).encode()).hexdigest()[:16]
     target = Path(cache_dir) / "models" / "single-file" / f"{file.stem}-{digest}"
-    if not (target / "transformer" / SINGLE_FILE_MARKER).is_file():
-        _compose(target, file, folder, model)
+    marker = target / "transformer" / SINGLE_FILE_MARKER
+    if not marker.is_file():
+        # The ranks of a data-parallel run start together: one composes, the others wait for it.
+        with cache_lock(Path(cache_dir) / "locks" / f"single-file_{target.name}.lock"):
+            if not marker.is_file():
+                _compose(target, file, folder, model)
     return target
 
 
@@ -157,10 +161,14 @@ def _local_file(ref: str, store: ArtifactStore, cache_dir: Path) -> Path:
     wanted = json.dumps([info.size, info.version])
     if target.is_file() and stamp.is_file() and stamp.read_text() == wanted:
         return target
-    partial = target.with_name(f"{target.name}.partial-{os.getpid()}-{threading.get_ident()}")
-    store.get_file(key, partial)
-    partial.replace(target)
-    stamp.write_text(wanted)
+    with cache_lock(cache_dir / "locks" / f"files_{target.name}.lock"):
+        if target.is_file() and stamp.is_file() and stamp.read_text() == wanted:
+            return target  # fetched by the process that held the lock before us
+        stamp.unlink(missing_ok=True)
+        partial = target.with_name(f"{target.name}.partial-{os.getpid()}-{threading.get_ident()}")
+        store.get_file(key, partial)
+        partial.replace(target)
+        stamp.write_text(wanted)
     return target
 
 
