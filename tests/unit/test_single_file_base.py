@@ -171,3 +171,20 @@ def test_a_single_file_server_default_counts_caption_tokens_with_its_components_
     assert text_model_folder(str(family_models["folder"]), settings) == str(family_models["folder"])
     # Without FLUXLORA_BASE_COMPONENTS, a folder base model is its own components folder.
     assert text_model_folder(file, Settings(base_model=str(family_models["folder"]))) == str(family_models["folder"])
+
+
+def test_write_tiny_writes_a_single_file_and_its_components_folder(tmp_path):
+    import typer
+    from typer.testing import CliRunner
+
+    from fluxlora.server.cli import register
+
+    app = typer.Typer()
+    register(app)
+    done = CliRunner().invoke(app, ["models", "write-tiny", "--single-file", "comfyui", "--fp8", str(tmp_path)])
+    assert done.exit_code == 0, done.output
+    model = describe_file(tmp_path / "tiny-flux1-dev.safetensors")
+    assert (model.family, model.layout, model.dtype) == ("flux1-dev", "comfyui", "F8_E4M3")
+    assert (tmp_path / "tiny-flux1-dev" / "model_index.json").is_file()
+    refused = CliRunner().invoke(app, ["models", "write-tiny", "--single-file", "ckpt", str(tmp_path)])
+    assert refused.exit_code == 2 and "use 'bfl' or 'comfyui'" in refused.output

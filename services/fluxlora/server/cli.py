@@ -133,6 +133,10 @@ def write_tiny(
 ) -> None:
     """Write a tiny random FLUX pipeline and Florence-2 and BLIP captioners (for demos and tests)."""
     family = family or ("flux1-dev" if single_file else "")
+    if single_file not in ("", "bfl", "comfyui"):
+        console.print(f"[red]error[/red] unknown --single-file layout {single_file!r}: use 'bfl' or 'comfyui'",
+                      highlight=False)
+        raise typer.Exit(2)
     if family:
         from fluxlora.models.tiny_family import write_tiny_family
 
