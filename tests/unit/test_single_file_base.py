@@ -188,3 +188,14 @@ def test_write_tiny_writes_a_single_file_and_its_components_folder(tmp_path):
     assert (tmp_path / "tiny-flux1-dev" / "model_index.json").is_file()
     refused = CliRunner().invoke(app, ["models", "write-tiny", "--single-file", "ckpt", str(tmp_path)])
     assert refused.exit_code == 2 and "use 'bfl' or 'comfyui'" in refused.output
+
+
+def test_a_store_object_that_is_not_safetensors_is_refused_without_reading_it_whole(tmp_path):
+    store = LocalStore(tmp_path / "store")
+    store.put_bytes("models/flux1-dev.safetensors", b"<html>" + b"x" * 1000)
+    reads: list[int] = []
+    get_range = store.get_range
+    store.get_range = lambda key, start, length: reads.append(length) or get_range(key, start, length)  # type: ignore
+    with pytest.raises(InvalidArgument, match=r"store://models/flux1-dev\.safetensors is not a safetensors file"):
+        check_single_file_base("store://models/flux1-dev.safetensors", str(tmp_path), store)
+    assert reads == [8]

@@ -23,6 +23,7 @@ from fluxlora.common.models import STORE_SCHEME, cache_lock, check_model_ref, is
 from fluxlora.common.storage import ArtifactStore, validate_key, validate_prefix
 from fluxlora.models.families import detect_family
 from fluxlora.models.single_file import (
+    MAX_HEADER_BYTES,
     SingleFileError,
     SingleFileModel,
     default_components,
@@ -53,7 +54,8 @@ def single_file_model(ref: str, store: ArtifactStore | None) -> SingleFileModel:
             raise NotFound(f"base model {ref!r}: the store has no object {key!r}; upload the .safetensors file "
                            f"there first")
         prefix = store.get_range(key, 0, 8)
-        source = _Bytes(prefix + store.get_range(key, 8, header_length(prefix) - 8))
+        length = header_length(prefix) - 8  # never more than a header can be: a junk file's "length" is anything
+        source = _Bytes(prefix + (store.get_range(key, 8, length) if length <= MAX_HEADER_BYTES else b""))
         header = read_header(source, ref)  # type: ignore[arg-type]
     else:
         path = Path(ref).expanduser()

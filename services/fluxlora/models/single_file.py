@@ -18,7 +18,7 @@ from typing import Any, BinaryIO
 
 COMFYUI_PREFIX = "model.diffusion_model."
 # A FLUX.1 safetensors header is ~100 KB; anything near this is not a model header.
-_MAX_HEADER_BYTES = 64 * 1024 * 1024
+MAX_HEADER_BYTES = 64 * 1024 * 1024
 DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1, "I64": 8, "I32": 4,
                "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
 _FIX_LAYOUT = ("a FLUX.1 or Chroma transformer in the BFL key layout (double_blocks.0.img_attn.qkv.weight, ...) "
@@ -76,7 +76,7 @@ def read_header(source: Path | BinaryIO, where: str = "") -> dict[str, Any]:
             raise SingleFileError(f"cannot read the base model file {where}: {exc.strerror or exc}") from exc
     raw = source.read(8)
     size = struct.unpack("<Q", raw)[0] if len(raw) == 8 else 0
-    body = source.read(size) if 2 <= size <= _MAX_HEADER_BYTES else b""
+    body = source.read(size) if 2 <= size <= MAX_HEADER_BYTES else b""
     try:
         header = json.loads(body) if len(body) == size and body[:1] == b"{" else None
     except ValueError:
