@@ -59,7 +59,6 @@ def image(client, job) -> np.ndarray:
     return np.asarray(Image.open(io.BytesIO(client.store.get_bytes(key)))).astype(int)
 
 
-@pytest.mark.slow
 def test_a_single_file_base_trains_and_renders_as_its_folder(client, models, tmp_path):
     dataset = put_circles(client.store, tmp_path, "ds-singlefile0001")
     from_default = losses(client, client.train(dataset, **OPTIONS))  # the server's ComfyUI file
