@@ -80,11 +80,16 @@ def test_a_single_file_loads_and_renders_as_its_folder(family_models, name, tmp_
 
 
 def test_an_fp8_file_loads_upcast_to_the_runs_dtype(family_models, tmp_path):
-    pipe = load_flux_pipeline(_resolved(family_models, "fp8", tmp_path), "cpu", torch.float32)
+    base = _resolved(family_models, "fp8", tmp_path)
+    pipe = load_flux_pipeline(base, "cpu", torch.float32)
     folder = load_flux_pipeline(family_models["folder"], "cpu", torch.float32).transformer.state_dict()
     for key, value in pipe.transformer.state_dict().items():
         assert value.dtype == torch.float32
         torch.testing.assert_close(value, folder[key].to(torch.float8_e4m3fn).float(), rtol=0, atol=0, msg=key)
+    # ... and through the 8-bit base path, whose blocks hold one byte a weight again.
+    eight_bit = load_flux_pipeline(base, "cpu", torch.float32, base_quantization="fp8")
+    assert any(p.dtype == torch.float8_e4m3fn for p in eight_bit.transformer.state_dict().values())
+    assert torch.isfinite(_latents(eight_bit)).all()
 
 
 def test_the_planner_reads_the_same_shape_from_the_header_as_from_the_folder(family_models):
