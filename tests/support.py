@@ -94,6 +94,27 @@ class StoreClient(FluxloraClient):
         self.store = store
 
 
+def put_circles(store, folder: Path, dataset_id: str, colours=("red", "blue", "green")) -> str:
+    """A captioned 64 px dataset of coloured circles put straight into the store (trigger "sks"), for
+    training tests that need no preprocessing or captioning server work."""
+    from PIL import Image, ImageDraw
+
+    from fluxlora.common import keys
+
+    captions = {}
+    for i, colour in enumerate(colours):
+        image = Image.new("RGB", (64, 64), "white")
+        ImageDraw.Draw(image).ellipse((12, 8, 52, 56), fill=colour)
+        image.save(folder / f"img{i}.png")
+        captions[f"img{i}"] = f"sks, a {colour} circle"
+        store.put_file(keys.dataset_images(dataset_id) + f"img{i}.png", folder / f"img{i}.png")
+        store.put_bytes(keys.dataset_images(dataset_id) + f"img{i}.txt", captions[f"img{i}"].encode())
+    store.put_json(keys.dataset_manifest(dataset_id), {"dataset_id": dataset_id,
+                                                       "images": [{"stem": s} for s in captions]})
+    store.put_json(keys.dataset_captions(dataset_id), {"trigger_word": "sks", "captions": captions})
+    return dataset_id
+
+
 def put_photos(store, folder, name: str) -> str:
     """Photos put straight into the store under uploads/<name>/ (as an operator with the store's
     credentials would), for tests that need uploads before any server runs."""

@@ -8,17 +8,15 @@ from __future__ import annotations
 import json
 
 import pytest
-from PIL import Image, ImageDraw
 
-from fluxlora.common import keys
 from fluxlora.common.storage import LocalStore
 from fluxlora.models.families.configs import write_config
 from fluxlora.models.tiny_chroma import write_tiny_chroma
 from fluxlora_api.v1 import jobs_pb2
 from fluxlora_client.errors import FluxloraClientError
+from support import put_circles
 
 DATASET = "ds-chroma0000001"
-COLOURS = ("red", "blue", "green")
 
 
 @pytest.fixture
@@ -33,18 +31,7 @@ def chroma(tmp_path_factory):
 
 
 def put_dataset(store, tmp_path) -> str:
-    captions = {}
-    for i, colour in enumerate(COLOURS):
-        image = Image.new("RGB", (64, 64), "white")
-        ImageDraw.Draw(image).ellipse((12, 8, 52, 56), fill=colour)
-        image.save(tmp_path / f"img{i}.png")
-        captions[f"img{i}"] = f"sks, a {colour} circle"
-        store.put_file(keys.dataset_images(DATASET) + f"img{i}.png", tmp_path / f"img{i}.png")
-        store.put_bytes(keys.dataset_images(DATASET) + f"img{i}.txt", captions[f"img{i}"].encode())
-    store.put_json(keys.dataset_manifest(DATASET), {"dataset_id": DATASET,
-                                                    "images": [{"stem": s} for s in captions]})
-    store.put_json(keys.dataset_captions(DATASET), {"trigger_word": "sks", "captions": captions})
-    return DATASET
+    return put_circles(store, tmp_path, DATASET)
 
 
 def test_a_chroma_run_trains_checkpoints_and_renders_a_grid(running, chroma, tmp_path):

@@ -1,7 +1,7 @@
 """Chroma as a second model family: its tiny model trains through the same trainer (loss falls
 when overfitting one image, a resume repeats the run exactly) and its LoRA renders through
 ChromaPipeline, pulling generations toward the training image; its kohya (ComfyUI) file renders
-as its diffusers file does."""
+as its diffusers file does and says it is a Chroma LoRA (ss_base_model_version)."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from diffusers import ChromaPipeline
+from safetensors import safe_open
 from safetensors.torch import load_file
 
 from fluxlora.evaluation.render import latent_distances_to_image
@@ -113,6 +114,8 @@ def test_the_comfyui_file_renders_as_the_diffusers_file_through_chroma_pipeline(
         if "lora_B" in name:  # a fresh LoRA's B is zero: make it matter
             param.data = torch.randn(param.shape, generator=generator) * 0.2
     save_lora(pipe.transformer, tmp_path, kohya_name="chroma-step-000001.safetensors")
+    with safe_open(tmp_path / "chroma-step-000001.safetensors", "pt") as kohya:  # tools sort LoRAs by this
+        assert kohya.metadata()["ss_base_model_version"] == "chroma"
 
     def render(lora: Path | None) -> torch.Tensor:
         fresh = load_flux_pipeline(tiny_chroma_dir, "cpu", torch.float32)

@@ -76,8 +76,9 @@ class CaptionSpec(_message.Message):
     """
     base_model: _builtins.str
     """The FLUX base model (directory or store://prefix) whose tokenizer/ and tokenizer_2/ count
-    caption tokens and judge the trigger word. Empty means the service's default base model; with
-    none, a documented approximation and a built-in common-word list are used instead.
+    caption tokens and judge the trigger word (a single-file base's: FLUXLORA_BASE_COMPONENTS).
+    Empty means the service's default base model; with none, a documented approximation and a
+    built-in common-word list are used instead.
     """
     @_builtins.property
     def remove_phrases(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:

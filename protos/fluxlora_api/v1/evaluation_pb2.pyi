@@ -77,6 +77,8 @@ class GridSpec(_message.Message):
     IMAGE_TEXT_MODEL_FIELD_NUMBER: _builtins.int
     SKIP_CONVERGENCE_FIELD_NUMBER: _builtins.int
     LORAS_FIELD_NUMBER: _builtins.int
+    BASE_COMPONENTS_FIELD_NUMBER: _builtins.int
+    FAMILY_FIELD_NUMBER: _builtins.int
     run_id: _builtins.str
     """The training run whose checkpoints form the rows. Set this or `loras`, not both."""
     prompt: _builtins.str
@@ -94,7 +96,9 @@ class GridSpec(_message.Message):
     guidance: _builtins.float
     """Guidance for a guidance-distilled base; default: the run's guidance, else 3.5."""
     base_model: _builtins.str
-    """Base model (directory or store://prefix); default: the run's base model."""
+    """Base model (directory or store://prefix, or a single .safetensors transformer file, local or
+    store://key, with `base_components`); default: the run's base model.
+    """
     rows_per_page: _builtins.int
     """Checkpoint rows per grid image; a grid with more rows is split into pages. 0 means as many
     as the server's FLUXLORA_GRID_PAGE_CELLS allows.
@@ -105,6 +109,15 @@ class GridSpec(_message.Message):
     """
     skip_convergence: _builtins.bool
     """Skip the held-out flow-matching loss per checkpoint (the convergence score)."""
+    base_components: _builtins.str
+    """Only for a single-file base_model: the diffusers-layout directory (local or store://<prefix>)
+    with the other components; default: the run's, else the server's FLUXLORA_BASE_COMPONENTS,
+    else FLUXLORA_BASE_MODEL when that is a directory.
+    """
+    family: _builtins.str
+    """The base model's family ("flux1-dev", "chroma"); one that disagrees with the model is
+    INVALID_ARGUMENT; default: "" (detected from the model).
+    """
     @_builtins.property
     def checkpoint_steps(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
         """Only these checkpoint steps (comma-separated or repeated); default: every checkpoint of the run."""
@@ -155,10 +168,12 @@ class GridSpec(_message.Message):
         image_text_model: _builtins.str = ...,
         skip_convergence: _builtins.bool = ...,
         loras: _abc.Iterable[Global___GridLora] | None = ...,
+        base_components: _builtins.str = ...,
+        family: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_guidance", b"_guidance", "_seed", b"_seed", "guidance", b"guidance", "seed", b"seed"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_guidance", b"_guidance", "_seed", b"_seed", "base_model", b"base_model", "checkpoint_steps", b"checkpoint_steps", "guidance", b"guidance", "height", b"height", "image_text_model", b"image_text_model", "loras", b"loras", "prompt", b"prompt", "prompts", b"prompts", "rows_per_page", b"rows_per_page", "run_id", b"run_id", "seed", b"seed", "seeds", b"seeds", "skip_convergence", b"skip_convergence", "steps", b"steps", "strengths", b"strengths", "width", b"width"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_guidance", b"_guidance", "_seed", b"_seed", "base_components", b"base_components", "base_model", b"base_model", "checkpoint_steps", b"checkpoint_steps", "family", b"family", "guidance", b"guidance", "height", b"height", "image_text_model", b"image_text_model", "loras", b"loras", "prompt", b"prompt", "prompts", b"prompts", "rows_per_page", b"rows_per_page", "run_id", b"run_id", "seed", b"seed", "seeds", b"seeds", "skip_convergence", b"skip_convergence", "steps", b"steps", "strengths", b"strengths", "width", b"width"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__guidance: _TypeAlias = _typing.Literal["guidance"]  # noqa: Y015
     _WhichOneofArgType__guidance: _TypeAlias = _typing.Literal["_guidance", b"_guidance"]  # noqa: Y015
@@ -529,6 +544,8 @@ class GenerateSpec(_message.Message):
     GUIDANCE_FIELD_NUMBER: _builtins.int
     BASE_MODEL_FIELD_NUMBER: _builtins.int
     LORAS_FIELD_NUMBER: _builtins.int
+    BASE_COMPONENTS_FIELD_NUMBER: _builtins.int
+    FAMILY_FIELD_NUMBER: _builtins.int
     seed: _builtins.int
     """Seed of each prompt's first image; image i uses seed + i; default: 42."""
     images_per_prompt: _builtins.int
@@ -542,7 +559,18 @@ class GenerateSpec(_message.Message):
     guidance: _builtins.float
     """Guidance for a guidance-distilled base; default: 3.5."""
     base_model: _builtins.str
-    """Base model; empty means the first LoRA run's base model, else the server's default."""
+    """Base model (directory or store://prefix, or a single .safetensors transformer file with
+    `base_components`); empty means the first LoRA run's base model, else the server's default.
+    """
+    base_components: _builtins.str
+    """Only for a single-file base_model: the diffusers-layout directory (local or store://<prefix>)
+    with the other components; default: the first LoRA run's, else the server's
+    FLUXLORA_BASE_COMPONENTS, else FLUXLORA_BASE_MODEL when that is a directory.
+    """
+    family: _builtins.str
+    """The base model's family ("flux1-dev", "chroma"); one that disagrees with the model is
+    INVALID_ARGUMENT; default: "" (detected from the model).
+    """
     @_builtins.property
     def prompts(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """One or more prompts; each is rendered images_per_prompt times."""
@@ -563,10 +591,12 @@ class GenerateSpec(_message.Message):
         guidance: _builtins.float | None = ...,
         base_model: _builtins.str = ...,
         loras: _abc.Iterable[Global___LoraWeight] | None = ...,
+        base_components: _builtins.str = ...,
+        family: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_guidance", b"_guidance", "_seed", b"_seed", "guidance", b"guidance", "seed", b"seed"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_guidance", b"_guidance", "_seed", b"_seed", "base_model", b"base_model", "guidance", b"guidance", "height", b"height", "images_per_prompt", b"images_per_prompt", "loras", b"loras", "prompts", b"prompts", "seed", b"seed", "steps", b"steps", "width", b"width"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_guidance", b"_guidance", "_seed", b"_seed", "base_components", b"base_components", "base_model", b"base_model", "family", b"family", "guidance", b"guidance", "height", b"height", "images_per_prompt", b"images_per_prompt", "loras", b"loras", "prompts", b"prompts", "seed", b"seed", "steps", b"steps", "width", b"width"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__guidance: _TypeAlias = _typing.Literal["guidance"]  # noqa: Y015
     _WhichOneofArgType__guidance: _TypeAlias = _typing.Literal["_guidance", b"_guidance"]  # noqa: Y015

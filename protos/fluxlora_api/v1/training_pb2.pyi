@@ -65,11 +65,13 @@ class TrainSpec(_message.Message):
     GPUS_FIELD_NUMBER: _builtins.int
     NODES_FIELD_NUMBER: _builtins.int
     FAMILY_FIELD_NUMBER: _builtins.int
+    BASE_COMPONENTS_FIELD_NUMBER: _builtins.int
     dataset_id: _builtins.str
     """The captioned dataset to train on."""
     base_model: _builtins.str
-    """The base model in diffusers layout: a local directory, or "store://<prefix>" for an
-    object-store prefix (e.g. "store://models/flux1-dev"). Empty means the service's default.
+    """The base model: a diffusers-layout directory (local, or "store://<prefix>"), or one
+    .safetensors transformer file (local or "store://<key>"; BFL or ComfyUI keys, bf16 or fp8)
+    completed by base_components. Empty means the service's default.
     """
     resolution: _builtins.int
     """Training resolution (long side, pixels), a positive multiple of 16: 512, 768 or 1024 for
@@ -185,6 +187,11 @@ class TrainSpec(_message.Message):
     "flux2-dev" and "flux2-klein" are recognised but not trainable yet. A family that disagrees
     with the model is INVALID_ARGUMENT; default: "" (detected from the model's model_index.json).
     """
+    base_components: _builtins.str
+    """For a single-file base_model: a diffusers directory (local or store://<prefix>) with the text
+    encoders, tokenizers, VAE, scheduler and transformer/config.json (no transformer weights);
+    default: FLUXLORA_BASE_COMPONENTS, else a FLUXLORA_BASE_MODEL directory.
+    """
     @_builtins.property
     def sample_prompts(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Prompts for validation samples (repeat the option for several); default: the trigger word alone."""
@@ -239,10 +246,11 @@ class TrainSpec(_message.Message):
         gpus: _builtins.int = ...,
         nodes: _builtins.int = ...,
         family: _builtins.str = ...,
+        base_components: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_gradient_checkpointing", b"_gradient_checkpointing", "_guidance", b"_guidance", "_max_grad_norm", b"_max_grad_norm", "_seed", b"_seed", "_weight_decay", b"_weight_decay", "gradient_checkpointing", b"gradient_checkpointing", "guidance", b"guidance", "max_grad_norm", b"max_grad_norm", "seed", b"seed", "weight_decay", b"weight_decay"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_gradient_checkpointing", b"_gradient_checkpointing", "_guidance", b"_guidance", "_max_grad_norm", b"_max_grad_norm", "_seed", b"_seed", "_weight_decay", b"_weight_decay", "alpha", b"alpha", "base_model", b"base_model", "base_quantization", b"base_quantization", "batch_size", b"batch_size", "blocks_to_swap", b"blocks_to_swap", "caption_dropout", b"caption_dropout", "caption_version", b"caption_version", "checkpoint_every", b"checkpoint_every", "compile_blocks", b"compile_blocks", "dataset_id", b"dataset_id", "family", b"family", "gpus", b"gpus", "gradient_accumulation", b"gradient_accumulation", "gradient_checkpointing", b"gradient_checkpointing", "guidance", b"guidance", "learning_rate", b"learning_rate", "lr_scheduler", b"lr_scheduler", "lr_warmup_steps", b"lr_warmup_steps", "max_grad_norm", b"max_grad_norm", "max_sequence_length", b"max_sequence_length", "max_steps", b"max_steps", "memory_mode", b"memory_mode", "nodes", b"nodes", "optimizer", b"optimizer", "precision", b"precision", "rank", b"rank", "resolution", b"resolution", "resume_from_run", b"resume_from_run", "sample_every", b"sample_every", "sample_prompts", b"sample_prompts", "sample_steps", b"sample_steps", "seed", b"seed", "sigmoid_scale", b"sigmoid_scale", "target_modules", b"target_modules", "timestep_sampling", b"timestep_sampling", "timestep_shift", b"timestep_shift", "weight_decay", b"weight_decay"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_gradient_checkpointing", b"_gradient_checkpointing", "_guidance", b"_guidance", "_max_grad_norm", b"_max_grad_norm", "_seed", b"_seed", "_weight_decay", b"_weight_decay", "alpha", b"alpha", "base_components", b"base_components", "base_model", b"base_model", "base_quantization", b"base_quantization", "batch_size", b"batch_size", "blocks_to_swap", b"blocks_to_swap", "caption_dropout", b"caption_dropout", "caption_version", b"caption_version", "checkpoint_every", b"checkpoint_every", "compile_blocks", b"compile_blocks", "dataset_id", b"dataset_id", "family", b"family", "gpus", b"gpus", "gradient_accumulation", b"gradient_accumulation", "gradient_checkpointing", b"gradient_checkpointing", "guidance", b"guidance", "learning_rate", b"learning_rate", "lr_scheduler", b"lr_scheduler", "lr_warmup_steps", b"lr_warmup_steps", "max_grad_norm", b"max_grad_norm", "max_sequence_length", b"max_sequence_length", "max_steps", b"max_steps", "memory_mode", b"memory_mode", "nodes", b"nodes", "optimizer", b"optimizer", "precision", b"precision", "rank", b"rank", "resolution", b"resolution", "resume_from_run", b"resume_from_run", "sample_every", b"sample_every", "sample_prompts", b"sample_prompts", "sample_steps", b"sample_steps", "seed", b"seed", "sigmoid_scale", b"sigmoid_scale", "target_modules", b"target_modules", "timestep_sampling", b"timestep_sampling", "timestep_shift", b"timestep_shift", "weight_decay", b"weight_decay"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__gradient_checkpointing: _TypeAlias = _typing.Literal["gradient_checkpointing"]  # noqa: Y015
     _WhichOneofArgType__gradient_checkpointing: _TypeAlias = _typing.Literal["_gradient_checkpointing", b"_gradient_checkpointing"]  # noqa: Y015

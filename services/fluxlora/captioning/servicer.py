@@ -16,6 +16,7 @@ from fluxlora.common.models import check_model_ref
 from fluxlora.domain.caption_versions import CaptionVersion, version_key
 from fluxlora.domain.datasets import require_dataset
 from fluxlora.jobs.runtime import JobRuntime
+from fluxlora.models.single_file import text_model_folder
 from fluxlora_api.shared.errors import InvalidArgument, NotFound
 from fluxlora_api.v1 import captioning_pb2 as pb
 from fluxlora_api.v1 import captioning_pb2_grpc
@@ -75,7 +76,8 @@ class CaptioningServicer(captioning_pb2_grpc.CaptioningServiceServicer):
                 raise InvalidArgument("spec.captions_source is only used by the 'import' captioner")
             spec.model = spec.model or self.runtime.settings.caption_model
             check_model_ref(spec.model, self.store, "captioning model")
-        spec.base_model = spec.base_model or self.runtime.settings.base_model
+        spec.base_model = text_model_folder(spec.base_model or self.runtime.settings.base_model,
+                                            self.runtime.settings)
         if spec.base_model:
             check_model_ref(spec.base_model, self.store, "base model (for its tokenizers)")
         return self.runtime.submit(spec, request.request_id, request.webhook_urls)
@@ -145,7 +147,8 @@ class CaptioningServicer(captioning_pb2_grpc.CaptioningServiceServicer):
         )
 
     def _counters(self):
-        return counters_for(self.runtime.settings.base_model, self.store, self.runtime.settings.cache_dir)[0]
+        settings = self.runtime.settings
+        return counters_for(text_model_folder(settings.base_model, settings), self.store, settings.cache_dir)[0]
 
 
 def _dataset(request) -> str:

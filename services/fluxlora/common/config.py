@@ -142,7 +142,15 @@ class Settings(BaseSettings):
     )
     log_level: str = Field("INFO", description="Python logging level.")
     log_format: Literal["text", "json"] = Field("text", description="Log line format.")
-    base_model: str = Field("", description="Default base model (directory or store://prefix).")
+    base_model: str = Field(
+        "", description="Default base model: a diffusers directory or store://prefix, or a single .safetensors "
+        "transformer file (local or store://key; ComfyUI's flux1-dev.safetensors) with FLUXLORA_BASE_COMPONENTS.",
+    )
+    base_components: str = Field(
+        "", description="Diffusers directory or store://prefix with the text encoders, tokenizers, VAE, scheduler and "
+        "transformer/config.json a single-file base model is completed with; empty: FLUXLORA_BASE_MODEL when that "
+        "is a directory.",
+    )
     caption_model: str = Field("", description="Default captioning model (directory or store://prefix).")
     device: str = Field("auto", description="Torch device for GPU services: auto, cuda, cpu.")
     # FLUX.1-dev's whole pipeline in bf16 is ~34 GB: a 24 GB card renders grids with the transformer's

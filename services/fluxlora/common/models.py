@@ -51,7 +51,7 @@ def resolve_model(ref: str, store: ArtifactStore, cache_dir: Path, what: str = "
         return target
     # One download per model at a time: the ranks of a data-parallel run start together, and a second
     # process swapping in its copy would delete the one the first is already loading from.
-    with _locked(Path(cache_dir) / "locks" / f"models_{target.name}.lock"):  # (beside models/, not in it)
+    with cache_lock(Path(cache_dir) / "locks" / f"models_{target.name}.lock"):  # (beside models/, not in it)
         if marker.exists() and json.loads(marker.read_text()) == [list(x) for x in listing]:
             return target  # fetched by the process that held the lock before us
         return _mirror(store, prefix, listing, target)
@@ -74,7 +74,7 @@ def _mirror(store: ArtifactStore, prefix: str, listing: list, target: Path) -> P
 
 
 @contextlib.contextmanager
-def _locked(path: Path):
+def cache_lock(path: Path):
     """An exclusive lock on `path` between processes (flock; released when the process dies, too)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a") as handle:

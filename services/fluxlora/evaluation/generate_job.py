@@ -6,11 +6,11 @@ from __future__ import annotations
 from google.protobuf import json_format
 
 from fluxlora.common import keys
-from fluxlora.common.models import resolve_model
 from fluxlora.evaluation.job_support import device_and_dtype, inference_loading, settings_of
 from fluxlora.evaluation.pipelines import base_pipeline
 from fluxlora.evaluation.render import generate_images
 from fluxlora.jobs.context import JobContext
+from fluxlora.models.base_model import resolve_base_model
 from fluxlora_api.v1 import evaluation_pb2 as pb
 
 
@@ -23,12 +23,12 @@ def run_generate(ctx: JobContext, spec: pb.GenerateSpec) -> pb.GenerateResult:
         # The validated spec holds a key for every LoRA, run checkpoints included.
         loras.append((ctx.store.get_file(lora.key, ctx.scratch / "loras" / f"{i:02d}.safetensors"), lora.strength))
     ctx.progress("loading base model", 0)
-    model_dir = resolve_model(spec.base_model, ctx.store, settings.cache_dir, "base model")
+    model_dir = resolve_base_model(spec.base_model, spec.base_components, ctx.store, settings.cache_dir)
     device, dtype = device_and_dtype(settings)
     loading = inference_loading(settings, device)
     prompts = list(spec.prompts)
     seeds = [spec.seed + i for i in range(spec.images_per_prompt)]
-    with base_pipeline(model_dir, device, dtype, loading.quantization, loading.cpu_offload) as pipe:
+    with base_pipeline(model_dir, device, dtype, loading.quantization, loading.cpu_offload, spec.family) as pipe:
         images = generate_images(
             pipe, loras, prompts, seeds, spec.width, spec.height, spec.steps, spec.guidance,
             progress=lambda done, total: (ctx.check_cancelled(), ctx.progress("generating", done, total, "image")),

@@ -22,6 +22,7 @@ from fluxlora.evaluation.pipelines import base_pipeline
 from fluxlora.evaluation.render import Panel, render_panels
 from fluxlora.evaluation.validation import NO_MODEL
 from fluxlora.jobs.context import JobContext
+from fluxlora.models.base_model import resolve_base_model
 from fluxlora_api.v1 import evaluation_pb2 as pb
 
 MAX_REFERENCE_IMAGES = 32  # training images the fidelity score compares cells with
@@ -80,13 +81,13 @@ def run_grid(ctx: JobContext, spec: pb.GridSpec) -> pb.GridResult:
         loras.append((row.label, ctx.store.get_file(row.key, local)))
     dataset = _dataset_images(ctx, run, spec)
     ctx.progress("loading base model", 0)
-    model_dir = resolve_model(spec.base_model, ctx.store, settings.cache_dir, "base model")
+    model_dir = resolve_base_model(spec.base_model, spec.base_components, ctx.store, settings.cache_dir)
     device, dtype = device_and_dtype(settings)
     loading = inference_loading(settings, device)
     config = run.get("config", {})
     scores = Scores()
 
-    with base_pipeline(model_dir, device, dtype, loading.quantization, loading.cpu_offload) as pipe:
+    with base_pipeline(model_dir, device, dtype, loading.quantization, loading.cpu_offload, spec.family) as pipe:
         probe = None
         if dataset.probe:
             ctx.progress("convergence probe", 0)

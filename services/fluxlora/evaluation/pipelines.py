@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from fluxlora.models.families import family_for_model
 from fluxlora.models.loading import load_flux_pipeline
 
 log = logging.getLogger(__name__)
@@ -92,10 +93,11 @@ PIPELINES = ModelCache(load_flux_pipeline, release=unload_adapters)
 
 @contextlib.contextmanager
 def base_pipeline(model_dir: Path, device: torch.device, dtype: torch.dtype, quantization: str = "none",
-                  cpu_offload: bool = False) -> Iterator[Any]:
+                  cpu_offload: bool = False, family: str = "") -> Iterator[Any]:
     """The process's FLUX pipeline for model_dir, loaded at most once while it stays in use;
-    quantization and cpu_offload as for load_flux_pipeline (job_support.inference_loading picks them)."""
-    key = pipeline_key(model_dir, device, dtype, quantization, cpu_offload)
-    with PIPELINES.borrow(key, model_dir, device, dtype, cpu_offload=cpu_offload,
-                          base_quantization=quantization) as pipe:
+    quantization and cpu_offload as for load_flux_pipeline (job_support.inference_loading picks them);
+    `family` as the spec names it ("": detected from the model)."""
+    key = pipeline_key(model_dir, device, dtype, quantization, cpu_offload, family)
+    with PIPELINES.borrow(key, model_dir, device, dtype, cpu_offload=cpu_offload, base_quantization=quantization,
+                          family=family_for_model(model_dir, family)) as pipe:
         yield pipe

@@ -14,6 +14,8 @@ from fluxlora.common.limits import INT64_MAX, Bound, check_numbers
 from fluxlora.common.models import check_model_ref
 from fluxlora.common.storage import ArtifactStore
 from fluxlora.domain.runs import list_checkpoints, require_run, select_checkpoints
+from fluxlora.models.base_model import check_single_file_base, default_components, folder_family, is_single_file
+from fluxlora.models.families import agreed_family
 from fluxlora_api.shared.errors import InvalidArgument, NotFound
 from fluxlora_api.v1 import evaluation_pb2 as pb
 
@@ -103,8 +105,7 @@ def grid_spec(request: pb.GridSpec, store: ArtifactStore, settings: Settings) ->
                               "from: pass the base model the LoRA files were trained on")
     if spec.loras and not run:
         spec.skip_convergence = True  # no run, so no dataset to measure the held-out loss on
-    spec.base_model = spec.base_model or run.get("base_model", "") or settings.base_model
-    check_model_ref(spec.base_model, store, "base model")
+    check_base_model(spec, run or {}, store, settings)
     if spec.image_text_model != NO_MODEL:
         spec.image_text_model = spec.image_text_model or settings.image_text_model
         if spec.image_text_model:
@@ -175,9 +176,32 @@ def generate_spec(request: pb.GenerateSpec, store: ArtifactStore, settings: Sett
     _size_and_steps(spec, config.get("resolution", DEFAULT_SIZE))
     if not spec.HasField("guidance"):
         spec.guidance = config.get("guidance", DEFAULT_GUIDANCE)
-    spec.base_model = spec.base_model or (first_run or {}).get("base_model", "") or settings.base_model
-    check_model_ref(spec.base_model, store, "base model")
+    check_base_model(spec, first_run or {}, store, settings)
     return spec
+
+
+def check_base_model(spec: pb.GridSpec | pb.GenerateSpec, run: dict, store: ArtifactStore,
+                     settings: Settings) -> None:
+    """Fill in base_model (and a single file's base_components) from the run, else the server, and
+    check that they exist and agree with spec.family (INVALID_ARGUMENT naming the model and the fix)."""
+    from_run = not spec.base_model and bool(run.get("base_model"))
+    spec.base_model = spec.base_model or run.get("base_model", "") or settings.base_model
+    if is_single_file(spec.base_model):
+        spec.base_components = (spec.base_components or (run.get("base_components", "") if from_run else "")
+                                or default_components(settings))
+        found: str | None = check_single_file_base(spec.base_model, spec.base_components, store).family
+    else:
+        if spec.base_components:
+            raise InvalidArgument(f"spec.base_components is only for a single .safetensors base model; base model "
+                                  f"{spec.base_model!r} is a folder with its own components: leave it unset")
+        check_model_ref(spec.base_model, store, "base model")
+        found = folder_family(spec.base_model, store)
+    if found is None and not spec.family:
+        return  # a folder this server cannot read (a path in the job's pod): the job detects it
+    try:
+        agreed_family(found, spec.family, spec.base_model)
+    except ValueError as exc:
+        raise InvalidArgument(f"spec.family: {exc}") from exc
 
 
 def _resolve_lora(field: str, lora: pb.LoraWeight, store: ArtifactStore) -> dict | None:

@@ -3,13 +3,17 @@ models and the full-size ones alike."""
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
 import torch
 
 from fluxlora.models.base_layers import freeze_base
+from fluxlora.models.base_model import SINGLE_FILE_MARKER
 from fluxlora.models.families import Family, family_for_model
+from fluxlora.models.single_file import describe_file
+from fluxlora.models.single_file_load import load_single_file_transformer
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +50,15 @@ def pick_device_dtype(
     return device, _PRECISIONS[key]
 
 
+def _single_file_transformer(model_dir: Path, family: Family, dtype: torch.dtype) -> torch.nn.Module | None:
+    """The transformer of a single-file base (models.base_model's folder names the file), else None."""
+    marker = model_dir / "transformer" / SINGLE_FILE_MARKER
+    if not marker.is_file():
+        return None
+    file = Path(json.loads(marker.read_text())["file"])
+    return load_single_file_transformer(file, describe_file(file), family, model_dir, dtype)
+
+
 def load_flux_pipeline(
     model_dir: Path,
     device: torch.device | str,
@@ -56,7 +69,8 @@ def load_flux_pipeline(
     base_quantization: str = "none",
     family: Family | None = None,
 ):
-    """Load a local diffusers-layout directory of `family` (default: the family detected from the
+    """Load a local diffusers-layout directory (or models.base_model's folder for a single-file
+    base, whose transformer then loads from its file) of `family` (default: the family detected from the
     model), frozen and in eval mode, on `device`, with that family's diffusers pipeline class.
 
     Never touches the network. Modules are put in eval mode because models built from a config
@@ -74,7 +88,10 @@ def load_flux_pipeline(
             f"{model_dir} is not a diffusers pipeline directory (no model_index.json)"
         )
     family = family or family_for_model(model_dir)
-    skipped = {} if text_encoders else dict.fromkeys(family.text_components)
+    skipped: dict = {} if text_encoders else dict.fromkeys(family.text_components)
+    single = _single_file_transformer(model_dir, family, dtype)
+    if single is not None:
+        skipped["transformer"] = single
     pipe = family.pipeline_class.from_pretrained(model_dir, dtype=dtype, local_files_only=True, **skipped)
     for component in pipe.components.values():
         if isinstance(component, torch.nn.Module):

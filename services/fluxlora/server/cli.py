@@ -125,13 +125,29 @@ def write_tiny(
     seed: int = 0,
     family: Annotated[str, typer.Option(help="Write only this family's tiny model (flux1-dev or chroma), "
                                              "as <out>/tiny-<family>.")] = "",
+    single_file: Annotated[str, typer.Option(
+        help="Also write the family's tiny transformer as one .safetensors file in this key layout, bfl or comfyui "
+             "(<out>/tiny-<family>.safetensors, as ComfyUI users hold FLUX.1), with <out>/tiny-<family> as its "
+             "components folder; the family defaults to flux1-dev.")] = "",
+    fp8: Annotated[bool, typer.Option(help="With --single-file: its weights in fp8 (float8_e4m3fn).")] = False,
 ) -> None:
     """Write a tiny random FLUX pipeline and Florence-2 and BLIP captioners (for demos and tests)."""
+    family = family or ("flux1-dev" if single_file else "")
+    if single_file not in ("", "bfl", "comfyui"):
+        console.print(f"[red]error[/red] unknown --single-file layout {single_file!r}: use 'bfl' or 'comfyui'",
+                      highlight=False)
+        raise typer.Exit(2)
     if family:
         from fluxlora.models.tiny_family import write_tiny_family
 
         try:
-            console.print(f"{family} {write_tiny_family(family, out / f'tiny-{family}', seed=seed)}")
+            folder = write_tiny_family(family, out / f"tiny-{family}", seed=seed)
+            console.print(f"{family} {folder}")
+            if single_file:
+                from fluxlora.models.single_file_write import write_folder_transformer
+
+                file = write_folder_transformer(folder, out / f"tiny-{family}.safetensors", layout=single_file, fp8=fp8)
+                console.print(f"{family} {file} ({single_file} layout{', fp8' if fp8 else ''}; components: {folder})")
         except ValueError as err:
             console.print(f"[red]error[/red] {err}", highlight=False)
             raise typer.Exit(2) from None

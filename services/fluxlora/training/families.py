@@ -9,20 +9,27 @@ from pathlib import Path
 
 from fluxlora.common.models import STORE_SCHEME, is_store_ref
 from fluxlora.common.storage import ArtifactStore, validate_prefix
+from fluxlora.models.base_model import is_single_file, single_file_model
 from fluxlora.models.families import FAMILIES, agreed_family, detect_family
 from fluxlora_api.shared.errors import FailedPrecondition, InvalidArgument
 
 
-def check_family(base_model: str, named: str, store: ArtifactStore, *, to_train: bool = True) -> None:
+def check_family(base_model: str, named: str, store: ArtifactStore, *, to_train: bool = True,
+                 components: str = "") -> None:
     """INVALID_ARGUMENT naming the model and the fix when `named` disagrees with the model, or when
     no family is named and the model's is unknown; FAILED_PRECONDITION, when the run is `to_train`
     (not only planned), for a family this trainer recognises but cannot train yet. A model without
-    a readable model_index.json is left to the job."""
-    index = _model_index(base_model, store)
-    if index is None:
-        return
+    a readable model_index.json is left to the job. A single-file base's family is its header's
+    (models.base_model has checked that its components folder agrees)."""
+    if is_single_file(base_model):
+        found: str | None = single_file_model(base_model, store).family
+    else:
+        index = _model_index(base_model, store)
+        if index is None:
+            return
+        found = detect_family(index, None)
     try:
-        family = agreed_family(detect_family(index, None), named, base_model)
+        family = agreed_family(found, named, base_model)
     except ValueError as exc:
         raise InvalidArgument(f"spec.family: {exc}") from exc
     if to_train and family not in FAMILIES:

@@ -67,21 +67,21 @@ def planner_for(settings: Settings) -> MemoryPlanner:
 
 
 def plan_run(base_model: str, store: ArtifactStore, cfg: TrainConfig, settings: Settings,
-             cluster: ClusterQueueGpus | None = None) -> MemoryPlan | None:
+             cluster: ClusterQueueGpus | None = None, components: str = "") -> MemoryPlan | None:
     """The memory plan of training `cfg` on `base_model`; None when the check is off."""
     target = gpu_target(settings, cluster)
     if target is None:
         return None
-    shape = read_model_shape(base_model, store)
+    shape = read_model_shape(base_model, store, components)
     return planner_for(settings).plan(shape, cfg, target.gib)
 
 
 def pick_for_run(base_model: str, store: ArtifactStore, cfg: TrainConfig, settings: Settings,
-                 given: set[str], cluster: ClusterQueueGpus | None = None) -> AutoChoice | None:
+                 given: set[str], cluster: ClusterQueueGpus | None = None, components: str = "") -> AutoChoice | None:
     """memory_mode auto: the fastest memory options for `cfg` that fit the target GPU, keeping the
     `given` ones; None when nothing fits or the check is off."""
     target = target_gib(settings, cluster)
     if target is None:
         return None
-    shape = read_model_shape(base_model, store)
+    shape = read_model_shape(base_model, store, components)
     return pick_memory_options(planner_for(settings), shape, cfg, target, given)

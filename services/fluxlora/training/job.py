@@ -11,10 +11,10 @@ from pathlib import Path
 from google.protobuf import json_format
 
 from fluxlora.common import keys
-from fluxlora.common.models import resolve_model
 from fluxlora.domain.caption_versions import CaptionVersions
 from fluxlora.domain.runs import list_checkpoints
 from fluxlora.jobs.context import JobContext, JobInterrupted
+from fluxlora.models.base_model import resolve_base_model
 from fluxlora.training.encodings import fetch_encodings, store_encodings
 from fluxlora.training.gpu_budget import plan_run
 from fluxlora.training.memory import MemoryPlan
@@ -37,7 +37,8 @@ log = logging.getLogger(__name__)
 
 # TrainSpec fields that are not part of the trainer's config.
 # gpus and nodes: the launcher's (jobs/launch.py); the trainer reads its world size from torchrun.
-_NOT_CONFIG = {"dataset_id", "base_model", "caption_version", "resume_from_run", "memory_mode", "gpus", "nodes"}
+_NOT_CONFIG = {"dataset_id", "base_model", "base_components", "caption_version", "resume_from_run", "memory_mode",
+               "gpus", "nodes"}
 
 
 def config_from_spec(spec: pb.TrainSpec) -> TrainConfig:
@@ -76,6 +77,7 @@ def run_training(ctx: JobContext, spec: pb.TrainSpec) -> pb.TrainResult:
             "run_id": run_id,
             "dataset_id": spec.dataset_id,
             "base_model": spec.base_model,
+            "base_components": spec.base_components,
             "trigger_word": captions["trigger_word"],
             "config": cfg.model_dump(),
         })
@@ -84,6 +86,7 @@ def run_training(ctx: JobContext, spec: pb.TrainSpec) -> pb.TrainResult:
     lora_metadata = {
         "fluxlora.run_id": run_id,
         "fluxlora.base_model": spec.base_model,
+        "fluxlora.base_components": spec.base_components,
         "fluxlora.dataset_id": spec.dataset_id,
         "fluxlora.trigger_word": captions["trigger_word"],
         "fluxlora.caption_set_sha256": hashlib.sha256(captions_bytes).hexdigest(),
@@ -103,7 +106,7 @@ def run_training(ctx: JobContext, spec: pb.TrainSpec) -> pb.TrainResult:
             (ctx.scratch / "dataset" / f"{stem}.txt").write_text(text + "\n", encoding="utf-8")
     ctx.progress("loading base model", 0)
     with ctx.interruptible():  # a cancel while the model downloads stops it there
-        model_dir = resolve_model(spec.base_model, ctx.store, ctx.settings.cache_dir, "base model")
+        model_dir = resolve_base_model(spec.base_model, spec.base_components, ctx.store, ctx.settings.cache_dir)
     out_dir = ctx.scratch / "run"
 
     checkpoints, resume_from = _stored_checkpoints(ctx, run_id, out_dir, cfg.max_steps)
@@ -206,7 +209,7 @@ def run_training(ctx: JobContext, spec: pb.TrainSpec) -> pb.TrainResult:
 def _memory_plan(ctx: JobContext, spec: pb.TrainSpec, cfg: TrainConfig) -> MemoryPlan | None:
     """The planner's estimate (cached since submit) for the report and the job's metrics."""
     try:
-        plan = plan_run(spec.base_model, ctx.store, cfg, ctx.settings)
+        plan = plan_run(spec.base_model, ctx.store, cfg, ctx.settings, components=spec.base_components)
     except Exception:  # noqa: BLE001 - a missing estimate must not stop a run the submit accepted
         log.warning("no memory estimate for run %s", ctx.job_id, exc_info=True)
         return None

@@ -13,6 +13,7 @@ from fluxlora.domain.caption_versions import CaptionVersions
 from fluxlora.domain.datasets import dataset_base_size, require_captions
 from fluxlora.jobs.kueue_flavors import ClusterQueueGpus
 from fluxlora.jobs.runtime import JobRuntime
+from fluxlora.models.base_model import check_single_file_base, default_components, is_single_file
 from fluxlora.training.families import check_family
 from fluxlora.training.gpu_budget import gpu_target, pick_for_run, plan_run
 from fluxlora.training.job import config_from_spec
@@ -104,7 +105,7 @@ class TrainingServicer(training_pb2_grpc.TrainingServiceServicer):
             if choice is not None:
                 _apply(spec, choice)
         if checkable and choice is None:
-            self._check_memory(spec.base_model, cfg)
+            self._check_memory(spec, cfg)
         if not spec.sample_prompts:
             spec.sample_prompts.append(captions["trigger_word"])
         job = self.runtime.submit(spec, request.request_id, request.webhook_urls)
@@ -138,10 +139,10 @@ class TrainingServicer(training_pb2_grpc.TrainingServiceServicer):
         choice = None
         if _memory_mode(spec) == "auto":
             choice = pick_for_run(spec.base_model, self.runtime.store, cfg, settings, _given_memory_options(spec),
-                                  cluster)
+                                  cluster, spec.base_components)
             if choice is not None:
                 cfg = cfg.model_copy(update=choice.changes)
-        plan = plan_run(spec.base_model, self.runtime.store, cfg, settings, cluster)
+        plan = plan_run(spec.base_model, self.runtime.store, cfg, settings, cluster, spec.base_components)
         target = gpu_target(settings, cluster)
         if plan is None or target is None:
             raise FailedPrecondition("the memory check is off on this server (FLUXLORA_GPU_MEMORY_GIB=0): "
@@ -213,10 +214,21 @@ class TrainingServicer(training_pb2_grpc.TrainingServiceServicer):
         local = bool(spec.base_model) and not is_store_ref(spec.base_model)
         if local:
             spec.base_model = str(Path(spec.base_model).expanduser())
+        single = is_single_file(spec.base_model)
+        if single:
+            spec.base_components = spec.base_components or default_components(self.runtime.settings)
+        elif spec.base_components:
+            raise InvalidArgument(f"spec.base_components is only for a single .safetensors base model; base model "
+                                  f"{spec.base_model!r} is a folder with its own components: leave it unset")
         # Under the Kubernetes runner a local path names a directory in the Job's pod (a mounted
         # volume), which this server cannot see: the worker checks it when the run starts.
         if local and self.runtime.settings.runner == "kubernetes":
             return False
+        if single:
+            check_single_file_base(spec.base_model, spec.base_components, self.runtime.store)
+            check_family(spec.base_model, spec.family, self.runtime.store, to_train=to_train,
+                         components=spec.base_components)
+            return True
         check_model_ref(spec.base_model, self.runtime.store, "base model")
         if local and not (Path(spec.base_model) / "model_index.json").exists():
             raise FailedPrecondition(
@@ -230,7 +242,7 @@ class TrainingServicer(training_pb2_grpc.TrainingServiceServicer):
         check then refuses the run with the options that would fit) or the planner cannot say."""
         try:
             return pick_for_run(spec.base_model, self.runtime.store, cfg, self.runtime.settings,
-                                _given_memory_options(spec), self.runtime.cluster_gpus())
+                                _given_memory_options(spec), self.runtime.cluster_gpus(), spec.base_components)
         except FluxloraError:
             raise
         except ValueError as exc:  # an option the model cannot take, e.g. too many blocks to swap
@@ -240,12 +252,13 @@ class TrainingServicer(training_pb2_grpc.TrainingServiceServicer):
                         exc_info=True)
             return None
 
-    def _check_memory(self, base_model: str, cfg: TrainConfig) -> None:
+    def _check_memory(self, spec: pb.TrainSpec, cfg: TrainConfig) -> None:
         """RESOURCE_EXHAUSTED for a run the memory planner says would not fit the target GPU:
         refused in seconds at submit rather than out of memory minutes into loading the model."""
         cluster = self.runtime.cluster_gpus()
+        base_model = spec.base_model
         try:
-            plan = plan_run(base_model, self.runtime.store, cfg, self.runtime.settings, cluster)
+            plan = plan_run(base_model, self.runtime.store, cfg, self.runtime.settings, cluster, spec.base_components)
         except FluxloraError:
             raise
         except ValueError as exc:  # an option the model cannot take, e.g. too many blocks to swap

@@ -119,6 +119,11 @@ class ArtifactStore(ABC):
         with tempfile.TemporaryDirectory() as tmp:
             return self.get_file(key, Path(tmp) / "obj").read_bytes()
 
+    def get_range(self, key: str, start: int, length: int) -> bytes:
+        """`length` bytes of an object from `start` (fewer at its end): a model file's header
+        without its weights. Stores that can read part of an object override this."""
+        return self.get_bytes(key)[start:start + length]
+
     def put_json(self, key: str, value: Any) -> ObjectInfo:
         return self.put_bytes(key, json.dumps(value, indent=2, sort_keys=True).encode(), "application/json")
 

@@ -60,6 +60,14 @@ class LocalStore(ArtifactStore):
             raise
         return path
 
+    def get_range(self, key: str, start: int, length: int) -> bytes:
+        source = self._path(key)
+        if not source.is_file():
+            raise NotFound(f"object {key!r} not found in {self.uri}")
+        with open(source, "rb") as handle:
+            handle.seek(start)
+            return handle.read(length)
+
     def stat(self, key: str) -> ObjectInfo:
         path = self._path(key)
         if not path.is_file():

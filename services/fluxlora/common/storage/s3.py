@@ -136,6 +136,19 @@ class S3Store(ArtifactStore):
             raise
         return path
 
+    def get_range(self, key: str, start: int, length: int) -> bytes:
+        validate_key(key)
+
+        def read() -> bytes:
+            response = self.client.get_object(self.bucket, key, offset=start, length=length)
+            try:
+                return response.read()
+            finally:
+                response.close()
+                response.release_conn()
+
+        return self._call(f"reading {key!r}", read, key)
+
     def stat(self, key: str) -> ObjectInfo:
         validate_key(key)
         obj = self._call(f"reading {key!r}", lambda: self.client.stat_object(self.bucket, key), key)

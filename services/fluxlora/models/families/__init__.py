@@ -40,7 +40,7 @@ _BY_TRANSFORMER = {
 }
 
 __all__ = ["CHROMA", "FAMILIES", "FAMILY_NAMES", "FLUX1_DEV", "Family", "PromptEncoding", "detect_family", "family_of",
-           "agreed_family", "family_for_model", "get_family", "planning_family"]
+           "family_of_transformer", "agreed_family", "family_for_model", "get_family", "planning_family"]
 
 
 def get_family(name: str) -> Family:
@@ -102,6 +102,15 @@ def _read_json(path: Path) -> dict | None:
         return json.loads(path.read_text())
     except (OSError, ValueError):
         return None
+
+
+def family_of_transformer(transformer) -> Family:
+    """The family of a loaded transformer, by its class (peft wraps the module, not its class)."""
+    for cls in type(getattr(transformer, "_orig_mod", transformer)).__mro__:
+        name = _BY_TRANSFORMER.get(cls.__name__)
+        if name is not None:
+            return FAMILIES.get(name) or PLANNED.get(name) or FLUX1_DEV
+    raise ValueError(f"{type(transformer).__name__} is not a transformer of a known model family")
 
 
 def family_of(pipe) -> Family:

@@ -10,7 +10,8 @@ from typing import Any
 
 from fluxlora.common.models import STORE_SCHEME, is_store_ref
 from fluxlora.common.storage import ArtifactStore, validate_prefix
-from fluxlora.models.families import detect_family
+from fluxlora.models.base_model import is_single_file, single_file_model
+from fluxlora.models.families import detect_family, planning_family
 from fluxlora_api.shared.errors import FailedPrecondition
 
 # black-forest-labs/FLUX.1-dev transformer/config.json (public), so the full-size architecture
@@ -62,8 +63,30 @@ def shape_from_configs(transformer: dict[str, Any], vae: dict[str, Any] | None,
     return ModelShape(dict(transformer), scale, detect_family(model_index, transformer) or "flux1-dev")
 
 
-def read_model_shape(ref: str, store: ArtifactStore | None = None) -> ModelShape:
-    """The shape of a diffusers-layout base model of any family: a local directory or store://<prefix>."""
+def read_model_shape(ref: str, store: ArtifactStore | None = None, components: str = "") -> ModelShape:
+    """The shape of a base model of any family: a diffusers-layout local directory or store://<prefix>,
+    or a single .safetensors transformer file (models.single_file), whose shapes come from its
+    header and whose other configs from the `components` folder; no weights are read."""
+    if is_single_file(ref):
+        model = single_file_model(ref, store)
+        if not components:
+            raise FailedPrecondition(f"base model {ref!r} is a single file: name its components folder "
+                                     f"(base_components or FLUXLORA_BASE_COMPONENTS) to plan it")
+        transformer, vae, model_index = _read_configs(components, store)
+        if transformer is None:
+            raise FailedPrecondition(f"the components folder {components!r} of {ref!r} has no {_CONFIG_KEYS[0]}")
+        cls = planning_family(model.family).transformer_class
+        transformer = {**transformer, **model.config, "_class_name": cls.__name__}
+        return ModelShape(transformer, shape_from_configs(transformer, vae, model_index).vae_scale_factor, model.family)
+    transformer, vae, model_index = _read_configs(ref, store)
+    if transformer is None:
+        raise FailedPrecondition(
+            f"base model {ref!r} has no {_CONFIG_KEYS[0]}: a diffusers-layout FLUX.1 model is needed"
+        )
+    return shape_from_configs(transformer, vae, model_index)
+
+
+def _read_configs(ref: str, store: ArtifactStore | None) -> list[dict[str, Any] | None]:
     configs: list[dict[str, Any] | None] = []
     for name in _CONFIG_KEYS:
         if is_store_ref(ref):
@@ -74,9 +97,4 @@ def read_model_shape(ref: str, store: ArtifactStore | None = None) -> ModelShape
         else:
             path = Path(ref).expanduser() / name
             configs.append(json.loads(path.read_text()) if path.is_file() else None)
-    transformer, vae, model_index = configs
-    if transformer is None:
-        raise FailedPrecondition(
-            f"base model {ref!r} has no {_CONFIG_KEYS[0]}: a diffusers-layout FLUX.1 model is needed"
-        )
-    return shape_from_configs(transformer, vae, model_index)
+    return configs
