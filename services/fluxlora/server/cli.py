@@ -123,7 +123,7 @@ def demo(
 def write_tiny(
     out: Path,
     seed: int = 0,
-    family: Annotated[str, typer.Option(help="Write only this family's tiny model (flux1-dev or chroma), "
+    family: Annotated[str, typer.Option(help="Write only this family's tiny model (flux1-dev, chroma or flux2-klein), "
                                              "as <out>/tiny-<family>.")] = "",
 ) -> None:
     """Write a tiny random FLUX pipeline and Florence-2 and BLIP captioners (for demos and tests)."""

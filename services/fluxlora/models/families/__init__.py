@@ -17,11 +17,12 @@ from fluxlora.models.families.flux2 import Flux2, Flux2Klein
 
 FLUX1_DEV = Family()
 CHROMA = Chroma()
-FAMILIES: dict[str, Family] = {f.name: f for f in (FLUX1_DEV, CHROMA)}
+FLUX2_KLEIN = Flux2Klein()
+FAMILIES: dict[str, Family] = {f.name: f for f in (FLUX1_DEV, CHROMA, FLUX2_KLEIN)}
 # Families the planner can estimate from their configs but the trainer cannot train yet.
-PLANNED: dict[str, Family] = {f.name: f for f in (Flux2(), Flux2Klein())}
+PLANNED: dict[str, Family] = {f.name: f for f in (Flux2(),)}
 # Recognised in model folders and configs, not trainable yet (issue 16).
-NOT_YET_TRAINABLE = ("flux1-kontext", "flux2-dev", "flux2-klein")
+NOT_YET_TRAINABLE = ("flux1-kontext", "flux2-dev")
 FAMILY_NAMES = (*FAMILIES, *NOT_YET_TRAINABLE)
 
 # diffusers class names -> family. FluxPipeline covers FLUX.1 [dev], [schnell] and the tiny model.
@@ -39,7 +40,8 @@ _BY_TRANSFORMER = {
     "Flux2Transformer2DModel": "flux2-dev",
 }
 
-__all__ = ["CHROMA", "FAMILIES", "FAMILY_NAMES", "FLUX1_DEV", "Family", "PromptEncoding", "detect_family", "family_of",
+__all__ = ["CHROMA", "FAMILIES", "FAMILY_NAMES", "FLUX1_DEV", "FLUX2_KLEIN", "family_of_transformer",
+           "Family", "PromptEncoding", "detect_family", "family_of",
            "agreed_family", "family_for_model", "get_family", "planning_family"]
 
 
@@ -102,6 +104,13 @@ def _read_json(path: Path) -> dict | None:
         return json.loads(path.read_text())
     except (OSError, ValueError):
         return None
+
+
+def family_of_transformer(transformer) -> Family:
+    """The family whose transformer class `transformer` is (FLUX.2's two share one: [dev]'s object,
+    which differs from [klein]'s only in text encoding and guidance); FLUX.1 for any other class."""
+    name = _BY_TRANSFORMER.get(type(transformer).__name__)
+    return planning_family(name) if name else FLUX1_DEV
 
 
 def family_of(pipe) -> Family:

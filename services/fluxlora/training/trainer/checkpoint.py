@@ -15,6 +15,7 @@ from peft.utils import get_peft_model_state_dict
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from fluxlora.models.families import family_of_transformer
 from fluxlora.training.trainer.kohya import kohya_state_dict
 
 LORA_WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
@@ -60,7 +61,8 @@ def save_lora(
         _add_metadata(path, metadata)
     if kohya_name:
         kohya = kohya_state_dict(lora, config.lora_alpha, transformer.config)
-        save_file(kohya, directory / kohya_name, metadata={**_kohya_metadata(config), **(metadata or {})})
+        kohya_metadata = _kohya_metadata(config, family_of_transformer(transformer))
+        save_file(kohya, directory / kohya_name, metadata={**kohya_metadata, **(metadata or {})})
     return path
 
 
@@ -73,13 +75,13 @@ def _add_metadata(path: Path, metadata: Mapping[str, str]) -> None:
     partial.replace(path)
 
 
-def _kohya_metadata(config) -> dict[str, str]:
-    """The sd-scripts fields that tools read to recognise a FLUX.1 LoRA and its rank/alpha."""
+def _kohya_metadata(config, family) -> dict[str, str]:
+    """The sd-scripts fields that tools read to recognise the LoRA's base model and its rank/alpha."""
     return {
-        "ss_network_module": "networks.lora_flux",
+        "ss_network_module": family.kohya_network_module,
         "ss_network_dim": str(config.r),
         "ss_network_alpha": str(config.lora_alpha),
-        "ss_base_model_version": "flux1",
+        "ss_base_model_version": family.kohya_base_model_version,
     }
 
 
