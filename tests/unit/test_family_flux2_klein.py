@@ -232,3 +232,47 @@ def test_an_8bit_base_swapped_blocks_and_compiled_blocks_compute_klein_s_step():
     compiled, compiled_grads, _ = step(0, "on")
     assert torch.allclose(loss, compiled, rtol=1e-4)
     assert all(torch.allclose(a, b, rtol=1e-3, atol=1e-6) for a, b in zip(grads, compiled_grads, strict=True))
+
+
+@pytest.mark.slow  # a 0.5B-parameter shallow transformer
+@pytest.mark.parametrize("preset", ["attention", "all_linear"])
+def test_both_files_give_the_same_latents_at_klein_s_real_widths(preset, klein_dir, tmp_path):
+    """One double and one single block with FLUX.2 [klein] 4B's widths (24 x 128 heads, MLP ratio
+    3), on which diffusers' kohya converter splits the fused q/k/v as on the real model: the kohya
+    file and the diffusers file, each loaded by Flux2KleinPipeline.load_lora_weights, render alike."""
+    from diffusers import Flux2Transformer2DModel
+
+    from fluxlora.models.tiny_flux2 import TINY_FLUX2_TRANSFORMER
+    from fluxlora.training.trainer.checkpoint import ADAPTER_NAME
+    from fluxlora.training.trainer.targets import TARGET_PRESETS
+
+    pipe = load_flux_pipeline(klein_dir, "cpu", torch.float32)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        pipe.transformer = Flux2Transformer2DModel(
+            **{**TINY_FLUX2_TRANSFORMER, "num_attention_heads": 24, "attention_head_dim": 128,
+               "axes_dims_rope": (32, 32, 32, 32), "timestep_guidance_channels": 256},
+            joint_attention_dim=48, guidance_embeds=False).requires_grad_(False).eval()
+    add_lora(pipe.transformer, TrainConfig(rank=4, alpha=8.0, target_modules=TARGET_PRESETS[preset]))
+    generator = torch.Generator().manual_seed(0)
+    for name, param in pipe.transformer.named_parameters():
+        if "lora_B" in name:
+            param.data = torch.randn(param.shape, generator=generator) * 0.02
+    save_lora(pipe.transformer, tmp_path, kohya_name="klein.safetensors")
+    pipe.transformer.delete_adapters(ADAPTER_NAME)
+
+    def render(lora: Path | None) -> torch.Tensor:
+        if lora is not None:
+            pipe.load_lora_weights(lora, adapter_name="trained")
+        text = torch.Generator().manual_seed(1)
+        latents = pipe(prompt_embeds=torch.randn(1, 8, 48, generator=text), guidance_scale=1.0, height=32, width=32,
+                       num_inference_steps=2, output_type="latent",
+                       generator=torch.Generator().manual_seed(0)).images
+        if lora is not None:
+            pipe.unload_lora_weights()
+        return latents
+
+    base, from_peft = render(None), render(tmp_path / LORA_WEIGHTS_NAME)
+    from_kohya = render(tmp_path / "klein.safetensors")
+    assert (from_peft - base).abs().max() > 0.01
+    torch.testing.assert_close(from_kohya, from_peft, atol=1e-4, rtol=1e-4)

@@ -60,7 +60,9 @@ def save_lora(
     if metadata:
         _add_metadata(path, metadata)
     if kohya_name:
-        kohya = kohya_state_dict(lora, config.lora_alpha, transformer.config)
+        # The class decides the key layout; a model built in memory has no _class_name in its config.
+        layout = {**transformer.config, "_class_name": type(transformer).__name__}
+        kohya = kohya_state_dict(lora, config.lora_alpha, layout)
         kohya_metadata = _kohya_metadata(config, family_of_transformer(transformer))
         save_file(kohya, directory / kohya_name, metadata={**kohya_metadata, **(metadata or {})})
     return path
