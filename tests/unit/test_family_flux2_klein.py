@@ -276,3 +276,19 @@ def test_both_files_give_the_same_latents_at_klein_s_real_widths(preset, klein_d
     from_kohya = render(tmp_path / "klein.safetensors")
     assert (from_peft - base).abs().max() > 0.01
     torch.testing.assert_close(from_kohya, from_peft, atol=1e-4, rtol=1e-4)
+
+
+def test_a_run_from_the_encoding_cache_trains_as_the_run_that_wrote_it(klein_dir, circle, tmp_path):
+    from fluxlora.training.trainer import TrainCallbacks
+    from fluxlora.training.trainer.encoding_cache import load_encodings
+
+    cache = tmp_path / "encodings.safetensors"
+    first = train(quick(), klein_dir, circle, tmp_path / "a", encoding_cache=cache)
+    stored = load_encodings(cache, circle)
+    text = stored.samples[0].text
+    assert text.mask is None and text.pooled.numel() == 0 and text.prompt_embeds.shape == (64, 48)
+    assert stored.text_ids.shape == (64, 4)
+    encoded_again = []
+    second = train_lora(quick(), klein_dir, circle, tmp_path / "b", TrainCallbacks(on_encoded=encoded_again.append),
+                        device="cpu", encoding_cache=cache)
+    assert encoded_again == [] and second.losses == first.losses
