@@ -1,7 +1,8 @@
-"""Chroma through gRPC: a run names no family (detected from the model) or the right one; a wrong
-one is refused at submit naming the model and the fix; the run's checkpoints (diffusers and kohya
-files) render in a grid through ChromaPipeline, the convergence probe included. A FLUX.2 model is
-planned from its config and refused for training."""
+"""Chroma and FLUX.2 [klein] through gRPC: a run names no family (detected from the model) or the
+right one; a wrong one is refused at submit naming the model and the fix; the run's checkpoints
+(diffusers and kohya files) render in a grid through the family's pipeline (ChromaPipeline,
+Flux2KleinPipeline), the convergence probe included. A FLUX.2 [dev] model is planned from its
+config and refused for training."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import pytest
 from fluxlora.common.storage import LocalStore
 from fluxlora.models.families.configs import write_config
 from fluxlora.models.tiny_chroma import write_tiny_chroma
+from fluxlora.models.tiny_flux2 import write_tiny_flux2_klein
 from fluxlora_api.v1 import jobs_pb2
 from fluxlora_client.errors import FluxloraClientError
 from support import put_circles
@@ -58,11 +60,35 @@ def test_a_chroma_run_trains_checkpoints_and_renders_a_grid(running, chroma, tmp
     assert len(cells) == 4 and all(client.store.exists(c.image_key) for c in cells)
 
 
-def test_flux2_is_planned_from_its_config_and_refused_for_training(running, tmp_path):
-    """FLUX.2 [klein]'s config directory (`fluxlora models write-config`, shrunk here so the fake
+def test_a_flux2_klein_run_trains_checkpoints_and_renders_a_grid(running, tmp_path):
+    client = running
+    klein = write_tiny_flux2_klein(tmp_path / "tiny-klein")
+    dataset = put_dataset(client.store, tmp_path)
+    options = dict(resolution=64, max_steps=4, checkpoint_every=2, sample_every=0, rank=4, learning_rate=1e-3)
+
+    with pytest.raises(FluxloraClientError) as refused:
+        client.train(dataset, base_model=str(klein), family="chroma", **options)
+    assert refused.value.code == "INVALID_ARGUMENT" and "set family to 'flux2-klein'" in refused.value.message
+
+    job = client.wait(client.train(dataset, base_model=str(klein), family="flux2-klein", **options))
+    assert job.state == jobs_pb2.JOB_STATE_SUCCEEDED, job.error
+    result = client.result(job)
+    assert [c.step for c in result.checkpoints] == [2, 4]
+    for checkpoint in result.checkpoints:
+        assert client.store.exists(checkpoint.lora_key) and client.store.exists(checkpoint.kohya_lora_key)
+
+    grid = client.wait(client.evaluate(job.job_id, [0.0, 1.0], steps=2, width=64, height=64,
+                                       image_text_model="none"))
+    assert grid.state == jobs_pb2.JOB_STATE_SUCCEEDED, grid.error
+    cells = client.result(grid).cells
+    assert len(cells) == 4 and all(client.store.exists(c.image_key) for c in cells)
+
+
+def test_flux2_dev_is_planned_from_its_config_and_refused_for_training(running, tmp_path):
+    """FLUX.2 [dev]'s config directory (`fluxlora models write-config`, shrunk here so the fake
     step takes a second) is planned through PlanTraining; training it is FAILED_PRECONDITION."""
     client = running
-    model = write_config("flux2-klein", tmp_path / "klein")
+    model = write_config("flux2-dev", tmp_path / "dev")
     config = json.loads((model / "transformer" / "config.json").read_text())
     config.update(num_layers=1, num_single_layers=1, num_attention_heads=2, attention_head_dim=16,
                   joint_attention_dim=32, axes_dims_rope=[4, 4, 4, 4], timestep_guidance_channels=32)
@@ -74,4 +100,4 @@ def test_flux2_is_planned_from_its_config_and_refused_for_training(running, tmp_
     dataset = put_dataset(client.store, tmp_path)
     with pytest.raises(FluxloraClientError) as refused:
         client.train(dataset, base_model=str(model), resolution=64, max_steps=1)
-    assert refused.value.code == "FAILED_PRECONDITION" and "flux2-klein model" in refused.value.message
+    assert refused.value.code == "FAILED_PRECONDITION" and "flux2-dev model" in refused.value.message

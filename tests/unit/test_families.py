@@ -56,7 +56,7 @@ def test_a_named_family_must_agree_with_the_model_and_unknown_ones_are_explained
     with pytest.raises(ValueError, match="unknown model family 'flux3'"):
         agreed_family(None, "flux3", "/models/x")
     with pytest.raises(ValueError, match="recognised but cannot be trained yet"):
-        get_family("flux2-klein")
+        get_family("flux2-dev")
     assert set(FAMILY_NAMES) == set(FULL_SIZE)
 
 
@@ -71,10 +71,13 @@ def test_the_planner_estimates_each_family_from_its_config_alone(family, tmp_pat
     cfg = TrainConfig(resolution=64, precision="bf16", rank=4)
     step = MemoryPlanner().step_memory(shape, cfg)
     assert 0 < step.trainable_bytes < step.weight_bytes < step.peak_bytes
-    targets = planning_family(family).attention_targets
-    if targets:  # FLUX.2's single blocks fuse q/k/v: its attention LoRA names them separately
-        wider = MemoryPlanner().step_memory(shape, cfg.model_copy(update={"target_modules": list(targets)}))
-        assert wider.trainable_bytes > step.trainable_bytes
+    presets = planning_family(family).target_presets
+    if presets:  # FLUX.2: the default (attention) preset is planned as FLUX.2's own list, single blocks included
+        def planned(targets):
+            return MemoryPlanner().step_memory(shape, cfg.model_copy(update={"target_modules": targets}))
+
+        same, double_only = planned(presets["attention"]), planned(presets["attention"][:1])
+        assert same.trainable_bytes == step.trainable_bytes > double_only.trainable_bytes
 
 
 def test_write_config_and_write_tiny_commands(tmp_path):
@@ -91,5 +94,8 @@ def test_write_config_and_write_tiny_commands(tmp_path):
     done = runner.invoke(app, ["models", "write-tiny", "--family", "chroma", str(tmp_path)])
     assert done.exit_code == 0, done.output
     assert detect_family_in(tmp_path / "tiny-chroma") == "chroma"
+    done = runner.invoke(app, ["models", "write-tiny", "--family", "flux2-klein", str(tmp_path)])
+    assert done.exit_code == 0, done.output
+    assert detect_family_in(tmp_path / "tiny-flux2-klein") == "flux2-klein"
     refused = runner.invoke(app, ["models", "write-tiny", "--family", "flux2-dev", str(tmp_path)])
     assert refused.exit_code == 2 and "no tiny model for family 'flux2-dev'" in refused.output

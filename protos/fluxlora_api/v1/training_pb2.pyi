@@ -183,8 +183,8 @@ class TrainSpec(_message.Message):
     until multi-node Jobs are implemented; default: 1.
     """
     family: _builtins.str
-    """The base model's family: "flux1-dev" (any FluxPipeline model) or "chroma"; "flux1-kontext",
-    "flux2-dev" and "flux2-klein" are recognised but not trainable yet. A family that disagrees
+    """The base model's family: "flux1-dev" (any FluxPipeline model), "chroma" or "flux2-klein";
+    "flux1-kontext" and "flux2-dev" are recognised but not trainable yet. A family that disagrees
     with the model is INVALID_ARGUMENT; default: "" (detected from the model's model_index.json).
     """
     base_components: _builtins.str

@@ -23,7 +23,7 @@ import torch
 from PIL import Image
 
 from fluxlora.models.families import PromptEncoding, family_of
-from fluxlora.models.latents import encode_latents, image_to_pixels
+from fluxlora.models.latents import image_to_pixels
 
 SIGMAS = (0.25, 0.5, 0.75)
 MAX_IMAGES = 4
@@ -70,7 +70,7 @@ def prepare_probe(
     for i, (image, caption) in enumerate(images):
         size = probe_size(image.width, image.height, resolution)
         resized = image.convert("RGB").resize(size, Image.Resampling.LANCZOS)
-        latents = encode_latents(pipe.vae, image_to_pixels(pipe, resized)).float()
+        latents = family_of(pipe).encode_latents(pipe.vae, image_to_pixels(pipe, resized)).float()
         noise = torch.randn(latents.shape, generator=torch.Generator("cpu").manual_seed(NOISE_SEED + i))
         text = family_of(pipe).encode_prompts(pipe, [caption], device, max_sequence_length)
         items.append(ProbeItem(latents.cpu(), noise, text))

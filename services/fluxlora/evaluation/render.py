@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 
 from fluxlora.models.families import PromptEncoding, family_of
-from fluxlora.models.latents import packed_image_latents
+from fluxlora.models.latents import image_to_pixels
 from fluxlora.models.loading import load_flux_pipeline, pick_device_dtype
 
 OUTPUT_TYPES = ("pil", "latent")
@@ -231,7 +231,7 @@ def latent_distances_to_image(
             image = opened.convert("RGB")
     device, dtype = pick_device_dtype(precision, device)
     pipe = load_flux_pipeline(model_dir, device, dtype)
-    target = packed_image_latents(pipe, image, image.width, image.height)
+    target = family_of(pipe).pipeline_output_latents(pipe.vae, image_to_pixels(pipe, image.convert("RGB")))
     (row,) = render_cells(
         pipe,
         [("lora", lora)],

@@ -18,4 +18,8 @@ def write_tiny_family(family: str, out_dir: Path, seed: int = 0) -> Path:
         from fluxlora.models.tiny_chroma import write_tiny_chroma
 
         return write_tiny_chroma(out_dir, seed=seed)
+    if family == "flux2-klein":
+        from fluxlora.models.tiny_flux2 import write_tiny_flux2_klein
+
+        return write_tiny_flux2_klein(out_dir, seed=seed)
     raise ValueError(f"no tiny model for family {family!r} yet: use one of {', '.join(FAMILIES)}")

@@ -90,3 +90,29 @@ def build_t5_tokenizer() -> PreTrainedTokenizerFast:
         unk_token=unk,
         model_max_length=T5_MAX_LENGTH,
     )
+
+
+# Qwen3's chat markers and its template's shape (user turn, then an assistant turn whose thinking
+# is closed at once when enable_thinking=False), which Flux2KleinPipeline renders every prompt into.
+_QWEN_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>", "<unk>"]
+QWEN3_CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n"
+    "{% if enable_thinking is defined and enable_thinking is false %}<think>\n\n</think>\n\n{% endif %}{% endif %}"
+)
+
+
+def build_qwen3_tokenizer() -> PreTrainedTokenizerFast:
+    """Qwen3-like: chat markers as special tokens, no bos/eos added, right-padded with <|endoftext|>
+    as Qwen pads."""
+    pad, unk = "<|endoftext|>", "<unk>"
+    tokenizer = _word_level(_vocab(_QWEN_SPECIALS), unk)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer,
+        pad_token=pad,
+        eos_token="<|im_end|>",
+        unk_token=unk,
+        additional_special_tokens=_QWEN_SPECIALS[1:5],
+        model_max_length=T5_MAX_LENGTH,
+        chat_template=QWEN3_CHAT_TEMPLATE,
+    )

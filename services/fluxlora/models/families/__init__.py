@@ -17,11 +17,12 @@ from fluxlora.models.families.flux2 import Flux2, Flux2Klein
 
 FLUX1_DEV = Family()
 CHROMA = Chroma()
-FAMILIES: dict[str, Family] = {f.name: f for f in (FLUX1_DEV, CHROMA)}
+FLUX2_KLEIN = Flux2Klein()
+FAMILIES: dict[str, Family] = {f.name: f for f in (FLUX1_DEV, CHROMA, FLUX2_KLEIN)}
 # Families the planner can estimate from their configs but the trainer cannot train yet.
-PLANNED: dict[str, Family] = {f.name: f for f in (Flux2(), Flux2Klein())}
+PLANNED: dict[str, Family] = {f.name: f for f in (Flux2(),)}
 # Recognised in model folders and configs, not trainable yet (issue 16).
-NOT_YET_TRAINABLE = ("flux1-kontext", "flux2-dev", "flux2-klein")
+NOT_YET_TRAINABLE = ("flux1-kontext", "flux2-dev")
 FAMILY_NAMES = (*FAMILIES, *NOT_YET_TRAINABLE)
 
 # diffusers class names -> family. FluxPipeline covers FLUX.1 [dev], [schnell] and the tiny model.
@@ -39,8 +40,9 @@ _BY_TRANSFORMER = {
     "Flux2Transformer2DModel": "flux2-dev",
 }
 
-__all__ = ["CHROMA", "FAMILIES", "FAMILY_NAMES", "FLUX1_DEV", "Family", "PromptEncoding", "detect_family", "family_of",
-           "family_of_transformer", "agreed_family", "family_for_model", "get_family", "planning_family"]
+__all__ = ["CHROMA", "FAMILIES", "FAMILY_NAMES", "FLUX1_DEV", "FLUX2_KLEIN", "Family", "PromptEncoding",
+           "detect_family", "family_of", "family_of_transformer", "agreed_family", "family_for_model", "get_family",
+           "planning_family"]
 
 
 def get_family(name: str) -> Family:
@@ -105,12 +107,14 @@ def _read_json(path: Path) -> dict | None:
 
 
 def family_of_transformer(transformer) -> Family:
-    """The family of a loaded transformer, by its class (peft wraps the module, not its class)."""
+    """The family whose transformer class (or a base class of it) `transformer` is; peft wraps the module, not
+    its class, and a compiled one keeps it as _orig_mod. FLUX.2's two share one class: [dev]'s object, which
+    differs from [klein]'s only in text encoding and guidance. FLUX.1 for any other class."""
     for cls in type(getattr(transformer, "_orig_mod", transformer)).__mro__:
         name = _BY_TRANSFORMER.get(cls.__name__)
         if name is not None:
-            return FAMILIES.get(name) or PLANNED.get(name) or FLUX1_DEV
-    raise ValueError(f"{type(transformer).__name__} is not a transformer of a known model family")
+            return planning_family(name)
+    return FLUX1_DEV
 
 
 def family_of(pipe) -> Family:

@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 from diffusers import FluxPipeline, FluxTransformer2DModel
+from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 
 
 @dataclass(frozen=True)
@@ -38,10 +39,16 @@ class Family:
     text_components: tuple[str, ...] = ("text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2")
     # What kohya sd-scripts writes as ss_base_model_version, for tools that sort LoRAs by base.
     kohya_base_model_version = "flux1"
+    # ss_network_module of the kohya file: the trainer module that writes this layout.
+    kohya_network_module = "networks.lora_flux"
     trainable = True
     # LoRA targets of the "attention" preset where the trainer's names (to_q, to_k, to_v, to_out.0)
     # miss layers of this family; None: the trainer's preset fits (FLUX.1, Chroma).
     attention_targets: tuple[str, ...] | None = None
+    # This family's own module lists for the trainer's presets (targets.TARGET_PRESETS, by preset
+    # name), used when a run's target_modules is one of those presets as written for FLUX.1;
+    # None: FLUX.1's module names fit (FLUX.1, Chroma).
+    target_presets: dict[str, list[str]] | None = None
 
     def __repr__(self) -> str:
         return f"<family {self.name}>"
@@ -55,6 +62,27 @@ class Family:
             prompt=texts, prompt_2=texts, device=device, max_sequence_length=max_sequence_length
         )
         return PromptEncoding(embeds, pooled, None, text_ids)
+
+    @torch.no_grad()
+    def encode_latents(self, vae, pixels: torch.Tensor) -> torch.Tensor:
+        """Normalised latents (B, C, h, w) as the transformer is trained on them (`pack` turns
+        them into tokens): the distribution's mode, shifted and scaled by the VAE's factors."""
+        param = next(vae.parameters())
+        latents = vae.encode(pixels.to(param.device, param.dtype)).latent_dist.mode()
+        return (latents - vae.config.shift_factor) * vae.config.scaling_factor
+
+    def pipeline_output_latents(self, vae, pixels: torch.Tensor) -> torch.Tensor:
+        """The image's latents in the form the pipeline's output_type="latent" returns them
+        (FLUX.1: packed and normalised), to compare generations with."""
+        return self.pack(self.encode_latents(vae, pixels))
+
+    def shift_mu(self, image_seq_len: int, scheduler_config) -> float:
+        """The exponential timestep shift's mu for flux_shift sampling at this many image tokens:
+        the scheduler's linear rule from base_shift (at base_image_seq_len) to max_shift."""
+        config = scheduler_config or {}
+        return calculate_shift(image_seq_len, config.get("base_image_seq_len", 256),
+                               config.get("max_image_seq_len", 4096), config.get("base_shift", 0.5),
+                               config.get("max_shift", 1.15))
 
     # Latents: FLUX.1's 2x2 packing of the VAE's 16 channels (4 on the tiny model) into tokens.
     def pack(self, latents: torch.Tensor) -> torch.Tensor:

@@ -60,9 +60,11 @@ def save_lora(
     if metadata:
         _add_metadata(path, metadata)
     if kohya_name:
-        kohya = kohya_state_dict(lora, config.lora_alpha, transformer.config)
-        save_file(kohya, directory / kohya_name, metadata={**_kohya_metadata(config, transformer),
-                                                                 **(metadata or {})})
+        # The class decides the key layout; a model built in memory has no _class_name in its config.
+        layout = {**transformer.config, "_class_name": type(transformer).__name__}
+        kohya = kohya_state_dict(lora, config.lora_alpha, layout)
+        kohya_metadata = _kohya_metadata(config, family_of_transformer(transformer))
+        save_file(kohya, directory / kohya_name, metadata={**kohya_metadata, **(metadata or {})})
     return path
 
 
@@ -75,13 +77,13 @@ def _add_metadata(path: Path, metadata: Mapping[str, str]) -> None:
     partial.replace(path)
 
 
-def _kohya_metadata(config, transformer) -> dict[str, str]:
-    """The sd-scripts fields that tools read to recognise the LoRA's base (FLUX.1, Chroma) and its rank/alpha."""
+def _kohya_metadata(config, family) -> dict[str, str]:
+    """The sd-scripts fields that tools read to recognise the LoRA's base model and its rank/alpha."""
     return {
-        "ss_network_module": "networks.lora_flux",
+        "ss_network_module": family.kohya_network_module,
         "ss_network_dim": str(config.r),
         "ss_network_alpha": str(config.lora_alpha),
-        "ss_base_model_version": family_of_transformer(transformer).kohya_base_model_version,
+        "ss_base_model_version": family.kohya_base_model_version,
     }
 
 

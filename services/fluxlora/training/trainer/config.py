@@ -55,7 +55,7 @@ class TrainConfig(BaseModel):
         "prodigy" (prodigyopt; it sets its own step size, learning_rate is a multiplier, 1.0 usual).
     compile_blocks: torch.compile the transformer blocks (regional compilation); "auto" turns it on
         on CUDA only (compilation on the CPU costs more than it saves in short runs).
-    family: the base model's family (models.families: "flux1-dev", "chroma"); "" detects it from
+    family: the base model's family (models.families: "flux1-dev", "chroma", "flux2-klein"); "" detects it from
         the model. Each family has its own text encoding, guidance handling and pipeline class.
     blocks_to_swap: keep this many transformer blocks in CPU memory and bring each to the GPU
         only while it runs, counted as kohya sd-scripts counts them for FLUX.1 (N // 2 double

@@ -17,7 +17,7 @@ import torch
 from PIL import Image, ImageOps
 
 from fluxlora.models.families import family_of
-from fluxlora.models.latents import encode_latents, image_to_pixels
+from fluxlora.models.latents import image_to_pixels
 from fluxlora.training.trainer.callbacks import TrainingStopped
 from fluxlora.training.trainer.config import SIDE_MULTIPLE
 
@@ -165,7 +165,7 @@ def cache_dataset(
             pipe.vae.to("cpu")
             raise TrainingStopped(f"stopped while encoding the dataset ({len(samples)} of {len(pairs)} images)")
         pixels = image_to_pixels(pipe, load_image(pair.image, resolution))
-        latents = encode_latents(pipe.vae, pixels)[0].float().cpu()
+        latents = family_of(pipe).encode_latents(pipe.vae, pixels)[0].float().cpu()
         samples.append(Sample(pair, latents, texts[pair.caption]))
     pipe.vae.to("cpu")
     _release_device_cache(device)

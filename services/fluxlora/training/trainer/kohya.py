@@ -30,6 +30,11 @@ naming them, e.g. an old run's plain "proj_out") are written as kohya names them
 applies them, but diffusers' kohya loader (0.42) converts them without the "transformer." prefix
 and so drops them: such a LoRA loads in diffusers exactly only from the diffusers-format file. Its
 final_layer branch also ignores alpha, so final-layer LoRAs carry their scale in B (alpha = rank).
+
+FLUX.2 (Flux2Transformer2DModel) has the same BFL names for its double blocks (MLPs: ff.linear_in /
+linear_out = img_mlp.0 / img_mlp.2, ff_context.* = txt_mlp.*); its single blocks' linear1 / linear2
+are fused in diffusers as well (attn.to_qkv_mlp_proj / attn.to_out), so they map one to one, as
+diffusers' `_convert_kohya_flux2_lora_to_diffusers` reads them back.
 """
 
 from __future__ import annotations
@@ -77,6 +82,18 @@ _TOP = {
     "proj_out": "final_layer.linear",
     "norm_out.linear": "final_layer.adaLN_modulation.1",
 }
+# FLUX.2 (Flux2Transformer2DModel): BFL's names for the same blocks; the single blocks' fused
+# layers are fused in diffusers too (linear1 = attn.to_qkv_mlp_proj, linear2 = attn.to_out), so
+# only the double blocks' q/k/v fuse. As diffusers' _convert_kohya_flux2_lora_to_diffusers reads them.
+_FLUX2_DOUBLE = {**{k: v for k, v in _DOUBLE.items() if not k.startswith(("ff", "norm1"))},
+                 "ff.linear_in": ("img_mlp.0", None), "ff.linear_out": ("img_mlp.2", None),
+                 "ff_context.linear_in": ("txt_mlp.0", None), "ff_context.linear_out": ("txt_mlp.2", None)}
+_FLUX2_SINGLE = {"attn.to_qkv_mlp_proj": ("linear1", None), "attn.to_out": ("linear2", None)}
+_FLUX2_TOP = {"x_embedder": "img_in", "context_embedder": "txt_in",
+              "time_guidance_embed.timestep_embedder.linear_1": "time_in.in_layer",
+              "time_guidance_embed.timestep_embedder.linear_2": "time_in.out_layer",
+              "proj_out": "final_layer.linear"}
+_TABLES = {"Flux2Transformer2DModel": (_FLUX2_DOUBLE, _FLUX2_SINGLE, _FLUX2_TOP)}
 _FINAL_LAYER = "final_layer."
 _SHIFT_SCALE = "final_layer.adaLN_modulation.1"  # BFL: (shift, scale); diffusers: (scale, shift)
 
@@ -102,17 +119,18 @@ def kohya_state_dict(
             suffix = f".{kind}.weight"
             if name.endswith(suffix):
                 modules.setdefault(name[: -len(suffix)], {})[kind] = tensor
-    unmapped = [m for m in modules if _target(m) is None]
+    tables = _TABLES.get(transformer_config.get("_class_name", ""), (_DOUBLE, _SINGLE, _TOP))
+    unmapped = [m for m in modules if _target(m, *tables) is None]
     if unmapped:
         raise ValueError(
-            f"no kohya name for LoRA modules {', '.join(sorted(unmapped))}: only FLUX.1 transformer "
-            "linear layers can be exported"
+            f"no kohya name for LoRA modules {', '.join(sorted(unmapped))}: only the transformer's block "
+            "linear layers, embedders and final layer can be exported"
         )
 
     fused: dict[str, dict[int, tuple[torch.Tensor, torch.Tensor]]] = {}
     out: dict[str, torch.Tensor] = {}
     for module, weights in sorted(modules.items()):
-        target = _target(module)
+        target = _target(module, *tables)
         down, up = weights["lora_A"], weights["lora_B"]
         if target.part is not None:
             fused.setdefault(target.bfl, {})[target.part] = (down, up)
@@ -166,9 +184,9 @@ def _put(out: dict[str, torch.Tensor], bfl: str, down: torch.Tensor, up: torch.T
     out[f"{key}.alpha"] = torch.tensor(alpha, dtype=torch.float32)
 
 
-def _target(module: str) -> _Target | None:
-    for block_list, table, bfl_list in (("transformer_blocks", _DOUBLE, "double_blocks"),
-                                        ("single_transformer_blocks", _SINGLE, "single_blocks")):
+def _target(module: str, double: Mapping = _DOUBLE, single: Mapping = _SINGLE, top: Mapping = _TOP) -> _Target | None:
+    for block_list, table, bfl_list in (("transformer_blocks", double, "double_blocks"),
+                                        ("single_transformer_blocks", single, "single_blocks")):
         head = block_list + "."
         if module.startswith(head):
             index, _, rest = module[len(head):].partition(".")
@@ -176,6 +194,6 @@ def _target(module: str) -> _Target | None:
                 return None
             name, part = table[rest]
             return _Target(f"{bfl_list}.{index}.{name}", part)
-    if module in _TOP:
-        return _Target(_TOP[module], None)
+    if module in top:
+        return _Target(top[module], None)
     return None

@@ -346,6 +346,7 @@ def _micro_batch_loss(run: _Run, indices: list[int]) -> torch.Tensor | None:
         shift=cfg.timestep_shift,
         image_seq_len=(height // 2) * (width // 2),
         scheduler_config=run.pipe.scheduler.config,
+        mu_of=run.family.shift_mu,
     )
     mine = run.dp.shard(batch)
     samples, texts = samples[mine], texts[mine]

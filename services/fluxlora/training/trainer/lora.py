@@ -8,18 +8,20 @@ from peft import LoraConfig
 from peft.utils.error import NoMatchingPeftModuleError
 
 from fluxlora.models.base_layers import freeze_base
+from fluxlora.models.families import family_of_transformer
 from fluxlora.training.trainer.checkpoint import ADAPTER_NAME
 from fluxlora.training.trainer.config import TrainConfig
-from fluxlora.training.trainer.targets import peft_target_modules
+from fluxlora.training.trainer.targets import for_family, peft_target_modules
 
 
 def add_lora(transformer, cfg: TrainConfig) -> list[torch.nn.Parameter]:
     """Add the run's LoRA adapter to the layers cfg.target_modules names (names as peft matches
     them, or whole-name regular expressions: targets.py); returns the trainable parameters (fp32)."""
+    entries = for_family(cfg.target_modules, family_of_transformer(transformer).target_presets)
     lora = LoraConfig(
         r=cfg.rank,
         lora_alpha=cfg.alpha,
-        target_modules=peft_target_modules(cfg.target_modules),
+        target_modules=peft_target_modules(entries),
         init_lora_weights="gaussian",
     )
     # peft draws the initial LoRA weights from the global RNG: seed it, privately.

@@ -20,6 +20,8 @@ Presets (FLUX.1's FluxTransformer2DModel module names; N = any block index):
   layers norm1.linear / norm1_context.linear / norm.linear, which kohya sd-scripts also leaves
   out of FLUX.1 LoRAs by default, and every layer outside the blocks (embedders, the final
   norm_out.linear and proj_out). Each can still be named explicitly.
+Families with other module names (FLUX.2) bring their own list for each preset
+(Family.target_presets, see models/families/flux2.py), put in place by for_family.
 """
 
 from __future__ import annotations
@@ -41,6 +43,16 @@ TARGET_PRESETS = {"attention": ATTENTION_TARGETS, "all_linear": ALL_LINEAR_TARGE
 # model's final layer and it missed the text stream's MLP. Runs recorded with it still resume.
 LEGACY_ATTENTION_AND_MLP_TARGETS = [*ATTENTION_TARGETS, "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out",
                                     "ff.net.0.proj", "ff.net.2", "proj_mlp", "proj_out"]
+
+
+def for_family(entries: list[str], family_presets: dict[str, list[str]] | None) -> list[str]:
+    """The entries to train on a model family whose module names differ from FLUX.1's: a preset
+    (as written above) becomes that family's own list for it (Family.target_presets); anything
+    else is kept, so a run that names modules gets exactly those."""
+    for name, preset in TARGET_PRESETS.items():
+        if family_presets and name in family_presets and list(entries) == preset:
+            return list(family_presets[name])
+    return list(entries)
 
 
 def is_pattern(entry: str) -> bool:

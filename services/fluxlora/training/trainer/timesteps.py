@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 from diffusers.pipelines.flux.pipeline_flux import calculate_shift
@@ -17,13 +18,15 @@ def sample_sigmas(
     shift: float = 3.0,
     image_seq_len: int | None = None,
     scheduler_config: dict | None = None,
+    mu_of: Callable[[int, dict], float] | None = None,
 ) -> torch.Tensor:
     """(batch_size,) float32 sigmas in [0, 1] on the CPU, drawn from `generator`.
 
     "uniform": U(0, 1). "sigmoid": sigmoid(N(0, sigmoid_scale)). "shift": sigmoid, then the
     static shift s*t / (1 + (s-1)*t) that moves weight toward noisier steps. "flux_shift": sigmoid,
     then the exponential shift with mu from the image's token count, as FLUX's scheduler applies
-    at inference (needs image_seq_len and the scheduler's config).
+    at inference (needs image_seq_len and the scheduler's config); mu_of(image_seq_len,
+    scheduler_config) gives the model family's mu (FLUX.2's empirical one), FLUX.1's rule by default.
     """
     if kind == "uniform":
         return torch.rand(batch_size, generator=generator)
@@ -35,6 +38,9 @@ def sample_sigmas(
     if kind == "flux_shift":
         if image_seq_len is None or scheduler_config is None:
             raise ValueError("flux_shift sampling needs image_seq_len and scheduler_config")
+        if mu_of is not None:
+            mu = mu_of(image_seq_len, scheduler_config)
+            return math.exp(mu) / (math.exp(mu) + (1 / t - 1))
         mu = calculate_shift(
             image_seq_len,
             scheduler_config.get("base_image_seq_len", 256),

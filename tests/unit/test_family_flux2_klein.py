@@ -1,0 +1,294 @@
+"""FLUX.2 [klein] as a model family: its tiny model (Qwen3 text encoder, AutoencoderKLFlux2 with
+batch-norm latent statistics, Flux2Transformer2DModel) trains through the same trainer (loss falls
+when overfitting one image, a resume repeats the run exactly), its presets name exactly FLUX.2's
+modules, and its LoRA renders through Flux2KleinPipeline, pulling generations toward the training
+image; its kohya (ComfyUI) file renders as its diffusers file does."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from diffusers import Flux2KleinPipeline, Flux2Pipeline
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from fluxlora.evaluation.render import latent_distances_to_image
+from fluxlora.models.families import FLUX2_KLEIN, detect_family_in, family_for_model
+from fluxlora.models.families.flux2 import FLUX2_ALL_LINEAR_TARGETS
+from fluxlora.models.latents import image_to_pixels
+from fluxlora.models.loading import load_flux_pipeline
+from fluxlora.models.tiny_family import write_tiny_family
+from fluxlora.training.trainer import LORA_WEIGHTS_NAME, TrainConfig, train_lora
+from fluxlora.training.trainer.checkpoint import save_lora
+from fluxlora.training.trainer.config import ATTENTION_AND_MLP_TARGETS, DEFAULT_TARGETS
+from fluxlora.training.trainer.kohya import kohya_state_dict
+from fluxlora.training.trainer.lora import add_lora
+from fluxlora.training.trainer.timesteps import sample_sigmas
+
+CAPTION = "a photo of a red circle"
+
+
+@pytest.fixture(scope="module")
+def klein_dir(tmp_path_factory) -> Path:
+    return write_tiny_family("flux2-klein", tmp_path_factory.mktemp("tiny-klein"), seed=0)
+
+
+@pytest.fixture(scope="module")
+def circle(make_dataset, shape_image) -> Path:
+    return make_dataset({"circle": (shape_image((64, 64), "red"), CAPTION)})
+
+
+def quick(**overrides) -> TrainConfig:
+    settings = dict(resolution=64, max_steps=4, learning_rate=1e-3, rank=4, alpha=4, checkpoint_every=0,
+                    sample_every=0, gradient_checkpointing=False, seed=0, max_sequence_length=64)
+    return TrainConfig(**{**settings, **overrides})
+
+
+def train(cfg, model_dir, dataset_dir, out_dir, **kwargs):
+    return train_lora(cfg, model_dir, dataset_dir, out_dir, device="cpu", **kwargs)
+
+
+def lora_modules(klein_dir, targets) -> list[str]:
+    pipe = load_flux_pipeline(klein_dir, "cpu", torch.float32, text_encoders=False)
+    add_lora(pipe.transformer, TrainConfig(rank=2, target_modules=targets))
+    return sorted(name.removesuffix(".lora_A.default") for name, _ in pipe.transformer.named_modules()
+                  if name.endswith(".lora_A.default"))
+
+
+def test_the_tiny_model_is_a_flux2_klein_pipeline_detected_as_such(klein_dir):
+    assert json.loads((klein_dir / "model_index.json").read_text())["_class_name"] == "Flux2KleinPipeline"
+    assert detect_family_in(klein_dir) == "flux2-klein" and family_for_model(klein_dir) is FLUX2_KLEIN
+    pipe = Flux2KleinPipeline.from_pretrained(klein_dir, local_files_only=True)
+    # The pipeline's own text layers (9, 18, 27) of a 16-wide Qwen3, stacked: 48 features a token.
+    embeds, text_ids = pipe.encode_prompt(CAPTION, max_sequence_length=32)
+    assert embeds.shape == (1, 32, 48) and text_ids.shape == (1, 32, 4)
+    assert not torch.equal(pipe.vae.bn.running_mean, torch.zeros_like(pipe.vae.bn.running_mean))
+
+
+def test_latents_are_normalised_with_the_vae_batch_norm_and_packed_one_token_per_patch(klein_dir, shape_image):
+    pipe = load_flux_pipeline(klein_dir, "cpu", torch.float32, text_encoders=False)
+    pixels = image_to_pixels(pipe, shape_image((64, 64), "red"))
+    latents = FLUX2_KLEIN.encode_latents(pipe.vae, pixels)
+    assert latents.shape == (1, 4, 32, 32)
+    # The pipeline's own image encoding (patchify, then batch-norm statistics) gives the same tokens.
+    expected = Flux2Pipeline._pack_latents(pipe._encode_vae_image(pixels, generator=None))
+    torch.testing.assert_close(FLUX2_KLEIN.pack(latents), expected)
+    ids = FLUX2_KLEIN.image_ids(32, 32, "cpu", torch.float32)
+    torch.testing.assert_close(ids, Flux2Pipeline._prepare_latent_ids(torch.empty(1, 16, 16, 16))[0])
+    # What output_type="latent" returns: the raw VAE latents, normalisation undone.
+    raw = FLUX2_KLEIN.pipeline_output_latents(pipe.vae, pixels)
+    assert raw.shape == (1, 4, 32, 32) and not torch.allclose(raw, latents)
+
+
+def test_flux_shift_sampling_uses_flux2s_empirical_mu(klein_dir):
+    config = load_flux_pipeline(klein_dir, "cpu", torch.float32, text_encoders=False).scheduler.config
+    draw = dict(batch_size=4096, image_seq_len=4096, scheduler_config=config)
+    flux1 = sample_sigmas("flux_shift", generator=torch.Generator().manual_seed(0), **draw)
+    flux2 = sample_sigmas("flux_shift", generator=torch.Generator().manual_seed(0), mu_of=FLUX2_KLEIN.shift_mu, **draw)
+    # At 4096 tokens (1024 px) FLUX.2's mu (2.37 at 50 steps) is well above FLUX.1's 1.15.
+    assert flux2.mean() > flux1.mean() + 0.1
+
+
+def test_presets_name_exactly_flux2s_modules(klein_dir):
+    attention = lora_modules(klein_dir, DEFAULT_TARGETS)
+    assert attention == ["single_transformer_blocks.0.attn.to_out", "single_transformer_blocks.0.attn.to_qkv_mlp_proj",
+                         *(f"transformer_blocks.0.attn.{n}" for n in ("to_k", "to_out.0", "to_q", "to_v"))]
+    every = lora_modules(klein_dir, ATTENTION_AND_MLP_TARGETS)
+    double = [f"transformer_blocks.0.attn.{n}" for n in ("add_k_proj", "add_q_proj", "add_v_proj", "to_add_out",
+                                                          "to_k", "to_out.0", "to_q", "to_v")]
+    mlps = [f"transformer_blocks.0.{s}.{n}" for s in ("ff", "ff_context") for n in ("linear_in", "linear_out")]
+    assert every == sorted([*attention[:2], *double, *mlps])
+    # Named modules are taken as named: the final layer only when asked for.
+    assert lora_modules(klein_dir, ["proj_out"]) == ["proj_out"]
+
+
+@pytest.fixture(scope="module")
+def overfit(klein_dir, circle, tmp_path_factory):
+    # Every linear layer of the blocks and the final layer, as the Chroma test trains: a tiny model
+    # overfits in 150 steps.
+    cfg = TrainConfig(resolution=64, max_steps=150, learning_rate=2e-3, rank=16, alpha=16,
+                      target_modules=[*FLUX2_ALL_LINEAR_TARGETS, "proj_out"], checkpoint_every=75, sample_every=150,
+                      sample_prompts=[CAPTION], sample_steps=2, seed=0, max_sequence_length=64)
+    out_dir = tmp_path_factory.mktemp("klein-run")
+    return train(cfg, klein_dir, circle, out_dir), out_dir
+
+
+@pytest.mark.slow  # the 150-step run: about 90 s of CPU
+def test_loss_falls_when_overfitting_one_image(overfit):
+    outcome, out_dir = overfit
+    first, last = sum(outcome.losses[:20]) / 20, sum(outcome.losses[-20:]) / 20
+    assert last < 0.5 * first, (first, last)
+    assert [step for step, _ in outcome.checkpoints] == [75, 150]
+    assert (out_dir / "samples" / "step-000150-0.png").is_file()
+    keys = load_file(outcome.final_checkpoint)
+    assert keys and all(k.startswith("transformer.") for k in keys)
+
+
+@pytest.mark.slow  # the 150-step run: about 90 s of CPU
+def test_the_lora_pulls_klein_generations_toward_the_training_image(overfit, klein_dir, circle):
+    outcome, _ = overfit
+    at_zero, at_one = latent_distances_to_image(klein_dir, outcome.final_checkpoint, circle / "circle.png",
+                                                CAPTION, strengths=(0.0, 1.0), seed=0, steps=20, guidance=1.0,
+                                                precision="fp32", device="cpu")
+    assert at_one < 0.5 * at_zero, (at_zero, at_one)
+
+
+def test_resuming_repeats_the_uninterrupted_run(klein_dir, make_dataset, shape_image, tmp_path):
+    dataset = make_dataset({"red": (shape_image((64, 64), "red"), "a red circle"),
+                            "blue": (shape_image((64, 64), "blue", "rectangle"), "a blue square")})
+    cfg = quick(max_steps=6, checkpoint_every=3, lr_scheduler="cosine", caption_dropout=0.3,
+                timestep_sampling="flux_shift")
+    whole = train(cfg, klein_dir, dataset, tmp_path / "whole")
+    resumed = train(cfg, klein_dir, dataset, tmp_path / "resumed",
+                    resume_from=tmp_path / "whole/checkpoints/step-000003")
+    assert resumed.losses == whole.losses
+    a, b = load_file(whole.final_checkpoint), load_file(resumed.final_checkpoint)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_the_comfyui_file_renders_as_the_diffusers_file_through_klein_pipeline(klein_dir, tmp_path):
+    pipe = load_flux_pipeline(klein_dir, "cpu", torch.float32)
+    add_lora(pipe.transformer, TrainConfig(rank=4, alpha=8.0, target_modules=ATTENTION_AND_MLP_TARGETS))
+    generator = torch.Generator().manual_seed(0)
+    for name, param in pipe.transformer.named_parameters():
+        if "lora_B" in name:  # a fresh LoRA's B is zero: make it matter
+            param.data = torch.randn(param.shape, generator=generator) * 0.2
+    save_lora(pipe.transformer, tmp_path, kohya_name="klein-step-000001.safetensors")
+    kohya = load_file(tmp_path / "klein-step-000001.safetensors")
+    with safe_open(tmp_path / "klein-step-000001.safetensors", "pt") as handle:
+        metadata = handle.metadata()
+    assert metadata["ss_base_model_version"] == "flux2" and metadata["ss_network_module"] == "networks.lora_flux_2"
+    assert {k.rsplit(".", 2)[0] if k.endswith(".weight") else k.rsplit(".", 1)[0] for k in kohya} == {
+        f"lora_unet_{n}" for n in ("double_blocks_0_img_attn_qkv", "double_blocks_0_txt_attn_qkv",
+                                   "double_blocks_0_img_attn_proj", "double_blocks_0_txt_attn_proj",
+                                   "double_blocks_0_img_mlp_0", "double_blocks_0_img_mlp_2",
+                                   "double_blocks_0_txt_mlp_0", "double_blocks_0_txt_mlp_2",
+                                   "single_blocks_0_linear1", "single_blocks_0_linear2")}
+
+    def render(lora: Path | None) -> torch.Tensor:
+        fresh = load_flux_pipeline(klein_dir, "cpu", torch.float32)
+        if lora is not None:
+            fresh.load_lora_weights(lora, adapter_name="trained")
+        text = torch.Generator().manual_seed(1)
+        return fresh(prompt_embeds=torch.randn(1, 8, 48, generator=text), guidance_scale=1.0, height=64, width=64,
+                     num_inference_steps=2, output_type="latent", generator=torch.Generator().manual_seed(0)).images
+
+    base, from_peft = render(None), render(tmp_path / LORA_WEIGHTS_NAME)
+    from_kohya = render(tmp_path / "klein-step-000001.safetensors")
+    assert (from_peft - base).abs().max() > 0.1
+    torch.testing.assert_close(from_kohya, from_peft, atol=1e-5, rtol=1e-5)
+
+
+def test_a_module_without_a_kohya_name_is_named_in_the_error(klein_dir):
+    config = load_flux_pipeline(klein_dir, "cpu", torch.float32, text_encoders=False).transformer.config
+    lora = {"transformer.single_stream_modulation.linear.lora_A.weight": torch.zeros(2, 32),
+            "transformer.single_stream_modulation.linear.lora_B.weight": torch.zeros(96, 2)}
+    with pytest.raises(ValueError, match="single_stream_modulation.linear"):
+        kohya_state_dict(lora, 2.0, config)
+
+
+def small_klein(seed: int = 0) -> torch.nn.Module:
+    """The tiny [klein] transformer with 3 double and 4 single blocks, enough to swap some of each."""
+    from diffusers import Flux2Transformer2DModel
+
+    from fluxlora.models.tiny_flux2 import TINY_FLUX2_TRANSFORMER
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return Flux2Transformer2DModel(**{**TINY_FLUX2_TRANSFORMER, "num_layers": 3, "num_single_layers": 4},
+                                       joint_attention_dim=48, guidance_embeds=False).requires_grad_(False)
+
+
+def test_an_8bit_base_swapped_blocks_and_compiled_blocks_compute_klein_s_step():
+    """The trainer's memory features work on FLUX.2's blocks: fp8 base layers train, blocks swapped
+    to CPU memory give the very same step, compiled blocks the same step within float error."""
+    from fluxlora.models.base_layers import FrozenLinear
+    from fluxlora.training.trainer.lora import prepare_transformer
+    from fluxlora.training.trainer.step import compile_blocks, flow_matching_loss
+
+    generator = torch.Generator().manual_seed(0)
+    latents, noise = torch.randn(2, 1, 4, 16, 16, generator=generator)
+    inputs = (latents, noise, torch.tensor([0.3]), torch.randn(1, 8, 48, generator=generator), torch.zeros(1, 0),
+              torch.zeros(8, 4))
+    cfg = TrainConfig(resolution=64, rank=4, alpha=4, precision="fp32", base_quantization="fp8",
+                      target_modules=ATTENTION_AND_MLP_TARGETS)
+
+    def step(swap: int, compiled: str):
+        transformer = small_klein()
+        params = prepare_transformer(transformer, cfg.model_copy(update={"blocks_to_swap": swap}))
+        compile_blocks(transformer, compiled, torch.device("cpu"))
+        loss = flow_matching_loss(transformer, *inputs, 1.0, torch.float32, family=FLUX2_KLEIN)
+        loss.backward()
+        return loss.detach(), [p.grad for p in params], transformer
+
+    (loss, grads, _), (swapped, swapped_grads, swapped_model) = step(0, "off"), step(2, "off")
+    held = [m for m in swapped_model.modules() if isinstance(m, FrozenLinear) and m.swapped]
+    assert held and all(m.weight is None and m.host_weight.dtype == torch.float8_e4m3fn for m in held)
+    assert torch.isfinite(loss) and torch.equal(loss, swapped)
+    assert all(torch.equal(a, b) for a, b in zip(grads, swapped_grads, strict=True))
+    compiled, compiled_grads, _ = step(0, "on")
+    assert torch.allclose(loss, compiled, rtol=1e-4)
+    assert all(torch.allclose(a, b, rtol=1e-3, atol=1e-6) for a, b in zip(grads, compiled_grads, strict=True))
+
+
+@pytest.mark.slow  # a 0.5B-parameter shallow transformer
+@pytest.mark.parametrize("preset", ["attention", "all_linear"])
+def test_both_files_give_the_same_latents_at_klein_s_real_widths(preset, klein_dir, tmp_path):
+    """One double and one single block with FLUX.2 [klein] 4B's widths (24 x 128 heads, MLP ratio
+    3), on which diffusers' kohya converter splits the fused q/k/v as on the real model: the kohya
+    file and the diffusers file, each loaded by Flux2KleinPipeline.load_lora_weights, render alike."""
+    from diffusers import Flux2Transformer2DModel
+
+    from fluxlora.models.tiny_flux2 import TINY_FLUX2_TRANSFORMER
+    from fluxlora.training.trainer.checkpoint import ADAPTER_NAME
+    from fluxlora.training.trainer.targets import TARGET_PRESETS
+
+    pipe = load_flux_pipeline(klein_dir, "cpu", torch.float32)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        pipe.transformer = Flux2Transformer2DModel(
+            **{**TINY_FLUX2_TRANSFORMER, "num_attention_heads": 24, "attention_head_dim": 128,
+               "axes_dims_rope": (32, 32, 32, 32), "timestep_guidance_channels": 256},
+            joint_attention_dim=48, guidance_embeds=False).requires_grad_(False).eval()
+    add_lora(pipe.transformer, TrainConfig(rank=4, alpha=8.0, target_modules=TARGET_PRESETS[preset]))
+    generator = torch.Generator().manual_seed(0)
+    for name, param in pipe.transformer.named_parameters():
+        if "lora_B" in name:
+            param.data = torch.randn(param.shape, generator=generator) * 0.02
+    save_lora(pipe.transformer, tmp_path, kohya_name="klein.safetensors")
+    pipe.transformer.delete_adapters(ADAPTER_NAME)
+
+    def render(lora: Path | None) -> torch.Tensor:
+        if lora is not None:
+            pipe.load_lora_weights(lora, adapter_name="trained")
+        text = torch.Generator().manual_seed(1)
+        latents = pipe(prompt_embeds=torch.randn(1, 8, 48, generator=text), guidance_scale=1.0, height=32, width=32,
+                       num_inference_steps=2, output_type="latent",
+                       generator=torch.Generator().manual_seed(0)).images
+        if lora is not None:
+            pipe.unload_lora_weights()
+        return latents
+
+    base, from_peft = render(None), render(tmp_path / LORA_WEIGHTS_NAME)
+    from_kohya = render(tmp_path / "klein.safetensors")
+    assert (from_peft - base).abs().max() > 0.01
+    torch.testing.assert_close(from_kohya, from_peft, atol=1e-4, rtol=1e-4)
+
+
+def test_a_run_from_the_encoding_cache_trains_as_the_run_that_wrote_it(klein_dir, circle, tmp_path):
+    from fluxlora.training.trainer import TrainCallbacks
+    from fluxlora.training.trainer.encoding_cache import load_encodings
+
+    cache = tmp_path / "encodings.safetensors"
+    first = train(quick(), klein_dir, circle, tmp_path / "a", encoding_cache=cache)
+    stored = load_encodings(cache, circle)
+    text = stored.samples[0].text
+    assert text.mask is None and text.pooled.numel() == 0 and text.prompt_embeds.shape == (64, 48)
+    assert stored.text_ids.shape == (64, 4)
+    encoded_again = []
+    second = train_lora(quick(), klein_dir, circle, tmp_path / "b", TrainCallbacks(on_encoded=encoded_again.append),
+                        device="cpu", encoding_cache=cache)
+    assert encoded_again == [] and second.losses == first.losses
