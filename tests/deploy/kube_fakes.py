@@ -312,7 +312,7 @@ class FakeKubelet:
     def _run_pod(self, namespace: str, job: dict) -> None:
         name = job["metadata"]["name"]
         command = job["spec"]["template"]["spec"]["containers"][0]["command"]
-        if command[0] == "torchrun":  # several GPUs: the fake runs one worker for all the ranks
+        if "--no-python" in command:  # several GPUs, under torchrun: the fake runs one worker for all the ranks
             command = command[command.index("--no-python") + 1:]
         assert command[:2] == ["fluxlora", "worker"], command
         code = self.run(command[2], command[3], self.running[name])

@@ -265,12 +265,12 @@ def test_how_a_worker_ended_becomes_a_status(returncode, code, words):
 
 @pytest.fixture
 def start_training(store, tmp_path, monkeypatch):
-    """start_training() -> a started training runtime whose jobs run the `ranks` handler, under
+    """start_training(handler="ranks") -> a started training runtime whose jobs run `handler`, under
     torchrun for TrainSpec.gpus > 1."""
     runtimes = []
 
-    def start() -> JobRuntime:
-        monkeypatch.setenv("FLUXLORA_TEST_HANDLER", "ranks")
+    def start(handler: str = "ranks") -> JobRuntime:
+        monkeypatch.setenv("FLUXLORA_TEST_HANDLER", handler)
         settings = Settings(store=str(tmp_path / "unused"), cache_dir=tmp_path / "cache", runner="process")
         runner = ProcessRunner(settings, "training", command=[sys.executable, str(SCRIPT)], stop_grace_s=10,
                                poll_s=0.05)
@@ -300,6 +300,42 @@ def test_a_failed_rank_fails_the_job_naming_torchrun_and_where_to_look(start_tra
     assert job.state == S.JOB_STATE_FAILED and job.error.code == "INTERNAL", job.error
     assert all(w in job.error.message for w in ("a rank of job", "torchrun", "2 worker processes",
                                                  "resume_from_run")), job.error.message
+
+
+def kill_rank_1(runtime: JobRuntime, store: LocalStore, job_id: str, after_step: int, killed: set[int]) -> None:
+    """SIGKILL to rank 1 of the job's current attempt once it is past `after_step` (what the kernel's
+    out-of-memory killer does to the process of one GPU)."""
+    key = f"runs/{job_id}/rank1.pid"
+    for event in runtime.watch(job_id):
+        pid = int(store.get_bytes(key)) if store.exists(key) else 0
+        if pid and pid not in killed and event.job.progress.done > after_step:
+            killed.add(pid)
+            os.kill(pid, signal.SIGKILL)
+            return
+    raise AssertionError(f"job {job_id} ended before rank 1 could be killed")
+
+
+def test_a_rank_killed_by_the_oom_killer_runs_the_job_again_from_its_last_checkpoint(start_training, store):
+    """FLUXLORA_MAX_JOB_ATTEMPTS (default 2) starts: the second resumes and finishes."""
+    runtime = start_training("resumable_ranks")
+    job_id = runtime.submit(training_pb2.TrainSpec(dataset_id="ds-1", gpus=2, max_steps=60)).job_id
+    kill_rank_1(runtime, store, job_id, 3, set())
+    job, events = finish(runtime, job_id)
+    assert job.state == S.JOB_STATE_SUCCEEDED, job.error
+    assert job.attempts == 2 and job.metrics["resumed_from_step"] >= 3
+    retried = next(e.message for e in events if "running it again" in e.message)
+    assert all(w in retried for w in ("a rank of job", "SIGKILL", "out-of-memory killer", "attempt 2 of 2")), retried
+
+
+def test_a_rank_killed_in_every_attempt_fails_the_job_as_out_of_memory(start_training, store):
+    runtime = start_training("resumable_ranks")
+    job_id = runtime.submit(training_pb2.TrainSpec(dataset_id="ds-1", gpus=2, max_steps=200)).job_id
+    killed: set[int] = set()
+    kill_rank_1(runtime, store, job_id, 1, killed)
+    kill_rank_1(runtime, store, job_id, 1, killed)
+    job, _ = finish(runtime, job_id)
+    assert job.state == S.JOB_STATE_FAILED and job.error.code == "RESOURCE_EXHAUSTED", job.error
+    assert all(w in job.error.message for w in ("SIGKILL", "FLUXLORA_MAX_JOB_ATTEMPTS=2", "kept")), job.error.message
 
 
 class ReportLostForAWhile(LocalStore):

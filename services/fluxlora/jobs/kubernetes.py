@@ -19,8 +19,9 @@ watchers; each job's work runs in a pod of a batch/v1 Job running `fluxlora work
   the worker exits 75, and on re-admission a new pod resumes from the last stored checkpoint, in the
   same Job (never a second one). Needs get localqueues and list workloads (kueue.x-k8s.io) as well.
 - Several GPUs (TrainSpec.gpus > 1): one pod asks for that many GPUs (the GPU resource of
-  FLUXLORA_K8S_RESOURCES, scaled) and runs the worker under torchrun, one rank per GPU, with a
-  memory-backed /dev/shm for NCCL. Across nodes (TrainSpec.nodes > 1) is refused at submit for now.
+  FLUXLORA_K8S_RESOURCES, scaled) and runs the worker under torchrun (fluxlora.server.launcher: the
+  pod exits with the failed rank's own code), one rank per GPU, with a memory-backed /dev/shm for
+  NCCL. Across nodes (TrainSpec.nodes > 1) is refused at submit for now.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ from google.protobuf.message import Message
 from fluxlora.common.config import Settings
 from fluxlora.jobs.context import JobInterrupted
 from fluxlora.jobs.kueue_flavors import KUEUE, ClusterQueueGpus, read_cluster_queue_gpus
-from fluxlora.jobs.launch import gpus_of, torchrun_options
+from fluxlora.jobs.launch import LAUNCHER_MODULE, gpus_of, torchrun_options
 from fluxlora.jobs.reports import FINISHED, RemoteJobFailed, ReportMirror, finished_outcome
 from fluxlora.jobs.worker import EXIT_PERMANENT, load_report
 from fluxlora_api.shared.errors import FailedPrecondition, FluxloraError, Unavailable
@@ -164,8 +165,9 @@ def _worker_command(service: str, job_id: str, gpus: int) -> list[str]:
     worker = ["fluxlora", "worker", service, job_id]
     if gpus == 1:
         return worker
+    # torchrun through our launcher, which exits with the failed rank's code (podFailurePolicy reads it);
     # --no-python: the `fluxlora` entry point is run as it is, once per rank.
-    return ["torchrun", *torchrun_options(gpus, STOP_GRACE_S), "--no-python", *worker]
+    return ["python", "-m", LAUNCHER_MODULE, *torchrun_options(gpus, STOP_GRACE_S), "--no-python", *worker]
 
 
 def _resources(configured: dict, gpus: int) -> dict:

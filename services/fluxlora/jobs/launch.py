@@ -1,15 +1,17 @@
 """Jobs whose work runs as several processes: a training spec's `gpus` (one process per GPU, training
 one LoRA data-parallel: fluxlora.training.trainer.distributed). Torch's own launcher starts them
-(`torchrun`, i.e. `python -m torch.distributed.run`): it sets RANK / WORLD_SIZE / LOCAL_RANK /
-MASTER_ADDR / MASTER_PORT, hosts the rendezvous, forwards SIGTERM to every rank and, when one rank
-fails, stops the others and exits non-zero. Both the process runner and a Kubernetes Job's pod run
-it; this module only builds its command line (the job runtime's floor imports no torch)."""
+(`torchrun`, i.e. torch.distributed.run): it sets RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR /
+MASTER_PORT, hosts the rendezvous, forwards SIGTERM to every rank and, when one rank fails, stops the
+others. Both the process runner and a Kubernetes Job's pod run it through fluxlora.server.launcher,
+which exits with the failed rank's own code (3 for a config error, 137 for a rank the out-of-memory
+killer took) where torchrun would exit 1. This module only builds the command line (the job
+runtime's floor imports no torch)."""
 
 from __future__ import annotations
 
 from typing import Any
 
-TORCHRUN_MODULE = "torch.distributed.run"
+LAUNCHER_MODULE = "fluxlora.server.launcher"  # torchrun, exiting with its failed rank's code
 
 
 def gpus_of(spec: Any) -> int:

@@ -1,0 +1,65 @@
+"""The launcher of several ranks (fluxlora.server.launcher: torchrun) exits as a single worker would:
+with a rank's config-error code 3 (a Kubernetes Job's podFailurePolicy fails the Job on it), with 137
+for a rank killed by SIGKILL (a retry may help), and 0 when every rank succeeded; torchrun alone exits 1
+for each of these."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from google.protobuf import any_pb2, json_format
+
+from fluxlora.common.storage import LocalStore
+from fluxlora.jobs.launch import LAUNCHER_MODULE, torchrun_options
+from fluxlora.jobs.records import JobRecords
+from fluxlora.jobs.worker import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_PERMANENT
+from fluxlora.server.launcher import rank_exit_code
+from fluxlora_api.v1 import jobs_pb2, training_pb2
+
+SCRIPT = Path(__file__).with_name("process_worker_script.py")
+JOB = "trn-0123456789ab"
+
+
+@pytest.mark.parametrize(("failed", "code"), [
+    ({1: EXIT_PERMANENT}, EXIT_PERMANENT),
+    ({0: EXIT_FAILED, 1: EXIT_PERMANENT}, EXIT_PERMANENT),  # the config error, not the rank that lost its peer
+    ({1: -signal.SIGKILL}, 137),
+    ({0: -signal.SIGTERM, 1: -signal.SIGKILL}, 137),  # the killed rank, not the one torchrun stopped after it
+    ({0: -signal.SIGSEGV}, 128 + signal.SIGSEGV),
+    ({0: -signal.SIGTERM, 1: EXIT_INTERRUPTED}, EXIT_INTERRUPTED),
+    ({1: 7}, 7),
+    ({1: 7, 0: EXIT_INTERRUPTED}, 7),  # rank 0 was stopped by torchrun because rank 1 failed
+    ({1: -signal.SIGHUP}, EXIT_FAILED),
+])
+def test_the_failed_ranks_become_the_exit_code_one_worker_would_have(failed, code):
+    assert rank_exit_code(failed) == code
+
+
+def stored_job(tmp_path: Path) -> LocalStore:
+    store = LocalStore(tmp_path / "store")
+    spec = any_pb2.Any()
+    spec.Pack(training_pb2.TrainSpec(dataset_id="ds-1", gpus=2))
+    job = jobs_pb2.Job(job_id=JOB, service="training", state=jobs_pb2.JobState.JOB_STATE_RUNNING, spec=spec)
+    store.put_bytes(JobRecords(store, "training").key(JOB), json_format.MessageToJson(job).encode(), "application/json")
+    return store
+
+
+@pytest.mark.parametrize(("handler", "code"), [
+    ("gloo_ranks", 0),
+    ("gloo_bad_rank", EXIT_PERMANENT),
+    ("killed", 128 + signal.SIGKILL),
+])
+def test_a_two_process_run_ends_with_its_failed_ranks_code(tmp_path, handler, code):
+    store = stored_job(tmp_path)
+    env = os.environ | {"FLUXLORA_STORE": str(store.root), "FLUXLORA_CACHE_DIR": str(tmp_path / "cache"),
+                        "FLUXLORA_TEST_HANDLER": "gloo_ranks" if handler.startswith("gloo") else handler}
+    if handler == "gloo_bad_rank":
+        env["FLUXLORA_TEST_BAD_RANK"] = "1"
+    command = [sys.executable, "-m", LAUNCHER_MODULE, *torchrun_options(2, 10), str(SCRIPT), "training", JOB]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
+    assert done.returncode == code, done.stderr[-3000:]
