@@ -11,7 +11,8 @@ from kubernetes.client import ApiClient, Configuration
 
 from fluxlora.common.config import Settings
 from fluxlora.common.storage import LocalStore
-from fluxlora.jobs.kubernetes import KubernetesRunner, job_manifest
+from fluxlora.jobs.k8s_manifests import job_manifest
+from fluxlora.jobs.kubernetes import KubernetesRunner
 from fluxlora.jobs.runtime import JobRuntime
 from fluxlora.jobs.worker import EXIT_PERMANENT, run_worker
 from fluxlora_api.v1 import jobs_pb2
