@@ -134,3 +134,32 @@ def test_cancelling_a_two_node_run_deletes_its_job_and_with_it_the_rendezvous_se
     runtime.cancel(job.job_id)
     assert list(runtime.watch(job.job_id))[-1].job.state == S.JOB_STATE_CANCELLED
     assert (NS, job.job_id) not in api.jobs and (NS, job.job_id) not in api.services
+
+
+def test_a_config_error_of_a_rank_other_than_0_fails_the_run_as_the_requests_fault(tmp_path):
+    """The pod exits 3 (the launcher: a rank's config error), the Job fails by podFailurePolicy, and rank
+    0 stored only its echo of it (its peer gone): the run fails FAILED_PRECONDITION pointing at the logs."""
+    config = settings(tmp_path)
+    store = LocalStore(tmp_path / "store")
+    api = FakeKubeAPI().start()
+
+    def rank_0(ctx, spec):
+        raise RuntimeError("Connection closed by peer [10.0.0.7]:29500")
+
+    def pod(service, job_id, stop):
+        run_worker(service, job_id, config, store, stop, handler=rank_0)  # rank 0's report: INTERNAL
+        return EXIT_PERMANENT  # another rank's code, through the launcher
+
+    FakeKubelet(api, pod)
+    runner = KubernetesRunner(config, "training", ApiClient(Configuration(host=api.url)), NS)
+    runtime = JobRuntime("training", "trn", store, rank_0, settings=config, workers=1, runner=runner)
+    runtime.start()
+    try:
+        job = runtime.submit(pb.TrainSpec(dataset_id="ds-1", gpus=2, nodes=2))
+        done = list(runtime.watch(job.job_id))[-1].job
+    finally:
+        runtime.shutdown()
+        api.stop()
+    assert done.state == S.JOB_STATE_FAILED and done.error.code == "FAILED_PRECONDITION", done.error
+    assert all(w in done.error.message for w in ("exit 3", f"kubectl logs job/{job.job_id}", "Connection closed")), \
+        done.error.message

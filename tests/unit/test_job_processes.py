@@ -302,6 +302,17 @@ def test_a_failed_rank_fails_the_job_naming_torchrun_and_where_to_look(start_tra
                                                  "resume_from_run")), job.error.message
 
 
+def test_a_config_error_in_one_rank_fails_the_job_at_once_saying_so(start_training, monkeypatch):
+    monkeypatch.setenv("FLUXLORA_TEST_BAD_RANK", "1")
+    runtime = start_training("gloo_ranks")
+    job, _ = finish(runtime, runtime.submit(training_pb2.TrainSpec(dataset_id="ds-1", gpus=2)).job_id)
+    assert job.state == S.JOB_STATE_FAILED and job.attempts == 1, job
+    # Not rank 0's echo of it (gloo: "Connection closed by peer"), which rank 0 stored as its error.
+    assert job.error.code == "FAILED_PRECONDITION", job.error
+    assert all(w in job.error.message for w in ("exit 3", "config error", "server log", "rank 0 failed after it")), \
+        job.error.message
+
+
 def kill_rank_1(runtime: JobRuntime, store: LocalStore, job_id: str, after_step: int, killed: set[int]) -> None:
     """SIGKILL to rank 1 of the job's current attempt once it is past `after_step` (what the kernel's
     out-of-memory killer does to the process of one GPU)."""

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -15,7 +16,7 @@ import pytest
 from google.protobuf import any_pb2, json_format
 
 from fluxlora.common.storage import LocalStore
-from fluxlora.jobs.launch import LAUNCHER_MODULE, torchrun_options
+from fluxlora.jobs.launch import LAUNCHER_MODULE, multi_node_options, torchrun_options
 from fluxlora.jobs.records import JobRecords
 from fluxlora.jobs.worker import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_PERMANENT
 from fluxlora.server.launcher import rank_exit_code
@@ -63,3 +64,30 @@ def test_a_two_process_run_ends_with_its_failed_ranks_code(tmp_path, handler, co
     command = [sys.executable, "-m", LAUNCHER_MODULE, *torchrun_options(2, 10), str(SCRIPT), "training", JOB]
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
     assert done.returncode == code, done.stderr[-3000:]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize(("bad_rank", "codes"), [("", [0, 0]), ("1", [None, EXIT_PERMANENT])])
+def test_two_launchers_as_two_nodes_rendezvous_on_node_0s_address(tmp_path, bad_rank, codes):
+    """What the pods of a multi-node Kubernetes Job run (k8s_manifests: --node-rank from the completion
+    index, node 0's address), here as two processes of one rank each: one gloo world of two ranks."""
+    store = stored_job(tmp_path)
+    env = os.environ | {"FLUXLORA_STORE": str(store.root), "FLUXLORA_CACHE_DIR": str(tmp_path / "cache"),
+                        "FLUXLORA_TEST_HANDLER": "gloo_ranks", "FLUXLORA_TEST_BAD_RANK": bad_rank}
+    port = free_port()
+    log = (tmp_path / "nodes.log").open("w")  # a file, not pipes: neither node blocks on a full one
+    nodes = [subprocess.Popen(
+        [sys.executable, "-m", LAUNCHER_MODULE, *multi_node_options(1, 2, str(rank), "127.0.0.1", port, 10),
+         str(SCRIPT), "training", JOB], env=env, stdout=log, stderr=subprocess.STDOUT)
+        for rank in (0, 1)]
+    ended = [node.wait(timeout=240) for node in nodes]
+    log.close()
+    logs = (tmp_path / "nodes.log").read_text()
+    for got, want in zip(ended, codes, strict=True):
+        assert want is None or got == want, (ended, logs[-3000:])
+    assert ended[0] != 0 or not bad_rank  # node 0 lost its peer: not a success

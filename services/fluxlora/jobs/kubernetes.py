@@ -42,7 +42,14 @@ from fluxlora.jobs.context import JobInterrupted
 from fluxlora.jobs.k8s_api import REQUEST_TIMEOUT_S, JobLauncher, JobStatus, own_image
 from fluxlora.jobs.kueue_flavors import ClusterQueueGpus, read_cluster_queue_gpus
 from fluxlora.jobs.launch import gpus_of, nodes_of
-from fluxlora.jobs.reports import FINISHED, RemoteJobFailed, ReportMirror, finished_outcome
+from fluxlora.jobs.reports import (
+    FINISHED,
+    RemoteJobFailed,
+    ReportMirror,
+    after_a_rank_refused,
+    finished_outcome,
+    rank_refused,
+)
 from fluxlora.jobs.worker import load_report
 from fluxlora_api.shared.errors import FailedPrecondition, FluxloraError, Unavailable
 from fluxlora_api.v1 import jobs_pb2
@@ -221,6 +228,9 @@ class KubernetesRunner:
 
 
 def _outcome(report: jobs_pb2.Job | None, job_id: str, status: JobStatus) -> Message:
+    if status.phase == "failed" and status.reason == "PodFailurePolicy" and after_a_rank_refused(report):
+        # Exit 3 (podFailurePolicy's FailJob) from a pod whose rank 0 did not store that error: a follower's.
+        raise rank_refused(f"Kubernetes Job {job_id}", report, f"`kubectl logs job/{job_id}` (all pods, all ranks)")
     result = finished_outcome(report)
     if result is not None:
         return result

@@ -45,8 +45,16 @@ from pydantic import SecretStr
 from fluxlora.common.config import Settings
 from fluxlora.jobs.context import JobInterrupted
 from fluxlora.jobs.launch import LAUNCHER_MODULE, gpus_of, torchrun_options
-from fluxlora.jobs.reports import FINISHED, RemoteJobFailed, ReportMirror, WorkerDied, finished_outcome
-from fluxlora.jobs.worker import EXIT_INTERRUPTED, EXIT_SUCCEEDED, load_report
+from fluxlora.jobs.reports import (
+    FINISHED,
+    RemoteJobFailed,
+    ReportMirror,
+    WorkerDied,
+    after_a_rank_refused,
+    finished_outcome,
+    rank_refused,
+)
+from fluxlora.jobs.worker import EXIT_INTERRUPTED, EXIT_PERMANENT, EXIT_SUCCEEDED, load_report
 from fluxlora_api.shared.errors import Unavailable
 from fluxlora_api.v1 import jobs_pb2
 
@@ -206,6 +214,9 @@ class ProcessRunner:
 
     def _outcome(self, runtime: JobRuntime, job_id: str, pid: int, returncode: int,
                  report: jobs_pb2.Job | None, asked_to_stop: bool, processes: int = 1) -> Message:
+        if processes > 1 and returncode == EXIT_PERMANENT and after_a_rank_refused(report):
+            raise rank_refused(f"job {job_id} (torchrun pid {pid}, {processes} worker processes)", report,
+                               "the server log (logger names end in -worker)")
         if report is not None and report.state in FINISHED:
             # What the worker stored wins, whatever happened after: its result, or its own error.
             return finished_outcome(report) or _no_result(job_id, pid, returncode)
