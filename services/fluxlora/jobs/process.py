@@ -236,7 +236,8 @@ class ProcessRunner:
                 f"a rank of job {job_id} (one of {processes} worker processes under torchrun, pid {pid})"))
             raise WorkerDied(code, message)
         if processes > 1 and returncode > 0 and returncode != EXIT_INTERRUPTED:
-            raise RemoteJobFailed("INTERNAL", ranks_failed(pid, job_id, processes, returncode))
+            own = f"; rank 0's own error: {report.error.message}" if report is not None and report.error.code else ""
+            raise RemoteJobFailed("INTERNAL", ranks_failed(pid, job_id, processes, returncode) + own)
         code, message = exit_status(returncode, pid, job_id)
         if -returncode in _KILLING_SIGNALS:
             raise WorkerDied(code, message)  # the runtime runs it again, up to FLUXLORA_MAX_JOB_ATTEMPTS

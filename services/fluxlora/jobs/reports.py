@@ -92,9 +92,9 @@ def finished_outcome(report: jobs_pb2.Job | None) -> Message | None:
 
 def after_a_rank_refused(report: jobs_pb2.Job | None) -> bool:
     """Whether rank 0's stored outcome is only the echo of another rank's config error (the launcher
-    exited EXIT_PERMANENT): rank 0 failed with a transient-looking error (gloo's "Connection closed by
-    peer") or stored nothing, and the run must fail as the request's fault, not as that error."""
-    return report is None or (report.state == S.JOB_STATE_FAILED and report.error.code not in PERMANENT_CODES)
+    exited EXIT_PERMANENT): rank 0 stored no config error of its own (only, at most, its echo of it:
+    gloo's "Connection closed by peer"), and the run must fail as the request's fault."""
+    return report is None or report.state != S.JOB_STATE_FAILED or report.error.code not in PERMANENT_CODES
 
 
 def rank_refused(what: str, report: jobs_pb2.Job | None, where: str) -> RemoteJobFailed:

@@ -12,7 +12,9 @@ Exit codes tell Kubernetes whether a retry can help (the Job's podFailurePolicy 
 SIGTERM (and, with --watch-parent, stdin closing) stops the job at its next safe point.
 
 Under torchrun (a data-parallel training job: fluxlora.jobs.launch) every rank runs the handler;
-only rank 0 stores its report, so the report keeps one writer. The other ranks log instead.
+only rank 0 stores its report, so the report keeps one writer. The other ranks log instead. Rank 0
+stores a failure as the outcome only when it is the request's fault (PERMANENT_CODES); any other is
+left to the launcher's exit code, since it may only be the echo of another rank's death.
 """
 
 from __future__ import annotations
@@ -170,6 +172,13 @@ def _run_reported(report: WorkerReport, handler: Callable[[JobContext, Any], Mes
         code, message = status_of(exc)
         if code == "INTERNAL" or not report.stored:  # a follower's error is seen in its log alone
             log.exception("job %s failed (rank %d): %s", job_id, launched_rank(), message)
+        if code not in PERMANENT_CODES and launched_world_size() > 1:
+            # With several ranks such a failure is often only the echo of another rank's death (gloo:
+            # "Connection reset by peer" when the out-of-memory killer took it), so it is not stored as
+            # the outcome: the launcher's exit code decides (a killed rank: the run goes again). Rank 0's
+            # error stays in the report for the runner's message.
+            report.update(job_id, partial(_set_error, code=code, message=message))
+            return EXIT_FAILED
         report.finish(S.JOB_STATE_FAILED, error=(code, message))
         return EXIT_PERMANENT if code in PERMANENT_CODES else EXIT_FAILED
     finally:
@@ -178,9 +187,18 @@ def _run_reported(report: WorkerReport, handler: Callable[[JobContext, Any], Mes
     return EXIT_SUCCEEDED
 
 
+def _set_error(job: jobs_pb2.Job, code: str, message: str) -> None:
+    job.error.code, job.error.message = code, message
+
+
 def launched_rank() -> int:
     """This process's rank among the processes torchrun started for one job (0 when it started none)."""
     return int(os.environ.get("RANK", "0"))
+
+
+def launched_world_size() -> int:
+    """How many processes torchrun started for one job, over all nodes (1 when it started none)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
 
 
 def stop_on_sigterm() -> threading.Event:
