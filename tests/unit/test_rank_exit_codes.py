@@ -19,7 +19,7 @@ from fluxlora.common.storage import LocalStore
 from fluxlora.jobs.launch import LAUNCHER_MODULE, multi_node_options, torchrun_options
 from fluxlora.jobs.records import JobRecords
 from fluxlora.jobs.worker import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_PERMANENT
-from fluxlora.server.launcher import rank_exit_code
+from fluxlora.server.launcher import noted_exit_codes, rank_exit_code
 from fluxlora_api.v1 import jobs_pb2, training_pb2
 
 SCRIPT = Path(__file__).with_name("process_worker_script.py")
@@ -91,3 +91,12 @@ def test_two_launchers_as_two_nodes_rendezvous_on_node_0s_address(tmp_path, bad_
     for got, want in zip(ended, codes, strict=True):
         assert want is None or got == want, (ended, logs[-3000:])
     assert ended[0] != 0 or not bad_rank  # node 0 lost its peer: not a success
+
+
+def test_a_ranks_noted_code_counts_where_torchrun_saw_it_stopped(tmp_path):
+    """The bad rank's peer failed first and torchrun stopped the bad rank (SIGTERM) before it exited 3:
+    its note decides."""
+    (tmp_path / "1").write_text(str(EXIT_PERMANENT))
+    seen = {0: EXIT_FAILED, 1: -signal.SIGTERM}
+    assert rank_exit_code(seen | noted_exit_codes(tmp_path)) == EXIT_PERMANENT
+    assert rank_exit_code(seen) == EXIT_FAILED

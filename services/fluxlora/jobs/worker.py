@@ -50,6 +50,7 @@ EXIT_SUCCEEDED = 0
 EXIT_FAILED = 1  # may succeed on a retry (store unreachable, a crash): counts against backoffLimit
 EXIT_PERMANENT = 3  # the same request fails again however often it runs: podFailurePolicy FailJob
 EXIT_INTERRUPTED = 75  # SIGTERM (cancel, drain, preemption): a retry resumes from the last checkpoint
+RANK_RESULTS_ENV = "FLUXLORA_RANK_RESULTS"  # the launcher's folder of rank exit codes (note_rank_result)
 PERMANENT_CODES = frozenset({"INVALID_ARGUMENT", "NOT_FOUND", "FAILED_PRECONDITION", "RESOURCE_EXHAUSTED"})
 # How often progress and metrics reach the report (state changes, artifacts and warnings: at once);
 # the server mirrors the report about as often (fluxlora.jobs.process.REPORT_POLL_S).
@@ -170,6 +171,8 @@ def _run_reported(report: WorkerReport, handler: Callable[[JobContext, Any], Mes
         return EXIT_INTERRUPTED
     except BaseException as exc:  # noqa: BLE001 - every failure must end up in the report
         code, message = status_of(exc)
+        if code in PERMANENT_CODES:
+            note_rank_result(EXIT_PERMANENT)  # first: torchrun may stop this rank once a peer has failed
         if code == "INTERNAL" or not report.stored:  # a follower's error is seen in its log alone
             log.exception("job %s failed (rank %d): %s", job_id, launched_rank(), message)
         if code not in PERMANENT_CODES and launched_world_size() > 1:
@@ -185,6 +188,19 @@ def _run_reported(report: WorkerReport, handler: Callable[[JobContext, Any], Mes
         shutil.rmtree(scratch, ignore_errors=True)
     report.finish(S.JOB_STATE_SUCCEEDED, result=result)
     return EXIT_SUCCEEDED
+
+
+def note_rank_result(exit_code: int) -> None:
+    """Tells the launcher (fluxlora.server.launcher, through the folder it names in RANK_RESULTS_ENV)
+    how this rank is about to end. Its peers fail as soon as it leaves their collectives, and torchrun
+    may see one of them exit first and stop this rank with SIGTERM: the launcher reads this note
+    instead of the exit code torchrun saw. Nothing to do outside the launcher."""
+    folder = os.environ.get(RANK_RESULTS_ENV)
+    if folder:
+        try:
+            Path(folder, str(launched_rank())).write_text(str(exit_code))
+        except OSError as exc:
+            log.warning("could not note this rank's exit code %d for the launcher: %s", exit_code, exc)
 
 
 def _set_error(job: jobs_pb2.Job, code: str, message: str) -> None:

@@ -6,18 +6,24 @@ that code: a Kubernetes Job's podFailurePolicy fails the Job at once on the work
 (fluxlora.jobs.worker.EXIT_PERMANENT), and the process runner runs a job again when its worker was
 killed (the out-of-memory killer's SIGKILL). So this launcher runs torchrun's own `run` and turns
 the failed ranks it reports (ChildFailedError) into one exit code, as a single worker would have
-ended (rank_exit_code). A SIGTERM to the launcher (cancel, drain, preemption) reaches every rank
-through torchrun, as before, and ends it with EXIT_INTERRUPTED.
+ended (rank_exit_code). A rank that found the request wrong notes its code 3 in a folder the launcher
+names (fluxlora.jobs.worker.note_rank_result) as it fails: the others fail too once it has left their
+collectives, and torchrun may see one of them first and stop that rank before it exits 3. A SIGTERM to the
+launcher (cancel, drain, preemption) reaches every rank through torchrun, as before, and ends it
+with EXIT_INTERRUPTED.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import sys
+import tempfile
 from collections.abc import Mapping
+from pathlib import Path
 
-from fluxlora.jobs.worker import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_PERMANENT
+from fluxlora.jobs.worker import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_PERMANENT, RANK_RESULTS_ENV
 
 log = logging.getLogger("fluxlora.launcher")
 
@@ -47,6 +53,18 @@ def rank_exit_code(exit_codes: Mapping[int, int]) -> int:
     return EXIT_FAILED
 
 
+def noted_exit_codes(folder: Path) -> dict[int, int]:
+    """The exit codes ranks of this node noted before they ended (rank -> code): a rank that found the
+    request wrong may be stopped by torchrun before it exits 3, once a peer it left has failed first."""
+    noted = {}
+    for path in folder.iterdir():
+        try:
+            noted[int(path.name)] = int(path.read_text())
+        except ValueError:
+            continue
+    return noted
+
+
 def main(argv: list[str] | None = None) -> int:
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
@@ -54,16 +72,20 @@ def main(argv: list[str] | None = None) -> int:
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    try:
-        run(args)
-    except ChildFailedError as exc:
-        codes = {rank: failure.exitcode for rank, failure in exc.failures.items()}
-        code = rank_exit_code(codes)
-        log.error("ranks failed (rank: exit code, negative for a signal): %s; exiting %d", codes, code)
-        return code
-    except SignalException as exc:
-        log.warning("stopped by %s: every rank was asked to stop", exc.sigval.name)
-        return EXIT_INTERRUPTED
+    with tempfile.TemporaryDirectory(prefix="fluxlora-ranks-") as results:
+        os.environ[RANK_RESULTS_ENV] = results  # the ranks inherit it: fluxlora.jobs.worker.note_rank_result
+        try:
+            run(args)
+        except ChildFailedError as exc:
+            codes = {rank: failure.exitcode for rank, failure in exc.failures.items()}
+            noted = noted_exit_codes(Path(results))
+            code = rank_exit_code(codes | noted)
+            log.error("ranks failed (rank: exit code, negative for a signal): %s, noted by the ranks: %s; exiting %d",
+                      codes, noted, code)
+            return code
+        except SignalException as exc:
+            log.warning("stopped by %s: every rank was asked to stop", exc.sigval.name)
+            return EXIT_INTERRUPTED
     return 0
 
 
