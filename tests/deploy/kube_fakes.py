@@ -1,5 +1,5 @@
-"""A fake Kubernetes API server over HTTP (the batch/v1 Jobs and v1 Pods endpoints the launcher
-uses), and a fake kubelet that runs each created Job's worker in a thread, one per GPU.
+"""A fake Kubernetes API server over HTTP (the batch/v1 Jobs, v1 Pods and v1 Services endpoints the
+launcher uses), and a fake kubelet that runs each created Job's worker in a thread, one per GPU.
 
 With a LocalQueue added (`local_queues`), it models Kueue too: a Job created suspended with the
 queue-name label gets a Workload (QuotaReserved False, Pending) and waits until `admit` unsuspends it
@@ -27,6 +27,7 @@ WORKLOADS = re.compile(r"^/apis/kueue.x-k8s.io/v1beta1/namespaces/(?P<ns>[^/]+)/
 LOCAL_QUEUES = re.compile(r"^/apis/kueue.x-k8s.io/v1beta1/namespaces/(?P<ns>[^/]+)/localqueues/(?P<name>[^/]+)$")
 CLUSTER_OBJECTS = re.compile(
     r"^/apis/kueue.x-k8s.io/v1beta1/(?P<kind>clusterqueues|resourceflavors)/(?P<name>[^/]+)$")
+SERVICES = re.compile(r"^/api/v1/namespaces/(?P<ns>[^/]+)/services(?:/(?P<name>[^/]+))?$")
 PODS = re.compile(r"^/api/v1/namespaces/(?P<ns>[^/]+)/pods(?:/(?P<name>[^/]+))?$")
 
 
@@ -60,6 +61,7 @@ class FakeKubeAPI:
         self.on_unsuspend: Callable[[str, dict], None] = lambda namespace, job: None  # pods may start
         self.local_queues: dict[tuple[str, str], str] = {}  # (namespace, LocalQueue) -> ClusterQueue
         self.workloads: dict[tuple[str, str], dict] = {}  # (namespace, Job name) -> its Workload
+        self.services: dict[tuple[str, str], dict] = {}  # (namespace, name) -> a created v1 Service
         # Kueue's cluster-scoped objects as applied: ("clusterqueues" | "resourceflavors", name) -> object
         self.cluster_objects: dict[tuple[str, str], dict] = {}
         self.lock = threading.RLock()
@@ -96,7 +98,9 @@ class FakeKubeAPI:
                              "labels": {"kueue.x-k8s.io/job-uid": meta["uid"]},
                              "ownerReferences": [{"apiVersion": "batch/v1", "kind": "Job", "name": meta["name"],
                                                   "uid": meta["uid"], "controller": True}]},
-                "spec": {"queueName": queue},
+                # One pod set of all the Job's pods (parallelism): Kueue admits them together or not at all.
+                "spec": {"queueName": queue, "podSets": [{"name": "main",
+                                                          "count": job["spec"].get("parallelism", 1)}]},
                 "status": {"conditions": [self._condition("QuotaReserved", "False", "Pending", (
                     "couldn't assign flavors to pod set main: insufficient unused quota for nvidia.com/gpu in "
                     "flavor rtx4090, 1 more needed"))]}}
@@ -227,10 +231,20 @@ class FakeKubeAPI:
             if method == "GET":
                 return 200, self.jobs[(ns, name)], None
             if method == "DELETE":
-                del self.jobs[(ns, name)]
+                uid = self.jobs.pop((ns, name))["metadata"]["uid"]
+                for key in [k for k, svc in self.services.items()  # the garbage collector's part
+                            if any(o["uid"] == uid for o in svc["metadata"].get("ownerReferences", []))]:
+                    del self.services[key]
                 self.pods.pop((ns, name), None)
                 self.workloads.pop((ns, name), None)
                 return 200, _status(200, "", "") | {"status": "Success"}, lambda: self.on_delete(ns, name)
+        if (m := SERVICES.match(path)) and method == "POST" and not m["name"]:
+            key = (m["ns"], body["metadata"]["name"])
+            if key in self.services:
+                return 409, _status(409, "AlreadyExists", f'services "{key[1]}" already exists'), None
+            self.services[key] = copy.deepcopy(body) | {"status": {"loadBalancer": {}}}
+            self.services[key]["metadata"].update(namespace=m["ns"], uid=str(uuid.uuid4()))
+            return 201, self.services[key], None
         if (m := LOCAL_QUEUES.match(path)) and method == "GET":
             cluster_queue = self.local_queues.get((m["ns"], m["name"]))
             if cluster_queue is None:  # no such LocalQueue, or no Kueue at all
@@ -312,7 +326,7 @@ class FakeKubelet:
     def _run_pod(self, namespace: str, job: dict) -> None:
         name = job["metadata"]["name"]
         command = job["spec"]["template"]["spec"]["containers"][0]["command"]
-        if command[0] == "torchrun":  # several GPUs: the fake runs one worker for all the ranks
+        if "--no-python" in command:  # several GPUs, under torchrun: the fake runs one worker for all the ranks
             command = command[command.index("--no-python") + 1:]
         assert command[:2] == ["fluxlora", "worker"], command
         code = self.run(command[2], command[3], self.running[name])

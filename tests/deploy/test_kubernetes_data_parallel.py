@@ -11,9 +11,10 @@ from kubernetes.client import ApiClient, Configuration
 
 from fluxlora.common.config import Settings
 from fluxlora.common.storage import LocalStore
-from fluxlora.jobs.kubernetes import KubernetesRunner, job_manifest
+from fluxlora.jobs.k8s_manifests import job_manifest
+from fluxlora.jobs.kubernetes import KubernetesRunner
 from fluxlora.jobs.runtime import JobRuntime
-from fluxlora.jobs.worker import run_worker
+from fluxlora.jobs.worker import EXIT_PERMANENT, run_worker
 from fluxlora_api.v1 import jobs_pb2
 from fluxlora_api.v1 import training_pb2 as pb
 
@@ -35,8 +36,12 @@ def test_a_four_gpu_job_is_one_pod_with_four_gpus_running_the_worker_under_torch
     kubernetes_validate.validate(manifest, "1.30", strict=True)
     pod = manifest["spec"]["template"]["spec"]
     (container,) = pod["containers"]
-    assert container["command"] == ["torchrun", "--standalone", "--nproc-per-node=4", "--shutdown-timeout=115",
-                                    "--no-python", "fluxlora", "worker", "training", JOB]
+    assert container["command"] == ["python", "-m", "fluxlora.server.launcher", "--standalone", "--nproc-per-node=4",
+                                    "--shutdown-timeout=115", "--no-python", "fluxlora", "worker", "training", JOB]
+    # The launcher exits with a failed rank's own code, so a rank's config error still fails the Job at once.
+    fail_job = manifest["spec"]["podFailurePolicy"]["rules"][0]
+    assert fail_job == {"action": "FailJob", "onExitCodes": {"containerName": container["name"], "operator": "In",
+                                                             "values": [EXIT_PERMANENT]}}
     assert container["resources"] == {"requests": {"cpu": "4", "memory": "24Gi"},
                                       "limits": {"memory": "48Gi", "nvidia.com/gpu": "4"}}
     assert {"name": "dshm", "mountPath": "/dev/shm"} in container["volumeMounts"]
@@ -58,8 +63,8 @@ def test_without_a_gpu_resource_the_ranks_are_cpu_processes_and_no_gpu_is_asked_
     cpu = {"requests": {"cpu": "2", "memory": "8Gi"}}
     manifest = job_manifest(JOB, "training", settings(tmp_path, k8s_resources=cpu), gpus=2)
     (container,) = manifest["spec"]["template"]["spec"]["containers"]
-    assert container["resources"] == cpu and container["command"][:3] == ["torchrun", "--standalone",
-                                                                           "--nproc-per-node=2"]
+    assert container["resources"] == cpu and container["command"][2:5] == [
+        "fluxlora.server.launcher", "--standalone", "--nproc-per-node=2"]
 
 
 @pytest.mark.parametrize(("gpus", "asked"), [(2, "2"), (0, "1")])
@@ -85,5 +90,5 @@ def test_the_runner_creates_the_job_with_the_specs_gpus(tmp_path, gpus, asked):
     assert done.state == S.JOB_STATE_SUCCEEDED, done.error
     (container,) = api.jobs[(NS, job.job_id)]["spec"]["template"]["spec"]["containers"]
     assert container["resources"]["limits"]["nvidia.com/gpu"] == asked
-    assert (container["command"][0] == "torchrun") == (gpus > 1)
+    assert (container["command"][:3] == ["python", "-m", "fluxlora.server.launcher"]) == (gpus > 1)
     assert kubelet.exit_codes[job.job_id] == 0

@@ -17,7 +17,7 @@ import yaml
 from deploy_tools import K8S, tool
 
 from fluxlora.common.config import Settings
-from fluxlora.jobs.kubernetes import job_manifest
+from fluxlora.jobs.k8s_manifests import job_manifest
 
 K8S_VERSION = "1.30"
 OVERLAYS = {"rtx4090": "NVIDIA-GeForce-RTX-4090", "other-gpu": "NVIDIA-L40S", "cpu-only": None}
@@ -189,6 +189,7 @@ def test_the_training_service_may_do_exactly_what_launching_jobs_needs(rendered)
     assert role["rules"] == [
         {"apiGroups": ["batch"], "resources": ["jobs"], "verbs": ["create", "get", "list", "watch", "delete"]},
         {"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list"]},
+        {"apiGroups": [""], "resources": ["services"], "verbs": ["create"]},  # a multi-node run's rendezvous
     ]
     binding = by_kind(docs, "RoleBinding")["fluxlora-training"]
     assert binding["roleRef"]["name"] == "fluxlora-training"

@@ -17,7 +17,8 @@ from kubernetes.client import ApiClient, Configuration
 
 from fluxlora.common.config import Settings
 from fluxlora.common.storage import LocalStore
-from fluxlora.jobs.kubernetes import KubernetesRunner, job_manifest
+from fluxlora.jobs.k8s_manifests import job_manifest
+from fluxlora.jobs.kubernetes import KubernetesRunner
 from fluxlora.jobs.records import JobRecords
 from fluxlora.jobs.runtime import JobRuntime
 from fluxlora.jobs.worker import EXIT_INTERRUPTED, EXIT_PERMANENT, run_worker

@@ -22,7 +22,7 @@ from test_kubernetes_manifests import K8S_VERSION, by_kind, container, env_of, r
 from test_kubernetes_manifests import OVERLAYS as GPU_SERVER_OVERLAYS
 
 from fluxlora.common.config import Settings
-from fluxlora.jobs.kubernetes import LABEL_PRIORITY, LABEL_QUEUE, job_manifest
+from fluxlora.jobs.k8s_manifests import LABEL_PRIORITY, LABEL_QUEUE, job_manifest
 
 SCHEMAS = Path(__file__).parent / "schemas" / "kueue"
 KUEUE_API = "kueue.x-k8s.io/v1beta1"

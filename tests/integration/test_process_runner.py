@@ -295,3 +295,31 @@ def test_a_cancelled_two_gpu_run_resumes_to_the_lora_of_an_uninterrupted_one(sto
     assert resumed.metrics["resumed_from_step"] == checkpoint.step
     a, b = (load_file(store.root / client.result(j).checkpoints[-1].lora_key) for j in (whole, resumed))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def rank_process(launcher_pid: int, rank: int) -> int:
+    """The pid of the worker process of `rank` among the launcher's (torchrun's) children."""
+    for child in Path(f"/proc/{launcher_pid}/task/{launcher_pid}/children").read_text().split():
+        environ = Path(f"/proc/{child}/environ").read_bytes().split(b"\0")
+        if f"RANK={rank}".encode() in environ:
+            return int(child)
+    raise AssertionError(f"no rank {rank} among the children of {launcher_pid}")
+
+
+def test_a_two_gpu_run_whose_rank_1_is_killed_runs_again_from_its_checkpoint_and_trains_each_step_once(
+        store, tmp_path, dataset, tiny_models):
+    """SIGKILL to one rank (what the out-of-memory killer does to one GPU's process): the launcher exits
+    137, the run starts again (FLUXLORA_MAX_JOB_ATTEMPTS, default 2) and resumes from its last checkpoint."""
+    with training_server(store, tmp_path) as (_, client):
+        job = train(client, dataset, tiny_models, gpus=2, max_steps=KILLED_STEPS, checkpoint_every=5)
+        first = wait_for_step(client, job.job_id, 6)
+        os.kill(rank_process(int(first.metrics["worker_pid"]), 1), signal.SIGKILL)
+        final = client.wait(job)
+    assert final.state == S.JOB_STATE_SUCCEEDED and final.attempts == 2, final.error
+    assert final.metrics["worker_pid"] != first.metrics["worker_pid"]
+    assert 5 <= final.metrics["resumed_from_step"] < KILLED_STEPS
+    result = client.result(final)
+    assert result.steps_done == KILLED_STEPS
+    assert [c.step for c in result.checkpoints] == list(range(5, KILLED_STEPS + 1, 5)), "each checkpoint once"
+    steps = [int(r.split(",")[0]) for r in store.get_bytes(result.loss_csv_key).decode().split()[1:]]
+    assert steps == list(range(1, KILLED_STEPS + 1)), "each step trained once"

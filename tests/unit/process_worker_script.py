@@ -91,7 +91,44 @@ def ranks(ctx, spec):
     return training_pb2.TrainResult(run_id=ctx.job_id, steps_done=int(os.environ["WORLD_SIZE"]))
 
 
-HANDLERS = {f.__name__: f for f in (ok, steps, deaf, bad_request, killed, segfault, exits, loading, ranks)}
+def resumable_ranks(ctx, spec):
+    """One rank of a torchrun job of spec.max_steps steps that resumes like training: rank 0 stores the
+    step done as a checkpoint; each rank stores its pid (runs/<job>/rank<r>.pid) for a test to kill."""
+    rank = int(os.environ["RANK"])
+    key = f"runs/{ctx.job_id}/checkpoint"
+    start = int(ctx.store.get_bytes(key)) if ctx.store.exists(key) else 0
+    if start and rank == 0:
+        ctx.metrics(resumed_from_step=start)
+    ctx.store.put_bytes(f"runs/{ctx.job_id}/rank{rank}.pid", str(os.getpid()).encode())
+    for step in range(start + 1, spec.max_steps + 1):
+        if ctx.should_stop:
+            raise JobInterrupted(ctx.job_id)
+        time.sleep(STEP_S)
+        if rank == 0:
+            ctx.store.put_bytes(key, str(step).encode())
+        ctx.progress("stepping", step, spec.max_steps, "step")
+    return training_pb2.TrainResult(run_id=ctx.job_id, steps_done=spec.max_steps)
+
+
+def gloo_ranks(ctx, spec):
+    """One rank of a torchrun job joined in a gloo group; FLUXLORA_TEST_BAD_RANK finds the request wrong
+    (a config error, exit 3) after the first all-reduce, while the others wait in the second."""
+    import torch
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo")
+    try:
+        dist.all_reduce(torch.ones(1))
+        if os.environ["RANK"] == os.environ.get("FLUXLORA_TEST_BAD_RANK"):
+            bad_request(ctx, spec)
+        dist.all_reduce(torch.ones(1))
+    finally:
+        dist.destroy_process_group()
+    return training_pb2.TrainResult(run_id=ctx.job_id, steps_done=int(os.environ["WORLD_SIZE"]))
+
+
+HANDLERS = {f.__name__: f for f in (ok, steps, deaf, bad_request, killed, segfault, exits, loading, ranks,
+                                    resumable_ranks, gloo_ranks)}
 
 if __name__ == "__main__":
     sys.exit(main(handler=HANDLERS[os.environ["FLUXLORA_TEST_HANDLER"]]))

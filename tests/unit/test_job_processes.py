@@ -277,6 +277,53 @@ def test_a_failed_rank_fails_the_job_naming_torchrun_and_where_to_look(start, mo
                                                  "resume_from_run")), job.error.message
 
 
+def test_a_config_error_in_one_rank_fails_the_job_at_once_saying_so(start, monkeypatch):
+    monkeypatch.setenv("FLUXLORA_TEST_BAD_RANK", "1")
+    runtime = start("gloo_ranks", stop_grace_s=10, service="training")
+    job, _ = finish(runtime, runtime.submit(training_pb2.TrainSpec(dataset_id="ds-1", gpus=2)).job_id)
+    assert job.state == S.JOB_STATE_FAILED and job.attempts == 1, job
+    # Not rank 0's echo of it (gloo: "Connection closed by peer"), which rank 0 stored as its error.
+    assert job.error.code == "FAILED_PRECONDITION", job.error
+    assert all(w in job.error.message for w in ("exit 3", "config error", "server log", "rank 0 failed after it")), \
+        job.error.message
+
+
+def kill_rank_1(runtime: JobRuntime, store: LocalStore, job_id: str, after_step: int, killed: set[int]) -> None:
+    """SIGKILL to rank 1 of the job's current attempt once it is past `after_step` (what the kernel's
+    out-of-memory killer does to the process of one GPU)."""
+    key = f"runs/{job_id}/rank1.pid"
+    for event in runtime.watch(job_id):
+        pid = int(store.get_bytes(key)) if store.exists(key) else 0
+        if pid and pid not in killed and event.job.progress.done > after_step:
+            killed.add(pid)
+            os.kill(pid, signal.SIGKILL)
+            return
+    raise AssertionError(f"job {job_id} ended before rank 1 could be killed")
+
+
+def test_a_rank_killed_by_the_oom_killer_runs_the_job_again_from_its_last_checkpoint(start, store):
+    """FLUXLORA_MAX_JOB_ATTEMPTS (default 2) starts: the second resumes and finishes."""
+    runtime = start("resumable_ranks", stop_grace_s=10, service="training")
+    job_id = runtime.submit(training_pb2.TrainSpec(dataset_id="ds-1", gpus=2, max_steps=60)).job_id
+    kill_rank_1(runtime, store, job_id, 3, set())
+    job, events = finish(runtime, job_id)
+    assert job.state == S.JOB_STATE_SUCCEEDED, job.error
+    assert job.attempts == 2 and job.metrics["resumed_from_step"] >= 3
+    retried = next(e.message for e in events if "running it again" in e.message)
+    assert all(w in retried for w in ("a rank of job", "SIGKILL", "out-of-memory killer", "attempt 2 of 2")), retried
+
+
+def test_a_rank_killed_in_every_attempt_fails_the_job_as_out_of_memory(start, store):
+    runtime = start("resumable_ranks", stop_grace_s=10, service="training")
+    job_id = runtime.submit(training_pb2.TrainSpec(dataset_id="ds-1", gpus=2, max_steps=200)).job_id
+    killed: set[int] = set()
+    kill_rank_1(runtime, store, job_id, 1, killed)
+    kill_rank_1(runtime, store, job_id, 1, killed)
+    job, _ = finish(runtime, job_id)
+    assert job.state == S.JOB_STATE_FAILED and job.error.code == "RESOURCE_EXHAUSTED", job.error
+    assert all(w in job.error.message for w in ("SIGKILL", "FLUXLORA_MAX_JOB_ATTEMPTS=2", "kept")), job.error.message
+
+
 class ReportLostForAWhile(LocalStore):
     """The server's view of the store: for LOST_S after a worker's report first reads as SUCCEEDED, it
     reads as missing, as S3 answers NoSuchBucket while a bucket is lost and not yet restored."""

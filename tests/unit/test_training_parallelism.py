@@ -25,10 +25,14 @@ def test_several_gpus_are_accepted_where_the_runner_starts_processes(tmp_path, r
     check_parallelism(pb.TrainSpec(gpus=1, nodes=1), settings(tmp_path))
 
 
+def test_several_nodes_are_accepted_on_kubernetes(tmp_path):
+    check_parallelism(pb.TrainSpec(gpus=4, nodes=2), settings(tmp_path, runner="kubernetes"))
+    check_parallelism(pb.TrainSpec(gpus=1, nodes=16), settings(tmp_path, runner="kubernetes"))
+
+
 @pytest.mark.parametrize(("spec", "runner", "words"), [
     (pb.TrainSpec(gpus=2), "local", ["spec.gpus is 2", "FLUXLORA_RUNNER=process"]),
     (pb.TrainSpec(nodes=2), "process", ["spec.nodes is 2", "needs FLUXLORA_RUNNER=kubernetes"]),
-    (pb.TrainSpec(gpus=4, nodes=2), "kubernetes", ["not implemented yet", "up to 8 GPUs of one node"]),
 ])
 def test_what_the_runner_cannot_start_is_refused_naming_the_fix(tmp_path, spec, runner, words):
     with pytest.raises(FailedPrecondition) as refused:

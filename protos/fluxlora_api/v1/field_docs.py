@@ -603,7 +603,7 @@ COMMENTS: dict[str, dict[str, str]] = {
         'max_grad_norm': 'Gradient-norm clipping threshold, >= 0 (0 turns clipping off); default: 1.0.',
         'memory_mode': '"auto": the planner picks the fastest memory options (gradient_checkpointing, base_quantization,\nblocks_to_swap) that fit the GPU, keeping those set, and records them; the job\'s notes say which\nand why. "manual": as given, or refused; default: "auto".',
         'gpus': 'GPUs that train this one LoRA data-parallel (torchrun, one process per GPU), 1 to 8: each takes\nbatch_size images of every step, so the global batch is batch_size x gpus x nodes; learning_rate\nis not rescaled (docs/deploy.md). Needs FLUXLORA_RUNNER=process or kubernetes; default: 1.',
-        'nodes': 'Nodes of `gpus` GPUs each, 1 to 16; more than 1 needs FLUXLORA_RUNNER=kubernetes and is refused\nuntil multi-node Jobs are implemented; default: 1.',
+        'nodes': 'Nodes of `gpus` GPUs each, 1 to 16; more than 1 needs FLUXLORA_RUNNER=kubernetes (an Indexed Job\nof `nodes` pods, admitted together; docs/deploy.md); default: 1.',
         'family': 'The base model\'s family: "flux1-dev" (any FluxPipeline model), "chroma" or "flux2-klein";\n"flux1-kontext" and "flux2-dev" are recognised but not trainable yet. A family that disagrees\nwith the model is INVALID_ARGUMENT; default: "" (detected from the model\'s model_index.json).',
         'base_components': 'For a single-file base_model: a diffusers directory (local or store://<prefix>) with the text\nencoders, tokenizers, VAE, scheduler and transformer/config.json (no transformer weights);\ndefault: FLUXLORA_BASE_COMPONENTS, else a FLUXLORA_BASE_MODEL directory.',
     },

@@ -179,8 +179,8 @@ class TrainSpec(_message.Message):
     is not rescaled (docs/deploy.md). Needs FLUXLORA_RUNNER=process or kubernetes; default: 1.
     """
     nodes: _builtins.int
-    """Nodes of `gpus` GPUs each, 1 to 16; more than 1 needs FLUXLORA_RUNNER=kubernetes and is refused
-    until multi-node Jobs are implemented; default: 1.
+    """Nodes of `gpus` GPUs each, 1 to 16; more than 1 needs FLUXLORA_RUNNER=kubernetes (an Indexed Job
+    of `nodes` pods, admitted together; docs/deploy.md); default: 1.
     """
     family: _builtins.str
     """The base model's family: "flux1-dev" (any FluxPipeline model), "chroma" or "flux2-klein";

@@ -19,17 +19,18 @@ watchers; each job's work runs in a pod of a batch/v1 Job running `fluxlora work
   the worker exits 75, and on re-admission a new pod resumes from the last stored checkpoint, in the
   same Job (never a second one). Needs get localqueues and list workloads (kueue.x-k8s.io) as well.
 - Several GPUs (TrainSpec.gpus > 1): one pod asks for that many GPUs (the GPU resource of
-  FLUXLORA_K8S_RESOURCES, scaled) and runs the worker under torchrun, one rank per GPU, with a
-  memory-backed /dev/shm for NCCL. Across nodes (TrainSpec.nodes > 1) is refused at submit for now.
+  FLUXLORA_K8S_RESOURCES, scaled) and runs the worker under torchrun, one rank per GPU; across nodes
+  (TrainSpec.nodes > 1) an Indexed Job of that many such pods and a headless Service for their
+  rendezvous (fluxlora.jobs.k8s_manifests), which the Job owns (deleting the Job deletes it).
+
+The objects are built in k8s_manifests.py and the API calls made in k8s_api.py.
 """
 
 from __future__ import annotations
 
-import copy
 import logging
 import os
 import time
-from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -38,10 +39,18 @@ from google.protobuf.message import Message
 
 from fluxlora.common.config import Settings
 from fluxlora.jobs.context import JobInterrupted
-from fluxlora.jobs.kueue_flavors import KUEUE, ClusterQueueGpus, read_cluster_queue_gpus
-from fluxlora.jobs.launch import gpus_of, torchrun_options
-from fluxlora.jobs.reports import FINISHED, RemoteJobFailed, ReportMirror, finished_outcome
-from fluxlora.jobs.worker import EXIT_PERMANENT, load_report
+from fluxlora.jobs.k8s_api import REQUEST_TIMEOUT_S, JobLauncher, JobStatus, own_image
+from fluxlora.jobs.kueue_flavors import ClusterQueueGpus, read_cluster_queue_gpus
+from fluxlora.jobs.launch import gpus_of, nodes_of
+from fluxlora.jobs.reports import (
+    FINISHED,
+    RemoteJobFailed,
+    ReportMirror,
+    after_a_rank_refused,
+    finished_outcome,
+    rank_refused,
+)
+from fluxlora.jobs.worker import load_report
 from fluxlora_api.shared.errors import FailedPrecondition, FluxloraError, Unavailable
 from fluxlora_api.v1 import jobs_pb2
 
@@ -51,267 +60,14 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 S = jobs_pb2.JobState
-LABEL_SERVICE = "fluxlora/service"
-LABEL_JOB_ID = "fluxlora/job-id"
-LABEL_QUEUE = "kueue.x-k8s.io/queue-name"
-LABEL_PRIORITY = "kueue.x-k8s.io/priority-class"
-LABEL_WORKLOAD_JOB_UID = "kueue.x-k8s.io/job-uid"  # on the Workload Kueue makes for a Job
-WORKER_CONTAINER = "worker"
 SA_NAMESPACE_FILE = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
-REQUEST_TIMEOUT_S = 30
 GPU_FLAVORS_TTL_S = 300  # an operator's change of flavors or quotas reaches the planner within this
-STOP_GRACE_S = 120  # the pod's terminationGracePeriodSeconds: time to stop at a step boundary after SIGTERM
 STOP_CHECK_S = 0.2
 UNREACHABLE = object()  # what _call answers when the API could not be asked this time
 
 
-@dataclass(frozen=True)
-class JobStatus:
-    phase: str  # "active" (pending or running), "succeeded" or "failed"
-    reason: str = ""
-    message: str = ""
-    suspended: bool = False  # spec.suspend: queued in Kueue (not admitted yet, or preempted)
-    uid: str = ""
-
-
 def _set_stage(job: jobs_pb2.Job, stage: str) -> None:
     job.progress.stage = stage
-
-
-def job_manifest(job_id: str, service: str, settings: Settings, gpus: int = 1) -> dict:
-    """The batch/v1 Job for one fluxlora job (a plain manifest: tests validate it against the
-    Kubernetes schemas); gpus > 1: one pod with that many GPUs, the worker under torchrun."""
-    labels = {
-        "app.kubernetes.io/name": "fluxlora",
-        "app.kubernetes.io/component": f"{service}-worker",
-        "app.kubernetes.io/managed-by": "fluxlora",
-        LABEL_SERVICE: service,
-        LABEL_JOB_ID: job_id,
-    }
-    env_from = []
-    for ref in settings.k8s_env_from:
-        kind, _, name = ref.partition("/")
-        if kind not in ("configmap", "secret") or not name:
-            raise FailedPrecondition(
-                f"FLUXLORA_K8S_ENV_FROM entry {ref!r}: use configmap/<name> or secret/<name>"
-            )
-        env_from.append({"configMapRef" if kind == "configmap" else "secretRef": {"name": name}})
-    cache = ({"persistentVolumeClaim": {"claimName": settings.k8s_cache_claim}} if settings.k8s_cache_claim
-             else {"emptyDir": {}})
-    pod: dict[str, Any] = {
-        "restartPolicy": "Never",
-        "automountServiceAccountToken": False,  # the worker talks to the store, never to the API
-        "terminationGracePeriodSeconds": STOP_GRACE_S,
-        "securityContext": {
-            "runAsNonRoot": True, "runAsUser": 10001, "runAsGroup": 10001, "fsGroup": 10001,
-            "seccompProfile": {"type": "RuntimeDefault"},
-        },
-        "containers": [{
-            "name": WORKER_CONTAINER,
-            "image": settings.k8s_image,
-            "command": _worker_command(service, job_id, gpus),
-            "envFrom": env_from,
-            # The server's own device setting: cuda on GPU nodes, cpu where the overlay has no GPUs.
-            "env": [{"name": "FLUXLORA_CACHE_DIR", "value": "/cache"}, {"name": "HOME", "value": "/tmp"},
-                    {"name": "FLUXLORA_DEVICE", "value": settings.device}],
-            "resources": _resources(settings.k8s_resources, gpus),
-            "securityContext": {
-                "allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True,
-                "capabilities": {"drop": ["ALL"]},
-            },
-            "volumeMounts": [{"name": "cache", "mountPath": "/cache"}, {"name": "tmp", "mountPath": "/tmp"}],
-        }],
-        "volumes": [{"name": "cache", **cache}, {"name": "tmp", "emptyDir": {}}],
-    }
-    if gpus > 1:
-        # NCCL passes data between the ranks of one pod through /dev/shm, which a container gets
-        # only 64 MiB of: a memory-backed volume instead (it counts against the memory limit).
-        pod["volumes"].append({"name": "dshm", "emptyDir": {"medium": "Memory"}})
-        pod["containers"][0]["volumeMounts"].append({"name": "dshm", "mountPath": "/dev/shm"})
-    if settings.k8s_service_account:
-        pod["serviceAccountName"] = settings.k8s_service_account
-    if settings.k8s_node_selector:
-        pod["nodeSelector"] = dict(settings.k8s_node_selector)
-    if settings.k8s_tolerations:
-        pod["tolerations"] = list(settings.k8s_tolerations)
-    spec: dict[str, Any] = {
-        "backoffLimit": settings.k8s_backoff_limit,
-        "ttlSecondsAfterFinished": settings.k8s_ttl_after_finished_s,
-        "podFailurePolicy": {"rules": [
-            # A bad request fails the same way on every retry.
-            {"action": "FailJob",
-             "onExitCodes": {"containerName": WORKER_CONTAINER, "operator": "In", "values": [EXIT_PERMANENT]}},
-            # A drained or preempted node is not the job's fault: retry without using up backoffLimit.
-            {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
-        ]},
-        "template": {"metadata": {"labels": labels}, "spec": pod},
-    }
-    if settings.k8s_active_deadline_s:
-        spec["activeDeadlineSeconds"] = settings.k8s_active_deadline_s
-    job_labels = dict(labels)
-    if settings.k8s_queue_name:
-        # Kueue admits it: created suspended, unsuspended (with the ResourceFlavor's node labels and
-        # tolerations added to the pod template) once the ClusterQueue has quota for it.
-        spec["suspend"] = True
-        job_labels[LABEL_QUEUE] = settings.k8s_queue_name
-        if settings.k8s_priority_class:
-            job_labels[LABEL_PRIORITY] = settings.k8s_priority_class
-    return {"apiVersion": "batch/v1", "kind": "Job",
-            "metadata": {"name": job_id, "labels": job_labels}, "spec": spec}
-
-
-def _worker_command(service: str, job_id: str, gpus: int) -> list[str]:
-    worker = ["fluxlora", "worker", service, job_id]
-    if gpus == 1:
-        return worker
-    # --no-python: the `fluxlora` entry point is run as it is, once per rank.
-    return ["torchrun", *torchrun_options(gpus, STOP_GRACE_S), "--no-python", *worker]
-
-
-def _resources(configured: dict, gpus: int) -> dict:
-    """FLUXLORA_K8S_RESOURCES with its GPU resource (nvidia.com/gpu or another vendor's */gpu) set to
-    `gpus`. Configured without one (a CPU-only overlay), the ranks are CPU processes and nothing is
-    added. Host memory is left as configured: each rank loads its own copy of the base model, so
-    raise it for runs on several GPUs (docs/deploy.md)."""
-    resources = copy.deepcopy(configured)
-    if gpus > 1:
-        for section in ("limits", "requests"):
-            for name in resources.get(section, {}):
-                if name.endswith("/gpu"):
-                    resources[section][name] = str(gpus)
-    return resources
-
-
-class JobLauncher:
-    """The Kubernetes API calls, through the kubernetes client: create, status, delete, list."""
-
-    def __init__(self, api_client: Any, namespace: str, service: str, settings: Settings):
-        from kubernetes import client
-
-        self.batch = client.BatchV1Api(api_client)
-        self.core = client.CoreV1Api(api_client)
-        self.custom = client.CustomObjectsApi(api_client)
-        self._cluster_queue = ""
-        self.namespace = namespace
-        self.service = service
-        self.settings = settings
-
-    def create(self, job_id: str, gpus: int = 1) -> bool:
-        """Creates the Job; False when one of that name exists already (it is then adopted)."""
-        from kubernetes.client import V1Job
-        from kubernetes.client.exceptions import ApiException
-
-        body = V1Job.from_dict(job_manifest(job_id, self.service, self.settings, gpus))
-        try:
-            self.batch.create_namespaced_job(self.namespace, body, _request_timeout=REQUEST_TIMEOUT_S)
-        except ApiException as exc:
-            if exc.status == 409:
-                return False
-            if exc.status in (400, 403, 422):
-                raise FailedPrecondition(
-                    f"Kubernetes refused Job {self.namespace}/{job_id} ({exc.status} {exc.reason}): "
-                    f"{_api_message(exc)}; check the FLUXLORA_K8S_* settings and the server's Role"
-                ) from exc
-            raise
-        return True
-
-    def status(self, job_id: str) -> JobStatus | None:
-        """The Job's phase from its conditions; None when there is no such Job."""
-        from kubernetes.client.exceptions import ApiException
-
-        try:
-            job = self.batch.read_namespaced_job(job_id, self.namespace, _request_timeout=REQUEST_TIMEOUT_S)
-        except ApiException as exc:
-            if exc.status == 404:
-                return None
-            raise
-        return _status_of(job)
-
-    def waiting_reason(self, job_id: str) -> str:
-        """Why the Job's pod is not running yet ("" when it is, or has no pod yet)."""
-        pods = self.core.list_namespaced_pod(self.namespace, label_selector=f"{LABEL_JOB_ID}={job_id}",
-                                             _request_timeout=REQUEST_TIMEOUT_S).items
-        for pod in pods:
-            if not pod.status or pod.status.phase != "Pending":
-                continue
-            for condition in pod.status.conditions or []:
-                if condition.type == "PodScheduled" and condition.status == "False":
-                    return f"waiting for a node: {condition.message or condition.reason or 'unschedulable'}"
-            for container in pod.status.container_statuses or []:
-                waiting = container.state.waiting if container.state else None
-                if waiting:
-                    return f"pod starting: {waiting.reason or ''} {waiting.message or ''}".strip()
-            return "pod pending"
-        return ""
-
-    def admission_reason(self, job_id: str, status: JobStatus) -> str:
-        """Why a suspended Job waits: its ClusterQueue and, when Kueue said, the Workload's message."""
-        queue = self.settings.k8s_queue_name
-        cluster_queue = self.cluster_queue()
-        if cluster_queue is None:
-            return (f"waiting for Kueue admission, but LocalQueue {self.namespace}/{queue} does not exist: install "
-                    "Kueue and deploy/k8s/components/kueue, or unset FLUXLORA_K8S_QUEUE_NAME for plain Jobs")
-        message = self.workload_message(status.uid) if status.uid else ""
-        return f"waiting for Kueue admission (ClusterQueue {cluster_queue}){': ' + message if message else ''}"
-
-    def cluster_queue(self) -> str | None:
-        """The ClusterQueue behind the LocalQueue (read once); None when the LocalQueue does not exist."""
-        from kubernetes.client.exceptions import ApiException
-
-        if not self._cluster_queue:
-            try:
-                queue = self.custom.get_namespaced_custom_object(
-                    *KUEUE, self.namespace, "localqueues", self.settings.k8s_queue_name,
-                    _request_timeout=REQUEST_TIMEOUT_S)
-            except ApiException as exc:
-                if exc.status == 404:
-                    return None
-                if exc.status == 403:  # no right to read it: name what is known
-                    return f"of LocalQueue {self.settings.k8s_queue_name}"
-                raise
-            self._cluster_queue = (queue.get("spec") or {}).get("clusterQueue", "")
-        return self._cluster_queue
-
-    def workload_message(self, job_uid: str) -> str:
-        """Kueue's word on the Job's Workload: why quota is not reserved, or why it was evicted."""
-        from kubernetes.client.exceptions import ApiException
-
-        try:
-            workloads = self.custom.list_namespaced_custom_object(
-                *KUEUE, self.namespace, "workloads", label_selector=f"{LABEL_WORKLOAD_JOB_UID}={job_uid}",
-                _request_timeout=REQUEST_TIMEOUT_S)["items"]
-        except ApiException as exc:
-            if exc.status in (403, 404):
-                return ""
-            raise
-        for workload in workloads:
-            conditions = {c.get("type"): c for c in (workload.get("status") or {}).get("conditions") or []}
-            evicted = conditions.get("Evicted", {})
-            reserved = conditions.get("QuotaReserved", {})
-            if evicted.get("status") == "True":
-                return f"evicted ({evicted.get('reason', '')}): {evicted.get('message', '')}"
-            if reserved.get("status") == "False" and reserved.get("message"):
-                return str(reserved["message"])
-        return ""
-
-    def delete(self, job_id: str) -> bool:
-        from kubernetes.client.exceptions import ApiException
-
-        try:
-            self.batch.delete_namespaced_job(job_id, self.namespace, propagation_policy="Background",
-                                             _request_timeout=REQUEST_TIMEOUT_S)
-        except ApiException as exc:
-            if exc.status == 404:
-                return False
-            raise
-        return True
-
-    def list_jobs(self) -> dict[str, JobStatus]:
-        """This service's Jobs in the namespace (found by label), by fluxlora job id."""
-        selector = f"app.kubernetes.io/managed-by=fluxlora,{LABEL_SERVICE}={self.service}"
-        jobs = self.batch.list_namespaced_job(self.namespace, label_selector=selector,
-                                              _request_timeout=REQUEST_TIMEOUT_S).items
-        return {(job.metadata.labels or {}).get(LABEL_JOB_ID, job.metadata.name): _status_of(job) for job in jobs}
 
 
 class KubernetesRunner:
@@ -378,7 +134,7 @@ class KubernetesRunner:
             if earlier is not None and earlier.state in FINISHED:
                 # Finished (and its Job cleaned up) while this server was down: never run it twice.
                 return _outcome(earlier, job_id, JobStatus("succeeded"))
-            created = self._call(self.launcher.create, job_id, gpus_of(spec), retry_while=keep_trying)
+            created = self._call(self.launcher.create, job_id, gpus_of(spec), nodes_of(spec), retry_while=keep_trying)
             if created is UNREACHABLE:
                 raise JobInterrupted(job_id)
             if created:
@@ -471,32 +227,10 @@ class KubernetesRunner:
             time.sleep(min(STOP_CHECK_S, self.poll_s))
 
 
-def own_image(api_client: Any, namespace: str, pod_name: str, service: str) -> str:
-    """The image of this server's container (named after the service, else the first one)."""
-    from kubernetes import client
-    from kubernetes.client.exceptions import ApiException
-
-    try:
-        pod = client.CoreV1Api(api_client).read_namespaced_pod(pod_name, namespace, _request_timeout=REQUEST_TIMEOUT_S)
-    except ApiException as exc:
-        raise FailedPrecondition(
-            f"could not read this server's pod {namespace}/{pod_name} to take the worker image from it "
-            f"({exc.status} {exc.reason}); grant `get pods` or set FLUXLORA_K8S_IMAGE"
-        ) from exc
-    containers = pod.spec.containers
-    return next((c.image for c in containers if c.name == service), containers[0].image)
-
-
-def _status_of(job: Any) -> JobStatus:
-    uid = (job.metadata.uid if job.metadata else "") or ""
-    for condition in (job.status.conditions if job.status else None) or []:
-        if condition.status == "True" and condition.type in ("Complete", "Failed"):
-            phase = "succeeded" if condition.type == "Complete" else "failed"
-            return JobStatus(phase, condition.reason or "", condition.message or "", uid=uid)
-    return JobStatus("active", suspended=bool(job.spec and job.spec.suspend), uid=uid)
-
-
 def _outcome(report: jobs_pb2.Job | None, job_id: str, status: JobStatus) -> Message:
+    if status.phase == "failed" and status.reason == "PodFailurePolicy" and after_a_rank_refused(report):
+        # Exit 3 (podFailurePolicy's FailJob) from a pod whose rank 0 did not store that error: a follower's.
+        raise rank_refused(f"Kubernetes Job {job_id}", report, f"`kubectl logs job/{job_id}` (all pods, all ranks)")
     result = finished_outcome(report)
     if result is not None:
         return result
@@ -508,10 +242,3 @@ def _outcome(report: jobs_pb2.Job | None, job_id: str, status: JobStatus) -> Mes
     raise RemoteJobFailed("INTERNAL", f"Kubernetes Job {job_id} completed but its worker stored no result")
 
 
-def _api_message(exc: Any) -> str:
-    import json
-
-    try:
-        return json.loads(exc.body).get("message", "") or str(exc.reason)
-    except (TypeError, ValueError, AttributeError):
-        return str(exc.reason)

@@ -18,9 +18,12 @@ process, with all the memory the dead one held given back.
   SIGTERM. The next start re-queues the job, and its new child waits for such a leftover to exit
   first, so two processes never work on one run; a leftover that finished the job meanwhile gives
   its result and nothing runs again.
-- Several GPUs (TrainSpec.gpus > 1): the child is torchrun (`python -m torch.distributed.run`,
+- Several GPUs (TrainSpec.gpus > 1): the child is torchrun (`python -m fluxlora.server.launcher`,
   fluxlora.jobs.launch), which starts one worker per GPU; rank 0 writes the report. SIGTERM reaches
-  every rank through torchrun; when one rank fails, torchrun stops the others and exits 1.
+  every rank through torchrun; when one rank fails, torchrun stops the others and the launcher exits
+  with that rank's code. A rank killed by a signal (137: the out-of-memory killer's SIGKILL on one
+  GPU's process) is a dead worker like a single one killed: the job runs again from its last
+  checkpoint until it has been started FLUXLORA_MAX_JOB_ATTEMPTS times (default 2).
 """
 
 from __future__ import annotations
@@ -41,9 +44,17 @@ from pydantic import SecretStr
 
 from fluxlora.common.config import Settings
 from fluxlora.jobs.context import JobInterrupted
-from fluxlora.jobs.launch import TORCHRUN_MODULE, gpus_of, torchrun_options
-from fluxlora.jobs.reports import FINISHED, RemoteJobFailed, ReportMirror, WorkerDied, finished_outcome
-from fluxlora.jobs.worker import EXIT_INTERRUPTED, EXIT_SUCCEEDED, load_report
+from fluxlora.jobs.launch import LAUNCHER_MODULE, gpus_of, torchrun_options
+from fluxlora.jobs.reports import (
+    FINISHED,
+    RemoteJobFailed,
+    ReportMirror,
+    WorkerDied,
+    after_a_rank_refused,
+    finished_outcome,
+    rank_refused,
+)
+from fluxlora.jobs.worker import EXIT_INTERRUPTED, EXIT_PERMANENT, EXIT_SUCCEEDED, load_report
 from fluxlora_api.shared.errors import Unavailable
 from fluxlora_api.v1 import jobs_pb2
 
@@ -68,6 +79,7 @@ _CRASH_SIGNALS = {
     signal.SIGFPE: "a floating-point exception",
     signal.SIGABRT: "an abort (a fatal error in native code, e.g. an unhandled C++ exception or a CUDA error)",
 }
+_KILLING_SIGNALS = frozenset({signal.SIGKILL, *_CRASH_SIGNALS})  # a worker killed by these runs again
 
 
 class ProcessRunner:
@@ -128,12 +140,12 @@ class ProcessRunner:
 
     # --- internals ----------------------------------------------------------------------------
     def _command(self, job_id: str, processes: int) -> list[str]:
-        """The worker's command line; for several GPUs, under torchrun (self.command starts with the
-        interpreter: torchrun runs the rest, a module after -m or a script, once per rank)."""
+        """The worker's command line; for several GPUs, under torchrun through our launcher (self.command
+        starts with the interpreter: torchrun runs the rest, a module after -m or a script, once per rank)."""
         command = [*self.command, self.service, job_id, "--watch-parent"]
         if processes == 1:
             return command
-        return [command[0], "-m", TORCHRUN_MODULE, *torchrun_options(processes, self.stop_grace_s), *command[1:]]
+        return [command[0], "-m", LAUNCHER_MODULE, *torchrun_options(processes, self.stop_grace_s), *command[1:]]
 
     def _supervise(self, runtime: JobRuntime, job_id: str, child: subprocess.Popen,
                    mirror: ReportMirror) -> tuple[int, bool]:
@@ -202,14 +214,15 @@ class ProcessRunner:
 
     def _outcome(self, runtime: JobRuntime, job_id: str, pid: int, returncode: int,
                  report: jobs_pb2.Job | None, asked_to_stop: bool, processes: int = 1) -> Message:
+        if processes > 1 and returncode == EXIT_PERMANENT and after_a_rank_refused(report):
+            raise rank_refused(f"job {job_id} (torchrun pid {pid}, {processes} worker processes)", report,
+                               "the server log (logger names end in -worker)")
         if report is not None and report.state in FINISHED:
             # What the worker stored wins, whatever happened after: its result, or its own error.
             return finished_outcome(report) or _no_result(job_id, pid, returncode)
         if asked_to_stop:
             raise JobInterrupted(job_id)
-        # torchrun exits 1 for a signal as for a failed rank.
-        torchrun_ended = processes > 1 and returncode == 1
-        if returncode in (EXIT_INTERRUPTED, -signal.SIGTERM, -signal.SIGINT) or torchrun_ended:
+        if returncode in (EXIT_INTERRUPTED, -signal.SIGTERM, -signal.SIGINT):
             # Stopped by a signal we did not send: part of this machine shutting down (and this server
             # with it, which then re-queues the job), or someone's `kill`.
             deadline = time.monotonic() + UNASKED_STOP_WAIT_S
@@ -217,10 +230,16 @@ class ProcessRunner:
                 if runtime.should_stop(job_id):
                     raise JobInterrupted(job_id)
                 time.sleep(STOP_CHECK_S)
-        if processes > 1 and returncode > 0:
-            raise RemoteJobFailed("INTERNAL", ranks_failed(pid, job_id, processes, returncode))
+        if processes > 1 and returncode - 128 in _KILLING_SIGNALS:
+            # The launcher exits 128 + the signal that killed a rank: a dead worker, run again as a single one.
+            code, message = exit_status(128 - returncode, pid, job_id, process=(
+                f"a rank of job {job_id} (one of {processes} worker processes under torchrun, pid {pid})"))
+            raise WorkerDied(code, message)
+        if processes > 1 and returncode > 0 and returncode != EXIT_INTERRUPTED:
+            own = f"; rank 0's own error: {report.error.message}" if report is not None and report.error.code else ""
+            raise RemoteJobFailed("INTERNAL", ranks_failed(pid, job_id, processes, returncode) + own)
         code, message = exit_status(returncode, pid, job_id)
-        if returncode < 0 and (-returncode == signal.SIGKILL or -returncode in _CRASH_SIGNALS):
+        if -returncode in _KILLING_SIGNALS:
             raise WorkerDied(code, message)  # the runtime runs it again, up to FLUXLORA_MAX_JOB_ATTEMPTS
         raise RemoteJobFailed(code, message)
 
@@ -246,9 +265,10 @@ class ProcessRunner:
             time.sleep(STOP_CHECK_S)
 
 
-def exit_status(returncode: int, pid: int, job_id: str) -> tuple[str, str]:
-    """(gRPC code, message) for a worker process that ended without a result or error of its own."""
-    process = f"the worker process (pid {pid}) of job {job_id}"
+def exit_status(returncode: int, pid: int, job_id: str, process: str = "") -> tuple[str, str]:
+    """(gRPC code, message) for a worker process that ended without a result or error of its own;
+    `process` names it where it is not the one worker process."""
+    process = process or f"the worker process (pid {pid}) of job {job_id}"
     kept = "what it stored before (checkpoints, samples) is kept"
     if returncode < 0:
         number = -returncode
@@ -276,11 +296,10 @@ def exit_status(returncode: int, pid: int, job_id: str) -> tuple[str, str]:
 
 
 def ranks_failed(pid: int, job_id: str, processes: int, returncode: int) -> str:
-    """The message of a data-parallel job whose torchrun exited non-zero with no result or error stored."""
+    """The message of a data-parallel job whose launcher exited non-zero with no result or error stored."""
     return (f"a rank of job {job_id} failed: torchrun (pid {pid}) stopped its {processes} worker processes and "
-            f"exited with code {returncode}; the server log has torchrun's summary (which rank, its exit code or "
-            "signal: -9 is usually the out-of-memory killer) and that rank's last lines; the checkpoints it stored "
-            "are kept: resume with resume_from_run")
+            f"exited with that rank's code {returncode}; the server log has torchrun's summary (which rank, its exit "
+            "code) and that rank's last lines; the checkpoints it stored are kept: resume with resume_from_run")
 
 
 def _no_result(job_id: str, pid: int, returncode: int | None) -> NoReturn:

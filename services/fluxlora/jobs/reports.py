@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 from google.protobuf.message import Message
 
 from fluxlora.common import metrics, store_metrics
-from fluxlora.jobs.worker import load_report, unpack_any
+from fluxlora.jobs.worker import PERMANENT_CODES, load_report, unpack_any
 from fluxlora_api.shared.errors import FluxloraError
 from fluxlora_api.v1 import jobs_pb2
 
@@ -93,3 +93,19 @@ def finished_outcome(report: jobs_pb2.Job | None) -> Message | None:
     if report.state == S.JOB_STATE_FAILED and report.error.code:
         raise RemoteJobFailed(report.error.code, report.error.message)
     return None
+
+
+def after_a_rank_refused(report: jobs_pb2.Job | None) -> bool:
+    """Whether rank 0's stored outcome is only the echo of another rank's config error (the launcher
+    exited EXIT_PERMANENT): rank 0 stored no config error of its own (only, at most, its echo of it:
+    gloo's "Connection closed by peer"), and the run must fail as the request's fault."""
+    return report is None or report.state != S.JOB_STATE_FAILED or report.error.code not in PERMANENT_CODES
+
+
+def rank_refused(what: str, report: jobs_pb2.Job | None, where: str) -> RemoteJobFailed:
+    """FAILED_PRECONDITION for a run one of whose ranks (not rank 0, which alone reports) found the
+    request wrong: its error is in its log (`where`)."""
+    after = f"; rank 0 failed after it: {report.error.message}" if report is not None and report.error.code else ""
+    return RemoteJobFailed("FAILED_PRECONDITION", (
+        f"{what}: a rank found the request wrong (exit 3, a config error: every retry would fail the same way); "
+        f"its error is in {where}{after}"))

@@ -12,7 +12,9 @@ Exit codes tell Kubernetes whether a retry can help (the Job's podFailurePolicy 
 SIGTERM (and, with --watch-parent, stdin closing) stops the job at its next safe point.
 
 Under torchrun (a data-parallel training job: fluxlora.jobs.launch) every rank runs the handler;
-only rank 0 stores its report, so the report keeps one writer. The other ranks log instead.
+only rank 0 stores its report, so the report keeps one writer. The other ranks log instead. Rank 0
+stores a failure as the outcome only when it is the request's fault (PERMANENT_CODES); any other is
+left to the launcher's exit code, since it may only be the echo of another rank's death.
 """
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ EXIT_SUCCEEDED = 0
 EXIT_FAILED = 1  # may succeed on a retry (store unreachable, a crash): counts against backoffLimit
 EXIT_PERMANENT = 3  # the same request fails again however often it runs: podFailurePolicy FailJob
 EXIT_INTERRUPTED = 75  # SIGTERM (cancel, drain, preemption): a retry resumes from the last checkpoint
+RANK_RESULTS_ENV = "FLUXLORA_RANK_RESULTS"  # the launcher's folder of rank exit codes (note_rank_result)
 PERMANENT_CODES = frozenset({"INVALID_ARGUMENT", "NOT_FOUND", "FAILED_PRECONDITION", "RESOURCE_EXHAUSTED"})
 # How often progress and metrics reach the report (state changes, artifacts and warnings: at once);
 # the server mirrors the report about as often (fluxlora.jobs.process.REPORT_POLL_S).
@@ -170,8 +173,17 @@ def _run_reported(report: WorkerReport, handler: Callable[[JobContext, Any], Mes
         return EXIT_INTERRUPTED
     except BaseException as exc:  # noqa: BLE001 - every failure must end up in the report
         code, message = status_of(exc)
+        if code in PERMANENT_CODES:
+            note_rank_result(EXIT_PERMANENT)  # first: torchrun may stop this rank once a peer has failed
         if code == "INTERNAL" or not report.stored:  # a follower's error is seen in its log alone
             log.exception("job %s failed (rank %d): %s", job_id, launched_rank(), message)
+        if code not in PERMANENT_CODES and launched_world_size() > 1:
+            # With several ranks such a failure is often only the echo of another rank's death (gloo:
+            # "Connection reset by peer" when the out-of-memory killer took it), so it is not stored as
+            # the outcome: the launcher's exit code decides (a killed rank: the run goes again). Rank 0's
+            # error stays in the report for the runner's message.
+            report.update(job_id, partial(_set_error, code=code, message=message))
+            return EXIT_FAILED
         report.finish(S.JOB_STATE_FAILED, error=(code, message))
         return EXIT_PERMANENT if code in PERMANENT_CODES else EXIT_FAILED
     finally:
@@ -180,9 +192,31 @@ def _run_reported(report: WorkerReport, handler: Callable[[JobContext, Any], Mes
     return EXIT_SUCCEEDED
 
 
+def note_rank_result(exit_code: int) -> None:
+    """Tells the launcher (fluxlora.server.launcher, through the folder it names in RANK_RESULTS_ENV)
+    how this rank is about to end. Its peers fail as soon as it leaves their collectives, and torchrun
+    may see one of them exit first and stop this rank with SIGTERM: the launcher reads this note
+    instead of the exit code torchrun saw. Nothing to do outside the launcher."""
+    folder = os.environ.get(RANK_RESULTS_ENV)
+    if folder:
+        try:
+            Path(folder, str(launched_rank())).write_text(str(exit_code))
+        except OSError as exc:
+            log.warning("could not note this rank's exit code %d for the launcher: %s", exit_code, exc)
+
+
+def _set_error(job: jobs_pb2.Job, code: str, message: str) -> None:
+    job.error.code, job.error.message = code, message
+
+
 def launched_rank() -> int:
     """This process's rank among the processes torchrun started for one job (0 when it started none)."""
     return int(os.environ.get("RANK", "0"))
+
+
+def launched_world_size() -> int:
+    """How many processes torchrun started for one job, over all nodes (1 when it started none)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
 
 
 def stop_on_sigterm() -> threading.Event:

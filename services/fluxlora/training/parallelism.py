@@ -16,14 +16,11 @@ MAX_NODES = 16
 def check_parallelism(spec: pb.TrainSpec, settings: Settings) -> None:
     """FAILED_PRECONDITION when the runner cannot start the processes the spec asks for."""
     gpus, nodes = max(1, spec.gpus), max(1, spec.nodes)
-    if nodes > 1:
-        if settings.runner != "kubernetes":
-            raise FailedPrecondition(
-                f"spec.nodes is {nodes}: training across nodes needs FLUXLORA_RUNNER=kubernetes (FLUXLORA_RUNNER is "
-                f"{settings.runner}); on one machine use spec.gpus alone")
+    if nodes > 1 and settings.runner != "kubernetes":
+        # Across nodes the cluster starts the pods (an Indexed Job, fluxlora.jobs.k8s_manifests).
         raise FailedPrecondition(
-            f"spec.nodes is {nodes}: training across nodes is not implemented yet (an indexed Job with a headless "
-            f"Service is planned); use up to {MAX_GPUS} GPUs of one node with spec.gpus")
+            f"spec.nodes is {nodes}: training across nodes needs FLUXLORA_RUNNER=kubernetes (FLUXLORA_RUNNER is "
+            f"{settings.runner}); on one machine use spec.gpus alone")
     if gpus == 1:
         return
     if settings.runner == "local":
