@@ -11,7 +11,7 @@ import time
 
 from fluxlora.jobs.context import JobInterrupted
 from fluxlora.server.worker import main
-from fluxlora_api.shared.errors import InvalidArgument
+from fluxlora_api.shared.errors import InvalidArgument, Unavailable
 from fluxlora_api.v1 import preprocessing_pb2, training_pb2  # noqa: F401 - the worker unpacks TrainSpecs too
 
 STEP_S = 0.05
@@ -130,5 +130,25 @@ def gloo_ranks(ctx, spec):
 HANDLERS = {f.__name__: f for f in (ok, steps, deaf, bad_request, killed, segfault, exits, loading, ranks,
                                     resumable_ranks, gloo_ranks)}
 
+def store_unreachable_at_start() -> None:
+    """While the file FLUXLORA_TEST_STORE_DOWN names holds a number above 0, this worker finds the store
+    unreachable when it opens it (as in an outage or with the bucket lost), and counts it down."""
+    counter = os.environ.get("FLUXLORA_TEST_STORE_DOWN")
+    if not counter or int(open(counter).read()) <= 0:
+        return
+    left = int(open(counter).read())
+    with open(counter, "w") as f:
+        f.write(str(left - 1))
+
+    def unreachable(settings):
+        raise Unavailable("object store s3://bucket at 127.0.0.1:9 unreachable while reading 'jobs/...': "
+                          "connection refused")
+
+    import fluxlora.common.storage
+
+    fluxlora.common.storage.open_store = unreachable
+
+
 if __name__ == "__main__":
+    store_unreachable_at_start()
     sys.exit(main(handler=HANDLERS[os.environ["FLUXLORA_TEST_HANDLER"]]))

@@ -20,6 +20,7 @@ import pytest
 
 from fluxlora.common.config import Settings
 from fluxlora.common.storage import LocalStore
+from fluxlora.jobs import process
 from fluxlora.jobs.process import ProcessRunner, exit_status, is_worker_of, worker_env
 from fluxlora.jobs.runners import LocalRunner, runner_for
 from fluxlora.jobs.runtime import JobRuntime
@@ -349,3 +350,34 @@ def test_a_worker_that_exited_0_is_not_failed_while_its_report_reads_as_missing(
     assert store.lost_since is not None
     assert job.state == S.JOB_STATE_SUCCEEDED, job.error
     assert job.result.Is(preprocessing_pb2.PreprocessResult.DESCRIPTOR)
+
+
+def test_a_worker_that_cannot_reach_the_store_to_start_is_started_again_once_it_can(
+        start, tmp_path, monkeypatch):
+    """Found by the 30-minute chaos run: a worker started during an outage or a lost bucket exited 1 with a
+    traceback and its job failed INTERNAL. Nothing ran, so it is started again while the store is out."""
+    monkeypatch.setattr(process, "STORE_RETRY_S", 0.1)
+    counter = tmp_path / "down"
+    counter.write_text("2")
+    monkeypatch.setenv("FLUXLORA_TEST_STORE_DOWN", str(counter))
+    runtime = start("ok")
+    job, events = finish(runtime, runtime.submit(spec()).job_id)
+    assert job.state == S.JOB_STATE_SUCCEEDED, job.error
+    assert counter.read_text() == "0"
+    said = [e.message for e in events if "could not reach the store" in e.message]
+    assert len(said) == 2 and "starting it again" in said[0]
+
+
+def test_a_store_out_for_longer_than_the_wait_fails_the_job_unavailable_not_internal(start, tmp_path, monkeypatch):
+    monkeypatch.setattr(process, "STORE_RETRY_S", 0.1)
+    monkeypatch.setattr(process, "STORE_WAIT_S", 0.5)
+    counter = tmp_path / "down"
+    counter.write_text("1000")
+    monkeypatch.setenv("FLUXLORA_TEST_STORE_DOWN", str(counter))
+    runtime = start("ok")
+    job, _ = finish(runtime, runtime.submit(spec()).job_id)
+    assert job.state == S.JOB_STATE_FAILED
+    assert job.error.code == "UNAVAILABLE"
+    assert "could not reach the store" in job.error.message
+    assert "resubmit once the store is reachable" in job.error.message
+

@@ -54,7 +54,13 @@ from fluxlora.jobs.reports import (
     finished_outcome,
     rank_refused,
 )
-from fluxlora.jobs.worker import EXIT_INTERRUPTED, EXIT_PERMANENT, EXIT_SUCCEEDED, load_report
+from fluxlora.jobs.worker import (
+    EXIT_INTERRUPTED,
+    EXIT_PERMANENT,
+    EXIT_SUCCEEDED,
+    EXIT_UNAVAILABLE,
+    load_report,
+)
 from fluxlora_api.shared.errors import Unavailable
 from fluxlora_api.v1 import jobs_pb2
 
@@ -68,6 +74,11 @@ WORKER_MODULE = "fluxlora.server.worker"
 REPORT_POLL_S = 1.0  # the worker writes its report about as often (worker.PERSIST_INTERVAL_S)
 STOP_CHECK_S = 0.1  # how soon a cancel or shutdown reaches the child
 UNASKED_STOP_WAIT_S = 2.0  # a child stopped by someone else's SIGTERM: time for our own shutdown to show
+# A worker that could not reach the store to start (EXIT_UNAVAILABLE: nothing ran) is started again
+# every STORE_RETRY_S for STORE_WAIT_S, as the store's own retries wait out an outage, before the job
+# fails UNAVAILABLE.
+STORE_RETRY_S = 5.0
+STORE_WAIT_S = 120.0
 EXITED_0_READ_S = 60.0  # how long the report of a worker that exited 0 is read again while it reads as unfinished
 PID_METRIC = "worker_pid"
 # The worker serves no RPCs: it gets neither the token nor TLS keys.
@@ -80,6 +91,10 @@ _CRASH_SIGNALS = {
     signal.SIGABRT: "an abort (a fatal error in native code, e.g. an unhandled C++ exception or a CUDA error)",
 }
 _KILLING_SIGNALS = frozenset({signal.SIGKILL, *_CRASH_SIGNALS})  # a worker killed by these runs again
+
+
+class _StoreUnreachable(Exception):
+    """The worker exited EXIT_UNAVAILABLE: it could not read its job from the store, so nothing ran."""
 
 
 class ProcessRunner:
@@ -98,6 +113,23 @@ class ProcessRunner:
 
     # --- the Runner protocol ------------------------------------------------------------------
     def run(self, runtime: JobRuntime, job_id: str, spec: Any, scratch: Path) -> Message:
+        deadline = time.monotonic() + STORE_WAIT_S
+        while True:
+            try:
+                return self._run_once(runtime, job_id, spec)
+            except _StoreUnreachable as exc:
+                if time.monotonic() > deadline:
+                    raise RemoteJobFailed("UNAVAILABLE", f"{exc}; it was started again for {STORE_WAIT_S:.0f} s: "
+                                                         "resubmit once the store is reachable") from exc
+                runtime.update(job_id, lambda job: None,
+                               message=f"{exc}; starting it again in {STORE_RETRY_S:.0f} s")
+                end = time.monotonic() + STORE_RETRY_S
+                while time.monotonic() < end:
+                    if runtime.should_stop(job_id):
+                        raise JobInterrupted(job_id) from exc
+                    time.sleep(STOP_CHECK_S)
+
+    def _run_once(self, runtime: JobRuntime, job_id: str, spec: Any) -> Message:
         self._wait_for_leftover(runtime, job_id)
         earlier = self._report(runtime, job_id)
         if earlier is not None and earlier.state in FINISHED:
@@ -222,6 +254,9 @@ class ProcessRunner:
             return finished_outcome(report) or _no_result(job_id, pid, returncode)
         if asked_to_stop:
             raise JobInterrupted(job_id)
+        if returncode == EXIT_UNAVAILABLE:
+            raise _StoreUnreachable(f"the worker process (pid {pid}) of job {job_id} could not reach the store "
+                                    f"{runtime.store.uri} to start the job (its log line says why)")
         if returncode in (EXIT_INTERRUPTED, -signal.SIGTERM, -signal.SIGINT):
             # Stopped by a signal we did not send: part of this machine shutting down (and this server
             # with it, which then re-queues the job), or someone's `kill`.

@@ -40,7 +40,7 @@ from fluxlora.common.config import Settings
 from fluxlora.common.storage import ArtifactStore
 from fluxlora.jobs.context import JobContext, JobInterrupted, interruptible_now
 from fluxlora.jobs.records import JobRecords, mark_finished
-from fluxlora_api.shared.errors import NotFound, status_of
+from fluxlora_api.shared.errors import NotFound, Unavailable, status_of
 from fluxlora_api.v1 import jobs_pb2
 
 log = logging.getLogger(__name__)
@@ -50,6 +50,7 @@ EXIT_SUCCEEDED = 0
 EXIT_FAILED = 1  # may succeed on a retry (store unreachable, a crash): counts against backoffLimit
 EXIT_PERMANENT = 3  # the same request fails again however often it runs: podFailurePolicy FailJob
 EXIT_INTERRUPTED = 75  # SIGTERM (cancel, drain, preemption): a retry resumes from the last checkpoint
+EXIT_UNAVAILABLE = 69  # the store was unreachable before the job started (sysexits' EX_UNAVAILABLE): nothing ran
 RANK_RESULTS_ENV = "FLUXLORA_RANK_RESULTS"  # the launcher's folder of rank exit codes (note_rank_result)
 PERMANENT_CODES = frozenset({"INVALID_ARGUMENT", "NOT_FOUND", "FAILED_PRECONDITION", "RESOURCE_EXHAUSTED"})
 # How often progress and metrics reach the report (state changes, artifacts and warnings: at once);
@@ -141,16 +142,19 @@ def run_worker(service: str, job_id: str, settings: Settings, store: ArtifactSto
     fluxlora.server.worker finds it); returns the process exit code."""
     from fluxlora.common.storage import open_store
 
-    store = store or open_store(settings)
     try:
+        store = store or open_store(settings)
         record = json_format.Parse(store.get_bytes(JobRecords(store, service).key(job_id)), jobs_pb2.Job())
+        earlier = load_report(store, service, job_id)
     except NotFound:
-        log.error("no %s job %s in %s: the server's record is missing", service, job_id, store.uri)
+        log.error("no %s job %s in %s: the server's record is missing", service, job_id, settings.store)
         return EXIT_PERMANENT
+    except Unavailable as exc:  # nothing started: the runner starts the worker again once the store is back
+        log.error("job %s not started: %s", job_id, exc)
+        return EXIT_UNAVAILABLE
     stop = stop or stop_on_sigterm()
     follower = launched_rank() > 0
     report = WorkerReport(store, settings, service, job_id, stop, stored=not follower)
-    earlier = load_report(store, service, job_id)
     if earlier is not None:  # a retry: what the earlier attempt stored is still in the store
         report.job.artifacts.extend(earlier.artifacts)
         report.job.warnings.extend(earlier.warnings)

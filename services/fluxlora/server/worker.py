@@ -20,6 +20,7 @@ from fluxlora.jobs.worker import (
     EXIT_INTERRUPTED,
     EXIT_PERMANENT,
     EXIT_SUCCEEDED,
+    EXIT_UNAVAILABLE,
     run_worker,
     stop_on_sigterm,
     stop_when_stdin_closes,
@@ -40,7 +41,7 @@ def main(argv: list[str] | None = None, handler: Callable[[JobContext, Any], Mes
         prog="python -m fluxlora.server.worker",
         description=f"Run one stored job in this process, then exit. Exit codes: {EXIT_SUCCEEDED} succeeded, "
                     f"{EXIT_FAILED} failed (a retry may help), {EXIT_PERMANENT} bad request, {EXIT_INTERRUPTED} "
-                    "interrupted (SIGTERM).")
+                    f"interrupted (SIGTERM), {EXIT_UNAVAILABLE} store unreachable before the job started.")
     parser.add_argument("service", help="the service whose job handler runs the job")
     parser.add_argument("job_id", help="the stored job to run, e.g. trn-0123456789ab")
     parser.add_argument("--watch-parent", action="store_true",
