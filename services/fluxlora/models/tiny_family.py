@@ -18,4 +18,8 @@ def write_tiny_family(family: str, out_dir: Path, seed: int = 0) -> Path:
         from fluxlora.models.tiny_chroma import write_tiny_chroma
 
         return write_tiny_chroma(out_dir, seed=seed)
+    if family == "flux1-kontext":
+        from fluxlora.models.tiny_kontext import write_tiny_kontext
+
+        return write_tiny_kontext(out_dir, seed=seed)
     raise ValueError(f"no tiny model for family {family!r} yet: use one of {', '.join(FAMILIES)}")

@@ -14,14 +14,16 @@ from pathlib import Path
 from fluxlora.models.families.base import Family, PromptEncoding
 from fluxlora.models.families.chroma import Chroma
 from fluxlora.models.families.flux2 import Flux2, Flux2Klein
+from fluxlora.models.families.kontext import Kontext
 
 FLUX1_DEV = Family()
 CHROMA = Chroma()
-FAMILIES: dict[str, Family] = {f.name: f for f in (FLUX1_DEV, CHROMA)}
+KONTEXT = Kontext()
+FAMILIES: dict[str, Family] = {f.name: f for f in (FLUX1_DEV, CHROMA, KONTEXT)}
 # Families the planner can estimate from their configs but the trainer cannot train yet.
 PLANNED: dict[str, Family] = {f.name: f for f in (Flux2(), Flux2Klein())}
 # Recognised in model folders and configs, not trainable yet (issue 16).
-NOT_YET_TRAINABLE = ("flux1-kontext", "flux2-dev", "flux2-klein")
+NOT_YET_TRAINABLE = ("flux2-dev", "flux2-klein")
 FAMILY_NAMES = (*FAMILIES, *NOT_YET_TRAINABLE)
 
 # diffusers class names -> family. FluxPipeline covers FLUX.1 [dev], [schnell] and the tiny model.
@@ -39,8 +41,8 @@ _BY_TRANSFORMER = {
     "Flux2Transformer2DModel": "flux2-dev",
 }
 
-__all__ = ["CHROMA", "FAMILIES", "FAMILY_NAMES", "FLUX1_DEV", "Family", "PromptEncoding", "detect_family", "family_of",
-           "agreed_family", "family_for_model", "get_family", "planning_family"]
+__all__ = ["CHROMA", "FAMILIES", "FAMILY_NAMES", "FLUX1_DEV", "KONTEXT", "Family", "PromptEncoding", "detect_family",
+           "family_of", "agreed_family", "family_for_model", "get_family", "planning_family"]
 
 
 def get_family(name: str) -> Family:

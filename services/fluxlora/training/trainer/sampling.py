@@ -37,8 +37,7 @@ def render_samples(
             encoded = [_batch_of_one(t, device, pipe.transformer.dtype) for t in (text, negative)]
             image = pipe(
                 **family.pipeline_prompt_kwargs(*encoded, guidance),
-                height=resolution,
-                width=resolution,
+                **family.pipeline_call_kwargs(resolution, resolution),
                 num_inference_steps=num_steps,
                 generator=torch.Generator("cpu").manual_seed(seed),
             ).images[0]
