@@ -57,10 +57,7 @@ def get_family(name: str) -> Family:
 
 def planning_family(name: str) -> Family:
     """The family object the memory planner uses for `name`: the trainable ones and FLUX.2's two."""
-    if name == "flux1-kontext":
-        # FLUX.1's transformer, but every step also carries the reference image's tokens: an
-        # estimate without them would be too low.
-        raise ValueError("flux1-kontext cannot be planned yet: its reference-image tokens are not modelled")
+    # Kontext's control-image tokens are in the planner's fake step (Family.takes_control_image).
     return FAMILIES.get(name) or PLANNED.get(name) or get_family(name)
 
 
