@@ -15,6 +15,7 @@ from fluxlora.common import keys
 from fluxlora.common.storage import LocalStore
 from fluxlora.models.tiny_kontext import write_tiny_kontext
 from fluxlora_api.v1 import jobs_pb2
+from fluxlora_client.errors import FluxloraClientError
 
 INSTRUCTION = "make the square a circle"
 
@@ -102,3 +103,22 @@ def test_pairs_are_checked_per_file_and_the_rest_trains_and_renders(running, kon
     trained = client.result(run)
     assert [c.step for c in trained.checkpoints] == [2, 4]
     assert all(client.store.exists(c.lora_key) and client.store.exists(c.kohya_lora_key) for c in trained.checkpoints)
+
+    # The grid's cells all edit the dataset's first control image (its default), shown in the header.
+    grid = client.wait(client.evaluate(run.job_id, [0.0, 1.0], steps=2, width=64, height=64, image_text_model="none"))
+    assert grid.state == jobs_pb2.JOB_STATE_SUCCEEDED, grid.error
+    rendered = client.result(grid)
+    assert len(rendered.cells) == 4 and all(client.store.exists(c.image_key) for c in rendered.cells)
+    report = client.store.get_json(rendered.report_key)
+    assert report["spec"]["controlImage"] == keys.dataset_controls(dataset) + "cat.png"
+    page = report["panels"][0]["pages"][0]["layout"]
+    with Image.open(client.store.get_file(rendered.grid_key, tmp_path / "grid.png")) as sheet:
+        assert page["title_height"] > 64 and sheet.height > 2 * 64 + page["title_height"]
+
+    edited = client.wait(client.generate([INSTRUCTION], [{"run_id": trained.run_id}], width=64, height=64, steps=2,
+                                         control_image=keys.dataset_controls(dataset) + "dog.png"))
+    assert edited.state == jobs_pb2.JOB_STATE_SUCCEEDED, edited.error
+    with pytest.raises(FluxloraClientError) as refused:
+        client.generate([INSTRUCTION], base_model=str(kontext), width=64, height=64,
+                        control_image="datasets/none/control/x.png")
+    assert refused.value.code == "NOT_FOUND" and "spec.control_image" in refused.value.message

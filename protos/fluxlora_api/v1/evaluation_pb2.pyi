@@ -77,6 +77,7 @@ class GridSpec(_message.Message):
     IMAGE_TEXT_MODEL_FIELD_NUMBER: _builtins.int
     SKIP_CONVERGENCE_FIELD_NUMBER: _builtins.int
     LORAS_FIELD_NUMBER: _builtins.int
+    CONTROL_IMAGE_FIELD_NUMBER: _builtins.int
     run_id: _builtins.str
     """The training run whose checkpoints form the rows. Set this or `loras`, not both."""
     prompt: _builtins.str
@@ -105,6 +106,12 @@ class GridSpec(_message.Message):
     """
     skip_convergence: _builtins.bool
     """Skip the held-out flow-matching loss per checkpoint (the convergence score)."""
+    control_image: _builtins.str
+    """Editing models (flux1-kontext): the store key of the image every cell edits (PNG, JPEG or
+    WebP), resized to the cell size and shown in the grid's header; a missing one is NOT_FOUND.
+    default: "" (for a run trained on a pair dataset, the control image of its dataset's first
+    pair; else none: cells are generated from the prompt alone).
+    """
     @_builtins.property
     def checkpoint_steps(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
         """Only these checkpoint steps (comma-separated or repeated); default: every checkpoint of the run."""
@@ -155,10 +162,11 @@ class GridSpec(_message.Message):
         image_text_model: _builtins.str = ...,
         skip_convergence: _builtins.bool = ...,
         loras: _abc.Iterable[Global___GridLora] | None = ...,
+        control_image: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_guidance", b"_guidance", "_seed", b"_seed", "guidance", b"guidance", "seed", b"seed"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_guidance", b"_guidance", "_seed", b"_seed", "base_model", b"base_model", "checkpoint_steps", b"checkpoint_steps", "guidance", b"guidance", "height", b"height", "image_text_model", b"image_text_model", "loras", b"loras", "prompt", b"prompt", "prompts", b"prompts", "rows_per_page", b"rows_per_page", "run_id", b"run_id", "seed", b"seed", "seeds", b"seeds", "skip_convergence", b"skip_convergence", "steps", b"steps", "strengths", b"strengths", "width", b"width"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_guidance", b"_guidance", "_seed", b"_seed", "base_model", b"base_model", "checkpoint_steps", b"checkpoint_steps", "control_image", b"control_image", "guidance", b"guidance", "height", b"height", "image_text_model", b"image_text_model", "loras", b"loras", "prompt", b"prompt", "prompts", b"prompts", "rows_per_page", b"rows_per_page", "run_id", b"run_id", "seed", b"seed", "seeds", b"seeds", "skip_convergence", b"skip_convergence", "steps", b"steps", "strengths", b"strengths", "width", b"width"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__guidance: _TypeAlias = _typing.Literal["guidance"]  # noqa: Y015
     _WhichOneofArgType__guidance: _TypeAlias = _typing.Literal["_guidance", b"_guidance"]  # noqa: Y015
@@ -529,6 +537,7 @@ class GenerateSpec(_message.Message):
     GUIDANCE_FIELD_NUMBER: _builtins.int
     BASE_MODEL_FIELD_NUMBER: _builtins.int
     LORAS_FIELD_NUMBER: _builtins.int
+    CONTROL_IMAGE_FIELD_NUMBER: _builtins.int
     seed: _builtins.int
     """Seed of each prompt's first image; image i uses seed + i; default: 42."""
     images_per_prompt: _builtins.int
@@ -543,6 +552,10 @@ class GenerateSpec(_message.Message):
     """Guidance for a guidance-distilled base; default: 3.5."""
     base_model: _builtins.str
     """Base model; empty means the first LoRA run's base model, else the server's default."""
+    control_image: _builtins.str
+    """Editing models (flux1-kontext): the store key of the image every generation edits, resized to
+    width x height; a missing one is NOT_FOUND. default: "" (generated from the prompts alone).
+    """
     @_builtins.property
     def prompts(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """One or more prompts; each is rendered images_per_prompt times."""
@@ -563,10 +576,11 @@ class GenerateSpec(_message.Message):
         guidance: _builtins.float | None = ...,
         base_model: _builtins.str = ...,
         loras: _abc.Iterable[Global___LoraWeight] | None = ...,
+        control_image: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_guidance", b"_guidance", "_seed", b"_seed", "guidance", b"guidance", "seed", b"seed"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_guidance", b"_guidance", "_seed", b"_seed", "base_model", b"base_model", "guidance", b"guidance", "height", b"height", "images_per_prompt", b"images_per_prompt", "loras", b"loras", "prompts", b"prompts", "seed", b"seed", "steps", b"steps", "width", b"width"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_guidance", b"_guidance", "_seed", b"_seed", "base_model", b"base_model", "control_image", b"control_image", "guidance", b"guidance", "height", b"height", "images_per_prompt", b"images_per_prompt", "loras", b"loras", "prompts", b"prompts", "seed", b"seed", "steps", b"steps", "width", b"width"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__guidance: _TypeAlias = _typing.Literal["guidance"]  # noqa: Y015
     _WhichOneofArgType__guidance: _TypeAlias = _typing.Literal["_guidance", b"_guidance"]  # noqa: Y015

@@ -259,6 +259,7 @@ COMMENTS: dict[str, dict[str, str]] = {
         'guidance': 'Guidance for a guidance-distilled base; default: 3.5.',
         'base_model': "Base model; empty means the first LoRA run's base model, else the server's default.",
         'loras': 'LoRAs applied together, each with its own strength; empty renders the base model.',
+        'control_image': 'Editing models (flux1-kontext): the store key of the image every generation edits, resized to\nwidth x height; a missing one is NOT_FOUND. default: "" (generated from the prompts alone).',
     },
     'fluxlora.v1.GeneratedImage': {
         '': '',
@@ -330,6 +331,7 @@ COMMENTS: dict[str, dict[str, str]] = {
         'image_text_model': 'CLIP-like image-text model (directory or store://prefix) for fidelity and flexibility\nscores; empty means the server\'s FLUXLORA_IMAGE_TEXT_MODEL, "none" means skip them.',
         'skip_convergence': 'Skip the held-out flow-matching loss per checkpoint (the convergence score).',
         'loras': "Rows from any list of LoRA files, in this order, instead of one run's checkpoints. Then\nbase_model is required unless a LoRA names a run (the first such run gives base_model and\nthe defaults for prompt, size and guidance, and its dataset the scores); prompt is required\nwhen no LoRA names a run, and without a run the convergence probe and image-text scores are\nskipped. Convergence then takes the rows in the order given.",
+        'control_image': 'Editing models (flux1-kontext): the store key of the image every cell edits (PNG, JPEG or\nWebP), resized to the cell size and shown in the grid\'s header; a missing one is NOT_FOUND.\ndefault: "" (for a run trained on a pair dataset, the control image of its dataset\'s first\npair; else none: cells are generated from the prompt alone).',
     },
     'fluxlora.v1.Job': {
         '': 'A unit of long-running work and everything known about it.',

@@ -146,9 +146,11 @@ def generate_images(
     steps: int,
     guidance: float | None,
     progress: Progress | None = None,
+    control: Image.Image | None = None,
 ) -> list[list[Image.Image]]:
     """images[prompt][seed] with every LoRA applied at its strength; the pipeline is left holding
-    no LoRA. Prompts are encoded with the LoRAs loaded, so text-encoder LoRA weights apply."""
+    no LoRA. Prompts are encoded with the LoRAs loaded, so text-encoder LoRA weights apply.
+    control: the image every generation edits (editing families)."""
     if pipe.get_list_adapters():
         raise ValueError("the pipeline already holds LoRA adapters; generate on a clean pipeline")
     total, done = len(prompts) * len(seeds), 0
@@ -164,7 +166,7 @@ def generate_images(
             embedding = encode(pipe, prompt)
             row = []
             for seed in seeds:
-                row.append(render_image(pipe, embedding, seed, width, height, steps, guidance, "pil"))
+                row.append(render_image(pipe, embedding, seed, width, height, steps, guidance, "pil", control=control))
                 done += 1
                 if progress is not None:
                     progress(done, total)
