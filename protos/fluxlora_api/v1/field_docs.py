@@ -602,7 +602,7 @@ COMMENTS: dict[str, dict[str, str]] = {
         'memory_mode': '"auto": the planner picks the fastest memory options (gradient_checkpointing, base_quantization,\nblocks_to_swap) that fit the GPU, keeping those set, and records them; the job\'s notes say which\nand why. "manual": as given, or refused; default: "auto".',
         'gpus': 'GPUs that train this one LoRA data-parallel (torchrun, one process per GPU), 1 to 8: each takes\nbatch_size images of every step, so the global batch is batch_size x gpus x nodes; learning_rate\nis not rescaled (docs/deploy.md). Needs FLUXLORA_RUNNER=process or kubernetes; default: 1.',
         'nodes': 'Nodes of `gpus` GPUs each, 1 to 16; more than 1 needs FLUXLORA_RUNNER=kubernetes and is refused\nuntil multi-node Jobs are implemented; default: 1.',
-        'family': 'The base model\'s family: "flux1-dev" (any FluxPipeline model) or "chroma"; "flux1-kontext",\n"flux2-dev" and "flux2-klein" are recognised but not trainable yet. A family that disagrees\nwith the model is INVALID_ARGUMENT; default: "" (detected from the model\'s model_index.json).',
+        'family': 'The base model\'s family: "flux1-dev" (any FluxPipeline model), "chroma" or "flux1-kontext"\n(editing LoRAs, trained on a pair dataset: every image needs its control image); "flux2-dev"\nand "flux2-klein" are recognised but not trainable yet. A family that disagrees with the model\nis INVALID_ARGUMENT; default: "" (detected from the model\'s model_index.json).',
     },
     'fluxlora.v1.TrainingPlan': {
         '': '',

@@ -181,9 +181,10 @@ class TrainSpec(_message.Message):
     until multi-node Jobs are implemented; default: 1.
     """
     family: _builtins.str
-    """The base model's family: "flux1-dev" (any FluxPipeline model) or "chroma"; "flux1-kontext",
-    "flux2-dev" and "flux2-klein" are recognised but not trainable yet. A family that disagrees
-    with the model is INVALID_ARGUMENT; default: "" (detected from the model's model_index.json).
+    """The base model's family: "flux1-dev" (any FluxPipeline model), "chroma" or "flux1-kontext"
+    (editing LoRAs, trained on a pair dataset: every image needs its control image); "flux2-dev"
+    and "flux2-klein" are recognised but not trainable yet. A family that disagrees with the model
+    is INVALID_ARGUMENT; default: "" (detected from the model's model_index.json).
     """
     @_builtins.property
     def sample_prompts(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:

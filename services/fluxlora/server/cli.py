@@ -123,8 +123,8 @@ def demo(
 def write_tiny(
     out: Path,
     seed: int = 0,
-    family: Annotated[str, typer.Option(help="Write only this family's tiny model (flux1-dev or chroma), "
-                                             "as <out>/tiny-<family>.")] = "",
+    family: Annotated[str, typer.Option(help="Write only this family's tiny model (flux1-dev, chroma or "
+                                             "flux1-kontext), as <out>/tiny-<family>.")] = "",
 ) -> None:
     """Write a tiny random FLUX pipeline and Florence-2 and BLIP captioners (for demos and tests)."""
     if family:
