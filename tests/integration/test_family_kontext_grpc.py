@@ -59,7 +59,7 @@ def write_pairs(folder):
     photo((64, 64), 6, "rectangle").save(folder / "orphan_control.png")  # no target
 
 
-def test_pairs_are_checked_per_file_and_the_rest_trains_and_renders(running, kontext, tmp_path):
+def test_pairs_are_checked_per_file_and_the_rest_trains_and_renders(running, kontext, tiny_models, tmp_path):
     client = running
     write_pairs(tmp_path / "upload")
     job = client.wait(client.preprocess(client.upload_photos(tmp_path / "upload"), base_size=64, crop_mode="square"))
@@ -93,7 +93,14 @@ def test_pairs_are_checked_per_file_and_the_rest_trains_and_renders(running, kon
     assert sorted(o.key.rsplit("/", 1)[1] for o in client.store.list(keys.dataset_images(dataset))) == [
         "cat.png", "dog.png"]
 
-    captions = {"cat": INSTRUCTION, "dog": INSTRUCTION}
+    # Auto-captions describe the after images: the job says to rewrite them as instructions; the
+    # control images get none.
+    captioned = client.wait(client.caption(dataset, "ohwx", model=str(tiny_models["florence2"]), max_new_tokens=8))
+    assert captioned.state == jobs_pb2.JOB_STATE_SUCCEEDED, captioned.error
+    assert any("editing (before/after pair) dataset" in w for w in captioned.warnings)
+    assert client.result(captioned).caption_count == 2
+
+    captions = {"cat": INSTRUCTION, "dog": INSTRUCTION}  # as the user rewrote them
     for stem, text in captions.items():
         client.store.put_bytes(keys.dataset_images(dataset) + f"{stem}.txt", text.encode())
     client.store.put_json(keys.dataset_captions(dataset), {"trigger_word": "", "captions": captions})

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from diffusers import FluxKontextPipeline
+from PIL import Image
 from safetensors.torch import load_file
 
 from fluxlora.evaluation.render import latent_distances_to_image
@@ -147,3 +148,19 @@ def test_the_encoding_cache_keeps_the_control_latents(tiny_kontext_dir, pair, tm
     second = train_lora(quick(), tiny_kontext_dir, pair, tmp_path / "b",
                         TrainCallbacks(on_encoded=encoded_again.append), device="cpu", encoding_cache=cache)
     assert encoded_again == [] and second.losses == first.losses
+
+
+def test_samples_edit_the_first_control_image(tiny_kontext_dir, pair, tmp_path, monkeypatch):
+    seen = []
+    original = FluxKontextPipeline.__call__
+
+    def spy(self, *args, **kwargs):
+        seen.append(kwargs.get("image"))
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(FluxKontextPipeline, "__call__", spy)
+    outcome = train(quick(max_steps=1, sample_every=1, sample_prompts=[INSTRUCTION], sample_steps=1),
+                    tiny_kontext_dir, pair, tmp_path)
+    assert outcome.samples and outcome.samples[0][1][0].is_file()
+    assert len(seen) == 1 and seen[0].size == (64, 64)
+    assert seen[0].tobytes() == Image.open(pair / "control" / "edit.png").convert("RGB").tobytes()

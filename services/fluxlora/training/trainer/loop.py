@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 from diffusers.optimization import get_scheduler
+from PIL import Image
 
 from fluxlora.models.families import Family, family_for_model
 from fluxlora.models.loading import load_flux_pipeline, pick_device_dtype
@@ -418,7 +419,17 @@ def _samples(run: _Run, out_dir: Path, step: int) -> list[Path]:
         guidance=cfg.guidance,
         seed=cfg.seed,
         device=run.device,
+        control=_sample_control(run),
     )
+
+
+def _sample_control(run: _Run) -> Image.Image | None:
+    """Editing families: samples edit the first pair's control image, as the grid does."""
+    control = run.data.samples[0].pair.control if run.data.samples else None
+    if not run.family.takes_control_image or control is None or not control.is_file():
+        return None
+    with Image.open(control) as opened:
+        return opened.convert("RGB")
 
 
 def _resume(run: _Run, directory: Path) -> int:
