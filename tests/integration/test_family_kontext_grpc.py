@@ -110,6 +110,7 @@ def test_pairs_are_checked_per_file_and_the_rest_trains_and_renders(running, kon
     trained = client.result(run)
     assert [c.step for c in trained.checkpoints] == [2, 4]
     assert all(client.store.exists(c.lora_key) and client.store.exists(c.kohya_lora_key) for c in trained.checkpoints)
+    assert trained.loss_csv_key == f"runs/{trained.run_id}/loss.csv" and client.store.exists(trained.loss_csv_key)
 
     # The grid's cells all edit the dataset's first control image (its default), shown in the header.
     grid = client.wait(client.evaluate(run.job_id, [0.0, 1.0], steps=2, width=64, height=64, image_text_model="none"))

@@ -93,11 +93,11 @@ def run_training(ctx: JobContext, spec: pb.TrainSpec) -> pb.TrainResult:
     }
 
     # Editing datasets: the control images go to dataset/control/, where the trainer pairs them.
-    prefixes = {keys.dataset_images(spec.dataset_id): "", keys.dataset_controls(spec.dataset_id): CONTROL_DIR + "/"}
-    objects = [(obj, prefix) for prefix in prefixes for obj in ctx.store.list(prefix)]
-    for i, (obj, prefix) in enumerate(objects, 1):
+    folders = {keys.dataset_images(spec.dataset_id): "", keys.dataset_controls(spec.dataset_id): CONTROL_DIR + "/"}
+    objects = [(obj, source) for source in folders for obj in ctx.store.list(source)]
+    for i, (obj, source) in enumerate(objects, 1):
         ctx.check_cancelled()
-        ctx.store.get_file(obj.key, ctx.scratch / "dataset" / (prefixes[prefix] + obj.key[len(prefix):]))
+        ctx.store.get_file(obj.key, ctx.scratch / "dataset" / (folders[source] + obj.key[len(source):]))
         ctx.progress("downloading dataset", i, len(objects), "file")
     if chosen is not None:
         # The approved version, not whatever the sidecars hold now: kohya-style pairs by stem.
