@@ -97,5 +97,24 @@ def test_write_config_and_write_tiny_commands(tmp_path):
     done = runner.invoke(app, ["models", "write-tiny", "--family", "flux2-klein", str(tmp_path)])
     assert done.exit_code == 0, done.output
     assert detect_family_in(tmp_path / "tiny-flux2-klein") == "flux2-klein"
+    done = runner.invoke(app, ["models", "write-tiny", "--family", "flux1-kontext", str(tmp_path)])
+    assert done.exit_code == 0, done.output
+    assert detect_family_in(tmp_path / "tiny-flux1-kontext") == "flux1-kontext"
     refused = runner.invoke(app, ["models", "write-tiny", "--family", "flux2-dev", str(tmp_path)])
     assert refused.exit_code == 2 and "no tiny model for family 'flux2-dev'" in refused.output
+
+
+def test_the_planner_counts_kontext_control_tokens(tmp_path):
+    """Kontext's step carries the control image's tokens too: above FLUX.1 [dev]'s estimate on the
+    same transformer."""
+    peaks = {}
+    for family in ("flux1-dev", "flux1-kontext"):
+        write_config(family, tmp_path / family)
+        config_path = tmp_path / family / "transformer" / "config.json"
+        config = json.loads(config_path.read_text())
+        config_path.write_text(json.dumps({**config, **TINY, **TINY_BY_CLASS[config["_class_name"]]}))
+        shape = read_model_shape(str(tmp_path / family))
+        assert shape.family == family
+        peaks[family] = MemoryPlanner().step_memory(shape, TrainConfig(resolution=256, precision="bf16", rank=4))
+    assert peaks["flux1-kontext"].weight_bytes == peaks["flux1-dev"].weight_bytes
+    assert peaks["flux1-kontext"].peak_bytes > peaks["flux1-dev"].peak_bytes

@@ -85,7 +85,8 @@ class JobSubmits(ServiceConnections):
                  webhook_urls: Sequence[str] = (), **options: Any) -> jobs_pb2.Job:
         """Options are GridSpec fields: checkpoint_steps, prompt, seed, width, height, steps, guidance,
         prompts / seeds (one grid per prompt and seed), rows_per_page, image_text_model ("none" to
-        skip fidelity scores), skip_convergence, base_model, and loras=[{"key": "<.safetensors key>",
+        skip fidelity scores), skip_convergence, base_model, control_image (editing models: the stored
+        image every cell edits), and loras=[{"key": "<.safetensors key>",
         "label": "v1"}, {"run_id": "trn-...", "step": 1500}] for rows of LoRA files instead of one
         run's checkpoints (run_id "" then). The result's `recommendation` is the pick."""
         spec = _spec(evaluation_pb2.GridSpec, run_id=run_id, strengths=strengths or [], **options)
@@ -99,7 +100,8 @@ class JobSubmits(ServiceConnections):
 
         loras: [{"key": "<.safetensors key>", "strength": 0.8}] or [{"run_id": "trn-...", "step": 1500}]
         (step 0 or absent: the run's latest checkpoint; strength absent: 1.0). Options are GenerateSpec
-        fields: seed, images_per_prompt, width, height, steps, guidance, base_model."""
+        fields: seed, images_per_prompt, width, height, steps, guidance, base_model, control_image (editing
+        models: the stored image every generation edits)."""
         spec = _spec(evaluation_pb2.GenerateSpec, prompts=[prompts] if isinstance(prompts, str) else list(prompts),
                      loras=loras or [], **options)
         request = evaluation_pb2.SubmitGenerateRequest(spec=spec, request_id=request_id or _new_id(),

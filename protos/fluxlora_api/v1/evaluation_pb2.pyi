@@ -79,6 +79,7 @@ class GridSpec(_message.Message):
     LORAS_FIELD_NUMBER: _builtins.int
     BASE_COMPONENTS_FIELD_NUMBER: _builtins.int
     FAMILY_FIELD_NUMBER: _builtins.int
+    CONTROL_IMAGE_FIELD_NUMBER: _builtins.int
     run_id: _builtins.str
     """The training run whose checkpoints form the rows. Set this or `loras`, not both."""
     prompt: _builtins.str
@@ -115,8 +116,14 @@ class GridSpec(_message.Message):
     else FLUXLORA_BASE_MODEL when that is a directory.
     """
     family: _builtins.str
-    """The base model's family ("flux1-dev", "chroma"); one that disagrees with the model is
-    INVALID_ARGUMENT; default: "" (detected from the model).
+    """The base model's family ("flux1-dev", "chroma", "flux2-klein", "flux1-kontext"); one that
+    disagrees with the model is INVALID_ARGUMENT; default: "" (detected from the model).
+    """
+    control_image: _builtins.str
+    """Editing models (flux1-kontext): the store key of the image every cell edits (PNG, JPEG or
+    WebP), resized to the cell size and shown in the grid's header; a missing one is NOT_FOUND.
+    default: "" (for a run trained on a pair dataset, the control image of its dataset's first
+    pair; else none: cells are generated from the prompt alone).
     """
     @_builtins.property
     def checkpoint_steps(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
@@ -170,10 +177,11 @@ class GridSpec(_message.Message):
         loras: _abc.Iterable[Global___GridLora] | None = ...,
         base_components: _builtins.str = ...,
         family: _builtins.str = ...,
+        control_image: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_guidance", b"_guidance", "_seed", b"_seed", "guidance", b"guidance", "seed", b"seed"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_guidance", b"_guidance", "_seed", b"_seed", "base_components", b"base_components", "base_model", b"base_model", "checkpoint_steps", b"checkpoint_steps", "family", b"family", "guidance", b"guidance", "height", b"height", "image_text_model", b"image_text_model", "loras", b"loras", "prompt", b"prompt", "prompts", b"prompts", "rows_per_page", b"rows_per_page", "run_id", b"run_id", "seed", b"seed", "seeds", b"seeds", "skip_convergence", b"skip_convergence", "steps", b"steps", "strengths", b"strengths", "width", b"width"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_guidance", b"_guidance", "_seed", b"_seed", "base_components", b"base_components", "base_model", b"base_model", "checkpoint_steps", b"checkpoint_steps", "control_image", b"control_image", "family", b"family", "guidance", b"guidance", "height", b"height", "image_text_model", b"image_text_model", "loras", b"loras", "prompt", b"prompt", "prompts", b"prompts", "rows_per_page", b"rows_per_page", "run_id", b"run_id", "seed", b"seed", "seeds", b"seeds", "skip_convergence", b"skip_convergence", "steps", b"steps", "strengths", b"strengths", "width", b"width"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__guidance: _TypeAlias = _typing.Literal["guidance"]  # noqa: Y015
     _WhichOneofArgType__guidance: _TypeAlias = _typing.Literal["_guidance", b"_guidance"]  # noqa: Y015
@@ -546,6 +554,7 @@ class GenerateSpec(_message.Message):
     LORAS_FIELD_NUMBER: _builtins.int
     BASE_COMPONENTS_FIELD_NUMBER: _builtins.int
     FAMILY_FIELD_NUMBER: _builtins.int
+    CONTROL_IMAGE_FIELD_NUMBER: _builtins.int
     seed: _builtins.int
     """Seed of each prompt's first image; image i uses seed + i; default: 42."""
     images_per_prompt: _builtins.int
@@ -568,8 +577,12 @@ class GenerateSpec(_message.Message):
     FLUXLORA_BASE_COMPONENTS, else FLUXLORA_BASE_MODEL when that is a directory.
     """
     family: _builtins.str
-    """The base model's family ("flux1-dev", "chroma"); one that disagrees with the model is
-    INVALID_ARGUMENT; default: "" (detected from the model).
+    """The base model's family ("flux1-dev", "chroma", "flux2-klein", "flux1-kontext"); one that
+    disagrees with the model is INVALID_ARGUMENT; default: "" (detected from the model).
+    """
+    control_image: _builtins.str
+    """Editing models (flux1-kontext): the store key of the image every generation edits, resized to
+    width x height; a missing one is NOT_FOUND. default: "" (generated from the prompts alone).
     """
     @_builtins.property
     def prompts(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
@@ -593,10 +606,11 @@ class GenerateSpec(_message.Message):
         loras: _abc.Iterable[Global___LoraWeight] | None = ...,
         base_components: _builtins.str = ...,
         family: _builtins.str = ...,
+        control_image: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_guidance", b"_guidance", "_seed", b"_seed", "guidance", b"guidance", "seed", b"seed"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_guidance", b"_guidance", "_seed", b"_seed", "base_components", b"base_components", "base_model", b"base_model", "family", b"family", "guidance", b"guidance", "height", b"height", "images_per_prompt", b"images_per_prompt", "loras", b"loras", "prompts", b"prompts", "seed", b"seed", "steps", b"steps", "width", b"width"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_guidance", b"_guidance", "_seed", b"_seed", "base_components", b"base_components", "base_model", b"base_model", "control_image", b"control_image", "family", b"family", "guidance", b"guidance", "height", b"height", "images_per_prompt", b"images_per_prompt", "loras", b"loras", "prompts", b"prompts", "seed", b"seed", "steps", b"steps", "width", b"width"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__guidance: _TypeAlias = _typing.Literal["guidance"]  # noqa: Y015
     _WhichOneofArgType__guidance: _TypeAlias = _typing.Literal["_guidance", b"_guidance"]  # noqa: Y015

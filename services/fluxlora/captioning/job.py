@@ -74,6 +74,11 @@ def run_caption(ctx: JobContext, spec: pb.CaptionSpec) -> pb.CaptionResult:
     )
     if ctx.should_stop:
         raise JobInterrupted(ctx.job_id)
+    if spec.captioner != "import" and _is_pair_dataset(ctx, spec.dataset_id):
+        # The captioner sees the after images only; an editing LoRA's captions are instructions.
+        ctx.warn("this is an editing (before/after pair) dataset: its captions are the edit instructions, and "
+                 "these describe the after images only; rewrite each as the instruction (e.g. \"make the sky "
+                 "stormy\") in caption review, or import instruction captions, before approving")
     if spec.captioner == "import":
         for entry in captioner.unmatched():
             ctx.warn(f"imported caption {entry} matches no image of the dataset and was not used")
@@ -183,3 +188,8 @@ def _import_captioner(ctx: JobContext, spec: pb.CaptionSpec):
     for image in manifest.get("images", []):
         aliases.setdefault(image["stem"], []).append(image["source_key"])
     return load_captioner("import", root, aliases=aliases, archives=archives)
+
+
+def _is_pair_dataset(ctx: JobContext, dataset_id: str) -> bool:
+    key = keys.dataset_manifest(dataset_id)
+    return ctx.store.exists(key) and bool(ctx.store.get_json(key).get("paired"))

@@ -15,6 +15,11 @@ def dataset_images(dataset_id: str) -> str:
     return f"datasets/{dataset_id}/images/"
 
 
+def dataset_controls(dataset_id: str) -> str:
+    """The control (before) images of an editing dataset, <stem>.png as their targets in images/."""
+    return f"datasets/{dataset_id}/control/"
+
+
 def dataset_captions(dataset_id: str) -> str:
     return f"datasets/{dataset_id}/captions.json"
 

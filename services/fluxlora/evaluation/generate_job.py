@@ -6,7 +6,7 @@ from __future__ import annotations
 from google.protobuf import json_format
 
 from fluxlora.common import keys
-from fluxlora.evaluation.job_support import device_and_dtype, inference_loading, settings_of
+from fluxlora.evaluation.job_support import control_image, device_and_dtype, inference_loading, settings_of
 from fluxlora.evaluation.pipelines import base_pipeline
 from fluxlora.evaluation.render import generate_images
 from fluxlora.jobs.context import JobContext
@@ -32,6 +32,7 @@ def run_generate(ctx: JobContext, spec: pb.GenerateSpec) -> pb.GenerateResult:
         images = generate_images(
             pipe, loras, prompts, seeds, spec.width, spec.height, spec.steps, spec.guidance,
             progress=lambda done, total: (ctx.check_cancelled(), ctx.progress("generating", done, total, "image")),
+            control=control_image(ctx, spec.control_image),
         )
 
     result = pb.GenerateResult(generation_id=ctx.job_id, loras=spec.loras)

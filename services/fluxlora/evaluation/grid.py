@@ -124,12 +124,15 @@ def compose_grid(
     col_axis: str = "strength",
     highlight: tuple[int, int] | None = None,
     font_size: int | None = None,
+    header_image: Image.Image | None = None,
+    header_label: str = "",
 ) -> tuple[Image.Image, GridLayout]:
     """Lay `cells[row][col]` out under a title, with row and column labels.
 
     `title` is the caller's description of the run (prompt, seed, size, steps); newlines are
     kept and long lines wrapped to the grid width. `highlight` (row, col), usually the
-    recommended cell, gets a coloured frame.
+    recommended cell, gets a coloured frame. `header_image` (an editing grid's control image) is
+    shown under the title at most cell size, captioned `header_label`.
     """
     rows, cols = len(cells), len(cells[0]) if cells else 0
     if rows == 0 or cols == 0:
@@ -168,6 +171,11 @@ def compose_grid(
     title_height = (
         len(title_lines) * _line_height(measure, title_font) + text_pad if title_lines else 0
     )
+    thumb = None
+    if header_image is not None:
+        thumb = header_image.convert("RGB")
+        thumb.thumbnail((cell_width, cell_height))
+        title_height += line_h + thumb.height + text_pad
     layout = GridLayout(
         rows=rows,
         cols=cols,
@@ -186,6 +194,10 @@ def compose_grid(
     title_line_h = _line_height(measure, title_font)
     for i, line in enumerate(title_lines):
         draw.text((pad, pad + i * title_line_h), line, font=title_font, fill=INK)
+    if thumb is not None:
+        top = pad + len(title_lines) * title_line_h + (text_pad if title_lines else 0)
+        draw.text((pad, top), _fit(measure, header_label, font, grid_w - 2 * pad), font=font, fill=MUTED)
+        image.paste(thumb, (pad, top + line_h))
     _draw_in(draw, layout.corner_box, corner, font, MUTED, anchor="lm", inset=text_pad)
     for c, text in enumerate(col_labels):
         box = layout.col_label_box(c)

@@ -17,7 +17,13 @@ from fluxlora.domain.runs import select_checkpoints
 from fluxlora.evaluation import heldout, scoring
 from fluxlora.evaluation.grid import compose_grid, format_step, format_strength, page_rows
 from fluxlora.evaluation.image_text import IMAGE_TEXT_MODELS, fidelity, flexibility
-from fluxlora.evaluation.job_support import IMAGE_SUFFIXES, device_and_dtype, inference_loading, settings_of
+from fluxlora.evaluation.job_support import (
+    IMAGE_SUFFIXES,
+    control_image,
+    device_and_dtype,
+    inference_loading,
+    settings_of,
+)
 from fluxlora.evaluation.pipelines import base_pipeline
 from fluxlora.evaluation.render import Panel, render_panels
 from fluxlora.evaluation.validation import NO_MODEL
@@ -80,6 +86,7 @@ def run_grid(ctx: JobContext, spec: pb.GridSpec) -> pb.GridResult:
         local = ctx.scratch / "loras" / f"row-{r:03d}.safetensors"
         loras.append((row.label, ctx.store.get_file(row.key, local)))
     dataset = _dataset_images(ctx, run, spec)
+    control = control_image(ctx, spec.control_image)
     ctx.progress("loading base model", 0)
     model_dir = resolve_base_model(spec.base_model, spec.base_components, ctx.store, settings.cache_dir)
     device, dtype = device_and_dtype(settings)
@@ -105,7 +112,7 @@ def run_grid(ctx: JobContext, spec: pb.GridSpec) -> pb.GridResult:
         cells = render_panels(
             pipe, loras, strengths, panels, spec.width, spec.height, spec.steps, spec.guidance,
             progress=lambda done, total: (ctx.check_cancelled(), ctx.progress("rendering cells", done, total, "cell")),
-            on_lora=on_lora if probe is not None else None,
+            on_lora=on_lora if probe is not None else None, control=control,
         )
     if probe is not None:
         scores.losses = [losses[r] for r in range(len(steps))]
@@ -121,7 +128,7 @@ def run_grid(ctx: JobContext, spec: pb.GridSpec) -> pb.GridResult:
         converged_step=scores.convergence.step if scores.convergence else None,
         fidelity=_mean_over_panels(scores.fidelity), flexibility=_mean_over_panels(scores.flexibility),
     )
-    return _write(ctx, spec, rows, panels, cells, scores, recommendation, dataset)
+    return _write(ctx, spec, rows, panels, cells, scores, recommendation, dataset, control)
 
 
 def _dataset_images(ctx: JobContext, run: dict, spec: pb.GridSpec) -> Dataset:
@@ -182,7 +189,7 @@ def _mean_over_panels(tables: list[list[list[float]]] | None) -> list[list[float
 
 
 def _write(ctx, spec, grid_rows: list[Row], panels, cells, scores: Scores, recommendation: scoring.Recommendation,
-           dataset: Dataset) -> pb.GridResult:
+           dataset: Dataset, control: Image.Image | None = None) -> pb.GridResult:
     grid_id = ctx.job_id
     prefix = keys.grid_prefix(grid_id)
     steps, strengths = [row.step for row in grid_rows], list(spec.strengths)
@@ -227,7 +234,7 @@ def _write(ctx, spec, grid_rows: list[Row], panels, cells, scores: Scores, recom
             score.flexibility = fmean(t[r][c] for t in scores.flexibility for c in positive)
         result.checkpoints.append(score)
 
-    pages_report = _write_pages(ctx, spec, panels, cells, grid_rows, strengths, recommendation, result)
+    pages_report = _write_pages(ctx, spec, panels, cells, grid_rows, strengths, recommendation, result, control)
     result.grid_key = result.panels[0].page_keys[0]
     result.report_key = prefix + "report.json"
     report_info = ctx.store.put_json(result.report_key, {
@@ -262,7 +269,8 @@ def _write(ctx, spec, grid_rows: list[Row], panels, cells, scores: Scores, recom
     return result
 
 
-def _write_pages(ctx, spec, panels, cells, grid_rows, strengths, recommendation, result) -> list[dict]:
+def _write_pages(ctx, spec, panels, cells, grid_rows, strengths, recommendation, result,
+                 control: Image.Image | None = None) -> list[dict]:
     prefix = keys.grid_prefix(ctx.job_id)
     settings = settings_of(ctx)
     rows_per_page = spec.rows_per_page or max(1, settings.grid_page_cells // len(strengths))
@@ -285,6 +293,8 @@ def _write_pages(ctx, spec, panels, cells, grid_rows, strengths, recommendation,
                 col_labels=[format_strength(s) for s in strengths],
                 title=f"{title}\n{marked}",
                 highlight=highlight,
+                header_image=control,
+                header_label=f"every cell edits {spec.control_image}",
             )
             name = "grid" + (f"-{p + 1:02d}" if len(panels) > 1 else "") + (f"-page{k + 1}" if len(pages) > 1 else "")
             path = ctx.scratch / f"{name}.png"

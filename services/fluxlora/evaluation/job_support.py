@@ -47,3 +47,14 @@ def inference_loading(settings: Settings, device: torch.device, gpu_gib: float |
         quantization = "fp8" if small else "none"
     offload = small if settings.inference_cpu_offload == "auto" else settings.inference_cpu_offload == "on"
     return InferenceLoading(quantization, offload and device.type != "cpu")
+
+
+def control_image(ctx: JobContext, key: str):
+    """The editing control image stored at `key` (validated at submit) as RGB; None for ""."""
+    if not key:
+        return None
+    from PIL import Image
+
+    path = ctx.store.get_file(key, ctx.scratch / "control" / key.rsplit("/", 1)[-1])
+    with Image.open(path) as opened:
+        return opened.convert("RGB")

@@ -46,13 +46,16 @@ def render_cells(
     guidance: float | None,
     progress: Progress | None = None,
     output_type: str = "pil",
+    control: Image.Image | None = None,
 ) -> list[list[Any]]:
     """cells[row][col] of one prompt and seed: one row per (label, LoRA file or directory), one
     column per strength, on a loaded pipeline, which is left holding no LoRA. output_type "pil"
     gives PIL images, "latent" the packed latents the transformer produced (what to compare when
-    the VAE is an untrained test one). progress(done, total) counts cells."""
+    the VAE is an untrained test one). progress(done, total) counts cells. control: the image every
+    cell edits (editing families: Kontext)."""
     (cells,) = render_panels(
-        pipe, loras, strengths, [Panel(prompt, seed)], width, height, steps, guidance, progress, output_type
+        pipe, loras, strengths, [Panel(prompt, seed)], width, height, steps, guidance, progress, output_type,
+        control=control,
     )
     return cells
 
@@ -69,6 +72,7 @@ def render_panels(
     progress: Progress | None = None,
     output_type: str = "pil",
     on_lora: Callable[[int], None] | None = None,
+    control: Image.Image | None = None,
 ) -> list[list[list[Any]]]:
     """cells[panel][row][col] for several prompt/seed panels, each LoRA loaded once for all of them.
 
@@ -76,6 +80,7 @@ def render_panels(
     encoders (which this project's LoRAs do not have) would not apply. Strength 0.0 means the
     base model: it is rendered once per panel, without any adapter, and shared by every row.
     on_lora(row) runs while row's LoRA is loaded at weight 1.0 (the held-out loss uses it).
+    control: the image every cell edits (editing families), resized to the cell size.
     The pipeline is left holding no LoRA, also when rendering fails.
     """
     if output_type not in OUTPUT_TYPES:
@@ -94,7 +99,8 @@ def render_panels(
     embeddings = {prompt: encode(pipe, prompt) for prompt in dict.fromkeys(p.prompt for p in panels)}
 
     def render(panel: Panel) -> Any:
-        return render_image(pipe, embeddings[panel.prompt], panel.seed, width, height, steps, guidance, output_type)
+        return render_image(pipe, embeddings[panel.prompt], panel.seed, width, height, steps, guidance, output_type,
+                            control=control)
 
     cells: list[list[list[Any]]] = [[[None] * len(strengths) for _ in loras] for _ in panels]
     zero_columns = [c for c, s in enumerate(strengths) if s == 0.0]
@@ -140,9 +146,11 @@ def generate_images(
     steps: int,
     guidance: float | None,
     progress: Progress | None = None,
+    control: Image.Image | None = None,
 ) -> list[list[Image.Image]]:
     """images[prompt][seed] with every LoRA applied at its strength; the pipeline is left holding
-    no LoRA. Prompts are encoded with the LoRAs loaded, so text-encoder LoRA weights apply."""
+    no LoRA. Prompts are encoded with the LoRAs loaded, so text-encoder LoRA weights apply.
+    control: the image every generation edits (editing families)."""
     if pipe.get_list_adapters():
         raise ValueError("the pipeline already holds LoRA adapters; generate on a clean pipeline")
     total, done = len(prompts) * len(seeds), 0
@@ -158,7 +166,7 @@ def generate_images(
             embedding = encode(pipe, prompt)
             row = []
             for seed in seeds:
-                row.append(render_image(pipe, embedding, seed, width, height, steps, guidance, "pil"))
+                row.append(render_image(pipe, embedding, seed, width, height, steps, guidance, "pil", control=control))
                 done += 1
                 if progress is not None:
                     progress(done, total)
@@ -185,13 +193,14 @@ def render_image(
     steps: int,
     guidance: float | None,
     output_type: str,
+    control: Image.Image | None = None,
 ) -> Any:
     # A CPU generator: the same seed gives the same noise on every device.
     guidance = DEFAULT_GUIDANCE if guidance is None else guidance
+    family = family_of(pipe)
     result = pipe(
-        **family_of(pipe).pipeline_prompt_kwargs(*embedding, guidance),
-        width=width,
-        height=height,
+        **family.pipeline_prompt_kwargs(*embedding, guidance),
+        **family.pipeline_call_kwargs(width, height, control),
         num_inference_steps=steps,
         generator=torch.Generator("cpu").manual_seed(seed),
         output_type=output_type,
@@ -219,16 +228,17 @@ def latent_distances_to_image(
     guidance: float | None = None,
     precision: str = "auto",
     device: torch.device | str | None = None,
+    control: Path | Image.Image | None = None,
 ) -> list[float]:
     """Latent MSE between generations at each LoRA strength and the image's own latents.
 
     A LoRA trained on an image (prompted with its caption) should pull generations toward it:
     the distance at strength 1.0 falls well below that at 0.0. Measured in latent space because
-    an untrained test VAE cannot reconstruct images, and at the image's size.
+    an untrained test VAE cannot reconstruct images, and at the image's size. control: the image
+    an editing LoRA edits into `image` (editing families), given to every generation.
     """
-    if not isinstance(image, Image.Image):
-        with Image.open(image) as opened:
-            image = opened.convert("RGB")
+    image = _rgb(image)
+    control = None if control is None else _rgb(control)
     device, dtype = pick_device_dtype(precision, device)
     pipe = load_flux_pipeline(model_dir, device, dtype)
     target = family_of(pipe).pipeline_output_latents(pipe.vae, image_to_pixels(pipe, image.convert("RGB")))
@@ -243,5 +253,13 @@ def latent_distances_to_image(
         steps,
         guidance,
         output_type="latent",
+        control=control,
     )
     return [latent_mse(cell, target) for cell in row]
+
+
+def _rgb(image: Path | Image.Image) -> Image.Image:
+    if isinstance(image, Image.Image):
+        return image
+    with Image.open(image) as opened:
+        return opened.convert("RGB")

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 from pathlib import PurePosixPath
 
+from fluxlora.common import keys
 from fluxlora.common.config import Settings
 from fluxlora.common.limits import INT64_MAX, Bound, check_numbers
 from fluxlora.common.models import check_model_ref
 from fluxlora.common.storage import ArtifactStore
 from fluxlora.domain.runs import list_checkpoints, require_run, select_checkpoints
+from fluxlora.evaluation.job_support import IMAGE_SUFFIXES
 from fluxlora.models.base_model import check_single_file_base, default_components, folder_family, is_single_file
 from fluxlora.models.families import agreed_family
 from fluxlora_api.shared.errors import InvalidArgument, NotFound
@@ -110,7 +112,32 @@ def grid_spec(request: pb.GridSpec, store: ArtifactStore, settings: Settings) ->
         spec.image_text_model = spec.image_text_model or settings.image_text_model
         if spec.image_text_model:
             check_model_ref(spec.image_text_model, store, "image-text model")
+    spec.control_image = spec.control_image or _first_control_image(store, run)
+    _check_control_image(spec.control_image, store)
     return spec
+
+
+def _first_control_image(store: ArtifactStore, run: dict) -> str:
+    """The control image of the first pair of the run's dataset when it is an editing (pair)
+    dataset; "" otherwise."""
+    dataset_id = run.get("dataset_id", "")
+    if not dataset_id or not store.exists(keys.dataset_manifest(dataset_id)):
+        return ""
+    manifest = store.get_json(keys.dataset_manifest(dataset_id))
+    images = manifest.get("images") or []
+    if not manifest.get("paired") or not images:
+        return ""
+    return keys.dataset_controls(dataset_id) + images[0]["file_name"]
+
+
+def _check_control_image(key: str, store: ArtifactStore) -> None:
+    if not key:
+        return
+    if not key.lower().endswith(IMAGE_SUFFIXES):
+        raise InvalidArgument(f"spec.control_image {key!r} is not an image key: name a stored .png, .jpg or .webp")
+    if not store.exists(key):
+        raise NotFound(f"spec.control_image {key!r} is not in the store: upload the image to edit first "
+                              "(e.g. a dataset's datasets/<id>/control/<stem>.png)")
 
 
 def _grid_loras(spec: pb.GridSpec, store: ArtifactStore) -> dict:
@@ -177,6 +204,7 @@ def generate_spec(request: pb.GenerateSpec, store: ArtifactStore, settings: Sett
     if not spec.HasField("guidance"):
         spec.guidance = config.get("guidance", DEFAULT_GUIDANCE)
     check_base_model(spec, first_run or {}, store, settings)
+    _check_control_image(spec.control_image, store)
     return spec
 
 

@@ -22,4 +22,8 @@ def write_tiny_family(family: str, out_dir: Path, seed: int = 0) -> Path:
         from fluxlora.models.tiny_flux2 import write_tiny_flux2_klein
 
         return write_tiny_flux2_klein(out_dir, seed=seed)
+    if family == "flux1-kontext":
+        from fluxlora.models.tiny_kontext import write_tiny_kontext
+
+        return write_tiny_kontext(out_dir, seed=seed)
     raise ValueError(f"no tiny model for family {family!r} yet: use one of {', '.join(FAMILIES)}")

@@ -24,6 +24,7 @@ from fluxlora.preprocessing.manifest import (
     RejectedFile,
 )
 from fluxlora.preprocessing.naming import folder_name
+from fluxlora.preprocessing.pairs import CONTROL_DIR, attach_controls, split_pairs
 from fluxlora.preprocessing.pipeline import preprocess_files
 from fluxlora.preprocessing.report import build_report, truncated_for_proto
 from fluxlora_api.shared.errors import FailedPrecondition, InvalidArgument
@@ -119,15 +120,18 @@ def run_preprocess(ctx: JobContext, spec: pb.PreprocessSpec) -> pb.PreprocessRes
         ctx.progress("downloading originals", i, len(sources), "file")
 
     files, refused = _unpack_archives(ctx, originals)
+    pairs = split_pairs(files)  # editing datasets: before/after pairs, the targets processed as usual
     out_dir = ctx.scratch / "images"
     sheet_path = ctx.scratch / "contact_sheet.png"
     manifest = preprocess_files(
-        files, out_dir, options,
+        pairs.targets, out_dir, options,
         progress=lambda done, total: _progress(ctx, done, total),
         workers=pool_size(getattr(ctx.settings, "preprocess_workers", 0)),
         contact_sheet=sheet_path,
         rejected_upstream=refused,
     )
+    if pairs.paired:
+        manifest = attach_controls(manifest, pairs, out_dir)
     dataset_id = manifest.dataset_fingerprint
     if manifest.image_count == 0:
         reasons = "; ".join(f"{r.source_key}: {r.reason}" for r in manifest.rejected[:5])
@@ -138,7 +142,8 @@ def run_preprocess(ctx: JobContext, spec: pb.PreprocessSpec) -> pb.PreprocessRes
 
     complete_before = ctx.store.exists(keys.dataset_manifest(dataset_id))  # the same photos, preprocessed earlier
     try:
-        _store_files(ctx, dataset_id, originals, sorted(out_dir.iterdir()))
+        _store_files(ctx, dataset_id, originals, sorted(p for p in out_dir.iterdir() if p.is_file()),
+                     sorted((out_dir / CONTROL_DIR).glob("*.png")))
     except OSError:
         # A full disk (or any store failure) part-way: take back what this attempt stored, so no stray
         # copies of the originals fill the disk further; the upload itself stays for a retry.
@@ -170,7 +175,8 @@ def run_preprocess(ctx: JobContext, spec: pb.PreprocessSpec) -> pb.PreprocessRes
     )
 
 
-def _store_files(ctx: JobContext, dataset_id: str, originals: list[tuple[str, Path]], images: list[Path]) -> None:
+def _store_files(ctx: JobContext, dataset_id: str, originals: list[tuple[str, Path]], images: list[Path],
+                 controls: list[Path]) -> None:
     prefix = keys.dataset_prefix(dataset_id)
     for i, (relative, local) in enumerate(originals, 1):
         ctx.check_cancelled()
@@ -180,6 +186,10 @@ def _store_files(ctx: JobContext, dataset_id: str, originals: list[tuple[str, Pa
         ctx.check_cancelled()
         ctx.store.put_file(keys.dataset_images(dataset_id) + path.name, path, "image/png")
         ctx.progress("storing images", i, len(images), "image")
+    for i, path in enumerate(controls, 1):  # apart from images/: captioning and scoring never see them
+        ctx.check_cancelled()
+        ctx.store.put_file(keys.dataset_controls(dataset_id) + path.name, path, "image/png")
+        ctx.progress("storing control images", i, len(controls), "image")
 
 
 def _remove_incomplete(ctx: JobContext, dataset_id: str) -> None:

@@ -105,6 +105,11 @@ class ImageEntry(BaseModel):
     pad_color: tuple[int, int, int] | None = None
     near_duplicate_group: int | None = None
     """Index into Manifest.near_duplicate_groups when this image has near duplicates."""
+    control_source_key: str | None = None
+    """Editing pairs: the uploaded control (before) image of this target."""
+    control_file_name: str | None = None
+    """Editing pairs: the control image cropped as this one, "control/<stem>.png" (stored under
+    keys.dataset_controls)."""
     flags: list[Flag] = []
     """Machine-readable summary of the warnings: what the report and the contact sheet mark."""
     warnings: list[str] = []
@@ -144,6 +149,8 @@ class Manifest(BaseModel):
     duplicate_count: int
     flagged_count: int = 0
     buckets: dict[str, int]
+    paired: bool = False
+    """An editing dataset: every image has a control (before) image (ImageEntry.control_*)."""
     warnings: list[str]
     images: list[ImageEntry]
     rejected: list[RejectedFile]

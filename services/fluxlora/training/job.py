@@ -28,6 +28,7 @@ from fluxlora.training.trainer.checkpoint import (
     load_training_state,
 )
 from fluxlora.training.trainer.config import TrainConfig
+from fluxlora.training.trainer.data import CONTROL_DIR
 from fluxlora.training.trainer.loop import train_lora
 from fluxlora.training.trainer.peak_memory import PeakMemory
 from fluxlora_api.shared.errors import InvalidArgument
@@ -94,11 +95,12 @@ def run_training(ctx: JobContext, spec: pb.TrainSpec) -> pb.TrainResult:
         "fluxlora.train_config": json.dumps(cfg.model_dump(), sort_keys=True),  # with the defaults
     }
 
-    images_prefix = keys.dataset_images(spec.dataset_id)
-    objects = list(ctx.store.list(images_prefix))
-    for i, obj in enumerate(objects, 1):
+    # Editing datasets: the control images go to dataset/control/, where the trainer pairs them.
+    folders = {keys.dataset_images(spec.dataset_id): "", keys.dataset_controls(spec.dataset_id): CONTROL_DIR + "/"}
+    objects = [(obj, source) for source in folders for obj in ctx.store.list(source)]
+    for i, (obj, source) in enumerate(objects, 1):
         ctx.check_cancelled()
-        ctx.store.get_file(obj.key, ctx.scratch / "dataset" / obj.key[len(images_prefix):])
+        ctx.store.get_file(obj.key, ctx.scratch / "dataset" / (folders[source] + obj.key[len(source):]))
         ctx.progress("downloading dataset", i, len(objects), "file")
     if chosen is not None:
         # The approved version, not whatever the sidecars hold now: kohya-style pairs by stem.

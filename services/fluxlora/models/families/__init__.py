@@ -14,15 +14,17 @@ from pathlib import Path
 from fluxlora.models.families.base import Family, PromptEncoding
 from fluxlora.models.families.chroma import Chroma
 from fluxlora.models.families.flux2 import Flux2, Flux2Klein
+from fluxlora.models.families.kontext import Kontext
 
 FLUX1_DEV = Family()
 CHROMA = Chroma()
 FLUX2_KLEIN = Flux2Klein()
-FAMILIES: dict[str, Family] = {f.name: f for f in (FLUX1_DEV, CHROMA, FLUX2_KLEIN)}
+KONTEXT = Kontext()
+FAMILIES: dict[str, Family] = {f.name: f for f in (FLUX1_DEV, CHROMA, FLUX2_KLEIN, KONTEXT)}
 # Families the planner can estimate from their configs but the trainer cannot train yet.
 PLANNED: dict[str, Family] = {f.name: f for f in (Flux2(),)}
 # Recognised in model folders and configs, not trainable yet (issue 16).
-NOT_YET_TRAINABLE = ("flux1-kontext", "flux2-dev")
+NOT_YET_TRAINABLE = ("flux2-dev",)
 FAMILY_NAMES = (*FAMILIES, *NOT_YET_TRAINABLE)
 
 # diffusers class names -> family. FluxPipeline covers FLUX.1 [dev], [schnell] and the tiny model.
@@ -40,7 +42,7 @@ _BY_TRANSFORMER = {
     "Flux2Transformer2DModel": "flux2-dev",
 }
 
-__all__ = ["CHROMA", "FAMILIES", "FAMILY_NAMES", "FLUX1_DEV", "FLUX2_KLEIN", "Family", "PromptEncoding",
+__all__ = ["CHROMA", "FAMILIES", "FAMILY_NAMES", "FLUX1_DEV", "FLUX2_KLEIN", "KONTEXT", "Family", "PromptEncoding",
            "detect_family", "family_of", "family_of_transformer", "agreed_family", "family_for_model", "get_family",
            "planning_family"]
 
@@ -57,10 +59,7 @@ def get_family(name: str) -> Family:
 
 def planning_family(name: str) -> Family:
     """The family object the memory planner uses for `name`: the trainable ones and FLUX.2's two."""
-    if name == "flux1-kontext":
-        # FLUX.1's transformer, but every step also carries the reference image's tokens: an
-        # estimate without them would be too low.
-        raise ValueError("flux1-kontext cannot be planned yet: its reference-image tokens are not modelled")
+    # Kontext's control-image tokens are in the planner's fake step (Family.takes_control_image).
     return FAMILIES.get(name) or PLANNED.get(name) or get_family(name)
 
 

@@ -49,6 +49,9 @@ class Family:
     # name), used when a run's target_modules is one of those presets as written for FLUX.1;
     # None: FLUX.1's module names fit (FLUX.1, Chroma).
     target_presets: dict[str, list[str]] | None = None
+    # Editing families (Kontext) train on before/after pairs: each sample's control image is
+    # encoded with its target and handed to with_control.
+    takes_control_image = False
 
     def __repr__(self) -> str:
         return f"<family {self.name}>"
@@ -91,6 +94,22 @@ class Family:
 
     def image_ids(self, latent_height: int, latent_width: int, device, dtype) -> torch.Tensor:
         return FluxPipeline._prepare_latent_image_ids(1, latent_height // 2, latent_width // 2, device, dtype)
+
+    def with_control(self, hidden_states: torch.Tensor, img_ids: torch.Tensor,
+                     control: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The transformer's image tokens and their ids with the control image's latents
+        (B, C, h, w; None: no control image) added. The trainer keeps the prediction of the first
+        hidden_states.shape[1] tokens. Families without image conditioning take none."""
+        if control is not None:
+            raise ValueError(f"the {self.name} family takes no control image: train an editing family "
+                             "(flux1-kontext) on before/after pairs")
+        return hidden_states, img_ids
+
+    def pipeline_call_kwargs(self, width: int, height: int, control=None) -> dict[str, Any]:
+        """The pipeline call's size arguments (and, for editing families, the control PIL image)."""
+        if control is not None:
+            raise ValueError(f"the {self.name} family edits no control image: render it without one")
+        return dict(width=width, height=height)
 
     def uses_guidance_embedding(self, transformer) -> bool:
         return bool(getattr(transformer.config, "guidance_embeds", False))

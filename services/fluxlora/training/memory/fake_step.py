@@ -74,8 +74,11 @@ def measure_step(shape: ModelShape, cfg: TrainConfig, dtype: torch.dtype,
         _create_optimizer_state(params, optimizer)
         tracker.reset_peak()
 
-        loss = flow_matching_loss(transformer, *step_inputs(shape, cfg, dtype), cfg.guidance, dtype,
-                                  family=planning_family(shape.family))
+        family = planning_family(shape.family)
+        inputs = step_inputs(shape, cfg, dtype)
+        # Editing families carry a control image as large as the target: twice the image tokens.
+        control = torch.zeros_like(inputs[0]) if family.takes_control_image else None
+        loss = flow_matching_loss(transformer, *inputs, cfg.guidance, dtype, family=family, control=control)
         loss.backward()
         apply_gradients(params, optimizer, scaler, cfg.max_grad_norm)
         peak = tracker.peak

@@ -24,6 +24,9 @@ from fluxlora.training.trainer.config import SIDE_MULTIPLE
 log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+# Editing (Kontext) datasets: each target image's control (before) image has the same stem in this
+# subfolder, the layout ai-toolkit (control_path) and musubi-tuner (control_directory) read.
+CONTROL_DIR = "control"
 _TEXT_BATCH = 8
 
 
@@ -31,6 +34,7 @@ _TEXT_BATCH = 8
 class Pair:
     image: Path
     caption: str
+    control: Path | None = None  # the control (before) image of an editing pair
 
 
 @dataclass(frozen=True)
@@ -45,6 +49,7 @@ class Sample:
     pair: Pair
     latents: torch.Tensor  # (C, h, w), float32, normalised (shift/scale applied)
     text: TextEmbedding
+    control_latents: torch.Tensor | None = None  # (C, h, w) like latents, for editing pairs
 
 
 @dataclass(frozen=True)
@@ -58,7 +63,8 @@ class CachedDataset:
 
 
 def find_pairs(dataset_dir: Path) -> list[Pair]:
-    """Images in dataset_dir with their kohya-style same-stem .txt captions, sorted by name.
+    """Images in dataset_dir with their kohya-style same-stem .txt captions, sorted by name, and
+    their control images in dataset_dir/control/ (same stem, any image suffix) where there is one.
 
     An image without a caption file trains with the empty caption (logged), as kohya does.
     """
@@ -81,8 +87,37 @@ def find_pairs(dataset_dir: Path) -> list[Pair]:
         else:
             log.warning("%s has no caption file %s; training it uncaptioned", image, caption_file)
             caption = ""
-        pairs.append(Pair(image, caption))
+        pairs.append(Pair(image, caption, _control_of(dataset_dir, image.stem)))
     return pairs
+
+
+def _control_of(dataset_dir: Path, stem: str) -> Path | None:
+    folder = dataset_dir / CONTROL_DIR
+    for suffix in IMAGE_SUFFIXES:
+        for candidate in (folder / f"{stem}{suffix}", folder / f"{stem}{suffix.upper()}"):
+            if candidate.is_file():
+                return candidate
+    return None
+
+
+def check_controls(pairs: Sequence[Pair], dataset_dir: Path) -> None:
+    """ValueError naming the first target image without a control image (an editing family
+    trains on before/after pairs only)."""
+    missing = [p.image.name for p in pairs if p.control is None]
+    if missing:
+        raise ValueError(
+            f"{len(missing)} image(s) in {dataset_dir} have no control image, e.g. {missing[0]}: an editing "
+            f"(flux1-kontext) dataset needs {CONTROL_DIR}/<stem>.png beside each <stem>.png "
+            "(preprocess the pairs with control images)"
+        )
+
+
+def load_control(path: Path, size: tuple[int, int]) -> Image.Image:
+    """The control image at its target's training size (preprocessing crops both halves alike, so
+    this is the same crop; a hand-made pair of another aspect is fitted, not distorted)."""
+    with Image.open(path) as opened:
+        image = ImageOps.exif_transpose(opened).convert("RGB")
+    return image if image.size == size else ImageOps.fit(image, size, Image.Resampling.LANCZOS)
 
 
 def training_size(width: int, height: int, resolution: int) -> tuple[int, int]:
@@ -149,6 +184,9 @@ def cache_dataset(
     captions and before each image: True raises TrainingStopped.
     """
     pairs = find_pairs(dataset_dir)
+    family = family_of(pipe)
+    if family.takes_control_image:
+        check_controls(pairs, dataset_dir)
 
     for encoder in family_of(pipe).text_encoders(pipe):
         encoder.to(device)
@@ -164,9 +202,13 @@ def cache_dataset(
         if should_stop():
             pipe.vae.to("cpu")
             raise TrainingStopped(f"stopped while encoding the dataset ({len(samples)} of {len(pairs)} images)")
-        pixels = image_to_pixels(pipe, load_image(pair.image, resolution))
-        latents = family_of(pipe).encode_latents(pipe.vae, pixels)[0].float().cpu()
-        samples.append(Sample(pair, latents, texts[pair.caption]))
+        image = load_image(pair.image, resolution)
+        latents = family.encode_latents(pipe.vae, image_to_pixels(pipe, image))[0].float().cpu()
+        control = None
+        if family.takes_control_image and pair.control is not None:
+            control_pixels = image_to_pixels(pipe, load_control(pair.control, image.size))
+            control = family.encode_latents(pipe.vae, control_pixels)[0].float().cpu()
+        samples.append(Sample(pair, latents, texts[pair.caption], control))
     pipe.vae.to("cpu")
     _release_device_cache(device)
 

@@ -36,6 +36,8 @@ def encoding_key(pairs: Sequence[Pair], model_identity: str, resolution: int, ma
         digest.update(pair.image.name.encode() + b"\0")
         digest.update(sha256_file(pair.image).encode())
         digest.update(pair.caption.encode() + b"\0")
+        if pair.control is not None:  # editing pairs: the control image's bytes too
+            digest.update(b"control\0" + sha256_file(pair.control).encode())
     return digest.hexdigest()[:40]
 
 
@@ -53,10 +55,12 @@ def save_encodings(cached: CachedDataset, path: Path) -> Path:
             tensors[f"{name}.mask"] = texts[text].mask.contiguous()
     for i, sample in enumerate(cached.samples):
         tensors[f"latents{i}"] = sample.latents.contiguous()
+        if sample.control_latents is not None:
+            tensors[f"control{i}"] = sample.control_latents.contiguous()
     layout = {
         "format": FORMAT_VERSION,
         "texts": list(text_names),
-        "samples": [{"image": s.pair.image.name, "caption": s.pair.caption} for s in cached.samples],
+        "samples": [_sample_layout(s) for s in cached.samples],
         "prompts": list(cached.prompts),
     }
     path = Path(path)
@@ -65,6 +69,17 @@ def save_encodings(cached: CachedDataset, path: Path) -> Path:
     save_file(tensors, partial, metadata={_META_KEY: json.dumps(layout)})
     partial.replace(path)
     return path
+
+
+def _sample_layout(sample: Sample) -> dict[str, str]:
+    layout = {"image": sample.pair.image.name, "caption": sample.pair.caption}
+    if sample.pair.control is not None:  # control/<name>, relative to the dataset folder
+        layout["control"] = sample.pair.control.relative_to(sample.pair.image.parent).as_posix()
+    return layout
+
+
+def _control_path(dataset_dir: Path, layout: dict[str, str]) -> Path | None:
+    return dataset_dir / layout["control"] if "control" in layout else None
 
 
 def load_encodings(path: Path, dataset_dir: Path) -> CachedDataset:
@@ -84,7 +99,9 @@ def load_encodings(path: Path, dataset_dir: Path) -> CachedDataset:
     texts = {text: TextEmbedding(tensors[f"text{i}.embeds"], tensors[f"text{i}.pooled"],
                                  tensors.get(f"text{i}.mask"))
              for i, text in enumerate(layout["texts"])}
-    samples = [Sample(Pair(Path(dataset_dir) / s["image"], s["caption"]), tensors[f"latents{i}"], texts[s["caption"]])
+    dataset_dir = Path(dataset_dir)
+    samples = [Sample(Pair(dataset_dir / s["image"], s["caption"], _control_path(dataset_dir, s)),
+                      tensors[f"latents{i}"], texts[s["caption"]], tensors.get(f"control{i}"))
                for i, s in enumerate(layout["samples"])]
     return CachedDataset(samples=samples, empty_text=texts[""], text_ids=tensors["text_ids"],
                          prompts={p: texts[p] for p in layout["prompts"]})

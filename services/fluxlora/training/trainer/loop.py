@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 from diffusers.optimization import get_scheduler
+from PIL import Image
 
 from fluxlora.models.families import Family, family_for_model
 from fluxlora.models.loading import load_flux_pipeline, pick_device_dtype
@@ -34,6 +35,7 @@ from fluxlora.training.trainer.data import (
     BucketBatcher,
     CachedDataset,
     cache_dataset,
+    check_controls,
     find_pairs,
 )
 from fluxlora.training.trainer.encoding_cache import load_encodings, save_encodings
@@ -136,7 +138,10 @@ def train_lora(
     missing = not_yet_runnable(cfg)
     if missing:
         raise ValueError(f"this trainer cannot run {'; '.join(missing)}")
-    find_pairs(dataset_dir)  # an unusable dataset should fail before minutes of model loading
+    # An unusable dataset should fail before minutes of model loading.
+    pairs = find_pairs(dataset_dir)
+    if _editing_family(Path(model_dir), cfg.family):
+        check_controls(pairs, Path(dataset_dir))
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     device, created = distributed.join(dp, device)
@@ -145,6 +150,13 @@ def train_lora(
                       encoding_cache, device, export_name, lora_metadata)
     finally:
         distributed.leave(created)
+
+
+def _editing_family(model_dir: Path, named: str) -> bool:
+    try:
+        return family_for_model(model_dir, named).takes_control_image
+    except ValueError:  # reported where the model is loaded, inside the preparing stage
+        return False
 
 
 def _train(cfg: TrainConfig, model_dir: Path, dataset_dir: Path, out_dir: Path, callbacks: TrainCallbacks,
@@ -356,9 +368,12 @@ def _micro_batch_loss(run: _Run, indices: list[int]) -> torch.Tensor | None:
     prompt_embeds = torch.stack([t.prompt_embeds for t in texts]).to(device, dtype)
     pooled = torch.stack([t.pooled for t in texts]).to(device, dtype)
     mask = None if texts[0].mask is None else torch.stack([t.mask for t in texts]).to(device, dtype)
+    control = None
+    if samples[0].control_latents is not None:
+        control = torch.stack([s.control_latents for s in samples]).to(device, torch.float32)
     loss = flow_matching_loss(
         run.transformer, latents, noise[mine].to(device), sigmas[mine].to(device), prompt_embeds, pooled,
-        run.data.text_ids.to(device, dtype), cfg.guidance, dtype, mask=mask, family=run.family,
+        run.data.text_ids.to(device, dtype), cfg.guidance, dtype, mask=mask, family=run.family, control=control,
     )
     # The slice's mean, weighted so that the ranks' shares sum to the global batch's mean.
     return loss if len(samples) == batch else loss * (len(samples) / batch)
@@ -405,7 +420,17 @@ def _samples(run: _Run, out_dir: Path, step: int) -> list[Path]:
         guidance=cfg.guidance,
         seed=cfg.seed,
         device=run.device,
+        control=_sample_control(run),
     )
+
+
+def _sample_control(run: _Run) -> Image.Image | None:
+    """Editing families: samples edit the first pair's control image, as the grid does."""
+    control = run.data.samples[0].pair.control if run.data.samples else None
+    if not run.family.takes_control_image or control is None or not control.is_file():
+        return None
+    with Image.open(control) as opened:
+        return opened.convert("RGB")
 
 
 def _resume(run: _Run, directory: Path) -> int:

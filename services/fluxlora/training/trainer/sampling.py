@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from PIL import Image
 
 from fluxlora.models.families import PromptEncoding, family_of
 from fluxlora.training.trainer.data import TextEmbedding
@@ -23,10 +24,12 @@ def render_samples(
     guidance: float,
     seed: int,
     device: torch.device,
+    control: Image.Image | None = None,
 ) -> list[Path]:
     """samples/step-NNNNNN-<i>.png, one per prompt, with the same seed at every step so that
     samples of different steps differ only by what the LoRA learned. `negative` (the empty caption)
-    is the negative prompt of families whose guidance is classifier-free (Chroma)."""
+    is the negative prompt of families whose guidance is classifier-free (Chroma). control: the
+    image editing families (Kontext) edit in every sample."""
     family = family_of(pipe)
     out_dir.mkdir(parents=True, exist_ok=True)
     pipe.transformer.eval()
@@ -37,8 +40,7 @@ def render_samples(
             encoded = [_batch_of_one(t, device, pipe.transformer.dtype) for t in (text, negative)]
             image = pipe(
                 **family.pipeline_prompt_kwargs(*encoded, guidance),
-                height=resolution,
-                width=resolution,
+                **family.pipeline_call_kwargs(resolution, resolution, control),
                 num_inference_steps=num_steps,
                 generator=torch.Generator("cpu").manual_seed(seed),
             ).images[0]

@@ -58,6 +58,7 @@ def flow_matching_loss(
     *,
     mask: torch.Tensor | None = None,
     family: Family = FLUX1_DEV,
+    control: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Rectified-flow loss of one micro-batch: noisy = (1 - s) x0 + s noise, the transformer
     predicts the velocity noise - x0 on the family's packed latent tokens.
@@ -65,17 +66,24 @@ def flow_matching_loss(
     latents, noise: (B, C, h, w) float32 on the device; sigmas: (B,); prompt_embeds (B, seq, dim),
     pooled (B, dim), text_ids (seq, 3) and mask (B, seq; families with a text mask) in `dtype` on
     the device. The family decides what the transformer is given (guidance, pooled text, mask).
+    control: (B, C, h', w') control-image latents of editing pairs; the family appends them to the
+    image tokens, and the loss is on the target's tokens only.
     """
     _, _, height, width = latents.shape
     device = latents.device
     s = sigmas.view(-1, 1, 1, 1)
     noisy = (1 - s) * latents + s * noise
     text = PromptEncoding(prompt_embeds, pooled, mask, text_ids)
+    target_tokens = family.pack(noisy).to(dtype)
+    hidden_states, img_ids = family.with_control(
+        target_tokens, family.image_ids(height, width, device, dtype),
+        None if control is None else control.to(device, dtype),
+    )
     with autocast(device, dtype):
         prediction = transformer(**family.transformer_kwargs(
-            transformer, hidden_states=family.pack(noisy).to(dtype), sigmas=sigmas, text=text,
-            img_ids=family.image_ids(height, width, device, dtype), guidance=guidance,
+            transformer, hidden_states=hidden_states, sigmas=sigmas, text=text, img_ids=img_ids, guidance=guidance,
         ))[0]
+    prediction = prediction[:, : target_tokens.shape[1]]
     # MSE ignores token order, so the target is packed rather than the prediction unpacked.
     return torch.nn.functional.mse_loss(prediction.float(), family.pack(noise - latents))
 
