@@ -14,6 +14,8 @@ import torch
 from diffusers import Flux2KleinPipeline, Flux2Pipeline
 from safetensors import safe_open
 from safetensors.torch import load_file
+from training_support import quick as base_quick
+from training_support import train
 
 from fluxlora.evaluation.render import latent_distances_to_image
 from fluxlora.models.families import FLUX2_KLEIN, detect_family_in, family_for_model
@@ -42,13 +44,9 @@ def circle(make_dataset, shape_image) -> Path:
 
 
 def quick(**overrides) -> TrainConfig:
-    settings = dict(resolution=64, max_steps=4, learning_rate=1e-3, rank=4, alpha=4, checkpoint_every=0,
-                    sample_every=0, gradient_checkpointing=False, seed=0, max_sequence_length=64)
-    return TrainConfig(**{**settings, **overrides})
+    return base_quick(**{"max_sequence_length": 64, **overrides})
 
 
-def train(cfg, model_dir, dataset_dir, out_dir, **kwargs):
-    return train_lora(cfg, model_dir, dataset_dir, out_dir, device="cpu", **kwargs)
 
 
 def lora_modules(klein_dir, targets) -> list[str]:

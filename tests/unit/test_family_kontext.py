@@ -14,6 +14,7 @@ import torch
 from diffusers import FluxKontextPipeline
 from PIL import Image
 from safetensors.torch import load_file
+from training_support import quick, train
 
 from fluxlora.evaluation.render import latent_distances_to_image
 from fluxlora.models.families import FLUX1_DEV, KONTEXT, detect_family_in, family_for_model
@@ -41,14 +42,8 @@ def pair(make_dataset, shape_image) -> Path:
     return dataset
 
 
-def quick(**overrides) -> TrainConfig:
-    settings = dict(resolution=64, max_steps=4, learning_rate=1e-3, rank=4, alpha=4, checkpoint_every=0,
-                    sample_every=0, gradient_checkpointing=False, seed=0)
-    return TrainConfig(**{**settings, **overrides})
 
 
-def train(cfg, model_dir, dataset_dir, out_dir, **kwargs):
-    return train_lora(cfg, model_dir, dataset_dir, out_dir, device="cpu", **kwargs)
 
 
 def test_the_family_is_detected_from_the_model(tiny_kontext_dir):

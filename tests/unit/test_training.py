@@ -12,6 +12,7 @@ from PIL import Image
 from pydantic import ValidationError
 from safetensors import safe_open
 from safetensors.torch import load_file
+from training_support import quick, train
 
 from fluxlora.evaluation.render import latent_distances_to_image
 from fluxlora.models.loading import load_flux_pipeline
@@ -21,7 +22,6 @@ from fluxlora.training.trainer import (
     TrainCallbacks,
     TrainConfig,
     latest_checkpoint,
-    train_lora,
 )
 from fluxlora.training.trainer.config import ATTENTION_AND_MLP_TARGETS
 from fluxlora.training.trainer.data import BucketBatcher, cache_dataset, training_size
@@ -33,26 +33,8 @@ CAPTION = "a photo of a red circle"
 WIDE_TARGETS = [*ATTENTION_AND_MLP_TARGETS, "proj_out"]
 
 
-def quick(**overrides) -> TrainConfig:
-    """A 64x64 run of a few steps that skips what the test does not look at."""
-    settings = {
-        "resolution": 64,
-        "max_steps": 4,
-        "learning_rate": 1e-3,
-        "rank": 4,
-        "alpha": 4,
-        "checkpoint_every": 0,
-        "sample_every": 0,
-        "gradient_checkpointing": False,
-        "seed": 0,
-    }
-    return TrainConfig(**{**settings, **overrides})
 
 
-def train(cfg, model_dir, dataset_dir, out_dir, callbacks=None, **kwargs):
-    """train_lora on the CPU even where a GPU is present: exact-equality checks need
-    deterministic kernels, and the thresholds were measured in fp32."""
-    return train_lora(cfg, model_dir, dataset_dir, out_dir, callbacks, device="cpu", **kwargs)
 
 
 def read_csv(path: Path) -> list[dict[str, str]]:
