@@ -4,7 +4,8 @@ launcher uses), and a fake kubelet that runs each created Job's worker in a thre
 With a LocalQueue added (`local_queues`), it models Kueue too: a Job created suspended with the
 queue-name label gets a Workload (QuotaReserved False, Pending) and waits until `admit` unsuspends it
 (adding the ResourceFlavor's node labels); `evict` (a preemption) suspends it again, which deletes its
-pod (the worker gets its SIGTERM) and keeps the Job.
+pod (the worker gets its SIGTERM) and keeps the Job. Its `cluster_objects` hold the ClusterQueues and
+ResourceFlavors the server reads (`kueue_objects`: the repository's own).
 
 The real `kubernetes` Python client talks to it, so requests, bodies, label selectors, status codes
 (201, 200, 404, 409) and response decoding all go through the client as they would on a cluster.
@@ -20,7 +21,10 @@ import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from urllib.parse import parse_qs, urlparse
+
+import yaml
 
 JOBS = re.compile(r"^/apis/batch/v1/namespaces/(?P<ns>[^/]+)/jobs(?:/(?P<name>[^/]+))?$")
 WORKLOADS = re.compile(r"^/apis/kueue.x-k8s.io/v1beta1/namespaces/(?P<ns>[^/]+)/workloads$")
@@ -29,6 +33,13 @@ CLUSTER_OBJECTS = re.compile(
     r"^/apis/kueue.x-k8s.io/v1beta1/(?P<kind>clusterqueues|resourceflavors)/(?P<name>[^/]+)$")
 SERVICES = re.compile(r"^/api/v1/namespaces/(?P<ns>[^/]+)/services(?:/(?P<name>[^/]+))?$")
 PODS = re.compile(r"^/api/v1/namespaces/(?P<ns>[^/]+)/pods(?:/(?P<name>[^/]+))?$")
+QUEUES = Path(__file__).resolve().parents[2] / "deploy" / "k8s" / "components" / "kueue" / "queues.yaml"
+
+
+def kueue_objects() -> dict[str, dict]:
+    """Kind -> the Kueue object as deploy/k8s/components/kueue ships it (ClusterQueue fluxlora-gpu,
+    ResourceFlavor rtx4090, LocalQueue fluxlora, ...)."""
+    return {doc["kind"]: doc for doc in yaml.safe_load_all(QUEUES.read_text()) if doc}
 
 
 def _now() -> str:

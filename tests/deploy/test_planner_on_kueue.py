@@ -6,30 +6,54 @@ flavors by quota and knows nothing of GPU memory, and says for each flavor wheth
 from __future__ import annotations
 
 import copy
-from pathlib import Path
 
+import jsonschema
 import pytest
-import yaml
-from kube_fakes import FakeKubeAPI, use_kubeconfig
+from kube_fakes import FakeKubeAPI, kueue_objects, use_kubeconfig
+from test_kueue_manifests import crd_schemas
 
 from fluxlora.common.config import Settings
 from fluxlora.common.storage import LocalStore
-from fluxlora.jobs.kueue_flavors import ClusterQueueGpus, Flavor, gpu_memory_gib, gpu_quotas
+from fluxlora.jobs.kueue_flavors import ClusterQueueGpus, Flavor, gpu_borrowing, gpu_memory_gib, gpu_quotas
 from fluxlora.server.bootstrap import start_server
 from fluxlora.training.gpu_budget import gpu_target
 from fluxlora_client import FluxloraClient
 from fluxlora_client.cli import _print_plan
 
 NS = "fluxlora"
-QUEUES = Path(__file__).resolve().parents[2] / "deploy" / "k8s" / "components" / "kueue" / "queues.yaml"
-
-
-def kueue_objects() -> dict[str, dict]:
-    return {doc["kind"]: doc for doc in yaml.safe_load_all(QUEUES.read_text()) if doc}
 
 
 def test_the_gpu_quota_of_each_flavor_is_read_from_the_cluster_queue_as_shipped():
     assert gpu_quotas(kueue_objects()["ClusterQueue"]) == [("rtx4090", 4)]
+
+
+@pytest.mark.parametrize("cohort, borrowing_limit, borrowing", [
+    (None, None, 0),  # outside a cohort nothing is borrowed (and Kueue refuses a borrowingLimit)
+    ("gpus", "4", 4),
+    ("gpus", None, None),  # a cohort without a borrowingLimit: whatever the cohort has unused
+])
+def test_what_a_flavor_may_borrow_follows_the_cohort_and_borrowing_limit(cohort, borrowing_limit, borrowing):
+    cluster_queue = copy.deepcopy(kueue_objects()["ClusterQueue"])
+    if cohort:
+        cluster_queue["spec"]["cohort"] = cohort
+    if borrowing_limit:
+        gpu = cluster_queue["spec"]["resourceGroups"][0]["flavors"][0]["resources"][2]
+        gpu["borrowingLimit"] = borrowing_limit
+    jsonschema.validate(cluster_queue, crd_schemas()["ClusterQueue"])  # Kueue's own field names
+    assert gpu_borrowing(cluster_queue) == {"rtx4090": borrowing}
+
+
+def test_a_run_is_over_quota_only_when_no_flavor_can_ever_give_its_gpus():
+    gpus = ClusterQueueGpus("fluxlora-gpu", (Flavor("h100", "", 80.0, 2, gpu_borrowing=2),
+                                             Flavor("rtx4090", "", 24.0, 3)))
+    assert [f.gpu_limit for f in gpus.flavors] == [4, 3]
+    assert gpus.over_quota(4) is None
+    refusal = gpus.over_quota(5)
+    assert refusal is not None and "ClusterQueue fluxlora-gpu" in refusal and "at most 4 GPUs" in refusal
+    assert "flavor h100: 2 GPUs of quota + 2 borrowable from its cohort; flavor rtx4090: 3 GPUs of quota" in refusal
+    unbounded = ClusterQueueGpus("fluxlora-gpu", (Flavor("h100", "", 80.0, 2, gpu_borrowing=None),))
+    assert unbounded.over_quota(64) is None
+    assert ClusterQueueGpus("fluxlora-gpu", ()).over_quota(64) is None  # no GPU flavor read: nothing said
 
 
 @pytest.mark.parametrize("labels, gib", [

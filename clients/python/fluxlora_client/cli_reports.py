@@ -78,12 +78,13 @@ def print_plan(plan) -> None:
                   f"{plan.weights_gib:.1f} weights, {plan.overhead_gib:.1f} overhead): {verdict} "
                   f"in {plan.target_gib:.1f} GiB" + (f" ({escape(plan.target_source)})" if plan.target_source else ""))
     if plan.cluster_queue:
-        flavors = table("flavor", "GPU", "GiB", "GPU quota", "fits",
+        flavors = table("flavor", "GPU", "GiB", "GPU quota", "fits", "GPUs within quota",
                         title=f"ClusterQueue {plan.cluster_queue}: where Kueue may admit the run")
         for f in plan.flavors:
             flavors.add_row(escape(f.name), escape(f.gpu_product or "?"),
-                            f"{f.gpu_memory_gib:g}" if f.gpu_memory_gib else "unknown", str(f.gpu_quota),
-                            "[green]yes[/green]" if f.fits else "[red]no[/red]")
+                            f"{f.gpu_memory_gib:g}" if f.gpu_memory_gib else "unknown", _quota(f),
+                            "[green]yes[/green]" if f.fits else "[red]no[/red]",
+                            "[green]yes[/green]" if f.fits_quota else "[red]no[/red]")
         console.print(flavors)
     if plan.alternatives:
         options = table("options that fit", "GiB", "runnable here", title="fluxlora train options that fit")
@@ -91,6 +92,15 @@ def print_plan(plan) -> None:
             options.add_row(" ".join(plan_flags(dict(alt.changes))), f"{alt.total_gib:.1f}",
                             "yes" if not alt.unavailable else "no: " + escape("; ".join(alt.unavailable)))
         console.print(options)
+
+
+def _quota(flavor) -> str:
+    """The flavor's GPU quota, and what borrowing from its cohort adds, e.g. "4 (8 borrowing)"."""
+    if not flavor.HasField("gpu_limit"):
+        return f"{flavor.gpu_quota} (more borrowing)"
+    if flavor.gpu_limit > flavor.gpu_quota:
+        return f"{flavor.gpu_quota} ({flavor.gpu_limit} borrowing)"
+    return str(flavor.gpu_quota)
 
 
 def _camel(name: str) -> str:

@@ -241,6 +241,8 @@ COMMENTS: dict[str, dict[str, str]] = {
         'gpu_memory_gib': "From the flavor's nvidia.com/gpu.memory label, or the known memory of its product; 0: unknown.",
         'gpu_quota': "The ClusterQueue's nominal nvidia.com/gpu quota in this flavor.",
         'fits': 'Whether total_gib fits gpu_memory_gib (false when the memory is unknown).',
+        'gpu_limit': 'The most GPUs Kueue can ever give one run in this flavor: gpu_quota, plus its borrowingLimit when\nthe ClusterQueue is in a cohort. Unset: no limit known (a cohort and no borrowingLimit).',
+        'fits_quota': "Whether the run's gpus x nodes fits gpu_limit. SubmitTraining refuses a run that fits no flavor's\n(FAILED_PRECONDITION); one that fits waits for Kueue to admit it while the GPUs are busy.",
     },
     'fluxlora.v1.GenerateResult': {
         '': '',
@@ -605,7 +607,7 @@ COMMENTS: dict[str, dict[str, str]] = {
         'max_grad_norm': 'Gradient-norm clipping threshold, >= 0 (0 turns clipping off); default: 1.0.',
         'memory_mode': '"auto": the planner picks the fastest memory options (gradient_checkpointing, base_quantization,\nblocks_to_swap) that fit the GPU, keeping those set, and records them; the job\'s notes say which\nand why. "manual": as given, or refused; default: "auto".',
         'gpus': 'GPUs that train this one LoRA data-parallel (torchrun, one process per GPU), 1 to 8: each takes\nbatch_size images of every step, so the global batch is batch_size x gpus x nodes; learning_rate\nis not rescaled (docs/deploy.md). Needs FLUXLORA_RUNNER=process or kubernetes; default: 1.',
-        'nodes': 'Nodes of `gpus` GPUs each, 1 to 16; more than 1 needs FLUXLORA_RUNNER=kubernetes (an Indexed Job\nof `nodes` pods, admitted together; docs/deploy.md); default: 1.',
+        'nodes': "Nodes of `gpus` GPUs each, 1 to 16; more than 1 needs FLUXLORA_RUNNER=kubernetes (an Indexed Job\nof `nodes` pods, admitted together; docs/deploy.md). Behind Kueue, gpus x nodes must fit the GPU\nquota of one of the ClusterQueue's flavors, else the run is refused; default: 1.",
         'family': 'The base model\'s family: "flux1-dev" (any FluxPipeline model), "chroma", "flux2-klein" or\n"flux1-kontext" (editing LoRAs, trained on a pair dataset: every image needs its control image);\n"flux2-dev" is recognised but not trainable yet. A family that disagrees with the model is\nINVALID_ARGUMENT; default: "" (detected from the model\'s model_index.json).',
         'base_components': 'For a single-file base_model: a diffusers directory (local or store://<prefix>) with the text\nencoders, tokenizers, VAE, scheduler and transformer/config.json (no transformer weights);\ndefault: FLUXLORA_BASE_COMPONENTS, else a FLUXLORA_BASE_MODEL directory.',
     },
@@ -624,7 +626,7 @@ COMMENTS: dict[str, dict[str, str]] = {
         'picked': 'With memory_mode "auto": the picked memory options, TrainSpec field name -> value.',
         'target_source': "Where target_gib comes from, in words: the request, FLUXLORA_GPU_MEMORY_GIB, the server's GPU, or,\nbehind Kueue, the smallest GPU among the ClusterQueue's flavors (Kueue may place the run on any).",
         'cluster_queue': 'Behind Kueue (FLUXLORA_K8S_QUEUE_NAME): the ClusterQueue that would admit the run.',
-        'flavors': "And its flavors with GPU quota, in its order: whether the run fits each flavor's GPU.",
+        'flavors': "And its flavors with GPU quota, in its order: whether the run fits each flavor's GPU and quota.",
     },
     'fluxlora.v1.TrainingPlan.PickedEntry': {
         '': '',

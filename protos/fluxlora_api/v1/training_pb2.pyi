@@ -180,7 +180,8 @@ class TrainSpec(_message.Message):
     """
     nodes: _builtins.int
     """Nodes of `gpus` GPUs each, 1 to 16; more than 1 needs FLUXLORA_RUNNER=kubernetes (an Indexed Job
-    of `nodes` pods, admitted together; docs/deploy.md); default: 1.
+    of `nodes` pods, admitted together; docs/deploy.md). Behind Kueue, gpus x nodes must fit the GPU
+    quota of one of the ClusterQueue's flavors, else the run is refused; default: 1.
     """
     family: _builtins.str
     """The base model's family: "flux1-dev" (any FluxPipeline model), "chroma", "flux2-klein" or
@@ -567,7 +568,7 @@ class TrainingPlan(_message.Message):
 
     @_builtins.property
     def flavors(self) -> _containers.RepeatedCompositeFieldContainer[Global___FlavorFit]:
-        """And its flavors with GPU quota, in its order: whether the run fits each flavor's GPU."""
+        """And its flavors with GPU quota, in its order: whether the run fits each flavor's GPU and quota."""
 
     def __init__(
         self,
@@ -606,6 +607,8 @@ class FlavorFit(_message.Message):
     GPU_MEMORY_GIB_FIELD_NUMBER: _builtins.int
     GPU_QUOTA_FIELD_NUMBER: _builtins.int
     FITS_FIELD_NUMBER: _builtins.int
+    GPU_LIMIT_FIELD_NUMBER: _builtins.int
+    FITS_QUOTA_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     gpu_product: _builtins.str
     """The flavor's nvidia.com/gpu.product node label ("" when it has none)."""
@@ -615,6 +618,14 @@ class FlavorFit(_message.Message):
     """The ClusterQueue's nominal nvidia.com/gpu quota in this flavor."""
     fits: _builtins.bool
     """Whether total_gib fits gpu_memory_gib (false when the memory is unknown)."""
+    gpu_limit: _builtins.int
+    """The most GPUs Kueue can ever give one run in this flavor: gpu_quota, plus its borrowingLimit when
+    the ClusterQueue is in a cohort. Unset: no limit known (a cohort and no borrowingLimit).
+    """
+    fits_quota: _builtins.bool
+    """Whether the run's gpus x nodes fits gpu_limit. SubmitTraining refuses a run that fits no flavor's
+    (FAILED_PRECONDITION); one that fits waits for Kueue to admit it while the GPUs are busy.
+    """
     def __init__(
         self,
         *,
@@ -623,11 +634,15 @@ class FlavorFit(_message.Message):
         gpu_memory_gib: _builtins.float = ...,
         gpu_quota: _builtins.int = ...,
         fits: _builtins.bool = ...,
+        gpu_limit: _builtins.int | None = ...,
+        fits_quota: _builtins.bool = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_gpu_limit", b"_gpu_limit", "gpu_limit", b"gpu_limit"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["fits", b"fits", "gpu_memory_gib", b"gpu_memory_gib", "gpu_product", b"gpu_product", "gpu_quota", b"gpu_quota", "name", b"name"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_gpu_limit", b"_gpu_limit", "fits", b"fits", "fits_quota", b"fits_quota", "gpu_limit", b"gpu_limit", "gpu_memory_gib", b"gpu_memory_gib", "gpu_product", b"gpu_product", "gpu_quota", b"gpu_quota", "name", b"name"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__gpu_limit: _TypeAlias = _typing.Literal["gpu_limit"]  # noqa: Y015
+    _WhichOneofArgType__gpu_limit: _TypeAlias = _typing.Literal["_gpu_limit", b"_gpu_limit"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__gpu_limit) -> _WhichOneofReturnType__gpu_limit | None: ...
 
 Global___FlavorFit: _TypeAlias = FlavorFit  # noqa: Y015

@@ -54,6 +54,8 @@ class TrainingServiceServicer:
         """Validates the request (dataset captioned, base model present) and queues a training run.
         A run whose estimated peak GPU memory exceeds the server's target GPU (FLUXLORA_GPU_MEMORY_GIB)
         is refused with RESOURCE_EXHAUSTED, the estimate and the options that would fit in the message.
+        Behind Kueue, a run asking for more GPUs (gpus x nodes) than any flavor of the ClusterQueue can
+        ever give is refused with FAILED_PRECONDITION (PlanTraining too), naming the queue and its quota.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

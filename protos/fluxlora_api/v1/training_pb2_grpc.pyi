@@ -36,6 +36,8 @@ class TrainingServiceStub:
     """Validates the request (dataset captioned, base model present) and queues a training run.
     A run whose estimated peak GPU memory exceeds the server's target GPU (FLUXLORA_GPU_MEMORY_GIB)
     is refused with RESOURCE_EXHAUSTED, the estimate and the options that would fit in the message.
+    Behind Kueue, a run asking for more GPUs (gpus x nodes) than any flavor of the ClusterQueue can
+    ever give is refused with FAILED_PRECONDITION (PlanTraining too), naming the queue and its quota.
     """
     PlanTraining: _grpc.UnaryUnaryMultiCallable[_training_pb2.PlanTrainingRequest, _training_pb2.TrainingPlan]
     """Estimates a run's peak GPU memory on the CPU in seconds (no weights loaded, nothing queued)
@@ -49,6 +51,8 @@ class TrainingServiceAsyncStub(TrainingServiceStub):
     """Validates the request (dataset captioned, base model present) and queues a training run.
     A run whose estimated peak GPU memory exceeds the server's target GPU (FLUXLORA_GPU_MEMORY_GIB)
     is refused with RESOURCE_EXHAUSTED, the estimate and the options that would fit in the message.
+    Behind Kueue, a run asking for more GPUs (gpus x nodes) than any flavor of the ClusterQueue can
+    ever give is refused with FAILED_PRECONDITION (PlanTraining too), naming the queue and its quota.
     """
     PlanTraining: _aio.UnaryUnaryMultiCallable[_training_pb2.PlanTrainingRequest, _training_pb2.TrainingPlan]  # type: ignore[assignment]
     """Estimates a run's peak GPU memory on the CPU in seconds (no weights loaded, nothing queued)
@@ -65,6 +69,8 @@ class TrainingServiceServicer(metaclass=_abc_1.ABCMeta):
         """Validates the request (dataset captioned, base model present) and queues a training run.
         A run whose estimated peak GPU memory exceeds the server's target GPU (FLUXLORA_GPU_MEMORY_GIB)
         is refused with RESOURCE_EXHAUSTED, the estimate and the options that would fit in the message.
+        Behind Kueue, a run asking for more GPUs (gpus x nodes) than any flavor of the ClusterQueue can
+        ever give is refused with FAILED_PRECONDITION (PlanTraining too), naming the queue and its quota.
         """
 
     @_abc_1.abstractmethod

@@ -11,7 +11,8 @@ from fluxlora.common.limits import INT64_MAX, Bound, check_numbers, check_train_
 from fluxlora.common.models import check_model_ref, is_store_ref
 from fluxlora.domain.caption_versions import CaptionVersions
 from fluxlora.domain.datasets import dataset_base_size, require_captions
-from fluxlora.jobs.kueue_flavors import ClusterQueueGpus
+from fluxlora.jobs.kueue_flavors import ClusterQueueGpus, asks_for_gpus
+from fluxlora.jobs.launch import gpus_of, nodes_of
 from fluxlora.jobs.runtime import JobRuntime
 from fluxlora.models.base_model import check_single_file_base, default_components, is_single_file
 from fluxlora.training.families import check_family
@@ -79,6 +80,7 @@ class TrainingServicer(training_pb2_grpc.TrainingServiceServicer):
         if spec.resume_from_run:
             self._resume(spec, request.request_id)
         check_parallelism(spec, self.runtime.settings)
+        self._check_gpu_quota(spec)
         captions = require_captions(self.runtime.store, spec.dataset_id)
         if spec.caption_version < 0:
             raise InvalidArgument("spec.caption_version must be >= 0 (0: the dataset's current captions)")
@@ -133,7 +135,7 @@ class TrainingServicer(training_pb2_grpc.TrainingServiceServicer):
                 "plan with a store:// base model, or on a server that sees the directory"
             )
         settings = self.runtime.settings
-        cluster = self.runtime.cluster_gpus()
+        cluster = self._check_gpu_quota(spec)
         if request.target_gib:
             settings = settings.model_copy(update={"gpu_memory_gib": request.target_gib})
         choice = None
@@ -151,11 +153,24 @@ class TrainingServicer(training_pb2_grpc.TrainingServiceServicer):
         message.target_source = "the request's target_gib" if request.target_gib else target.source
         if cluster is not None:
             message.cluster_queue = cluster.cluster_queue
-            message.flavors.extend(flavor_fits(plan, cluster))
+            message.flavors.extend(flavor_fits(plan, cluster, gpus_of(spec) * nodes_of(spec)))
         if choice is not None:
             message.memory_choice = choice.describe()
             message.picked.update({k: _text(v) for k, v in choice.changes.items()})
         return message
+
+    def _check_gpu_quota(self, spec: pb.TrainSpec) -> ClusterQueueGpus | None:
+        """FAILED_PRECONDITION for a run Kueue would never admit: more GPUs (gpus x nodes) than any
+        flavor of its ClusterQueue can ever give. It would otherwise be accepted and wait forever; one
+        within the quota is accepted and waits for the GPUs to be free. Returns the ClusterQueue's GPUs
+        (None without Kueue, or when they cannot be read: then nothing is checked)."""
+        cluster = self.runtime.cluster_gpus()
+        if cluster is not None and asks_for_gpus(self.runtime.settings.k8s_resources):
+            gpus, nodes = gpus_of(spec), nodes_of(spec)
+            refusal = cluster.over_quota(gpus * nodes, f"the run (spec.gpus {gpus} x spec.nodes {nodes})")
+            if refusal:
+                raise FailedPrecondition(refusal)
+        return cluster
 
     def _resume(self, spec: pb.TrainSpec, request_id: str) -> None:
         """Turns a resume_from_run request into the spec of the run it continues (max_steps may be
@@ -284,10 +299,12 @@ def plan_message(plan: MemoryPlan) -> pb.TrainingPlan:
     )
 
 
-def flavor_fits(plan: MemoryPlan, cluster: ClusterQueueGpus) -> list[pb.FlavorFit]:
+def flavor_fits(plan: MemoryPlan, cluster: ClusterQueueGpus, gpus: int) -> list[pb.FlavorFit]:
+    """Each flavor: whether the run fits its GPU's memory and `gpus` (gpus x nodes) its quota."""
     total = plan.estimate.total_gib
     return [pb.FlavorFit(name=f.name, gpu_product=f.gpu_product, gpu_memory_gib=f.gpu_memory_gib or 0.0,
-                         gpu_quota=f.gpu_quota, fits=f.gpu_memory_gib is not None and total <= f.gpu_memory_gib)
+                         gpu_quota=f.gpu_quota, fits=f.gpu_memory_gib is not None and total <= f.gpu_memory_gib,
+                         gpu_limit=f.gpu_limit, fits_quota=f.fits_quota(gpus))
             for f in cluster.flavors]
 
 
