@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from fluxlora.training.trainer import TrainCallbacks, TrainConfig, train_lora
-from fluxlora.training.trainer import loop as loop_module
+from fluxlora.training.trainer import prepare as prepare_module
 from fluxlora.training.trainer.data import find_pairs
 from fluxlora.training.trainer.encoding_cache import encoding_key, load_encodings, save_encodings
 
@@ -38,7 +38,7 @@ def test_a_second_run_reads_the_encodings_and_trains_the_same(tiny_flux_dir, dat
     assert written == [cache] and cache.is_file()
 
     loaded_with = []
-    real_load = loop_module.load_flux_pipeline
+    real_load = prepare_module.load_flux_pipeline
 
     def spy(*args, **kwargs):
         loaded_with.append(kwargs.get("text_encoders", True))
@@ -47,8 +47,8 @@ def test_a_second_run_reads_the_encodings_and_trains_the_same(tiny_flux_dir, dat
     def no_encoding(*_args, **_kwargs):
         raise AssertionError("the dataset was encoded again")
 
-    monkeypatch.setattr(loop_module, "load_flux_pipeline", spy)
-    monkeypatch.setattr(loop_module, "cache_dataset", no_encoding)
+    monkeypatch.setattr(prepare_module, "load_flux_pipeline", spy)
+    monkeypatch.setattr(prepare_module, "cache_dataset", no_encoding)
     again = []
     second = train_lora(quick(), tiny_flux_dir, dataset, tmp_path / "second",
                         TrainCallbacks(on_encoded=again.append), device="cpu", encoding_cache=cache)

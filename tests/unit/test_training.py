@@ -206,20 +206,20 @@ def test_stop_before_the_first_step_writes_nothing(tiny_flux_dir, circle_dataset
 def test_a_stop_while_preparing_takes_effect_at_the_next_stage(tiny_flux_dir, circle_dataset, tmp_path,
                                                                monkeypatch, stage):
     """A cancel during 'loading base model' stops before the next stage, not after all of them."""
-    from fluxlora.training.trainer import loop
+    from fluxlora.training.trainer import prepare
 
     asked = []
-    real = getattr(loop, stage)
+    real = getattr(prepare, stage)
 
     def then_cancel(*args, **kwargs):
         out = real(*args, **kwargs)
         asked.append(stage)  # the cancel arrives during this stage
         return out
 
-    monkeypatch.setattr(loop, stage, then_cancel)
+    monkeypatch.setattr(prepare, stage, then_cancel)
     later = {"load_flux_pipeline": "cache_dataset", "cache_dataset": "prepare_transformer",
              "prepare_transformer": "make_optimizer"}[stage]
-    monkeypatch.setattr(loop, later, lambda *a, **k: pytest.fail(f"{later} ran after the cancel"))
+    monkeypatch.setattr(prepare, later, lambda *a, **k: pytest.fail(f"{later} ran after the cancel"))
     outcome = train(quick(), tiny_flux_dir, circle_dataset, tmp_path, TrainCallbacks(should_stop=lambda: bool(asked)))
     assert asked == [stage] and outcome.stopped and outcome.steps_done == 0 and outcome.checkpoints == []
     assert not (tmp_path / "checkpoints").exists()
