@@ -17,10 +17,11 @@ import threading
 import urllib.parse
 
 import pytest
-from test_webhooks import Receiver, submitted, wait_for, wait_job
+from test_webhooks import Receiver, submitted, wait_job
 
 from fluxlora.jobs import webhook_http
 from fluxlora_api.v1 import jobs_pb2
+from support import wait_until
 
 S = jobs_pb2.JobState
 RECEIVER_HOST = "127.0.0.2"  # another loopback address than the proxy's
@@ -100,7 +101,7 @@ def test_events_go_through_the_proxy_the_environment_names_and_the_allowed_hosts
     try:
         with submitted(tmp_path, [receiver.url], webhook_allowed_hosts=[RECEIVER_HOST]) as (server, job, _):
             assert wait_job(server, job.job_id).state == S.JOB_STATE_SUCCEEDED
-            wait_for(server.webhooks.idle, what="webhooks delivered")
+            wait_until(server.webhooks.idle, "webhooks delivered", timeout=30.0)
     finally:
         receiver.close()
     events = receiver.events()  # each verified: signed, and untouched by the proxy
@@ -124,7 +125,7 @@ def test_a_host_no_proxy_lists_is_reached_directly(tmp_path, proxy, monkeypatch)
     try:
         with submitted(tmp_path, [receiver.url]) as (server, job, _):
             assert wait_job(server, job.job_id).state == S.JOB_STATE_SUCCEEDED
-            wait_for(server.webhooks.idle, what="webhooks delivered")
+            wait_until(server.webhooks.idle, "webhooks delivered", timeout=30.0)
     finally:
         receiver.close()
     assert receiver.events() and not proxy.forwarded
@@ -144,7 +145,7 @@ def test_a_name_rebound_to_the_metadata_address_is_refused_behind_the_proxy_too(
     with submitted(tmp_path, ["http://hooks.example.com/hook"], webhook_allowed_hosts=["hooks.example.com"]) as (
             server, job, jobs):
         assert wait_job(server, job.job_id).state == S.JOB_STATE_SUCCEEDED
-        wait_for(server.webhooks.idle, what="webhooks given up")
+        wait_until(server.webhooks.idle, "webhooks given up", timeout=30.0)
         log = jobs.ListWebhookDeliveries(jobs_pb2.ListWebhookDeliveriesRequest(job_id=job.job_id), timeout=10)
     assert log.deliveries and all(d.status == "failed" and len(d.attempts) == 1 for d in log.deliveries)
     assert "169.254.169.254" in log.deliveries[0].attempts[0].error
@@ -160,7 +161,7 @@ def test_https_events_go_through_a_connect_tunnel_with_tls_to_the_receiver(tmp_p
     try:
         with submitted(tmp_path, [receiver.url], webhook_allowed_hosts=[RECEIVER_HOST]) as (server, job, _):
             assert wait_job(server, job.job_id).state == S.JOB_STATE_SUCCEEDED
-            wait_for(server.webhooks.idle, what="webhooks delivered")
+            wait_until(server.webhooks.idle, "webhooks delivered", timeout=30.0)
     finally:
         receiver.close()
     assert receiver.events()[-1].type == "job.succeeded"
