@@ -116,8 +116,8 @@ class GridSpec(_message.Message):
     else FLUXLORA_BASE_MODEL when that is a directory.
     """
     family: _builtins.str
-    """The base model's family ("flux1-dev", "chroma", "flux2-klein", "flux1-kontext"); one that
-    disagrees with the model is INVALID_ARGUMENT; default: "" (detected from the model).
+    """The base model's family ("flux1-dev", "chroma", "flux2-dev", "flux2-klein", "flux1-kontext");
+    one that disagrees with the model is INVALID_ARGUMENT; default: "" (detected from the model).
     """
     control_image: _builtins.str
     """Editing models (flux1-kontext): the store key of the image every cell edits (PNG, JPEG or
@@ -577,8 +577,8 @@ class GenerateSpec(_message.Message):
     FLUXLORA_BASE_COMPONENTS, else FLUXLORA_BASE_MODEL when that is a directory.
     """
     family: _builtins.str
-    """The base model's family ("flux1-dev", "chroma", "flux2-klein", "flux1-kontext"); one that
-    disagrees with the model is INVALID_ARGUMENT; default: "" (detected from the model).
+    """The base model's family ("flux1-dev", "chroma", "flux2-dev", "flux2-klein", "flux1-kontext");
+    one that disagrees with the model is INVALID_ARGUMENT; default: "" (detected from the model).
     """
     control_image: _builtins.str
     """Editing models (flux1-kontext): the store key of the image every generation edits, resized to

@@ -262,7 +262,7 @@ COMMENTS: dict[str, dict[str, str]] = {
         'base_model': "Base model (directory or store://prefix, or a single .safetensors transformer file with\n`base_components`); empty means the first LoRA run's base model, else the server's default.",
         'loras': 'LoRAs applied together, each with its own strength; empty renders the base model.',
         'base_components': "Only for a single-file base_model: the diffusers-layout directory (local or store://<prefix>)\nwith the other components; default: the first LoRA run's, else the server's\nFLUXLORA_BASE_COMPONENTS, else FLUXLORA_BASE_MODEL when that is a directory.",
-        'family': 'The base model\'s family ("flux1-dev", "chroma", "flux2-klein", "flux1-kontext"); one that\ndisagrees with the model is INVALID_ARGUMENT; default: "" (detected from the model).',
+        'family': 'The base model\'s family ("flux1-dev", "chroma", "flux2-dev", "flux2-klein", "flux1-kontext");\none that disagrees with the model is INVALID_ARGUMENT; default: "" (detected from the model).',
         'control_image': 'Editing models (flux1-kontext): the store key of the image every generation edits, resized to\nwidth x height; a missing one is NOT_FOUND. default: "" (generated from the prompts alone).',
     },
     'fluxlora.v1.GeneratedImage': {
@@ -336,7 +336,7 @@ COMMENTS: dict[str, dict[str, str]] = {
         'skip_convergence': 'Skip the held-out flow-matching loss per checkpoint (the convergence score).',
         'loras': "Rows from any list of LoRA files, in this order, instead of one run's checkpoints. Then\nbase_model is required unless a LoRA names a run (the first such run gives base_model and\nthe defaults for prompt, size and guidance, and its dataset the scores); prompt is required\nwhen no LoRA names a run, and without a run the convergence probe and image-text scores are\nskipped. Convergence then takes the rows in the order given.",
         'base_components': "Only for a single-file base_model: the diffusers-layout directory (local or store://<prefix>)\nwith the other components; default: the run's, else the server's FLUXLORA_BASE_COMPONENTS,\nelse FLUXLORA_BASE_MODEL when that is a directory.",
-        'family': 'The base model\'s family ("flux1-dev", "chroma", "flux2-klein", "flux1-kontext"); one that\ndisagrees with the model is INVALID_ARGUMENT; default: "" (detected from the model).',
+        'family': 'The base model\'s family ("flux1-dev", "chroma", "flux2-dev", "flux2-klein", "flux1-kontext");\none that disagrees with the model is INVALID_ARGUMENT; default: "" (detected from the model).',
         'control_image': 'Editing models (flux1-kontext): the store key of the image every cell edits (PNG, JPEG or\nWebP), resized to the cell size and shown in the grid\'s header; a missing one is NOT_FOUND.\ndefault: "" (for a run trained on a pair dataset, the control image of its dataset\'s first\npair; else none: cells are generated from the prompt alone).',
     },
     'fluxlora.v1.Job': {
@@ -608,7 +608,7 @@ COMMENTS: dict[str, dict[str, str]] = {
         'memory_mode': '"auto": the planner picks the fastest memory options (gradient_checkpointing, base_quantization,\nblocks_to_swap) that fit the GPU, keeping those set, and records them; the job\'s notes say which\nand why. "manual": as given, or refused; default: "auto".',
         'gpus': 'GPUs that train this one LoRA data-parallel (torchrun, one process per GPU), 1 to 8: each takes\nbatch_size images of every step, so the global batch is batch_size x gpus x nodes; learning_rate\nis not rescaled (docs/deploy.md). Needs FLUXLORA_RUNNER=process or kubernetes; default: 1.',
         'nodes': "Nodes of `gpus` GPUs each, 1 to 16; more than 1 needs FLUXLORA_RUNNER=kubernetes (an Indexed Job\nof `nodes` pods, admitted together; docs/deploy.md). Behind Kueue, gpus x nodes must fit the GPU\nquota of one of the ClusterQueue's flavors, else the run is refused; default: 1.",
-        'family': 'The base model\'s family: "flux1-dev" (any FluxPipeline model), "chroma", "flux2-klein" or\n"flux1-kontext" (editing LoRAs, trained on a pair dataset: every image needs its control image);\n"flux2-dev" is recognised but not trainable yet. A family that disagrees with the model is\nINVALID_ARGUMENT; default: "" (detected from the model\'s model_index.json).',
+        'family': 'The base model\'s family: "flux1-dev" (any FluxPipeline model), "chroma", "flux2-dev",\n"flux2-klein" or "flux1-kontext" (editing LoRAs, trained on a pair dataset: every image needs\nits control image). A family that disagrees with the model is INVALID_ARGUMENT; default: ""\n(detected from the model\'s model_index.json).',
         'base_components': 'For a single-file base_model: a diffusers directory (local or store://<prefix>) with the text\nencoders, tokenizers, VAE, scheduler and transformer/config.json (no transformer weights);\ndefault: FLUXLORA_BASE_COMPONENTS, else a FLUXLORA_BASE_MODEL directory.',
     },
     'fluxlora.v1.TrainingPlan': {

@@ -184,10 +184,10 @@ class TrainSpec(_message.Message):
     quota of one of the ClusterQueue's flavors, else the run is refused; default: 1.
     """
     family: _builtins.str
-    """The base model's family: "flux1-dev" (any FluxPipeline model), "chroma", "flux2-klein" or
-    "flux1-kontext" (editing LoRAs, trained on a pair dataset: every image needs its control image);
-    "flux2-dev" is recognised but not trainable yet. A family that disagrees with the model is
-    INVALID_ARGUMENT; default: "" (detected from the model's model_index.json).
+    """The base model's family: "flux1-dev" (any FluxPipeline model), "chroma", "flux2-dev",
+    "flux2-klein" or "flux1-kontext" (editing LoRAs, trained on a pair dataset: every image needs
+    its control image). A family that disagrees with the model is INVALID_ARGUMENT; default: ""
+    (detected from the model's model_index.json).
     """
     base_components: _builtins.str
     """For a single-file base_model: a diffusers directory (local or store://<prefix>) with the text

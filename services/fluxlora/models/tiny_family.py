@@ -22,6 +22,10 @@ def write_tiny_family(family: str, out_dir: Path, seed: int = 0) -> Path:
         from fluxlora.models.tiny_flux2 import write_tiny_flux2_klein
 
         return write_tiny_flux2_klein(out_dir, seed=seed)
+    if family == "flux2-dev":
+        from fluxlora.models.tiny_flux2 import write_tiny_flux2_dev
+
+        return write_tiny_flux2_dev(out_dir, seed=seed)
     if family == "flux1-kontext":
         from fluxlora.models.tiny_kontext import write_tiny_kontext
 

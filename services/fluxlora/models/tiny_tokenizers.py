@@ -1,4 +1,4 @@
-"""Offline stand-ins for FLUX's CLIP and T5 tokenizers.
+"""Offline stand-ins for the tokenizers of FLUX's text encoders (CLIP, T5, Qwen3, Mistral-3).
 
 transformers ships no tokenizer files, and nothing may be downloaded, so the tiny model gets
 word-level tokenizers built with the `tokenizers` library. They speak the same interface the
@@ -115,4 +115,39 @@ def build_qwen3_tokenizer() -> PreTrainedTokenizerFast:
         additional_special_tokens=_QWEN_SPECIALS[1:5],
         model_max_length=T5_MAX_LENGTH,
         chat_template=QWEN3_CHAT_TEMPLATE,
+    )
+
+
+# Mistral's control tokens as Mistral-Small-3's tokenizer spells them, and its chat template's shape
+# ([SYSTEM_PROMPT]...[/SYSTEM_PROMPT][INST]...[/INST]) for the message lists Flux2Pipeline builds,
+# whose contents are lists of {"type": "text"} (and, for edits, {"type": "image"}) items.
+MISTRAL_SPECIALS = ["<unk>", "<s>", "</s>", "<pad>", "[INST]", "[/INST]", "[SYSTEM_PROMPT]", "[/SYSTEM_PROMPT]",
+                    "[IMG]", "[IMG_BREAK]", "[IMG_END]"]
+MISTRAL3_CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}"
+    "{% if message['content'] is string %}{% set text = message['content'] %}"
+    "{% else %}{% set text = message['content'] | selectattr('type', 'equalto', 'text') | map(attribute='text')"
+    " | join('') %}{% endif %}"
+    "{% if message['role'] == 'system' %}[SYSTEM_PROMPT]{{ text }}[/SYSTEM_PROMPT]"
+    "{% elif message['role'] == 'user' %}[INST]"
+    "{% if message['content'] is not string %}{% for item in message['content'] if item['type'] == 'image' %}[IMG]"
+    "{% endfor %}{% endif %}{{ text }}[/INST]"
+    "{% else %}{{ text }}{{ eos_token }}{% endif %}{% endfor %}"
+)
+
+
+def build_mistral3_tokenizer() -> PreTrainedTokenizerFast:
+    """Mistral-3-like: <s> from the chat template, control tokens as special tokens, right-padded
+    with <pad>. FLUX.2 [dev] ships a PixtralProcessor, whose text path is its tokenizer's; the
+    processor itself needs torchvision, which this project does not install."""
+    tokenizer = _word_level(_vocab(MISTRAL_SPECIALS), "<unk>")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer,
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token="<pad>",
+        unk_token="<unk>",
+        additional_special_tokens=MISTRAL_SPECIALS[4:],
+        model_max_length=T5_MAX_LENGTH,
+        chat_template=MISTRAL3_CHAT_TEMPLATE,
     )

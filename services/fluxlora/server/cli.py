@@ -123,8 +123,8 @@ def demo(
 def write_tiny(
     out: Path,
     seed: int = 0,
-    family: Annotated[str, typer.Option(help="Write only this family's tiny model (flux1-dev, chroma, flux2-klein "
-                                             "or flux1-kontext), as <out>/tiny-<family>.")] = "",
+    family: Annotated[str, typer.Option(help="Write only this family's tiny model (flux1-dev, chroma, flux2-dev, "
+                                             "flux2-klein or flux1-kontext), as <out>/tiny-<family>.")] = "",
     single_file: Annotated[str, typer.Option(
         help="Also write the family's tiny transformer as one .safetensors file in this key layout, bfl or comfyui "
              "(<out>/tiny-<family>.safetensors, as ComfyUI users hold FLUX.1), with <out>/tiny-<family> as its "

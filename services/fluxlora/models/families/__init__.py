@@ -1,9 +1,7 @@
 """The model families a run can train on, and which one a base model directory holds.
 
 A family is named by TrainSpec.family or found from the model itself: model_index.json's pipeline
-class, else the transformer config's class. Families the issue lists but this trainer cannot train
-yet are still recognised, so a run on one fails with a message that says so instead of loading it
-as FLUX.1.
+class, else the transformer config's class.
 """
 
 from __future__ import annotations
@@ -18,14 +16,11 @@ from fluxlora.models.families.kontext import Kontext
 
 FLUX1_DEV = Family()
 CHROMA = Chroma()
+FLUX2_DEV = Flux2()
 FLUX2_KLEIN = Flux2Klein()
 KONTEXT = Kontext()
-FAMILIES: dict[str, Family] = {f.name: f for f in (FLUX1_DEV, CHROMA, FLUX2_KLEIN, KONTEXT)}
-# Families the planner can estimate from their configs but the trainer cannot train yet.
-PLANNED: dict[str, Family] = {f.name: f for f in (Flux2(),)}
-# Recognised in model folders and configs, not trainable yet (issue 16).
-NOT_YET_TRAINABLE = ("flux2-dev",)
-FAMILY_NAMES = (*FAMILIES, *NOT_YET_TRAINABLE)
+FAMILIES: dict[str, Family] = {f.name: f for f in (FLUX1_DEV, CHROMA, FLUX2_DEV, FLUX2_KLEIN, KONTEXT)}
+FAMILY_NAMES = tuple(FAMILIES)
 
 # diffusers class names -> family. FluxPipeline covers FLUX.1 [dev], [schnell] and the tiny model.
 _BY_PIPELINE = {
@@ -42,25 +37,22 @@ _BY_TRANSFORMER = {
     "Flux2Transformer2DModel": "flux2-dev",
 }
 
-__all__ = ["CHROMA", "FAMILIES", "FAMILY_NAMES", "FLUX1_DEV", "FLUX2_KLEIN", "KONTEXT", "Family", "PromptEncoding",
-           "detect_family", "family_of", "family_of_transformer", "agreed_family", "family_for_model", "get_family",
-           "planning_family"]
+__all__ = ["CHROMA", "FAMILIES", "FAMILY_NAMES", "FLUX1_DEV", "FLUX2_DEV", "FLUX2_KLEIN", "KONTEXT", "Family",
+           "PromptEncoding", "detect_family", "family_of", "family_of_transformer", "agreed_family", "family_for_model",
+           "get_family", "planning_family"]
 
 
 def get_family(name: str) -> Family:
     """The trainable family called `name`; ValueError naming the choices otherwise."""
     if name in FAMILIES:
         return FAMILIES[name]
-    if name in NOT_YET_TRAINABLE:
-        raise ValueError(f"model family {name!r} is recognised but cannot be trained yet (issue 16); "
-                         f"trainable families: {', '.join(FAMILIES)}")
     raise ValueError(f"unknown model family {name!r}: use one of {', '.join(FAMILY_NAMES)}")
 
 
 def planning_family(name: str) -> Family:
-    """The family object the memory planner uses for `name`: the trainable ones and FLUX.2's two."""
+    """The family object the memory planner uses for `name`: every family trains, so get_family's."""
     # Kontext's control-image tokens are in the planner's fake step (Family.takes_control_image).
-    return FAMILIES.get(name) or PLANNED.get(name) or get_family(name)
+    return get_family(name)
 
 
 def detect_family(model_index: dict | None, transformer_config: dict | None) -> str | None:

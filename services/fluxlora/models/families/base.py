@@ -41,7 +41,6 @@ class Family:
     kohya_base_model_version = "flux1"
     # ss_network_module of the kohya file: the trainer module that writes this layout.
     kohya_network_module = "networks.lora_flux"
-    trainable = True
     # LoRA targets of the "attention" preset where the trainer's names (to_q, to_k, to_v, to_out.0)
     # miss layers of this family; None: the trainer's preset fits (FLUX.1, Chroma).
     attention_targets: tuple[str, ...] | None = None

@@ -1,5 +1,5 @@
 """FLUX.2 [dev] and [klein]: one transformer class (Flux2Transformer2DModel), one VAE
-(AutoencoderKLFlux2), one text encoder each. [klein] trains; [dev] is recognised and planned.
+(AutoencoderKLFlux2), one text encoder each; both train.
 
 - Text: the text encoder's hidden states at three layers, stacked along the feature axis
   (klein: Qwen3 layers 9, 18, 27, 3 x 2560 = 7680 on the 4B; dev: Mistral-3 layers 10, 20, 30),
@@ -13,7 +13,8 @@
   flux_shift sampling; at 50 steps, diffusers' default step count.
 - Guidance: [klein] has no guidance embedding; its guidance is classifier-free (a negative,
   empty-prompt pass per step when > 1), which a step-distilled checkpoint (is_distilled) ignores.
-  [dev] has the distilled guidance embedding.
+  [dev] is guidance-distilled: the value goes into the transformer's guidance embedding, one pass
+  per step, no negative prompt (as FLUX.1 [dev]).
 - LoRA presets: double blocks as FLUX.1's (but the MLPs are ff.linear_in / linear_out); single
   blocks fuse q/k/v with the MLP's input (attn.to_qkv_mlp_proj) and the attention's output with the
   MLP's (attn.to_out), so those two layers are the single blocks' attention and MLP at once.
@@ -58,9 +59,24 @@ class Flux2(Family):
     text_components = ("text_encoder", "tokenizer")
     kohya_base_model_version = "flux2"
     kohya_network_module = "networks.lora_flux_2"  # kohya's musubi-tuner, which trains FLUX.2
-    trainable = False
     attention_targets = tuple(FLUX2_ATTENTION_TARGETS)
     target_presets = {"attention": FLUX2_ATTENTION_TARGETS, "all_linear": FLUX2_ALL_LINEAR_TARGETS}
+
+    def encode_prompts(self, pipe, texts: list[str], device: torch.device,
+                       max_sequence_length: int) -> PromptEncoding:
+        # Both pipelines' encode_prompt: [dev]'s renders Mistral-3's chat with its system message,
+        # [klein]'s Qwen3's; each stacks its default layers. No pooled vector, no mask.
+        embeds, text_ids = pipe.encode_prompt(prompt=texts, device=device, max_sequence_length=max_sequence_length)
+        return PromptEncoding(embeds, embeds.new_zeros(embeds.shape[0], 0), None, text_ids[0])
+
+    def pipeline_prompt_kwargs(self, text: PromptEncoding, negative: PromptEncoding | None,
+                               guidance: float) -> dict[str, Any]:
+        return dict(prompt_embeds=text.embeds, guidance_scale=guidance)
+
+    def encode_for_pipeline(self, pipe, prompt: str) -> tuple[PromptEncoding, PromptEncoding | None]:
+        with torch.no_grad():
+            embeds, ids = pipe.encode_prompt(prompt=prompt, device=pipe._execution_device)
+        return PromptEncoding(embeds, embeds.new_zeros(embeds.shape[0], 0), None, ids[0]), None
 
     @torch.no_grad()
     def encode_latents(self, vae, pixels: torch.Tensor) -> torch.Tensor:
@@ -70,11 +86,9 @@ class Flux2(Family):
         mean, std = _bn_stats(vae, patches)
         return Flux2Pipeline._unpatchify_latents((patches - mean) / std)
 
-    @torch.no_grad()
     def pipeline_output_latents(self, vae, pixels: torch.Tensor) -> torch.Tensor:
-        # The pipeline undoes the normalisation and the patches before returning latents.
-        param = next(vae.parameters())
-        return vae.encode(pixels.to(param.device, param.dtype)).latent_dist.mode()
+        # Flux2Pipeline returns the transformer's tokens as they are: normalised and packed.
+        return self.pack(self.encode_latents(vae, pixels))
 
     def shift_mu(self, image_seq_len: int, scheduler_config) -> float:
         return compute_empirical_mu(image_seq_len, SHIFT_STEPS)
@@ -104,12 +118,12 @@ class Flux2(Family):
 class Flux2Klein(Flux2):
     name = "flux2-klein"
     pipeline_class = Flux2KleinPipeline
-    trainable = True
 
-    def encode_prompts(self, pipe, texts: list[str], device: torch.device,
-                       max_sequence_length: int) -> PromptEncoding:
-        embeds, text_ids = pipe.encode_prompt(prompt=texts, device=device, max_sequence_length=max_sequence_length)
-        return PromptEncoding(embeds, embeds.new_zeros(embeds.shape[0], 0), None, text_ids[0])
+    @torch.no_grad()
+    def pipeline_output_latents(self, vae, pixels: torch.Tensor) -> torch.Tensor:
+        # Flux2KleinPipeline undoes the normalisation and the patches before returning latents.
+        param = next(vae.parameters())
+        return vae.encode(pixels.to(param.device, param.dtype)).latent_dist.mode()
 
     def uses_guidance_embedding(self, transformer) -> bool:
         return False

@@ -7,7 +7,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from fluxlora.models.families import FAMILY_NAMES, NOT_YET_TRAINABLE
+from fluxlora.models.families import FAMILY_NAMES
 from fluxlora.training.trainer.targets import ALL_LINEAR_TARGETS, ATTENTION_TARGETS, check_entry
 
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "cosine", "linear")
@@ -55,8 +55,9 @@ class TrainConfig(BaseModel):
         "prodigy" (prodigyopt; it sets its own step size, learning_rate is a multiplier, 1.0 usual).
     compile_blocks: torch.compile the transformer blocks (regional compilation); "auto" turns it on
         on CUDA only (compilation on the CPU costs more than it saves in short runs).
-    family: the base model's family (models.families: "flux1-dev", "chroma", "flux2-klein"); "" detects it from
-        the model. Each family has its own text encoding, guidance handling and pipeline class.
+    family: the base model's family (models.families: "flux1-dev", "flux1-kontext", "chroma", "flux2-dev",
+        "flux2-klein"); "" detects it from the model. Each family has its own text encoding, guidance
+        handling and pipeline class.
     blocks_to_swap: keep this many transformer blocks in CPU memory and bring each to the GPU
         only while it runs, counted as kohya sd-scripts counts them for FLUX.1 (N // 2 double
         blocks and 2 * (N - N // 2) single blocks; at most 35 on FLUX.1).
@@ -143,8 +144,6 @@ def not_yet_runnable(cfg: TrainConfig) -> list[str]:
     """Options this trainer accepts (the memory planner estimates them) but cannot run yet, each
     with the reason; empty when the run can start."""
     missing = []
-    if cfg.family in NOT_YET_TRAINABLE:
-        missing.append(f"family={cfg.family} (recognised, not trainable yet: issue 16)")
     if cfg.optimizer in _OPTIMIZER_PACKAGES:
         package, how = _OPTIMIZER_PACKAGES[cfg.optimizer]
         if importlib.util.find_spec(package) is None:
