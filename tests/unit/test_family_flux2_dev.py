@@ -58,6 +58,28 @@ def test_the_tiny_model_is_a_flux2_dev_pipeline_detected_and_trainable_as_such(d
     assert not torch.allclose(encoded.embeds[0], encoded.embeds[1])
 
 
+def test_a_real_dev_folder_that_names_mistral3s_vision_processor_loads_with_its_text_tokenizer(dev_dir, tmp_path):
+    """FLUX.2 [dev]'s folder names a PixtralProcessor as its tokenizer, which transformers builds only with
+    torchvision (its image half); the servers install none, and the pipeline only encodes text."""
+    import importlib.util
+    import shutil
+
+    if importlib.util.find_spec("torchvision") is not None:
+        pytest.skip("with torchvision the processor itself loads")
+    folder = tmp_path / "dev-as-published"
+    shutil.copytree(dev_dir, folder)
+    index = json.loads((folder / "model_index.json").read_text())
+    (folder / "model_index.json").write_text(json.dumps({**index, "tokenizer": ["transformers", "PixtralProcessor"]}))
+    (folder / "tokenizer" / "processor_config.json").write_text(json.dumps({"processor_class": "PixtralProcessor"}))
+    with pytest.raises((ImportError, ValueError)):  # diffusers: "cannot be loaded" (a torchvision placeholder)
+        Flux2Pipeline.from_pretrained(folder, local_files_only=True)
+    pipe = load_flux_pipeline(folder, "cpu", torch.float32)
+    reference = load_flux_pipeline(dev_dir, "cpu", torch.float32)
+    encoded = FLUX2_DEV.encode_prompts(pipe, [CAPTION], torch.device("cpu"), 32)
+    torch.testing.assert_close(encoded.embeds, FLUX2_DEV.encode_prompts(reference, [CAPTION], torch.device("cpu"),
+                                                                         32).embeds)
+
+
 def test_guidance_is_the_distilled_embedding_not_a_negative_pass(dev_dir):
     pipe = load_flux_pipeline(dev_dir, "cpu", torch.float32)
     text, negative = FLUX2_DEV.encode_for_pipeline(pipe, CAPTION)

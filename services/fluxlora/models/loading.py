@@ -3,6 +3,7 @@ models and the full-size ones alike."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 from pathlib import Path
@@ -59,6 +60,25 @@ def _single_file_transformer(model_dir: Path, family: Family, dtype: torch.dtype
     return load_single_file_transformer(file, describe_file(file), family, model_dir, dtype)
 
 
+# Processors whose text half is all a pipeline uses, and which transformers builds only with torchvision
+# (their image half), which the servers do not install: FLUX.2 [dev] names Mistral-3's PixtralProcessor
+# as its tokenizer, and Flux2Pipeline only encodes text with it (its chat template).
+_VISION_PROCESSORS = frozenset({"PixtralProcessor"})
+
+
+def _text_tokenizer_of_processor(model_dir: Path):
+    """The tokenizer inside a vision processor the model names as its tokenizer, where the processor itself
+    cannot be built here (no torchvision); None where the pipeline's own loading applies."""
+    index = json.loads((model_dir / "model_index.json").read_text())
+    named = index.get("tokenizer") or [None, None]
+    if named[-1] not in _VISION_PROCESSORS or importlib.util.find_spec("torchvision") is not None:
+        return None
+    from transformers import AutoTokenizer
+
+    log.info("%s: loading the text tokenizer of its %s (its image half needs torchvision)", model_dir, named[-1])
+    return AutoTokenizer.from_pretrained(model_dir / "tokenizer", local_files_only=True)
+
+
 def load_flux_pipeline(
     model_dir: Path,
     device: torch.device | str,
@@ -92,7 +112,12 @@ def load_flux_pipeline(
     single = _single_file_transformer(model_dir, family, dtype)
     if single is not None:
         skipped["transformer"] = single
+    tokenizer = _text_tokenizer_of_processor(model_dir) if text_encoders else None
+    if tokenizer is not None:
+        skipped["tokenizer"] = None  # not passed in: diffusers would check it against the processor's class
     pipe = family.pipeline_class.from_pretrained(model_dir, dtype=dtype, local_files_only=True, **skipped)
+    if tokenizer is not None:
+        pipe.register_modules(tokenizer=tokenizer)
     for component in pipe.components.values():
         if isinstance(component, torch.nn.Module):
             component.eval()
