@@ -24,8 +24,8 @@ from fluxlora.jobs import process
 from fluxlora.jobs.process import ProcessRunner, exit_status, is_worker_of, worker_env
 from fluxlora.jobs.runners import LocalRunner, runner_for
 from fluxlora.jobs.runtime import JobRuntime
-from fluxlora.jobs.worker import EXIT_INTERRUPTED, load_report
-from fluxlora_api.shared.errors import NotFound
+from fluxlora.jobs.worker import EXIT_INTERRUPTED, EXIT_UNAVAILABLE, load_report, run_worker
+from fluxlora_api.shared.errors import NotFound, Unavailable
 from fluxlora_api.v1 import jobs_pb2, preprocessing_pb2, training_pb2
 from support import make_s3_store
 
@@ -380,4 +380,29 @@ def test_a_store_out_for_longer_than_the_wait_fails_the_job_unavailable_not_inte
     assert job.error.code == "UNAVAILABLE"
     assert "could not reach the store" in job.error.message
     assert "resubmit once the store is reachable" in job.error.message
+
+
+class ReportsRefused(LocalStore):
+    """Writes of worker reports fail as while a bucket is lost, once `lost` is set."""
+
+    lost = False
+
+    def put_file(self, key, path, content_type="application/octet-stream"):
+        if self.lost and key.startswith("jobs/workers/"):
+            raise Unavailable(f"bucket 'b' does not exist (NoSuchBucket) while accessing {key!r}")
+        return super().put_file(key, path, content_type)
+
+
+def test_a_worker_whose_end_cannot_be_stored_exits_for_a_restart_not_as_a_crash(tmp_path):
+    """Found by the 30-minute chaos run (after the fix above): the bucket lost while a worker stored its
+    end made it exit 1 with a traceback, and its job failed INTERNAL."""
+    store = ReportsRefused(tmp_path / "store")
+    runtime = JobRuntime("preprocessing", "pre", store, handler=None, settings=Settings(store=str(tmp_path)))
+    job = runtime.submit(spec())  # stored, never started: the worker runs it
+
+    def handler(ctx, spec):
+        store.lost = True
+        return preprocessing_pb2.PreprocessResult(dataset_id="ds-1")
+
+    assert run_worker("preprocessing", job.job_id, runtime.settings, store, handler=handler) == EXIT_UNAVAILABLE
 

@@ -74,7 +74,7 @@ WORKER_MODULE = "fluxlora.server.worker"
 REPORT_POLL_S = 1.0  # the worker writes its report about as often (worker.PERSIST_INTERVAL_S)
 STOP_CHECK_S = 0.1  # how soon a cancel or shutdown reaches the child
 UNASKED_STOP_WAIT_S = 2.0  # a child stopped by someone else's SIGTERM: time for our own shutdown to show
-# A worker that could not reach the store to start (EXIT_UNAVAILABLE: nothing ran) is started again
+# A worker that could not reach the store to read its job or store its end (EXIT_UNAVAILABLE) is started again
 # every STORE_RETRY_S for STORE_WAIT_S, as the store's own retries wait out an outage, before the job
 # fails UNAVAILABLE.
 STORE_RETRY_S = 5.0
@@ -94,7 +94,7 @@ _KILLING_SIGNALS = frozenset({signal.SIGKILL, *_CRASH_SIGNALS})  # a worker kill
 
 
 class _StoreUnreachable(Exception):
-    """The worker exited EXIT_UNAVAILABLE: it could not read its job from the store, so nothing ran."""
+    """The worker exited EXIT_UNAVAILABLE: it could not read its job, or store its end, so no outcome is known."""
 
 
 class ProcessRunner:
@@ -256,7 +256,7 @@ class ProcessRunner:
             raise JobInterrupted(job_id)
         if returncode == EXIT_UNAVAILABLE:
             raise _StoreUnreachable(f"the worker process (pid {pid}) of job {job_id} could not reach the store "
-                                    f"{runtime.store.uri} to start the job (its log line says why)")
+                                    f"{runtime.store.uri} to read its job or to store its end (its log line says why)")
         if returncode in (EXIT_INTERRUPTED, -signal.SIGTERM, -signal.SIGINT):
             # Stopped by a signal we did not send: part of this machine shutting down (and this server
             # with it, which then re-queues the job), or someone's `kill`.

@@ -50,7 +50,9 @@ EXIT_SUCCEEDED = 0
 EXIT_FAILED = 1  # may succeed on a retry (store unreachable, a crash): counts against backoffLimit
 EXIT_PERMANENT = 3  # the same request fails again however often it runs: podFailurePolicy FailJob
 EXIT_INTERRUPTED = 75  # SIGTERM (cancel, drain, preemption): a retry resumes from the last checkpoint
-EXIT_UNAVAILABLE = 69  # the store was unreachable before the job started (sysexits' EX_UNAVAILABLE): nothing ran
+# The store was unreachable (sysexits' EX_UNAVAILABLE) to read the job, or to store the report that holds
+# its end: the server never learns an outcome, so the job is started again (a training run resumes).
+EXIT_UNAVAILABLE = 69
 RANK_RESULTS_ENV = "FLUXLORA_RANK_RESULTS"  # the launcher's folder of rank exit codes (note_rank_result)
 PERMANENT_CODES = frozenset({"INVALID_ARGUMENT", "NOT_FOUND", "FAILED_PRECONDITION", "RESOURCE_EXHAUSTED"})
 # How often progress and metrics reach the report (state changes, artifacts and warnings: at once);
@@ -161,6 +163,9 @@ def run_worker(service: str, job_id: str, settings: Settings, store: ArtifactSto
     try:
         return tracing.in_span(record.traceparent, f"{service} worker", partial(
             _run_reported, report, handler, record, job_id), **{"fluxlora.job_id": job_id})
+    except Unavailable as exc:  # the report, its end included, could not be stored
+        log.error("job %s: its report could not be stored: %s", job_id, exc)
+        return EXIT_UNAVAILABLE
     finally:
         report.close()
 
