@@ -4,12 +4,19 @@ from __future__ import annotations
 
 from fluxlora.training.trainer import TrainConfig, train_lora
 
+CIRCLE_CAPTION = "a photo of a red circle"  # the `circle` dataset's (tests/unit/conftest.py)
+
 
 def quick(**overrides) -> TrainConfig:
     """A 64x64 run of a few steps that skips what the test does not look at."""
     settings = dict(resolution=64, max_steps=4, learning_rate=1e-3, rank=4, alpha=4, checkpoint_every=0,
                     sample_every=0, gradient_checkpointing=False, seed=0)
     return TrainConfig(**{**settings, **overrides})
+
+
+def quick_flux2(**overrides) -> TrainConfig:
+    """quick() with FLUX.2's text encoders cut to 64 tokens (their default 512 is slow on the CPU)."""
+    return quick(**{"max_sequence_length": 64, **overrides})
 
 
 def train(cfg, model_dir, dataset_dir, out_dir, callbacks=None, **kwargs):

@@ -56,3 +56,12 @@ def make_dataset(tmp_path_factory) -> Callable[..., Path]:
         return directory
 
     return make
+
+
+@pytest.fixture(scope="module")
+def circle(make_dataset, shape_image) -> Path:
+    """One 64 px red circle captioned CIRCLE_CAPTION (tests/training_support.py)."""
+    from training_support import CIRCLE_CAPTION
+
+    return make_dataset({"circle": (shape_image((64, 64), "red"), CIRCLE_CAPTION)})
+

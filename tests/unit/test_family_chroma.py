@@ -13,7 +13,7 @@ import torch
 from diffusers import ChromaPipeline
 from safetensors import safe_open
 from safetensors.torch import load_file
-from training_support import quick, train
+from training_support import CIRCLE_CAPTION, quick, train
 
 from fluxlora.evaluation.render import latent_distances_to_image
 from fluxlora.models.families import CHROMA, FLUX1_DEV, detect_family_in, family_for_model
@@ -25,21 +25,12 @@ from fluxlora.training.trainer.config import ATTENTION_AND_MLP_TARGETS
 from fluxlora.training.trainer.encoding_cache import load_encodings
 from fluxlora.training.trainer.lora import add_lora
 
-CAPTION = "a photo of a red circle"
+CAPTION = CIRCLE_CAPTION
 
 
 @pytest.fixture(scope="module")
 def tiny_chroma_dir(tmp_path_factory) -> Path:
     return write_tiny_chroma(tmp_path_factory.mktemp("tiny-chroma"), seed=0)
-
-
-@pytest.fixture(scope="module")
-def circle(make_dataset, shape_image) -> Path:
-    return make_dataset({"circle": (shape_image((64, 64), "red"), CAPTION)})
-
-
-
-
 
 
 def test_the_family_is_detected_from_the_model(tiny_chroma_dir, tiny_flux_dir):

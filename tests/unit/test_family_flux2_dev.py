@@ -13,8 +13,8 @@ import pytest
 import torch
 from diffusers import Flux2Pipeline
 from safetensors.torch import load_file
-from training_support import quick as base_quick
-from training_support import train
+from training_support import CIRCLE_CAPTION, train
+from training_support import quick_flux2 as quick
 
 from fluxlora.evaluation.render import latent_distances_to_image
 from fluxlora.models.families import FLUX2_DEV, detect_family_in, family_for_model, get_family, planning_family
@@ -24,21 +24,12 @@ from fluxlora.models.loading import load_flux_pipeline
 from fluxlora.models.tiny_family import write_tiny_family
 from fluxlora.training.trainer import TrainConfig
 
-CAPTION = "a photo of a red circle"
+CAPTION = CIRCLE_CAPTION
 
 
 @pytest.fixture(scope="module")
 def dev_dir(tmp_path_factory) -> Path:
     return write_tiny_family("flux2-dev", tmp_path_factory.mktemp("tiny-dev"), seed=0)
-
-
-@pytest.fixture(scope="module")
-def circle(make_dataset, shape_image) -> Path:
-    return make_dataset({"circle": (shape_image((64, 64), "red"), CAPTION)})
-
-
-def quick(**overrides) -> TrainConfig:
-    return base_quick(**{"max_sequence_length": 64, **overrides})
 
 
 def test_the_tiny_model_is_a_flux2_dev_pipeline_detected_and_trainable_as_such(dev_dir):

@@ -14,8 +14,8 @@ import torch
 from diffusers import Flux2KleinPipeline, Flux2Pipeline
 from safetensors import safe_open
 from safetensors.torch import load_file
-from training_support import quick as base_quick
-from training_support import train
+from training_support import CIRCLE_CAPTION, train
+from training_support import quick_flux2 as quick
 
 from fluxlora.evaluation.render import latent_distances_to_image
 from fluxlora.models.families import FLUX2_KLEIN, detect_family_in, family_for_model
@@ -30,23 +30,12 @@ from fluxlora.training.trainer.kohya import kohya_state_dict
 from fluxlora.training.trainer.lora import add_lora
 from fluxlora.training.trainer.timesteps import sample_sigmas
 
-CAPTION = "a photo of a red circle"
+CAPTION = CIRCLE_CAPTION
 
 
 @pytest.fixture(scope="module")
 def klein_dir(tmp_path_factory) -> Path:
     return write_tiny_family("flux2-klein", tmp_path_factory.mktemp("tiny-klein"), seed=0)
-
-
-@pytest.fixture(scope="module")
-def circle(make_dataset, shape_image) -> Path:
-    return make_dataset({"circle": (shape_image((64, 64), "red"), CAPTION)})
-
-
-def quick(**overrides) -> TrainConfig:
-    return base_quick(**{"max_sequence_length": 64, **overrides})
-
-
 
 
 def lora_modules(klein_dir, targets) -> list[str]:

@@ -20,11 +20,6 @@ from fluxlora_api.v1 import training_pb2 as pb
 HAS_BITSANDBYTES = importlib.util.find_spec("bitsandbytes") is not None
 
 
-@pytest.fixture(scope="module")
-def circle(make_dataset, shape_image):
-    return make_dataset({"circle": (shape_image((64, 64), "red"), "a photo of a red circle")})
-
-
 def test_prodigy_trains_the_lora_down_the_loss(tiny_flux_dir, circle, tmp_path):
     cfg = TrainConfig(resolution=64, max_steps=30, rank=4, alpha=4, checkpoint_every=0, sample_every=0, seed=0,
                       optimizer="prodigy", learning_rate=1.0, target_modules=["to_q", "to_k", "to_v", "ff.net.2"])
