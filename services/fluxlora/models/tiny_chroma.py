@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from diffusers import ChromaPipeline, ChromaTransformer2DModel
 
-from fluxlora.models.tiny_flux import TINY_TRANSFORMER, _scheduler, _t5_encoder, _vae
+from fluxlora.models.tiny_flux import TINY_TRANSFORMER, _scheduler, _t5_encoder, _vae, save_tiny_pipeline
 from fluxlora.models.tiny_tokenizers import build_t5_tokenizer
 
 
@@ -38,7 +38,4 @@ def build_tiny_chroma(seed: int = 0) -> ChromaPipeline:
 
 def write_tiny_chroma(out_dir: Path, seed: int = 0) -> Path:
     """Write a complete ChromaPipeline directory with tiny random weights; returns out_dir."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    build_tiny_chroma(seed=seed).save_pretrained(out_dir, safe_serialization=True)
-    return out_dir
+    return save_tiny_pipeline(build_tiny_chroma(seed=seed), out_dir)

@@ -134,9 +134,12 @@ def write_tiny_flux(out_dir: Path, seed: int = 0, guidance_embeds: bool = False)
     `FluxPipeline.from_pretrained(out_dir)` loads it with no network. guidance_embeds=True gives
     a FLUX.1-dev-like transformer that takes the distilled guidance input.
     """
+    return save_tiny_pipeline(build_tiny_flux(seed=seed, guidance_embeds=guidance_embeds), out_dir)
+
+
+def save_tiny_pipeline(pipe, out_dir: Path) -> Path:
+    """Save a tiny pipeline as a diffusers directory (safetensors); returns out_dir."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    build_tiny_flux(seed=seed, guidance_embeds=guidance_embeds).save_pretrained(
-        out_dir, safe_serialization=True
-    )
+    pipe.save_pretrained(out_dir, safe_serialization=True)
     return out_dir

@@ -18,7 +18,7 @@ import torch
 from diffusers import AutoencoderKLFlux2, Flux2KleinPipeline, Flux2Pipeline, Flux2Transformer2DModel
 from transformers import Mistral3Config, Mistral3ForConditionalGeneration, Qwen3Config, Qwen3ForCausalLM
 
-from fluxlora.models.tiny_flux import VOCAB_SIZE, _scheduler
+from fluxlora.models.tiny_flux import VOCAB_SIZE, _scheduler, save_tiny_pipeline
 from fluxlora.models.tiny_tokenizers import build_mistral3_tokenizer, build_qwen3_tokenizer
 
 QWEN_WIDTH = 16
@@ -67,10 +67,7 @@ def build_tiny_flux2_klein(seed: int = 0) -> Flux2KleinPipeline:
 
 def write_tiny_flux2_klein(out_dir: Path, seed: int = 0) -> Path:
     """Write a complete Flux2KleinPipeline directory with tiny random weights; returns out_dir."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    build_tiny_flux2_klein(seed=seed).save_pretrained(out_dir, safe_serialization=True)
-    return out_dir
+    return save_tiny_pipeline(build_tiny_flux2_klein(seed=seed), out_dir)
 
 
 def _mistral3_encoder(tokenizer) -> Mistral3ForConditionalGeneration:
@@ -105,7 +102,4 @@ def build_tiny_flux2_dev(seed: int = 0) -> Flux2Pipeline:
 
 def write_tiny_flux2_dev(out_dir: Path, seed: int = 0) -> Path:
     """Write a complete Flux2Pipeline directory with tiny random weights; returns out_dir."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    build_tiny_flux2_dev(seed=seed).save_pretrained(out_dir, safe_serialization=True)
-    return out_dir
+    return save_tiny_pipeline(build_tiny_flux2_dev(seed=seed), out_dir)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from diffusers import FluxKontextPipeline
 
-from fluxlora.models.tiny_flux import build_tiny_flux
+from fluxlora.models.tiny_flux import build_tiny_flux, save_tiny_pipeline
 
 
 def build_tiny_kontext(seed: int = 0) -> FluxKontextPipeline:
@@ -23,7 +23,4 @@ def build_tiny_kontext(seed: int = 0) -> FluxKontextPipeline:
 
 def write_tiny_kontext(out_dir: Path, seed: int = 0) -> Path:
     """Write a complete FluxKontextPipeline directory with tiny random weights; returns out_dir."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    build_tiny_kontext(seed=seed).save_pretrained(out_dir, safe_serialization=True)
-    return out_dir
+    return save_tiny_pipeline(build_tiny_kontext(seed=seed), out_dir)
