@@ -14,7 +14,7 @@ import torch
 from diffusers import Flux2KleinPipeline, Flux2Pipeline
 from safetensors import safe_open
 from safetensors.torch import load_file
-from training_support import CIRCLE_CAPTION, train
+from training_support import CIRCLE_CAPTION, assert_resume_repeats_the_run, train
 from training_support import quick_flux2 as quick
 
 from fluxlora.evaluation.render import latent_distances_to_image
@@ -124,16 +124,9 @@ def test_the_lora_pulls_klein_generations_toward_the_training_image(overfit, kle
 
 
 def test_resuming_repeats_the_uninterrupted_run(klein_dir, make_dataset, shape_image, tmp_path):
-    dataset = make_dataset({"red": (shape_image((64, 64), "red"), "a red circle"),
-                            "blue": (shape_image((64, 64), "blue", "rectangle"), "a blue square")})
     cfg = quick(max_steps=6, checkpoint_every=3, lr_scheduler="cosine", caption_dropout=0.3,
                 timestep_sampling="flux_shift")
-    whole = train(cfg, klein_dir, dataset, tmp_path / "whole")
-    resumed = train(cfg, klein_dir, dataset, tmp_path / "resumed",
-                    resume_from=tmp_path / "whole/checkpoints/step-000003")
-    assert resumed.losses == whole.losses
-    a, b = load_file(whole.final_checkpoint), load_file(resumed.final_checkpoint)
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert_resume_repeats_the_run(cfg, klein_dir, make_dataset, shape_image, tmp_path)
 
 
 def test_the_comfyui_file_renders_as_the_diffusers_file_through_klein_pipeline(klein_dir, tmp_path):
