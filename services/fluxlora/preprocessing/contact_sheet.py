@@ -51,13 +51,18 @@ class TileMark:
 
 
 class ContactSheet:
-    def __init__(self, count: int) -> None:
+    def __init__(self, count: int, thumb_width: int = THUMB) -> None:
+        """A sheet of `count` tiles, each a THUMB px high thumbnail box `thumb_width` px wide (wider
+        for a before/after pair side by side)."""
         self.count = count
         self.shown = min(count, MAX_TILES)
-        # At least MIN_COLUMNS wide so the header fits even for a handful of files.
-        self.columns = max(MIN_COLUMNS, min(MAX_COLUMNS, math.ceil(math.sqrt(max(self.shown, 1)))))
+        self.thumb_width = thumb_width
+        # At least MIN_COLUMNS square tiles wide so the header fits even for a handful of files.
+        square, cell = THUMB + 2 * PAD, thumb_width + 2 * PAD
+        least, most = math.ceil(MIN_COLUMNS * square / cell), max(1, MAX_COLUMNS * square // cell)
+        self.columns = max(least, min(most, math.ceil(math.sqrt(max(self.shown, 1)))))
         rows = max(1, math.ceil(self.shown / self.columns))
-        self.cell = (THUMB + 2 * PAD, THUMB + 2 * PAD + LABEL)
+        self.cell = (thumb_width + 2 * PAD, THUMB + 2 * PAD + LABEL)
         self.canvas = Image.new(
             "RGB", (self.columns * self.cell[0], HEADER + rows * self.cell[1]), BACKGROUND
         )
@@ -69,14 +74,16 @@ class ContactSheet:
             return
         thumb = Image.frombytes("RGB", size, rgb)
         left, top = self._origin(position)
-        self.canvas.paste(thumb, (left + PAD + (THUMB - size[0]) // 2, top + PAD + (THUMB - size[1]) // 2))
+        self.canvas.paste(thumb, (left + PAD + (self.thumb_width - size[0]) // 2, top + PAD + (THUMB - size[1]) // 2))
         self._pasted.add(position)
 
-    def finish(self, marks: list[TileMark], title: str, subtitle: str = "") -> Image.Image:
+    def finish(self, marks: list[TileMark], title: str, subtitle: str = "",
+               rejected: Sequence[RejectedFile] | None = None) -> Image.Image:
         """Draw the marks (one per position, in order), the header and, under the grid, every
-        rejected file's reason in full; returns the sheet."""
+        rejected file's reason in full (`rejected`, else the rejected marks'); returns the sheet."""
         small, bold = label_font(11), label_font(13)
-        reasons = self._reason_lines(marks, small)
+        listed = marks if rejected is None else [TileMark("", "rejected", r.reason, r.source_key) for r in rejected]
+        reasons = self._reason_lines(listed, small)
         if reasons:
             grown = Image.new("RGB", (self.canvas.width, self.canvas.height + PAD + LINE * len(reasons) + PAD),
                               BACKGROUND)
@@ -96,8 +103,9 @@ class ContactSheet:
             self._mark(draw, position, mark, small)
         return self.canvas
 
-    def save(self, path: Path, marks: list[TileMark], title: str, subtitle: str = "") -> Path:
-        image = self.finish(marks, title, subtitle)
+    def save(self, path: Path, marks: list[TileMark], title: str, subtitle: str = "",
+             rejected: Sequence[RejectedFile] | None = None) -> Path:
+        image = self.finish(marks, title, subtitle, rejected)
         image.info = {}
         image.save(path, format="PNG", compress_level=1)  # a preview: fast beats 20% smaller
         return path
@@ -120,11 +128,11 @@ class ContactSheet:
 
     def _mark(self, draw: ImageDraw.ImageDraw, position: int, mark: TileMark, font) -> None:
         left, top = self._origin(position)
-        box = (left + PAD - 2, top + PAD - 2, left + PAD + THUMB + 1, top + PAD + THUMB + 1)
+        box = (left + PAD - 2, top + PAD - 2, left + PAD + self.thumb_width + 1, top + PAD + THUMB + 1)
         if mark.status == "rejected":
             draw.rectangle(box, fill=REJECT)
             draw.text((left + PAD + 4, top + PAD + 4), "REJECTED", fill=REJECT_INK, font=font)
-            lines = wrap_to_width(gist(mark.note), font, THUMB - 8)
+            lines = wrap_to_width(gist(mark.note), font, self.thumb_width - 8)
             if len(lines) > 5:
                 lines = [*lines[:4], "(see below)"]
             for i, line in enumerate(lines):
@@ -137,10 +145,11 @@ class ContactSheet:
         elif mark.status == "flagged":
             draw.rectangle(box, outline=FLAG, width=3)
         ink = {"rejected": REJECT, "duplicate": DUPLICATE_INK, "flagged": FLAG}.get(mark.status, INK)
-        label_top = top + PAD + THUMB + 3
-        draw.text((left + PAD, label_top), _fit(mark.label, 17), fill=INK if mark.status == "ok" else ink, font=font)
+        label_top, chars = top + PAD + THUMB + 3, 17 * self.thumb_width // THUMB
+        draw.text((left + PAD, label_top), _fit(mark.label, chars), fill=INK if mark.status == "ok" else ink,
+                  font=font)
         if mark.status in ("flagged", "duplicate"):
-            draw.text((left + PAD, label_top + 13), _fit(mark.note, 17), fill=ink, font=font)
+            draw.text((left + PAD, label_top + 13), _fit(mark.note, chars), fill=ink, font=font)
 
 
 def gist(reason: str) -> str:

@@ -24,6 +24,7 @@ from fluxlora.preprocessing.manifest import (
     RejectedFile,
 )
 from fluxlora.preprocessing.naming import folder_name
+from fluxlora.preprocessing.pair_sheet import save_pair_sheet
 from fluxlora.preprocessing.pairs import CONTROL_DIR, attach_controls, split_pairs
 from fluxlora.preprocessing.pipeline import preprocess_files
 from fluxlora.preprocessing.report import build_report, truncated_for_proto
@@ -127,11 +128,13 @@ def run_preprocess(ctx: JobContext, spec: pb.PreprocessSpec) -> pb.PreprocessRes
         pairs.targets, out_dir, options,
         progress=lambda done, total: _progress(ctx, done, total),
         workers=pool_size(getattr(ctx.settings, "preprocess_workers", 0)),
-        contact_sheet=sheet_path,
+        # A pair dataset's sheet is drawn once the pairs are decided: a tile per pair, control | target.
+        contact_sheet=None if pairs.paired else sheet_path,
         rejected_upstream=refused,
     )
     if pairs.paired:
         manifest = attach_controls(manifest, pairs, out_dir)
+        save_pair_sheet(manifest, pairs, out_dir, sheet_path)
     dataset_id = manifest.dataset_fingerprint
     if manifest.image_count == 0:
         reasons = "; ".join(f"{r.source_key}: {r.reason}" for r in manifest.rejected[:5])

@@ -33,6 +33,7 @@ CONTROL_DIR = "control"
 _IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".tif", ".tiff", ".bmp"}
 # Halves whose aspect ratios differ by more than this are not the same framing.
 _ASPECT_TOLERANCE = 0.01
+PAIR_REFUSED = "pair refused: "  # the start of the reason given to both halves of a refused pair
 
 
 @dataclass
@@ -102,8 +103,8 @@ def attach_controls(manifest: Manifest, pairs: PairedFiles, out_dir: Path) -> Ma
                                     "no edit to learn; upload the before image as the control")
         except ImageRejected as exc:
             (Path(out_dir) / entry.file_name).unlink(missing_ok=True)
-            rejected.append(RejectedFile(source_key=entry.source_key, reason=f"pair refused: {exc}"))
-            rejected.append(RejectedFile(source_key=control_key, reason=f"pair refused: {exc}"))
+            rejected.append(RejectedFile(source_key=entry.source_key, reason=f"{PAIR_REFUSED}{exc}"))
+            rejected.append(RejectedFile(source_key=control_key, reason=f"{PAIR_REFUSED}{exc}"))
             continue
         write_png(control, control_dir / entry.file_name)
         images.append(entry.model_copy(update={"control_source_key": control_key, "control_file_name":
