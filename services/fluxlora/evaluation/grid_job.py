@@ -41,6 +41,7 @@ class Dataset:
     images: dict[str, tuple[Image.Image, str]]
     probe: list[str]  # stems for the convergence probe; [] when skipped
     references: list[str]  # stems fidelity compares cells with; [] without an image-text model
+    controls: dict[str, Image.Image] = dataclasses.field(default_factory=dict)  # probe stems' control images
 
 
 @dataclasses.dataclass
@@ -101,6 +102,7 @@ def run_grid(ctx: JobContext, spec: pb.GridSpec) -> pb.GridResult:
             probe = heldout.prepare_probe(
                 pipe, [dataset.images[s] for s in dataset.probe], config.get("resolution", spec.width),
                 guidance=spec.guidance, max_sequence_length=config.get("max_sequence_length", 512),
+                controls=[dataset.controls.get(s) for s in dataset.probe],
             )
             scores.base_loss = heldout.probe_loss(pipe, probe)
         losses: dict[int, float] = {}
@@ -156,7 +158,23 @@ def _dataset_images(ctx: JobContext, run: dict, spec: pb.GridSpec) -> Dataset:
         caption = ctx.store.get_bytes(objects[caption_name]).decode("utf-8").strip() if caption_name in objects else ""
         with Image.open(path) as opened:
             images[stem] = (opened.convert("RGB"), caption)
-    return Dataset(images, probe, references)
+    return Dataset(images, probe, references, _control_images(ctx, run["dataset_id"], probe))
+
+
+def _control_images(ctx: JobContext, dataset_id: str, stems: list[str]) -> dict[str, Image.Image]:
+    """The control (before) images of `stems` in an editing dataset (datasets/<id>/control/<stem>.png),
+    by stem; {} for a dataset without them. The probe of an editing LoRA edits them, as training did."""
+    if not stems:
+        return {}
+    prefix = keys.dataset_controls(dataset_id)
+    by_stem = {Path(o.key).stem: o.key for o in ctx.store.list(prefix) if Path(o.key).suffix.lower() in IMAGE_SUFFIXES}
+    controls = {}
+    for stem in stems:
+        if stem in by_stem:
+            path = ctx.store.get_file(by_stem[stem], ctx.scratch / "dataset" / "control" / Path(by_stem[stem]).name)
+            with Image.open(path) as opened:
+                controls[stem] = opened.convert("RGB")
+    return controls
 
 
 def _image_text_scores(ctx, spec, run, dataset: Dataset, panels, cells, scores: Scores, device) -> None:
@@ -245,6 +263,7 @@ def _write(ctx, spec, grid_rows: list[Row], panels, cells, scores: Scores, recom
         "convergence": None if scores.convergence is None else {
             "method": "flow-matching loss on the run's images at fixed noise levels and fixed noise per image",
             "images": dataset.probe,
+            "control_images": sorted(dataset.controls),  # editing runs: the probe edits these stems' controls
             "sigmas": list(heldout.SIGMAS),
             "noise_seed": heldout.NOISE_SEED,
             "tolerance": scoring.CONVERGENCE_TOLERANCE,

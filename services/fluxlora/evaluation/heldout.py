@@ -12,11 +12,18 @@ seed. Every checkpoint (and the
 base model) is measured on exactly the same inputs, so the curve over checkpoints is smooth and its
 flattening marks convergence. Sigmas 0.25/0.5/0.75 span the range where a subject's shape and
 identity are decided; the extremes measure only fine texture (low) or mostly noise (high).
+
+Editing families (FLUX.1 Kontext) learn the edit from each pair's control (before) image: the
+probe gives the transformer the control's tokens after the target's, as training does, at the
+target's size (preprocessing crops both halves alike), and scores the target's tokens only.
+Without them the probe would measure text-to-image generation of the after images, which is not
+what the LoRA learns.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -36,6 +43,7 @@ class ProbeItem:
     latents: torch.Tensor  # (1, C, h, w), normalised
     noise: torch.Tensor  # same shape
     text: PromptEncoding  # the caption, a batch of one, as the pipeline's family encodes it
+    control: torch.Tensor | None = None  # (1, C, h, w): the control image's latents (editing families)
 
 
 @dataclass(frozen=True)
@@ -61,21 +69,29 @@ def prepare_probe(
     guidance: float = 3.5,
     max_sequence_length: int = 512,
     sigmas: tuple[float, ...] = SIGMAS,
+    controls: Sequence[Image.Image | None] = (),
 ) -> Probe:
-    """Encodes (image, caption) pairs once; call on the plain base pipeline."""
+    """Encodes (image, caption) pairs once; call on the plain base pipeline. controls: each
+    image's control (before) image, for families that edit one (others ignore them)."""
     if not images:
         raise ValueError("the convergence probe needs at least one image")
-    device = pipe._execution_device
+    device, family = pipe._execution_device, family_of(pipe)
     items = []
     for i, (image, caption) in enumerate(images):
         size = probe_size(image.width, image.height, resolution)
-        resized = image.convert("RGB").resize(size, Image.Resampling.LANCZOS)
-        latents = family_of(pipe).encode_latents(pipe.vae, image_to_pixels(pipe, resized)).float()
+        latents = _encode(pipe, image, size)
         noise = torch.randn(latents.shape, generator=torch.Generator("cpu").manual_seed(NOISE_SEED + i))
-        text = family_of(pipe).encode_prompts(pipe, [caption], device, max_sequence_length)
-        items.append(ProbeItem(latents.cpu(), noise, text))
-    use_guidance = family_of(pipe).uses_guidance_embedding(pipe.transformer)
+        text = family.encode_prompts(pipe, [caption], device, max_sequence_length)
+        control = controls[i] if i < len(controls) and family.takes_control_image else None
+        items.append(ProbeItem(latents, noise, text, None if control is None else _encode(pipe, control, size)))
+    use_guidance = family.uses_guidance_embedding(pipe.transformer)
     return Probe(items, tuple(sigmas), guidance if use_guidance else None)
+
+
+def _encode(pipe, image: Image.Image, size: tuple[int, int]) -> torch.Tensor:
+    """(1, C, h, w) normalised latents of `image` resized to `size` (width, height), on the CPU."""
+    resized = image.convert("RGB").resize(size, Image.Resampling.LANCZOS)
+    return family_of(pipe).encode_latents(pipe.vae, image_to_pixels(pipe, resized)).float().cpu()
 
 
 @torch.no_grad()
@@ -101,11 +117,13 @@ def probe_loss(pipe, probe: Probe) -> float:
         text = PromptEncoding(t.embeds.expand(n, -1, -1).to(device, dtype), t.pooled.expand(n, -1).to(device, dtype),
                               None if t.mask is None else t.mask.expand(n, -1).to(device, dtype),
                               t.text_ids.to(device, dtype))
+        tokens = family.pack(noisy).to(device, dtype)
+        control = None if item.control is None else item.control.expand(n, -1, -1, -1).to(device, dtype)
+        hidden_states, img_ids = family.with_control(tokens, family.image_ids(height, width, device, dtype), control)
         prediction = transformer(**family.transformer_kwargs(
-            transformer, hidden_states=family.pack(noisy).to(device, dtype), sigmas=sigmas.to(device), text=text,
-            img_ids=family.image_ids(height, width, device, dtype),
+            transformer, hidden_states=hidden_states, sigmas=sigmas.to(device), text=text, img_ids=img_ids,
             guidance=probe.guidance if probe.guidance is not None else 0.0,
-        ))[0]
+        ))[0][:, : tokens.shape[1]]  # the target's tokens; a control's follow them
         target = family.pack(noise - latents).to(device)
         total += torch.nn.functional.mse_loss(prediction.float(), target).item()
     return total / len(probe.items)
