@@ -230,7 +230,7 @@ COMMENTS: dict[str, dict[str, str]] = {
         '': 'A kept image with something the user should look at.',
         'stem': '',
         'source_key': '',
-        'flags': '"upscaled", "blurry", "near_duplicate", "extreme_aspect", "monochrome".',
+        'flags': '"upscaled", "blurry", "near_duplicate", "extreme_aspect", "monochrome"; for editing pairs also\n"control_upscaled" (the control image has a lower resolution than its target).',
         'warnings': '',
         'blur_score': '',
     },

@@ -265,7 +265,9 @@ class FlaggedImage(_message.Message):
     blur_score: _builtins.float
     @_builtins.property
     def flags(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
-        """"upscaled", "blurry", "near_duplicate", "extreme_aspect", "monochrome"."""
+        """"upscaled", "blurry", "near_duplicate", "extreme_aspect", "monochrome"; for editing pairs also
+        "control_upscaled" (the control image has a lower resolution than its target).
+        """
 
     @_builtins.property
     def warnings(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...

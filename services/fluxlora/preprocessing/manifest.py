@@ -10,7 +10,7 @@ from fluxlora.preprocessing.buckets import validate_base_size
 
 Channel = Annotated[int, Field(ge=0, le=255)]
 Box = tuple[int, int, int, int]
-Flag = Literal["upscaled", "blurry", "near_duplicate", "extreme_aspect", "monochrome"]
+Flag = Literal["upscaled", "blurry", "near_duplicate", "extreme_aspect", "monochrome", "control_upscaled"]
 
 MANIFEST_VERSION = 2
 

@@ -10,6 +10,13 @@ The targets go through the usual pipeline (checks, duplicates, crop); the contro
 target is then given the target's crop box, size and padding, so the two halves line up pixel
 for pixel. A pair with a missing half, halves of different aspect ratios or a control equal to
 its target is rejected with a reason for each file; the other pairs are kept.
+
+A control of the same aspect but another resolution is brought to its target's training size too,
+not kept at a size of its own: FLUX.1 Kontext's position ids are latent-pixel coordinates, so only
+at the same size does each control token sit where its target token does; ai-toolkit and
+musubi-tuner train this way by default; and our samples, grid and generate hand the pipeline the
+control at the output's size, which is what training then matches (docs/architecture.md, "Editing
+pairs"). A control smaller than its target is therefore upscaled, and the pair is warned about.
 """
 
 from __future__ import annotations
@@ -24,7 +31,7 @@ from PIL import Image
 from fluxlora.preprocessing.framing import crop_resize
 from fluxlora.preprocessing.images import ImageRejected, decode_image
 from fluxlora.preprocessing.manifest import ImageEntry, Manifest, RejectedFile
-from fluxlora.preprocessing.worker import file_sha256, write_png
+from fluxlora.preprocessing.worker import UPSCALE_TOLERANCE, file_sha256, write_png
 
 CONTROL_SUFFIX = "_control"
 CONTROL_FOLDER = "control"
@@ -97,7 +104,7 @@ def attach_controls(manifest: Manifest, pairs: PairedFiles, out_dir: Path) -> Ma
     for entry in manifest.images:
         control_key, control_path = pairs.controls[entry.source_key]
         try:
-            control = _framed_like(entry, control_key, control_path, manifest.options.background)
+            control, warning = _framed_like(entry, control_key, control_path, manifest.options.background)
             if _same_pixels(control, Path(out_dir) / entry.file_name):
                 raise ImageRejected(f"control image {control_key} equals its target after cropping: the pair shows "
                                     "no edit to learn; upload the before image as the control")
@@ -107,8 +114,11 @@ def attach_controls(manifest: Manifest, pairs: PairedFiles, out_dir: Path) -> Ma
             rejected.append(RejectedFile(source_key=control_key, reason=f"{PAIR_REFUSED}{exc}"))
             continue
         write_png(control, control_dir / entry.file_name)
-        images.append(entry.model_copy(update={"control_source_key": control_key, "control_file_name":
-                                               f"{CONTROL_DIR}/{entry.file_name}"}))
+        images.append(entry.model_copy(update={
+            "control_source_key": control_key, "control_file_name": f"{CONTROL_DIR}/{entry.file_name}",
+            "flags": [*entry.flags, "control_upscaled"] if warning else entry.flags,
+            "warnings": [*entry.warnings, warning] if warning else entry.warnings,
+        }))
         kept_targets.add(entry.source_key)
     for target_key, (control_key, _) in pairs.controls.items():
         in_rejected = any(r.source_key == target_key for r in rejected)
@@ -140,8 +150,10 @@ def attach_controls(manifest: Manifest, pairs: PairedFiles, out_dir: Path) -> Ma
     })
 
 
-def _framed_like(entry: ImageEntry, key: str, path: Path, background: tuple[int, int, int]) -> Image.Image:
-    """The control image brought to the target's training image by the target's own framing."""
+def _framed_like(entry: ImageEntry, key: str, path: Path,
+                 background: tuple[int, int, int]) -> tuple[Image.Image, str | None]:
+    """The control image brought to the target's training image by the target's own framing, and a
+    warning when that upscales a control of lower resolution than its target."""
     try:
         decoded = decode_image(path, background=background)
     except ImageRejected as exc:
@@ -156,12 +168,20 @@ def _framed_like(entry: ImageEntry, key: str, path: Path, background: tuple[int,
     scale_x, scale_y = width / target_w, height / target_h
     left, top, right, bottom = entry.crop_box
     box = (round(left * scale_x), round(top * scale_y), round(right * scale_x), round(bottom * scale_y))
+    placed = entry.size if entry.pad_box is None else (entry.pad_box[2] - entry.pad_box[0],
+                                                      entry.pad_box[3] - entry.pad_box[1])
+    upscale = max(placed[0] / max(1, box[2] - box[0]), placed[1] / max(1, box[3] - box[1]))
+    warning = None
+    if upscale > UPSCALE_TOLERANCE and target_w / width > UPSCALE_TOLERANCE:
+        warning = (f"control image {key} ({width}x{height}) has a lower resolution than its target "
+                   f"({target_w}x{target_h}) and is upscaled {upscale:.2f}x to the target's {entry.size[0]}x"
+                   f"{entry.size[1]}: the edit's input will be soft; upload the before image at the after "
+                   "image's resolution")
     if entry.pad_box is None:
-        return crop_resize(image, entry.size, box)
-    pad_left, pad_top, pad_right, pad_bottom = entry.pad_box
+        return crop_resize(image, entry.size, box), warning
     canvas = Image.new("RGB", entry.size, entry.pad_color or (255, 255, 255))
-    canvas.paste(crop_resize(image, (pad_right - pad_left, pad_bottom - pad_top), box), (pad_left, pad_top))
-    return canvas
+    canvas.paste(crop_resize(image, placed, box), entry.pad_box[:2])
+    return canvas, warning
 
 
 def _same_pixels(control: Image.Image, target_png: Path) -> bool:
