@@ -114,7 +114,8 @@ def check_controls(pairs: Sequence[Pair], dataset_dir: Path) -> None:
 
 def load_control(path: Path, size: tuple[int, int]) -> Image.Image:
     """The control image at its target's training size (preprocessing crops both halves alike, so
-    this is the same crop; a hand-made pair of another aspect is fitted, not distorted)."""
+    this is the same crop; a hand-made pair of another aspect is fitted, not distorted). One size
+    for both halves, not the control's own: docs/architecture.md, "Editing pairs: one size"."""
     with Image.open(path) as opened:
         image = ImageOps.exif_transpose(opened).convert("RGB")
     return image if image.size == size else ImageOps.fit(image, size, Image.Resampling.LANCZOS)
