@@ -3,8 +3,9 @@ the tests can check our kohya file against them without ComfyUI installed (GPL c
 copied).
 
 Source read: github.com/comfyanonymous/ComfyUI (now Comfy-Org/ComfyUI) at COMFYUI_COMMIT, v0.9.1 plus two
-commits (2026-01-13), the first upstream release line with FLUX.2 (model_base.Flux2). SOURCES lists the
-files and lines each rule comes from.
+commits (2026-01-13), which has FLUX.2 (model_base.Flux2); the tree was read from a fork whose master
+was exactly that upstream commit (github.com/codeflash-ai/ComfyUI). SOURCES lists the files and lines
+each rule comes from.
 
 1. Which key names a model takes (lora.py model_lora_keys_unet): every weight
    `diffusion_model.<name>.weight` in the model's state dict is the target of the LoRA stem
