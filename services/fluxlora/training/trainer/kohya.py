@@ -15,7 +15,8 @@ loader (`_convert_kohya_flux_lora_to_diffusers`) recognises this block-diagonal 
 it back into the separate LoRAs.
 
 The mapping mirrors diffusers' converter, which reads these files back, and ComfyUI's key map
-(`lora_unet_` + the BFL module name with "." as "_", applied to `diffusion_model.<name>.weight`).
+(`lora_unet_` + the BFL module name with "." as "_", applied to `diffusion_model.<name>.weight`);
+tests/unit/test_lora_comfyui.py checks every family's file against ComfyUI's rules (docs/lora-files.md).
 Every module a preset (targets.py) trains is in the blocks and has its name here:
 
     double block  attn.to_out.0 img_attn.proj   attn.to_add_out txt_attn.proj
