@@ -103,6 +103,12 @@ def test_a_pair_dataset_is_captioned_with_edit_instructions(client, tmp_path):
     assert client.store.get_bytes(keys.dataset_images(dataset) + "hat.txt").decode() == "ohwx, add a red hat\n"
     assert not [o.key for o in client.store.list(keys.dataset_controls(dataset)) if o.key.endswith(".txt")]
 
+    # The review page shows both descriptions under each instruction, after edits too.
+    client.captions.edit(dataset, {"hat": "ohwx, put a red hat on the dog"})
+    page = client.captions.write_review_page(dataset, tmp_path / "review.html", image_size=32).read_text()
+    assert (f'put a red hat on the dog</textarea><p class="note">before: {SAYS[BLUE]}\nafter: {SAYS[RED]}</p>'
+            in page)
+
     # Asked for, descriptions of the after images stay possible, with the old advice.
     job = client.wait(client.caption(dataset, "ohwx", captioner="colours", model=model, style="natural"))
     assert [e.caption for e in client.captions.list(dataset).entries] == [
