@@ -28,14 +28,17 @@ SPEC = [
     ("A man in a suit", "A man in a suit wearing a hat", "add a hat", ADD),
     ("A car parked on a street.", "A red car parked on a street.", "make the car red", ADD),
     ("A dog.", "A dog on a beach.", "put it on a beach", ADD),
+    ("A room with a sofa and a lamp.", "A room with a sofa, a lamp and a plant.", "add a plant", ADD),  # lists
     # what was taken away
     ("A man with glasses standing in a field.", "A man standing in a field.", "remove glasses", REMOVE),
     # what was replaced
     ("A red car parked on a street.", "A blue car parked on a street.", "change red to blue", CHANGE),
     ("A woman in a red dress.", "A woman in a blue dress, smiling.", "change red to blue and add smiling", CHANGE),
+    ("A woman smiling.", "A woman frowning.", "change smiling to frowning", CHANGE),
     # a new medium in front: a style edit
     ("A man standing in a field.", "A cartoon of a man standing in a field.", "turn it into a cartoon", RESTYLE),
     ("A photo of a city street.", "An oil painting of a city street.", "turn it into an oil painting", RESTYLE),
+    ("A photo of a man.", "A black and white photo of a man.", "turn it into a black and white photo", RESTYLE),
     # little in common: the after image, described
     ("A cat sitting on a sofa.", "A bowl of fruit on a table.", "make it a bowl of fruit on a table", DESCRIBE),
     ("a cat", "a dog", "make it a dog", DESCRIBE),

@@ -16,11 +16,11 @@ description of the result. What the trainers and the model's makers document:
 
 So an instruction here is one short imperative clause per difference, lower case, without the
 parts both descriptions share. The difference is a word-level diff (difflib) of the two
-descriptions: added words give "add a red hat", removed ones "remove the glasses", replaced ones
-"change red to blue", a new leading "painting of" "turn it into a painting"; when the descriptions
-share little (or differ in more than MAX_CLAUSES places), "make it <the after description>". A pair
-described identically gets that too, marked SAME so the job can ask for a hand-written
-instruction. The captioner's words are kept: this writes the form, a person checks the content.
+descriptions: added words give "add a red hat", removed ones "remove glasses", replaced ones
+"change red to blue", a new medium in front ("a painting of ...") "turn it into a painting"; when
+the descriptions share little (or differ in more than MAX_CLAUSES places), "make it <the after
+description>". A pair described identically gets that too, marked SAME so the job can ask for a
+hand-written instruction. The captioner's words are kept: this writes the form, a person checks the content.
 """
 
 from __future__ import annotations
@@ -48,6 +48,7 @@ _LINKS = frozenset(["and", "with", "wearing", "has", "having", "holding", "carry
 _PLACES = frozenset(["in", "on", "at", "under", "behind", "near", "inside", "beside", "by", "over", "above",
                      "below", "against", "outside", "underneath", "among", "between", "into", "onto"])
 _FILLERS = frozenset(_ARTICLES | {"of", "and", "with", "in", "on", "at", "to", "is", "are"})
+_NOT_MEDIUM = _FILLERS - {"and"}  # "black and white photo" is one
 _EDGE_PUNCTUATION = "\"'.,;:!?()[]{}…"
 
 
@@ -73,18 +74,16 @@ def write_instruction(before: str, after: str) -> Instruction:
     described = _describe(after)
     if not new or [w.lower() for w in old] == [w.lower() for w in new]:
         return Instruction(described, SAME)
-    matcher = difflib.SequenceMatcher(None, [w.lower() for w in old], [w.lower() for w in new], autojunk=False)
+    matcher = _matcher(old, new)
     if not old or matcher.ratio() < MIN_SHARED or not _shares_content(matcher, new):
         return Instruction(described, DESCRIBE)
-    clauses = []
-    for tag, i1, i2, j1, j2 in matcher.get_opcodes():
-        if tag == "equal":
-            continue
-        clause = _clause(old[i1:i2], new, j1, j2)
-        if clause is None:
-            return Instruction(described, DESCRIBE)
-        clauses.append(clause)
-    if len(clauses) > MAX_CLAUSES:
+    clauses = _clauses(old, new)
+    # Lists: "a sofa and a lamp" -> "a sofa, a lamp and a plant" aligns "and" across items; without
+    # it the diff finds the one added item.
+    unlisted = _clauses(*[[w for w in words if w.lower() != "and"] for words in (old, new)])
+    if unlisted is not None and (clauses is None or len(unlisted) < len(clauses)):
+        clauses = unlisted
+    if clauses is None or len(clauses) > MAX_CLAUSES:
         return Instruction(described, DESCRIBE)
     texts = [text for text, _ in clauses]
     joined = texts[0] if len(texts) == 1 else ", ".join(texts[:-1]) + " and " + texts[-1]
@@ -115,11 +114,28 @@ def instruction_captions(
     return InstructionCaptions(captions, kinds, counts)
 
 
+def _matcher(old: list[str], new: list[str]) -> difflib.SequenceMatcher:
+    return difflib.SequenceMatcher(None, [w.lower() for w in old], [w.lower() for w in new], autojunk=False)
+
+
+def _clauses(old: list[str], new: list[str]) -> list[tuple[str, str]] | None:
+    """A clause per difference; None when one of them makes no readable clause."""
+    clauses = []
+    for tag, i1, i2, j1, j2 in _matcher(old, new).get_opcodes():
+        if tag == "equal":
+            continue
+        clause = _clause(old[i1:i2], new, j1, j2)
+        if clause is None:
+            return None
+        clauses.append(clause)
+    return clauses
+
+
 def _clause(old: list[str], new: list[str], j1: int, j2: int) -> tuple[str, str] | None:
     """One difference as (clause, kind); None when it makes no readable clause."""
     added = new[j1:j2]
     if added and all(w.lower() in _ARTICLES for w in new[:j1]):  # at the start: what the picture is
-        medium = _medium(added, new[j2] if j2 < len(new) else "")
+        medium = _medium(new, j1, j2)
         if medium:
             return f"turn it into {_article(medium[0])} {' '.join(medium)}", RESTYLE
     if not old:
@@ -143,15 +159,17 @@ def _clause(old: list[str], new: list[str], j1: int, j2: int) -> tuple[str, str]
     return f"change {' '.join(was)} to {' '.join(becomes)}", CHANGE
 
 
-def _medium(added: list[str], following: str) -> list[str]:
-    """The new medium of a description that starts with one ("a painting of ..."): ["painting"];
-    [] when the added words are not that."""
-    words = _strip(added, _ARTICLES)
-    if words and words[-1].lower() == "of":
-        words = _strip(words[:-1], _ARTICLES)
-    elif following.lower() != "of":
+def _medium(new: list[str], j1: int, j2: int) -> list[str]:
+    """The new medium of a description that starts with one ("a painting of ...", "a black and white
+    photo of ..."): the words from the change up to "of" when it comes at most two words after the
+    change; [] when the change is not that."""
+    lowered = [w.lower() for w in new]
+    ends = [i for i in range(j1, min(j2 + 3, len(new)))
+            if lowered[i] == "of" and all(w in _ARTICLES for w in lowered[i + 1:j2])]
+    if not ends:
         return []
-    return words if words and not any(w.lower() in _FILLERS for w in words) else []
+    words = _strip(new[j1:ends[0]], _ARTICLES)
+    return words if words and not any(w.lower() in _NOT_MEDIUM for w in words) else []
 
 
 def _shares_content(matcher: difflib.SequenceMatcher, new: list[str]) -> bool:

@@ -231,13 +231,13 @@ def _pairs(ctx: JobContext, dataset_id: str, targets: list[Path]) -> list[tuple[
 
 def _note_instructions(ctx: JobContext, kinds: dict[str, str]) -> None:
     ctx.warn("this is an editing (before/after pair) dataset: its captions are edit instructions written from a "
-             "description of each before and after image (what differs, word by word); review them in caption "
-             "review (both descriptions are kept with the caption version) before approving")
+             "description of each before and after image (what differs, word by word); review them before "
+             "approving (`fluxlora caption review` shows both descriptions under each)")
     alike = sorted(stem for stem, kind in kinds.items() if kind == SAME)
     if alike:
         shown = ", ".join(alike[:20]) + (f" and {len(alike) - 20} more" if len(alike) > 20 else "")
-        ctx.warn(f"{len(alike)} pair(s) got the same description before and after, so their instruction only "
-                 f"describes the after image: {shown}; write these instructions by hand")
+        ctx.warn(f"{len(alike)} pair(s) got the same description before and after (or none after), so their "
+                 f"instruction only describes the after image: {shown}; write these instructions by hand")
 
 
 def _descriptions(before: dict[str, str], after: dict[str, str]) -> dict[str, dict[str, str]]:
