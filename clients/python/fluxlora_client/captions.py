@@ -94,16 +94,32 @@ class CaptionReview:
         listing = self.list(dataset_id, version)
         items = []
         with tempfile.TemporaryDirectory(prefix="fluxlora-review-") as tmp:
+            described = self._descriptions(dataset_id, listing.version.version, Path(tmp) / "version")
             for entry in listing.entries:
                 if not entry.image_key:
                     continue  # a caption whose image is gone: approval reports it
                 [local] = self._client.download(entry.image_key, tmp, service="captioning")
-                items.append(ReviewItem(entry.stem, entry.caption, image_data_uri(local, image_size)))
+                seen = described.get(entry.stem) or {}
+                note = f"before: {seen.get('before', '')}\nafter: {seen.get('after', '')}" if seen else ""
+                items.append(ReviewItem(entry.stem, entry.caption, image_data_uri(local, image_size), note))
         page = render_review_page(dataset_id, listing.version.version, listing.version.trigger_word, items)
         out = Path(out)
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(page, encoding="utf-8")
         return out
+
+    def _descriptions(self, dataset_id: str, version: int, tmp: Path) -> dict:
+        """{stem: {"before": ..., "after": ...}}: what the captioner saw in each before/after pair, kept in
+        the caption job's version ("instruction" captions) that `version` descends from; {} for others."""
+        versions = {v.version: v for v in self.history(dataset_id).versions}
+        while version in versions and versions[version].kind not in ("auto", "import", "legacy"):
+            version = versions[version].parent
+        if version not in versions or versions[version].kind != "auto":
+            return {}
+        [path] = self._client.download(versions[version].key, tmp, service="captioning")
+        source = json.loads(path.read_text(encoding="utf-8")).get("source") or {}
+        described = source.get("descriptions")
+        return described if isinstance(described, dict) else {}
 
     def import_review(self, dataset_id: str, edits: str | Path | Mapping, author: str | None = None,
                       comment: str = "") -> pb.CaptionChange:

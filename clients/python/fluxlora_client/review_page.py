@@ -33,6 +33,8 @@ class ReviewItem:
     stem: str
     caption: str
     image_src: str  # a data: URI (or any URL the browser can load)
+    # Shown under the caption, read-only: for an edit instruction, what the captioner saw before and after.
+    note: str = ""
 
 
 @dataclass(frozen=True)
@@ -118,7 +120,8 @@ def _card(item: ReviewItem) -> str:
         f'<img src="{html.escape(item.image_src, quote=True)}" alt="{stem}" loading="lazy">'
         f"<figcaption><span class=\"stem\">{stem}</span> <span class=\"trigger-count\"></span></figcaption>"
         f'<textarea data-stem="{stem}" rows="5" spellcheck="true">{html.escape(item.caption)}</textarea>'
-        "</figure>"
+        + (f'<p class="note">{html.escape(item.note)}</p>' if item.note else "")
+        + "</figure>"
     )
 
 
@@ -145,6 +148,7 @@ main {{ display: grid; grid-template-columns: repeat(auto-fill, minmax(320px, 1f
 .card textarea {{ width: 100%; box-sizing: border-box; font: inherit; resize: vertical; }}
 .card.changed {{ border-color: #2563eb; box-shadow: 0 0 0 2px #bfdbfe; }}
 .stem {{ font-family: ui-monospace, monospace; }}
+.note {{ margin: 0; color: #52525b; font-size: .9rem; white-space: pre-line; }}
 .trigger-count.bad {{ color: #b91c1c; font-weight: 600; }}
 </style>
 </head>

@@ -44,7 +44,8 @@ class JobSubmits(ServiceConnections):
         Options are CaptionSpec fields (model, captioner, task, remove_phrases, batch_size,
         trigger_position, max_new_tokens, style, captions_source, base_model); unset ones take the
         server's defaults. captioner "import" takes existing captions instead: .txt/.csv/.jsonl uploaded
-        with the photos, or the object key / prefix captions_source. style: "natural" or "tags".
+        with the photos, or the object key / prefix captions_source. style: "natural", "tags" or, for a
+        before/after pair dataset (its default), "instruction": edit instructions written from both images.
         base_model: a FLUX model whose tokenizers count caption tokens (default: the service's)."""
         spec = _spec(captioning_pb2.CaptionSpec, dataset_id=dataset_id, trigger_word=trigger_word, **options)
         request = captioning_pb2.SubmitCaptionRequest(spec=spec, request_id=request_id or _new_id(),

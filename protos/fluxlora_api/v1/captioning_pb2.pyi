@@ -66,8 +66,10 @@ class CaptionSpec(_message.Message):
     max_new_tokens: _builtins.int
     """Upper bound on generated tokens per caption; default: 64."""
     style: _builtins.str
-    """Caption style: "natural" (sentences as the captioner writes them) or "tags" (comma-separated
-    tags, deduplicated, the trigger first); default: "natural".
+    """Caption style: "natural" (sentences as the captioner writes them), "tags" (comma-separated
+    tags, deduplicated, the trigger first) or "instruction" (before/after pair datasets only: the
+    edit between the two images' descriptions, e.g. "add a red hat"); default: "natural" (a pair
+    dataset's: "instruction").
     """
     captions_source: _builtins.str
     """"import" captioner only: the object key of a .csv / .jsonl / .txt file or of a .zip holding

@@ -79,7 +79,7 @@ COMMENTS: dict[str, dict[str, str]] = {
         'remove_phrases': 'Words or phrases removed from every caption because the LoRA should learn them (case and\nplural variants included), e.g. ["bottle", "label"]; repeat the option for several.',
         'trigger_position': 'Where the trigger goes: "start", "end" or "keep" (keep an existing one in place);\ndefault: "start".',
         'max_new_tokens': 'Upper bound on generated tokens per caption; default: 64.',
-        'style': 'Caption style: "natural" (sentences as the captioner writes them) or "tags" (comma-separated\ntags, deduplicated, the trigger first); default: "natural".',
+        'style': 'Caption style: "natural" (sentences as the captioner writes them), "tags" (comma-separated\ntags, deduplicated, the trigger first) or "instruction" (before/after pair datasets only: the\nedit between the two images\' descriptions, e.g. "add a red hat"); default: "natural" (a pair\ndataset\'s: "instruction").',
         'captions_source': '"import" captioner only: the object key of a .csv / .jsonl / .txt file or of a .zip holding\nsuch files, or a prefix ending in "/" holding them. Empty means the caption files uploaded with\nthe photos (the dataset\'s raw/), inside uploaded zips too.',
         'base_model': "The FLUX base model (directory or store://prefix) whose tokenizer/ and tokenizer_2/ count\ncaption tokens and judge the trigger word (a single-file base's: FLUXLORA_BASE_COMPONENTS).\nEmpty means the service's default base model; with none, a documented approximation and a\nbuilt-in common-word list are used instead.",
     },

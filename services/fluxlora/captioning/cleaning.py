@@ -107,7 +107,7 @@ def apply_trigger(caption: str, trigger: str, position: str = DEFAULTS.trigger_p
         return trigger
     if position == "end":
         return f"{rest.rstrip('.!?…').rstrip()}, {trigger}"
-    return f"{trigger}, {_soften_start(rest)}"
+    return f"{trigger}, {soften_start(rest)}"
 
 
 def remove_phrases(caption: str, phrases: Iterable[str]) -> str:
@@ -240,7 +240,8 @@ def _phrase_pattern(phrase: str) -> re.Pattern[str]:
     return re.compile(article + start + body + end + _POSSESSIVE, re.IGNORECASE)
 
 
-def _soften_start(text: str) -> str:
+def soften_start(text: str) -> str:
+    """The text with a capitalised sentence start such as "A" or "The" lowercased, names kept."""
     first = text.split(" ", 1)[0]
     if first[:1].isupper() and first[1:] == first[1:].lower() and first.lower() in _SOFT_STARTS:
         return first.lower() + text[len(first) :]

@@ -54,14 +54,49 @@ def generate_captions(
     returned (fewer than the images), and the caller, which knows whether it is cancelling or
     shutting down, decides what that means.
     """
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     paths = [Path(p) for p in image_paths]
     _check_unique_stems(paths)
-    by_path = isinstance(captioner, PathCaptioner)
+    raw = _caption_in_batches(paths, captioner, batch_size, progress, should_stop)
+    return {path.stem: text for path, text in zip(paths, raw, strict=False)}
 
+
+def generate_pair_captions(
+    pairs: Sequence[tuple[Path, Path]],
+    captioner: Captioner,
+    batch_size: int = DEFAULTS.batch_size,
+    progress: Callable[[int, int], None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
+) -> tuple[dict[str, str], dict[str, str]]:
+    """Descriptions of (before, after) image pairs: ({stem: before}, {stem: after}), keyed by the
+    after image's stem, in the order of pairs.
+
+    Both halves of a pair go through the captioner in the same batch (an odd batch_size above 1
+    takes one image less), so the two are described by the same model state side by side;
+    progress counts images, and a stop keeps only the pairs described whole.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    afters = [Path(after) for _, after in pairs]
+    _check_unique_stems(afters)
+    interleaved = [Path(path) for pair in pairs for path in pair]
+    raw = _caption_in_batches(interleaved, captioner, max(batch_size - batch_size % 2, 1), progress, should_stop)
+    done = len(raw) // 2
+    before = {after.stem: raw[2 * i] for i, after in enumerate(afters[:done])}
+    return before, {after.stem: raw[2 * i + 1] for i, after in enumerate(afters[:done])}
+
+
+def _caption_in_batches(
+    paths: Sequence[Path],
+    captioner: Captioner,
+    batch_size: int,
+    progress: Callable[[int, int], None] | None,
+    should_stop: Callable[[], bool] | None,
+) -> list[str]:
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    by_path = isinstance(captioner, PathCaptioner)
     total = len(paths)
-    captions: dict[str, str] = {}
+    captions: list[str] = []
     if progress is not None:
         progress(0, total)
     for start in range(0, total, batch_size):
@@ -73,8 +108,7 @@ def generate_captions(
             raise RuntimeError(
                 f"captioner {captioner.name!r} returned {len(raw)} captions for {len(batch)} images"
             )
-        for path, text in zip(batch, raw, strict=True):
-            captions[path.stem] = text
+        captions.extend(raw)
         if progress is not None:
             progress(len(captions), total)
     return captions

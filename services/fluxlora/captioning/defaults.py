@@ -20,3 +20,6 @@ class CaptionDefaults:
 
 
 DEFAULTS = CaptionDefaults()
+# The style of an editing (before/after pair) dataset left unset: instructions written from a
+# description of each half (instructions.py); other datasets cannot ask for it.
+PAIR_STYLE = "instruction"

@@ -10,8 +10,9 @@ from pathlib import Path
 from fluxlora.captioning.captioners.base import Captioner, load_captioner
 from fluxlora.captioning.captioners.imported import CAPTION_SUFFIXES, unpack_caption_files
 from fluxlora.captioning.cleaning import clean_captions
-from fluxlora.captioning.dataset import generate_captions, write_sidecars
-from fluxlora.captioning.defaults import DEFAULTS
+from fluxlora.captioning.dataset import generate_captions, generate_pair_captions, write_sidecars
+from fluxlora.captioning.defaults import DEFAULTS, PAIR_STYLE
+from fluxlora.captioning.instructions import SAME, instruction_captions
 from fluxlora.captioning.model_tokenizers import counters_for
 from fluxlora.captioning.review import open_versions
 from fluxlora.captioning.text_encoders import length_warnings, over_length, trigger_warnings
@@ -19,8 +20,9 @@ from fluxlora.common import keys
 from fluxlora.common.limits import check_caption_lengths
 from fluxlora.common.models import resolve_model
 from fluxlora.domain.archives import ARCHIVE_SUFFIXES, is_archive
+from fluxlora.domain.datasets import is_pair_dataset
 from fluxlora.jobs.context import JobContext, JobInterrupted
-from fluxlora_api.shared.errors import InvalidArgument
+from fluxlora_api.shared.errors import FailedPrecondition, InvalidArgument
 from fluxlora_api.v1 import captioning_pb2 as pb
 
 _loaded: dict[tuple, Captioner] = {}
@@ -65,31 +67,47 @@ def run_caption(ctx: JobContext, spec: pb.CaptionSpec) -> pb.CaptionResult:
         captioner = cached_captioner(
             spec.captioner, model_dir, spec.task, spec.batch_size, spec.max_new_tokens, ctx.settings.device
         )
-    raw = generate_captions(
-        local,
-        captioner,
-        batch_size=spec.batch_size,
-        progress=lambda done, total: ctx.progress("captioning", done, total, "image"),
-        should_stop=lambda: ctx.should_stop,
-    )
+    style = spec.style or DEFAULTS.style
+    before: dict[str, str] = {}
+    if style == PAIR_STYLE:
+        pairs = _pairs(ctx, spec.dataset_id, local)
+        before, raw = generate_pair_captions(
+            pairs, captioner, batch_size=spec.batch_size,
+            progress=lambda done, total: ctx.progress("describing before/after pairs", done, total, "image"),
+            should_stop=lambda: ctx.should_stop,
+        )
+    else:
+        raw = generate_captions(
+            local,
+            captioner,
+            batch_size=spec.batch_size,
+            progress=lambda done, total: ctx.progress("captioning", done, total, "image"),
+            should_stop=lambda: ctx.should_stop,
+        )
     if ctx.should_stop:
         raise JobInterrupted(ctx.job_id)
-    if spec.captioner != "import" and _is_pair_dataset(ctx, spec.dataset_id):
-        # The captioner sees the after images only; an editing LoRA's captions are instructions.
-        ctx.warn("this is an editing (before/after pair) dataset: its captions are the edit instructions, and "
-                 "these describe the after images only; rewrite each as the instruction (e.g. \"make the sky "
-                 "stormy\") in caption review, or import instruction captions, before approving")
     if spec.captioner == "import":
         for entry in captioner.unmatched():
             ctx.warn(f"imported caption {entry} matches no image of the dataset and was not used")
 
-    style = spec.style or DEFAULTS.style
-    cleaned = clean_captions(raw, spec.trigger_word, list(spec.remove_phrases), spec.trigger_position, style)
-    captions = cleaned.captions
+    if style == PAIR_STYLE:
+        written = instruction_captions(before, raw, spec.trigger_word, list(spec.remove_phrases),
+                                       spec.trigger_position)
+        captions, phrase_counts = written.captions, written.phrase_counts
+        _note_instructions(ctx, written.kinds)
+    else:
+        if spec.captioner != "import" and is_pair_dataset(ctx.store, spec.dataset_id):
+            # The captioner saw the after images only; an editing LoRA's captions are instructions.
+            ctx.warn(f"this is an editing (before/after pair) dataset: its captions are the edit instructions, "
+                     f"and these {style} captions describe the after images only; rewrite each as the instruction "
+                     "(e.g. \"make the sky stormy\") in caption review, or import instruction captions, before "
+                     f"approving (style {PAIR_STYLE!r}, the default here, writes them from both images)")
+        cleaned = clean_captions(raw, spec.trigger_word, list(spec.remove_phrases), spec.trigger_position, style)
+        captions, phrase_counts = cleaned.captions, cleaned.phrase_counts
     limit = getattr(ctx.settings, "max_caption_chars", None)
     if spec.captioner == "import" and limit:  # generated captions are bounded by max_new_tokens already
         check_caption_lengths(captions, limit, f"imported captions ({spec.captions_source or 'the upload'})")
-    for phrase, count in cleaned.phrase_counts.items():
+    for phrase, count in phrase_counts.items():
         ctx.log(f"remove phrase {phrase!r} changed {count} of {len(captions)} captions")
         if count == 0:
             ctx.warn(f"remove phrase {phrase!r} is in none of the captions: check its spelling")
@@ -123,7 +141,9 @@ def run_caption(ctx: JobContext, spec: pb.CaptionSpec) -> pb.CaptionResult:
         version = versions.append(
             parent=head.version if head else 0, kind="import" if spec.captioner == "import" else "auto",
             trigger_word=spec.trigger_word, captions=captions, author=ctx.job_id,
-            comment=f"{spec.captioner} captions", source=settings,
+            comment=f"{spec.captioner} captions" + (" (edit instructions)" if style == PAIR_STYLE else ""),
+            # Each instruction's two descriptions stay with the version it started, for review.
+            source={**settings, **({"descriptions": _descriptions(before, raw)} if style == PAIR_STYLE else {})},
         )
     # Written last: training accepts a dataset only once captions.json exists. The captions are a
     # draft until a person approves a version (ApproveCaptions), which rewrites both.
@@ -141,7 +161,7 @@ def run_caption(ctx: JobContext, spec: pb.CaptionSpec) -> pb.CaptionResult:
         caption_count=len(captions),
         captions_key=keys.dataset_captions(spec.dataset_id),
         version=version.version,
-        removed_phrase_counts=cleaned.phrase_counts,
+        removed_phrase_counts=phrase_counts,
         over_length_count=len(over_length(captions, counters)),
         exact_token_counts=all(c.exact for c in counters),
     )
@@ -190,6 +210,35 @@ def _import_captioner(ctx: JobContext, spec: pb.CaptionSpec):
     return load_captioner("import", root, aliases=aliases, archives=archives)
 
 
-def _is_pair_dataset(ctx: JobContext, dataset_id: str) -> bool:
-    key = keys.dataset_manifest(dataset_id)
-    return ctx.store.exists(key) and bool(ctx.store.get_json(key).get("paired"))
+def _pairs(ctx: JobContext, dataset_id: str, targets: list[Path]) -> list[tuple[Path, Path]]:
+    """(before, after) local paths: each training image with its control image (keys.dataset_controls,
+    the same file name), downloaded beside it."""
+    prefix = keys.dataset_controls(dataset_id)
+    stored = {o.key[len(prefix):] for o in ctx.store.list(prefix)}
+    missing = sorted(t.name for t in targets if t.name not in stored)
+    if missing:
+        raise FailedPrecondition(
+            f"dataset {dataset_id!r} is an editing dataset, but {prefix} lacks the before image(s) of "
+            f"{', '.join(missing[:20])}{' and more' if len(missing) > 20 else ''}: preprocess the pairs again"
+        )
+    pairs = []
+    for i, target in enumerate(targets, 1):
+        ctx.check_cancelled()
+        pairs.append((ctx.store.get_file(prefix + target.name, ctx.scratch / "control" / target.name), target))
+        ctx.progress("downloading before images", i, len(targets), "image")
+    return pairs
+
+
+def _note_instructions(ctx: JobContext, kinds: dict[str, str]) -> None:
+    ctx.warn("this is an editing (before/after pair) dataset: its captions are edit instructions written from a "
+             "description of each before and after image (what differs, word by word); review them before "
+             "approving (`fluxlora caption review` shows both descriptions under each)")
+    alike = sorted(stem for stem, kind in kinds.items() if kind == SAME)
+    if alike:
+        shown = ", ".join(alike[:20]) + (f" and {len(alike) - 20} more" if len(alike) > 20 else "")
+        ctx.warn(f"{len(alike)} pair(s) got the same description before and after (or none after), so their "
+                 f"instruction only describes the after image: {shown}; write these instructions by hand")
+
+
+def _descriptions(before: dict[str, str], after: dict[str, str]) -> dict[str, dict[str, str]]:
+    return {stem: {"before": before.get(stem, ""), "after": text} for stem, text in sorted(after.items())}

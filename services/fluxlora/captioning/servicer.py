@@ -8,13 +8,13 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from fluxlora.captioning import review
 from fluxlora.captioning.captioners.base import known_captioners
 from fluxlora.captioning.cleaning import POSITIONS, STYLES, validate_trigger
-from fluxlora.captioning.defaults import DEFAULTS
+from fluxlora.captioning.defaults import DEFAULTS, PAIR_STYLE
 from fluxlora.captioning.model_tokenizers import counters_for
 from fluxlora.common.grpc_status import grpc_errors
 from fluxlora.common.limits import Bound, check_caption_lengths, check_numbers, check_text_length
 from fluxlora.common.models import check_model_ref
 from fluxlora.domain.caption_versions import CaptionVersion, version_key
-from fluxlora.domain.datasets import require_dataset
+from fluxlora.domain.datasets import is_pair_dataset, require_dataset
 from fluxlora.jobs.runtime import JobRuntime
 from fluxlora.models.single_file import text_model_folder
 from fluxlora_api.shared.errors import InvalidArgument, NotFound
@@ -62,9 +62,7 @@ class CaptioningServicer(captioning_pb2_grpc.CaptioningServiceServicer):
         spec.trigger_position = spec.trigger_position or DEFAULTS.trigger_position
         if spec.trigger_position not in POSITIONS:
             raise InvalidArgument(f"trigger_position must be one of {POSITIONS}, not {spec.trigger_position!r}")
-        spec.style = spec.style or DEFAULTS.style
-        if spec.style not in STYLES:
-            raise InvalidArgument(f"spec.style must be one of {STYLES}, not {spec.style!r}")
+        _check_style(spec, is_pair_dataset(self.store, spec.dataset_id))
         if spec.batch_size < 0 or spec.max_new_tokens < 0:
             raise InvalidArgument("batch_size and max_new_tokens must be >= 0")
         spec.batch_size = spec.batch_size or DEFAULTS.batch_size
@@ -149,6 +147,29 @@ class CaptioningServicer(captioning_pb2_grpc.CaptioningServiceServicer):
     def _counters(self):
         settings = self.runtime.settings
         return counters_for(text_model_folder(settings.base_model, settings), self.store, settings.cache_dir)[0]
+
+
+def _check_style(spec: pb.CaptionSpec, paired: bool) -> None:
+    """Fills in the style: instructions for an editing dataset's generated captions, else the default.
+    Instructions need before/after pairs and a captioner that looks at them."""
+    imported = spec.captioner == "import"
+    spec.style = spec.style or (PAIR_STYLE if paired and not imported else DEFAULTS.style)
+    styles = (*STYLES, PAIR_STYLE)
+    if spec.style not in styles:
+        raise InvalidArgument(f"spec.style must be one of {styles}, not {spec.style!r}")
+    if spec.style == PAIR_STYLE and not paired:
+        raise InvalidArgument(
+            f"spec.style {PAIR_STYLE!r} writes edit instructions from before/after pairs, and dataset "
+            f"{spec.dataset_id!r} is not an editing dataset (its manifest has no \"paired\": true): use "
+            f"{DEFAULTS.style!r} or 'tags', or preprocess the photos with their before images "
+            "(<name>_control.<ext> beside each, or a control/ folder)"
+        )
+    if spec.style == PAIR_STYLE and imported:
+        raise InvalidArgument(
+            f"spec.style {PAIR_STYLE!r} describes each before and after image with a captioning model; the "
+            "'import' captioner takes your captions as written: leave spec.style unset (imported captions "
+            "of an editing dataset are its instructions) or pick another captioner"
+        )
 
 
 def _dataset(request) -> str:

@@ -34,3 +34,9 @@ def dataset_base_size(store: ArtifactStore, dataset_id: str) -> int | None:
         return None
     size = (manifest.get("options") or {}).get("base_size") if isinstance(manifest, dict) else None
     return size if isinstance(size, int) and not isinstance(size, bool) and size > 0 else None
+
+
+def is_pair_dataset(store: ArtifactStore, dataset_id: str) -> bool:
+    """Whether the dataset is an editing dataset of before/after pairs (its manifest says "paired")."""
+    key = keys.dataset_manifest(dataset_id)
+    return store.exists(key) and bool(store.get_json(key).get("paired"))
