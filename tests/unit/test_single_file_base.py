@@ -152,7 +152,7 @@ def _losses(cfg, model_dir: Path, dataset: Path, out: Path) -> list[float]:
 
 def test_a_single_file_trains_the_same_losses_as_its_folder(family_models, make_dataset, shape_image, tmp_path):
     if family_models["family"] == "chroma":
-        pytest.skip("FLUX.1's converter is Chroma's: its file loads as its folder (above)")
+        pytest.skip("the trainer sees the same folder either way: Chroma's file loads as its folder (above)")
     dataset = make_dataset({"circle": (shape_image((64, 64), "red"), "a red circle")})
     cfg = (quick_flux2 if family_models["family"] in FLUX2 else quick)(max_steps=2)
     from_file = _losses(cfg, _resolved(family_models, "bfl", tmp_path), dataset, tmp_path / "file")
@@ -170,6 +170,12 @@ def test_a_bad_file_or_components_folder_is_refused_naming_it_and_the_fix(family
     save_file({"conditioner.embedders.0.weight": torch.zeros(2)}, unknown)
     with pytest.raises(InvalidArgument, match=r"sdxl\.safetensors has no FLUX transformer keys.*BFL key"):
         check_single_file_base(str(unknown), components, store)
+    truncated = tmp_path / "flux2.safetensors"
+    save_file({"double_blocks.0.img_attn.qkv.weight": torch.zeros(6, 2), "img_in.weight": torch.zeros(2, 4),
+               "single_stream_modulation.lin.weight": torch.zeros(6, 2)}, truncated)
+    with pytest.raises(InvalidArgument, match=r"flux2\.safetensors looks like a flux2-klein transformer but lacks "
+                                              r"its 'double_blocks\.0\.img_attn\.norm\.query_norm\.scale' tensor"):
+        check_single_file_base(str(truncated), components, store)
     ckpt = tmp_path / "flux.ckpt"
     ckpt.write_bytes(b"pickle")
     with pytest.raises(InvalidArgument, match=r"flux\.ckpt.*not a \.safetensors file"):

@@ -131,10 +131,14 @@ def describe(header: dict[str, Any], where: str) -> SingleFileModel:
     if FLUX2_KEY in shapes:
         # FLUX.2 [klein] has no guidance embedding (BFL's use_guidance_embed=False); [dev] is guidance-distilled.
         family = "flux2-dev" if "guidance_in.in_layer.weight" in shapes else "flux2-klein"
-        config = _flux2_config(shapes)
     else:
         family = "chroma" if "distilled_guidance_layer.in_proj.weight" in shapes else "flux1-dev"
-        config = _config(shapes, family)
+    try:
+        config = _flux2_config(shapes) if family.startswith("flux2") else _config(shapes, family)
+    except (KeyError, IndexError, ValueError) as exc:  # a truncated or hand-edited file
+        what = f"lacks its {exc} tensor" if isinstance(exc, KeyError) else "has misshapen tensors"
+        raise SingleFileError(f"the base model file {where} looks like a {family} transformer but {what}: "
+                              f"{_FIX_LAYOUT}") from exc
     dtypes: dict[str, int] = {}
     parameters = weight_bytes = 0
     for entry in header.values():
