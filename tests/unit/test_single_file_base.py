@@ -206,7 +206,7 @@ def test_a_single_file_server_default_counts_caption_tokens_with_its_components_
 
 def test_a_flux2_file_of_the_other_variant_or_family_is_refused_naming_it_and_the_fix(family_models, tmp_path):
     if family_models["family"] not in FLUX2:
-        pytest.skip("FLUX.2's two variants differ by the guidance embedding alone")
+        pytest.skip("a FLUX.2 case: its two variants' files differ by the guidance embedding alone")
     store, file = LocalStore(tmp_path / "store"), str(family_models["bfl"])
     other = "flux2-dev" if family_models["family"] == "flux2-klein" else "flux2-klein"
     with pytest.raises(InvalidArgument, match=rf"bfl\.safetensors is a {family_models['family']} model, not "
