@@ -3,7 +3,9 @@ FLUXLORA_BASE_MODEL is a ComfyUI-layout flux1-dev-style .safetensors with FLUXLO
 the folder of its text encoders and VAE. A run on it, and a run naming a BFL-layout file with its
 components, train the same losses as the folder; images generated from the file equal the folder's;
 PlanTraining gives the same estimate; a bad file or a missing components folder is refused at
-submit naming the file and the fix; a grid or generation naming the wrong family is refused."""
+submit naming the file and the fix; a grid or generation naming the wrong family is refused. A
+FLUX.2 [klein] file plans as its folder does, and a FLUX.1 Kontext file (FLUX.1 [dev]'s keys) is the
+family its components folder says."""
 
 from __future__ import annotations
 
@@ -78,6 +80,32 @@ def test_a_single_file_base_trains_and_renders_as_its_folder(client, models, tmp
     plans = [client.plan_training(resolution=512, target_gib=24),
              client.plan_training(base_model=str(models["folder"]), resolution=512, target_gib=24)]
     assert plans[0].total_gib == plans[1].total_gib > 0
+
+
+def test_flux2_and_kontext_files_plan_and_are_checked_at_submit(client, models, tmp_path):
+    klein = write_tiny_family("flux2-klein", tmp_path / "flux2-klein")
+    klein_file = write_folder_transformer(klein, tmp_path / "flux-2-klein-4b.safetensors", layout="bfl")
+    plans = [client.plan_training(base_model=str(klein_file), base_components=str(klein), resolution=512,
+                                  target_gib=24),
+             client.plan_training(base_model=str(klein), resolution=512, target_gib=24)]
+    assert plans[0].total_gib == plans[1].total_gib > 0
+    dataset = put_circles(client.store, tmp_path, "ds-singlefile0003", colours=("red",))
+    kontext = write_tiny_family("flux1-kontext", tmp_path / "flux1-kontext")
+    kontext_file = write_folder_transformer(kontext, tmp_path / "flux1-kontext-dev.safetensors", layout="comfyui")
+    cases = [  # refused at submit, before any job: the file, the mismatch and the fix
+        (dict(base_model=str(klein_file), base_components=str(klein), family="flux2-dev"),
+         [str(klein_file), "flux2-klein model, not flux2-dev", "set family to 'flux2-klein'"]),
+        (dict(base_model=str(kontext_file), base_components=str(models["components"]), family="flux1-kontext"),
+         [str(kontext_file), "flux1-dev model, not flux1-kontext", "set base_components", "FLUX.1-Kontext-dev"]),
+    ]
+    for options, words in cases:
+        with pytest.raises(FluxloraClientError) as refused:
+            client.train(dataset, resolution=64, max_steps=1, **options)
+        assert refused.value.code == "INVALID_ARGUMENT", refused.value.message
+        assert all(w in refused.value.message for w in words), refused.value.message
+    plan = client.plan_training(base_model=str(kontext_file), base_components=str(kontext), family="flux1-kontext",
+                                resolution=512, target_gib=24)
+    assert plan.total_gib == client.plan_training(base_model=str(kontext), resolution=512, target_gib=24).total_gib
 
 
 def test_a_bad_single_file_or_components_folder_is_refused_at_submit(client, models, tmp_path):

@@ -217,7 +217,8 @@ def check_base_model(spec: pb.GridSpec | pb.GenerateSpec, run: dict, store: Arti
     if is_single_file(spec.base_model):
         spec.base_components = (spec.base_components or (run.get("base_components", "") if from_run else "")
                                 or default_components(settings))
-        found: str | None = check_single_file_base(spec.base_model, spec.base_components, store).family
+        found: str | None = check_single_file_base(spec.base_model, spec.base_components, store,
+                                                         spec.family).family
     else:
         if spec.base_components:
             raise InvalidArgument(f"spec.base_components is only for a single .safetensors base model; base model "

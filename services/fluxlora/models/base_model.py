@@ -2,6 +2,10 @@
 or a single .safetensors transformer file (local or store://<key>.safetensors, models.single_file)
 plus a diffusers folder with the family's other components.
 
+A single file's family is its header's (models.single_file), except where two families' files are
+alike (FLUX.1 [dev] and Kontext): the components folder's model_index then decides, and a run that
+names the other one is told to name a components folder of that family.
+
 A single-file base resolves to a local folder of the diffusers layout whose files are links into
 the components folder, with transformer/config.json fitted to the file's shapes and a marker
 naming the file: everything that takes a model folder (family detection, the encoding cache's
@@ -35,10 +39,17 @@ from fluxlora.models.single_file import (
 from fluxlora_api.shared.errors import FailedPrecondition, InvalidArgument, NotFound
 
 SINGLE_FILE_MARKER = "fluxlora-single-file.json"
-_COMPONENTS_FIX = ("set base_components (or the server's FLUXLORA_BASE_COMPONENTS) to a diffusers-layout folder of "
-                   "the same family (local or store://<prefix>) with its text encoders, tokenizers, VAE, scheduler "
-                   "and transformer/config.json, e.g. black-forest-labs/FLUX.1-dev downloaded without its "
-                   "transformer weights")
+# The Hugging Face repository whose folder, without its transformer weights, is each family's components.
+_COMPONENTS_REPO = {"flux1-dev": "black-forest-labs/FLUX.1-dev",
+                    "flux1-kontext": "black-forest-labs/FLUX.1-Kontext-dev", "chroma": "lodestones/Chroma",
+                    "flux2-dev": "black-forest-labs/FLUX.2-dev", "flux2-klein": "black-forest-labs/FLUX.2-klein-4B"}
+
+
+def _components_fix(family: str = "") -> str:
+    repo = _COMPONENTS_REPO.get(family, _COMPONENTS_REPO["flux1-dev"])
+    return (f"set base_components (or the server's FLUXLORA_BASE_COMPONENTS) to a diffusers-layout folder of "
+            f"{family or 'the same family'} (local or store://<prefix>) with its text encoders, tokenizers, VAE, "
+            f"scheduler and transformer/config.json, e.g. {repo} downloaded without its transformer weights")
 
 __all__ = ["SINGLE_FILE_MARKER", "check_single_file_base", "default_components", "folder_family", "is_single_file",
            "resolve_base_model", "single_file_model"]
@@ -63,9 +74,9 @@ def single_file_model(ref: str, store: ArtifactStore | None) -> SingleFileModel:
             raise NotFound(f"base model file {ref!r} not found: pass a local .safetensors file, store://<key>, "
                            f"or a diffusers-layout directory")
         if path.suffix.lower() != ".safetensors":
-            raise InvalidArgument(f"base model {ref!r} is a file but not a .safetensors file: pass a FLUX.1/Chroma "
-                                  f"transformer .safetensors (such as ComfyUI's flux1-dev.safetensors) or a "
-                                  f"diffusers-layout directory")
+            raise InvalidArgument(f"base model {ref!r} is a file but not a .safetensors file: pass a FLUX "
+                                  f"transformer .safetensors (such as ComfyUI's flux1-dev.safetensors or BFL's "
+                                  f"flux2-dev.safetensors) or a diffusers-layout directory")
         header = read_header(path, ref)
     return describe(header, ref)
 
@@ -80,39 +91,47 @@ class _Bytes:
         return chunk
 
 
-def check_single_file_base(ref: str, components: str, store: ArtifactStore) -> SingleFileModel:
-    """Submit-time check of a single-file base and its components folder, without loading weights:
-    INVALID_ARGUMENT for a file that is not a FLUX.1/Chroma safetensors transformer or whose family
-    differs from the components', FAILED_PRECONDITION for a missing components folder; both name
-    the file and the fix."""
+def check_single_file_base(ref: str, components: str, store: ArtifactStore, named: str = "") -> SingleFileModel:
+    """Submit-time check of a single-file base and its components folder, without loading weights;
+    the file as the family it is to run as (the components folder decides between families whose
+    files are alike). INVALID_ARGUMENT for a file that is not a FLUX safetensors transformer, whose
+    family differs from the components', or whose components folder is not the `named` family the
+    file may also be; FAILED_PRECONDITION for a missing components folder; all name the file and
+    the fix. A `named` family the file cannot be is left to models.families.agreed_family."""
     try:
         model = single_file_model(ref, store)
     except SingleFileError as exc:
         raise InvalidArgument(str(exc)) from exc
     found = _components_family(ref, components, store)
-    if found is not None and found != model.family:
-        fix = _COMPONENTS_FIX.replace("same family", model.family)
+    if found is not None and found not in model.families:
+        fix = _components_fix(model.family)
         raise InvalidArgument(f"the base model file {ref} is a {model.family} transformer but its components folder "
                               f"{components} is a {found} model: {fix}")
+    model = model.as_family(found)
+    if named and named != model.family and named in model.families:
+        fix = _components_fix(named)
+        raise InvalidArgument(f"spec.family: the base model file {ref} may be a {' or '.join(model.families)} "
+                              f"transformer (their files are alike) and its components folder {components} is a "
+                              f"{model.family} model, not {named}: {fix}; or set family to {model.family!r}")
     return model
 
 
 def _components_family(ref: str, components: str, store: ArtifactStore) -> str | None:
     if not components:
         raise FailedPrecondition(f"base model {ref} is a single .safetensors file and no components folder is "
-                                 f"named: {_COMPONENTS_FIX}")
+                                 f"named: {_components_fix()}")
     if is_single_file(components):
         raise FailedPrecondition(f"base_components {components!r} for the base model file {ref} is a file, not a "
-                                 f"folder: {_COMPONENTS_FIX}")
+                                 f"folder: {_components_fix()}")
     try:
         check_model_ref(components, store, "components folder")
     except NotFound as exc:
         raise FailedPrecondition(f"the components folder {components!r} of the base model file {ref} is missing: "
-                                 f"{_COMPONENTS_FIX}") from exc
+                                 f"{_components_fix()}") from exc
     configs = [_json(components, name, store) for name in ("model_index.json", "transformer/config.json")]
     if configs[1] is None:
         raise FailedPrecondition(f"the components folder {components!r} of the base model file {ref} has no "
-                                 f"transformer/config.json: {_COMPONENTS_FIX}")
+                                 f"transformer/config.json: {_components_fix()}")
     return detect_family(*configs)
 
 

@@ -1,18 +1,24 @@
-"""A base model's transformer as ONE .safetensors file, as ComfyUI users hold FLUX.1 [dev] and
-Chroma: Black Forest Labs' key layout (`double_blocks.0.img_attn.qkv.weight`, ...) or ComfyUI's
-(the same keys under `model.diffusion_model.`), in bf16/fp16/fp32 or fp8 (float8_e4m3fn/e5m2).
+"""A base model's transformer as ONE .safetensors file, as ComfyUI users hold FLUX.1 [dev], FLUX.1
+Kontext [dev], Chroma and FLUX.2 [dev]/[klein]: Black Forest Labs' key layout
+(`double_blocks.0.img_attn.qkv.weight`, ...) or ComfyUI's (the same keys under
+`model.diffusion_model.`), in bf16/fp16/fp32 or fp8 (float8_e4m3fn/e5m2).
 
 What the file is (family, shape, dtype) is read from its safetensors header, the JSON at the
 start of the file, without loading a weight: family detection and the memory planner need no
-more. The weights are loaded with diffusers' own from_single_file, against the transformer
-config of a diffusers folder holding the family's other components, so nothing is fetched.
+more. FLUX.2 has shared modulation layers (`single_stream_modulation.lin`, diffusers'
+CHECKPOINT_KEY_NAMES["flux2"]) and [dev] a guidance embedding that [klein] lacks; Chroma has its
+`distilled_guidance_layer`; anything else with the keys is FLUX.1. FLUX.1 Kontext's file has
+FLUX.1 [dev]'s exact keys and shapes, so its header says flux1-dev and the components folder (or
+the run's family) tells the two apart: `families` lists what a header may be. The weights are
+loaded with diffusers' own from_single_file, against the transformer config of a diffusers folder
+holding the family's other components, so nothing is fetched.
 """
 
 from __future__ import annotations
 
 import json
 import struct
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -21,9 +27,18 @@ COMFYUI_PREFIX = "model.diffusion_model."
 MAX_HEADER_BYTES = 64 * 1024 * 1024
 DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1, "I64": 8, "I32": 4,
                "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
-_FIX_LAYOUT = ("a FLUX.1 or Chroma transformer in the BFL key layout (double_blocks.0.img_attn.qkv.weight, ...) "
-               "or the ComfyUI layout (the same keys under model.diffusion_model.) is needed, such as "
-               "ComfyUI's flux1-dev.safetensors")
+_FIX_LAYOUT = ("a FLUX.1 [dev], FLUX.1 Kontext, Chroma or FLUX.2 [dev]/[klein] transformer in the BFL key layout "
+               "(double_blocks.0.img_attn.qkv.weight, ...) or the ComfyUI layout (the same keys under "
+               "model.diffusion_model.) is needed, such as ComfyUI's flux1-dev.safetensors or BFL's "
+               "flux2-dev.safetensors")
+# FLUX.2's shared modulation (diffusers' CHECKPOINT_KEY_NAMES["flux2"], without ComfyUI's prefix).
+FLUX2_KEY = "single_stream_modulation.lin.weight"
+# Families whose transformer files have the same keys and shapes: flux1-kontext-dev.safetensors is
+# FLUX.1 [dev]'s layout, so the header names flux1-dev and the components folder decides.
+SAME_FILE_FAMILIES: dict[str, tuple[str, ...]] = {
+    "flux1-dev": ("flux1-dev", "flux1-kontext"),
+    "flux1-kontext": ("flux1-dev", "flux1-kontext"),
+}
 
 
 class SingleFileError(ValueError):
@@ -45,6 +60,16 @@ class SingleFileModel:
     @property
     def is_fp8(self) -> bool:
         return self.dtype.startswith("F8")
+
+    @property
+    def families(self) -> tuple[str, ...]:
+        """Every family a file with this header may hold (the header alone cannot tell them apart)."""
+        return SAME_FILE_FAMILIES.get(self.family, (self.family,))
+
+    def as_family(self, found: str | None) -> SingleFileModel:
+        """This file as `found` (a components folder's or run's family) when its header allows
+        that family, else as its header says."""
+        return replace(self, family=found) if found in self.families and found != self.family else self
 
 
 def is_single_file(ref: str) -> bool:
@@ -102,9 +127,18 @@ def describe(header: dict[str, Any], where: str) -> SingleFileModel:
     if "double_blocks.0.img_attn.qkv.weight" not in shapes or "img_in.weight" not in shapes:
         hint = " (its keys are diffusers', so it belongs in a diffusers folder's transformer/)" \
             if any(n.startswith("transformer_blocks.") for n in shapes) else ""
-        raise SingleFileError(f"the base model file {where} has no FLUX.1/Chroma transformer keys{hint}: {_FIX_LAYOUT}")
-    family = "chroma" if "distilled_guidance_layer.in_proj.weight" in shapes else "flux1-dev"
-    config = _config(shapes, family)
+        raise SingleFileError(f"the base model file {where} has no FLUX transformer keys{hint}: {_FIX_LAYOUT}")
+    if FLUX2_KEY in shapes:
+        # FLUX.2 [klein] has no guidance embedding (BFL's use_guidance_embed=False); [dev] is guidance-distilled.
+        family = "flux2-dev" if "guidance_in.in_layer.weight" in shapes else "flux2-klein"
+    else:
+        family = "chroma" if "distilled_guidance_layer.in_proj.weight" in shapes else "flux1-dev"
+    try:
+        config = _flux2_config(shapes) if family.startswith("flux2") else _config(shapes, family)
+    except (KeyError, IndexError, ValueError) as exc:  # a truncated or hand-edited file
+        what = f"lacks its {exc} tensor" if isinstance(exc, KeyError) else "has misshapen tensors"
+        raise SingleFileError(f"the base model file {where} looks like a {family} transformer but {what}: "
+                              f"{_FIX_LAYOUT}") from exc
     dtypes: dict[str, int] = {}
     parameters = weight_bytes = 0
     for entry in header.values():
@@ -143,6 +177,23 @@ def _config(shapes: dict[str, list[int]], family: str) -> dict[str, Any]:
         config.update(pooled_projection_dim=shapes["vector_in.in_layer.weight"][1],
                       guidance_embeds="guidance_in.in_layer.weight" in shapes)
     return config
+
+
+def _flux2_config(shapes: dict[str, list[int]]) -> dict[str, Any]:
+    """FLUX.2's: no pooled text; the MLPs are SwiGLU, so img_mlp.0 is twice the hidden MLP width."""
+    hidden, in_channels = shapes["img_in.weight"]
+    head_dim = shapes["double_blocks.0.img_attn.norm.query_norm.scale"][0]
+    return {
+        "in_channels": in_channels,
+        "num_layers": _blocks(shapes, "double_blocks."),
+        "num_single_layers": _blocks(shapes, "single_blocks."),
+        "attention_head_dim": head_dim,
+        "num_attention_heads": hidden // head_dim,
+        "joint_attention_dim": shapes["txt_in.weight"][1],
+        "timestep_guidance_channels": shapes["time_in.in_layer.weight"][1],
+        "mlp_ratio": shapes["double_blocks.0.img_mlp.0.weight"][0] / 2 / hidden,
+        "guidance_embeds": "guidance_in.in_layer.weight" in shapes,
+    }
 
 
 def describe_file(path: Path) -> SingleFileModel:

@@ -13,9 +13,16 @@ from fluxlora.models.single_file import COMFYUI_PREFIX, SingleFileModel
 
 log = logging.getLogger(__name__)
 
-# diffusers' converters split a single block's fused linear1 at FLUX.1's width (inner_dim = 3072,
-# MLP 4 x 3072) whatever the checkpoint's: a narrower model (the tiny test models) is padded to
-# that width for the conversion and trimmed after, so diffusers' own key mapping is used for both.
+# diffusers' converter (diffusers.loaders.single_file_utils) of each transformer class, and whether
+# it splits a single block's fused linear1 at FLUX.1's width (inner_dim = 3072, MLP 4 x 3072)
+# whatever the checkpoint's: FLUX.1's and Chroma's do, so a narrower model (the tiny test models) is
+# padded to that width for the conversion and trimmed after, and diffusers' own key mapping is used
+# for both. FLUX.2's keeps linear1 fused (attn.to_qkv_mlp_proj) and takes any width.
+_CONVERTERS: dict[str, tuple[str, bool]] = {
+    "FluxTransformer2DModel": ("convert_flux_transformer_checkpoint_to_diffusers", True),
+    "ChromaTransformer2DModel": ("convert_chroma_transformer_checkpoint_to_diffusers", True),
+    "Flux2Transformer2DModel": ("convert_flux2_transformer_checkpoint_to_diffusers", False),
+}
 _DIFFUSERS_WIDTH = 3072
 _MLP_RATIO = 4
 
@@ -24,12 +31,14 @@ def load_single_file_transformer(path: Path, model: SingleFileModel, family: Fam
                                  dtype: torch.dtype) -> torch.nn.Module:
     """The transformer in `path` as `family`'s diffusers class, in `dtype` (fp8 weights upcast),
     with config_dir/transformer/config.json as its config, updated with what the file's shapes fix."""
-    state = load_file(str(path))
+    # Without ComfyUI's prefix: FLUX.2's converter maps BFL's keys only (FLUX.1's strips it itself).
+    state = {k.removeprefix(COMFYUI_PREFIX): v for k, v in load_file(str(path)).items()}
     # fp8 tensors upcast first: padding and the converter's torch.cat have no fp8 kernels on a CPU.
     state = {k: v.to(dtype) if v.is_floating_point() and v.dtype != dtype else v for k, v in state.items()}
+    converter, fixed_width = _CONVERTERS[family.transformer_class.__name__]
     width = model.config["num_attention_heads"] * model.config["attention_head_dim"]
-    if width != _DIFFUSERS_WIDTH:
-        state = _convert_narrow(state, family, width)
+    if fixed_width and width != _DIFFUSERS_WIDTH:
+        state = _convert_narrow(state, converter, width)
     transformer = family.transformer_class.from_single_file(
         state, config=str(config_dir), subfolder="transformer", dtype=dtype, local_files_only=True, **model.config)
     log.info("loaded the single-file %s transformer %s (%s layout, %s weights as %s)", family.name, path,
@@ -37,21 +46,18 @@ def load_single_file_transformer(path: Path, model: SingleFileModel, family: Fam
     return transformer
 
 
-def _convert_narrow(state: dict[str, torch.Tensor], family: Family, width: int) -> dict[str, torch.Tensor]:
+def _convert_narrow(state: dict[str, torch.Tensor], converter: str, width: int) -> dict[str, torch.Tensor]:
     from diffusers.loaders import single_file_utils as sfu
 
     if width > _DIFFUSERS_WIDTH:
         raise ValueError(f"a single-file transformer {width} wide is wider than diffusers' converter handles")
-    convert = sfu.convert_chroma_transformer_checkpoint_to_diffusers if family.name == "chroma" \
-        else sfu.convert_flux_transformer_checkpoint_to_diffusers
-    state = {k.removeprefix(COMFYUI_PREFIX): v for k, v in state.items()}
     sizes = (width, width, width, _MLP_RATIO * width)
     full = (_DIFFUSERS_WIDTH, _DIFFUSERS_WIDTH, _DIFFUSERS_WIDTH, _MLP_RATIO * _DIFFUSERS_WIDTH)
     for key in [k for k in state if k.startswith("single_blocks.") and ".linear1." in k]:
         parts = torch.split(state[key], sizes)
         state[key] = torch.cat([torch.cat([p, p.new_zeros((f - p.shape[0], *p.shape[1:]))])
                                 for p, f in zip(parts, full, strict=True)])
-    converted = convert(state)
+    converted = getattr(sfu, converter)(state)
     for key in list(converted):
         if key.startswith("single_transformer_blocks.") and (".attn.to_" in key or ".proj_mlp." in key):
             keep = _MLP_RATIO * width if ".proj_mlp." in key else width

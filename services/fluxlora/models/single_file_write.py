@@ -1,8 +1,9 @@
 """Write a diffusers transformer as one .safetensors file in Black Forest Labs' key layout (or
 ComfyUI's, the same keys under model.diffusion_model.): the inverse of diffusers'
 convert_flux_transformer_checkpoint_to_diffusers / convert_chroma_transformer_checkpoint_to_diffusers
-(diffusers/loaders/single_file_utils.py), for `fluxlora models write-tiny --single-file` and the tests
-that check a single-file base trains and renders as its folder does."""
+(diffusers/loaders/single_file_utils.py; FLUX.2's in models.single_file_write_flux2), for
+`fluxlora models write-tiny --single-file` and the tests that check a single-file base trains and
+renders as its folder does. FLUX.1 Kontext's transformer is FLUX.1's, and so is its file."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from safetensors.torch import save_file
 
 from fluxlora.models.families import family_for_model
 from fluxlora.models.single_file import COMFYUI_PREFIX
+from fluxlora.models.single_file_write_flux2 import flux2_to_bfl, is_flux2_state
 
 # diffusers name -> BFL name, within a double block (transformer_blocks.{i} <-> double_blocks.{i}).
 _DOUBLE = {
@@ -48,7 +50,9 @@ def _swap_scale_shift(weight: torch.Tensor) -> torch.Tensor:
 
 
 def to_bfl(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """A FLUX.1 or Chroma transformer's diffusers state dict in BFL's key layout."""
+    """A FLUX.1, Chroma or FLUX.2 transformer's diffusers state dict in BFL's key layout."""
+    if is_flux2_state(state):
+        return flux2_to_bfl(state)
     out: dict[str, torch.Tensor] = {}
     rest = dict(state)
     doubles = {int(k.split(".")[1]) for k in state if k.startswith("transformer_blocks.")}

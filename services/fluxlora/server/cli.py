@@ -127,8 +127,8 @@ def write_tiny(
                                              "flux2-klein or flux1-kontext), as <out>/tiny-<family>.")] = "",
     single_file: Annotated[str, typer.Option(
         help="Also write the family's tiny transformer as one .safetensors file in this key layout, bfl or comfyui "
-             "(<out>/tiny-<family>.safetensors, as ComfyUI users hold FLUX.1), with <out>/tiny-<family> as its "
-             "components folder; the family defaults to flux1-dev.")] = "",
+             "(<out>/tiny-<family>.safetensors, as ComfyUI users hold FLUX.1 and BFL ships FLUX.2), with "
+             "<out>/tiny-<family> as its components folder; the family defaults to flux1-dev.")] = "",
     fp8: Annotated[bool, typer.Option(help="With --single-file: its weights in fp8 (float8_e4m3fn).")] = False,
 ) -> None:
     """Write a tiny random FLUX pipeline and Florence-2 and BLIP captioners (for demos and tests)."""

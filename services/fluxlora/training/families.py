@@ -9,7 +9,7 @@ from pathlib import Path
 
 from fluxlora.common.models import STORE_SCHEME, is_store_ref
 from fluxlora.common.storage import ArtifactStore, validate_prefix
-from fluxlora.models.base_model import is_single_file, single_file_model
+from fluxlora.models.base_model import check_single_file_base, is_single_file
 from fluxlora.models.families import FAMILIES, agreed_family, detect_family
 from fluxlora_api.shared.errors import FailedPrecondition, InvalidArgument
 
@@ -19,10 +19,11 @@ def check_family(base_model: str, named: str, store: ArtifactStore, *, to_train:
     """INVALID_ARGUMENT naming the model and the fix when `named` disagrees with the model, or when
     no family is named and the model's is unknown; FAILED_PRECONDITION, when the run is `to_train`
     (not only planned), for a family this trainer recognises but cannot train yet. A model without
-    a readable model_index.json is left to the job. A single-file base's family is its header's
-    (models.base_model has checked that its components folder agrees)."""
+    a readable model_index.json is left to the job. A single-file base is checked with its
+    `components` folder (models.base_model.check_single_file_base), and its family is its header's,
+    or its components folder's where the header allows both (FLUX.1 [dev] and Kontext)."""
     if is_single_file(base_model):
-        found: str | None = single_file_model(base_model, store).family
+        found: str | None = check_single_file_base(base_model, components, store, named).family
     else:
         index = _model_index(base_model, store)
         if index is None:

@@ -14,7 +14,7 @@ from fluxlora.domain.datasets import dataset_base_size, require_captions
 from fluxlora.jobs.kueue_flavors import ClusterQueueGpus, asks_for_gpus
 from fluxlora.jobs.launch import gpus_of, nodes_of
 from fluxlora.jobs.runtime import JobRuntime
-from fluxlora.models.base_model import check_single_file_base, default_components, is_single_file
+from fluxlora.models.base_model import default_components, is_single_file
 from fluxlora.training.families import check_family
 from fluxlora.training.gpu_budget import gpu_target, pick_for_run, plan_run
 from fluxlora.training.job import config_from_spec
@@ -240,7 +240,6 @@ class TrainingServicer(training_pb2_grpc.TrainingServiceServicer):
         if local and self.runtime.settings.runner == "kubernetes":
             return False
         if single:
-            check_single_file_base(spec.base_model, spec.base_components, self.runtime.store)
             check_family(spec.base_model, spec.family, self.runtime.store, to_train=to_train,
                          components=spec.base_components)
             return True

@@ -65,8 +65,9 @@ def shape_from_configs(transformer: dict[str, Any], vae: dict[str, Any] | None,
 
 def read_model_shape(ref: str, store: ArtifactStore | None = None, components: str = "") -> ModelShape:
     """The shape of a base model of any family: a diffusers-layout local directory or store://<prefix>,
-    or a single .safetensors transformer file (models.single_file), whose shapes come from its
-    header and whose other configs from the `components` folder; no weights are read."""
+    or a single .safetensors transformer file (models.single_file: FLUX.1, Kontext, Chroma, FLUX.2),
+    whose shapes come from its header and whose other configs from the `components` folder; no
+    weights are read."""
     if is_single_file(ref):
         model = single_file_model(ref, store)
         if not components:
@@ -75,9 +76,11 @@ def read_model_shape(ref: str, store: ArtifactStore | None = None, components: s
         transformer, vae, model_index = _read_configs(components, store)
         if transformer is None:
             raise FailedPrecondition(f"the components folder {components!r} of {ref!r} has no {_CONFIG_KEYS[0]}")
-        cls = planning_family(model.family).transformer_class
+        # FLUX.1 [dev] and Kontext files are alike: the components folder says which this is.
+        family = model.as_family(detect_family(model_index, transformer)).family
+        cls = planning_family(family).transformer_class
         transformer = {**transformer, **model.config, "_class_name": cls.__name__}
-        return ModelShape(transformer, shape_from_configs(transformer, vae, model_index).vae_scale_factor, model.family)
+        return ModelShape(transformer, shape_from_configs(transformer, vae, model_index).vae_scale_factor, family)
     transformer, vae, model_index = _read_configs(ref, store)
     if transformer is None:
         raise FailedPrecondition(
