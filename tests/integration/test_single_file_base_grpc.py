@@ -4,8 +4,8 @@ the folder of its text encoders and VAE. A run on it, and a run naming a BFL-lay
 components, train the same losses as the folder; images generated from the file equal the folder's;
 PlanTraining gives the same estimate; a bad file or a missing components folder is refused at
 submit naming the file and the fix; a grid or generation naming the wrong family is refused. A
-FLUX.2 [klein] file plans as its folder does, and a FLUX.1 Kontext file (FLUX.1 [dev]'s keys) is the
-family its components folder says."""
+FLUX.2 [klein] file plans as its folder does, and a FLUX.1 Kontext file (FLUX.1 [dev]'s keys) plans as
+Kontext with Kontext's components or FLUX.1 [dev]'s (the same models)."""
 
 from __future__ import annotations
 
@@ -95,17 +95,19 @@ def test_flux2_and_kontext_files_plan_and_are_checked_at_submit(client, models, 
     cases = [  # refused at submit, before any job: the file, the mismatch and the fix
         (dict(base_model=str(klein_file), base_components=str(klein), family="flux2-dev"),
          [str(klein_file), "flux2-klein model, not flux2-dev", "set family to 'flux2-klein'"]),
-        (dict(base_model=str(kontext_file), base_components=str(models["components"]), family="flux1-kontext"),
-         [str(kontext_file), "flux1-dev model, not flux1-kontext", "set base_components", "FLUX.1-Kontext-dev"]),
+        (dict(base_model=str(kontext_file), base_components=str(models["components"]), family="chroma"),
+         [str(kontext_file), "flux1-dev model, not chroma", "set family to 'flux1-dev'"]),
     ]
     for options, words in cases:
         with pytest.raises(FluxloraClientError) as refused:
             client.train(dataset, resolution=64, max_steps=1, **options)
         assert refused.value.code == "INVALID_ARGUMENT", refused.value.message
         assert all(w in refused.value.message for w in words), refused.value.message
-    plan = client.plan_training(base_model=str(kontext_file), base_components=str(kontext), family="flux1-kontext",
-                                resolution=512, target_gib=24)
-    assert plan.total_gib == client.plan_training(base_model=str(kontext), resolution=512, target_gib=24).total_gib
+    folder_plan = client.plan_training(base_model=str(kontext), resolution=512, target_gib=24)
+    for components in (kontext, models["components"]):  # Kontext's own, or FLUX.1 [dev]'s: the same models
+        plan = client.plan_training(base_model=str(kontext_file), base_components=str(components),
+                                    family="flux1-kontext", resolution=512, target_gib=24)
+        assert plan.total_gib == folder_plan.total_gib
 
 
 def test_a_bad_single_file_or_components_folder_is_refused_at_submit(client, models, tmp_path):

@@ -4,7 +4,7 @@ bf16/fp32 or fp8), plus a diffusers folder with the other components: its header
 family and shape, it loads through diffusers' from_single_file into the same transformer as the
 folder, renders the same latents, trains the same losses, plans the same memory, and a file that
 is not one is refused naming the file and the fix. A FLUX.1 Kontext file, whose header is FLUX.1
-[dev]'s, is the family its components folder says."""
+[dev]'s, is the family the run names (Kontext with FLUX.1 [dev]'s components too), else its components folder's."""
 
 from __future__ import annotations
 
@@ -239,19 +239,20 @@ def test_a_kontext_file_is_the_family_its_components_folder_says(kontext_models,
     assert read_model_shape(file, None, kontext).cache_key() == \
         read_model_shape(str(kontext_models["folder"])).cache_key()
     assert read_model_shape(file, None, kontext).family == "flux1-kontext"
-    # Named Kontext with FLUX.1 [dev]'s components: the fix is a Kontext components folder.
-    with pytest.raises(InvalidArgument, match=r"bfl\.safetensors may be a flux1-dev or flux1-kontext transformer .*"
-                                              r"is a flux1-dev model, not flux1-kontext: set base_components .*"
-                                              r"FLUX\.1-Kontext-dev.*or set family to 'flux1-dev'"):
-        check_family(file, "flux1-kontext", store, components=dev)
+    # Named Kontext with FLUX.1 [dev]'s components (a ComfyUI user's flux1-kontext-dev.safetensors with the
+    # FLUX.1 [dev] components they have): the two families' components are the same models.
+    check_family(file, "flux1-kontext", store, components=dev)
+    assert check_single_file_base(file, dev, store, "flux1-kontext").family == "flux1-kontext"
     with pytest.raises(InvalidArgument, match=r"bfl\.safetensors is a flux1-dev model, not chroma: set family to"):
         check_family(file, "chroma", store, components=dev)
 
 
-def test_a_kontext_file_with_kontext_components_trains_as_kontext(kontext_models, make_dataset, shape_image,
-                                                                  tmp_path):
-    base = _resolved(kontext_models, "bfl", tmp_path)
-    assert family_for_model(base, "flux1-kontext") is KONTEXT
+@pytest.mark.parametrize("components", ["components", "dev_components"])
+def test_a_kontext_file_trains_as_kontext_with_kontext_or_flux1_dev_components(kontext_models, components,
+                                                                               make_dataset, shape_image, tmp_path):
+    base = resolve_base_model(str(kontext_models["bfl"]), str(kontext_models[components]),
+                              LocalStore(tmp_path / "store"), tmp_path / "cache", "flux1-kontext")
+    assert family_for_model(base) is KONTEXT  # the composed folder's model_index names the Kontext pipeline
     pair = make_dataset({"edit": (shape_image((64, 64), "red"), "make the blue square a red circle")})
     (pair / "control").mkdir()
     shape_image((64, 64), "blue", "rectangle").save(pair / "control" / "edit.png")

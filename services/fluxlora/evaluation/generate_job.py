@@ -23,7 +23,8 @@ def run_generate(ctx: JobContext, spec: pb.GenerateSpec) -> pb.GenerateResult:
         # The validated spec holds a key for every LoRA, run checkpoints included.
         loras.append((ctx.store.get_file(lora.key, ctx.scratch / "loras" / f"{i:02d}.safetensors"), lora.strength))
     ctx.progress("loading base model", 0)
-    model_dir = resolve_base_model(spec.base_model, spec.base_components, ctx.store, settings.cache_dir)
+    model_dir = resolve_base_model(spec.base_model, spec.base_components, ctx.store, settings.cache_dir,
+                                   spec.family)
     device, dtype = device_and_dtype(settings)
     loading = inference_loading(settings, device)
     prompts = list(spec.prompts)

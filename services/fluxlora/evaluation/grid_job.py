@@ -89,7 +89,8 @@ def run_grid(ctx: JobContext, spec: pb.GridSpec) -> pb.GridResult:
     dataset = _dataset_images(ctx, run, spec)
     control = control_image(ctx, spec.control_image)
     ctx.progress("loading base model", 0)
-    model_dir = resolve_base_model(spec.base_model, spec.base_components, ctx.store, settings.cache_dir)
+    model_dir = resolve_base_model(spec.base_model, spec.base_components, ctx.store, settings.cache_dir,
+                                   spec.family)
     device, dtype = device_and_dtype(settings)
     loading = inference_loading(settings, device)
     config = run.get("config", {})

@@ -214,6 +214,9 @@ def check_base_model(spec: pb.GridSpec | pb.GenerateSpec, run: dict, store: Arti
     check that they exist and agree with spec.family (INVALID_ARGUMENT naming the model and the fix)."""
     from_run = not spec.base_model and bool(run.get("base_model"))
     spec.base_model = spec.base_model or run.get("base_model", "") or settings.base_model
+    if from_run and not spec.family:
+        # The run's named family: a Kontext file trained with FLUX.1 [dev]'s components renders as Kontext.
+        spec.family = run.get("config", {}).get("family", "")
     if is_single_file(spec.base_model):
         spec.base_components = (spec.base_components or (run.get("base_components", "") if from_run else "")
                                 or default_components(settings))

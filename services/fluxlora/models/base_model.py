@@ -3,8 +3,10 @@ or a single .safetensors transformer file (local or store://<key>.safetensors, m
 plus a diffusers folder with the family's other components.
 
 A single file's family is its header's (models.single_file), except where two families' files are
-alike (FLUX.1 [dev] and Kontext): the components folder's model_index then decides, and a run that
-names the other one is told to name a components folder of that family.
+alike (FLUX.1 [dev] and Kontext): the family the run names then decides, else the components
+folder's model_index. Those two families' components are the same models (FluxKontextPipeline's are
+FluxPipeline's), so a ComfyUI user's flux1-kontext-dev.safetensors runs with the FLUX.1 [dev]
+components folder they already have: the composed folder's model_index names the Kontext pipeline.
 
 A single-file base resolves to a local folder of the diffusers layout whose files are links into
 the components folder, with transformer/config.json fitted to the file's shapes and a marker
@@ -25,7 +27,7 @@ from pathlib import Path
 
 from fluxlora.common.models import STORE_SCHEME, cache_lock, check_model_ref, is_store_ref, resolve_model
 from fluxlora.common.storage import ArtifactStore, validate_key, validate_prefix
-from fluxlora.models.families import detect_family
+from fluxlora.models.families import FAMILIES, detect_family
 from fluxlora.models.single_file import (
     MAX_HEADER_BYTES,
     SingleFileError,
@@ -95,9 +97,9 @@ def check_single_file_base(ref: str, components: str, store: ArtifactStore, name
     """Submit-time check of a single-file base and its components folder, without loading weights;
     the file as the family it is to run as (the components folder decides between families whose
     files are alike). INVALID_ARGUMENT for a file that is not a FLUX safetensors transformer, whose
-    family differs from the components', or whose components folder is not the `named` family the
-    file may also be; FAILED_PRECONDITION for a missing components folder; all name the file and
-    the fix. A `named` family the file cannot be is left to models.families.agreed_family."""
+    family differs from the components'; FAILED_PRECONDITION for a missing components folder; all name the file and
+    the fix. A `named` family the file may be wins over the components folder's (alike files have the
+    same components); one it cannot be is left to models.families.agreed_family."""
     try:
         model = single_file_model(ref, store)
     except SingleFileError as exc:
@@ -107,13 +109,7 @@ def check_single_file_base(ref: str, components: str, store: ArtifactStore, name
         fix = _components_fix(model.family)
         raise InvalidArgument(f"the base model file {ref} is a {model.family} transformer but its components folder "
                               f"{components} is a {found} model: {fix}")
-    model = model.as_family(found)
-    if named and named != model.family and named in model.families:
-        fix = _components_fix(named)
-        raise InvalidArgument(f"spec.family: the base model file {ref} may be a {' or '.join(model.families)} "
-                              f"transformer (their files are alike) and its components folder {components} is a "
-                              f"{model.family} model, not {named}: {fix}; or set family to {model.family!r}")
-    return model
+    return model.as_family(named if named in model.families else found)
 
 
 def _components_family(ref: str, components: str, store: ArtifactStore) -> str | None:
@@ -150,18 +146,19 @@ def _json(folder: str, name: str, store: ArtifactStore) -> dict | None:
         return None
 
 
-def resolve_base_model(ref: str, components: str, store: ArtifactStore, cache_dir: Path) -> Path:
+def resolve_base_model(ref: str, components: str, store: ArtifactStore, cache_dir: Path, family: str = "") -> Path:
     """A local diffusers-layout folder for the base model `ref` (models.families and models.loading
     take it): the folder itself, its mirror for a store prefix, or for a single file a folder of
-    links into `components` with a transformer that loads from the file."""
+    links into `components` with a transformer that loads from the file, as the run's `family`
+    where the file may be more than one."""
     if not is_single_file(ref):
         return resolve_model(ref, store, cache_dir, "base model")
-    model = check_single_file_base(ref, components, store)
+    model = check_single_file_base(ref, components, store, family)
     file = _local_file(ref, store, Path(cache_dir))
     folder = resolve_model(components, store, cache_dir, "components folder")
     stat = file.stat()
     digest = hashlib.sha256(json.dumps([str(file.resolve()), stat.st_size, stat.st_mtime_ns,
-                                        str(folder.resolve())]).encode()).hexdigest()[:16]
+                                        str(folder.resolve()), model.family]).encode()).hexdigest()[:16]
     target = Path(cache_dir) / "models" / "single-file" / f"{file.stem}-{digest}"
     marker = target / "transformer" / SINGLE_FILE_MARKER
     if not marker.is_file():
@@ -202,6 +199,13 @@ def _compose(target: Path, file: Path, folder: Path, model: SingleFileModel) -> 
             continue  # the transformer comes from the file; cache markers are the mirror's own
         (staging / relative).parent.mkdir(parents=True, exist_ok=True)
         (staging / relative).symlink_to(source.resolve())
+    index_path = folder / "model_index.json"
+    index = json.loads(index_path.read_text()) if index_path.is_file() else None
+    pipeline = FAMILIES[model.family].pipeline_class.__name__
+    if index is not None and index.get("_class_name") != pipeline:
+        # An alike family's components folder (FLUX.1 [dev]'s for a Kontext file): same components.
+        (staging / "model_index.json").unlink()
+        (staging / "model_index.json").write_text(json.dumps({**index, "_class_name": pipeline}, indent=2))
     config = json.loads((folder / "transformer" / "config.json").read_text())
     config.update(model.config)
     (staging / "transformer").mkdir(parents=True, exist_ok=True)

@@ -72,7 +72,7 @@ def plan_run(base_model: str, store: ArtifactStore, cfg: TrainConfig, settings: 
     target = gpu_target(settings, cluster)
     if target is None:
         return None
-    shape = read_model_shape(base_model, store, components)
+    shape = read_model_shape(base_model, store, components, cfg.family)
     return planner_for(settings).plan(shape, cfg, target.gib)
 
 
@@ -83,5 +83,5 @@ def pick_for_run(base_model: str, store: ArtifactStore, cfg: TrainConfig, settin
     target = target_gib(settings, cluster)
     if target is None:
         return None
-    shape = read_model_shape(base_model, store, components)
+    shape = read_model_shape(base_model, store, components, cfg.family)
     return pick_memory_options(planner_for(settings), shape, cfg, target, given)

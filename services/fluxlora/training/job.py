@@ -108,7 +108,8 @@ def run_training(ctx: JobContext, spec: pb.TrainSpec) -> pb.TrainResult:
             (ctx.scratch / "dataset" / f"{stem}.txt").write_text(text + "\n", encoding="utf-8")
     ctx.progress("loading base model", 0)
     with ctx.interruptible():  # a cancel while the model downloads stops it there
-        model_dir = resolve_base_model(spec.base_model, spec.base_components, ctx.store, ctx.settings.cache_dir)
+        model_dir = resolve_base_model(spec.base_model, spec.base_components, ctx.store, ctx.settings.cache_dir,
+                                       spec.family)
     out_dir = ctx.scratch / "run"
 
     checkpoints, resume_from = _stored_checkpoints(ctx, run_id, out_dir, cfg.max_steps)

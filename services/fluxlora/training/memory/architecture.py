@@ -63,11 +63,12 @@ def shape_from_configs(transformer: dict[str, Any], vae: dict[str, Any] | None,
     return ModelShape(dict(transformer), scale, detect_family(model_index, transformer) or "flux1-dev")
 
 
-def read_model_shape(ref: str, store: ArtifactStore | None = None, components: str = "") -> ModelShape:
+def read_model_shape(ref: str, store: ArtifactStore | None = None, components: str = "",
+                     family: str = "") -> ModelShape:
     """The shape of a base model of any family: a diffusers-layout local directory or store://<prefix>,
     or a single .safetensors transformer file (models.single_file: FLUX.1, Kontext, Chroma, FLUX.2),
     whose shapes come from its header and whose other configs from the `components` folder; no
-    weights are read."""
+    weights are read. `family`, the run's named one, decides between families whose files are alike."""
     if is_single_file(ref):
         model = single_file_model(ref, store)
         if not components:
@@ -76,8 +77,8 @@ def read_model_shape(ref: str, store: ArtifactStore | None = None, components: s
         transformer, vae, model_index = _read_configs(components, store)
         if transformer is None:
             raise FailedPrecondition(f"the components folder {components!r} of {ref!r} has no {_CONFIG_KEYS[0]}")
-        # FLUX.1 [dev] and Kontext files are alike: the components folder says which this is.
-        family = model.as_family(detect_family(model_index, transformer)).family
+        # FLUX.1 [dev] and Kontext files are alike: the run's family says which this is, else the components folder.
+        family = model.as_family(family if family in model.families else detect_family(model_index, transformer)).family
         cls = planning_family(family).transformer_class
         transformer = {**transformer, **model.config, "_class_name": cls.__name__}
         return ModelShape(transformer, shape_from_configs(transformer, vae, model_index).vae_scale_factor, family)
