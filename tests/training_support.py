@@ -1,8 +1,13 @@
-"""What the trainer's tests share: a quick run's config and train_lora on the CPU."""
+"""What the trainer's tests share: a quick run's config and train_lora on the CPU, and the model family
+tests' steps through gRPC (a wrong family refused, a quick run to two checkpoints, its grid)."""
 
 from __future__ import annotations
 
+import pytest
+
 from fluxlora.training.trainer import TrainConfig, train_lora
+from fluxlora_api.v1 import jobs_pb2
+from fluxlora_client.errors import FluxloraClientError
 
 CIRCLE_CAPTION = "a photo of a red circle"  # the `circle` dataset's (tests/unit/conftest.py)
 
@@ -40,3 +45,37 @@ def assert_resume_repeats_the_run(cfg: TrainConfig, model_dir, make_dataset, sha
     a, b = load_file(whole.final_checkpoint), load_file(resumed.final_checkpoint)
     assert all(torch.equal(a[k], b[k]) for k in a)
 
+
+
+# A quick run through gRPC: 4 steps of 64 px, checkpoints at steps 2 and 4.
+QUICK_RUN = dict(resolution=64, max_steps=4, checkpoint_every=2, sample_every=0, rank=4, learning_rate=1e-3)
+
+
+def assert_wrong_family_refused(client, dataset: str, model, wrong: str, family: str) -> None:
+    """Training `model` (a `family` model) as `wrong` is refused at submit, naming the model and the fix."""
+    with pytest.raises(FluxloraClientError) as refused:
+        client.train(dataset, base_model=str(model), family=wrong, **QUICK_RUN)
+    assert refused.value.code == "INVALID_ARGUMENT"
+    assert str(model) in refused.value.message and f"set family to '{family}'" in refused.value.message
+
+
+def train_to_two_checkpoints(client, dataset: str, model, **family):
+    """A QUICK_RUN of `model` (family=... when the run names it) succeeds with checkpoints at steps 2 and 4,
+    each stored as both files (diffusers and kohya); returns (its job, its result)."""
+    job = client.wait(client.train(dataset, base_model=str(model), **family, **QUICK_RUN))
+    assert job.state == jobs_pb2.JOB_STATE_SUCCEEDED, job.error
+    result = client.result(job)
+    assert [c.step for c in result.checkpoints] == [2, 4]
+    for checkpoint in result.checkpoints:
+        assert client.store.exists(checkpoint.lora_key) and client.store.exists(checkpoint.kohya_lora_key)
+    return job, result
+
+
+def render_two_strength_grid(client, job):
+    """The run's two checkpoints at strengths 0 and 1 render a grid of 4 stored cells; returns its result."""
+    grid = client.wait(client.evaluate(job.job_id, [0.0, 1.0], steps=2, width=64, height=64,
+                                       image_text_model="none"))
+    assert grid.state == jobs_pb2.JOB_STATE_SUCCEEDED, grid.error
+    rendered = client.result(grid)
+    assert len(rendered.cells) == 4 and all(client.store.exists(c.image_key) for c in rendered.cells)
+    return rendered

@@ -18,6 +18,21 @@ def tiny_models(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tiny_family(tmp_path_factory):
+    """family name -> that family's tiny model (`fluxlora models write-tiny --family`), written once a session."""
+    from fluxlora.models.tiny_family import write_tiny_family
+
+    written = {}
+
+    def model(family: str):
+        if family not in written:
+            written[family] = write_tiny_family(family, tmp_path_factory.mktemp("models") / f"tiny-{family}")
+        return written[family]
+
+    return model
+
+
+@pytest.fixture(scope="session")
 def photos(tmp_path_factory):
     from fluxlora.demo.sample_data import write_sample_photos
 

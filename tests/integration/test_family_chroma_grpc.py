@@ -9,88 +9,32 @@ from __future__ import annotations
 import json
 
 import pytest
+from training_support import assert_wrong_family_refused, render_two_strength_grid, train_to_two_checkpoints
 
-from fluxlora.common.storage import LocalStore
 from fluxlora.models.families.configs import write_config
-from fluxlora.models.tiny_chroma import write_tiny_chroma
-from fluxlora.models.tiny_flux2 import write_tiny_flux2_dev, write_tiny_flux2_klein
-from fluxlora_api.v1 import jobs_pb2
-from fluxlora_client.errors import FluxloraClientError
 from support import put_circles
 
+# One store is enough here: the families change the model code, not the storage.
+pytestmark = pytest.mark.parametrize("store", ["local"], indirect=True)
+
 DATASET = "ds-chroma0000001"
-
-
-@pytest.fixture
-def store(tmp_path):
-    """One store is enough here: the families change the model code, not the storage."""
-    return LocalStore(tmp_path / "store")
-
-
-@pytest.fixture(scope="module")
-def chroma(tmp_path_factory):
-    return write_tiny_chroma(tmp_path_factory.mktemp("tiny-chroma"))
-
-
-def put_dataset(store, tmp_path) -> str:
-    return put_circles(store, tmp_path, DATASET)
-
-
-def test_a_chroma_run_trains_checkpoints_and_renders_a_grid(running, chroma, tmp_path):
-    client = running
-    dataset = put_dataset(client.store, tmp_path)
-    options = dict(resolution=64, max_steps=4, checkpoint_every=2, sample_every=0, rank=4, learning_rate=1e-3)
-
-    with pytest.raises(FluxloraClientError) as refused:
-        client.train(dataset, base_model=str(chroma), family="flux1-dev", **options)
-    assert refused.value.code == "INVALID_ARGUMENT"
-    assert str(chroma) in refused.value.message and "set family to 'chroma'" in refused.value.message
-
-    job = client.wait(client.train(dataset, base_model=str(chroma), **options))
-    assert job.state == jobs_pb2.JOB_STATE_SUCCEEDED, job.error
-    result = client.result(job)
-    assert [c.step for c in result.checkpoints] == [2, 4]
-    for checkpoint in result.checkpoints:
-        assert client.store.exists(checkpoint.lora_key) and client.store.exists(checkpoint.kohya_lora_key)
-
-    grid = client.wait(client.evaluate(job.job_id, [0.0, 1.0], steps=2, width=64, height=64,
-                                       image_text_model="none"))
-    assert grid.state == jobs_pb2.JOB_STATE_SUCCEEDED, grid.error
-    cells = client.result(grid).cells
-    assert len(cells) == 4 and all(client.store.exists(c.image_key) for c in cells)
-
-
-def train_and_grid(client, model, family: str, wrong: str, tmp_path) -> None:
-    """A wrong family is refused naming the right one; the right one trains to two checkpoints,
-    both files stored, and the run renders a 2-strength grid."""
-    dataset = put_dataset(client.store, tmp_path)
-    options = dict(resolution=64, max_steps=4, checkpoint_every=2, sample_every=0, rank=4, learning_rate=1e-3)
-
-    with pytest.raises(FluxloraClientError) as refused:
-        client.train(dataset, base_model=str(model), family=wrong, **options)
-    assert refused.value.code == "INVALID_ARGUMENT" and f"set family to '{family}'" in refused.value.message
-
-    job = client.wait(client.train(dataset, base_model=str(model), family=family, **options))
-    assert job.state == jobs_pb2.JOB_STATE_SUCCEEDED, job.error
-    result = client.result(job)
-    assert [c.step for c in result.checkpoints] == [2, 4]
-    for checkpoint in result.checkpoints:
-        assert client.store.exists(checkpoint.lora_key) and client.store.exists(checkpoint.kohya_lora_key)
-
-    grid = client.wait(client.evaluate(job.job_id, [0.0, 1.0], steps=2, width=64, height=64,
-                                       image_text_model="none"))
-    assert grid.state == jobs_pb2.JOB_STATE_SUCCEEDED, grid.error
-    cells = client.result(grid).cells
-    assert len(cells) == 4 and all(client.store.exists(c.image_key) for c in cells)
-
-
-def test_a_flux2_klein_run_trains_checkpoints_and_renders_a_grid(running, tmp_path):
-    train_and_grid(running, write_tiny_flux2_klein(tmp_path / "tiny-klein"), "flux2-klein", "chroma", tmp_path)
-
-
-def test_a_flux2_dev_run_trains_checkpoints_and_renders_a_grid(running, tmp_path):
+FAMILY_RUNS = [  # the family, a wrong one to name first, whether the run names its family (else detected)
+    ("chroma", "flux1-dev", False),
+    ("flux2-klein", "chroma", True),
     # [klein]'s transformer class: the pipeline class tells them apart, so naming klein is refused.
-    train_and_grid(running, write_tiny_flux2_dev(tmp_path / "tiny-dev"), "flux2-dev", "flux2-klein", tmp_path)
+    ("flux2-dev", "flux2-klein", True),
+]
+
+
+@pytest.mark.parametrize(("family", "wrong", "named"), FAMILY_RUNS)
+def test_each_family_run_trains_checkpoints_and_renders_a_grid(running, tiny_family, family, wrong, named, tmp_path):
+    """A wrong family is refused naming the model and the right one; the run trains to two checkpoints,
+    both files stored, and renders a 2-strength grid."""
+    client, model = running, tiny_family(family)
+    dataset = put_circles(client.store, tmp_path, DATASET)
+    assert_wrong_family_refused(client, dataset, model, wrong, family)
+    job, _ = train_to_two_checkpoints(client, dataset, model, **({"family": family} if named else {}))
+    render_two_strength_grid(client, job)
 
 
 def test_flux2_dev_is_planned_from_its_config(running, tmp_path):

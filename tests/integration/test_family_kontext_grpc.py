@@ -10,25 +10,16 @@ import random
 
 import pytest
 from PIL import Image, ImageDraw
+from training_support import render_two_strength_grid, train_to_two_checkpoints
 
 from fluxlora.common import keys
-from fluxlora.common.storage import LocalStore
-from fluxlora.models.tiny_kontext import write_tiny_kontext
 from fluxlora_api.v1 import jobs_pb2
 from fluxlora_client.errors import FluxloraClientError
 
+# One store is enough here: the pairing changes the files, not the storage.
+pytestmark = pytest.mark.parametrize("store", ["local"], indirect=True)
+
 INSTRUCTION = "make the square a circle"
-
-
-@pytest.fixture
-def store(tmp_path):
-    """One store is enough here: the pairing changes the files, not the storage."""
-    return LocalStore(tmp_path / "store")
-
-
-@pytest.fixture(scope="module")
-def kontext(tmp_path_factory):
-    return write_tiny_kontext(tmp_path_factory.mktemp("tiny-kontext"))
 
 
 def photo(size: tuple[int, int], seed: int, shape: str) -> Image.Image:
@@ -59,8 +50,8 @@ def write_pairs(folder):
     photo((64, 64), 6, "rectangle").save(folder / "orphan_control.png")  # no target
 
 
-def test_pairs_are_checked_per_file_and_the_rest_trains_and_renders(running, kontext, tiny_models, tmp_path):
-    client = running
+def test_pairs_are_checked_per_file_and_the_rest_trains_and_renders(running, tiny_family, tiny_models, tmp_path):
+    client, kontext = running, tiny_family("flux1-kontext")
     write_pairs(tmp_path / "upload")
     job = client.wait(client.preprocess(client.upload_photos(tmp_path / "upload"), base_size=64, crop_mode="square"))
     assert job.state == jobs_pb2.JOB_STATE_SUCCEEDED, job.error
@@ -104,19 +95,11 @@ def test_pairs_are_checked_per_file_and_the_rest_trains_and_renders(running, kon
     for stem, text in captions.items():
         client.store.put_bytes(keys.dataset_images(dataset) + f"{stem}.txt", text.encode())
     client.store.put_json(keys.dataset_captions(dataset), {"trigger_word": "", "captions": captions})
-    run = client.wait(client.train(dataset, base_model=str(kontext), resolution=64, max_steps=4, checkpoint_every=2,
-                                   sample_every=0, rank=4, learning_rate=1e-3))
-    assert run.state == jobs_pb2.JOB_STATE_SUCCEEDED, run.error
-    trained = client.result(run)
-    assert [c.step for c in trained.checkpoints] == [2, 4]
-    assert all(client.store.exists(c.lora_key) and client.store.exists(c.kohya_lora_key) for c in trained.checkpoints)
+    run, trained = train_to_two_checkpoints(client, dataset, kontext)  # its family detected from the model
     assert trained.loss_csv_key == f"runs/{trained.run_id}/loss.csv" and client.store.exists(trained.loss_csv_key)
 
     # The grid's cells all edit the dataset's first control image (its default), shown in the header.
-    grid = client.wait(client.evaluate(run.job_id, [0.0, 1.0], steps=2, width=64, height=64, image_text_model="none"))
-    assert grid.state == jobs_pb2.JOB_STATE_SUCCEEDED, grid.error
-    rendered = client.result(grid)
-    assert len(rendered.cells) == 4 and all(client.store.exists(c.image_key) for c in rendered.cells)
+    rendered = render_two_strength_grid(client, run)
     report = client.store.get_json(rendered.report_key)
     assert report["spec"]["controlImage"] == keys.dataset_controls(dataset) + "cat.png"
     page = report["panels"][0]["pages"][0]["layout"]

@@ -57,13 +57,19 @@ def test_a_named_family_must_agree_with_the_model_and_unknown_ones_are_explained
     assert set(FAMILY_NAMES) == set(FULL_SIZE)
 
 
-@pytest.mark.parametrize("family", ["flux1-dev", "chroma", "flux2-dev", "flux2-klein"])
-def test_the_planner_estimates_each_family_from_its_config_alone(family, tmp_path):
-    write_config(family, tmp_path)
-    config_path = tmp_path / "transformer" / "config.json"
+def shrunk_config_shape(family: str, folder):
+    """The shape the planner reads from `family`'s full-size config directory with the transformer
+    shrunk (TINY): same family, classes and VAE."""
+    write_config(family, folder)
+    config_path = folder / "transformer" / "config.json"
     config = json.loads(config_path.read_text())
     config_path.write_text(json.dumps({**config, **TINY, **TINY_BY_CLASS[config["_class_name"]]}))
-    shape = read_model_shape(str(tmp_path))
+    return read_model_shape(str(folder))
+
+
+@pytest.mark.parametrize("family", ["flux1-dev", "chroma", "flux2-dev", "flux2-klein"])
+def test_the_planner_estimates_each_family_from_its_config_alone(family, tmp_path):
+    shape = shrunk_config_shape(family, tmp_path)
     assert shape.family == family and shape.vae_scale_factor == 8
     cfg = TrainConfig(resolution=64, precision="bf16", rank=4)
     step = MemoryPlanner().step_memory(shape, cfg)
@@ -77,29 +83,27 @@ def test_the_planner_estimates_each_family_from_its_config_alone(family, tmp_pat
         assert same.trainable_bytes == step.trainable_bytes > double_only.trainable_bytes
 
 
-def test_write_config_and_write_tiny_commands(tmp_path):
+def models_command(*args: str) -> None:
+    """`fluxlora models ...` through the server's CLI; it must succeed."""
     import typer
 
     from fluxlora.server.cli import register
 
     app = typer.Typer()
     register(app)
-    runner = CliRunner()
-    done = runner.invoke(app, ["models", "write-config", "--family", "flux2-klein", str(tmp_path / "klein")])
+    done = CliRunner().invoke(app, ["models", *args])
     assert done.exit_code == 0, done.output
+
+
+def test_write_config_command(tmp_path):
+    models_command("write-config", "--family", "flux2-klein", str(tmp_path / "klein"))
     assert detect_family_in(tmp_path / "klein") == "flux2-klein"
-    done = runner.invoke(app, ["models", "write-tiny", "--family", "chroma", str(tmp_path)])
-    assert done.exit_code == 0, done.output
-    assert detect_family_in(tmp_path / "tiny-chroma") == "chroma"
-    done = runner.invoke(app, ["models", "write-tiny", "--family", "flux2-klein", str(tmp_path)])
-    assert done.exit_code == 0, done.output
-    assert detect_family_in(tmp_path / "tiny-flux2-klein") == "flux2-klein"
-    done = runner.invoke(app, ["models", "write-tiny", "--family", "flux1-kontext", str(tmp_path)])
-    assert done.exit_code == 0, done.output
-    assert detect_family_in(tmp_path / "tiny-flux1-kontext") == "flux1-kontext"
-    done = runner.invoke(app, ["models", "write-tiny", "--family", "flux2-dev", str(tmp_path)])
-    assert done.exit_code == 0, done.output
-    assert detect_family_in(tmp_path / "tiny-flux2-dev") == "flux2-dev"
+
+
+@pytest.mark.parametrize("family", FAMILY_NAMES)
+def test_write_tiny_command_writes_each_family(family, tmp_path):
+    models_command("write-tiny", "--family", family, str(tmp_path))
+    assert detect_family_in(tmp_path / f"tiny-{family}") == family
 
 
 def test_the_planner_counts_kontext_control_tokens(tmp_path):
@@ -107,11 +111,7 @@ def test_the_planner_counts_kontext_control_tokens(tmp_path):
     same transformer."""
     peaks = {}
     for family in ("flux1-dev", "flux1-kontext"):
-        write_config(family, tmp_path / family)
-        config_path = tmp_path / family / "transformer" / "config.json"
-        config = json.loads(config_path.read_text())
-        config_path.write_text(json.dumps({**config, **TINY, **TINY_BY_CLASS[config["_class_name"]]}))
-        shape = read_model_shape(str(tmp_path / family))
+        shape = shrunk_config_shape(family, tmp_path / family)
         assert shape.family == family
         peaks[family] = MemoryPlanner().step_memory(shape, TrainConfig(resolution=256, precision="bf16", rank=4))
     assert peaks["flux1-kontext"].weight_bytes == peaks["flux1-dev"].weight_bytes
