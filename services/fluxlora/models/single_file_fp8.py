@@ -118,7 +118,8 @@ def _keep_block_linears(transformer: torch.nn.Module, state: dict[str, torch.Ten
             raise SingleFileError(f"{prefix}.weight is {tuple(weight.shape)} in the file but the transformer "
                                   f"expects {(layer.out_features, layer.in_features)}")
         del state[f"{prefix}.weight"]
-        scale = rows.get(f"{prefix}.weight", torch.ones(weight.shape[0], 1))
+        scale = rows.get(f"{prefix}.weight")
+        scale = torch.ones(weight.shape[0], 1) if scale is None else scale
         bias = state.pop(f"{prefix}.bias", None)
         bias = None if bias is None else _upcast(bias, None, dtype)
         setattr(parent, attribute, FrozenLinear.from_weight(weight.view(KEPT_DTYPE), scale, bias, "fp8", dtype))
