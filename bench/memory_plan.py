@@ -43,7 +43,7 @@ MODES = {
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--family", default="flux1-dev", choices=[f for f in FULL_SIZE if f != "flux1-kontext"])
+    parser.add_argument("--family", default="flux1-dev", choices=list(FULL_SIZE))
     parser.add_argument("--modes", default=",".join(MODES), help="comma-separated names of MODES")
     parser.add_argument("--resolutions", default="512,768,1024")
     parser.add_argument("--rank", type=int, default=16)

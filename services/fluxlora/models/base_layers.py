@@ -13,7 +13,8 @@ fp8 step at 1024 on an H100); compile_blocks has torch.compile fuse them into ea
 
 The upcast copy is what the backward pass keeps for the input gradient, so an 8-bit base saves
 memory only with gradient checkpointing, where a block's copies live during its recomputation alone.
-The memory planner quantises its meta-device transformer with this same code.
+The memory planner quantises its meta-device transformer with this same code. An fp8 single-file
+base's blocks arrive 8-bit already, the file's own bytes (models.single_file_fp8, FrozenLinear.from_weight).
 
 Swapped blocks (kohya sd-scripts' count: blocks_to_swap // 2 double-stream blocks and twice the
 rest in single-stream blocks, the last ones of each list) keep their linear weights in pinned CPU
@@ -47,29 +48,40 @@ class FrozenLinear(torch.nn.Linear):
                     device: torch.device | None = None, swapped: bool = False) -> FrozenLinear:
         if kind not in QUANTIZED_DTYPES and kind != "none":
             raise ValueError(f"unknown base quantisation {kind!r}; use none, {', '.join(QUANTIZED_DTYPES)}")
-        # Skip nn.Linear.__init__: it would allocate and initialise a full-precision weight.
-        module = cls.__new__(cls)
-        torch.nn.Module.__init__(module)
-        module.in_features, module.out_features = linear.in_features, linear.out_features
-        module.kind, module.compute_dtype, module.swapped = kind, compute_dtype, swapped
         weight = linear.weight.detach()
-        work_device = device if device is not None else weight.device
-        weight = weight.to(work_device)
+        weight = weight.to(device if device is not None else weight.device)
         scale = None
         if kind != "none":
             weight, scale = quantize_rows(weight, kind)
-            scale = scale.to(compute_dtype)
-        module.register_buffer("weight_scale", scale)
-        if swapped:
-            module.register_parameter("weight", None)
-            module.host_weight = _to_host(weight)
-        else:
-            module.weight = torch.nn.Parameter(weight, requires_grad=False)
-        bias = linear.bias
+        return cls.from_weight(weight, scale, linear.bias, kind, compute_dtype, swapped)
+
+    @classmethod
+    def from_weight(cls, weight: torch.Tensor, scale: torch.Tensor | None, bias: torch.Tensor | None, kind: str,
+                    compute_dtype: torch.dtype, swapped: bool = False) -> FrozenLinear:
+        """The layer of a weight already stored as `kind` ((out, in); 8-bit with its per-row scale
+        of shape (out, 1)): models.single_file_fp8 passes an fp8 file's own bytes."""
+        # Skip nn.Linear.__init__: it would allocate and initialise a full-precision weight.
+        module = cls.__new__(cls)
+        torch.nn.Module.__init__(module)
+        module.out_features, module.in_features = weight.shape
+        module.kind, module.compute_dtype, module.swapped = kind, compute_dtype, False
+        module.register_buffer("weight_scale", None if scale is None else scale.to(weight.device, compute_dtype))
+        module.weight = torch.nn.Parameter(weight.detach(), requires_grad=False)
         if bias is not None:
-            bias = torch.nn.Parameter(bias.detach().to(work_device, compute_dtype), requires_grad=False)
+            bias = torch.nn.Parameter(bias.detach().to(weight.device, compute_dtype), requires_grad=False)
         module.bias = bias
+        if swapped:
+            module.swap_to_host()
         return module
+
+    def swap_to_host(self) -> None:
+        """Keep the weight in (pinned) CPU memory from now on, copied to the input's device for each use."""
+        if self.swapped:
+            return
+        weight = self.weight.detach()
+        self.register_parameter("weight", None)
+        self.host_weight = _to_host(weight)
+        self.swapped = True
 
     def weight_for(self, device: torch.device) -> torch.Tensor:
         """The weight, in the compute dtype, on `device`: a fresh tensor when swapped or 8-bit."""
@@ -158,6 +170,10 @@ def freeze_base(transformer: torch.nn.Module, kind: str, compute_dtype: torch.dt
     swapped, one at a time, each made on `device` (so a GPU never holds more than one
     full-precision layer beyond what stays). Returns how many layers were replaced."""
     swapped = swapped_block_names(transformer, blocks_to_swap)
+    for name, module in transformer.named_modules():
+        # Layers loaded 8-bit already (an fp8 file's own bytes: models.single_file_fp8) are only swapped.
+        if isinstance(module, FrozenLinear) and ".".join(name.split(".")[:2]) in swapped:
+            module.swap_to_host()
     replaced = 0
     for parent, attribute, block in frozen_linears(transformer):
         if kind == "none" and block not in swapped:

@@ -14,6 +14,7 @@ from fluxlora.models.base_layers import freeze_base
 from fluxlora.models.base_model import SINGLE_FILE_MARKER
 from fluxlora.models.families import Family, family_for_model
 from fluxlora.models.single_file import describe_file
+from fluxlora.models.single_file_fp8 import keeps_fp8, load_fp8_transformer
 from fluxlora.models.single_file_load import load_single_file_transformer
 
 log = logging.getLogger(__name__)
@@ -51,13 +52,18 @@ def pick_device_dtype(
     return device, _PRECISIONS[key]
 
 
-def _single_file_transformer(model_dir: Path, family: Family, dtype: torch.dtype) -> torch.nn.Module | None:
-    """The transformer of a single-file base (models.base_model's folder names the file), else None."""
+def _single_file_transformer(model_dir: Path, family: Family, dtype: torch.dtype,
+                             base_storage: str) -> torch.nn.Module | None:
+    """The transformer of a single-file base (models.base_model's folder names the file), else None;
+    an fp8 file whose blocks are to be stored in fp8 keeps its own bytes (models.single_file_fp8)."""
     marker = model_dir / "transformer" / SINGLE_FILE_MARKER
     if not marker.is_file():
         return None
     file = Path(json.loads(marker.read_text())["file"])
-    return load_single_file_transformer(file, describe_file(file), family, model_dir, dtype)
+    model = describe_file(file)
+    if keeps_fp8(model, base_storage):
+        return load_fp8_transformer(file, model, family, model_dir, dtype)
+    return load_single_file_transformer(file, model, family, model_dir, dtype)
 
 
 # Processors whose text half is all a pipeline uses, and which transformers builds only with torchvision
@@ -88,6 +94,7 @@ def load_flux_pipeline(
     text_encoders: bool = True,
     base_quantization: str = "none",
     family: Family | None = None,
+    base_storage: str | None = None,
 ):
     """Load a local diffusers-layout directory (or models.base_model's folder for a single-file
     base, whose transformer then loads from its file) of `family` (default: the family detected from the
@@ -101,6 +108,9 @@ def load_flux_pipeline(
     prompt embeddings already.
     base_quantization "fp8"/"int8" stores the transformer blocks' linear weights in 8 bits
     (fluxlora.models.base_layers): FLUX.1-dev's transformer then takes ~12 GB instead of ~24 GB.
+    base_storage: how the caller stores the blocks' weights later, where that is not done here (a
+    trainer adds its LoRA first, then applies its base_quantization); default base_quantization. With
+    "fp8", an fp8 single-file base keeps its blocks' own 8-bit weights instead of being upcast whole.
     """
     model_dir = Path(model_dir)
     if not (model_dir / "model_index.json").is_file():
@@ -109,7 +119,7 @@ def load_flux_pipeline(
         )
     family = family or family_for_model(model_dir)
     skipped: dict = {} if text_encoders else dict.fromkeys(family.text_components)
-    single = _single_file_transformer(model_dir, family, dtype)
+    single = _single_file_transformer(model_dir, family, dtype, base_storage or base_quantization)
     if single is not None:
         skipped["transformer"] = single
     tokenizer = _text_tokenizer_of_processor(model_dir) if text_encoders else None

@@ -10,6 +10,7 @@ from safetensors.torch import load_file
 
 from fluxlora.models.families import Family
 from fluxlora.models.single_file import COMFYUI_PREFIX, SingleFileModel
+from fluxlora.models.single_file_scales import dequantize_scaled
 
 log = logging.getLogger(__name__)
 
@@ -31,19 +32,32 @@ def load_single_file_transformer(path: Path, model: SingleFileModel, family: Fam
                                  dtype: torch.dtype) -> torch.nn.Module:
     """The transformer in `path` as `family`'s diffusers class, in `dtype` (fp8 weights upcast),
     with config_dir/transformer/config.json as its config, updated with what the file's shapes fix."""
-    # Without ComfyUI's prefix: FLUX.2's converter maps BFL's keys only (FLUX.1's strips it itself).
-    state = {k.removeprefix(COMFYUI_PREFIX): v for k, v in load_file(str(path)).items()}
+    state = dequantize_scaled(load_file(str(path)), str(path), dtype)  # ComfyUI's scaled fp8 (single_file_scales)
     # fp8 tensors upcast first: padding and the converter's torch.cat have no fp8 kernels on a CPU.
     state = {k: v.to(dtype) if v.is_floating_point() and v.dtype != dtype else v for k, v in state.items()}
-    converter, fixed_width = _CONVERTERS[family.transformer_class.__name__]
-    width = model.config["num_attention_heads"] * model.config["attention_head_dim"]
-    if fixed_width and width != _DIFFUSERS_WIDTH:
-        state = _convert_narrow(state, converter, width)
+    state = to_diffusers_state(state, model, family)
     transformer = family.transformer_class.from_single_file(
         state, config=str(config_dir), subfolder="transformer", dtype=dtype, local_files_only=True, **model.config)
     log.info("loaded the single-file %s transformer %s (%s layout, %s weights as %s)", family.name, path,
              model.layout, model.dtype, dtype)
     return transformer
+
+
+def to_diffusers_state(state: dict[str, torch.Tensor], model: SingleFileModel,
+                       family: Family) -> dict[str, torch.Tensor]:
+    """The file's tensors under the diffusers keys of `family`'s transformer, converted by diffusers' own
+    converter, which pops from `state` what it converts (so each source tensor is freed as it goes).
+    Converters only rename, split, concatenate and chunk along the first dimension, so a tensor may
+    pass as its raw bytes (models.single_file_fp8 passes fp8 weights as uint8)."""
+    # Without ComfyUI's prefix: FLUX.2's converter maps BFL's keys only (FLUX.1's strips it itself).
+    state = {k.removeprefix(COMFYUI_PREFIX): state.pop(k) for k in list(state)}
+    converter, fixed_width = _CONVERTERS[family.transformer_class.__name__]
+    width = model.config["num_attention_heads"] * model.config["attention_head_dim"]
+    if fixed_width and width != _DIFFUSERS_WIDTH:
+        return _convert_narrow(state, converter, width)
+    from diffusers.loaders import single_file_utils as sfu
+
+    return getattr(sfu, converter)(state)
 
 
 def _convert_narrow(state: dict[str, torch.Tensor], converter: str, width: int) -> dict[str, torch.Tensor]:

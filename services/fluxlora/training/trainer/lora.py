@@ -7,7 +7,7 @@ from diffusers.training_utils import cast_training_params
 from peft import LoraConfig
 from peft.utils.error import NoMatchingPeftModuleError
 
-from fluxlora.models.base_layers import freeze_base
+from fluxlora.models.base_layers import QUANTIZED_DTYPES, freeze_base
 from fluxlora.models.families import family_of_transformer
 from fluxlora.training.trainer.checkpoint import ADAPTER_NAME
 from fluxlora.training.trainer.config import TrainConfig
@@ -53,7 +53,9 @@ def prepare_transformer(transformer, cfg: TrainConfig, device: torch.device | No
 
     The memory planner prepares its meta-device transformer with this same function."""
     params = add_lora(transformer, cfg)
-    # After the LoRA: peft would otherwise cast its new layers to the base layer's 8-bit dtype.
+    # After the LoRA: peft would otherwise cast its new layers to the base layer's 8-bit dtype. (The
+    # layers an fp8 single file loaded 8-bit, models.single_file_fp8, are there before it: peft casts
+    # to a base layer's `compute_dtype` where it has one, as FrozenLinear has.)
     freeze_base(transformer, cfg.base_quantization, _compute_dtype(transformer), device, cfg.blocks_to_swap)
     if cfg.gradient_checkpointing:
         transformer.enable_gradient_checkpointing()
@@ -62,6 +64,8 @@ def prepare_transformer(transformer, cfg: TrainConfig, device: torch.device | No
 
 
 def _compute_dtype(transformer) -> torch.dtype:
-    """The dtype the frozen base weights were loaded in (bf16 on a GPU): 8-bit weights upcast to it."""
-    frozen = (p.dtype for p in transformer.parameters() if not p.requires_grad and p.is_floating_point())
+    """The dtype the frozen base weights were loaded in (bf16 on a GPU): 8-bit weights upcast to it.
+    Blocks an fp8 file loaded 8-bit already (models.single_file_fp8) do not count."""
+    frozen = (p.dtype for p in transformer.parameters()
+              if not p.requires_grad and p.is_floating_point() and p.dtype not in QUANTIZED_DTYPES.values())
     return next(frozen, torch.float32)

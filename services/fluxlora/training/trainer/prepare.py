@@ -37,7 +37,8 @@ def prepare_run(
     data = _cached_encodings(encoding_cache, dataset_dir)
     # Loaded on the CPU: encoders and VAE visit the device one at a time, then the transformer
     # moves there alone. FLUX.1-dev as a whole would not fit a 24 GB GPU.
-    pipe = load_flux_pipeline(model_dir, torch.device("cpu"), dtype, text_encoders=data is None, family=family)
+    pipe = load_flux_pipeline(model_dir, torch.device("cpu"), dtype, text_encoders=data is None, family=family,
+                              base_storage=cfg.base_quantization)
     stage_done("loading the base model")
     if data is None:
         data = cache_dataset(
