@@ -4,12 +4,22 @@ tests' steps through gRPC (a wrong family refused, a quick run to two checkpoint
 from __future__ import annotations
 
 import pytest
+import torch
 
 from fluxlora.training.trainer import TrainConfig, train_lora
 from fluxlora_api.v1 import jobs_pb2
 from fluxlora_client.errors import FluxloraClientError
 
 CIRCLE_CAPTION = "a photo of a red circle"  # the `circle` dataset's (tests/unit/conftest.py)
+
+
+def tiny_latents(pipe) -> torch.Tensor:
+    """Two seeded 64 px steps of a tiny pipeline of any family, as latents. FLUX.2's text encoders at
+    64 tokens, not their 512 (slow on a CPU); [klein] without classifier-free guidance's second pass."""
+    kwargs = {"max_sequence_length": 64} if type(pipe).__name__.startswith("Flux2") else {}
+    guidance = 1.0 if type(pipe).__name__ == "Flux2KleinPipeline" else 3.5
+    return pipe(prompt="a red circle", height=64, width=64, num_inference_steps=2, guidance_scale=guidance,
+                output_type="latent", generator=torch.Generator().manual_seed(0), **kwargs).images
 
 
 def quick(**overrides) -> TrainConfig:

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import save_file
-from training_support import quick, quick_flux2
+from training_support import quick, quick_flux2, tiny_latents
 
 from fluxlora.common.storage import LocalStore
 from fluxlora.models.base_model import check_single_file_base, resolve_base_model, single_file_model
@@ -56,21 +56,12 @@ def _resolved(models, name: str, tmp_path: Path) -> Path:
                               tmp_path / "cache")
 
 
-def _latents(pipe) -> torch.Tensor:
-    # Prompt embeddings straight from the pipeline's encoders: the same for both loads. FLUX.2's
-    # text encoders at 64 tokens, not their 512 (slow on a CPU); [klein] without classifier-free
-    # guidance's second pass (its guidance is no input of the transformer under test).
-    kwargs = {"max_sequence_length": 64} if type(pipe).__name__.startswith("Flux2") else {}
-    guidance = 1.0 if type(pipe).__name__ == "Flux2KleinPipeline" else 3.5
-    return pipe(prompt="a red circle", height=64, width=64, num_inference_steps=2, guidance_scale=guidance,
-                output_type="latent", generator=torch.Generator().manual_seed(0), **kwargs).images
-
 
 @pytest.fixture(scope="module")
 def folder_render(family_models) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """The folder's transformer weights and rendered latents, which each file's must equal."""
     pipe = load_flux_pipeline(family_models["folder"], "cpu", torch.float32)
-    return pipe.transformer.state_dict(), _latents(pipe)
+    return pipe.transformer.state_dict(), tiny_latents(pipe)
 
 
 def test_the_header_tells_family_layout_shape_and_dtype(family_models):
@@ -97,7 +88,7 @@ def test_a_single_file_loads_and_renders_as_its_folder(family_models, folder_ren
         torch.testing.assert_close(loaded[key], value, rtol=0, atol=0, msg=key)
     # Equal weights, but the file's tensors sit at other memory alignments (views into the file's
     # buffer), so the CPU's vector kernels may sum in another order: float noise, ~1e-6 (FLUX.2).
-    torch.testing.assert_close(_latents(from_file), rendered, rtol=0, atol=1e-5)
+    torch.testing.assert_close(tiny_latents(from_file), rendered, rtol=0, atol=1e-5)
 
 
 def test_an_fp8_file_loads_upcast_to_the_runs_dtype(family_models, tmp_path):
@@ -110,7 +101,7 @@ def test_an_fp8_file_loads_upcast_to_the_runs_dtype(family_models, tmp_path):
     # ... and through the 8-bit base path, whose blocks hold one byte a weight again.
     eight_bit = load_flux_pipeline(base, "cpu", torch.float32, base_quantization="fp8")
     assert any(p.dtype == torch.float8_e4m3fn for p in eight_bit.transformer.state_dict().values())
-    assert torch.isfinite(_latents(eight_bit)).all()
+    assert torch.isfinite(tiny_latents(eight_bit)).all()
 
 
 def test_the_planner_reads_the_same_shape_from_the_header_as_from_the_folder(family_models):

@@ -14,6 +14,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
+from training_support import tiny_latents
 
 from fluxlora.common.storage import LocalStore
 from fluxlora.models.base_layers import FrozenLinear, freeze_base, frozen_linears
@@ -31,7 +32,7 @@ from fluxlora.training.trainer import TrainCallbacks, TrainConfig, train_lora
 FP8 = torch.float8_e4m3fn
 
 
-@pytest.fixture(scope="module", params=("flux1-dev", "chroma"))
+@pytest.fixture(scope="module", params=("flux1-dev", "chroma", "flux2-klein"))
 def fp8_models(request, tmp_path_factory) -> dict[str, Path]:
     """The family's tiny folder, and its transformer as an fp8 and a scaled fp8 ComfyUI single file,
     each resolved with a components folder into the base model folder the trainer loads."""
@@ -65,10 +66,6 @@ def _write_scaled_fp8(full: Path, path: Path) -> Path:
     return path
 
 
-def _latents(pipe) -> torch.Tensor:
-    return pipe("a red circle", height=64, width=64, num_inference_steps=2, guidance_scale=3.5,
-                output_type="latent", generator=torch.Generator().manual_seed(0)).images
-
 
 def _block_linears(transformer) -> dict[str, torch.nn.Module]:
     names = {id(module): name for name, module in transformer.named_modules()}
@@ -93,7 +90,7 @@ def test_an_fp8_file_for_an_fp8_base_keeps_the_files_bytes_in_its_blocks(fp8_mod
     for key, value in rest.items():  # embedders, norms, biases, the final layer: upcast as before
         assert value.dtype == torch.float32
         torch.testing.assert_close(value, expected[key], rtol=0, atol=0, msg=key)
-    torch.testing.assert_close(_latents(kept), _latents(upcast), rtol=0, atol=0)
+    torch.testing.assert_close(tiny_latents(kept), tiny_latents(upcast), rtol=0, atol=0)
 
 
 class _WrittenBytes(TorchDispatchMode):
@@ -170,7 +167,7 @@ def test_a_scaled_fp8_file_keeps_its_bytes_with_its_scales_as_the_rows_scales(fp
         # ... the weight meant, not the stored one: the folder's, to e4m3's precision (3 mantissa bits).
         torch.testing.assert_close(layer.weight_for(torch.device("cpu")), folder[f"{name}.weight"], rtol=2 ** -4,
                                    atol=layer.weight_scale.max().item() * 2 ** -9, msg=name)
-    torch.testing.assert_close(_latents(kept), _latents(upcast), rtol=0, atol=0)
+    torch.testing.assert_close(tiny_latents(kept), tiny_latents(upcast), rtol=0, atol=0)
 
 
 def test_the_kept_layers_swap_to_cpu_memory_like_the_trainers_own(tmp_path):
