@@ -2,7 +2,7 @@
 or any family with --family), per resolution and memory mode, computed on the CPU by the memory
 planner (no weights, no GPU).
 
-    .venv/bin/python bench/memory_plan.py [--family flux1-dev|chroma|flux2-dev|flux2-klein]
+    .venv/bin/python bench/memory_plan.py [--family flux1-dev|flux1-kontext|chroma|flux2-dev|flux2-klein]
                                           [--modes "bf16 + checkpointing,..."]
                                           [--resolutions 512,768,1024] [--rank 16] [--batch-size 1]
                                           [--target-gib 24] [--json out.json]
