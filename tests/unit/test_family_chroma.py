@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from diffusers import ChromaPipeline
+from diffusers import ChromaPipeline, ChromaTransformer2DModel, FlowMatchEulerDiscreteScheduler
 from safetensors import safe_open
 from safetensors.torch import load_file
 from training_support import CIRCLE_CAPTION, quick, train
@@ -20,10 +20,11 @@ from fluxlora.models.families import CHROMA, FLUX1_DEV, detect_family_in, family
 from fluxlora.models.loading import load_flux_pipeline
 from fluxlora.models.tiny_chroma import write_tiny_chroma
 from fluxlora.training.trainer import LORA_WEIGHTS_NAME, TrainCallbacks, TrainConfig, train_lora
-from fluxlora.training.trainer.checkpoint import save_lora
+from fluxlora.training.trainer.checkpoint import ADAPTER_NAME, save_lora
 from fluxlora.training.trainer.config import ATTENTION_AND_MLP_TARGETS
 from fluxlora.training.trainer.encoding_cache import load_encodings
 from fluxlora.training.trainer.lora import add_lora
+from fluxlora.training.trainer.targets import TARGET_PRESETS
 
 CAPTION = CIRCLE_CAPTION
 
@@ -129,3 +130,49 @@ def test_a_run_from_the_encoding_cache_trains_as_the_run_that_wrote_it(tiny_chro
     second = train_lora(quick(), tiny_chroma_dir, circle, tmp_path / "b",
                         TrainCallbacks(on_encoded=encoded_again.append), device="cpu", encoding_cache=cache)
     assert encoded_again == [] and second.losses == first.losses
+
+
+@pytest.mark.slow  # a 0.5B-parameter shallow transformer
+@pytest.mark.parametrize("preset", sorted(TARGET_PRESETS))
+def test_both_files_give_the_same_output_at_chroma_s_real_widths(preset, tmp_path):
+    """One double and one single block with Chroma's real widths (FLUX.1's: 24 x 128 heads, T5's
+    4096), at which diffusers' kohya converter splits a single block's fused linear1 as on the real
+    model: the kohya file and the diffusers file, each loaded by ChromaPipeline.load_lora_weights,
+    give the output the trained LoRA gave, for every preset."""
+    # Built for real, not on the meta device: its modulation index buffer (mod_proj) is computed at init.
+    transformer = ChromaTransformer2DModel(num_layers=1, num_single_layers=1, approximator_hidden_dim=64,
+                                           approximator_layers=1)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for param in transformer.parameters():
+            param.normal_(0, 0.02, generator=generator)
+    transformer.eval().requires_grad_(False)
+
+    def run() -> torch.Tensor:
+        inputs = torch.Generator().manual_seed(1)
+        with torch.no_grad():
+            return transformer(
+                hidden_states=torch.randn(1, 16, 64, generator=inputs),
+                encoder_hidden_states=torch.randn(1, 8, 4096, generator=inputs), timestep=torch.tensor([0.5]),
+                img_ids=torch.stack(torch.meshgrid(torch.zeros(1), torch.arange(4.0), torch.arange(4.0),
+                                                   indexing="ij"), -1).reshape(16, 3),
+                txt_ids=torch.zeros(8, 3), return_dict=False)[0]
+
+    base = run()
+    add_lora(transformer, TrainConfig(rank=4, alpha=8.0, target_modules=TARGET_PRESETS[preset]))
+    with torch.no_grad():
+        for name, param in transformer.named_parameters():
+            if "lora_B" in name:  # a fresh LoRA's B is zero: make it matter
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.05)
+    trained = run()
+    save_lora(transformer, tmp_path, kohya_name="chroma.safetensors")
+    transformer.delete_adapters(ADAPTER_NAME)
+    pipe = ChromaPipeline(FlowMatchEulerDiscreteScheduler(), None, None, None, transformer)
+    outputs = {}
+    for name in (LORA_WEIGHTS_NAME, "chroma.safetensors"):
+        pipe.load_lora_weights(tmp_path / name, adapter_name="loaded")
+        outputs[name] = run()
+        pipe.delete_adapters("loaded")
+    assert (trained - base).abs().max() > 0.05  # the LoRA matters...
+    for name, output in outputs.items():  # ...and both files carry all of it
+        torch.testing.assert_close(output, trained, atol=1e-4, rtol=1e-4, msg=name)
