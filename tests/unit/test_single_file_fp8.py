@@ -18,7 +18,7 @@ from training_support import tiny_latents
 
 from fluxlora.common.storage import LocalStore
 from fluxlora.models.base_layers import FrozenLinear, freeze_base, frozen_linears
-from fluxlora.models.base_model import resolve_base_model
+from fluxlora.models.base_model import check_single_file_base, resolve_base_model
 from fluxlora.models.families import get_family
 from fluxlora.models.loading import load_flux_pipeline
 from fluxlora.models.single_file import SingleFileError, describe_file
@@ -28,6 +28,7 @@ from fluxlora.models.single_file_write import write_folder_transformer, write_si
 from fluxlora.models.tiny_family import write_tiny_family
 from fluxlora.models.tiny_flux import TEXT_DIM, TINY_TRANSFORMER
 from fluxlora.training.trainer import TrainCallbacks, TrainConfig, train_lora
+from fluxlora_api.shared.errors import InvalidArgument
 
 FP8 = torch.float8_e4m3fn
 
@@ -208,6 +209,17 @@ def test_a_quantisation_it_cannot_read_is_refused_naming_the_file_and_the_fix(fp
     for load in (load_fp8_transformer, load_single_file_transformer):
         with pytest.raises(SingleFileError, match=rf"quantised\.safetensors .*{says}.*flux1-dev-fp8\.safetensors"):
             load(path, describe_file(path), family, fp8_models["components"], torch.float32)
+
+
+@pytest.mark.parametrize("change, says", [
+    (lambda s: s.update({"model.diffusion_model.img_in.weight": torch.zeros(4, 2, dtype=torch.uint8),
+                         "model.diffusion_model.img_in.weight_scale": torch.ones(4, 1)}), "a U8 weight"),
+    (lambda s: s.update({"model.diffusion_model.img_in.scale_weight": torch.ones(4)}), r"4 scales \(block-wise\)"),
+], ids=["nvfp4-packed", "block-scales"])
+def test_such_a_file_is_refused_at_submit_from_its_header(fp8_models, tmp_path, change, says):
+    path = _refused_file(tmp_path, fp8_models, change)
+    with pytest.raises(InvalidArgument, match=rf"quantised\.safetensors .*{says}.*flux1-dev-fp8\.safetensors"):
+        check_single_file_base(str(path), str(fp8_models["components"]), LocalStore(tmp_path / "store"))
 
 
 def test_other_quantisations_and_e5m2_files_take_the_upcast_path(fp8_models, tmp_path):

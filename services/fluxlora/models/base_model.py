@@ -38,6 +38,7 @@ from fluxlora.models.single_file import (
     is_single_file,
     read_header,
 )
+from fluxlora.models.single_file_scales import check_header_scales
 from fluxlora_api.shared.errors import FailedPrecondition, InvalidArgument, NotFound
 
 SINGLE_FILE_MARKER = "fluxlora-single-file.json"
@@ -80,6 +81,7 @@ def single_file_model(ref: str, store: ArtifactStore | None) -> SingleFileModel:
                                   f"transformer .safetensors (such as ComfyUI's flux1-dev.safetensors or BFL's "
                                   f"flux2-dev.safetensors) or a diffusers-layout directory")
         header = read_header(path, ref)
+    check_header_scales(header, ref)
     return describe(header, ref)
 
 

@@ -26,6 +26,7 @@ _SCALES = ("scale_weight", "weight_scale")
 _UNUSED = ("scale_input", "input_scale", "comfy_quant")
 _FP8 = (torch.float8_e4m3fn, torch.float8_e5m2)
 _FP8_FORMATS = ("float8_e4m3fn", "float8_e5m2")
+_HEADER_DTYPES = {"F8_E4M3": "torch.float8_e4m3fn", "F8_E5M2": "torch.float8_e5m2"}  # safetensors' -> torch's
 _FIX = ("use the model in bf16, or in fp8 (float8_e4m3fn) plain or scaled as ComfyUI's "
         "flux1-dev-fp8.safetensors and flux_dev_fp8_scaled_diffusion_model.safetensors are")
 
@@ -45,12 +46,34 @@ def split_scales(state: dict[str, torch.Tensor], where: str) -> tuple[dict[str, 
             weights[key] = value
     for key, scale in scales.items():
         weight = weights.get(key)
-        if weight is None or weight.dtype not in _FP8 or scale.numel() != 1:
-            what = "no weight" if weight is None else f"a {weight.dtype} weight" if weight.dtype not in _FP8 \
-                else f"{scale.numel()} scales (block-wise)"
-            raise SingleFileError(f"the base model file {where} has a quantisation scale for {key} with {what}; "
-                                  f"fluxlora reads one scale per fp8 weight (ComfyUI's scaled fp8): {_FIX}")
+        _check_scale(key, None if weight is None else str(weight.dtype), scale.numel(), where)
     return weights, {key: scale.detach().float().reshape(()) for key, scale in scales.items()}
+
+
+def check_header_scales(header: dict[str, dict], where: str) -> None:
+    """split_scales' refusals from a safetensors header alone (dtypes and shapes), so that a file
+    quantised in a way fluxlora cannot read is refused when a job is submitted, not when it loads.
+    (ComfyUI's nvfp4 and int8 weights are stored as U8/I8, so their scales name a non-fp8 weight.)"""
+    for key, entry in header.items():
+        layer, _, name = key.rpartition(".")
+        if name in _SCALES:
+            weight = header.get(f"{layer}.weight")
+            count = 1
+            for dim in entry.get("shape", []):
+                count *= dim
+            _check_scale(f"{layer}.weight", None if weight is None else _HEADER_DTYPES.get(weight.get("dtype", ""),
+                                                                                          weight.get("dtype", "")),
+                         count, where)
+
+
+def _check_scale(key: str, weight_dtype: str | None, count: int, where: str) -> None:
+    fp8 = weight_dtype is not None and weight_dtype.removeprefix("torch.") in _FP8_FORMATS
+    if fp8 and count == 1:
+        return
+    what = "no weight" if weight_dtype is None else f"a {weight_dtype} weight" if not fp8 \
+        else f"{count} scales (block-wise)"
+    raise SingleFileError(f"the base model file {where} has a quantisation scale for {key} with {what}; "
+                          f"fluxlora reads one scale per fp8 weight (ComfyUI's scaled fp8): {_FIX}")
 
 
 def dequantize_scaled(state: dict[str, torch.Tensor], where: str, dtype: torch.dtype) -> dict[str, torch.Tensor]:
