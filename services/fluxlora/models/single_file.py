@@ -157,11 +157,11 @@ def _blocks(shapes: dict[str, list[int]], prefix: str) -> int:
     return max(indices) + 1 if indices else 0
 
 
-def _config(shapes: dict[str, list[int]], family: str) -> dict[str, Any]:
-    """The diffusers transformer config values that the checkpoint's shapes determine."""
+def _shared_config(shapes: dict[str, list[int]]) -> dict[str, Any]:
+    """The config values every family's checkpoint fixes the same way."""
     hidden, in_channels = shapes["img_in.weight"]
     head_dim = shapes["double_blocks.0.img_attn.norm.query_norm.scale"][0]
-    config: dict[str, Any] = {
+    return {
         "in_channels": in_channels,
         "num_layers": _blocks(shapes, "double_blocks."),
         "num_single_layers": _blocks(shapes, "single_blocks."),
@@ -169,6 +169,11 @@ def _config(shapes: dict[str, list[int]], family: str) -> dict[str, Any]:
         "num_attention_heads": hidden // head_dim,
         "joint_attention_dim": shapes["txt_in.weight"][1],
     }
+
+
+def _config(shapes: dict[str, list[int]], family: str) -> dict[str, Any]:
+    """The diffusers transformer config values that the checkpoint's shapes determine."""
+    config = _shared_config(shapes)
     if family == "chroma":
         config.update(approximator_layers=_blocks(shapes, "distilled_guidance_layer.layers."),
                       approximator_hidden_dim=shapes["distilled_guidance_layer.in_proj.weight"][0],
@@ -181,15 +186,9 @@ def _config(shapes: dict[str, list[int]], family: str) -> dict[str, Any]:
 
 def _flux2_config(shapes: dict[str, list[int]]) -> dict[str, Any]:
     """FLUX.2's: no pooled text; the MLPs are SwiGLU, so img_mlp.0 is twice the hidden MLP width."""
-    hidden, in_channels = shapes["img_in.weight"]
-    head_dim = shapes["double_blocks.0.img_attn.norm.query_norm.scale"][0]
+    hidden = shapes["img_in.weight"][0]
     return {
-        "in_channels": in_channels,
-        "num_layers": _blocks(shapes, "double_blocks."),
-        "num_single_layers": _blocks(shapes, "single_blocks."),
-        "attention_head_dim": head_dim,
-        "num_attention_heads": hidden // head_dim,
-        "joint_attention_dim": shapes["txt_in.weight"][1],
+        **_shared_config(shapes),
         "timestep_guidance_channels": shapes["time_in.in_layer.weight"][1],
         "mlp_ratio": shapes["double_blocks.0.img_mlp.0.weight"][0] / 2 / hidden,
         "guidance_embeds": "guidance_in.in_layer.weight" in shapes,
