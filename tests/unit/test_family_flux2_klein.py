@@ -170,50 +170,6 @@ def test_a_module_without_a_kohya_name_is_named_in_the_error(klein_dir):
         kohya_state_dict(lora, 2.0, config)
 
 
-def small_klein(seed: int = 0) -> torch.nn.Module:
-    """The tiny [klein] transformer with 3 double and 4 single blocks, enough to swap some of each."""
-    from diffusers import Flux2Transformer2DModel
-
-    from fluxlora.models.tiny_flux2 import TINY_FLUX2_TRANSFORMER
-
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return Flux2Transformer2DModel(**{**TINY_FLUX2_TRANSFORMER, "num_layers": 3, "num_single_layers": 4},
-                                       joint_attention_dim=48, guidance_embeds=False).requires_grad_(False)
-
-
-def test_an_8bit_base_swapped_blocks_and_compiled_blocks_compute_klein_s_step():
-    """The trainer's memory features work on FLUX.2's blocks: fp8 base layers train, blocks swapped
-    to CPU memory give the very same step, compiled blocks the same step within float error."""
-    from fluxlora.models.base_layers import FrozenLinear
-    from fluxlora.training.trainer.lora import prepare_transformer
-    from fluxlora.training.trainer.step import compile_blocks, flow_matching_loss
-
-    generator = torch.Generator().manual_seed(0)
-    latents, noise = torch.randn(2, 1, 4, 16, 16, generator=generator)
-    inputs = (latents, noise, torch.tensor([0.3]), torch.randn(1, 8, 48, generator=generator), torch.zeros(1, 0),
-              torch.zeros(8, 4))
-    cfg = TrainConfig(resolution=64, rank=4, alpha=4, precision="fp32", base_quantization="fp8",
-                      target_modules=ATTENTION_AND_MLP_TARGETS)
-
-    def step(swap: int, compiled: str):
-        transformer = small_klein()
-        params = prepare_transformer(transformer, cfg.model_copy(update={"blocks_to_swap": swap}))
-        compile_blocks(transformer, compiled, torch.device("cpu"))
-        loss = flow_matching_loss(transformer, *inputs, 1.0, torch.float32, family=FLUX2_KLEIN)
-        loss.backward()
-        return loss.detach(), [p.grad for p in params], transformer
-
-    (loss, grads, _), (swapped, swapped_grads, swapped_model) = step(0, "off"), step(2, "off")
-    held = [m for m in swapped_model.modules() if isinstance(m, FrozenLinear) and m.swapped]
-    assert held and all(m.weight is None and m.host_weight.dtype == torch.float8_e4m3fn for m in held)
-    assert torch.isfinite(loss) and torch.equal(loss, swapped)
-    assert all(torch.equal(a, b) for a, b in zip(grads, swapped_grads, strict=True))
-    compiled, compiled_grads, _ = step(0, "on")
-    assert torch.allclose(loss, compiled, rtol=1e-4)
-    assert all(torch.allclose(a, b, rtol=1e-3, atol=1e-6) for a, b in zip(grads, compiled_grads, strict=True))
-
-
 @pytest.mark.slow  # a 0.5B-parameter shallow transformer
 @pytest.mark.parametrize("preset", ["attention", "all_linear"])
 def test_both_files_give_the_same_latents_at_klein_s_real_widths(preset, klein_dir, tmp_path):
