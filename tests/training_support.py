@@ -1,12 +1,12 @@
 """What the trainer's tests share: a quick run's config and train_lora on the CPU; the model family
-tests' checks every family passes alike (an overfitting run halves its loss and pulls generations
-toward its image, a resume or a run from the encoding cache repeats the run, a kohya file renders as
-the diffusers file); and their steps through gRPC (a wrong family refused, a quick run to two
-checkpoints, its grid)."""
+tests' training checks every family passes alike (an overfitting run halves its loss and pulls
+generations toward its image, a resume or a run from the encoding cache repeats the run); and their
+steps through gRPC (a wrong family refused, a quick run to two checkpoints, its grid). The LoRA
+file checks: lora_file_support.py."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import NamedTuple
 
@@ -15,10 +15,9 @@ import torch
 from safetensors.torch import load_file
 
 from fluxlora.evaluation.render import latent_distances_to_image
-from fluxlora.training.trainer import LORA_WEIGHTS_NAME, TrainCallbacks, TrainConfig, TrainOutcome, train_lora
+from fluxlora.training.trainer import TrainCallbacks, TrainConfig, TrainOutcome, train_lora
 from fluxlora.training.trainer.data import CachedDataset
 from fluxlora.training.trainer.encoding_cache import load_encodings
-from fluxlora.training.trainer.lora import add_lora
 from fluxlora_api.v1 import jobs_pb2
 from fluxlora_client.errors import FluxloraClientError
 
@@ -77,8 +76,30 @@ def assert_a_cached_run_repeats_the_run_that_wrote_it(cfg: TrainConfig, model_di
 
 
 class OverfitRun(NamedTuple):
+    """A run that overfit one image (or pair) of `model_dir`, with the checks every family's passes."""
+
     outcome: TrainOutcome
     out_dir: Path
+    model_dir: Path
+
+    def assert_the_loss_halved(self, checkpoints: list[int]) -> None:
+        """The mean loss over the last 20 steps is under half that of the first 20; the run saved
+        `checkpoints`, its sample at the last one, and a LoRA of the transformer's layers only."""
+        losses = self.outcome.losses
+        first, last = sum(losses[:20]) / 20, sum(losses[-20:]) / 20
+        assert last < 0.5 * first, (first, last)
+        assert [step for step, _ in self.outcome.checkpoints] == checkpoints
+        assert (self.out_dir / "samples" / f"step-{checkpoints[-1]:06d}-0.png").is_file()
+        keys = load_file(self.outcome.final_checkpoint)
+        assert keys and all(k.startswith("transformer.") for k in keys)
+
+    def assert_the_lora_pulls_generations_toward(self, image, prompt: str, **render) -> None:
+        """`prompt`'s 20-step generation (seed 0, fp32 on the CPU) with the LoRA at strength 1 lies
+        under half as far from `image`'s latents as without it (strength 0)."""
+        at_zero, at_one = latent_distances_to_image(self.model_dir, self.outcome.final_checkpoint, image, prompt,
+                                                    strengths=(0.0, 1.0), seed=0, steps=20, precision="fp32",
+                                                    device="cpu", **render)
+        assert at_one < 0.5 * at_zero, (at_zero, at_one)
 
 
 def overfit_one_image(model_dir, dataset, out_dir, *, steps: int, targets: Sequence[str], prompt: str,
@@ -88,62 +109,7 @@ def overfit_one_image(model_dir, dataset, out_dir, *, steps: int, targets: Seque
     cfg = TrainConfig(resolution=64, max_steps=steps, learning_rate=learning_rate, rank=16, alpha=16,
                       target_modules=[*targets, "proj_out"], checkpoint_every=steps // 2, sample_every=steps,
                       sample_prompts=[prompt], sample_steps=2, seed=0, **settings)
-    return OverfitRun(train(cfg, model_dir, dataset, out_dir), out_dir)
-
-
-def assert_the_loss_halved(run: OverfitRun, checkpoints: list[int]) -> None:
-    """The run's mean loss over its last 20 steps is under half that of its first 20; it saved
-    `checkpoints`, its sample at the last one, and a LoRA of the transformer's layers only."""
-    losses = run.outcome.losses
-    first, last = sum(losses[:20]) / 20, sum(losses[-20:]) / 20
-    assert last < 0.5 * first, (first, last)
-    assert [step for step, _ in run.outcome.checkpoints] == checkpoints
-    assert (run.out_dir / "samples" / f"step-{checkpoints[-1]:06d}-0.png").is_file()
-    keys = load_file(run.outcome.final_checkpoint)
-    assert keys and all(k.startswith("transformer.") for k in keys)
-
-
-def assert_the_lora_pulls_generations_toward(model_dir, lora, image, prompt: str, **render) -> None:
-    """`prompt`'s 20-step generation (seed 0, fp32 on the CPU) with `lora` at strength 1 lies under half
-    as far from `image`'s latents as without it (strength 0)."""
-    at_zero, at_one = latent_distances_to_image(model_dir, lora, image, prompt, strengths=(0.0, 1.0), seed=0,
-                                                steps=20, precision="fp32", device="cpu", **render)
-    assert at_one < 0.5 * at_zero, (at_zero, at_one)
-
-
-def add_random_lora(transformer, targets: Sequence[str], scale: float, generator=None) -> None:
-    """A rank-4 LoRA (alpha 8) on `targets` whose B matrices are random (a fresh LoRA's are zero): one
-    that changes the output, to see that a file carries it."""
-    add_lora(transformer, TrainConfig(rank=4, alpha=8.0, target_modules=list(targets)))
-    generator = generator or torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, param in transformer.named_parameters():
-            if "lora_B" in name:
-                param.copy_(torch.randn(param.shape, generator=generator) * scale)
-
-
-def render_latents(pipe, lora: Path | None, text_width: int, size: int = 64, **text) -> torch.Tensor:
-    """Two seeded steps of `pipe` at guidance 1 on seeded random text embeddings `text_width` wide, as
-    latents, with the LoRA file `lora` loaded (None: the base model) and unloaded after."""
-    if lora is not None:
-        pipe.load_lora_weights(lora, adapter_name="trained")
-    embeds = torch.randn(1, 8, text_width, generator=torch.Generator().manual_seed(1))
-    latents = pipe(prompt_embeds=embeds, guidance_scale=1.0, height=size, width=size, num_inference_steps=2,
-                   output_type="latent", generator=torch.Generator().manual_seed(0), **text).images
-    if lora is not None:
-        pipe.unload_lora_weights()
-    return latents
-
-
-def assert_the_kohya_file_renders_as_the_diffusers_file(render: Callable[[Path | None], torch.Tensor], lora_dir: Path,
-                                                        kohya_name: str, *, changes_by: float,
-                                                        tolerance: float) -> None:
-    """The LoRA saved in `lora_dir` changes `render`'s latents by more than `changes_by`, and its kohya
-    file renders as its diffusers file within `tolerance`."""
-    base, from_peft = render(None), render(lora_dir / LORA_WEIGHTS_NAME)
-    from_kohya = render(lora_dir / kohya_name)
-    assert (from_peft - base).abs().max() > changes_by
-    torch.testing.assert_close(from_kohya, from_peft, atol=tolerance, rtol=tolerance)
+    return OverfitRun(train(cfg, model_dir, dataset, out_dir), out_dir, model_dir)
 
 
 # A quick run through gRPC: 4 steps of 64 px, checkpoints at steps 2 and 4.

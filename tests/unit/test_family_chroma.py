@@ -11,18 +11,14 @@ from pathlib import Path
 import pytest
 import torch
 from diffusers import ChromaPipeline, ChromaTransformer2DModel, FlowMatchEulerDiscreteScheduler
+from lora_file_support import add_random_lora, assert_the_kohya_file_renders_as_the_diffusers_file, render_latents
 from safetensors import safe_open
+from training_support import CIRCLE_CAPTION as CAPTION
 from training_support import (
-    CIRCLE_CAPTION,
-    add_random_lora,
     assert_a_cached_run_repeats_the_run_that_wrote_it,
     assert_resume_repeats_the_run,
-    assert_the_kohya_file_renders_as_the_diffusers_file,
-    assert_the_lora_pulls_generations_toward,
-    assert_the_loss_halved,
     overfit_one_image,
     quick,
-    render_latents,
     train,
 )
 
@@ -33,8 +29,6 @@ from fluxlora.training.trainer import LORA_WEIGHTS_NAME
 from fluxlora.training.trainer.checkpoint import ADAPTER_NAME, save_lora
 from fluxlora.training.trainer.config import ATTENTION_AND_MLP_TARGETS
 from fluxlora.training.trainer.targets import TARGET_PRESETS
-
-CAPTION = CIRCLE_CAPTION
 
 
 @pytest.fixture(scope="module")
@@ -65,12 +59,11 @@ def overfit(tiny_chroma_dir, circle, tmp_path_factory):
 
 
 def test_loss_falls_when_overfitting_one_image(overfit):
-    assert_the_loss_halved(overfit, checkpoints=[100, 200])
+    overfit.assert_the_loss_halved(checkpoints=[100, 200])
 
 
-def test_the_lora_pulls_chroma_generations_toward_the_training_image(overfit, tiny_chroma_dir, circle):
-    assert_the_lora_pulls_generations_toward(tiny_chroma_dir, overfit.outcome.final_checkpoint,
-                                             circle / "circle.png", CAPTION)
+def test_the_lora_pulls_chroma_generations_toward_the_training_image(overfit, circle):
+    overfit.assert_the_lora_pulls_generations_toward(circle / "circle.png", CAPTION)
 
 
 def test_resuming_repeats_the_uninterrupted_run(tiny_chroma_dir, two_shapes, tmp_path):

@@ -12,13 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 from diffusers import Flux2Pipeline
-from training_support import (
-    CIRCLE_CAPTION,
-    assert_resume_repeats_the_run,
-    assert_the_lora_pulls_generations_toward,
-    assert_the_loss_halved,
-    overfit_one_image,
-)
+from training_support import CIRCLE_CAPTION as CAPTION
+from training_support import assert_resume_repeats_the_run, overfit_one_image
 from training_support import quick_flux2 as quick
 
 from fluxlora.models.families import FLUX2_DEV, detect_family_in, family_for_model, get_family, planning_family
@@ -26,8 +21,6 @@ from fluxlora.models.families.flux2 import FLUX2_ALL_LINEAR_TARGETS
 from fluxlora.models.latents import image_to_pixels
 from fluxlora.models.loading import load_flux_pipeline
 from fluxlora.models.tiny_family import write_tiny_family
-
-CAPTION = CIRCLE_CAPTION
 
 
 @pytest.fixture(scope="module")
@@ -118,10 +111,9 @@ def overfit(dev_dir, circle, tmp_path_factory):
 
 @pytest.mark.slow  # the 150-step run: 36 s on an idle 2-core machine, 3-5 min on a busy one
 def test_loss_falls_when_overfitting_one_image(overfit):
-    assert_the_loss_halved(overfit, checkpoints=[75, 150])
+    overfit.assert_the_loss_halved(checkpoints=[75, 150])
 
 
 @pytest.mark.slow  # the 150-step run: 36 s on an idle 2-core machine, 3-5 min on a busy one
-def test_the_lora_pulls_dev_generations_toward_the_training_image(overfit, dev_dir, circle):
-    assert_the_lora_pulls_generations_toward(dev_dir, overfit.outcome.final_checkpoint, circle / "circle.png",
-                                             CAPTION, guidance=1.0)
+def test_the_lora_pulls_dev_generations_toward_the_training_image(overfit, circle):
+    overfit.assert_the_lora_pulls_generations_toward(circle / "circle.png", CAPTION, guidance=1.0)

@@ -12,18 +12,14 @@ from pathlib import Path
 import pytest
 import torch
 from diffusers import Flux2KleinPipeline, Flux2Pipeline
+from lora_file_support import add_random_lora, assert_the_kohya_file_renders_as_the_diffusers_file, render_latents
 from safetensors import safe_open
 from safetensors.torch import load_file
+from training_support import CIRCLE_CAPTION as CAPTION
 from training_support import (
-    CIRCLE_CAPTION,
-    add_random_lora,
     assert_a_cached_run_repeats_the_run_that_wrote_it,
     assert_resume_repeats_the_run,
-    assert_the_kohya_file_renders_as_the_diffusers_file,
-    assert_the_lora_pulls_generations_toward,
-    assert_the_loss_halved,
     overfit_one_image,
-    render_latents,
 )
 from training_support import quick_flux2 as quick
 
@@ -38,8 +34,6 @@ from fluxlora.training.trainer.config import ATTENTION_AND_MLP_TARGETS, DEFAULT_
 from fluxlora.training.trainer.kohya import kohya_state_dict
 from fluxlora.training.trainer.lora import add_lora
 from fluxlora.training.trainer.timesteps import sample_sigmas
-
-CAPTION = CIRCLE_CAPTION
 
 
 @pytest.fixture(scope="module")
@@ -112,13 +106,12 @@ def overfit(klein_dir, circle, tmp_path_factory):
 
 @pytest.mark.slow  # the 150-step run: about 90 s of CPU
 def test_loss_falls_when_overfitting_one_image(overfit):
-    assert_the_loss_halved(overfit, checkpoints=[75, 150])
+    overfit.assert_the_loss_halved(checkpoints=[75, 150])
 
 
 @pytest.mark.slow  # the 150-step run: about 90 s of CPU
-def test_the_lora_pulls_klein_generations_toward_the_training_image(overfit, klein_dir, circle):
-    assert_the_lora_pulls_generations_toward(klein_dir, overfit.outcome.final_checkpoint, circle / "circle.png",
-                                             CAPTION, guidance=1.0)
+def test_the_lora_pulls_klein_generations_toward_the_training_image(overfit, circle):
+    overfit.assert_the_lora_pulls_generations_toward(circle / "circle.png", CAPTION, guidance=1.0)
 
 
 def test_resuming_repeats_the_uninterrupted_run(klein_dir, two_shapes, tmp_path):

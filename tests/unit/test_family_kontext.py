@@ -16,8 +16,6 @@ from PIL import Image
 from training_support import (
     assert_a_cached_run_repeats_the_run_that_wrote_it,
     assert_resume_repeats_the_run,
-    assert_the_lora_pulls_generations_toward,
-    assert_the_loss_halved,
     overfit_one_image,
     quick,
     train,
@@ -94,14 +92,13 @@ def overfit(tiny_kontext_dir, pair, tmp_path_factory):
 
 @pytest.mark.slow  # 200 steps
 def test_loss_falls_when_overfitting_one_pair(overfit):
-    assert_the_loss_halved(overfit, checkpoints=[100, 200])
+    overfit.assert_the_loss_halved(checkpoints=[100, 200])
 
 
 @pytest.mark.slow  # the 200-step run
-def test_the_lora_edits_the_control_image_toward_the_target_in_flux_kontext_pipeline(overfit, tiny_kontext_dir,
-                                                                                      pair):
-    assert_the_lora_pulls_generations_toward(tiny_kontext_dir, overfit.outcome.final_checkpoint, pair / "edit.png",
-                                             INSTRUCTION, guidance=1.0, control=pair / "control" / "edit.png")
+def test_the_lora_edits_the_control_image_toward_the_target_in_flux_kontext_pipeline(overfit, pair):
+    overfit.assert_the_lora_pulls_generations_toward(pair / "edit.png", INSTRUCTION, guidance=1.0,
+                                                     control=pair / "control" / "edit.png")
 
 
 def test_resuming_repeats_the_uninterrupted_run(tiny_kontext_dir, make_dataset, shape_image, tmp_path):
