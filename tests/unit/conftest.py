@@ -65,3 +65,10 @@ def circle(make_dataset, shape_image) -> Path:
 
     return make_dataset({"circle": (shape_image((64, 64), "red"), CIRCLE_CAPTION)})
 
+
+
+@pytest.fixture
+def two_shapes(make_dataset, shape_image) -> Path:
+    """A 64 px red circle captioned "a red circle" and a blue square captioned "a blue square"."""
+    return make_dataset({"red": (shape_image((64, 64), "red"), "a red circle"),
+                         "blue": (shape_image((64, 64), "blue", "rectangle"), "a blue square")})

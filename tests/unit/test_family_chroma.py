@@ -11,22 +11,24 @@ from pathlib import Path
 import pytest
 import torch
 from diffusers import ChromaPipeline, ChromaTransformer2DModel, FlowMatchEulerDiscreteScheduler
+from lora_file_support import add_random_lora, assert_the_kohya_file_renders_as_the_diffusers_file, render_latents
 from safetensors import safe_open
-from safetensors.torch import load_file
-from training_support import CIRCLE_CAPTION, quick, train
+from training_support import CIRCLE_CAPTION as CAPTION
+from training_support import (
+    assert_a_cached_run_repeats_the_run_that_wrote_it,
+    assert_resume_repeats_the_run,
+    overfit_one_image,
+    quick,
+    train,
+)
 
-from fluxlora.evaluation.render import latent_distances_to_image
 from fluxlora.models.families import CHROMA, FLUX1_DEV, detect_family_in, family_for_model
 from fluxlora.models.loading import load_flux_pipeline
 from fluxlora.models.tiny_chroma import write_tiny_chroma
-from fluxlora.training.trainer import LORA_WEIGHTS_NAME, TrainCallbacks, TrainConfig, train_lora
+from fluxlora.training.trainer import LORA_WEIGHTS_NAME
 from fluxlora.training.trainer.checkpoint import ADAPTER_NAME, save_lora
 from fluxlora.training.trainer.config import ATTENTION_AND_MLP_TARGETS
-from fluxlora.training.trainer.encoding_cache import load_encodings
-from fluxlora.training.trainer.lora import add_lora
 from fluxlora.training.trainer.targets import TARGET_PRESETS
-
-CAPTION = CIRCLE_CAPTION
 
 
 @pytest.fixture(scope="module")
@@ -52,41 +54,21 @@ def test_a_named_family_that_disagrees_with_the_model_names_the_folder_and_the_f
 
 @pytest.fixture(scope="module")
 def overfit(tiny_chroma_dir, circle, tmp_path_factory):
-    cfg = TrainConfig(resolution=64, max_steps=200, learning_rate=1e-3, rank=16, alpha=16,
-                      target_modules=[*ATTENTION_AND_MLP_TARGETS, "proj_out"], checkpoint_every=100,
-                      sample_every=200, sample_prompts=[CAPTION], sample_steps=2, seed=0)
-    out_dir = tmp_path_factory.mktemp("chroma-run")
-    return train(cfg, tiny_chroma_dir, circle, out_dir), out_dir
+    return overfit_one_image(tiny_chroma_dir, circle, tmp_path_factory.mktemp("chroma-run"), steps=200,
+                             targets=ATTENTION_AND_MLP_TARGETS, prompt=CAPTION)
 
 
 def test_loss_falls_when_overfitting_one_image(overfit):
-    outcome, out_dir = overfit
-    first, last = sum(outcome.losses[:20]) / 20, sum(outcome.losses[-20:]) / 20
-    assert last < 0.5 * first, (first, last)
-    assert [step for step, _ in outcome.checkpoints] == [100, 200]
-    assert (out_dir / "samples" / "step-000200-0.png").is_file()
-    keys = load_file(outcome.final_checkpoint)
-    assert keys and all(k.startswith("transformer.") for k in keys)
+    overfit.assert_the_loss_halved(checkpoints=[100, 200])
 
 
-def test_the_lora_pulls_chroma_generations_toward_the_training_image(overfit, tiny_chroma_dir, circle):
-    outcome, _ = overfit
-    at_zero, at_one = latent_distances_to_image(tiny_chroma_dir, outcome.final_checkpoint, circle / "circle.png",
-                                                CAPTION, strengths=(0.0, 1.0), seed=0, steps=20, precision="fp32",
-                                                device="cpu")
-    assert at_one < 0.5 * at_zero, (at_zero, at_one)
+def test_the_lora_pulls_chroma_generations_toward_the_training_image(overfit, circle):
+    overfit.assert_the_lora_pulls_generations_toward(circle / "circle.png", CAPTION)
 
 
-def test_resuming_repeats_the_uninterrupted_run(tiny_chroma_dir, make_dataset, shape_image, tmp_path):
-    dataset = make_dataset({"red": (shape_image((64, 64), "red"), "a red circle"),
-                            "blue": (shape_image((64, 64), "blue", "rectangle"), "a blue square")})
+def test_resuming_repeats_the_uninterrupted_run(tiny_chroma_dir, two_shapes, tmp_path):
     cfg = quick(max_steps=6, checkpoint_every=3, lr_scheduler="cosine", caption_dropout=0.3)
-    whole = train(cfg, tiny_chroma_dir, dataset, tmp_path / "whole")
-    resumed = train(cfg, tiny_chroma_dir, dataset, tmp_path / "resumed",
-                    resume_from=tmp_path / "whole/checkpoints/step-000003")
-    assert resumed.losses == whole.losses
-    a, b = load_file(whole.final_checkpoint), load_file(resumed.final_checkpoint)
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert_resume_repeats_the_run(cfg, tiny_chroma_dir, two_shapes, tmp_path)
 
 
 def test_the_comfyui_file_renders_as_the_diffusers_file_through_chroma_pipeline(tiny_chroma_dir, tmp_path):
@@ -95,41 +77,24 @@ def test_the_comfyui_file_renders_as_the_diffusers_file_through_chroma_pipeline(
     targets = [r"transformer_blocks\.0\.(attn\.(to_q|to_k|to_v|add_q_proj|add_k_proj|add_v_proj|to_out\.0|to_add_out)"
                r"|ff\.net\.(0\.proj|2)|ff_context\.net\.(0\.proj|2))", r"single_transformer_blocks\.0\.proj_out"]
     pipe = load_flux_pipeline(tiny_chroma_dir, "cpu", torch.float32)
-    add_lora(pipe.transformer, TrainConfig(rank=4, alpha=8.0, target_modules=targets))
-    generator = torch.Generator().manual_seed(0)
-    for name, param in pipe.transformer.named_parameters():
-        if "lora_B" in name:  # a fresh LoRA's B is zero: make it matter
-            param.data = torch.randn(param.shape, generator=generator) * 0.2
+    add_random_lora(pipe.transformer, targets, scale=0.2)
     save_lora(pipe.transformer, tmp_path, kohya_name="chroma-step-000001.safetensors")
     with safe_open(tmp_path / "chroma-step-000001.safetensors", "pt") as kohya:  # tools sort LoRAs by this
         assert kohya.metadata()["ss_base_model_version"] == "chroma"
 
-    def render(lora: Path | None) -> torch.Tensor:
-        fresh = load_flux_pipeline(tiny_chroma_dir, "cpu", torch.float32)
-        if lora is not None:
-            fresh.load_lora_weights(lora, adapter_name="trained")
-        text = torch.Generator().manual_seed(1)
-        return fresh(prompt_embeds=torch.randn(1, 8, 32, generator=text), prompt_attention_mask=torch.ones(1, 8),
-                     guidance_scale=1.0, height=64, width=64, num_inference_steps=2, output_type="latent",
-                     generator=torch.Generator().manual_seed(0)).images
+    def render(lora: Path | None) -> torch.Tensor:  # a fresh pipeline each time
+        return render_latents(load_flux_pipeline(tiny_chroma_dir, "cpu", torch.float32), lora, text_width=32,
+                              prompt_attention_mask=torch.ones(1, 8))
 
-    base, from_peft = render(None), render(tmp_path / LORA_WEIGHTS_NAME)
-    from_kohya = render(tmp_path / "chroma-step-000001.safetensors")
-    assert (from_peft - base).abs().max() > 0.1
-    torch.testing.assert_close(from_kohya, from_peft, atol=1e-5, rtol=1e-5)
+    assert_the_kohya_file_renders_as_the_diffusers_file(render, tmp_path, "chroma-step-000001.safetensors",
+                                                        changes_by=0.1, tolerance=1e-5)
 
 
 def test_a_run_from_the_encoding_cache_trains_as_the_run_that_wrote_it(tiny_chroma_dir, circle, tmp_path):
-    cache = tmp_path / "encodings.safetensors"
-    first = train(quick(), tiny_chroma_dir, circle, tmp_path / "a", encoding_cache=cache)
-    stored = load_encodings(cache, circle)
+    stored = assert_a_cached_run_repeats_the_run_that_wrote_it(quick(), tiny_chroma_dir, circle, tmp_path)
     assert stored.samples[0].text.mask is not None and stored.samples[0].text.pooled.numel() == 0
     # Chroma attends to the caption's tokens and the first padding token only.
     assert stored.samples[0].text.mask.sum() == len(CAPTION.split()) + 2  # words, </s>, one pad
-    encoded_again = []
-    second = train_lora(quick(), tiny_chroma_dir, circle, tmp_path / "b",
-                        TrainCallbacks(on_encoded=encoded_again.append), device="cpu", encoding_cache=cache)
-    assert encoded_again == [] and second.losses == first.losses
 
 
 @pytest.mark.slow  # a 0.5B-parameter shallow transformer
@@ -159,11 +124,7 @@ def test_both_files_give_the_same_output_at_chroma_s_real_widths(preset, tmp_pat
                 txt_ids=torch.zeros(8, 3), return_dict=False)[0]
 
     base = run()
-    add_lora(transformer, TrainConfig(rank=4, alpha=8.0, target_modules=TARGET_PRESETS[preset]))
-    with torch.no_grad():
-        for name, param in transformer.named_parameters():
-            if "lora_B" in name:  # a fresh LoRA's B is zero: make it matter
-                param.copy_(torch.randn(param.shape, generator=generator) * 0.05)
+    add_random_lora(transformer, TARGET_PRESETS[preset], scale=0.05, generator=generator)
     trained = run()
     save_lora(transformer, tmp_path, kohya_name="chroma.safetensors")
     transformer.delete_adapters(ADAPTER_NAME)

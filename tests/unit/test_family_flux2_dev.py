@@ -12,19 +12,15 @@ from pathlib import Path
 import pytest
 import torch
 from diffusers import Flux2Pipeline
-from safetensors.torch import load_file
-from training_support import CIRCLE_CAPTION, assert_resume_repeats_the_run, train
+from training_support import CIRCLE_CAPTION as CAPTION
+from training_support import assert_resume_repeats_the_run, overfit_one_image
 from training_support import quick_flux2 as quick
 
-from fluxlora.evaluation.render import latent_distances_to_image
 from fluxlora.models.families import FLUX2_DEV, detect_family_in, family_for_model, get_family, planning_family
 from fluxlora.models.families.flux2 import FLUX2_ALL_LINEAR_TARGETS
 from fluxlora.models.latents import image_to_pixels
 from fluxlora.models.loading import load_flux_pipeline
 from fluxlora.models.tiny_family import write_tiny_family
-from fluxlora.training.trainer import TrainConfig
-
-CAPTION = CIRCLE_CAPTION
 
 
 @pytest.fixture(scope="module")
@@ -98,38 +94,26 @@ def test_the_image_latents_compare_with_what_the_pipeline_returns(dev_dir, shape
     assert target.shape == out.shape == (1, 256, 16)
 
 
-def test_resuming_repeats_the_uninterrupted_run(dev_dir, make_dataset, shape_image, tmp_path):
+def test_resuming_repeats_the_uninterrupted_run(dev_dir, two_shapes, tmp_path):
     cfg = quick(max_steps=6, checkpoint_every=3, lr_scheduler="cosine", caption_dropout=0.3,
                 timestep_sampling="flux_shift")
-    assert_resume_repeats_the_run(cfg, dev_dir, make_dataset, shape_image, tmp_path)
+    assert_resume_repeats_the_run(cfg, dev_dir, two_shapes, tmp_path)
 
 
 @pytest.fixture(scope="module")
 def overfit(dev_dir, circle, tmp_path_factory):
     # As klein's: every linear layer of the blocks and the final layer; guidance 1.0 in training
     # and in the renders below.
-    cfg = TrainConfig(resolution=64, max_steps=150, learning_rate=2e-3, rank=16, alpha=16, guidance=1.0,
-                      target_modules=[*FLUX2_ALL_LINEAR_TARGETS, "proj_out"], checkpoint_every=75, sample_every=150,
-                      sample_prompts=[CAPTION], sample_steps=2, seed=0, max_sequence_length=64)
-    out_dir = tmp_path_factory.mktemp("dev-run")
-    return train(cfg, dev_dir, circle, out_dir), out_dir
+    return overfit_one_image(dev_dir, circle, tmp_path_factory.mktemp("dev-run"), steps=150,
+                             targets=FLUX2_ALL_LINEAR_TARGETS, prompt=CAPTION, learning_rate=2e-3, guidance=1.0,
+                             max_sequence_length=64)
 
 
 @pytest.mark.slow  # the 150-step run: 36 s on an idle 2-core machine, 3-5 min on a busy one
 def test_loss_falls_when_overfitting_one_image(overfit):
-    outcome, out_dir = overfit
-    first, last = sum(outcome.losses[:20]) / 20, sum(outcome.losses[-20:]) / 20
-    assert last < 0.5 * first, (first, last)
-    assert [step for step, _ in outcome.checkpoints] == [75, 150]
-    assert (out_dir / "samples" / "step-000150-0.png").is_file()
-    keys = load_file(outcome.final_checkpoint)
-    assert keys and all(k.startswith("transformer.") for k in keys)
+    overfit.assert_the_loss_halved(checkpoints=[75, 150])
 
 
 @pytest.mark.slow  # the 150-step run: 36 s on an idle 2-core machine, 3-5 min on a busy one
-def test_the_lora_pulls_dev_generations_toward_the_training_image(overfit, dev_dir, circle):
-    outcome, _ = overfit
-    at_zero, at_one = latent_distances_to_image(dev_dir, outcome.final_checkpoint, circle / "circle.png",
-                                                CAPTION, strengths=(0.0, 1.0), seed=0, steps=20, guidance=1.0,
-                                                precision="fp32", device="cpu")
-    assert at_one < 0.5 * at_zero, (at_zero, at_one)
+def test_the_lora_pulls_dev_generations_toward_the_training_image(overfit, circle):
+    overfit.assert_the_lora_pulls_generations_toward(circle / "circle.png", CAPTION, guidance=1.0)

@@ -12,25 +12,28 @@ from pathlib import Path
 import pytest
 import torch
 from diffusers import Flux2KleinPipeline, Flux2Pipeline
+from lora_file_support import add_random_lora, assert_the_kohya_file_renders_as_the_diffusers_file, render_latents
 from safetensors import safe_open
 from safetensors.torch import load_file
-from training_support import CIRCLE_CAPTION, assert_resume_repeats_the_run, train
+from training_support import CIRCLE_CAPTION as CAPTION
+from training_support import (
+    assert_a_cached_run_repeats_the_run_that_wrote_it,
+    assert_resume_repeats_the_run,
+    overfit_one_image,
+)
 from training_support import quick_flux2 as quick
 
-from fluxlora.evaluation.render import latent_distances_to_image
 from fluxlora.models.families import FLUX2_KLEIN, detect_family_in, family_for_model
 from fluxlora.models.families.flux2 import FLUX2_ALL_LINEAR_TARGETS
 from fluxlora.models.latents import image_to_pixels
 from fluxlora.models.loading import load_flux_pipeline
 from fluxlora.models.tiny_family import write_tiny_family
-from fluxlora.training.trainer import LORA_WEIGHTS_NAME, TrainConfig, train_lora
+from fluxlora.training.trainer import TrainConfig
 from fluxlora.training.trainer.checkpoint import save_lora
 from fluxlora.training.trainer.config import ATTENTION_AND_MLP_TARGETS, DEFAULT_TARGETS
 from fluxlora.training.trainer.kohya import kohya_state_dict
 from fluxlora.training.trainer.lora import add_lora
 from fluxlora.training.trainer.timesteps import sample_sigmas
-
-CAPTION = CIRCLE_CAPTION
 
 
 @pytest.fixture(scope="module")
@@ -96,46 +99,30 @@ def test_presets_name_exactly_flux2s_modules(klein_dir):
 def overfit(klein_dir, circle, tmp_path_factory):
     # Every linear layer of the blocks and the final layer, as the Chroma test trains: a tiny model
     # overfits in 150 steps.
-    cfg = TrainConfig(resolution=64, max_steps=150, learning_rate=2e-3, rank=16, alpha=16,
-                      target_modules=[*FLUX2_ALL_LINEAR_TARGETS, "proj_out"], checkpoint_every=75, sample_every=150,
-                      sample_prompts=[CAPTION], sample_steps=2, seed=0, max_sequence_length=64)
-    out_dir = tmp_path_factory.mktemp("klein-run")
-    return train(cfg, klein_dir, circle, out_dir), out_dir
+    return overfit_one_image(klein_dir, circle, tmp_path_factory.mktemp("klein-run"), steps=150,
+                             targets=FLUX2_ALL_LINEAR_TARGETS, prompt=CAPTION, learning_rate=2e-3,
+                             max_sequence_length=64)
 
 
 @pytest.mark.slow  # the 150-step run: about 90 s of CPU
 def test_loss_falls_when_overfitting_one_image(overfit):
-    outcome, out_dir = overfit
-    first, last = sum(outcome.losses[:20]) / 20, sum(outcome.losses[-20:]) / 20
-    assert last < 0.5 * first, (first, last)
-    assert [step for step, _ in outcome.checkpoints] == [75, 150]
-    assert (out_dir / "samples" / "step-000150-0.png").is_file()
-    keys = load_file(outcome.final_checkpoint)
-    assert keys and all(k.startswith("transformer.") for k in keys)
+    overfit.assert_the_loss_halved(checkpoints=[75, 150])
 
 
 @pytest.mark.slow  # the 150-step run: about 90 s of CPU
-def test_the_lora_pulls_klein_generations_toward_the_training_image(overfit, klein_dir, circle):
-    outcome, _ = overfit
-    at_zero, at_one = latent_distances_to_image(klein_dir, outcome.final_checkpoint, circle / "circle.png",
-                                                CAPTION, strengths=(0.0, 1.0), seed=0, steps=20, guidance=1.0,
-                                                precision="fp32", device="cpu")
-    assert at_one < 0.5 * at_zero, (at_zero, at_one)
+def test_the_lora_pulls_klein_generations_toward_the_training_image(overfit, circle):
+    overfit.assert_the_lora_pulls_generations_toward(circle / "circle.png", CAPTION, guidance=1.0)
 
 
-def test_resuming_repeats_the_uninterrupted_run(klein_dir, make_dataset, shape_image, tmp_path):
+def test_resuming_repeats_the_uninterrupted_run(klein_dir, two_shapes, tmp_path):
     cfg = quick(max_steps=6, checkpoint_every=3, lr_scheduler="cosine", caption_dropout=0.3,
                 timestep_sampling="flux_shift")
-    assert_resume_repeats_the_run(cfg, klein_dir, make_dataset, shape_image, tmp_path)
+    assert_resume_repeats_the_run(cfg, klein_dir, two_shapes, tmp_path)
 
 
 def test_the_comfyui_file_renders_as_the_diffusers_file_through_klein_pipeline(klein_dir, tmp_path):
     pipe = load_flux_pipeline(klein_dir, "cpu", torch.float32)
-    add_lora(pipe.transformer, TrainConfig(rank=4, alpha=8.0, target_modules=ATTENTION_AND_MLP_TARGETS))
-    generator = torch.Generator().manual_seed(0)
-    for name, param in pipe.transformer.named_parameters():
-        if "lora_B" in name:  # a fresh LoRA's B is zero: make it matter
-            param.data = torch.randn(param.shape, generator=generator) * 0.2
+    add_random_lora(pipe.transformer, ATTENTION_AND_MLP_TARGETS, scale=0.2)
     save_lora(pipe.transformer, tmp_path, kohya_name="klein-step-000001.safetensors")
     kohya = load_file(tmp_path / "klein-step-000001.safetensors")
     with safe_open(tmp_path / "klein-step-000001.safetensors", "pt") as handle:
@@ -148,18 +135,11 @@ def test_the_comfyui_file_renders_as_the_diffusers_file_through_klein_pipeline(k
                                    "double_blocks_0_txt_mlp_0", "double_blocks_0_txt_mlp_2",
                                    "single_blocks_0_linear1", "single_blocks_0_linear2")}
 
-    def render(lora: Path | None) -> torch.Tensor:
-        fresh = load_flux_pipeline(klein_dir, "cpu", torch.float32)
-        if lora is not None:
-            fresh.load_lora_weights(lora, adapter_name="trained")
-        text = torch.Generator().manual_seed(1)
-        return fresh(prompt_embeds=torch.randn(1, 8, 48, generator=text), guidance_scale=1.0, height=64, width=64,
-                     num_inference_steps=2, output_type="latent", generator=torch.Generator().manual_seed(0)).images
+    def render(lora: Path | None) -> torch.Tensor:  # a fresh pipeline each time
+        return render_latents(load_flux_pipeline(klein_dir, "cpu", torch.float32), lora, text_width=48)
 
-    base, from_peft = render(None), render(tmp_path / LORA_WEIGHTS_NAME)
-    from_kohya = render(tmp_path / "klein-step-000001.safetensors")
-    assert (from_peft - base).abs().max() > 0.1
-    torch.testing.assert_close(from_kohya, from_peft, atol=1e-5, rtol=1e-5)
+    assert_the_kohya_file_renders_as_the_diffusers_file(render, tmp_path, "klein-step-000001.safetensors",
+                                                        changes_by=0.1, tolerance=1e-5)
 
 
 def test_a_module_without_a_kohya_name_is_named_in_the_error(klein_dir):
@@ -189,42 +169,15 @@ def test_both_files_give_the_same_latents_at_klein_s_real_widths(preset, klein_d
             **{**TINY_FLUX2_TRANSFORMER, "num_attention_heads": 24, "attention_head_dim": 128,
                "axes_dims_rope": (32, 32, 32, 32), "timestep_guidance_channels": 256},
             joint_attention_dim=48, guidance_embeds=False).requires_grad_(False).eval()
-    add_lora(pipe.transformer, TrainConfig(rank=4, alpha=8.0, target_modules=TARGET_PRESETS[preset]))
-    generator = torch.Generator().manual_seed(0)
-    for name, param in pipe.transformer.named_parameters():
-        if "lora_B" in name:
-            param.data = torch.randn(param.shape, generator=generator) * 0.02
+    add_random_lora(pipe.transformer, TARGET_PRESETS[preset], scale=0.02)
     save_lora(pipe.transformer, tmp_path, kohya_name="klein.safetensors")
     pipe.transformer.delete_adapters(ADAPTER_NAME)
-
-    def render(lora: Path | None) -> torch.Tensor:
-        if lora is not None:
-            pipe.load_lora_weights(lora, adapter_name="trained")
-        text = torch.Generator().manual_seed(1)
-        latents = pipe(prompt_embeds=torch.randn(1, 8, 48, generator=text), guidance_scale=1.0, height=32, width=32,
-                       num_inference_steps=2, output_type="latent",
-                       generator=torch.Generator().manual_seed(0)).images
-        if lora is not None:
-            pipe.unload_lora_weights()
-        return latents
-
-    base, from_peft = render(None), render(tmp_path / LORA_WEIGHTS_NAME)
-    from_kohya = render(tmp_path / "klein.safetensors")
-    assert (from_peft - base).abs().max() > 0.01
-    torch.testing.assert_close(from_kohya, from_peft, atol=1e-4, rtol=1e-4)
+    assert_the_kohya_file_renders_as_the_diffusers_file(lambda lora: render_latents(pipe, lora, text_width=48, size=32),
+                                                        tmp_path, "klein.safetensors", changes_by=0.01, tolerance=1e-4)
 
 
 def test_a_run_from_the_encoding_cache_trains_as_the_run_that_wrote_it(klein_dir, circle, tmp_path):
-    from fluxlora.training.trainer import TrainCallbacks
-    from fluxlora.training.trainer.encoding_cache import load_encodings
-
-    cache = tmp_path / "encodings.safetensors"
-    first = train(quick(), klein_dir, circle, tmp_path / "a", encoding_cache=cache)
-    stored = load_encodings(cache, circle)
+    stored = assert_a_cached_run_repeats_the_run_that_wrote_it(quick(), klein_dir, circle, tmp_path)
     text = stored.samples[0].text
     assert text.mask is None and text.pooled.numel() == 0 and text.prompt_embeds.shape == (64, 48)
     assert stored.text_ids.shape == (64, 4)
-    encoded_again = []
-    second = train_lora(quick(), klein_dir, circle, tmp_path / "b", TrainCallbacks(on_encoded=encoded_again.append),
-                        device="cpu", encoding_cache=cache)
-    assert encoded_again == [] and second.losses == first.losses

@@ -13,16 +13,18 @@ import pytest
 import torch
 from diffusers import FluxKontextPipeline
 from PIL import Image
-from safetensors.torch import load_file
-from training_support import quick, train
+from training_support import (
+    assert_a_cached_run_repeats_the_run_that_wrote_it,
+    assert_resume_repeats_the_run,
+    overfit_one_image,
+    quick,
+    train,
+)
 
-from fluxlora.evaluation.render import latent_distances_to_image
 from fluxlora.models.families import FLUX1_DEV, KONTEXT, detect_family_in, family_for_model
 from fluxlora.models.loading import load_flux_pipeline
 from fluxlora.models.tiny_kontext import write_tiny_kontext
-from fluxlora.training.trainer import TrainCallbacks, TrainConfig, train_lora
 from fluxlora.training.trainer.config import ATTENTION_AND_MLP_TARGETS
-from fluxlora.training.trainer.encoding_cache import load_encodings
 from fluxlora.training.trainer.step import flow_matching_loss
 
 INSTRUCTION = "make the blue square a red circle"
@@ -40,10 +42,6 @@ def pair(make_dataset, shape_image) -> Path:
     (dataset / "control").mkdir()
     shape_image((64, 64), "blue", "rectangle").save(dataset / "control" / "edit.png")
     return dataset
-
-
-
-
 
 
 def test_the_family_is_detected_from_the_model(tiny_kontext_dir):
@@ -88,32 +86,19 @@ def test_a_kontext_run_refuses_a_dataset_without_control_images(tiny_kontext_dir
 
 @pytest.fixture(scope="module")
 def overfit(tiny_kontext_dir, pair, tmp_path_factory):
-    cfg = TrainConfig(resolution=64, max_steps=200, learning_rate=1e-3, rank=16, alpha=16,
-                      target_modules=[*ATTENTION_AND_MLP_TARGETS, "proj_out"], checkpoint_every=100,
-                      sample_every=200, sample_prompts=[INSTRUCTION], sample_steps=2, guidance=1.0, seed=0)
-    out_dir = tmp_path_factory.mktemp("kontext-run")
-    return train(cfg, tiny_kontext_dir, pair, out_dir), out_dir
+    return overfit_one_image(tiny_kontext_dir, pair, tmp_path_factory.mktemp("kontext-run"), steps=200,
+                             targets=ATTENTION_AND_MLP_TARGETS, prompt=INSTRUCTION, guidance=1.0)
 
 
 @pytest.mark.slow  # 200 steps
 def test_loss_falls_when_overfitting_one_pair(overfit):
-    outcome, out_dir = overfit
-    first, last = sum(outcome.losses[:20]) / 20, sum(outcome.losses[-20:]) / 20
-    assert last < 0.5 * first, (first, last)
-    assert [step for step, _ in outcome.checkpoints] == [100, 200]
-    assert (out_dir / "samples" / "step-000200-0.png").is_file()
-    keys = load_file(outcome.final_checkpoint)
-    assert keys and all(k.startswith("transformer.") for k in keys)
+    overfit.assert_the_loss_halved(checkpoints=[100, 200])
 
 
 @pytest.mark.slow  # the 200-step run
-def test_the_lora_edits_the_control_image_toward_the_target_in_flux_kontext_pipeline(overfit, tiny_kontext_dir,
-                                                                                      pair):
-    outcome, _ = overfit
-    at_zero, at_one = latent_distances_to_image(tiny_kontext_dir, outcome.final_checkpoint, pair / "edit.png",
-                                                INSTRUCTION, strengths=(0.0, 1.0), seed=0, steps=20, guidance=1.0,
-                                                precision="fp32", device="cpu", control=pair / "control" / "edit.png")
-    assert at_one < 0.5 * at_zero, (at_zero, at_one)
+def test_the_lora_edits_the_control_image_toward_the_target_in_flux_kontext_pipeline(overfit, pair):
+    overfit.assert_the_lora_pulls_generations_toward(pair / "edit.png", INSTRUCTION, guidance=1.0,
+                                                     control=pair / "control" / "edit.png")
 
 
 def test_resuming_repeats_the_uninterrupted_run(tiny_kontext_dir, make_dataset, shape_image, tmp_path):
@@ -123,26 +108,15 @@ def test_resuming_repeats_the_uninterrupted_run(tiny_kontext_dir, make_dataset, 
     shape_image((64, 64), "green").save(dataset / "control" / "red.png")
     shape_image((64, 64), "green", "rectangle").save(dataset / "control" / "blue.jpg")
     cfg = quick(max_steps=6, checkpoint_every=3, lr_scheduler="cosine", caption_dropout=0.3)
-    whole = train(cfg, tiny_kontext_dir, dataset, tmp_path / "whole")
-    resumed = train(cfg, tiny_kontext_dir, dataset, tmp_path / "resumed",
-                    resume_from=tmp_path / "whole/checkpoints/step-000003")
-    assert resumed.losses == whole.losses
-    a, b = load_file(whole.final_checkpoint), load_file(resumed.final_checkpoint)
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert_resume_repeats_the_run(cfg, tiny_kontext_dir, dataset, tmp_path)
 
 
 def test_the_encoding_cache_keeps_the_control_latents(tiny_kontext_dir, pair, tmp_path):
-    cache = tmp_path / "encodings.safetensors"
-    first = train(quick(), tiny_kontext_dir, pair, tmp_path / "a", encoding_cache=cache)
-    stored = load_encodings(cache, pair)
+    stored = assert_a_cached_run_repeats_the_run_that_wrote_it(quick(), tiny_kontext_dir, pair, tmp_path)
     sample = stored.samples[0]
     assert sample.pair.control == pair / "control" / "edit.png"
     assert sample.control_latents is not None and sample.control_latents.shape == sample.latents.shape
     assert not torch.equal(sample.control_latents, sample.latents)
-    encoded_again = []
-    second = train_lora(quick(), tiny_kontext_dir, pair, tmp_path / "b",
-                        TrainCallbacks(on_encoded=encoded_again.append), device="cpu", encoding_cache=cache)
-    assert encoded_again == [] and second.losses == first.losses
 
 
 def test_samples_edit_the_first_control_image(tiny_kontext_dir, pair, tmp_path, monkeypatch):
