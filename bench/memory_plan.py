@@ -10,10 +10,11 @@ planner (no weights, no GPU).
 The full-size configs are models/families/configs.py's (`fluxlora models write-config`). FLUX.2's
 attention LoRA also covers its single blocks' fused layers (Family.attention_targets).
 
-Each planned mode runs one fake training step (~5 s on one core); block swapping is arithmetic on
-top of a fake step, so its rows cost nothing more. Totals include the planner's fixed CUDA
-overhead; "step" is the fake step's own peak and "weights" the resident parameters. Batch 1, 512
-text tokens, LoRA on to_q/to_k/to_v/to_out.0 unless told otherwise.
+Each planned mode runs one fake training step (three shallow ones extrapolated to the full depth,
+~2-4 s on one core); block swapping is arithmetic on top of a fake step, so its rows cost nothing
+more. Totals include the planner's fixed CUDA overhead; "step" is the fake step's own peak and
+"weights" the resident parameters. Batch 1, 512 text tokens, LoRA on to_q/to_k/to_v/to_out.0 unless
+told otherwise.
 """
 
 from __future__ import annotations

@@ -3,7 +3,15 @@
 The transformer is built on the meta device (no weights), given the run's LoRA by the trainer's
 own prepare_transformer, its parameters turned into FakeTensors, and the trainer's own
 flow_matching_loss / backward / apply_gradients run under FakeTensorMode while LiveBytes counts
-the storages alive. Takes ~5 s for the full FLUX.1 on one CPU core and ~0.5 GB of RAM.
+the storages alive.
+
+Every block of a kind adds the same bytes to a step (its weights, LoRA, gradients, optimizer state
+and the activations it keeps for the backward pass), so the step is measured on a model PROBE_BLOCKS
+blocks deep and on one a block deeper of each kind, and the full depth extrapolated from the
+differences, phase by phase (forward+backward, optimizer). The result is the full model's fake step
+to the byte (tests/unit/test_memory_depth.py; bench/memory_plan.py --check-depth on full-size
+models) at a fraction of its cost: ~3 s instead of ~10-14 s for FLUX.1 on one loaded CPU core, which
+matters because a submit waits for its plan.
 
 Fakes live on the CPU device: faking "cuda" tensors without CUDA kills the process in autograd.
 CPU SDPA picks the flash kernel for unmasked bf16 attention, which, like CUDA's flash and
@@ -12,10 +20,11 @@ memory-efficient kernels, never stores the L x L score matrix, so attention cost
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 import types
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -25,11 +34,15 @@ from fluxlora.models.base_layers import BLOCK_LISTS
 from fluxlora.models.families import planning_family
 from fluxlora.training.memory.architecture import ModelShape
 from fluxlora.training.memory.live_bytes import CUDA_BLOCK_BYTES, LiveBytes
+from fluxlora.training.memory.segments import labelled_segments
 from fluxlora.training.trainer.config import TrainConfig
 from fluxlora.training.trainer.lora import prepare_transformer
 from fluxlora.training.trainer.step import HALF_PRECISION, apply_gradients, flow_matching_loss, make_optimizer
 
 log = logging.getLogger(__name__)
+
+PROBE_BLOCKS = 2  # of each kind in the shallowest probe; depth beyond is extrapolated
+_DEPTHS = ("num_layers", "num_single_layers")  # the transformer config's block counts
 
 
 @dataclass(frozen=True)
@@ -42,14 +55,61 @@ class StepMemory:
     single_block_bytes: int  # frozen weights of one single-stream block
     seconds: float  # time the fake step took
     trainable_bytes: int = 0  # the LoRA parameters (fp32), which optimizer state is counted per
+    parts: dict[str, int] = field(default_factory=dict)  # the peak of each part of the step (segments.py)
 
 
-def measure_step(shape: ModelShape, cfg: TrainConfig, dtype: torch.dtype,
-                 round_to: int = CUDA_BLOCK_BYTES) -> StepMemory:
+def measure_step(shape: ModelShape, cfg: TrainConfig, dtype: torch.dtype, round_to: int = CUDA_BLOCK_BYTES,
+                 probe_blocks: int | None = PROBE_BLOCKS) -> StepMemory:
     """Peak live bytes of one training step of `cfg` (square images at cfg.resolution, the
-    largest bucket) on the architecture `shape`, base weights in `dtype`."""
+    largest bucket) on the architecture `shape`, base weights in `dtype`. probe_blocks=None runs
+    the whole depth (what the extrapolation is checked against)."""
     started = time.perf_counter()
-    transformer = _meta_transformer(shape, dtype)
+    depths = {key: int(shape.transformer.get(key, 0)) for key in _DEPTHS}
+    probe = {key: depth if probe_blocks is None else min(depth, probe_blocks) for key, depth in depths.items()}
+    base = _probe_step(shape, probe, cfg, dtype, round_to)
+    total = base
+    for key, depth in depths.items():
+        if depth > probe[key]:
+            deeper = _probe_step(shape, {**probe, key: probe[key] + 1}, cfg, dtype, round_to)
+            total = total.plus_blocks(base, deeper, depth - probe[key])
+    seconds = time.perf_counter() - started
+    log.debug("fake step of %s at %d: peak %.2f GiB in %.1f s", cfg.base_quantization, cfg.resolution,
+              total.peak / 2**30, seconds)
+    return StepMemory(total.peak, total.weight_bytes, base.double_block_bytes, base.single_block_bytes, seconds,
+                      total.trainable_bytes, total.peaks)
+
+
+@dataclass(frozen=True)
+class _Probe:
+    """One fake step's bytes: the peak of each part of the step (segments.py) apart, so that every
+    figure is affine in the number of blocks of each kind."""
+
+    peaks: dict[str, int]
+    weight_bytes: int
+    trainable_bytes: int
+    double_block_bytes: int
+    single_block_bytes: int
+
+    @property
+    def peak(self) -> int:
+        return max(self.peaks.values())
+
+    def plus_blocks(self, base: _Probe, deeper: _Probe, blocks: int) -> _Probe:
+        """This step with `blocks` more of the kind `deeper` has one more of than `base`."""
+        def more(mine: int, name: str) -> int:
+            return mine + blocks * (getattr(deeper, name) - getattr(base, name))
+
+        # The parts of this step's are the landmarks: a part only the deeper probe has (a middle block) is not.
+        peaks = {part: peak + blocks * (deeper.peaks[part] - base.peaks[part]) for part, peak in self.peaks.items()}
+        return _Probe(peaks, more(self.weight_bytes, "weight_bytes"), more(self.trainable_bytes, "trainable_bytes"),
+                      self.double_block_bytes, self.single_block_bytes)
+
+
+def _probe_step(shape: ModelShape, depths: dict[str, int], cfg: TrainConfig, dtype: torch.dtype,
+                round_to: int) -> _Probe:
+    """The fake step of `shape` cut to `depths` blocks of each kind."""
+    shallow = dataclasses.replace(shape, transformer={**shape.transformer, **depths})
+    transformer = _meta_transformer(shallow, dtype)
     # 8-bit base layers included (the trainer's own FrozenLinear); swapped blocks are the planner's arithmetic.
     prepare_transformer(transformer, cfg.model_copy(update={"blocks_to_swap": 0}))
     if dtype in HALF_PRECISION:
@@ -59,7 +119,7 @@ def measure_step(shape: ModelShape, cfg: TrainConfig, dtype: torch.dtype,
     tracker = LiveBytes(round_to)
     _to_fake(transformer, fake_mode)
     params = [p for p in transformer.parameters() if p.requires_grad]  # the fake ones
-    with fake_mode, tracker:
+    with fake_mode, tracker, labelled_segments(transformer, tracker) as phase:
         for tensor in (*transformer.parameters(), *transformer.buffers()):
             tracker.track(tensor)
         weight_bytes = tracker.live
@@ -78,15 +138,14 @@ def measure_step(shape: ModelShape, cfg: TrainConfig, dtype: torch.dtype,
         inputs = step_inputs(shape, cfg, dtype)
         # Editing families carry a control image as large as the target: twice the image tokens.
         control = torch.zeros_like(inputs[0]) if family.takes_control_image else None
+        phase.forward()
         loss = flow_matching_loss(transformer, *inputs, cfg.guidance, dtype, family=family, control=control)
+        phase.backward()
         loss.backward()
+        phase.optimizer()
         apply_gradients(params, optimizer, scaler, cfg.max_grad_norm)
-        peak = tracker.peak
-    seconds = time.perf_counter() - started
-    log.debug("fake step of %s at %d: peak %.2f GiB in %.1f s", cfg.base_quantization, cfg.resolution,
-              peak / 2**30, seconds)
-    return StepMemory(peak, weight_bytes, blocks["transformer_blocks"], blocks["single_transformer_blocks"], seconds,
-                      trainable_bytes)
+    return _Probe(dict(tracker.peaks), weight_bytes, trainable_bytes, blocks["transformer_blocks"],
+                  blocks["single_transformer_blocks"])
 
 
 def _meta_transformer(shape: ModelShape, dtype: torch.dtype) -> torch.nn.Module:

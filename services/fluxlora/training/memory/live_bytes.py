@@ -27,6 +27,18 @@ class LiveBytes(TorchDispatchMode):
         self.live = 0
         self.peak = 0
         self._sizes: dict[int, int] = {}
+        self._label = ""
+        self.peaks: dict[str, int] = {}  # the peak of each labelled part (segments.py), once labels are set
+
+    @property
+    def label(self) -> str:
+        return self._label
+
+    @label.setter
+    def label(self, value: str) -> None:
+        """File the bytes from here on under `value`; a part starts with what is alive when it begins."""
+        self._label = value
+        self.peaks[value] = max(self.peaks.get(value, 0), self.live)
 
     def track(self, tensor: torch.Tensor) -> int:
         """Count `tensor`'s storage if it is new; returns the bytes it accounts for."""
@@ -41,6 +53,8 @@ class LiveBytes(TorchDispatchMode):
         self._sizes[key] = size
         self.live += size
         self.peak = max(self.peak, self.live)
+        if self._label:
+            self.peaks[self._label] = max(self.peaks[self._label], self.live)
         weakref.finalize(storage, self._release, key, size)
         return size
 

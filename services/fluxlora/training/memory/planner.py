@@ -1,7 +1,8 @@
 """Will a training run fit the GPU? Estimate its peak memory before any weight is loaded, and
 when it does not fit, find the option changes that would make it fit.
 
-peak = one fake training step of the configured architecture (fake_step.measure_step, cached)
+peak = one fake training step of the configured architecture (fake_step.measure_step: measured on
+         a model two or three blocks deep and extrapolated to the full depth, part by part; cached)
        - the weights of swapped-out blocks + one block in flight (block swapping, by arithmetic)
        + CUDA_OVERHEAD_GIB (CUDA context, cuBLAS workspaces, allocator fragmentation: memory a
          fake run cannot see; 1-3 GB in published figures, 1.5 GiB taken here).
@@ -31,7 +32,7 @@ log = logging.getLogger(__name__)
 CUDA_OVERHEAD_GIB = 1.5
 GIB = 2**30
 # Bumped whenever measure_step changes what it counts: stale cached estimates are then ignored.
-PLANNER_VERSION = 4
+PLANNER_VERSION = 5
 _DTYPES = {"auto": torch.bfloat16, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 # The config fields that change a step's memory; the others (learning rate, steps...) do not.
 _MEMORY_FIELDS = ("resolution", "batch_size", "rank", "target_modules", "precision", "gradient_checkpointing",
