@@ -7,6 +7,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import sys
+import time
 
 import pytest
 from safetensors import safe_open
@@ -158,6 +159,28 @@ def test_plan_training_answers_whether_1024_fits_a_24gib_card_without_queueing(
     out = capsys.readouterr().out
     assert "fits" in out and "does not fit" not in out and "GiB" in out
     assert client.list_jobs("training") == []
+
+
+@pytest.mark.parametrize("store", ["local"], indirect=True)
+def test_a_submit_waits_for_a_plan_slower_than_the_clients_timeout(captioned, tiny_models, monkeypatch):
+    """A busy server plans slowly (fake steps queue behind other clients'): the SDK gives the calls
+    that plan their own allowance on top of its timeout, so they are answered, not cut off."""
+    from fluxlora.training.memory import planner
+
+    measure = planner.measure_step
+
+    def slow_measure(*args, **kwargs):
+        time.sleep(1.5)
+        return measure(*args, **kwargs)
+
+    monkeypatch.setattr(planner, "measure_step", slow_measure)
+    client, dataset_id = captioned
+    client.timeout = 0.5
+    assert client.plan_training(str(tiny_models["flux"]), resolution=64, rank=3).fits
+    job = client.train(dataset_id, base_model=str(tiny_models["flux"]), resolution=64, rank=5, max_steps=1)
+    assert job.job_id.startswith("trn-")
+    client.timeout = 60
+    client.wait(job.job_id)
 
 
 @pytest.mark.parametrize("store", ["local"], indirect=True)

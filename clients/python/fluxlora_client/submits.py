@@ -15,6 +15,11 @@ from fluxlora_client import uploads
 from fluxlora_client.connection import ServiceConnections
 from fluxlora_client.errors import FluxloraClientError
 
+# A training submit or plan is answered once the server has planned the run's GPU memory: a few fake
+# training steps on its CPU (seconds each, longer on a loaded server), queued behind other clients'
+# plans. Those calls get this much longer than the client's timeout.
+PLANNING_ALLOWANCE_S = 240.0
+
 
 class JobSubmits(ServiceConnections):
     def preprocess(self, source_prefix: str, base_size: int = 0, crop_mode: str = "", lora_type: str = "",
@@ -61,7 +66,7 @@ class JobSubmits(ServiceConnections):
         spec = _spec(training_pb2.TrainSpec, dataset_id=dataset_id, base_model=base_model, **options)
         request = training_pb2.SubmitTrainingRequest(spec=spec, request_id=request_id or _new_id(),
                                    webhook_urls=list(webhook_urls))
-        return self._call(self._training.SubmitTraining, request)
+        return self._call(self._training.SubmitTraining, request, self.timeout + PLANNING_ALLOWANCE_S)
 
     def resume_training(self, run_id: str, request_id: str | None = None, *, webhook_urls: Sequence[str] = (),
                         **options: Any) -> jobs_pb2.Job:
@@ -71,7 +76,7 @@ class JobSubmits(ServiceConnections):
         spec = training_pb2.TrainSpec(resume_from_run=run_id, **options)
         request = training_pb2.SubmitTrainingRequest(spec=spec, request_id=request_id or _new_id(),
                                    webhook_urls=list(webhook_urls))
-        return self._call(self._training.SubmitTraining, request)
+        return self._call(self._training.SubmitTraining, request, self.timeout + PLANNING_ALLOWANCE_S)
 
     def plan_training(self, base_model: str = "", target_gib: float = 0.0, dataset_id: str = "",
                       **options: Any) -> training_pb2.TrainingPlan:
@@ -80,7 +85,7 @@ class JobSubmits(ServiceConnections):
         target) and, if not, the option changes that would. Options are TrainSpec fields."""
         spec = _spec(training_pb2.TrainSpec, dataset_id=dataset_id, base_model=base_model, **options)
         request = training_pb2.PlanTrainingRequest(spec=spec, target_gib=target_gib)
-        return self._call(self._training.PlanTraining, request)
+        return self._call(self._training.PlanTraining, request, self.timeout + PLANNING_ALLOWANCE_S)
 
     def evaluate(self, run_id: str, strengths: list[float] | None = None, request_id: str | None = None, *,
                  webhook_urls: Sequence[str] = (), **options: Any) -> jobs_pb2.Job:
