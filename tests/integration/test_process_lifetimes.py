@@ -151,6 +151,7 @@ class Up:
                 os.killpg(self.process.pid, signal.SIGKILL)
 
 
+@pytest.mark.slow
 def test_fluxlora_up_stops_every_server_on_sigterm(tmp_path):
     up = Up(tmp_path, free_ports())
     servers = up.ready()
@@ -161,6 +162,7 @@ def test_fluxlora_up_stops_every_server_on_sigterm(tmp_path):
         assert "shutting down gracefully" in (up.logs / f"{name}.log").read_text(), name
 
 
+@pytest.mark.slow
 def test_fluxlora_up_names_a_server_that_died_and_a_second_up_finds_the_ports_taken(tmp_path):
     base = free_ports()
     up = Up(tmp_path, base)

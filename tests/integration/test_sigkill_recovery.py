@@ -93,6 +93,7 @@ def test_a_killed_preprocessing_server_finds_its_running_and_queued_jobs_again(s
     client.close()
 
 
+@pytest.mark.slow
 def test_a_killed_training_server_resumes_the_run_from_its_last_checkpoint(tmp_path, photos, tiny_models,
                                                                           processes):
     store = LocalStore(tmp_path / "store")
@@ -164,6 +165,7 @@ def kill_mid_stage(server: ServiceProcess, client: FluxloraClient, job: jobs_pb2
     assert stored_state(server.store, server.service, job.job_id) == S.JOB_STATE_RUNNING
 
 
+@pytest.mark.slow
 def test_a_killed_captioning_server_captions_the_dataset_again_once(tmp_path, tiny_models, processes):
     store = LocalStore(tmp_path / "store")
     stems = store_dataset(store, "ds-sigkill000001", count=24)
@@ -195,6 +197,7 @@ def test_a_killed_captioning_server_captions_the_dataset_again_once(tmp_path, ti
     client.close()
 
 
+@pytest.mark.slow
 def test_a_killed_evaluation_server_renders_the_grid_again_once(tmp_path, tiny_models, processes):
     from fluxlora.evaluation.tiny_models import store_random_run
 

@@ -113,6 +113,7 @@ def test_a_run_on_an_8bit_base_trains_and_saves_a_full_precision_lora(kind, tiny
     assert not any("base_layer" in key for key in saved)
 
 
+@pytest.mark.slow
 def test_compiled_blocks_compute_the_eager_step():
     """compile_blocks fuses each block's elementwise work (1.6x on an H100); it must not change the step."""
     pipe = build_tiny_flux(guidance_embeds=True)

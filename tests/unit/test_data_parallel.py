@@ -70,6 +70,7 @@ def test_two_processes_equal_one_process_at_the_same_global_batch(tiny_flux_dir,
     assert any(not torch.equal(parallel[k], single[k] * 0) for k in single)  # it trained: B is not zero
 
 
+@pytest.mark.slow
 def test_an_interrupted_two_process_run_resumes_exactly(tiny_flux_dir, dataset, two_by_one, tmp_path):
     whole, whole_out = two_by_one
     # Rank 0 alone asks to stop: both ranks end at the same step, and rank 0 keeps a checkpoint.
