@@ -20,7 +20,7 @@ from fluxlora.common import keys
 from fluxlora.common.limits import check_caption_lengths
 from fluxlora.common.models import resolve_model
 from fluxlora.domain.archives import ARCHIVE_SUFFIXES, is_archive
-from fluxlora.domain.datasets import is_pair_dataset
+from fluxlora.domain.datasets import is_pair_dataset, stored_controls
 from fluxlora.jobs.context import JobContext, JobInterrupted
 from fluxlora_api.shared.errors import FailedPrecondition, InvalidArgument
 from fluxlora_api.v1 import captioning_pb2 as pb
@@ -211,20 +211,20 @@ def _import_captioner(ctx: JobContext, spec: pb.CaptionSpec):
 
 
 def _pairs(ctx: JobContext, dataset_id: str, targets: list[Path]) -> list[tuple[Path, Path]]:
-    """(before, after) local paths: each training image with its control image (keys.dataset_controls,
-    the same file name), downloaded beside it."""
-    prefix = keys.dataset_controls(dataset_id)
-    stored = {o.key[len(prefix):] for o in ctx.store.list(prefix)}
+    """(before, after) local paths: each training image with its control image (the same file name),
+    downloaded beside it."""
+    stored = stored_controls(ctx.store, dataset_id)
     missing = sorted(t.name for t in targets if t.name not in stored)
     if missing:
         raise FailedPrecondition(
-            f"dataset {dataset_id!r} is an editing dataset, but {prefix} lacks the before image(s) of "
-            f"{', '.join(missing[:20])}{' and more' if len(missing) > 20 else ''}: preprocess the pairs again"
+            f"dataset {dataset_id!r} is an editing dataset, but {keys.dataset_controls(dataset_id)} lacks the "
+            f"before image(s) of {', '.join(missing[:20])}{' and more' if len(missing) > 20 else ''}: preprocess "
+            "the pairs again"
         )
     pairs = []
     for i, target in enumerate(targets, 1):
         ctx.check_cancelled()
-        pairs.append((ctx.store.get_file(prefix + target.name, ctx.scratch / "control" / target.name), target))
+        pairs.append((ctx.store.get_file(stored[target.name], ctx.scratch / "control" / target.name), target))
         ctx.progress("downloading before images", i, len(targets), "image")
     return pairs
 

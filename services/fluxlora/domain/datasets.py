@@ -40,3 +40,10 @@ def is_pair_dataset(store: ArtifactStore, dataset_id: str) -> bool:
     """Whether the dataset is an editing dataset of before/after pairs (its manifest says "paired")."""
     key = keys.dataset_manifest(dataset_id)
     return store.exists(key) and bool(store.get_json(key).get("paired"))
+
+
+def stored_controls(store: ArtifactStore, dataset_id: str) -> dict[str, str]:
+    """An editing dataset's control (before) images by the file name of the training image each
+    belongs to (the same name under keys.dataset_controls): their store keys; {} for other datasets."""
+    prefix = keys.dataset_controls(dataset_id)
+    return {info.key[len(prefix):]: info.key for info in store.list(prefix)}

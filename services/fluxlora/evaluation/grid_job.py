@@ -13,6 +13,7 @@ from PIL import Image
 
 from fluxlora.common import keys
 from fluxlora.common.models import resolve_model
+from fluxlora.domain.datasets import stored_controls
 from fluxlora.domain.runs import select_checkpoints
 from fluxlora.evaluation import heldout, scoring
 from fluxlora.evaluation.grid import compose_grid, format_step, format_strength, page_rows
@@ -163,12 +164,12 @@ def _dataset_images(ctx: JobContext, run: dict, spec: pb.GridSpec) -> Dataset:
 
 
 def _control_images(ctx: JobContext, dataset_id: str, stems: list[str]) -> dict[str, Image.Image]:
-    """The control (before) images of `stems` in an editing dataset (datasets/<id>/control/<stem>.png),
-    by stem; {} for a dataset without them. The probe of an editing LoRA edits them, as training did."""
+    """The control (before) images of `stems` in an editing dataset, by stem; {} for a dataset without
+    them. The probe of an editing LoRA edits them, as training did."""
     if not stems:
         return {}
-    prefix = keys.dataset_controls(dataset_id)
-    by_stem = {Path(o.key).stem: o.key for o in ctx.store.list(prefix) if Path(o.key).suffix.lower() in IMAGE_SUFFIXES}
+    by_stem = {Path(name).stem: key for name, key in stored_controls(ctx.store, dataset_id).items()
+               if Path(name).suffix.lower() in IMAGE_SUFFIXES}
     controls = {}
     for stem in stems:
         if stem in by_stem:
