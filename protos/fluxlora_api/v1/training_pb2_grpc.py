@@ -56,6 +56,9 @@ class TrainingServiceServicer:
         is refused with RESOURCE_EXHAUSTED, the estimate and the options that would fit in the message.
         Behind Kueue, a run asking for more GPUs (gpus x nodes) than any flavor of the ClusterQueue can
         ever give is refused with FAILED_PRECONDITION (PlanTraining too), naming the queue and its quota.
+        The memory check runs before the answer: a few seconds per memory mode tried for a model not yet
+        planned (cached after), longer on a loaded server, so give this call and PlanTraining a deadline of
+        minutes (the Python SDK adds 240 s to its timeout for both).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -38,6 +38,9 @@ class TrainingServiceStub:
     is refused with RESOURCE_EXHAUSTED, the estimate and the options that would fit in the message.
     Behind Kueue, a run asking for more GPUs (gpus x nodes) than any flavor of the ClusterQueue can
     ever give is refused with FAILED_PRECONDITION (PlanTraining too), naming the queue and its quota.
+    The memory check runs before the answer: a few seconds per memory mode tried for a model not yet
+    planned (cached after), longer on a loaded server, so give this call and PlanTraining a deadline of
+    minutes (the Python SDK adds 240 s to its timeout for both).
     """
     PlanTraining: _grpc.UnaryUnaryMultiCallable[_training_pb2.PlanTrainingRequest, _training_pb2.TrainingPlan]
     """Estimates a run's peak GPU memory on the CPU in seconds (no weights loaded, nothing queued)
@@ -53,6 +56,9 @@ class TrainingServiceAsyncStub(TrainingServiceStub):
     is refused with RESOURCE_EXHAUSTED, the estimate and the options that would fit in the message.
     Behind Kueue, a run asking for more GPUs (gpus x nodes) than any flavor of the ClusterQueue can
     ever give is refused with FAILED_PRECONDITION (PlanTraining too), naming the queue and its quota.
+    The memory check runs before the answer: a few seconds per memory mode tried for a model not yet
+    planned (cached after), longer on a loaded server, so give this call and PlanTraining a deadline of
+    minutes (the Python SDK adds 240 s to its timeout for both).
     """
     PlanTraining: _aio.UnaryUnaryMultiCallable[_training_pb2.PlanTrainingRequest, _training_pb2.TrainingPlan]  # type: ignore[assignment]
     """Estimates a run's peak GPU memory on the CPU in seconds (no weights loaded, nothing queued)
@@ -71,6 +77,9 @@ class TrainingServiceServicer(metaclass=_abc_1.ABCMeta):
         is refused with RESOURCE_EXHAUSTED, the estimate and the options that would fit in the message.
         Behind Kueue, a run asking for more GPUs (gpus x nodes) than any flavor of the ClusterQueue can
         ever give is refused with FAILED_PRECONDITION (PlanTraining too), naming the queue and its quota.
+        The memory check runs before the answer: a few seconds per memory mode tried for a model not yet
+        planned (cached after), longer on a loaded server, so give this call and PlanTraining a deadline of
+        minutes (the Python SDK adds 240 s to its timeout for both).
         """
 
     @_abc_1.abstractmethod
