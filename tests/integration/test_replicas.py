@@ -53,6 +53,8 @@ def lease_owners(store: ArtifactStore, job_id: str) -> list[str]:
     return [store.get_json(info.key)["owner"] for info in store.list(f"jobs/leases/preprocessing/{job_id}/")]
 
 
+# Over S3 (moto) it takes ~25 s: the slow tier; the local store runs it in the fast one.
+@pytest.mark.parametrize("store", ["local", pytest.param("s3", marks=pytest.mark.slow)], indirect=True)
 def test_a_replica_killed_mid_job_loses_nothing_and_its_watcher_continues_on_the_other(store, tmp_path, processes):
     a, b = replica("replica-a", store, tmp_path), replica("replica-b", store, tmp_path)
     processes += [a.start(), b.start()]
