@@ -14,7 +14,9 @@ are the module's state_dict keys and its shapes at the released params:
   fluxlora.models.families.configs FULL_SIZE["flux2-klein"] (diffusers' convert_flux2_to_diffusers.py
   "klein-4b"). Klein has no guidance embedding: BFL's later model.py builds guidance_in only when
   Flux2Params.use_guidance_embed; a model.py without that field (as at ab7cca6) builds it always, so
-  its guidance_in.* tensors are dropped here and the layout's "note" says so.
+  its guidance_in.* tensors are dropped here and the layout's "note" says so. (Ports of BFL's later
+  model.py give Klein4BParams the same sizes: 7680 context, 3072 wide, 24 heads, 5 + 20 blocks,
+  mlp_ratio 3, use_guidance_embed False.)
 
 Nothing of BFL's is copied into this repository: the script imports their modules from checkouts
 given on the command line and writes names and shapes only (bf16, as published). To rerun:
