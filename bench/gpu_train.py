@@ -44,7 +44,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "services"))
 
 from fluxlora.models.families import Family, planning_family  # noqa: E402
-from fluxlora.models.families.configs import FULL_SIZE  # noqa: E402
+from fluxlora.models.families.configs import FULL_SIZE, full_size_family  # noqa: E402
 from fluxlora.training.memory.architecture import ModelShape, read_model_shape, shape_from_configs  # noqa: E402
 from fluxlora.training.memory.fake_step import step_inputs  # noqa: E402
 from fluxlora.training.memory.planner import MemoryPlanner  # noqa: E402
@@ -59,7 +59,9 @@ from fluxlora.training.trainer.step import (  # noqa: E402
 )
 
 GIB = 2**30
-FAMILIES = tuple(FULL_SIZE)
+# One full-size config per family, its first released size (FLUX.2 [klein] 4B, not the 9B: its rows would be
+# labelled by family, and the default run must fit an H100's eight minutes).
+FAMILIES = tuple(name for name in FULL_SIZE if full_size_family(name) == name)
 MODES = {  # name: (base_quantization, gradient_checkpointing, compiled blocks, blocks_to_swap)
     "bf16": ("none", False, False, 0),
     "bf16+ckpt": ("none", True, False, 0),

@@ -1,14 +1,15 @@
 """Estimated peak GPU memory of training a LoRA on a full-size transformer (FLUX.1-dev by default,
-or any family with --family), per resolution and memory mode, computed on the CPU by the memory
+or any full-size config with --family), per resolution and memory mode, computed on the CPU by the memory
 planner (no weights, no GPU).
 
-    .venv/bin/python bench/memory_plan.py [--family flux1-dev|flux1-kontext|chroma|flux2-dev|flux2-klein]
+    .venv/bin/python bench/memory_plan.py [--family flux1-dev|flux1-kontext|chroma|flux2-dev|flux2-klein|...]
                                           [--modes "bf16 + checkpointing,..."]
                                           [--resolutions 512,768,1024] [--rank 16] [--batch-size 1]
                                           [--target-gib 24] [--json out.json]
 
-The full-size configs are models/families/configs.py's (`fluxlora models write-config`). FLUX.2's
-attention LoRA also covers its single blocks' fused layers (Family.attention_targets).
+--family takes any full-size config of models/families/configs.py (`fluxlora models write-config`): a
+family, or a family's other size such as flux2-klein-9b. FLUX.2's attention LoRA also covers its
+single blocks' fused layers (Family.attention_targets).
 
 Each planned mode runs one fake training step (three shallow ones extrapolated to the full depth,
 ~2-4 s on one core); block swapping is arithmetic on top of a fake step, so its rows cost nothing
@@ -25,7 +26,7 @@ import sys
 import time
 
 from fluxlora.models.families import planning_family
-from fluxlora.models.families.configs import FULL_SIZE
+from fluxlora.models.families.configs import FULL_SIZE, full_size_family
 from fluxlora.training.memory import CUDA_OVERHEAD_GIB, MemoryPlanner
 from fluxlora.training.memory.architecture import shape_from_configs
 from fluxlora.training.trainer.config import TrainConfig
@@ -56,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     modes = {name: MODES[name] for name in args.modes.split(",")}
     pipeline, transformer, vae = FULL_SIZE[args.family]
     shape = shape_from_configs(transformer, vae, {"_class_name": pipeline})
-    targets = planning_family(args.family).attention_targets
+    targets = planning_family(full_size_family(args.family)).attention_targets
     extra = {"target_modules": list(targets)} if targets else {}
 
     planner = MemoryPlanner()

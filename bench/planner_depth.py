@@ -3,9 +3,9 @@ side in one run: seconds each, the speed-up, and whether the estimates agree.
 
     .venv/bin/python bench/planner_depth.py [--families flux1-dev,chroma,...] [--resolution 512]
 
-For every family's full-size config (models/families/configs.py) and a few memory modes: the
-planner's estimate (measure_step, PROBE_BLOCKS-deep probes, extrapolated part by part) and the
-whole model's fake step (probe_blocks=None). The peak columns are GiB; "diff" is in bytes.
+For every full-size config (models/families/configs.py: each family's, FLUX.2 [klein] 9B's too) and
+a few memory modes: the planner's estimate (measure_step, PROBE_BLOCKS-deep probes, extrapolated
+part by part) and the whole model's fake step (probe_blocks=None). The peak columns are GiB; "diff" is in bytes.
 """
 
 from __future__ import annotations

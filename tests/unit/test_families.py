@@ -1,6 +1,6 @@
 """The model families: named or detected from a model's files, a named one that disagrees with the
-model refused with the fix, and each family's full-size config written without weights and
-planned by the memory planner."""
+model refused with the fix, and each family's full-size configs (one per released size: FLUX.2
+[klein] 4B and 9B) written without weights and planned by the memory planner."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from fluxlora.models.families import (
     detect_family_in,
     planning_family,
 )
-from fluxlora.models.families.configs import FULL_SIZE, write_config
+from fluxlora.models.families.configs import FULL_SIZE, full_size_family, write_config
 from fluxlora.training.memory import MemoryPlanner, read_model_shape
 from fluxlora.training.trainer import TrainConfig
 
@@ -31,12 +31,23 @@ TINY_BY_CLASS = {
 }
 
 
-@pytest.mark.parametrize("family", FULL_SIZE)
-def test_each_family_is_detected_from_its_model_index(family, tmp_path):
-    write_config(family, tmp_path)
-    assert detect_family_in(tmp_path) == family
+@pytest.mark.parametrize("name", FULL_SIZE)
+def test_each_full_size_config_is_detected_as_its_family_from_its_model_index(name, tmp_path):
+    write_config(name, tmp_path)
+    assert detect_family_in(tmp_path) == full_size_family(name)
     index = json.loads((tmp_path / "model_index.json").read_text())
-    assert not any(tmp_path.rglob("*.safetensors")) and index["transformer"][1] == FULL_SIZE[family][1]["_class_name"]
+    assert not any(tmp_path.rglob("*.safetensors")) and index["transformer"][1] == FULL_SIZE[name][1]["_class_name"]
+
+
+def test_every_family_has_a_full_size_config_and_every_size_belongs_to_one():
+    """A family's own name is its first released size; another size is named after its family."""
+    assert set(FAMILY_NAMES) <= set(FULL_SIZE)
+    for name in FULL_SIZE:
+        family = full_size_family(name)
+        assert family in FAMILY_NAMES and (name == family or name.startswith(f"{family}-"))
+    assert full_size_family("flux2-klein-9b") == "flux2-klein"
+    with pytest.raises(ValueError, match="no full-size config named 'flux2-klein-12b': use one of flux1-dev, "):
+        full_size_family("flux2-klein-12b")
 
 
 def test_the_transformer_class_decides_when_model_index_says_nothing():
@@ -54,7 +65,6 @@ def test_a_named_family_must_agree_with_the_model_and_unknown_ones_are_explained
         agreed_family(None, "", "/models/x")
     with pytest.raises(ValueError, match="unknown model family 'flux3'"):
         agreed_family(None, "flux3", "/models/x")
-    assert set(FAMILY_NAMES) == set(FULL_SIZE)
 
 
 def shrunk_config_shape(family: str, folder):
@@ -83,21 +93,31 @@ def test_the_planner_estimates_each_family_from_its_config_alone(family, tmp_pat
         assert same.trainable_bytes == step.trainable_bytes > double_only.trainable_bytes
 
 
-def models_command(*args: str) -> None:
-    """`fluxlora models ...` through the server's CLI; it must succeed."""
+def models_command(*args: str, exit_code: int = 0) -> str:
+    """`fluxlora models ...` through the server's CLI, ending with `exit_code`; its output."""
     import typer
 
     from fluxlora.server.cli import register
 
     app = typer.Typer()
     register(app)
-    done = CliRunner().invoke(app, ["models", *args])
-    assert done.exit_code == 0, done.output
+    done = CliRunner().invoke(app, ["models", *args], env={"COLUMNS": "200"})
+    assert done.exit_code == exit_code, done.output
+    return done.output
 
 
-def test_write_config_command(tmp_path):
-    models_command("write-config", "--family", "flux2-klein", str(tmp_path / "klein"))
-    assert detect_family_in(tmp_path / "klein") == "flux2-klein"
+@pytest.mark.parametrize("name", ["flux2-klein", "flux2-klein-9b"])
+def test_write_config_command_writes_each_klein_size(name, tmp_path):
+    models_command("write-config", "--family", name, str(tmp_path / name))
+    assert detect_family_in(tmp_path / name) == "flux2-klein"
+    index = json.loads((tmp_path / name / "model_index.json").read_text())
+    transformer = json.loads((tmp_path / name / "transformer" / "config.json").read_text())
+    assert index["_class_name"] == "Flux2KleinPipeline" and transformer == FULL_SIZE[name][1]
+
+
+def test_write_config_command_lists_the_names_it_knows():
+    output = models_command("write-config", "--family", "flux3", "out", exit_code=2)
+    assert f"'flux3' is not one of {', '.join(FULL_SIZE)}" in " ".join(output.replace("│", " ").split())
 
 
 @pytest.mark.parametrize("family", FAMILY_NAMES)

@@ -161,19 +161,28 @@ def write_tiny(
     console.print(f"blip      {write_tiny_blip(out / 'tiny-blip', seed=seed)}")
 
 
+def full_size_name(name: str) -> str:
+    """`name` when models/families/configs.py's FULL_SIZE has it; a usage error listing its names
+    otherwise. Read when the option is parsed: importing configs loads torch (its package holds the
+    families), which the other `fluxlora` commands must not pay for."""
+    from fluxlora.models.families.configs import FULL_SIZE
+
+    if name not in FULL_SIZE:
+        raise typer.BadParameter(f"{name!r} is not one of {', '.join(FULL_SIZE)}")
+    return name
+
+
 def write_config(
     out: Path,
-    family: Annotated[str, typer.Option(help="flux1-dev, flux1-kontext, chroma, flux2-dev or flux2-klein.")],
+    family: Annotated[str, typer.Option(parser=full_size_name, help=(
+        "A full-size model: a family, as its first released size (chroma, flux2-klein: 4B), or a family's "
+        "other size (flux2-klein-9b); an unknown name is answered with the list."))],
 ) -> None:
-    """Write the full-size configs of a family's model (model_index.json, transformer and VAE
-    config.json; no weights) for memory estimates: `fluxlora models write-config --family chroma DIR`."""
+    """Write the full-size configs of a model (model_index.json, transformer and VAE config.json;
+    no weights) for memory estimates: `fluxlora models write-config --family chroma DIR`."""
     from fluxlora.models.families.configs import write_config as write
 
-    try:
-        console.print(f"{family} {write(family, out)}")
-    except ValueError as err:
-        console.print(f"[red]error[/red] {err}", highlight=False)
-        raise typer.Exit(2) from None
+    console.print(f"{family} {write(family, out)}")  # full_size_name has checked the name
 
 
 def register(app: typer.Typer) -> None:
