@@ -106,6 +106,7 @@ class Sampler:
         self._thread.join()
 
 
+@pytest.mark.parametrize("store", ["local", pytest.param("s3", marks=pytest.mark.slow)], indirect=True)
 def test_fifty_clients_submit_and_watch_and_every_job_runs_exactly_once(store, tmp_path):
     uploads = {}
     with client_for_store(tmp_path, store) as uploader:

@@ -70,6 +70,7 @@ def tls_environment(monkeypatch, pki, token: str) -> None:
         monkeypatch.setenv(name, str(value))
 
 
+@pytest.mark.slow  # ~20 s of process starts; TLS through the SDK is also test_auth's, in the fast tier
 def test_local_services_start_tls_servers_and_their_client_round_trips_a_job(photos, tmp_path, monkeypatch):
     pki = write_test_pki(tmp_path)
     token = secrets.token_hex(16)
@@ -92,6 +93,7 @@ def test_local_services_start_tls_servers_and_their_client_round_trips_a_job(pho
     assert {p.returncode for p in services.processes.values()} == {0}
 
 
+@pytest.mark.slow  # ~20 s of process starts
 def test_tls_servers_with_health_ports_are_waited_for_in_plaintext(tmp_path, monkeypatch):
     tls_environment(monkeypatch, write_test_pki(tmp_path), "t0ken")
     monkeypatch.delenv("FLUXLORA_TLS_CA_FILE")  # not needed: health is checked in plaintext

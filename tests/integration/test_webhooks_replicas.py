@@ -32,6 +32,7 @@ HOOKS = dict(FLUXLORA_WEBHOOK_SECRET=SECRET, FLUXLORA_WEBHOOK_RETRY_BASE_S="0.05
              FLUXLORA_WEBHOOK_RETRY_MAX_S="0.3", FLUXLORA_WEBHOOK_TIMEOUT_S="5")
 
 
+@pytest.mark.parametrize("store", ["local", pytest.param("s3", marks=pytest.mark.slow)], indirect=True)
 def test_only_the_lease_holder_sends_a_jobs_events_and_a_dead_owners_are_sent_by_the_survivor(
         store, tmp_path, processes):
     b_metrics = free_port()

@@ -56,8 +56,8 @@ def assert_extrapolation_is_exact(shape, cfg: TrainConfig) -> None:
 @pytest.mark.parametrize("options", [
     {"gradient_checkpointing": True, "base_quantization": "fp8"},
     # LoRA on the embedders too: the backward pass goes on past the first block
-    {"gradient_checkpointing": True, "target_modules": [*ALL_LINEAR_TARGETS, "x_embedder", "context_embedder"],
-     "batch_size": 2},
+    pytest.param({"gradient_checkpointing": True, "batch_size": 2,
+                  "target_modules": [*ALL_LINEAR_TARGETS, "x_embedder", "context_embedder"]}, marks=pytest.mark.slow),
 ], ids=["fp8 base + checkpointing", "all linear + embedders, batch 2"])
 def test_a_deeper_flux1_step_is_extrapolated_to_the_byte(options):
     assert_extrapolation_is_exact(full_size("flux1-dev", double=PROBE_BLOCKS + 1, single=PROBE_BLOCKS + 3),
