@@ -8,10 +8,11 @@ the storages alive.
 Every block of a kind adds the same bytes to a step (its weights, LoRA, gradients, optimizer state
 and the activations it keeps for the backward pass), so the step is measured on a model PROBE_BLOCKS
 blocks deep and on one a block deeper of each kind, and the full depth extrapolated from the
-differences, phase by phase (forward+backward, optimizer). The result is the full model's fake step
-to the byte (tests/unit/test_memory_depth.py; bench/memory_plan.py --check-depth on full-size
-models) at a fraction of its cost: ~3 s instead of ~10-14 s for FLUX.1 on one loaded CPU core, which
-matters because a submit waits for its plan.
+differences, part by part of the step (segments.py: forward, backward and optimizer, at the first
+and last block of each kind). The result is the full model's fake step to the byte on FLUX.1 and
+FLUX.2, within 16 KiB on Chroma (tests/unit/test_memory_depth.py; bench/planner_depth.py on the
+full-size models), at a fraction of its cost: ~4 s instead of ~10-17 s for FLUX.1 on a loaded
+2-core machine, which matters because a submit waits for its plan.
 
 Fakes live on the CPU device: faking "cuda" tensors without CUDA kills the process in autograd.
 CPU SDPA picks the flash kernel for unmasked bf16 attention, which, like CUDA's flash and
